@@ -1,0 +1,3 @@
+from qkdproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""The asynchronous key-source interfaces the handshake engine consumes.
+
+"Master" is the side that originates key ids (ETSI 014 ``enc_keys``), whatever its TLS role;
+"slave" fetches the key for an id it was given (ETSI 014 ``dec_keys``); a stream source is
+the stateful ETSI 004 application interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from qkdproxy.qkd.keys import QkdKey
+
+
+class MasterKeySource(Protocol):
+    """Takes a fresh key and its id from the local KME (ETSI 014 ``enc_keys``)."""
+
+    async def take_key(self) -> QkdKey:
+        """A key nobody has used; the KME now holds it for the peer."""
+        ...
+
+
+class SlaveKeySource(Protocol):
+    """Fetches the key the peer's master took (ETSI 014 ``dec_keys``)."""
+
+    async def get_key(self, key_id: bytes) -> QkdKey:
+        """The key for ``key_id``; KeyNotFoundError if unknown or already used."""
+        ...
+
+
+class StreamKeySource(Protocol):
+    """ETSI GS QKD 004 OPEN_CONNECT / GET_KEY / CLOSE."""
+
+    async def open(self, ksid: bytes | None) -> bytes:
+        """Open a key stream; ``None`` asks the KME to assign the id. Returns the KSID."""
+        ...
+
+    async def get_key(self, ksid: bytes, index: int) -> bytes:
+        """The 32-byte key at ``index`` of the stream (same bytes at both ends)."""
+        ...
+
+    async def close(self, ksid: bytes) -> None:
+        """Close the stream; no new keys are allocated for it afterwards."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class KeySources:
+    """The key sources an endpoint has; a flow that needs a missing one fails closed."""
+
+    master: MasterKeySource | None = None
+    slave: SlaveKeySource | None = None
+    stream: StreamKeySource | None = None

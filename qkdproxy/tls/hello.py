@@ -1,0 +1,180 @@
+"""Sans-I/O parsers for the fields of ClientHello and ServerHello that key exchange needs.
+
+Strict: every length is checked against what remains, duplicate extensions are refused, and
+anything malformed raises :class:`HelloParseError` (tlslite then sends the alert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXT_SERVER_NAME = 0
+EXT_SUPPORTED_GROUPS = 10
+EXT_KEY_SHARE = 51
+
+HELLO_RETRY_RANDOM = bytes.fromhex(
+    "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
+)
+
+
+class HelloParseError(ValueError):
+    """The hello message is malformed."""
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
+    def take(self, n: int) -> bytes:
+        if n > len(self._data) - self._pos:
+            raise HelloParseError("message truncated")
+        out = bytes(self._data[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def vector(self, length_size: int) -> bytes:
+        return self.take(int.from_bytes(self.take(length_size), "big"))
+
+    def done(self) -> bool:
+        return self._pos == len(self._data)
+
+    def expect_done(self, what: str) -> None:
+        if not self.done():
+            raise HelloParseError(f"trailing bytes after {what}")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyShareEntry:
+    """One key share: group code point and its opaque key_exchange bytes."""
+
+    group: int
+    key_exchange: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """What the server needs from a ClientHello to plan the key exchange."""
+
+    supported_groups: tuple[int, ...]
+    key_shares: tuple[KeyShareEntry, ...]
+    server_name: str | None
+
+    def share_for(self, group: int) -> KeyShareEntry | None:
+        """The client's key share for ``group``, if it sent one."""
+        return next((s for s in self.key_shares if s.group == group), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHello:
+    """The server's choice: a key share, or (HelloRetryRequest) just the group it wants."""
+
+    hello_retry: bool
+    group: int | None
+    key_exchange: bytes | None
+
+
+def _extensions(reader: _Reader) -> dict[int, bytes]:
+    block = _Reader(reader.vector(2))
+    found: dict[int, bytes] = {}
+    while not block.done():
+        ext_type = block.u16()
+        data = block.vector(2)
+        if ext_type in found:
+            raise HelloParseError(f"duplicate extension {ext_type}")
+        found[ext_type] = data
+    return found
+
+
+def _u16_list(data: bytes, what: str) -> tuple[int, ...]:
+    reader = _Reader(data)
+    body = reader.vector(2)
+    reader.expect_done(what)
+    if not body or len(body) % 2:
+        raise HelloParseError(f"{what}: bad length")
+    return tuple(int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2))
+
+
+def _key_share_entry(reader: _Reader) -> KeyShareEntry:
+    group = reader.u16()
+    key_exchange = reader.vector(2)
+    if not key_exchange:
+        raise HelloParseError("empty key_exchange")
+    return KeyShareEntry(group, key_exchange)
+
+
+def _client_shares(data: bytes) -> tuple[KeyShareEntry, ...]:
+    outer = _Reader(data)
+    reader = _Reader(outer.vector(2))
+    outer.expect_done("key_share")
+    shares: list[KeyShareEntry] = []
+    while not reader.done():
+        entry = _key_share_entry(reader)
+        if any(s.group == entry.group for s in shares):
+            raise HelloParseError("two key shares for one group")
+        shares.append(entry)
+    return tuple(shares)
+
+
+def _server_name(data: bytes) -> str | None:
+    outer = _Reader(data)
+    reader = _Reader(outer.vector(2))
+    outer.expect_done("server_name")
+    while not reader.done():
+        name_type = reader.u8()
+        name = reader.vector(2)
+        if name_type == 0:
+            try:
+                return name.decode("ascii")
+            except UnicodeDecodeError:
+                raise HelloParseError("server_name is not ASCII") from None
+    return None
+
+
+def parse_client_hello(body: bytes) -> ClientHello:
+    """Parse a ClientHello body (without the 4-byte handshake header)."""
+    reader = _Reader(body)
+    reader.take(2 + 32)
+    if len(reader.vector(1)) > 32:
+        raise HelloParseError("session id longer than 32 bytes")
+    reader.vector(2)
+    reader.vector(1)
+    extensions = _extensions(reader) if not reader.done() else {}
+    reader.expect_done("ClientHello")
+    groups = (
+        _u16_list(extensions[EXT_SUPPORTED_GROUPS], "supported_groups")
+        if EXT_SUPPORTED_GROUPS in extensions
+        else ()
+    )
+    shares = _client_shares(extensions[EXT_KEY_SHARE]) if EXT_KEY_SHARE in extensions else ()
+    name = _server_name(extensions[EXT_SERVER_NAME]) if EXT_SERVER_NAME in extensions else None
+    return ClientHello(groups, shares, name)
+
+
+def parse_server_hello(body: bytes) -> ServerHello:
+    """Parse a ServerHello or HelloRetryRequest body."""
+    reader = _Reader(body)
+    reader.take(2)
+    hello_retry = reader.take(32) == HELLO_RETRY_RANDOM
+    if len(reader.vector(1)) > 32:
+        raise HelloParseError("session id longer than 32 bytes")
+    reader.take(2 + 1)
+    extensions = _extensions(reader)
+    reader.expect_done("ServerHello")
+    data = extensions.get(EXT_KEY_SHARE)
+    if data is None:
+        return ServerHello(hello_retry, None, None)
+    ext = _Reader(data)
+    if hello_retry:
+        group = ext.u16()
+        ext.expect_done("key_share")
+        return ServerHello(True, group, None)
+    entry = _key_share_entry(ext)
+    ext.expect_done("key_share")
+    return ServerHello(False, entry.group, entry.key_exchange)

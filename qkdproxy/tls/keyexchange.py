@@ -1,0 +1,372 @@
+"""Per-handshake key exchange: group choice, PQ arithmetic and the QKD key lifecycle.
+
+No sockets and no TLS state machine here. The session driver hands in parsed hellos and
+awaits these objects while it holds the hello bytes back; tlslite later asks them, through
+two synchronous hooks, for the key share and the shared secret they prepared.
+
+Every QKD key a handshake takes ends in the ledger as consumed (the handshake completed) or
+wasted (anything else), and no key id is accepted twice by the same endpoint.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar
+
+from qkdproxy.hybrid import (
+    ZERO_KEY_ID,
+    ClientPrivate,
+    HybridKem,
+    attach_key_id,
+    detach_key_id,
+    key_ids_equal,
+    with_qkd_key,
+)
+from qkdproxy.kem.base import KemError
+from qkdproxy.qkd.accounting import KeyIdGuard, KeyLedger
+from qkdproxy.qkd.keys import KeyNotFoundError, QkdKeyError, key_id_to_text
+from qkdproxy.qkd.sources import KeySources, MasterKeySource, SlaveKeySource, StreamKeySource
+from qkdproxy.tls.hello import ClientHello, ServerHello
+from qkdproxy.tls.wire import Alert
+
+T = TypeVar("T")
+
+
+class Flow(str, Enum):
+    """Which side originates the QKD key id."""
+
+    CLIENT_INITIATED = "client-initiated"
+    SERVER_INITIATED = "server-initiated"
+
+
+class KeyApi(str, Enum):
+    """The KME interface the endpoint uses."""
+
+    ETSI_014 = "014"
+    ETSI_004 = "004"
+
+
+@dataclass(frozen=True, slots=True)
+class QkdOptions:
+    """QKD behaviour of an endpoint. ``flow`` matters to clients only: servers serve both."""
+
+    flow: Flow = Flow.CLIENT_INITIATED
+    api: KeyApi = KeyApi.ETSI_014
+    # Reference 0.1.x servers send zeros (or garbage) instead of echoing the key id.
+    accept_unechoed_key_id: bool = False
+
+
+@dataclass(slots=True)
+class KeyContext:
+    """What all handshakes of one endpoint share: key sources, accounting, replay guard."""
+
+    sources: KeySources
+    options: QkdOptions = field(default_factory=QkdOptions)
+    ledger: KeyLedger = field(default_factory=KeyLedger)
+    guard: KeyIdGuard = field(default_factory=KeyIdGuard)
+
+
+class HandshakeRejected(Exception):
+    """The handshake must end with ``alert``; ``reason`` is safe to log (no key material)."""
+
+    def __init__(self, alert: Alert, reason: str) -> None:
+        super().__init__(reason)
+        self.alert = alert
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class HandshakeRecord:
+    """What fed one handshake's secret: group, flow and QKD key id (never the key)."""
+
+    group: str | None = None
+    flow: Flow | None = None
+    api: KeyApi | None = None
+    qkd_key_id: str | None = None
+    hello_retry: bool = False
+
+
+@dataclass(slots=True)
+class _HeldKey:
+    """A QKD key (or an ETSI 004 stream that will yield one) owned by one handshake."""
+
+    key_id: bytes
+    material: bytes | None = field(default=None, repr=False)
+    open_stream: bool = False
+
+
+async def _fetch(call: Awaitable[T], what: str) -> T:
+    """Await a key-source call; turn every failure into a rejection with a safe reason."""
+    try:
+        return await call
+    except KeyNotFoundError as exc:
+        raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, f"{what}: {exc}") from None
+    except QkdKeyError as exc:
+        raise HandshakeRejected(Alert.INTERNAL_ERROR, f"{what}: {exc}") from None
+    except Exception as exc:  # a key source bug must fail the handshake, not the daemon
+        raise HandshakeRejected(
+            Alert.INTERNAL_ERROR, f"{what}: key source failed ({type(exc).__name__})"
+        ) from None
+
+
+def _need(source: T | None, what: str) -> T:
+    if source is None:
+        raise HandshakeRejected(Alert.HANDSHAKE_FAILURE, f"no {what} key source configured")
+    return source
+
+
+class _KeyExchangeBase:
+    """Key bookkeeping shared by both roles."""
+
+    def __init__(self, context: KeyContext) -> None:
+        self._ctx = context
+        self._held: list[_HeldKey] = []
+        self._used: _HeldKey | None = None
+        self._secret: tuple[int, bytes, bytes] | None = None
+        self._finished = False
+        self.record = HandshakeRecord()
+
+    def shared_secret(self, group: int, peer_share: bytes) -> bytes:
+        """Hook for tlslite: the secret prepared for exactly this group and peer share."""
+        if self._secret is None or self._secret[0] != group:
+            raise LookupError("no shared secret prepared for this group")
+        if not hmac.compare_digest(self._secret[1], bytes(peer_share)):
+            raise LookupError("peer key share differs from the one processed")
+        return self._secret[2]
+
+    def _hold(self, held: _HeldKey) -> _HeldKey:
+        if held.material is not None:
+            self._ctx.ledger.record_taken()
+        self._held.append(held)
+        return held
+
+    def _claim(self, key_id: bytes) -> None:
+        if not self._ctx.guard.claim(key_id):
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "QKD key id was already used")
+
+    def _use(self, held: _HeldKey, flow: Flow) -> None:
+        self._used = held
+        self.record.flow = flow
+        self.record.api = self._ctx.options.api
+        self.record.qkd_key_id = key_id_to_text(held.key_id)
+
+    async def _drop(self, reason: str, keep: _HeldKey | None = None) -> None:
+        for held in [h for h in self._held if h is not keep]:
+            self._held.remove(held)
+            if held.material is not None:
+                self._ctx.ledger.record_wasted(reason)
+            held.material = None
+            await self._close_stream(held)
+
+    async def _close_stream(self, held: _HeldKey) -> None:
+        if held.open_stream and self._ctx.sources.stream is not None:
+            held.open_stream = False
+            try:
+                await self._ctx.sources.stream.close(held.key_id)
+            except Exception:  # noqa: S110 - closing is best effort; TTL reclaims the stream
+                pass
+
+    async def finish(self, success: bool) -> None:
+        """Settle every held key: consumed if it fed a completed handshake, else wasted."""
+        if self._finished:
+            return
+        self._finished = True
+        used = self._used if success else None
+        if used is not None and used.material is not None:
+            self._ctx.ledger.record_consumed()
+        await self._drop("handshake_failed", keep=used)
+        if used is not None:
+            used.material = None
+            await self._close_stream(used)
+        self._secret = None
+
+    @property
+    def _master(self) -> MasterKeySource:
+        return _need(self._ctx.sources.master, "master (ETSI 014 enc_keys)")
+
+    @property
+    def _slave(self) -> SlaveKeySource:
+        return _need(self._ctx.sources.slave, "slave (ETSI 014 dec_keys)")
+
+    @property
+    def _stream(self) -> StreamKeySource:
+        return _need(self._ctx.sources.stream, "ETSI 004 stream")
+
+
+@dataclass(slots=True)
+class _Offer:
+    hybrid: HybridKem
+    private: ClientPrivate
+    share: bytes
+    held: _HeldKey | None
+
+
+class ClientKeyExchange(_KeyExchangeBase):
+    """The client's side: offers one key share, answers HelloRetryRequest, decapsulates."""
+
+    def __init__(self, groups: Sequence[HybridKem], context: KeyContext) -> None:
+        super().__init__(context)
+        self._groups = {g.group.code_point: g for g in groups}
+        self._offers: dict[int, _Offer] = {}
+
+    async def offer(self, group: int) -> None:
+        """Prepare the key share for ``group``; QKD groups originate their key id first."""
+        hybrid = self._groups[group]
+        held: _HeldKey | None = None
+        private, share = hybrid.generate()
+        if hybrid.group.qkd:
+            held = await self._originate()
+            share = attach_key_id(share, held.key_id if held else ZERO_KEY_ID)
+        self._offers[group] = _Offer(hybrid, private, share, held)
+
+    async def _originate(self) -> _HeldKey | None:
+        options = self._ctx.options
+        if options.flow is Flow.SERVER_INITIATED:
+            return None
+        if options.api is KeyApi.ETSI_004:
+            ksid = await _fetch(self._stream.open(None), "ETSI 004 OPEN_CONNECT")
+            return self._hold(_HeldKey(ksid, open_stream=True))
+        key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
+        return self._hold(_HeldKey(key.key_id, key.material))
+
+    def key_share(self, group: int) -> tuple[bytes, object]:
+        """Hook for tlslite: the prepared share and private handle for ``group``."""
+        offer = self._offers[group]
+        return offer.share, offer.private
+
+    async def on_server_hello(self, hello: ServerHello) -> None:
+        """Process ServerHello (derive the secret) or HelloRetryRequest (offer again)."""
+        if hello.group is None:
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server sent no key share")
+        if hello.hello_retry:
+            await self._retry(hello.group)
+            return
+        offer = self._offers.get(hello.group)
+        if offer is None or hello.key_exchange is None:
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server chose a group not offered")
+        hybrid = offer.hybrid
+        self.record.group = hybrid.group.name
+        share = hello.key_exchange
+        try:
+            ciphertext, key_id = (
+                detach_key_id(share, hybrid.ciphertext_size) if hybrid.group.qkd else (share, b"")
+            )
+            secret = hybrid.decapsulate(offer.private, ciphertext)
+        except KemError as exc:
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, str(exc)) from None
+        if hybrid.group.qkd:
+            secret = with_qkd_key(secret, await self._qkd_key(offer, key_id))
+        else:
+            await self._drop("server_chose_other_group")
+        self._secret = (hello.group, share, secret)
+
+    async def _retry(self, group: int) -> None:
+        if group not in self._groups or group in self._offers:
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "HelloRetryRequest for a bad group")
+        self.record.hello_retry = True
+        await self._drop("hello_retry")
+        self._offers.clear()
+        await self.offer(group)
+
+    async def _qkd_key(self, offer: _Offer, key_id: bytes) -> bytes:
+        if offer.held is None:
+            return await self._server_initiated_key(key_id)
+        held = offer.held
+        if not key_ids_equal(key_id, held.key_id) and not self._ctx.options.accept_unechoed_key_id:
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server did not echo the QKD key id")
+        if held.material is None:
+            held.material = await _fetch(self._stream.get_key(held.key_id, 0), "ETSI 004 GET_KEY")
+            self._ctx.ledger.record_taken()
+        self._use(held, Flow.CLIENT_INITIATED)
+        return held.material
+
+    async def _server_initiated_key(self, key_id: bytes) -> bytes:
+        if key_ids_equal(key_id, ZERO_KEY_ID):
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server sent no QKD key id")
+        self._claim(key_id)
+        key = await _fetch(self._slave.get_key(key_id), "ETSI 014 dec_keys")
+        held = self._hold(_HeldKey(key.key_id, key.material))
+        self._use(held, Flow.SERVER_INITIATED)
+        return key.material
+
+
+class ServerKeyExchange(_KeyExchangeBase):
+    """The server's side: chooses the group, fetches or originates the QKD key, encapsulates."""
+
+    def __init__(self, groups: Sequence[HybridKem], context: KeyContext) -> None:
+        super().__init__(context)
+        self._preference = list(groups)
+        self._chosen: HybridKem | None = None
+        self._share: bytes | None = None
+
+    @property
+    def chosen(self) -> HybridKem | None:
+        """The group this handshake will use, once the first ClientHello was processed."""
+        return self._chosen
+
+    def key_share(self, group: int) -> tuple[bytes, object]:
+        """Hook for tlslite: the server's prepared key share."""
+        if self._share is None or self._secret is None or self._secret[0] != group:
+            raise LookupError("no key share prepared for this group")
+        return self._share, None
+
+    async def on_client_hello(self, hello: ClientHello) -> bool:
+        """Prepare the answer to a ClientHello; True if a HelloRetryRequest must follow."""
+        if self._chosen is None:
+            self._chosen = next(
+                (g for g in self._preference if g.group.code_point in hello.supported_groups), None
+            )
+            if self._chosen is None:
+                raise HandshakeRejected(Alert.HANDSHAKE_FAILURE, "no key-exchange group in common")
+        elif self._chosen.group.code_point not in hello.supported_groups:
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "second ClientHello changed groups")
+        hybrid = self._chosen
+        self.record.group = hybrid.group.name
+        share = hello.share_for(hybrid.group.code_point)
+        if share is None:
+            if self.record.hello_retry:
+                raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "no key share after retry")
+            self.record.hello_retry = True
+            return True
+        await self._answer(hybrid, share.key_exchange)
+        return False
+
+    async def _answer(self, hybrid: HybridKem, client_share: bytes) -> None:
+        # The PQ operation runs first: a malformed share costs no QKD key.
+        try:
+            public, key_id = (
+                detach_key_id(client_share, hybrid.public_size)
+                if hybrid.group.qkd
+                else (client_share, b"")
+            )
+            ciphertext, secret = hybrid.encapsulate(public)
+        except KemError as exc:
+            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, str(exc)) from None
+        if hybrid.group.qkd:
+            material, key_id = await self._qkd_key(key_id)
+            ciphertext = attach_key_id(ciphertext, key_id)
+            secret = with_qkd_key(secret, material)
+        self._share = ciphertext
+        self._secret = (hybrid.group.code_point, client_share, secret)
+
+    async def _qkd_key(self, client_key_id: bytes) -> tuple[bytes, bytes]:
+        if key_ids_equal(client_key_id, ZERO_KEY_ID):
+            key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
+            held = self._hold(_HeldKey(key.key_id, key.material))
+            self._use(held, Flow.SERVER_INITIATED)
+            self.record.api = KeyApi.ETSI_014
+            return key.material, key.key_id
+        self._claim(client_key_id)
+        if self._ctx.options.api is KeyApi.ETSI_004:
+            ksid = await _fetch(self._stream.open(client_key_id), "ETSI 004 OPEN_CONNECT")
+            held = self._hold(_HeldKey(ksid, open_stream=True))
+            held.material = await _fetch(self._stream.get_key(ksid, 0), "ETSI 004 GET_KEY")
+            self._ctx.ledger.record_taken()
+        else:
+            key = await _fetch(self._slave.get_key(client_key_id), "ETSI 014 dec_keys")
+            held = self._hold(_HeldKey(key.key_id, key.material))
+        self._use(held, Flow.CLIENT_INITIATED)
+        return held.material, client_key_id

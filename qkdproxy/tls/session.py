@@ -1,0 +1,389 @@
+"""asyncio driver for tlslite-ng: handshakes with awaited QKD keys, then a byte stream.
+
+tlslite runs against an in-memory socket; this module moves bytes between that socket and
+an asyncio stream. Inbound bytes pass through a :class:`HelloGate` so the hello that needs
+a QKD key is held back until the key exchange (which may wait on a KME) has prepared its
+answer; tlslite then continues without ever blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from tlslite.errors import TLSAbruptCloseError, TLSError, TLSLocalAlert, TLSRemoteAlert
+
+from qkdproxy.hybrid import HybridKem
+from qkdproxy.tls.credentials import Credentials
+from qkdproxy.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
+from qkdproxy.tls.identity import PeerIdentity
+from qkdproxy.tls.keyexchange import (
+    ClientKeyExchange,
+    HandshakeRecord,
+    HandshakeRejected,
+    KeyContext,
+    ServerKeyExchange,
+)
+from qkdproxy.tls.tlslite_glue import (
+    HookedTLSConnection,
+    install,
+    make_settings,
+    tlslite_chain,
+    tlslite_private_key,
+)
+from qkdproxy.tls.verify import PeerPolicy, PeerRejected
+from qkdproxy.tls.wire import (
+    GateEvent,
+    HandshakeType,
+    HeldHello,
+    HelloGate,
+    Release,
+    plaintext_alert,
+)
+
+READ_CHUNK = 65536
+MAX_RECORD_PAYLOAD = 16384
+
+
+class HandshakeError(Exception):
+    """A handshake that did not complete; the only exception the handshake APIs raise."""
+
+    def __init__(self, reason: str, alert: int | None = None, remote: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.alert = alert
+        self.remote = remote
+
+
+def utc_now() -> datetime:
+    """The default clock for certificate validation."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSettings:
+    """One TLS endpoint: identity, whom it accepts, groups in preference order, key context."""
+
+    credentials: Credentials
+    peer: PeerPolicy
+    groups: Sequence[HybridKem]
+    keys: KeyContext
+    handshake_timeout: float = 10.0
+    clock: Callable[[], datetime] = utc_now
+
+
+class MemorySocket:
+    """The socket tlslite sees: reads from ``inbound``, writes to ``outbound``, never blocks."""
+
+    def __init__(self) -> None:
+        self.inbound = bytearray()
+        self.outbound = bytearray()
+        self.eof = False
+
+    def recv(self, size: int) -> bytes:
+        if not self.inbound:
+            if self.eof:
+                return b""
+            # tlslite reads args[0] to tell "would block" from real errors.
+            raise BlockingIOError(errno.EAGAIN, "no data buffered")
+        chunk = bytes(self.inbound[:size])
+        del self.inbound[:size]
+        return chunk
+
+    def send(self, data: bytes) -> int:
+        self.outbound += data
+        return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        self.outbound += data
+
+    def close(self) -> None:
+        """Nothing to release: the asyncio transport is closed by the driver."""
+
+    def shutdown(self, how: int) -> None:
+        """Nothing to release: the asyncio transport is closed by the driver."""
+
+
+HelloHandler = Callable[[HeldHello], Awaitable[None]]
+
+
+class _Driver:
+    """Steps tlslite generators, moving bytes between the memory socket and asyncio."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gate: HelloGate
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.gate = gate
+        self.sock = MemorySocket()
+        self.on_hello: HelloHandler | None = None
+        self.backlog: deque[GateEvent] = deque()
+
+    async def run(self, steps: Iterator[Any]) -> Any:
+        """Drive a tlslite generator to its end; return the last non-I/O value it yields."""
+        while True:
+            try:
+                result = next(steps)
+            except StopIteration:
+                await self.flush()
+                return None
+            if isinstance(result, int):
+                await self.flush()
+                if result == 0:
+                    await self.fill()
+                continue
+            await self.flush()
+            return result
+
+    async def flush(self) -> None:
+        if self.sock.outbound:
+            self.writer.write(bytes(self.sock.outbound))
+            self.sock.outbound.clear()
+            await self.writer.drain()
+
+    async def fill(self) -> None:
+        """Read until tlslite has bytes to consume (or the peer closed)."""
+        while not self.sock.inbound and not self.sock.eof:
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                self.sock.eof = True
+                return
+            await self.admit(data)
+
+    async def admit(self, data: bytes) -> None:
+        self.backlog.extend(self.gate.feed(data))
+        await self.process_backlog()
+
+    async def process_backlog(self) -> None:
+        """Hand gate events to tlslite in order; a hello waits for ``on_hello`` to be set."""
+        while self.backlog:
+            event = self.backlog[0]
+            if isinstance(event, HeldHello):
+                if self.on_hello is None:
+                    return
+                await self.on_hello(event)
+                data = event.records
+            else:
+                data = event.data
+            self.backlog.popleft()
+            self.sock.inbound += data
+
+    async def first_hello(self) -> HeldHello | None:
+        """Server: read until the first ClientHello is complete (None if it never comes)."""
+        while True:
+            head = self.backlog[0] if self.backlog else None
+            if isinstance(head, HeldHello):
+                self.backlog.popleft()
+                return head
+            if self.gate.passthrough or self.sock.eof:
+                return None
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                self.sock.eof = True
+                return None
+            await self.admit(data)
+
+    async def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+@dataclass(slots=True)
+class TlsStream:
+    """An established TLS 1.3 connection: ``read``/``write`` plaintext, then ``close``."""
+
+    _driver: _Driver = field(repr=False)
+    _conn: HookedTLSConnection = field(repr=False)
+    record: HandshakeRecord
+    peer: PeerIdentity
+    handshake_seconds: float
+    cipher: str
+
+    async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
+        """Up to ``max_bytes`` of plaintext; b"" once the peer closed."""
+        try:
+            data = await self._driver.run(self._conn.readAsync(max_bytes))
+        except (TLSAbruptCloseError, ConnectionError):
+            return b""
+        return bytes(data or b"")
+
+    async def write(self, data: bytes) -> None:
+        """Send plaintext, one record per 16 KiB."""
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_RECORD_PAYLOAD):
+            await self._driver.run(self._conn.writeAsync(view[start : start + MAX_RECORD_PAYLOAD]))
+
+    async def close(self) -> None:
+        """Send close_notify (best effort) and close the transport."""
+        try:
+            await self._driver.run(self._conn.closeAsync())
+        except (TLSError, ConnectionError):
+            pass
+        finally:
+            self._driver.writer.close()
+
+
+class TlsEndpoint:
+    """Runs client or server handshakes with one set of endpoint settings."""
+
+    def __init__(self, settings: EndpointSettings) -> None:
+        if not settings.groups:
+            raise ValueError("an endpoint needs at least one key-exchange group")
+        install(g.group for g in settings.groups)
+        self.settings = settings
+        self._chain = tlslite_chain(settings.credentials)
+        self._key = tlslite_private_key(settings.credentials.private_key)
+
+    async def connect(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> TlsStream:
+        """Client handshake over an open stream; raises :class:`HandshakeError`."""
+        kex = ClientKeyExchange(self.settings.groups, self.settings.keys)
+        driver = _Driver(reader, writer, HelloGate(HandshakeType.SERVER_HELLO))
+        verified: list[PeerIdentity] = []
+
+        async def on_server_hello(hello: HeldHello) -> None:
+            try:
+                parsed = parse_server_hello(hello.body)
+            except HelloParseError:
+                return  # tlslite answers malformed hellos with the right alert
+            await kex.on_server_hello(parsed)
+            if parsed.hello_retry:
+                driver.gate.allow_another()
+
+        def check_chain(chain: list[bytes]) -> tuple[int, str] | None:
+            try:
+                verified.append(self.settings.peer.verify_server(chain, self.settings.clock()))
+            except PeerRejected as exc:
+                return int(exc.alert), exc.reason
+            return None
+
+        async def handshake(conn: HookedTLSConnection) -> None:
+            first = self.settings.groups[0]
+            await kex.offer(first.group.code_point)
+            driver.on_hello = on_server_hello
+            settings = make_settings([g.group for g in self.settings.groups], first.group)
+            await driver.run(
+                conn.handshakeClientCert(
+                    self._chain, self._key, settings=settings,
+                    serverName=self.settings.peer.server_name or "", async_=True,
+                )
+            )
+
+        conn = HookedTLSConnection(driver.sock, kex, check_chain)
+        return await self._complete(driver, conn, kex, handshake(conn), verified)
+
+    async def accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> TlsStream:
+        """Server handshake over an accepted stream; raises :class:`HandshakeError`."""
+        kex = ServerKeyExchange(self.settings.groups, self.settings.keys)
+        driver = _Driver(reader, writer, HelloGate(HandshakeType.CLIENT_HELLO))
+        verified: list[PeerIdentity] = []
+
+        async def on_client_hello(hello: HeldHello) -> bool:
+            try:
+                parsed = parse_client_hello(hello.body)
+            except HelloParseError:
+                return False
+            retry = await kex.on_client_hello(parsed)
+            if retry:
+                driver.gate.allow_another()
+            return True
+
+        async def on_second_hello(hello: HeldHello) -> None:
+            await on_client_hello(hello)
+
+        async def handshake(conn: HookedTLSConnection) -> None:
+            first = await driver.first_hello()
+            understood = first is not None and await on_client_hello(first)
+            # tlslite is started only now, with the chosen group as its only choice, so it
+            # cannot pick a group other than the one the key exchange prepared.
+            groups = [kex.chosen.group] if understood and kex.chosen else [
+                g.group for g in self.settings.groups
+            ]
+            if first is not None:
+                driver.sock.inbound += first.records
+            driver.on_hello = on_second_hello
+            await driver.process_backlog()
+            await driver.run(
+                conn.handshakeServerAsync(
+                    certChain=self._chain, privateKey=self._key,
+                    settings=make_settings(groups, groups[0]), reqCert=True,
+                )
+            )
+            await self._check_client(driver, conn, verified)
+
+        conn = HookedTLSConnection(driver.sock, kex, lambda chain: None)
+        return await self._complete(driver, conn, kex, handshake(conn), verified)
+
+    async def _check_client(
+        self, driver: _Driver, conn: HookedTLSConnection, verified: list[PeerIdentity]
+    ) -> None:
+        chain = conn.session.clientCertChain if conn.session else None
+        der = [bytes(c.bytes) for c in chain.x509List] if chain else []
+        try:
+            verified.append(self.settings.peer.verify_client(der, self.settings.clock()))
+        except PeerRejected as exc:
+            # Before any application data: the client learns why through an encrypted alert.
+            await driver.run(conn.send_alert(int(exc.alert), exc.reason))
+
+    async def _complete(
+        self,
+        driver: _Driver,
+        conn: HookedTLSConnection,
+        kex: ClientKeyExchange | ServerKeyExchange,
+        handshake: Awaitable[None],
+        verified: list[PeerIdentity],
+    ) -> TlsStream:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.handshake_timeout):
+                await handshake
+        except BaseException as exc:
+            await kex.finish(False)
+            error = await _handshake_error(driver, exc)
+            driver.writer.close()
+            if error is None:
+                raise
+            raise error from None
+        await kex.finish(True)
+        if not verified:
+            driver.writer.close()
+            raise HandshakeError("peer identity was not verified")
+        return TlsStream(
+            driver, conn, kex.record, verified[0], time.perf_counter() - started,
+            str(conn.getCipherName() or ""),
+        )
+
+
+async def _handshake_error(driver: _Driver, exc: BaseException) -> HandshakeError | None:
+    """Map whatever ended a handshake to a HandshakeError (None: let it propagate)."""
+    if isinstance(exc, HandshakeRejected):
+        try:
+            await driver.send_raw(plaintext_alert(exc.alert))
+        except ConnectionError:
+            pass
+        return HandshakeError(exc.reason, int(exc.alert))
+    if isinstance(exc, TLSLocalAlert):
+        return HandshakeError(exc.message or str(exc), exc.description)
+    if isinstance(exc, TLSRemoteAlert):
+        return HandshakeError(f"peer sent alert {exc}", exc.description, remote=True)
+    if isinstance(exc, TimeoutError):
+        return HandshakeError("handshake timed out")
+    if isinstance(exc, TLSAbruptCloseError | ConnectionError):
+        return HandshakeError("peer closed the connection during the handshake", remote=True)
+    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+        return None
+    if isinstance(exc, Exception):
+        # Malformed input can surface from tlslite as any exception type (e.g. KeyError on
+        # an unknown certificate OID); it ends this connection only.
+        return HandshakeError(f"handshake failed: {type(exc).__name__}: {exc}")
+    return None

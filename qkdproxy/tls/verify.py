@@ -1,0 +1,101 @@
+"""Certificate chain validation for both TLS roles (tlslite-ng does none).
+
+Pure: certificates, trust anchors and the current time come in; a verified identity or a
+:class:`PeerRejected` carrying the TLS alert to send comes out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from qkdproxy.tls.identity import AllowList, PeerIdentity
+from qkdproxy.tls.wire import Alert
+
+MAX_CHAIN_DEPTH = 8
+
+
+class PeerRejected(Exception):
+    """The peer's certificate or identity is not acceptable."""
+
+    def __init__(self, alert: Alert, reason: str) -> None:
+        super().__init__(reason)
+        self.alert = alert
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPolicy:
+    """Who an endpoint accepts: trust anchors, allowed identities, expected server name."""
+
+    trust_anchors: tuple[x509.Certificate, ...]
+    allow: AllowList
+    server_name: str | None = None
+
+    def verify_server(self, chain: Sequence[bytes], now: datetime) -> PeerIdentity:
+        """Validate a server chain for ``server_name``, then the allow-list."""
+        if not self.server_name:
+            raise PeerRejected(Alert.INTERNAL_ERROR, "no server name configured to check")
+        leaf, intermediates = _load(chain, now)
+        verifier = self._builder(now).build_server_verifier(_subject(self.server_name))
+        _run(lambda: verifier.verify(leaf, intermediates))
+        return self._admit(leaf)
+
+    def verify_client(self, chain: Sequence[bytes], now: datetime) -> PeerIdentity:
+        """Validate a client chain (clientAuth), then the allow-list."""
+        leaf, intermediates = _load(chain, now)
+        verifier = self._builder(now).build_client_verifier()
+        _run(lambda: verifier.verify(leaf, intermediates))
+        return self._admit(leaf)
+
+    def _builder(self, now: datetime) -> PolicyBuilder:
+        if not self.trust_anchors:
+            raise PeerRejected(Alert.UNKNOWN_CA, "no trust anchors configured")
+        return (
+            PolicyBuilder()
+            .store(Store(list(self.trust_anchors)))
+            .time(now)
+            .max_chain_depth(MAX_CHAIN_DEPTH)
+        )
+
+    def _admit(self, leaf: x509.Certificate) -> PeerIdentity:
+        identity = PeerIdentity.from_certificate(leaf)
+        if not self.allow.permits(identity):
+            raise PeerRejected(Alert.ACCESS_DENIED, f"peer {identity.describe()} not allowed")
+        return identity
+
+
+def _subject(name: str) -> x509.DNSName | x509.IPAddress:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _load(chain: Sequence[bytes], now: datetime) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    if not chain:
+        raise PeerRejected(Alert.CERTIFICATE_REQUIRED, "peer sent no certificate")
+    if len(chain) > MAX_CHAIN_DEPTH + 1:
+        raise PeerRejected(Alert.BAD_CERTIFICATE, "certificate chain too long")
+    try:
+        certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain]
+    except ValueError:
+        raise PeerRejected(Alert.BAD_CERTIFICATE, "malformed certificate") from None
+    leaf = certs[0]
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise PeerRejected(Alert.CERTIFICATE_EXPIRED, "peer certificate outside its validity")
+    return leaf, certs[1:]
+
+
+def _run(verify: Callable[[], object]) -> None:
+    try:
+        verify()
+    except VerificationError as exc:
+        message = str(exc)
+        alert = Alert.UNKNOWN_CA if "candidates exhausted" in message else Alert.BAD_CERTIFICATE
+        raise PeerRejected(alert, f"certificate rejected: {message}") from None
