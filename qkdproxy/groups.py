@@ -76,12 +76,23 @@ _REFERENCE_QKD_GROUPS = (
 
 _STANDARD_GROUPS = (
     # draft-ietf-tls-ecdhe-mlkem: ML-KEM first for X25519MLKEM768, ECDH first for the NIST ones.
-    GroupSpec("X25519MLKEM768", 0x11EC, ("ML-KEM-768", "X25519"), GroupKind.PQ_HYBRID,
-              "x25519mlkem768"),
-    GroupSpec("SecP256r1MLKEM768", 0x11EB, ("P-256", "ML-KEM-768"), GroupKind.PQ_HYBRID,
-              "secp256r1mlkem768"),
-    GroupSpec("SecP384r1MLKEM1024", 0x11ED, ("P-384", "ML-KEM-1024"), GroupKind.PQ_HYBRID,
-              "secp384r1mlkem1024"),
+    GroupSpec(
+        "X25519MLKEM768", 0x11EC, ("ML-KEM-768", "X25519"), GroupKind.PQ_HYBRID, "x25519mlkem768"
+    ),
+    GroupSpec(
+        "SecP256r1MLKEM768",
+        0x11EB,
+        ("P-256", "ML-KEM-768"),
+        GroupKind.PQ_HYBRID,
+        "secp256r1mlkem768",
+    ),
+    GroupSpec(
+        "SecP384r1MLKEM1024",
+        0x11ED,
+        ("P-384", "ML-KEM-1024"),
+        GroupKind.PQ_HYBRID,
+        "secp384r1mlkem1024",
+    ),
     GroupSpec("x25519", 0x001D, ("X25519",), GroupKind.CLASSICAL, "x25519"),
     GroupSpec("secp256r1", 0x0017, ("P-256",), GroupKind.CLASSICAL, "secp256r1"),
     GroupSpec("secp384r1", 0x0018, ("P-384",), GroupKind.CLASSICAL, "secp384r1"),
@@ -91,7 +102,10 @@ _STANDARD_GROUPS = (
 # clear of the reference's 0xFE00-0xFE05. Wire order: ML-KEM-768, X25519, key id; secret:
 # ML-KEM-768 secret || X25519 secret || QKD key.
 TRIPLE_HYBRID = GroupSpec(
-    "qkd_x25519mlkem768", 0xFE30, ("ML-KEM-768", "X25519"), GroupKind.QKD_TRIPLE,
+    "qkd_x25519mlkem768",
+    0xFE30,
+    ("ML-KEM-768", "X25519"),
+    GroupKind.QKD_TRIPLE,
     "qkd_x25519mlkem768",
 )
 

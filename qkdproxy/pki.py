@@ -55,8 +55,11 @@ class CertificateAuthority:
 
     @classmethod
     def create(
-        cls, name: str = "qkdproxy development CA", key_type: KeyType = "ecdsa-p256",
-        now: datetime | None = None, days: int = 3650,
+        cls,
+        name: str = "qkdproxy development CA",
+        key_type: KeyType = "ecdsa-p256",
+        now: datetime | None = None,
+        days: int = 3650,
     ) -> CertificateAuthority:
         """A new CA valid from ``now`` for ``days``."""
         now = now or datetime.now(UTC)
@@ -80,13 +83,21 @@ class CertificateAuthority:
         return cls(cert, key)
 
     def issue(
-        self, common_name: str, names: list[str], *, server: bool = True, client: bool = True,
-        key_type: KeyType = "ecdsa-p256", now: datetime | None = None, days: int = 825,
+        self,
+        common_name: str,
+        names: list[str],
+        *,
+        server: bool = True,
+        client: bool = True,
+        key_type: KeyType = "ecdsa-p256",
+        now: datetime | None = None,
+        days: int = 825,
     ) -> Credentials:
         """A leaf certificate for ``names`` (DNS names, IP addresses or URIs) and its key."""
         now = now or datetime.now(UTC)
         key = new_key(key_type)
-        usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server
+        usages += [ExtendedKeyUsageOID.CLIENT_AUTH] * client
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))

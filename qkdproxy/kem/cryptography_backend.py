@@ -52,8 +52,12 @@ class X25519Kem:
     """X25519 Diffie-Hellman as a KEM: the ciphertext is the responder's public value."""
 
     name: str = "X25519"
-    sizes: KemSizes = KemSizes(public_key=32, ciphertext=32, shared_secret=32)
     backend: str = BACKEND
+
+    @property
+    def sizes(self) -> KemSizes:
+        """32-byte public values and secret."""
+        return KemSizes(public_key=32, ciphertext=32, shared_secret=32)
 
     def generate(self) -> tuple[object, bytes]:
         """Return a fresh private key and its 32-byte public value."""

@@ -7,9 +7,12 @@ same search order liboqs-python uses, and ``oqs`` is imported only when it is pr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
+import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -63,11 +66,15 @@ def probe_liboqs() -> LiboqsProbe:
             "the liboqs shared library was not found (install liboqs, or set OQS_INSTALL_PATH "
             "to its install prefix)",
         )
-    with warnings.catch_warnings():
-        # liboqs-python warns when the library and wrapper versions differ; the probe reports
-        # what is there instead of failing on it.
+    # liboqs-python warns when library and wrapper versions differ, and attaches a handler
+    # that logs to the stdout of import time: the probe reports what is there instead, and
+    # stdout stays clean for JSON output.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        import oqs
+        import oqs  # noqa: PLC0415 - imported only once the library is known to exist
+    oqs_logger = logging.getLogger("oqs.oqs")
+    oqs_logger.handlers.clear()
+    oqs_logger.setLevel(logging.WARNING)
     return LiboqsProbe(oqs, f"liboqs {oqs.oqs_version()} at {library}", library)
 
 

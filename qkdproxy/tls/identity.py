@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -40,7 +40,7 @@ class PeerIdentity:
         return self.common_name or f"sha256:{self.fingerprint_sha256[:16]}"
 
 
-class RuleKind(str, Enum):
+class RuleKind(StrEnum):
     """Which certificate name a rule matches."""
 
     DNS = "dns"

@@ -10,10 +10,11 @@ wasted (anything else), and no key id is accepted twice by the same endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TypeVar
 
 from qkdproxy.hybrid import (
@@ -35,14 +36,14 @@ from qkdproxy.tls.wire import Alert
 T = TypeVar("T")
 
 
-class Flow(str, Enum):
+class Flow(StrEnum):
     """Which side originates the QKD key id."""
 
     CLIENT_INITIATED = "client-initiated"
     SERVER_INITIATED = "server-initiated"
 
 
-class KeyApi(str, Enum):
+class KeyApi(StrEnum):
     """The KME interface the endpoint uses."""
 
     ETSI_014 = "014"
@@ -69,7 +70,7 @@ class KeyContext:
     guard: KeyIdGuard = field(default_factory=KeyIdGuard)
 
 
-class HandshakeRejected(Exception):
+class HandshakeRejectedError(Exception):
     """The handshake must end with ``alert``; ``reason`` is safe to log (no key material)."""
 
     def __init__(self, alert: Alert, reason: str) -> None:
@@ -98,23 +99,30 @@ class _HeldKey:
     open_stream: bool = False
 
 
+def key_material(held: _HeldKey) -> bytes:
+    """The key bytes of a held key that has been fetched."""
+    if held.material is None:
+        raise HandshakeRejectedError(Alert.INTERNAL_ERROR, "QKD key not fetched")
+    return held.material
+
+
 async def _fetch(call: Awaitable[T], what: str) -> T:
     """Await a key-source call; turn every failure into a rejection with a safe reason."""
     try:
         return await call
     except KeyNotFoundError as exc:
-        raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, f"{what}: {exc}") from None
+        raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, f"{what}: {exc}") from None
     except QkdKeyError as exc:
-        raise HandshakeRejected(Alert.INTERNAL_ERROR, f"{what}: {exc}") from None
+        raise HandshakeRejectedError(Alert.INTERNAL_ERROR, f"{what}: {exc}") from None
     except Exception as exc:  # a key source bug must fail the handshake, not the daemon
-        raise HandshakeRejected(
+        raise HandshakeRejectedError(
             Alert.INTERNAL_ERROR, f"{what}: key source failed ({type(exc).__name__})"
         ) from None
 
 
 def _need(source: T | None, what: str) -> T:
     if source is None:
-        raise HandshakeRejected(Alert.HANDSHAKE_FAILURE, f"no {what} key source configured")
+        raise HandshakeRejectedError(Alert.HANDSHAKE_FAILURE, f"no {what} key source configured")
     return source
 
 
@@ -145,7 +153,7 @@ class _KeyExchangeBase:
 
     def _claim(self, key_id: bytes) -> None:
         if not self._ctx.guard.claim(key_id):
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "QKD key id was already used")
+            raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "QKD key id was already used")
 
     def _use(self, held: _HeldKey, flow: Flow) -> None:
         self._used = held
@@ -164,10 +172,9 @@ class _KeyExchangeBase:
     async def _close_stream(self, held: _HeldKey) -> None:
         if held.open_stream and self._ctx.sources.stream is not None:
             held.open_stream = False
-            try:
+            # Best effort: the KME reclaims an abandoned stream when its TTL runs out.
+            with contextlib.suppress(Exception):
                 await self._ctx.sources.stream.close(held.key_id)
-            except Exception:  # noqa: S110 - closing is best effort; TTL reclaims the stream
-                pass
 
     async def finish(self, success: bool) -> None:
         """Settle every held key: consumed if it fed a completed handshake, else wasted."""
@@ -240,13 +247,15 @@ class ClientKeyExchange(_KeyExchangeBase):
     async def on_server_hello(self, hello: ServerHello) -> None:
         """Process ServerHello (derive the secret) or HelloRetryRequest (offer again)."""
         if hello.group is None:
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server sent no key share")
+            raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "server sent no key share")
         if hello.hello_retry:
             await self._retry(hello.group)
             return
         offer = self._offers.get(hello.group)
         if offer is None or hello.key_exchange is None:
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server chose a group not offered")
+            raise HandshakeRejectedError(
+                Alert.ILLEGAL_PARAMETER, "server chose a group not offered"
+            )
         hybrid = offer.hybrid
         self.record.group = hybrid.group.name
         share = hello.key_exchange
@@ -256,7 +265,7 @@ class ClientKeyExchange(_KeyExchangeBase):
             )
             secret = hybrid.decapsulate(offer.private, ciphertext)
         except KemError as exc:
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, str(exc)) from None
+            raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, str(exc)) from None
         if hybrid.group.qkd:
             secret = with_qkd_key(secret, await self._qkd_key(offer, key_id))
         else:
@@ -265,7 +274,9 @@ class ClientKeyExchange(_KeyExchangeBase):
 
     async def _retry(self, group: int) -> None:
         if group not in self._groups or group in self._offers:
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "HelloRetryRequest for a bad group")
+            raise HandshakeRejectedError(
+                Alert.ILLEGAL_PARAMETER, "HelloRetryRequest for a bad group"
+            )
         self.record.hello_retry = True
         await self._drop("hello_retry")
         self._offers.clear()
@@ -276,16 +287,18 @@ class ClientKeyExchange(_KeyExchangeBase):
             return await self._server_initiated_key(key_id)
         held = offer.held
         if not key_ids_equal(key_id, held.key_id) and not self._ctx.options.accept_unechoed_key_id:
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server did not echo the QKD key id")
+            raise HandshakeRejectedError(
+                Alert.ILLEGAL_PARAMETER, "server did not echo the QKD key id"
+            )
         if held.material is None:
             held.material = await _fetch(self._stream.get_key(held.key_id, 0), "ETSI 004 GET_KEY")
             self._ctx.ledger.record_taken()
         self._use(held, Flow.CLIENT_INITIATED)
-        return held.material
+        return key_material(held)
 
     async def _server_initiated_key(self, key_id: bytes) -> bytes:
         if key_ids_equal(key_id, ZERO_KEY_ID):
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "server sent no QKD key id")
+            raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "server sent no QKD key id")
         self._claim(key_id)
         key = await _fetch(self._slave.get_key(key_id), "ETSI 014 dec_keys")
         held = self._hold(_HeldKey(key.key_id, key.material))
@@ -320,15 +333,19 @@ class ServerKeyExchange(_KeyExchangeBase):
                 (g for g in self._preference if g.group.code_point in hello.supported_groups), None
             )
             if self._chosen is None:
-                raise HandshakeRejected(Alert.HANDSHAKE_FAILURE, "no key-exchange group in common")
+                raise HandshakeRejectedError(
+                    Alert.HANDSHAKE_FAILURE, "no key-exchange group in common"
+                )
         elif self._chosen.group.code_point not in hello.supported_groups:
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "second ClientHello changed groups")
+            raise HandshakeRejectedError(
+                Alert.ILLEGAL_PARAMETER, "second ClientHello changed groups"
+            )
         hybrid = self._chosen
         self.record.group = hybrid.group.name
         share = hello.share_for(hybrid.group.code_point)
         if share is None:
             if self.record.hello_retry:
-                raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, "no key share after retry")
+                raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "no key share after retry")
             self.record.hello_retry = True
             return True
         await self._answer(hybrid, share.key_exchange)
@@ -344,7 +361,7 @@ class ServerKeyExchange(_KeyExchangeBase):
             )
             ciphertext, secret = hybrid.encapsulate(public)
         except KemError as exc:
-            raise HandshakeRejected(Alert.ILLEGAL_PARAMETER, str(exc)) from None
+            raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, str(exc)) from None
         if hybrid.group.qkd:
             material, key_id = await self._qkd_key(key_id)
             ciphertext = attach_key_id(ciphertext, key_id)
@@ -369,4 +386,4 @@ class ServerKeyExchange(_KeyExchangeBase):
             key = await _fetch(self._slave.get_key(client_key_id), "ETSI 014 dec_keys")
             held = self._hold(_HeldKey(key.key_id, key.material))
         self._use(held, Flow.CLIENT_INITIATED)
-        return held.material, client_key_id
+        return key_material(held), client_key_id

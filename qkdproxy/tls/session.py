@@ -9,6 +9,7 @@ answer; tlslite then continues without ever blocking the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from qkdproxy.tls.identity import PeerIdentity
 from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
     HandshakeRecord,
-    HandshakeRejected,
+    HandshakeRejectedError,
     KeyContext,
     ServerKeyExchange,
 )
@@ -37,13 +38,12 @@ from qkdproxy.tls.tlslite_glue import (
     tlslite_chain,
     tlslite_private_key,
 )
-from qkdproxy.tls.verify import PeerPolicy, PeerRejected
+from qkdproxy.tls.verify import PeerPolicy, PeerRejectedError
 from qkdproxy.tls.wire import (
     GateEvent,
     HandshakeType,
     HeldHello,
     HelloGate,
-    Release,
     plaintext_alert,
 )
 
@@ -261,7 +261,7 @@ class TlsEndpoint:
         def check_chain(chain: list[bytes]) -> tuple[int, str] | None:
             try:
                 verified.append(self.settings.peer.verify_server(chain, self.settings.clock()))
-            except PeerRejected as exc:
+            except PeerRejectedError as exc:
                 return int(exc.alert), exc.reason
             return None
 
@@ -272,17 +272,18 @@ class TlsEndpoint:
             settings = make_settings([g.group for g in self.settings.groups], first.group)
             await driver.run(
                 conn.handshakeClientCert(
-                    self._chain, self._key, settings=settings,
-                    serverName=self.settings.peer.server_name or "", async_=True,
+                    self._chain,
+                    self._key,
+                    settings=settings,
+                    serverName=self.settings.peer.server_name or "",
+                    async_=True,
                 )
             )
 
         conn = HookedTLSConnection(driver.sock, kex, check_chain)
         return await self._complete(driver, conn, kex, handshake(conn), verified)
 
-    async def accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> TlsStream:
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TlsStream:
         """Server handshake over an accepted stream; raises :class:`HandshakeError`."""
         kex = ServerKeyExchange(self.settings.groups, self.settings.keys)
         driver = _Driver(reader, writer, HelloGate(HandshakeType.CLIENT_HELLO))
@@ -306,17 +307,21 @@ class TlsEndpoint:
             understood = first is not None and await on_client_hello(first)
             # tlslite is started only now, with the chosen group as its only choice, so it
             # cannot pick a group other than the one the key exchange prepared.
-            groups = [kex.chosen.group] if understood and kex.chosen else [
-                g.group for g in self.settings.groups
-            ]
+            groups = (
+                [kex.chosen.group]
+                if understood and kex.chosen
+                else [g.group for g in self.settings.groups]
+            )
             if first is not None:
                 driver.sock.inbound += first.records
             driver.on_hello = on_second_hello
             await driver.process_backlog()
             await driver.run(
                 conn.handshakeServerAsync(
-                    certChain=self._chain, privateKey=self._key,
-                    settings=make_settings(groups, groups[0]), reqCert=True,
+                    certChain=self._chain,
+                    privateKey=self._key,
+                    settings=make_settings(groups, groups[0]),
+                    reqCert=True,
                 )
             )
             await self._check_client(driver, conn, verified)
@@ -331,7 +336,7 @@ class TlsEndpoint:
         der = [bytes(c.bytes) for c in chain.x509List] if chain else []
         try:
             verified.append(self.settings.peer.verify_client(der, self.settings.clock()))
-        except PeerRejected as exc:
+        except PeerRejectedError as exc:
             # Before any application data: the client learns why through an encrypted alert.
             await driver.run(conn.send_alert(int(exc.alert), exc.reason))
 
@@ -359,18 +364,20 @@ class TlsEndpoint:
             driver.writer.close()
             raise HandshakeError("peer identity was not verified")
         return TlsStream(
-            driver, conn, kex.record, verified[0], time.perf_counter() - started,
+            driver,
+            conn,
+            kex.record,
+            verified[0],
+            time.perf_counter() - started,
             str(conn.getCipherName() or ""),
         )
 
 
 async def _handshake_error(driver: _Driver, exc: BaseException) -> HandshakeError | None:
     """Map whatever ended a handshake to a HandshakeError (None: let it propagate)."""
-    if isinstance(exc, HandshakeRejected):
-        try:
+    if isinstance(exc, HandshakeRejectedError):
+        with contextlib.suppress(ConnectionError):
             await driver.send_raw(plaintext_alert(exc.alert))
-        except ConnectionError:
-            pass
         return HandshakeError(exc.reason, int(exc.alert))
     if isinstance(exc, TLSLocalAlert):
         return HandshakeError(exc.message or str(exc), exc.description)

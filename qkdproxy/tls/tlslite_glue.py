@@ -20,7 +20,8 @@ import tlslite.recordlayer as tl_recordlayer
 import tlslite.x509 as tl_x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
@@ -42,6 +43,11 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha512": hashes.SHA512,
     "sha1": hashes.SHA1,
     "sha224": hashes.SHA224,
+}
+_DIGEST_BY_SIZE: dict[int, hashes.HashAlgorithm] = {
+    32: hashes.SHA256(),
+    48: hashes.SHA384(),
+    64: hashes.SHA512(),
 }
 _CURVE_NAMES = {"secp256r1": "NIST256p", "secp384r1": "NIST384p", "secp521r1": "NIST521p"}
 
@@ -114,35 +120,46 @@ class CryptographyRSAKey(RSAKey):  # type: ignore[misc]
     def hasPrivateKey(self) -> bool:  # noqa: N802
         return self._private is not None
 
-    def _padding(self, name: str, hash_alg: hashes.HashAlgorithm, salt: int | None) -> Any:
-        if name.lower() == "pss":
-            length = hash_alg.digest_size if salt is None else salt
-            return padding.PSS(mgf=padding.MGF1(hash_alg), salt_length=length)
-        return padding.PKCS1v15()
-
-    def sign(  # type: ignore[override]
-        self, bytes: bytes, padding: str = "pkcs1", hashAlg: str | None = None,  # noqa: A002, N803
+    # tlslite passes ``padding``, ``hashAlg`` and ``saltLen`` by keyword, so the names stay.
+    def sign(
+        self,
+        data: bytes,
+        padding: str = "pkcs1",
+        hashAlg: str | None = None,  # noqa: N803
         saltLen: int | None = None,  # noqa: N803
     ) -> bytearray:
+        """Sign a pre-hashed digest (RSASSA-PSS or PKCS#1 v1.5)."""
         if self._private is None:
             raise ValueError("public key cannot sign")
         hash_alg = _hash(hashAlg)
-        pad = self._padding(padding, hash_alg, saltLen)
-        return bytearray(self._private.sign(bytes_(bytes), pad, Prehashed(hash_alg)))
+        scheme = _rsa_padding(padding, hash_alg, saltLen)
+        return bytearray(self._private.sign(bytes_(data), scheme, Prehashed(hash_alg)))
 
-    def verify(  # type: ignore[override]
-        self, sigBytes: bytes, bytes: bytes, padding: str = "pkcs1",  # noqa: A002, N803
-        hashAlg: str | None = None, saltLen: int | None = None,  # noqa: N803
+    def verify(
+        self,
+        signature: bytes,
+        data: bytes,
+        padding: str = "pkcs1",
+        hashAlg: str | None = None,  # noqa: N803
+        saltLen: int | None = None,  # noqa: N803
     ) -> bool:
+        """Check a signature over a pre-hashed digest."""
         if padding == "pkcs1" and self.key_type == "rsa-pss":
             return False
         try:
             hash_alg = _hash(hashAlg)
-            pad = self._padding(padding, hash_alg, saltLen)
-            self._public.verify(bytes_(sigBytes), bytes_(bytes), pad, Prehashed(hash_alg))
+            scheme = _rsa_padding(padding, hash_alg, saltLen)
+            self._public.verify(bytes_(signature), bytes_(data), scheme, Prehashed(hash_alg))
         except (InvalidSignature, ValueError):
             return False
         return True
+
+
+def _rsa_padding(name: str, hash_alg: hashes.HashAlgorithm, salt: int | None) -> Any:
+    if name.lower() == "pss":
+        length = hash_alg.digest_size if salt is None else salt
+        return asym_padding.PSS(mgf=asym_padding.MGF1(hash_alg), salt_length=length)
+    return asym_padding.PKCS1v15()
 
 
 class CryptographyECDSAKey(ECDSAKey):  # type: ignore[misc]
@@ -167,13 +184,11 @@ class CryptographyECDSAKey(ECDSAKey):  # type: ignore[misc]
         return bytearray(self._private.sign(bytes_(data), algorithm))
 
     def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
-        digest = {32: hashes.SHA256, 48: hashes.SHA384, 64: hashes.SHA512}.get(len(hash_bytes))
+        digest = _DIGEST_BY_SIZE.get(len(hash_bytes))
         if digest is None:
             return False
         try:
-            self._public.verify(
-                bytes_(signature), bytes_(hash_bytes), ec.ECDSA(Prehashed(digest()))
-            )
+            self._public.verify(bytes_(signature), bytes_(hash_bytes), ec.ECDSA(Prehashed(digest)))
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -250,7 +265,7 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         except (LookupError, ValueError) as exc:
             raise TLSIllegalParameterException(str(exc)) from None
 
-    def _check_certchain_with_settings(self, cert_chain: Any, settings: Any) -> Iterator[Any]:  # noqa: N802
+    def _check_certchain_with_settings(self, cert_chain: Any, settings: Any) -> Iterator[Any]:
         # tlslite's generator yields 0/1 for I/O and then the peer's public key as its result.
         result = None
         for result in super()._check_certchain_with_settings(cert_chain, settings):
@@ -313,8 +328,11 @@ def register_groups(groups: Iterable[GroupSpec]) -> None:
         # KEM-style groups take tlslite's encapsulation path on the server.
         if group.post_quantum and group.code_point not in GroupName.allKEM:
             GroupName.allKEM.append(group.code_point)
-        for names in (tl_settings.CURVE_NAMES, tl_settings.ALL_CURVE_NAMES,
-                      tl_settings.TLS13_PERMITTED_GROUPS):
+        for names in (
+            tl_settings.CURVE_NAMES,
+            tl_settings.ALL_CURVE_NAMES,
+            tl_settings.TLS13_PERMITTED_GROUPS,
+        ):
             if group.tlslite_name not in names:
                 names.append(group.tlslite_name)
 

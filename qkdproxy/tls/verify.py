@@ -1,7 +1,7 @@
 """Certificate chain validation for both TLS roles (tlslite-ng does none).
 
 Pure: certificates, trust anchors and the current time come in; a verified identity or a
-:class:`PeerRejected` carrying the TLS alert to send comes out.
+:class:`PeerRejectedError` carrying the TLS alert to send comes out.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from qkdproxy.tls.wire import Alert
 MAX_CHAIN_DEPTH = 8
 
 
-class PeerRejected(Exception):
+class PeerRejectedError(Exception):
     """The peer's certificate or identity is not acceptable."""
 
     def __init__(self, alert: Alert, reason: str) -> None:
@@ -40,7 +40,7 @@ class PeerPolicy:
     def verify_server(self, chain: Sequence[bytes], now: datetime) -> PeerIdentity:
         """Validate a server chain for ``server_name``, then the allow-list."""
         if not self.server_name:
-            raise PeerRejected(Alert.INTERNAL_ERROR, "no server name configured to check")
+            raise PeerRejectedError(Alert.INTERNAL_ERROR, "no server name configured to check")
         leaf, intermediates = _load(chain, now)
         verifier = self._builder(now).build_server_verifier(_subject(self.server_name))
         _run(lambda: verifier.verify(leaf, intermediates))
@@ -55,7 +55,7 @@ class PeerPolicy:
 
     def _builder(self, now: datetime) -> PolicyBuilder:
         if not self.trust_anchors:
-            raise PeerRejected(Alert.UNKNOWN_CA, "no trust anchors configured")
+            raise PeerRejectedError(Alert.UNKNOWN_CA, "no trust anchors configured")
         return (
             PolicyBuilder()
             .store(Store(list(self.trust_anchors)))
@@ -66,7 +66,7 @@ class PeerPolicy:
     def _admit(self, leaf: x509.Certificate) -> PeerIdentity:
         identity = PeerIdentity.from_certificate(leaf)
         if not self.allow.permits(identity):
-            raise PeerRejected(Alert.ACCESS_DENIED, f"peer {identity.describe()} not allowed")
+            raise PeerRejectedError(Alert.ACCESS_DENIED, f"peer {identity.describe()} not allowed")
         return identity
 
 
@@ -79,16 +79,16 @@ def _subject(name: str) -> x509.DNSName | x509.IPAddress:
 
 def _load(chain: Sequence[bytes], now: datetime) -> tuple[x509.Certificate, list[x509.Certificate]]:
     if not chain:
-        raise PeerRejected(Alert.CERTIFICATE_REQUIRED, "peer sent no certificate")
+        raise PeerRejectedError(Alert.CERTIFICATE_REQUIRED, "peer sent no certificate")
     if len(chain) > MAX_CHAIN_DEPTH + 1:
-        raise PeerRejected(Alert.BAD_CERTIFICATE, "certificate chain too long")
+        raise PeerRejectedError(Alert.BAD_CERTIFICATE, "certificate chain too long")
     try:
         certs = [x509.load_der_x509_certificate(bytes(der)) for der in chain]
     except ValueError:
-        raise PeerRejected(Alert.BAD_CERTIFICATE, "malformed certificate") from None
+        raise PeerRejectedError(Alert.BAD_CERTIFICATE, "malformed certificate") from None
     leaf = certs[0]
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-        raise PeerRejected(Alert.CERTIFICATE_EXPIRED, "peer certificate outside its validity")
+        raise PeerRejectedError(Alert.CERTIFICATE_EXPIRED, "peer certificate outside its validity")
     return leaf, certs[1:]
 
 
@@ -98,4 +98,4 @@ def _run(verify: Callable[[], object]) -> None:
     except VerificationError as exc:
         message = str(exc)
         alert = Alert.UNKNOWN_CA if "candidates exhausted" in message else Alert.BAD_CERTIFICATE
-        raise PeerRejected(alert, f"certificate rejected: {message}") from None
+        raise PeerRejectedError(alert, f"certificate rejected: {message}") from None

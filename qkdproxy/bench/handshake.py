@@ -1,0 +1,100 @@
+"""``qkdproxy bench handshake``: full TLS 1.3 handshakes over loopback, per group.
+
+Groups are measured round-robin in one process, so slow drift of the machine affects all of
+them alike and the ratios between groups stay comparable.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from qkdproxy.aio import loop_name
+from qkdproxy.loopback import loopback_pair, resolve_groups
+from qkdproxy.tls.keyexchange import Flow, QkdOptions
+
+WARMUP = 5
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeResult:
+    """Figures for one group; the first four keys are read by other tools."""
+
+    group: str
+    flow: str
+    qkd: bool
+    median_ms: float
+    p90_ms: float
+    handshakes_per_s: float
+    mean_ms: float
+    stdev_ms: float
+    iterations: int
+    ratio_to_baseline: float
+    event_loop: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def run_handshake_bench(
+    group_names: Sequence[str], flow: Flow, iterations: int
+) -> list[HandshakeResult]:
+    """Measure ``iterations`` handshakes per group; the first group is the baseline."""
+    groups = resolve_groups(group_names)
+    options = QkdOptions(flow=flow)
+    samples: dict[str, list[float]] = {g.group.name: [] for g in groups}
+    async with loopback_pair(groups) as pair:
+        clients = {g.group.name: pair.client([g], options) for g in groups}
+        for round_no in range(WARMUP + iterations):
+            for name, client in clients.items():
+                started = time.perf_counter()
+                stream = await pair.handshake(client)
+                elapsed = time.perf_counter() - started
+                await stream.close()
+                if round_no >= WARMUP:
+                    samples[name].append(elapsed)
+    loop = loop_name()
+    baseline = statistics.median(samples[groups[0].group.name])
+    return [
+        HandshakeResult(
+            group=g.group.name,
+            flow=flow.value.split("-")[0],
+            qkd=g.group.qkd,
+            median_ms=statistics.median(s) * 1000,
+            p90_ms=_percentile(s, 0.9) * 1000,
+            handshakes_per_s=len(s) / sum(s),
+            mean_ms=statistics.fmean(s) * 1000,
+            stdev_ms=statistics.pstdev(s) * 1000,
+            iterations=len(s),
+            ratio_to_baseline=statistics.median(s) / baseline,
+            event_loop=loop,
+        )
+        for g in groups
+        for s in [samples[g.group.name]]
+    ]
+
+
+def format_table(results: Sequence[HandshakeResult]) -> str:
+    """A table a person reads at a glance."""
+    header = (
+        f"{'group':<22} {'flow':<7} {'qkd':<4} {'median ms':>9} {'p90 ms':>8} "
+        f"{'hs/s':>7} {'x base':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    lines += [
+        f"{r.group:<22} {r.flow:<7} {'yes' if r.qkd else 'no':<4} {r.median_ms:>9.2f} "
+        f"{r.p90_ms:>8.2f} {r.handshakes_per_s:>7.0f} {r.ratio_to_baseline:>7.2f}"
+        for r in results
+    ]
+    if results:
+        lines.append(f"baseline: {results[0].group}; event loop: {results[0].event_loop}")
+    return "\n".join(lines)

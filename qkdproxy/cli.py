@@ -1,0 +1,122 @@
+"""The ``qkdproxy`` command line: thin wrappers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from qkdproxy import __version__
+from qkdproxy.aio import run
+from qkdproxy.bench.handshake import format_table, run_handshake_bench
+from qkdproxy.groups import DEFAULT_GROUPS, GroupError
+from qkdproxy.hybrid import GroupUnavailableError, resolve
+from qkdproxy.kem import default_registry
+from qkdproxy.tls.keyexchange import Flow
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _groups_command(args: argparse.Namespace) -> int:
+    registry = default_registry()
+    rows: list[dict[str, object]] = []
+    for group in DEFAULT_GROUPS.all():
+        try:
+            hybrid = resolve(group, registry)
+        except GroupUnavailableError as exc:
+            rows.append(
+                {
+                    "group": group.name,
+                    "code_point": f"{group.code_point:#06x}",
+                    "kind": group.kind.value,
+                    "available": False,
+                    "reason": str(exc),
+                }
+            )
+            continue
+        rows.append(
+            {
+                "group": group.name,
+                "code_point": f"{group.code_point:#06x}",
+                "kind": group.kind.value,
+                "available": True,
+                "components": list(group.components),
+                "client_share_bytes": hybrid.client_share_size,
+                "server_share_bytes": hybrid.server_share_size,
+                "secret_bytes": hybrid.secret_size,
+            }
+        )
+    if args.json:
+        print(json.dumps({"groups": rows}, indent=2))
+        return EXIT_OK
+    for row in rows:
+        status = (
+            f"client {row['client_share_bytes']} B, server {row['server_share_bytes']} B, "
+            f"secret {row['secret_bytes']} B"
+            if row["available"]
+            else f"unavailable: {row['reason']}"
+        )
+        print(f"{row['group']:<22} {row['code_point']}  {row['kind']:<10} {status}")
+    return EXIT_OK
+
+
+def _bench_handshake_command(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.groups.split(",") if n.strip()]
+    if args.iterations < 1:
+        print("qkdproxy bench handshake: --iterations must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    flow = Flow.CLIENT_INITIATED if args.flow == "client" else Flow.SERVER_INITIATED
+    try:
+        results = run(run_handshake_bench(names, flow, args.iterations))
+    except (GroupError, GroupUnavailableError) as exc:
+        print(f"qkdproxy bench handshake: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        print(format_table(results))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="qkdproxy", description="Hybrid QKD-KEM TLS 1.3 tunnel daemon."
+    )
+    parser.add_argument("--version", action="version", version=f"qkdproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    groups = commands.add_parser(
+        "groups", help="list key-exchange groups and whether they run here"
+    )
+    groups.add_argument("--json", action="store_true", help="print JSON")
+    groups.set_defaults(handler=_groups_command)
+
+    bench = commands.add_parser("bench", help="run benchmarks")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    handshake = benches.add_parser(
+        "handshake",
+        help="full TLS 1.3 handshakes over loopback per group",
+        description="Full TLS 1.3 handshakes over loopback sockets with an in-process QKD link. "
+        "The first group is the baseline for the ratio column.",
+    )
+    handshake.add_argument("--groups", required=True, help="comma-separated group names")
+    handshake.add_argument(
+        "--flow",
+        choices=["client", "server"],
+        default="client",
+        help="which side originates the QKD key id (default: client)",
+    )
+    handshake.add_argument("--iterations", type=int, default=200, help="handshakes per group")
+    handshake.add_argument("--json", action="store_true", help="print one JSON object")
+    handshake.set_defaults(handler=_bench_handshake_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qkdproxy`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
