@@ -6,7 +6,7 @@ Used by the benchmarks and the tests; everything in it is real (TCP sockets, TLS
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream
 from qkdproxy.tls.verify import PeerPolicy
 
 SERVER_NAME = "server.qkdproxy.test"
+STOP_TIMEOUT = 5.0
 CLIENT_URI = "spiffe://qkdproxy.test/client"
 
 
@@ -28,6 +29,47 @@ def resolve_groups(names: Sequence[str]) -> list[HybridKem]:
     """Bind group names to this machine's KEMs (raises if one cannot run here)."""
     registry = default_registry()
     return [resolve(DEFAULT_GROUPS.by_name(name), registry) for name in names]
+
+
+class _EchoServer:
+    """Accepts TLS connections and echoes their bytes; tracks handlers to stop them cleanly."""
+
+    def __init__(self, endpoint: TlsEndpoint, failures: list[BaseException]) -> None:
+        self._endpoint = endpoint
+        self.failures = failures
+        self.accepted = 0
+        self.changed = asyncio.Condition()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            stream = await self._endpoint.accept(reader, writer)
+        except Exception as exc:
+            self.failures.append(exc)
+            return
+        finally:
+            self._handlers.discard(task)
+            async with self.changed:
+                self.accepted += 1
+                self.changed.notify_all()
+        self._handlers.add(task)
+        try:
+            while data := await stream.read():
+                await stream.write(data)
+        finally:
+            await stream.close()
+            self._handlers.discard(task)
+
+    async def stop(self) -> None:
+        """Let running handlers finish (bounded), then cancel what is left."""
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=STOP_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 @dataclass(slots=True)
@@ -40,7 +82,18 @@ class LoopbackPair:
     port: int
     client_keys: KeyContext
     server_keys: KeyContext
+    echo: _EchoServer
     _client_credentials_key_type: KeyType
+
+    @property
+    def server_failures(self) -> list[BaseException]:
+        """Server handshakes that failed, in order."""
+        return self.echo.failures
+
+    async def wait_for_server(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate`` holds after some server handshake ended (no polling)."""
+        async with self.echo.changed:
+            await self.echo.changed.wait_for(predicate)
 
     def client(self, groups: Sequence[HybridKem], options: QkdOptions) -> TlsEndpoint:
         """A client endpoint offering ``groups`` (first one gets the key share)."""
@@ -55,22 +108,6 @@ class LoopbackPair:
         """Dial the server and complete a client handshake."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         return await client.connect(reader, writer)
-
-
-async def _serve_echo(endpoint: TlsEndpoint, failures: list[BaseException]) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            stream = await endpoint.accept(reader, writer)
-        except Exception as exc:
-            failures.append(exc)
-            return
-        try:
-            while data := await stream.read():
-                await stream.write(data)
-        finally:
-            await stream.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
 @asynccontextmanager
@@ -88,12 +125,14 @@ async def loopback_pair(
     policy = PeerPolicy((ca.certificate,), AllowList.of([f"uri:{CLIENT_URI}"]))
     server = TlsEndpoint(EndpointSettings(credentials, policy, server_groups, server_keys))
     failures = server_failures if server_failures is not None else []
-    listener = await _serve_echo(server, failures)
+    echo = _EchoServer(server, failures)
+    listener = await asyncio.start_server(echo.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
         yield LoopbackPair(
-            server, ca, link, port, KeyContext(link.sources("a")), server_keys, key_type
+            server, ca, link, port, KeyContext(link.sources("a")), server_keys, echo, key_type
         )
     finally:
         listener.close()
         await listener.wait_closed()
+        await echo.stop()

@@ -92,7 +92,8 @@ def _dns_match(pattern: str, name: str) -> bool:
 def _uri_match(pattern: str, uri: str) -> bool:
     want, have = pattern.split("/"), uri.split("/")
     if want[-1] == "**":
-        if len(have) < len(want):
+        tail = have[len(want) - 1 :]
+        if not tail or "" in tail:
             return False
         have = [*have[: len(want) - 1], "**"]
     if len(want) != len(have):

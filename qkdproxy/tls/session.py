@@ -49,6 +49,7 @@ from qkdproxy.tls.wire import (
 
 READ_CHUNK = 65536
 MAX_RECORD_PAYLOAD = 16384
+CLOSE_TIMEOUT = 5.0
 
 
 class HandshakeError(Exception):
@@ -59,6 +60,15 @@ class HandshakeError(Exception):
         self.reason = reason
         self.alert = alert
         self.remote = remote
+
+
+class TlsStreamError(ConnectionError):
+    """An established stream ended abnormally (fatal alert, bad record, transport error)."""
+
+    def __init__(self, reason: str, alert: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.alert = alert
 
 
 def utc_now() -> datetime:
@@ -207,18 +217,35 @@ class TlsStream:
     cipher: str
 
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
-        """Up to ``max_bytes`` of plaintext; b"" once the peer closed."""
+        """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
+
+        A fatal alert or a protocol violation closes the transport and raises
+        :class:`TlsStreamError`.
+        """
         try:
             data = await self._driver.run(self._conn.readAsync(max_bytes))
-        except (TLSAbruptCloseError, ConnectionError):
+        except TLSAbruptCloseError:
             return b""
+        except (TLSError, ConnectionError) as exc:
+            raise await self._fail(exc) from None
         return bytes(data or b"")
 
     async def write(self, data: bytes) -> None:
-        """Send plaintext, one record per 16 KiB."""
+        """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""
         view = memoryview(data)
-        for start in range(0, len(view), MAX_RECORD_PAYLOAD):
-            await self._driver.run(self._conn.writeAsync(view[start : start + MAX_RECORD_PAYLOAD]))
+        try:
+            for start in range(0, len(view), MAX_RECORD_PAYLOAD):
+                chunk = view[start : start + MAX_RECORD_PAYLOAD]
+                await self._driver.run(self._conn.writeAsync(chunk))
+        except (TLSError, ConnectionError) as exc:
+            raise await self._fail(exc) from None
+
+    async def _fail(self, exc: BaseException) -> TlsStreamError:
+        await close_transport(self._driver.writer)
+        alert = getattr(exc, "description", None)
+        return TlsStreamError(
+            f"{type(exc).__name__}: {exc}", alert if isinstance(alert, int) else None
+        )
 
     async def close(self) -> None:
         """Send close_notify (best effort) and close the transport."""
@@ -227,7 +254,7 @@ class TlsStream:
         except (TLSError, ConnectionError):
             pass
         finally:
-            self._driver.writer.close()
+            await close_transport(self._driver.writer)
 
 
 class TlsEndpoint:
@@ -355,13 +382,13 @@ class TlsEndpoint:
         except BaseException as exc:
             await kex.finish(False)
             error = await _handshake_error(driver, exc)
-            driver.writer.close()
+            await close_transport(driver.writer)
             if error is None:
                 raise
             raise error from None
         await kex.finish(True)
         if not verified:
-            driver.writer.close()
+            await close_transport(driver.writer)
             raise HandshakeError("peer identity was not verified")
         return TlsStream(
             driver,
@@ -371,6 +398,13 @@ class TlsEndpoint:
             time.perf_counter() - started,
             str(conn.getCipherName() or ""),
         )
+
+
+async def close_transport(writer: asyncio.StreamWriter) -> None:
+    """Close an asyncio stream and wait (bounded) until its socket is released."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
 
 
 async def _handshake_error(driver: _Driver, exc: BaseException) -> HandshakeError | None:

@@ -42,7 +42,12 @@ class PeerPolicy:
         if not self.server_name:
             raise PeerRejectedError(Alert.INTERNAL_ERROR, "no server name configured to check")
         leaf, intermediates = _load(chain, now)
-        verifier = self._builder(now).build_server_verifier(_subject(self.server_name))
+        try:
+            verifier = self._builder(now).build_server_verifier(_subject(self.server_name))
+        except ValueError:
+            raise PeerRejectedError(
+                Alert.INTERNAL_ERROR, "configured server name is not a valid DNS name or IP"
+            ) from None
         _run(lambda: verifier.verify(leaf, intermediates))
         return self._admit(leaf)
 

@@ -1,0 +1,40 @@
+"""Shared fixtures: a development CA, group resolution, liboqs availability."""
+
+from __future__ import annotations
+
+import pytest
+
+from qkdproxy.groups import DEFAULT_GROUPS
+from qkdproxy.hybrid import GroupUnavailableError, HybridKem, resolve
+from qkdproxy.kem import default_registry
+from qkdproxy.kem.liboqs import probe_liboqs
+from qkdproxy.loopback import resolve_groups
+from qkdproxy.pki import CertificateAuthority
+
+LIBOQS = probe_liboqs()
+requires_liboqs = pytest.mark.skipif(
+    LIBOQS.module is None, reason=f"liboqs backend unavailable: {LIBOQS.reason}"
+)
+
+
+def available_group_names() -> list[str]:
+    """Every group whose KEMs run on this machine."""
+    names = []
+    for group in DEFAULT_GROUPS.all():
+        try:
+            resolve(group, default_registry())
+        except GroupUnavailableError:
+            continue
+        names.append(group.name)
+    return names
+
+
+def groups(*names: str) -> list[HybridKem]:
+    """Resolve group names to runnable hybrids."""
+    return resolve_groups(names)
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    """One development CA for the whole run (issuing leaves is cheap, the CA is shared)."""
+    return CertificateAuthority.create()
