@@ -1,0 +1,71 @@
+"""The tlslite integration: self-test of hook points, group registration, overrides."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tlslite.constants import GroupName
+from tlslite.handshakesettings import TLS13_PERMITTED_GROUPS
+
+from qkdproxy.groups import DEFAULT_GROUPS
+from qkdproxy.hybrid import resolve
+from qkdproxy.kem import default_registry
+from qkdproxy.loopback import loopback_pair
+from qkdproxy.tls import tlslite_glue
+from qkdproxy.tls.keyexchange import QkdOptions
+
+
+def test_self_test_passes_on_the_pinned_tlslite() -> None:
+    tlslite_glue.self_test()
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [(tlslite_glue.TLSConnection, "_KEMEncaps"), (tlslite_glue.tl_recordlayer, "createAESGCM")],
+)
+def test_self_test_names_a_missing_hook_point(
+    monkeypatch: pytest.MonkeyPatch, owner: object, name: str
+) -> None:
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(tlslite_glue.SelfTestError, match=name):
+        tlslite_glue.self_test()
+
+
+def test_self_test_refuses_another_tlslite_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlslite_glue.tlslite, "__version__", "0.8.3")
+    with pytest.raises(tlslite_glue.SelfTestError, match=r"0\.8\.2 required"):
+        tlslite_glue.self_test()
+
+
+def test_qkd_groups_are_registered_as_kems() -> None:
+    group = DEFAULT_GROUPS.by_name("qkd_mlkem768")
+    tlslite_glue.install([group])
+    assert GroupName.qkd_mlkem768 == 0x3768
+    assert 0x3768 in GroupName.allKEM
+    assert "qkd_mlkem768" in TLS13_PERMITTED_GROUPS
+
+
+async def test_overridden_code_point_is_what_the_peers_use() -> None:
+    overridden = DEFAULT_GROUPS.with_overrides({"qkd_mlkem768": 0x3769})
+    hybrids = [resolve(overridden.by_name("qkd_mlkem768"), default_registry())]
+    try:
+        async with loopback_pair(hybrids) as pair:
+            assert GroupName.qkd_mlkem768 == 0x3769
+            assert 0x3768 not in GroupName.allKEM
+            stream = await asyncio.wait_for(pair.handshake(pair.client(hybrids, QkdOptions())), 20)
+            assert stream.record.group == "qkd_mlkem768"
+            await stream.close()
+    finally:
+        tlslite_glue.install(DEFAULT_GROUPS.all())
+    assert GroupName.qkd_mlkem768 == 0x3768
+
+
+def test_record_aead_round_trip_and_tamper() -> None:
+    aead = tlslite_glue._create_aes_gcm(bytes(32))
+    assert aead.name == "aes256gcm"
+    sealed = aead.seal(bytes(12), b"plaintext", b"aad")
+    assert aead.open(bytes(12), sealed, b"aad") == bytearray(b"plaintext")
+    assert aead.open(bytes(12), sealed[:-1] + bytes([sealed[-1] ^ 1]), b"aad") is None
+    chacha = tlslite_glue._create_chacha20(bytes(32))
+    assert chacha.open(bytes(12), chacha.seal(bytes(12), b"x", b""), b"") == bytearray(b"x")
