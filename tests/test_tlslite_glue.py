@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import tlslite
+import tlslite.recordlayer
+from tlslite.api import TLSConnection
 from tlslite.constants import GroupName
 from tlslite.handshakesettings import TLS13_PERMITTED_GROUPS
 
@@ -22,7 +25,7 @@ def test_self_test_passes_on_the_pinned_tlslite() -> None:
 
 @pytest.mark.parametrize(
     ("owner", "name"),
-    [(tlslite_glue.TLSConnection, "_KEMEncaps"), (tlslite_glue.tl_recordlayer, "createAESGCM")],
+    [(TLSConnection, "_KEMEncaps"), (tlslite.recordlayer, "createAESGCM")],
 )
 def test_self_test_names_a_missing_hook_point(
     monkeypatch: pytest.MonkeyPatch, owner: object, name: str
@@ -33,7 +36,7 @@ def test_self_test_names_a_missing_hook_point(
 
 
 def test_self_test_refuses_another_tlslite_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tlslite_glue.tlslite, "__version__", "0.8.3")
+    monkeypatch.setattr(tlslite, "__version__", "0.8.3")
     with pytest.raises(tlslite_glue.SelfTestError, match=r"0\.8\.2 required"):
         tlslite_glue.self_test()
 

@@ -35,6 +35,7 @@ from qkdproxy.groups import GroupSpec
 from qkdproxy.tls.credentials import Credentials, PrivateKey
 
 TLSLITE_VERSION = "0.8.2"
+ByteLike = bytes | bytearray | memoryview
 CIPHER_NAMES = ["aes256gcm", "aes128gcm", "chacha20-poly1305"]
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
@@ -80,10 +81,10 @@ class _Aead:
         self.name = name
         self._cipher = cipher
 
-    def seal(self, nonce: bytes, plaintext: bytes, data: bytes) -> bytearray:
+    def seal(self, nonce: ByteLike, plaintext: ByteLike, data: ByteLike) -> bytearray:
         return bytearray(self._cipher.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
 
-    def open(self, nonce: bytes, ciphertext: bytes, data: bytes) -> bytearray | None:
+    def open(self, nonce: ByteLike, ciphertext: ByteLike, data: ByteLike) -> bytearray | None:
         try:
             return bytearray(self._cipher.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
         except InvalidTag:
@@ -194,7 +195,7 @@ class CryptographyECDSAKey(ECDSAKey):  # type: ignore[misc]
         return True
 
 
-def bytes_(value: bytes | bytearray | memoryview) -> bytes:
+def bytes_(value: ByteLike) -> bytes:
     """tlslite hands around bytearrays; `cryptography` wants immutable bytes in places."""
     return value if isinstance(value, bytes) else bytes(value)
 
