@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from qkdproxy.groups import GroupSpec
 from qkdproxy.kem.base import Kem, KemError
 from qkdproxy.kem.registry import KemRegistry, UnavailableKem
+from qkdproxy.qkd.keys import KEY_ID_SIZE as KEY_ID_SIZE
+from qkdproxy.qkd.keys import KEY_SIZE as QKD_KEY_SIZE
 
-KEY_ID_SIZE = 16
-QKD_KEY_SIZE = 32
 ZERO_KEY_ID = bytes(KEY_ID_SIZE)
 
 

@@ -79,6 +79,26 @@ async def test_every_group_in_every_flow(name: str, flow: Flow, api: KeyApi) -> 
         assert record.qkd_key_id is None and pair.client_keys.ledger.taken == 0
 
 
+async def test_ip_address_as_server_name_is_checked_but_not_sent_as_sni() -> None:
+    hybrids = groups("qkd_mlkem768")
+    async with loopback_pair(hybrids) as pair:
+        client = endpoint(pair.ca, ("qkd_mlkem768",), server_name="127.0.0.1", pair=pair)
+        stream = await handshake(pair, client)
+        assert "127.0.0.1" in stream.peer.dns_names or stream.peer.common_name == "server"
+        await stream.close()
+
+
+async def test_bare_tcp_close_is_reported_as_truncation_not_eof() -> None:
+    hybrids = groups("x25519")
+    async with loopback_pair(hybrids) as pair:
+        stream = await handshake(pair, pair.client(hybrids, QkdOptions()))
+        server_stream_closed = pair.echo.accepted
+        stream._driver.writer.transport.abort()  # the peer sees a TCP close, no close_notify
+        await settled(pair, server_stream_closed)
+    with pytest.raises(TlsStreamError):
+        await stream.read()
+
+
 async def test_large_transfer_both_ways_is_byte_exact() -> None:
     hybrids = groups("qkd_mlkem768")
     async with loopback_pair(hybrids) as pair:
@@ -127,8 +147,9 @@ async def refused(pair: LoopbackPair, client: TlsEndpoint) -> None:
         return
     try:
         await stream.write(b"let me in")
-        with pytest.raises(TlsStreamError):
+        with pytest.raises(TlsStreamError) as info:
             await asyncio.wait_for(stream.read(), 10)
+        assert info.value.alert is not None, "the refusal must arrive as a TLS alert"
     finally:
         await stream.close()
 

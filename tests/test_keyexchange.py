@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
@@ -69,7 +70,8 @@ def client_hello(offered: list[HybridKem], shares: dict[int, bytes]) -> ClientHe
     return ClientHello(
         tuple(g.group.code_point for g in offered),
         tuple(KeyShareEntry(code, share) for code, share in shares.items()),
-        None,
+        (0x0304,),
+        (0x1301,),
     )
 
 
@@ -176,24 +178,31 @@ async def test_hello_retry_takes_a_fresh_key_and_wastes_the_first() -> None:
     assert pair.link.keys_in_flight == 1  # the wasted key was never fetched by the server
 
 
+async def test_server_takes_an_acceptable_group_with_a_share_over_a_retry() -> None:
+    """No HelloRetryRequest (and no wasted client key) when the client's share is acceptable."""
+    pair = Pair()
+    client, server, _ = await full_exchange(pair, [MLKEM1024, MLKEM768], [MLKEM768, MLKEM1024])
+    assert not client.record.hello_retry
+    assert server.record.group == "qkd_mlkem1024"
+    assert pair.client_ctx.ledger.wasted == 0
+
+
 async def test_hello_retry_from_classical_share_wastes_nothing() -> None:
     pair = Pair()
-    client, _, _ = await full_exchange(pair, [X25519, MLKEM768], [MLKEM768, X25519])
+    client, _, _ = await full_exchange(pair, [X25519, MLKEM768], [MLKEM768])
     assert client.record.hello_retry
     assert pair.client_ctx.ledger.wasted == 0
 
 
-async def test_server_choosing_another_group_wastes_the_offered_key() -> None:
+async def test_second_hello_retry_is_refused_without_another_key() -> None:
     pair = Pair()
-    client = ClientKeyExchange([MLKEM768, X25519], pair.client_ctx)
-    await client.offer(MLKEM768.group.code_point)
-    x_private, x_public = X25519.generate()
-    await client.offer(X25519.group.code_point)
-    ciphertext, _ = X25519.encapsulate(client.key_share(X25519.group.code_point)[0])
-    await client.on_server_hello(ServerHello(False, X25519.group.code_point, ciphertext))
-    await client.finish(True)
-    assert pair.client_ctx.ledger.wasted_by_reason == {"server_chose_other_group": 1}
-    assert x_private is not None and x_public
+    client = ClientKeyExchange([MLKEM1024, MLKEM768, TRIPLE], pair.client_ctx)
+    await client.offer(MLKEM1024.group.code_point)
+    await client.on_server_hello(ServerHello(True, MLKEM768.group.code_point, None))
+    with pytest.raises(HandshakeRejectedError) as info:
+        await client.on_server_hello(ServerHello(True, TRIPLE.group.code_point, None))
+    assert info.value.alert is Alert.UNEXPECTED_MESSAGE
+    assert pair.client_ctx.ledger.taken == 2
 
 
 @pytest.mark.parametrize("bad", [b"", bytes(1199), bytes(1201)])
@@ -343,3 +352,34 @@ async def test_no_key_is_ever_used_twice(scenarios: list[str]) -> None:
     for ledger in (pair.client_ctx.ledger, pair.server_ctx.ledger):
         assert ledger.outstanding == 0
         assert ledger.consumed == len(used)
+
+
+@dataclass
+class HangingStream:
+    """An ETSI 004 source whose CLOSE never answers."""
+
+    inner: object
+
+    async def open(self, ksid: bytes | None) -> bytes:
+        return await self.inner.open(ksid)  # type: ignore[attr-defined, no-any-return]
+
+    async def get_key(self, ksid: bytes, index: int) -> bytes:
+        return await self.inner.get_key(ksid, index)  # type: ignore[attr-defined, no-any-return]
+
+    async def close(self, ksid: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_hanging_stream_close_cannot_hang_the_handshake(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("qkdproxy.tls.keyexchange.STREAM_CLOSE_TIMEOUT", 0.05)
+    link = InProcessQkdLink()
+    context = KeyContext(
+        KeySources(stream=HangingStream(link.sources("a").stream)),
+        QkdOptions(api=KeyApi.ETSI_004),
+    )
+    client = ClientKeyExchange([MLKEM768], context)
+    await client.offer(MLKEM768.group.code_point)
+    await asyncio.wait_for(client.finish(False), 5)
+    assert context.ledger.outstanding == 0

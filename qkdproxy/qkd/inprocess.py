@@ -31,7 +31,7 @@ class KsidInUseError(QkdKeyError):
 class _Stream:
     members: set[str] = field(default_factory=set)
     closed: set[str] = field(default_factory=set)
-    chunks: dict[int, bytes] = field(default_factory=dict)
+    chunks: dict[int, bytes] = field(default_factory=dict, repr=False)
     delivered: set[tuple[str, int]] = field(default_factory=set)
 
 

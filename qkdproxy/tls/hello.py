@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXT_SERVER_NAME = 0
 EXT_SUPPORTED_GROUPS = 10
+EXT_SUPPORTED_VERSIONS = 43
 EXT_KEY_SHARE = 51
+TLS13 = 0x0304
 
 HELLO_RETRY_RANDOM = bytes.fromhex(
     "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
@@ -64,7 +65,13 @@ class ClientHello:
 
     supported_groups: tuple[int, ...]
     key_shares: tuple[KeyShareEntry, ...]
-    server_name: str | None
+    versions: tuple[int, ...]
+    cipher_suites: tuple[int, ...]
+
+    @property
+    def offers_tls13(self) -> bool:
+        """True if the client lists TLS 1.3 in supported_versions."""
+        return TLS13 in self.versions
 
     def share_for(self, group: int) -> KeyShareEntry | None:
         """The client's key share for ``group``, if it sent one."""
@@ -122,19 +129,13 @@ def _client_shares(data: bytes) -> tuple[KeyShareEntry, ...]:
     return tuple(shares)
 
 
-def _server_name(data: bytes) -> str | None:
-    outer = _Reader(data)
-    reader = _Reader(outer.vector(2))
-    outer.expect_done("server_name")
-    while not reader.done():
-        name_type = reader.u8()
-        name = reader.vector(2)
-        if name_type == 0:
-            try:
-                return name.decode("ascii")
-            except UnicodeDecodeError:
-                raise HelloParseError("server_name is not ASCII") from None
-    return None
+def _versions(data: bytes) -> tuple[int, ...]:
+    reader = _Reader(data)
+    body = reader.vector(1)
+    reader.expect_done("supported_versions")
+    if not body or len(body) % 2:
+        raise HelloParseError("supported_versions: bad length")
+    return tuple(int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2))
 
 
 def parse_client_hello(body: bytes) -> ClientHello:
@@ -143,7 +144,9 @@ def parse_client_hello(body: bytes) -> ClientHello:
     reader.take(2 + 32)
     if len(reader.vector(1)) > 32:
         raise HelloParseError("session id longer than 32 bytes")
-    reader.vector(2)
+    suites = reader.vector(2)
+    if not suites or len(suites) % 2:
+        raise HelloParseError("cipher_suites: bad length")
     reader.vector(1)
     extensions = _extensions(reader) if not reader.done() else {}
     reader.expect_done("ClientHello")
@@ -153,20 +156,29 @@ def parse_client_hello(body: bytes) -> ClientHello:
         else ()
     )
     shares = _client_shares(extensions[EXT_KEY_SHARE]) if EXT_KEY_SHARE in extensions else ()
-    name = _server_name(extensions[EXT_SERVER_NAME]) if EXT_SERVER_NAME in extensions else None
-    return ClientHello(groups, shares, name)
+    versions = (
+        _versions(extensions[EXT_SUPPORTED_VERSIONS])
+        if EXT_SUPPORTED_VERSIONS in extensions
+        else ()
+    )
+    cipher_suites = tuple(
+        int.from_bytes(suites[i : i + 2], "big") for i in range(0, len(suites), 2)
+    )
+    return ClientHello(groups, shares, versions, cipher_suites)
 
 
 def parse_server_hello(body: bytes) -> ServerHello:
     """Parse a ServerHello or HelloRetryRequest body."""
     reader = _Reader(body)
     reader.take(2)
-    hello_retry = reader.take(32) == HELLO_RETRY_RANDOM
+    retry_random = reader.take(32) == HELLO_RETRY_RANDOM
     if len(reader.vector(1)) > 32:
         raise HelloParseError("session id longer than 32 bytes")
     reader.take(2 + 1)
     extensions = _extensions(reader)
     reader.expect_done("ServerHello")
+    # Like tlslite: the special random means HelloRetryRequest only in a TLS 1.3 answer.
+    hello_retry = retry_random and EXT_SUPPORTED_VERSIONS in extensions
     data = extensions.get(EXT_KEY_SHARE)
     if data is None:
         return ServerHello(hello_retry, None, None)

@@ -10,6 +10,7 @@ wasted (anything else), and no key id is accepted twice by the same endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 from collections.abc import Awaitable, Sequence
@@ -34,6 +35,7 @@ from qkdproxy.tls.hello import ClientHello, ServerHello
 from qkdproxy.tls.wire import Alert
 
 T = TypeVar("T")
+STREAM_CLOSE_TIMEOUT = 5.0
 
 
 class Flow(StrEnum):
@@ -146,10 +148,16 @@ class _KeyExchangeBase:
         return self._secret[2]
 
     def _hold(self, held: _HeldKey) -> _HeldKey:
+        self._held.append(held)
         if held.material is not None:
             self._ctx.ledger.record_taken()
-        self._held.append(held)
         return held
+
+    def _fetched(self, held: _HeldKey, material: bytes) -> bytes:
+        """Record key bytes that arrived for a held ETSI 004 stream."""
+        held.material = material
+        self._ctx.ledger.record_taken()
+        return material
 
     def _claim(self, key_id: bytes) -> None:
         if not self._ctx.guard.claim(key_id):
@@ -172,9 +180,11 @@ class _KeyExchangeBase:
     async def _close_stream(self, held: _HeldKey) -> None:
         if held.open_stream and self._ctx.sources.stream is not None:
             held.open_stream = False
-            # Best effort: the KME reclaims an abandoned stream when its TTL runs out.
+            # Best effort and bounded: the KME reclaims an abandoned stream when its TTL ends.
             with contextlib.suppress(Exception):
-                await self._ctx.sources.stream.close(held.key_id)
+                await asyncio.wait_for(
+                    self._ctx.sources.stream.close(held.key_id), STREAM_CLOSE_TIMEOUT
+                )
 
     async def finish(self, success: bool) -> None:
         """Settle every held key: consumed if it fed a completed handshake, else wasted."""
@@ -268,11 +278,12 @@ class ClientKeyExchange(_KeyExchangeBase):
             raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, str(exc)) from None
         if hybrid.group.qkd:
             secret = with_qkd_key(secret, await self._qkd_key(offer, key_id))
-        else:
-            await self._drop("server_chose_other_group")
         self._secret = (hello.group, share, secret)
 
     async def _retry(self, group: int) -> None:
+        if self.record.hello_retry:
+            # RFC 8446 4.1.4; an injected second retry must not cost another key.
+            raise HandshakeRejectedError(Alert.UNEXPECTED_MESSAGE, "second HelloRetryRequest")
         if group not in self._groups or group in self._offers:
             raise HandshakeRejectedError(
                 Alert.ILLEGAL_PARAMETER, "HelloRetryRequest for a bad group"
@@ -291,8 +302,8 @@ class ClientKeyExchange(_KeyExchangeBase):
                 Alert.ILLEGAL_PARAMETER, "server did not echo the QKD key id"
             )
         if held.material is None:
-            held.material = await _fetch(self._stream.get_key(held.key_id, 0), "ETSI 004 GET_KEY")
-            self._ctx.ledger.record_taken()
+            material = await _fetch(self._stream.get_key(held.key_id, 0), "ETSI 004 GET_KEY")
+            self._fetched(held, material)
         self._use(held, Flow.CLIENT_INITIATED)
         return key_material(held)
 
@@ -329,9 +340,7 @@ class ServerKeyExchange(_KeyExchangeBase):
     async def on_client_hello(self, hello: ClientHello) -> bool:
         """Prepare the answer to a ClientHello; True if a HelloRetryRequest must follow."""
         if self._chosen is None:
-            self._chosen = next(
-                (g for g in self._preference if g.group.code_point in hello.supported_groups), None
-            )
+            self._chosen = self._choose(hello)
             if self._chosen is None:
                 raise HandshakeRejectedError(
                     Alert.HANDSHAKE_FAILURE, "no key-exchange group in common"
@@ -350,6 +359,17 @@ class ServerKeyExchange(_KeyExchangeBase):
             return True
         await self._answer(hybrid, share.key_exchange)
         return False
+
+    def _choose(self, hello: ClientHello) -> HybridKem | None:
+        """The server's most preferred group the client sent a share for, else the most
+        preferred one it supports (then a HelloRetryRequest follows). Every group in the list
+        is acceptable, so avoiding the extra round trip (and, in the client-initiated flow,
+        the waste of the key the client already took) wins over strict preference order.
+        """
+        supported = [g for g in self._preference if g.group.code_point in hello.supported_groups]
+        shared = [g for g in supported if hello.share_for(g.group.code_point) is not None]
+        candidates = shared or supported
+        return candidates[0] if candidates else None
 
     async def _answer(self, hybrid: HybridKem, client_share: bytes) -> None:
         # The PQ operation runs first: a malformed share costs no QKD key.
@@ -380,8 +400,7 @@ class ServerKeyExchange(_KeyExchangeBase):
         if self._ctx.options.api is KeyApi.ETSI_004:
             ksid = await _fetch(self._stream.open(client_key_id), "ETSI 004 OPEN_CONNECT")
             held = self._hold(_HeldKey(ksid, open_stream=True))
-            held.material = await _fetch(self._stream.get_key(ksid, 0), "ETSI 004 GET_KEY")
-            self._ctx.ledger.record_taken()
+            self._fetched(held, await _fetch(self._stream.get_key(ksid, 0), "ETSI 004 GET_KEY"))
         else:
             key = await _fetch(self._slave.get_key(client_key_id), "ETSI 014 dec_keys")
             held = self._hold(_HeldKey(key.key_id, key.material))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from qkdproxy.tls.tlslite_glue import (
 )
 from qkdproxy.tls.verify import PeerPolicy, PeerRejectedError
 from qkdproxy.tls.wire import (
+    TLS13_CIPHER_SUITES,
     GateEvent,
     HandshakeType,
     HeldHello,
@@ -69,6 +71,17 @@ class TlsStreamError(ConnectionError):
         super().__init__(reason)
         self.reason = reason
         self.alert = alert
+
+
+def _sni_name(server_name: str | None) -> str | None:
+    """SNI carries DNS names only (RFC 6066 3); IP addresses are checked, not sent."""
+    if not server_name:
+        return None
+    try:
+        ipaddress.ip_address(server_name)
+    except ValueError:
+        return server_name
+    return None
 
 
 def utc_now() -> datetime:
@@ -137,13 +150,18 @@ class _Driver:
         self.backlog: deque[GateEvent] = deque()
 
     async def run(self, steps: Iterator[Any]) -> Any:
-        """Drive a tlslite generator to its end; return the last non-I/O value it yields."""
+        """Drive a tlslite generator until it ends or yields its result (returned)."""
         while True:
             try:
                 result = next(steps)
             except StopIteration:
                 await self.flush()
                 return None
+            except BaseException:
+                # tlslite queues its fatal alert before raising: let the peer learn why.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.flush(), CLOSE_TIMEOUT)
+                raise
             if isinstance(result, int):
                 await self.flush()
                 if result == 0:
@@ -225,7 +243,8 @@ class TlsStream:
         try:
             data = await self._driver.run(self._conn.readAsync(max_bytes))
         except TLSAbruptCloseError:
-            return b""
+            # A bare TCP close may be a truncation attack: never report it as a clean end.
+            raise await self._fail(ConnectionError("peer closed without close_notify")) from None
         except (TLSError, ConnectionError) as exc:
             raise await self._fail(exc) from None
         return bytes(data or b"")
@@ -250,8 +269,9 @@ class TlsStream:
     async def close(self) -> None:
         """Send close_notify (best effort) and close the transport."""
         try:
-            await self._driver.run(self._conn.closeAsync())
-        except (TLSError, ConnectionError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._driver.run(self._conn.closeAsync())
+        except (TLSError, ConnectionError, TimeoutError):
             pass
         finally:
             await close_transport(self._driver.writer)
@@ -267,6 +287,7 @@ class TlsEndpoint:
         self.settings = settings
         self._chain = tlslite_chain(settings.credentials)
         self._key = tlslite_private_key(settings.credentials.private_key)
+        self._sni = _sni_name(settings.peer.server_name)
 
     async def connect(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -294,18 +315,13 @@ class TlsEndpoint:
 
         async def handshake(conn: HookedTLSConnection) -> None:
             first = self.settings.groups[0]
+            settings = make_settings([g.group for g in self.settings.groups], first.group)
+            steps = conn.handshakeClientCert(
+                self._chain, self._key, settings=settings, serverName=self._sni, async_=True
+            )
             await kex.offer(first.group.code_point)
             driver.on_hello = on_server_hello
-            settings = make_settings([g.group for g in self.settings.groups], first.group)
-            await driver.run(
-                conn.handshakeClientCert(
-                    self._chain,
-                    self._key,
-                    settings=settings,
-                    serverName=self.settings.peer.server_name or "",
-                    async_=True,
-                )
-            )
+            await driver.run(steps)
 
         conn = HookedTLSConnection(driver.sock, kex, check_chain)
         return await self._complete(driver, conn, kex, handshake(conn), verified)
@@ -316,32 +332,26 @@ class TlsEndpoint:
         driver = _Driver(reader, writer, HelloGate(HandshakeType.CLIENT_HELLO))
         verified: list[PeerIdentity] = []
 
-        async def on_client_hello(hello: HeldHello) -> bool:
+        async def on_client_hello(hello: HeldHello) -> None:
             try:
                 parsed = parse_client_hello(hello.body)
             except HelloParseError:
-                return False
-            retry = await kex.on_client_hello(parsed)
-            if retry:
+                return  # tlslite answers it with the right alert
+            # No KME call for a hello tlslite will refuse anyway.
+            if not parsed.offers_tls13 or TLS13_CIPHER_SUITES.isdisjoint(parsed.cipher_suites):
+                return
+            if await kex.on_client_hello(parsed):
                 driver.gate.allow_another()
-            return True
-
-        async def on_second_hello(hello: HeldHello) -> None:
-            await on_client_hello(hello)
 
         async def handshake(conn: HookedTLSConnection) -> None:
             first = await driver.first_hello()
-            understood = first is not None and await on_client_hello(first)
+            if first is not None:
+                await on_client_hello(first)
+                driver.sock.inbound += first.records
             # tlslite is started only now, with the chosen group as its only choice, so it
             # cannot pick a group other than the one the key exchange prepared.
-            groups = (
-                [kex.chosen.group]
-                if understood and kex.chosen
-                else [g.group for g in self.settings.groups]
-            )
-            if first is not None:
-                driver.sock.inbound += first.records
-            driver.on_hello = on_second_hello
+            groups = [kex.chosen.group] if kex.chosen else [g.group for g in self.settings.groups]
+            driver.on_hello = on_client_hello
             await driver.process_backlog()
             await driver.run(
                 conn.handshakeServerAsync(
@@ -386,10 +396,11 @@ class TlsEndpoint:
             if error is None:
                 raise
             raise error from None
-        await kex.finish(True)
         if not verified:
+            await kex.finish(False)
             await close_transport(driver.writer)
             raise HandshakeError("peer identity was not verified")
+        await kex.finish(True)
         return TlsStream(
             driver,
             conn,

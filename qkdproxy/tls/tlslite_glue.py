@@ -246,6 +246,9 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         super().__init__(sock)
         self._qkd_hooks = hooks
         self._qkd_chain_check = chain_check
+        # qkdproxy does not resume sessions; tlslite would keep every NewSessionTicket a peer
+        # sends (and accepts them even from clients), so they are dropped on arrival.
+        self.tickets = _Discard()
 
     def _genKeyShareEntry(self, group: int, version: object) -> KeyShareEntry:  # noqa: N802
         share, private = self._prepared(lambda: self._qkd_hooks.key_share(group))
@@ -282,6 +285,13 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
     def send_alert(self, alert: int, reason: str) -> Iterator[Any]:
         """Send a fatal alert (encrypted if keys are set) and close; raises TLSLocalAlert."""
         return self._sendError(alert, reason)  # type: ignore[no-any-return]
+
+
+class _Discard(list[Any]):
+    """A list that stays empty."""
+
+    def append(self, item: Any) -> None:
+        """Drop the item."""
 
 
 class _PreparedKex:

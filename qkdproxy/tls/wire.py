@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-RECORD_HEADER_SIZE = 4 + 1
+RECORD_HEADER_SIZE = 5  # content type (1), legacy version (2), length (2)
 MAX_PLAINTEXT_RECORD = 2**14
 MAX_HELLO_SIZE = 2**17
+# TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256
+TLS13_CIPHER_SUITES = frozenset({0x1301, 0x1302, 0x1303})
+# Bytes the gate may hold for one hello: the message plus generous record overhead.
+MAX_HELD_BYTES = 2 * MAX_HELLO_SIZE
 
 
 class ContentType(IntEnum):
@@ -128,8 +132,12 @@ class HelloGate:
             return None
         content_type = self._pending[0]
         length = int.from_bytes(self._pending[3:5], "big")
-        if content_type not in (ContentType.HANDSHAKE, ContentType.CHANGE_CIPHER_SPEC) or (
-            length > MAX_PLAINTEXT_RECORD
+        # Empty handshake records are forbidden (RFC 8446 5.1); holding them would let a peer
+        # make the gate buffer without bound.
+        if (
+            content_type not in (ContentType.HANDSHAKE, ContentType.CHANGE_CIPHER_SPEC)
+            or length > MAX_PLAINTEXT_RECORD
+            or length == 0
         ):
             self._stop()
             return None
@@ -149,6 +157,9 @@ class HelloGate:
             return []
         self._held += record
         self._message += record[RECORD_HEADER_SIZE:]
+        if len(self._held) > MAX_HELD_BYTES:
+            self._stop()
+            return []
         if len(self._message) < 4:
             return []
         msg_type = self._message[0]
