@@ -15,8 +15,22 @@ from dataclasses import dataclass, field
 from qkdproxy.groups import GroupSpec
 from qkdproxy.kem.base import Kem, KemError
 from qkdproxy.kem.registry import KemRegistry, UnavailableKem
-from qkdproxy.qkd.keys import KEY_ID_SIZE as KEY_ID_SIZE
+from qkdproxy.qkd.keys import KEY_ID_SIZE
 from qkdproxy.qkd.keys import KEY_SIZE as QKD_KEY_SIZE
+
+__all__ = [
+    "KEY_ID_SIZE",
+    "QKD_KEY_SIZE",
+    "ZERO_KEY_ID",
+    "ClientPrivate",
+    "GroupUnavailableError",
+    "HybridKem",
+    "attach_key_id",
+    "detach_key_id",
+    "key_ids_equal",
+    "resolve",
+    "with_qkd_key",
+]
 
 ZERO_KEY_ID = bytes(KEY_ID_SIZE)
 
