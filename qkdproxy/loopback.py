@@ -17,7 +17,7 @@ from qkdproxy.pki import CertificateAuthority, KeyType
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.tls.identity import AllowList
 from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
-from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream
+from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream, TlsStreamError
 from qkdproxy.tls.verify import PeerPolicy
 
 SERVER_NAME = "server.qkdproxy.test"
@@ -59,6 +59,8 @@ class _EchoServer:
         try:
             while data := await stream.read():
                 await stream.write(data)
+        except TlsStreamError as exc:
+            self.failures.append(exc)
         finally:
             await stream.close()
             self._handlers.discard(task)
