@@ -59,6 +59,7 @@ from tests.test_wire_hello import (
     join_client_hello,
     read_first_message,
     records,
+    send_raw,
     server_hello_body,
     settle,
     split_client_hello,
@@ -156,15 +157,7 @@ async def target(
 
 async def attack(port: int, payload: bytes, *, eof: bool = False) -> bytes:
     """Send raw bytes (then EOF if asked); return everything the server sent before closing."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        if eof:
-            writer.write_eof()
-        return await asyncio.wait_for(reader.read(), IO_DEADLINE)
-    finally:
-        await close_writer(writer)
+    return await send_raw(port, payload, lambda reader: reader.read(), eof=eof)
 
 
 def assert_alert_or_close(answer: bytes) -> None:

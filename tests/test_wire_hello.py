@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -227,17 +227,28 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-async def exchange(port: int, payload: bytes, *, eof: bool = False) -> bytes:
-    """Connect, send ``payload`` (then EOF if asked), return the records of the first answer."""
+async def send_raw(
+    port: int,
+    payload: bytes,
+    receive: Callable[[asyncio.StreamReader], Awaitable[bytes]],
+    *,
+    eof: bool = False,
+) -> bytes:
+    """Connect, send ``payload`` (then EOF if asked), return what ``receive`` reads."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(payload)
         await writer.drain()
         if eof:
             writer.write_eof()
-        return await asyncio.wait_for(read_first_message(reader), IO_DEADLINE)
+        return await asyncio.wait_for(receive(reader), IO_DEADLINE)
     finally:
         await close_writer(writer)
+
+
+async def exchange(port: int, payload: bytes, *, eof: bool = False) -> bytes:
+    """Send raw bytes; return the records of the server's first answer."""
+    return await send_raw(port, payload, read_first_message, eof=eof)
 
 
 async def capture_client_hello(client: TlsEndpoint) -> bytes:
