@@ -269,10 +269,9 @@ class TlsStream:
     async def close(self) -> None:
         """Send close_notify (best effort) and close the transport."""
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._driver.run(self._conn.closeAsync())
-        except (TLSError, ConnectionError, TimeoutError):
-            pass
+            with contextlib.suppress(TLSError, ConnectionError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._driver.run(self._conn.closeAsync())
         finally:
             await close_transport(self._driver.writer)
 
