@@ -124,7 +124,7 @@ async def test_flows_agree_and_account_for_every_key(
     for ledger in (pair.client_ctx.ledger, pair.server_ctx.ledger):
         assert (ledger.taken, ledger.consumed, ledger.wasted) == (1, 1, 0)
     assert pair.link.keys_in_flight == 0
-    assert not pair.link._streams  # both ends closed their ETSI 004 stream
+    assert pair.link.open_streams == 0  # both ends closed their ETSI 004 stream
 
 
 async def test_client_initiated_server_echoes_the_key_id() -> None:

@@ -1,16 +1,19 @@
 """An in-process QKD link: two ends drawing on one key pool, for tests, demos and benchmarks.
 
-It keeps the guarantees a real KME pair gives: every key is delivered once at each end, a
+It is the simulator's link model (:mod:`qkdproxy.kme.link`) called directly, without KMEs
+or sockets, so it keeps the same guarantees: every key is delivered once at each end, a
 slave only gets keys its peer's master took, ETSI 004 streams need both ends connected, and
 nothing new is allocated on a stream after CLOSE.
 """
 
 from __future__ import annotations
 
-import os
+import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from qkdproxy.kme import link as model
 from qkdproxy.qkd.keys import (
     KEY_ID_SIZE,
     KEY_SIZE,
@@ -22,28 +25,30 @@ from qkdproxy.qkd.keys import (
 )
 from qkdproxy.qkd.sources import KeySources
 
+STREAM_TTL_S = 600.0
+# A fast link with a small pool: refilled as it is drawn, never the bottleneck of a test.
+UNLIMITED = model.LinkSettings(rate_bps=1e12, pool_bits=256 * 4096)
+
 
 class KsidInUseError(QkdKeyError):
     """ETSI 004 status 5: this application already opened the stream."""
 
 
-@dataclass(slots=True)
-class _Stream:
-    members: set[str] = field(default_factory=set)
-    closed: set[str] = field(default_factory=set)
-    chunks: dict[int, bytes] = field(default_factory=dict, repr=False)
-    delivered: set[tuple[str, int]] = field(default_factory=set)
-
-
 class InProcessQkdLink:
-    """Two ends, ``"a"`` and ``"b"``, sharing one pool of at most ``capacity`` keys."""
+    """Two ends, ``"a"`` and ``"b"``; ``capacity`` keys in all, or an endless supply."""
 
     ENDS = ("a", "b")
 
-    def __init__(self, capacity: int | None = None) -> None:
-        self._remaining = capacity
-        self._waiting: dict[tuple[str, bytes], bytes] = {}
-        self._streams: dict[bytes, _Stream] = {}
+    def __init__(
+        self, capacity: int | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        settings = (
+            UNLIMITED
+            if capacity is None
+            else model.LinkSettings(rate_bps=0, pool_bits=capacity * KEY_SIZE * 8)
+        )
+        self.clock = clock
+        self.model = model.QkdLinkModel(settings, clock())
 
     def sources(self, end: str) -> KeySources:
         """The master, slave and stream sources of one end."""
@@ -56,17 +61,16 @@ class InProcessQkdLink:
     @property
     def keys_in_flight(self) -> int:
         """Keys a master took that the other end has not fetched yet."""
-        return len(self._waiting)
+        return self.model.pending_keys
 
-    def _draw(self) -> bytes:
-        if self._remaining is not None:
-            if self._remaining <= 0:
-                raise KeyExhaustedError("the QKD link has no key left")
-            self._remaining -= 1
-        return os.urandom(KEY_SIZE)
+    @property
+    def open_streams(self) -> int:
+        """ETSI 004 streams not yet closed by every member."""
+        return len(self.model._streams)
 
     @staticmethod
-    def _peer(end: str) -> str:
+    def peer(end: str) -> str:
+        """The other end's name."""
         return "b" if end == "a" else "a"
 
 
@@ -76,9 +80,14 @@ class _Master:
     end: str
 
     async def take_key(self) -> QkdKey:
-        key = QkdKey(uuid.uuid4().bytes, self.link._draw())
-        self.link._waiting[(InProcessQkdLink._peer(self.end), key.key_id)] = key.material
-        return key
+        peers = frozenset({InProcessQkdLink.peer(self.end)})
+        try:
+            [(key_id, material)] = self.link.model.make_keys(
+                self.end, peers, 1, KEY_SIZE * 8, self.link.clock()
+            )
+        except model.PoolExhaustedError as exc:
+            raise KeyExhaustedError(str(exc)) from None
+        return QkdKey(key_id, material)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +96,10 @@ class _Slave:
     end: str
 
     async def get_key(self, key_id: bytes) -> QkdKey:
-        material = self.link._waiting.pop((self.end, bytes(key_id)), None)
-        if material is None:
-            raise KeyNotFoundError("key id unknown, already used, or not for this end")
+        try:
+            [material] = self.link.model.take_keys(self.end, [bytes(key_id)], self.link.clock())
+        except model.LinkError:
+            raise KeyNotFoundError("key id unknown, already used, or not for this end") from None
         return QkdKey(bytes(key_id), material)
 
 
@@ -103,36 +113,31 @@ class _StreamSource:
             ksid = uuid.uuid4().bytes
         if len(ksid) != KEY_ID_SIZE:
             raise ValueError("KSID must be 16 bytes")
-        stream = self.link._streams.setdefault(bytes(ksid), _Stream())
-        if self.end in stream.members:
-            raise KsidInUseError("KSID already opened by this application")
-        stream.members.add(self.end)
+        try:
+            self.link.model.open_stream(
+                bytes(ksid), self.end, KEY_SIZE, STREAM_TTL_S, self.link.clock()
+            )
+        except model.KsidInUseError as exc:
+            raise KsidInUseError(str(exc)) from None
         return bytes(ksid)
 
     async def get_key(self, ksid: bytes, index: int) -> bytes:
-        stream = self._open_stream(ksid)
-        if InProcessQkdLink._peer(self.end) not in stream.members:
+        self._member_of(ksid)
+        stream = self.link.model.stream(ksid)
+        if stream is None or InProcessQkdLink.peer(self.end) not in stream.members:
             raise PeerNotConnectedError("peer application has not opened this key stream")
-        if (self.end, index) in stream.delivered:
-            raise KeyNotFoundError(f"key {index} of this stream was already delivered")
-        chunk = stream.chunks.get(index)
-        if chunk is None:
-            if stream.closed:
-                raise KeyNotFoundError("stream closed: no new key is allocated")
-            chunk = stream.chunks[index] = self.link._draw()
-        stream.delivered.add((self.end, index))
-        if (InProcessQkdLink._peer(self.end), index) in stream.delivered:
-            del stream.chunks[index]
-        return chunk
+        try:
+            return self.link.model.stream_key(bytes(ksid), self.end, index, self.link.clock())
+        except model.PoolExhaustedError as exc:
+            raise KeyExhaustedError(str(exc)) from None
+        except model.LinkError as exc:
+            raise KeyNotFoundError(str(exc)) from None
 
     async def close(self, ksid: bytes) -> None:
-        stream = self._open_stream(ksid)
-        stream.closed.add(self.end)
-        if stream.closed >= stream.members:
-            del self.link._streams[bytes(ksid)]
+        self._member_of(ksid)
+        self.link.model.close_stream(bytes(ksid), self.end)
 
-    def _open_stream(self, ksid: bytes) -> _Stream:
-        stream = self.link._streams.get(bytes(ksid))
+    def _member_of(self, ksid: bytes) -> None:
+        stream = self.link.model.stream(bytes(ksid))
         if stream is None or self.end not in stream.members or self.end in stream.closed:
             raise KeyNotFoundError("key stream not open at this end")
-        return stream

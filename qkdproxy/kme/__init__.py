@@ -1,0 +1,1 @@
+"""The embedded KME simulator: a simulated QKD link and the KMEs at both ends."""
