@@ -181,13 +181,15 @@ class QkdLinkModel:
             keys.append((key_id, material))
         return keys
 
-    def take_keys(self, caller_sae: str, key_ids: list[bytes], now: float) -> list[bytes]:
+    def take_keys(
+        self, caller_sae: str, master_sae: str, key_ids: list[bytes], now: float
+    ) -> list[bytes]:
         """dec_keys: every key or none; each id at most once, only by a named slave."""
         self._advance(now)
         if len(set(key_ids)) != len(key_ids):
             raise KeyUnknownError("a key id is listed twice")
         pending = [self._pending.get(key_id) for key_id in key_ids]
-        if any(p is None for p in pending):
+        if any(p is None or p.master_sae != master_sae for p in pending):
             raise KeyUnknownError("one or more keys specified are not found on KME")
         if any(caller_sae not in p.slave_saes for p in pending if p is not None):
             raise KeyNotForCallerError("caller is not a slave SAE of these keys")

@@ -97,7 +97,9 @@ class _Slave:
 
     async def get_key(self, key_id: bytes) -> QkdKey:
         try:
-            [material] = self.link.model.take_keys(self.end, [bytes(key_id)], self.link.clock())
+            [material] = self.link.model.take_keys(
+                self.end, InProcessQkdLink.peer(self.end), [bytes(key_id)], self.link.clock()
+            )
         except model.LinkError:
             raise KeyNotFoundError("key id unknown, already used, or not for this end") from None
         return QkdKey(bytes(key_id), material)

@@ -1,0 +1,189 @@
+"""Async ETSI GS QKD 014 client (aiohttp) for real KMEs and the simulator.
+
+Keep-alive connection reuse over mutual TLS (HTTP/1.1 only), a deadline on every call,
+strict validation of every response, retries only for ``status`` (which consumes nothing),
+and a circuit breaker so a failing KME is not hammered. Known quirks of real KMEs are
+tolerated: 404 for unknown keys, one key per request (see ``max_key_per_request``).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+
+from qkdproxy.etsi014.models import (
+    ErrorBody,
+    Etsi014FormatError,
+    KeyContainer,
+    KeyIds,
+    KeyRequest,
+    Status,
+    valid_sae_id,
+)
+from qkdproxy.qkd.breaker import CircuitBreaker
+from qkdproxy.qkd.keys import (
+    KeyExhaustedError,
+    KeyNotFoundError,
+    KeySourceUnavailableError,
+    QkdKey,
+    QkdKeyError,
+)
+
+MAX_RESPONSE_BYTES = 1024 * 1024
+STATUS_ATTEMPTS = 3
+
+
+class KmeProtocolError(KeySourceUnavailableError):
+    """The KME answered something that is not valid ETSI 014."""
+
+
+class Etsi014Client:
+    """One SAE's connection to its KME at ``base_url`` (``https://host:port``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        ssl_context: ssl.SSLContext,
+        *,
+        timeout_s: float = 5.0,
+        breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.breaker = breaker or CircuitBreaker()
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Etsi014Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=32, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, version=aiohttp.HttpVersion11,
+                raise_for_status=False,
+            )  # fmt: skip
+        return self._session
+
+    async def status(self, slave_sae: str) -> Status:
+        """``status`` for keys towards ``slave_sae``; retried, since it consumes nothing."""
+        error: QkdKeyError | None = None
+        for _ in range(STATUS_ATTEMPTS):
+            try:
+                return Status.from_json(await self._call("GET", _path(slave_sae, "status")))
+            except Etsi014FormatError as exc:
+                raise KmeProtocolError(f"status: {exc}") from None
+            except KeySourceUnavailableError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
+        """New keys shared with ``slave_sae`` (never retried: a retry could consume more)."""
+        if size != 256:
+            raise ValueError("qkdproxy uses 256-bit keys")
+        body = KeyRequest(number=number, size=size).to_json()
+        data = await self._call("POST", _path(slave_sae, "enc_keys"), body)
+        keys = _container(data, size, number)
+        if len(keys.keys) != number:
+            raise KmeProtocolError(f"asked for {number} keys, got {len(keys.keys)}")
+        return [QkdKey(uuid.UUID(k.key_id).bytes, k.key) for k in keys.keys]
+
+    async def dec_keys(self, master_sae: str, key_ids: Sequence[bytes]) -> list[QkdKey]:
+        """The keys ``master_sae`` took for us, in the order asked (never retried)."""
+        texts = [str(uuid.UUID(bytes=bytes(k))) for k in key_ids]
+        data = await self._call(
+            "POST", _path(master_sae, "dec_keys"), KeyIds(tuple(texts)).to_json()
+        )
+        keys = _container(data, 256, len(texts))
+        by_id = {k.key_id: k.key for k in keys.keys}
+        if sorted(by_id) != sorted(texts):
+            raise KmeProtocolError("dec_keys answered other key IDs than asked")
+        return [QkdKey(uuid.UUID(t).bytes, by_id[t]) for t in texts]
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        now = self._clock()
+        if not self.breaker.allow(now):
+            raise KeySourceUnavailableError(
+                f"KME circuit open, next try in {self.breaker.retry_after(now):.1f} s"
+            )
+        try:
+            result = await self._request(method, path, body)
+        except KeySourceUnavailableError:
+            self.breaker.record_failure(self._clock())
+            raise
+        except QkdKeyError:
+            # The KME answered (unknown key, bad request): it is alive.
+            self.breaker.record_success()
+            raise
+        self.breaker.record_success()
+        return result
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        try:
+            async with self._client().request(
+                method, self.base_url + path, json=body, allow_redirects=False
+            ) as response:
+                payload = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                code = response.status
+        except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
+            raise KeySourceUnavailableError(f"KME unreachable: {type(exc).__name__}") from None
+        if len(payload) > MAX_RESPONSE_BYTES:
+            raise KmeProtocolError("KME response too large")
+        data = _decode(payload)
+        if code == 200:
+            return data
+        raise _error_for(code, data)
+
+
+def _path(sae: str, call: str) -> str:
+    if not valid_sae_id(sae):
+        raise ValueError(f"invalid SAE ID {sae!r}")
+    return f"/api/v1/keys/{sae}/{call}"
+
+
+def _decode(payload: bytes) -> Any:
+    try:
+        return json.loads(payload) if payload else None
+    except (ValueError, UnicodeDecodeError):
+        raise KmeProtocolError("KME response is not JSON") from None
+
+
+def _container(data: Any, size: int, number: int) -> KeyContainer:
+    try:
+        return KeyContainer.from_json(data, size, max_keys=number)
+    except Etsi014FormatError as exc:
+        raise KmeProtocolError(f"key container rejected: {exc}") from None
+
+
+def _error_for(code: int, data: Any) -> QkdKeyError:
+    try:
+        message = ErrorBody.from_json(data).message
+    except Etsi014FormatError:
+        message = ""
+    text = f"KME answered {code}" + (f": {message}" if message else "")
+    if code in (401, 404) or (code == 400 and "not found" in message):
+        return KeyNotFoundError(text)
+    if code == 503 and "insufficient" in message:
+        return KeyExhaustedError(text)
+    if code >= 500:
+        return KeySourceUnavailableError(text)
+    return QkdKeyError(text)
