@@ -1,0 +1,102 @@
+"""The KME simulator pair: two KMEs joined by a simulated QKD link, served on loopback.
+
+Each KME serves ETSI 014 over HTTPS (mutual TLS). ``KmePair`` is importable for tests and
+demos; ``qkdproxy kme`` runs one from the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from aiohttp import web
+from cryptography import x509
+
+from qkdproxy.kme.faults import FaultInjector, FaultScript
+from qkdproxy.kme.link import LinkSettings, QkdLinkModel
+from qkdproxy.kme.node import IdentitySource, KmeLimits, KmeNode
+from qkdproxy.kme.server014 import create_app
+from qkdproxy.sslctx import server_context
+from qkdproxy.tls.credentials import Credentials
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorSettings:
+    """How the pair behaves and where it listens (port 0 = any free port)."""
+
+    host: str = "127.0.0.1"
+    ports_014: tuple[int, int] = (0, 0)
+    link: LinkSettings = field(default_factory=LinkSettings)
+    faults: FaultScript = field(default_factory=FaultScript)
+    identity: IdentitySource = IdentitySource.CN
+    limits: KmeLimits = field(default_factory=KmeLimits)
+    kme_ids: tuple[str, str] = ("kme-a", "kme-b")
+
+
+class KmePair:
+    """Two KMEs sharing one link model; start, stop and restart them."""
+
+    def __init__(
+        self,
+        settings: SimulatorSettings,
+        credentials: Sequence[Credentials],
+        anchors: Sequence[x509.Certificate],
+    ) -> None:
+        self.settings = settings
+        started = time.monotonic()
+        self.link = QkdLinkModel(settings.link, started)
+        a, b = settings.kme_ids
+        self.nodes = tuple(
+            KmeNode(
+                kme_id, peer, self.link,
+                FaultInjector(replace(settings.faults, seed=settings.faults.seed + i)),
+                settings.limits, settings.identity, started=started,
+            )
+            for i, (kme_id, peer) in enumerate(((a, b), (b, a)))
+        )  # fmt: skip
+        self._contexts = [server_context(c, anchors) for c in credentials]
+        self._runners: list[web.AppRunner | None] = [None, None]
+        self.ports_014 = list(settings.ports_014)
+
+    @property
+    def urls_014(self) -> list[str]:
+        """Base URLs of the two ETSI 014 servers."""
+        return [f"https://{_url_host(self.settings.host)}:{p}" for p in self.ports_014]
+
+    async def start(self) -> None:
+        """Bind and serve both KMEs."""
+        for index in range(2):
+            await self._start(index)
+
+    async def _start(self, index: int) -> None:
+        runner = web.AppRunner(create_app(self.nodes[index]), access_log=None)
+        await runner.setup()
+        sock = socket.create_server((self.settings.host, self.ports_014[index]), reuse_port=False)
+        self.ports_014[index] = sock.getsockname()[1]
+        await web.SockSite(runner, sock, ssl_context=self._contexts[index]).start()
+        self._runners[index] = runner
+
+    async def stop(self) -> None:
+        """Stop both KMEs (in-flight requests are cut after a short grace period)."""
+        for index in range(2):
+            await self._stop(index)
+
+    async def _stop(self, index: int) -> None:
+        runner = self._runners[index]
+        if runner is not None:
+            await runner.cleanup()
+            self._runners[index] = None
+
+    async def restart(self, index: int, downtime_s: float = 0.0) -> None:
+        """Take one KME down and bring it back on the same port; the link keeps its keys."""
+        await self._stop(index)
+        if downtime_s:
+            await asyncio.sleep(downtime_s)
+        await self._start(index)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
