@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 from qkdproxy import __version__
 from qkdproxy.aio import run
-from qkdproxy.bench.handshake import format_table, run_handshake_bench
+from qkdproxy.bench.handshake import KeySourceChoice, format_table, run_handshake_bench
 from qkdproxy.groups import DEFAULT_GROUPS, GroupError
 from qkdproxy.hybrid import GroupUnavailableError, resolve
 from qkdproxy.kem import default_registry
-from qkdproxy.tls.keyexchange import Flow
+from qkdproxy.tls.keyexchange import Flow, KeyApi
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -69,8 +69,15 @@ def _bench_handshake_command(args: argparse.Namespace) -> int:
         print("qkdproxy bench handshake: --iterations must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     flow = Flow.CLIENT_INITIATED if args.flow == "client" else Flow.SERVER_INITIATED
+    if args.api is None and (args.kme_latency_ms or args.prefetch == "off"):
+        print("qkdproxy bench handshake: --kme-latency-ms and --prefetch need --api",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    keys = KeySourceChoice(
+        KeyApi(args.api) if args.api else None, args.kme_latency_ms, args.prefetch == "on"
+    )
     try:
-        results = run(run_handshake_bench(names, flow, args.iterations))
+        results = run(run_handshake_bench(names, flow, args.iterations, keys))
     except (GroupError, GroupUnavailableError) as exc:
         print(f"qkdproxy bench handshake: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -111,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="which side originates the QKD key id (default: client)",
     )
     handshake.add_argument("--iterations", type=int, default=200, help="handshakes per group")
+    handshake.add_argument(
+        "--api",
+        choices=["014", "004"],
+        help="take keys from the KME simulator over mTLS with this ETSI API "
+        "(default: an in-process link)",
+    )
+    handshake.add_argument(
+        "--kme-latency-ms",
+        type=float,
+        default=0.0,
+        help="latency the simulator adds to every KME call",
+    )
+    handshake.add_argument(
+        "--prefetch",
+        choices=["on", "off"],
+        default="on",
+        help="keep a buffer of ready keys on the master side (default on)",
+    )
     handshake.add_argument("--json", action="store_true", help="print one JSON object")
     handshake.set_defaults(handler=_bench_handshake_command)
     return parser

@@ -15,6 +15,7 @@ from qkdproxy.hybrid import HybridKem, resolve
 from qkdproxy.kem import default_registry
 from qkdproxy.pki import CertificateAuthority, KeyType
 from qkdproxy.qkd.inprocess import InProcessQkdLink
+from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.identity import AllowList
 from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
 from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream, TlsStreamError
@@ -118,11 +119,16 @@ async def loopback_pair(
     key_type: KeyType = "ecdsa-p256",
     link: InProcessQkdLink | None = None,
     server_failures: list[BaseException] | None = None,
+    sources: tuple[KeySources, KeySources] | None = None,
 ) -> AsyncIterator[LoopbackPair]:
-    """Start an echo server behind a TLS endpoint; yield the pair; stop the server."""
+    """Start an echo server behind a TLS endpoint; yield the pair; stop the server.
+
+    Keys come from ``sources`` (client's, server's) when given, else from ``link``.
+    """
     ca = CertificateAuthority.create()
     link = link or InProcessQkdLink()
-    server_keys = KeyContext(link.sources("b"))
+    client_sources, server_sources = sources or (link.sources("a"), link.sources("b"))
+    server_keys = KeyContext(server_sources)
     credentials = ca.issue("server", [SERVER_NAME, "127.0.0.1"], client=False, key_type=key_type)
     policy = PeerPolicy((ca.certificate,), AllowList.of([f"uri:{CLIENT_URI}"]))
     server = TlsEndpoint(EndpointSettings(credentials, policy, server_groups, server_keys))
@@ -132,7 +138,7 @@ async def loopback_pair(
     port = listener.sockets[0].getsockname()[1]
     try:
         yield LoopbackPair(
-            server, ca, link, port, KeyContext(link.sources("a")), server_keys, echo, key_type
+            server, ca, link, port, KeyContext(client_sources), server_keys, echo, key_type
         )
     finally:
         listener.close()

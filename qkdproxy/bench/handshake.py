@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
 from qkdproxy.aio import loop_name
+from qkdproxy.bench.kme_setup import simulated_kme_sources
 from qkdproxy.loopback import loopback_pair, resolve_groups
-from qkdproxy.tls.keyexchange import Flow, QkdOptions
+from qkdproxy.qkd.sources import KeySources
+from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
 
 WARMUP = 5
 
@@ -33,6 +36,9 @@ class HandshakeResult:
     iterations: int
     ratio_to_baseline: float
     event_loop: str
+    key_source: str
+    kme_latency_ms: float
+    prefetch: bool
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -45,14 +51,41 @@ def _percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[index]
 
 
+@dataclass(frozen=True, slots=True)
+class KeySourceChoice:
+    """Where QKD keys come from: the in-process link, or the KME simulator over mTLS."""
+
+    api: KeyApi | None = None
+    kme_latency_ms: float = 0.0
+    prefetch: bool = True
+
+    @property
+    def label(self) -> str:
+        """``in-process`` or ``etsi-014`` / ``etsi-004``."""
+        return f"etsi-{self.api.value}" if self.api else "in-process"
+
+
+@asynccontextmanager
+async def _sources(choice: KeySourceChoice) -> AsyncIterator[tuple[KeySources, KeySources] | None]:
+    if choice.api is None:
+        yield None
+        return
+    async with simulated_kme_sources(choice.kme_latency_ms, choice.prefetch) as sources:
+        yield sources
+
+
 async def run_handshake_bench(
-    group_names: Sequence[str], flow: Flow, iterations: int
+    group_names: Sequence[str],
+    flow: Flow,
+    iterations: int,
+    keys: KeySourceChoice | None = None,
 ) -> list[HandshakeResult]:
     """Measure ``iterations`` handshakes per group; the first group is the baseline."""
+    keys = keys or KeySourceChoice()
     groups = resolve_groups(group_names)
-    options = QkdOptions(flow=flow)
+    options = QkdOptions(flow=flow, api=keys.api or KeyApi.ETSI_014)
     samples: dict[str, list[float]] = {g.group.name: [] for g in groups}
-    async with loopback_pair(groups) as pair:
+    async with _sources(keys) as sources, loopback_pair(groups, sources=sources) as pair:
         clients = {g.group.name: pair.client([g], options) for g in groups}
         for round_no in range(WARMUP + iterations):
             for name, client in clients.items():
@@ -77,6 +110,9 @@ async def run_handshake_bench(
             iterations=len(s),
             ratio_to_baseline=statistics.median(s) / baseline,
             event_loop=loop,
+            key_source=keys.label,
+            kme_latency_ms=keys.kme_latency_ms,
+            prefetch=keys.prefetch,
         )
         for g in groups
         for s in [samples[g.group.name]]
@@ -96,5 +132,10 @@ def format_table(results: Sequence[HandshakeResult]) -> str:
         for r in results
     ]
     if results:
-        lines.append(f"baseline: {results[0].group}; event loop: {results[0].event_loop}")
+        first = results[0]
+        keys = first.key_source
+        if first.key_source != "in-process":
+            keys += f", KME latency {first.kme_latency_ms:g} ms, prefetch "
+            keys += "on" if first.prefetch else "off"
+        lines.append(f"baseline: {first.group}; keys: {keys}; event loop: {first.event_loop}")
     return "\n".join(lines)

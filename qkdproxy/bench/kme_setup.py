@@ -1,0 +1,45 @@
+"""Key sources backed by the KME simulator over real mTLS sockets, for benchmarks and demos."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from qkdproxy.certs import DevPki
+from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.kme.faults import FaultScript
+from qkdproxy.kme.simulator import KmePair, SimulatorSettings
+from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
+from qkdproxy.qkd.sources import KeySources
+from qkdproxy.sslctx import client_context
+
+SAE_CLIENT, SAE_SERVER = "sae-a", "sae-b"
+
+
+@asynccontextmanager
+async def simulated_kme_sources(
+    latency_ms: float = 0.0, prefetch: bool = True
+) -> AsyncIterator[tuple[KeySources, KeySources]]:
+    """A KME pair on loopback; yields (client-side, server-side) ETSI 014 key sources."""
+    pki = DevPki.create()
+    pair = KmePair(
+        SimulatorSettings(faults=FaultScript(fixed_ms=latency_ms)),
+        [pki.kmes["kme-a"], pki.kmes["kme-b"]],
+        [pki.ca.certificate],
+    )
+    await pair.start()
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(pair.stop)
+        settings = PrefetchSettings() if prefetch else None
+        sides = []
+        for url, sae, peer in (
+            (pair.urls_014[0], SAE_CLIENT, SAE_SERVER),
+            (pair.urls_014[1], SAE_SERVER, SAE_CLIENT),
+        ):
+            client = Etsi014Client(url, client_context(pki.saes[sae], [pki.ca.certificate]))
+            stack.push_async_callback(client.aclose)
+            master = Etsi014Master(client, peer, settings)
+            stack.push_async_callback(master.aclose)
+            master.ensure_refill()
+            sides.append(KeySources(master=master, slave=Etsi014Slave(client, peer)))
+        yield sides[0], sides[1]
