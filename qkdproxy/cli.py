@@ -13,6 +13,7 @@ from qkdproxy.bench.handshake import KeySourceChoice, format_table, run_handshak
 from qkdproxy.groups import DEFAULT_GROUPS, GroupError
 from qkdproxy.hybrid import GroupUnavailableError, resolve
 from qkdproxy.kem import default_registry
+from qkdproxy.kme.cli import add_commands as add_kme_commands
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 
 EXIT_OK = 0
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     handshake.add_argument("--json", action="store_true", help="print one JSON object")
     handshake.set_defaults(handler=_bench_handshake_command)
+    add_kme_commands(commands)
     return parser
 
 

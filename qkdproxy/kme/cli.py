@@ -1,0 +1,129 @@
+"""``qkdproxy kme`` and ``qkdproxy certs``: run the simulator pair, write the dev PKI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from qkdproxy.certs import KMES, write_dev_pki
+from qkdproxy.kme.faults import FaultScript, FaultScriptError
+from qkdproxy.kme.link import LinkSettings
+from qkdproxy.kme.node import IdentitySource
+from qkdproxy.kme.simulator import KmePair, SimulatorSettings
+from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DEFAULT_LINK = LinkSettings()
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``kme`` and ``certs`` on the top-level parser."""
+    certs = commands.add_parser(
+        "certs", help="write the development PKI (CA, KME, SAE and tunnel certificates)"
+    )
+    certs.add_argument("--out", type=Path, default=Path("pki"), help="directory (default: pki)")
+    certs.add_argument("--force", action="store_true", help="replace an existing PKI")
+    certs.set_defaults(handler=certs_command)
+
+    kme = commands.add_parser(
+        "kme", help="run the KME simulator pair (ETSI 014 over mTLS)",
+        description="Two simulated KMEs joined by a QKD link. Prints one JSON line with the "
+        "URLs once both listen; stops on SIGINT/SIGTERM.",
+    )  # fmt: skip
+    kme.add_argument(
+        "--pki",
+        type=Path,
+        default=Path("pki"),
+        help="directory written by 'qkdproxy certs' (default: pki)",
+    )
+    kme.add_argument("--host", default="127.0.0.1")
+    kme.add_argument("--port-a", type=int, default=0, help="ETSI 014 port of kme-a (0: any)")
+    kme.add_argument("--port-b", type=int, default=0, help="ETSI 014 port of kme-b (0: any)")
+    kme.add_argument(
+        "--rate-bps",
+        type=float,
+        default=DEFAULT_LINK.rate_bps,
+        help="secret key rate of the link, bits/s",
+    )
+    kme.add_argument(
+        "--pool-bits", type=int, default=DEFAULT_LINK.pool_bits, help="key pool size, bits"
+    )
+    kme.add_argument(
+        "--key-ttl-s",
+        type=float,
+        default=DEFAULT_LINK.key_ttl_s,
+        help="seconds before undelivered key material expires",
+    )
+    kme.add_argument("--latency-ms", type=float, default=0.0, help="added to every call")
+    kme.add_argument("--faults", type=Path, help="JSON fault script (see docs/KME.md)")
+    kme.add_argument(
+        "--identity",
+        choices=["cn", "uri"],
+        default="cn",
+        help="SAE id from the client certificate CN or URI SAN",
+    )
+    kme.set_defaults(handler=kme_command)  # fmt: skip
+
+
+def certs_command(args: argparse.Namespace) -> int:
+    """Write the PKI; refuse to overwrite unless --force."""
+    try:
+        written = write_dev_pki(args.out, force=args.force)
+    except (FileExistsError, OSError) as exc:
+        print(f"qkdproxy certs: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"wrote {len(written)} files to {args.out}")
+    return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> SimulatorSettings:
+    script = FaultScript()
+    if args.faults:
+        try:
+            script = FaultScript.from_mapping(json.loads(args.faults.read_text()))
+        except (OSError, ValueError) as exc:
+            raise FaultScriptError(f"{args.faults}: {exc}") from None
+    if args.latency_ms:
+        script = replace(script, fixed_ms=args.latency_ms)
+    return SimulatorSettings(
+        host=args.host,
+        ports_014=(args.port_a, args.port_b),
+        link=LinkSettings(args.rate_bps, args.pool_bits, args.key_ttl_s),
+        faults=script,
+        identity=IdentitySource(args.identity),
+    )
+
+
+def kme_command(args: argparse.Namespace) -> int:
+    """Run the pair until a signal arrives."""
+    try:
+        settings = _settings(args)
+        anchors = load_trust_anchors(args.pki / "ca.pem")
+        credentials = [Credentials.load(args.pki / f"{k}.pem", args.pki / f"{k}-key.pem")
+                       for k in KMES]  # fmt: skip
+    except (FaultScriptError, CredentialError, ValueError) as exc:
+        print(f"qkdproxy kme: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(_serve(KmePair(settings, credentials, anchors)))
+
+
+async def _serve(pair: KmePair) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await pair.start()
+    except OSError as exc:
+        print(f"qkdproxy kme: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps({"kme": dict(zip(pair.settings.kme_ids, pair.urls_014, strict=True))}),
+          flush=True)  # fmt: skip
+    await stop.wait()
+    await pair.stop()
+    return EXIT_OK
