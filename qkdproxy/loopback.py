@@ -18,6 +18,7 @@ from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.identity import AllowList
 from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
+from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream, TlsStreamError
 from qkdproxy.tls.verify import PeerPolicy
 
@@ -35,8 +36,11 @@ def resolve_groups(names: Sequence[str]) -> list[HybridKem]:
 class _EchoServer:
     """Accepts TLS connections and echoes their bytes; tracks handlers to stop them cleanly."""
 
-    def __init__(self, endpoint: TlsEndpoint, failures: list[BaseException]) -> None:
+    def __init__(
+        self, endpoint: TlsEndpoint, failures: list[BaseException], sources: KeySources
+    ) -> None:
         self._endpoint = endpoint
+        self._sources = sources
         self.failures = failures
         self.accepted = 0
         self.changed = asyncio.Condition()
@@ -58,8 +62,13 @@ class _EchoServer:
                 self.changed.notify_all()
         self._handlers.add(task)
         try:
-            while data := await stream.read():
-                await stream.write(data)
+            channel = await open_peer_channel(stream, self._sources)
+            if channel is None:
+                while data := await stream.read():
+                    await stream.write(data)
+            else:
+                while data := await channel.receive():
+                    await channel.send(data)
         except TlsStreamError as exc:
             self.failures.append(exc)
         finally:
@@ -116,14 +125,18 @@ class LoopbackPair:
 @asynccontextmanager
 async def loopback_pair(
     server_groups: Sequence[HybridKem],
+    *,
     key_type: KeyType = "ecdsa-p256",
     link: InProcessQkdLink | None = None,
     server_failures: list[BaseException] | None = None,
     sources: tuple[KeySources, KeySources] | None = None,
+    peer_protocol: bool = False,
 ) -> AsyncIterator[LoopbackPair]:
     """Start an echo server behind a TLS endpoint; yield the pair; stop the server.
 
-    Keys come from ``sources`` (client's, server's) when given, else from ``link``.
+    Keys come from ``sources`` (client's, server's) when given, else from ``link``. With
+    ``peer_protocol`` the server speaks ``qkdproxy/1`` (framing, key announcements) to
+    clients that offer it; otherwise it echoes raw bytes.
     """
     ca = CertificateAuthority.create()
     link = link or InProcessQkdLink()
@@ -131,9 +144,13 @@ async def loopback_pair(
     server_keys = KeyContext(server_sources)
     credentials = ca.issue("server", [SERVER_NAME, "127.0.0.1"], client=False, key_type=key_type)
     policy = PeerPolicy((ca.certificate,), AllowList.of([f"uri:{CLIENT_URI}"]))
-    server = TlsEndpoint(EndpointSettings(credentials, policy, server_groups, server_keys))
+    server = TlsEndpoint(
+        EndpointSettings(
+            credentials, policy, server_groups, server_keys, peer_protocol=peer_protocol
+        )
+    )
     failures = server_failures if server_failures is not None else []
-    echo = _EchoServer(server, failures)
+    echo = _EchoServer(server, failures, server_sources)
     listener = await asyncio.start_server(echo.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:

@@ -219,6 +219,24 @@ async def test_stdlib_client_default_groups_prefers_x25519(
             await close_stdlib(writer)
 
 
+async def test_stdlib_client_offering_alpn_is_served_without_alpn(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """tlslite 0.8.2 servers crash on client ALPN unless given a list; ours answer plainly."""
+    ctx = stdlib_client_context(tmp_path, ca, client_credentials(ca), None)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    async with qkdproxy_echo_server(ca, "ecdsa-p256") as server:
+        reader, writer = await stdlib_connect(server.port, ctx)
+        try:
+            stream = await server.next_result()
+            assert isinstance(stream, TlsStream), stream
+            assert stream.alpn is None
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() is None
+            await echo_through(reader, writer, (5,))
+        finally:
+            await close_stdlib(writer)
+
+
 @pytest.mark.parametrize("key_type", ["ecdsa-p256", "ecdsa-p384", "rsa-2048"])
 async def test_stdlib_client_server_key_types(
     ca: CertificateAuthority, tmp_path: Path, key_type: KeyType

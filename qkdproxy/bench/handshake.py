@@ -17,6 +17,8 @@ from qkdproxy.bench.kme_setup import simulated_kme_sources
 from qkdproxy.loopback import loopback_pair, resolve_groups
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.tls.peer import open_peer_channel
+from qkdproxy.tls.session import TlsStream
 
 WARMUP = 5
 
@@ -74,6 +76,17 @@ async def _sources(choice: KeySourceChoice) -> AsyncIterator[tuple[KeySources, K
         yield sources
 
 
+async def _end_like_a_tunnel(stream: TlsStream, sources: KeySources) -> None:
+    """Announce our next keys, send FIN, and read to the end (taking the peer's
+    announcements), as a tunnel connection between qkdproxy peers does."""
+    channel = await open_peer_channel(stream, sources)
+    if channel is not None:
+        await channel.send_fin()
+        while await channel.receive():
+            pass
+    await stream.close()
+
+
 async def run_handshake_bench(
     group_names: Sequence[str],
     flow: Flow,
@@ -85,14 +98,17 @@ async def run_handshake_bench(
     groups = resolve_groups(group_names)
     options = QkdOptions(flow=flow, api=keys.api or KeyApi.ETSI_014)
     samples: dict[str, list[float]] = {g.group.name: [] for g in groups}
-    async with _sources(keys) as sources, loopback_pair(groups, sources=sources) as pair:
+    async with (
+        _sources(keys) as sources,
+        loopback_pair(groups, sources=sources, peer_protocol=True) as pair,
+    ):
         clients = {g.group.name: pair.client([g], options) for g in groups}
         for round_no in range(WARMUP + iterations):
             for name, client in clients.items():
                 started = time.perf_counter()
                 stream = await pair.handshake(client)
                 elapsed = time.perf_counter() - started
-                await stream.close()
+                await _end_like_a_tunnel(stream, pair.client_keys.sources)
                 if round_no >= WARMUP:
                     samples[name].append(elapsed)
     loop = loop_name()

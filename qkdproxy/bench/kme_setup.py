@@ -9,6 +9,7 @@ from qkdproxy.certs import DevPki
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.kme.faults import FaultScript
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
+from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.sslctx import client_context
@@ -41,5 +42,7 @@ async def simulated_kme_sources(
             master = Etsi014Master(client, peer, settings)
             stack.push_async_callback(master.aclose)
             master.ensure_refill()
-            sides.append(KeySources(master=master, slave=Etsi014Slave(client, peer)))
+            slave = AnnouncedSlave(Etsi014Slave(client, peer))
+            stack.push_async_callback(slave.aclose)
+            sides.append(KeySources(master=master, slave=slave))
         yield sides[0], sides[1]

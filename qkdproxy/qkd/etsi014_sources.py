@@ -69,6 +69,8 @@ class Etsi014Master:
         self._clock = clock
         self._buffer: deque[_Buffered] = deque()
         self._refill: asyncio.Task[None] | None = None
+        # The first ``_announced`` keys of the buffer were named to the peer already.
+        self._announced = 0
         self.counters = PrefetchCounters()
 
     @property
@@ -80,13 +82,26 @@ class Etsi014Master:
         """A fresh key: from the buffer when one is there, else straight from the KME."""
         self._drop_stale()
         if self._buffer:
-            key = self._buffer.popleft().key
+            key = self._pop().key
             self.counters.served_from_buffer += 1
         else:
             [key] = await self._client.enc_keys(self._slave, 1)
             self.counters.fetched_on_demand += 1
         self.ensure_refill()
         return key
+
+    def announce(self, limit: int) -> list[bytes]:
+        """Ids of up to ``limit`` buffered keys not yet announced, in the order of use."""
+        ids = [
+            entry.key.key_id
+            for entry in list(self._buffer)[self._announced : self._announced + limit]
+        ]
+        self._announced += len(ids)
+        return ids
+
+    def _pop(self) -> _Buffered:
+        self._announced = max(0, self._announced - 1)
+        return self._buffer.popleft()
 
     def ensure_refill(self) -> None:
         """Start a background refill if the buffer is at or below its low watermark."""
@@ -113,7 +128,7 @@ class Etsi014Master:
     def _drop_stale(self) -> None:
         horizon = self._clock() - self._prefetch.max_age_s
         while self._buffer and self._buffer[0].fetched_at < horizon:
-            self._buffer.popleft()
+            self._pop()
             self.counters.expired += 1
 
     async def aclose(self) -> None:
@@ -123,6 +138,7 @@ class Etsi014Master:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill
         self._buffer.clear()
+        self._announced = 0
 
 
 class Etsi014Slave:

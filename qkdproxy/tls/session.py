@@ -23,6 +23,7 @@ from tlslite.errors import TLSAbruptCloseError, TLSError, TLSLocalAlert, TLSRemo
 
 from qkdproxy.hybrid import HybridKem
 from qkdproxy.tls.credentials import Credentials
+from qkdproxy.tls.frames import ALPN_PROTOCOL
 from qkdproxy.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
 from qkdproxy.tls.identity import PeerIdentity
 from qkdproxy.tls.keyexchange import (
@@ -33,6 +34,7 @@ from qkdproxy.tls.keyexchange import (
     ServerKeyExchange,
 )
 from qkdproxy.tls.tlslite_glue import (
+    NO_ALPN_PLACEHOLDER,
     HookedTLSConnection,
     install,
     make_settings,
@@ -99,6 +101,8 @@ class EndpointSettings:
     keys: KeyContext
     handshake_timeout: float = 10.0
     clock: Callable[[], datetime] = utc_now
+    # Offer ALPN qkdproxy/1, the framed protocol only qkdproxy peers speak.
+    peer_protocol: bool = True
 
 
 class MemorySocket:
@@ -233,6 +237,7 @@ class TlsStream:
     peer: PeerIdentity
     handshake_seconds: float
     cipher: str
+    alpn: str | None
 
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
@@ -287,6 +292,7 @@ class TlsEndpoint:
         self._chain = tlslite_chain(settings.credentials)
         self._key = tlslite_private_key(settings.credentials.private_key)
         self._sni = _sni_name(settings.peer.server_name)
+        self._alpn = [bytearray(ALPN_PROTOCOL.encode())] if settings.peer_protocol else None
 
     async def connect(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -316,8 +322,9 @@ class TlsEndpoint:
             first = self.settings.groups[0]
             settings = make_settings([g.group for g in self.settings.groups], first.group)
             steps = conn.handshakeClientCert(
-                self._chain, self._key, settings=settings, serverName=self._sni, async_=True
-            )
+                self._chain, self._key, settings=settings, serverName=self._sni,
+                async_=True, alpn=self._alpn,
+            )  # fmt: skip
             await kex.offer(first.group.code_point)
             driver.on_hello = on_server_hello
             await driver.run(steps)
@@ -358,6 +365,7 @@ class TlsEndpoint:
                     privateKey=self._key,
                     settings=make_settings(groups, groups[0]),
                     reqCert=True,
+                    alpn=self._alpn or [NO_ALPN_PLACEHOLDER],
                 )
             )
             await self._check_client(driver, conn, verified)
@@ -400,6 +408,7 @@ class TlsEndpoint:
             await close_transport(driver.writer)
             raise HandshakeError("peer identity was not verified")
         await kex.finish(True)
+        app_protocol = conn.session.appProto if conn.session else None
         return TlsStream(
             driver,
             conn,
@@ -407,6 +416,7 @@ class TlsEndpoint:
             verified[0],
             time.perf_counter() - started,
             str(conn.getCipherName() or ""),
+            bytes(app_protocol).decode("ascii", "replace") if app_protocol else None,
         )
 
 

@@ -37,6 +37,9 @@ from qkdproxy.tls.credentials import Credentials, PrivateKey
 TLSLITE_VERSION = "0.8.2"
 ByteLike = bytes | bytearray | memoryview
 CIPHER_NAMES = ["aes256gcm", "aes128gcm", "chacha20-poly1305"]
+# tlslite 0.8.2 servers without an ALPN list crash (TypeError) on a client that offers ALPN;
+# a name no client offers makes them answer without ALPN instead.
+NO_ALPN_PLACEHOLDER = bytearray(b"\x00qkdproxy-none")
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha256": hashes.SHA256,

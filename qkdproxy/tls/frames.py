@@ -1,0 +1,107 @@
+"""Framing between two qkdproxy peers (ALPN ``qkdproxy/1``), without I/O.
+
+    frame = type (1 byte) || payload length (3 bytes, big-endian) || payload
+
+DATA carries application bytes, FIN ends one direction (TLS has no half-close), and
+KEY_IDS announces QKD key ids the sender's master side will use next, so the receiving
+slave can fetch them before a handshake needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+ALPN_PROTOCOL = "qkdproxy/1"
+HEADER_SIZE = 4
+MAX_PAYLOAD = 16384 - HEADER_SIZE
+KEY_ID_SIZE = 16
+MAX_ANNOUNCED_IDS = MAX_PAYLOAD // KEY_ID_SIZE
+
+
+class FrameType(IntEnum):
+    """Frame types of ``qkdproxy/1``."""
+
+    DATA = 0x00
+    FIN = 0x01
+    KEY_IDS = 0x10
+
+
+class FrameError(ValueError):
+    """The peer broke the framing; the connection must be closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame."""
+
+    type: FrameType
+    payload: bytes
+
+    def key_ids(self) -> list[bytes]:
+        """The ids of a KEY_IDS frame."""
+        return [self.payload[i : i + KEY_ID_SIZE] for i in range(0, len(self.payload), KEY_ID_SIZE)]
+
+
+def encode(frame_type: FrameType, payload: bytes = b"") -> bytes:
+    """One frame on the wire."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload over {MAX_PAYLOAD} bytes")
+    return bytes([frame_type]) + len(payload).to_bytes(3, "big") + payload
+
+
+def encode_data(data: bytes) -> list[bytes]:
+    """DATA frames for ``data``, at most one TLS record each."""
+    view = memoryview(data)
+    return [
+        encode(FrameType.DATA, bytes(view[i : i + MAX_PAYLOAD]))
+        for i in range(0, len(view), MAX_PAYLOAD)
+    ]
+
+
+def encode_key_ids(key_ids: Sequence[bytes]) -> bytes:
+    """A KEY_IDS frame."""
+    if not key_ids or len(key_ids) > MAX_ANNOUNCED_IDS:
+        raise ValueError(f"announce 1..{MAX_ANNOUNCED_IDS} key ids")
+    if any(len(k) != KEY_ID_SIZE for k in key_ids):
+        raise ValueError("key ids are 16 bytes")
+    return encode(FrameType.KEY_IDS, b"".join(key_ids))
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames; raises :class:`FrameError` on any violation."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes; return the frames completed by them."""
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= HEADER_SIZE:
+            length = int.from_bytes(self._buffer[1:4], "big")
+            if length > MAX_PAYLOAD:
+                raise FrameError("frame longer than allowed")
+            if len(self._buffer) < HEADER_SIZE + length:
+                break
+            frames.append(_frame(self._buffer[0], bytes(self._buffer[4 : 4 + length])))
+            del self._buffer[: HEADER_SIZE + length]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame."""
+        return len(self._buffer)
+
+
+def _frame(type_byte: int, payload: bytes) -> Frame:
+    try:
+        frame_type = FrameType(type_byte)
+    except ValueError:
+        raise FrameError(f"unknown frame type {type_byte:#04x}") from None
+    if frame_type is FrameType.FIN and payload:
+        raise FrameError("FIN carries no payload")
+    if frame_type is FrameType.KEY_IDS and (not payload or len(payload) % KEY_ID_SIZE):
+        raise FrameError("KEY_IDS payload must be a non-empty list of 16-byte ids")
+    return Frame(frame_type, payload)

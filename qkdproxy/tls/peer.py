@@ -1,0 +1,94 @@
+"""The ``qkdproxy/1`` channel between two qkdproxy peers over an established TLS stream.
+
+Application bytes travel in DATA frames; FIN ends one direction; KEY_IDS announcements are
+consumed here and handed to the endpoint's slave key source, so they never reach the
+application. Right after the handshake each side announces the keys its master will use
+next.
+"""
+
+from __future__ import annotations
+
+from qkdproxy.qkd.announce import AnnouncementSink, Announcer
+from qkdproxy.qkd.sources import KeySources
+from qkdproxy.tls.frames import (
+    ALPN_PROTOCOL,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    encode,
+    encode_data,
+    encode_key_ids,
+)
+from qkdproxy.tls.session import TlsStream, TlsStreamError
+
+ANNOUNCE_BATCH = 16
+
+
+class PeerChannel:
+    """Frames over one TLS stream; ``receive`` returns application bytes only."""
+
+    def __init__(self, stream: TlsStream, sources: KeySources) -> None:
+        self.stream = stream
+        self._sources = sources
+        self._decoder = FrameDecoder()
+        self._pending: list[bytes] = []
+        self._peer_finished = False
+
+    async def announce(self) -> int:
+        """Tell the peer which keys our master hands out next; returns how many."""
+        master = self._sources.master
+        if not isinstance(master, Announcer):
+            return 0
+        key_ids = master.announce(ANNOUNCE_BATCH)
+        if key_ids:
+            await self.stream.write(encode_key_ids(key_ids))
+        return len(key_ids)
+
+    async def send(self, data: bytes) -> None:
+        """Send application bytes."""
+        await self.stream.write(b"".join(encode_data(data)))
+
+    async def send_fin(self) -> None:
+        """No more application bytes from us (the peer may still send)."""
+        await self.stream.write(encode(FrameType.FIN))
+
+    async def receive(self) -> bytes:
+        """The next application bytes; b"" once the peer sent FIN or closed cleanly."""
+        while not self._pending:
+            if self._peer_finished:
+                return b""
+            data = await self.stream.read()
+            if not data:
+                self._peer_finished = True
+                return b""
+            try:
+                frames = self._decoder.feed(data)
+            except FrameError as exc:
+                await self.stream.close()
+                raise TlsStreamError(f"peer broke qkdproxy/1 framing: {exc}") from None
+            for frame in frames:
+                if frame.type is FrameType.DATA and frame.payload:
+                    self._pending.append(frame.payload)
+                elif frame.type is FrameType.FIN:
+                    self._peer_finished = True
+                elif frame.type is FrameType.KEY_IDS:
+                    self._deliver_announcement(frame.key_ids())
+        return self._pending.pop(0)
+
+    def _deliver_announcement(self, key_ids: list[bytes]) -> None:
+        slave = self._sources.slave
+        if isinstance(slave, AnnouncementSink):
+            slave.announced(key_ids)
+
+    async def close(self) -> None:
+        """Close the TLS stream."""
+        await self.stream.close()
+
+
+async def open_peer_channel(stream: TlsStream, sources: KeySources) -> PeerChannel | None:
+    """A channel if the peer speaks ``qkdproxy/1`` (announcing our next keys), else None."""
+    if stream.alpn != ALPN_PROTOCOL:
+        return None
+    channel = PeerChannel(stream, sources)
+    await channel.announce()
+    return channel
