@@ -115,6 +115,11 @@ class AnnouncedSlave:
             raise KeyNotFoundError("announced key could not be fetched")
         return await self._inner.get_key(key_id)
 
+    async def wait_fetched(self) -> None:
+        """Return once every announced key in flight has been fetched (or failed)."""
+        while self._inflight:
+            await asyncio.gather(*map(asyncio.shield, self._inflight.values()))
+
     def _expire(self) -> None:
         horizon = self._clock() - self._max_age_s
         for key_id in [k for k, c in self._cache.items() if c.fetched_at < horizon]:

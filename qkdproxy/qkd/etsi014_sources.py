@@ -125,6 +125,11 @@ class Etsi014Master:
             self._buffer.extend(_Buffered(k, now) for k in keys)
             self.counters.prefetched += len(keys)
 
+    async def wait_refilled(self) -> None:
+        """Return once the refill in progress (if any) has finished."""
+        if self._refill is not None and not self._refill.done():
+            await asyncio.shield(self._refill)
+
     def _drop_stale(self) -> None:
         horizon = self._clock() - self._prefetch.max_age_s
         while self._buffer and self._buffer[0].fetched_at < horizon:
