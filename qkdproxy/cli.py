@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from qkdproxy import __version__
 from qkdproxy.aio import run
 from qkdproxy.bench.handshake import KeySourceChoice, format_table, run_handshake_bench
+from qkdproxy.bench.kme import run_kme_bench
 from qkdproxy.groups import DEFAULT_GROUPS, GroupError
 from qkdproxy.hybrid import GroupUnavailableError, resolve
 from qkdproxy.kem import default_registry
@@ -89,6 +90,22 @@ def _bench_handshake_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bench_kme_command(args: argparse.Namespace) -> int:
+    if args.requests < 1 or args.concurrency < 1:
+        print("qkdproxy bench kme: --requests and --concurrency must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    result = run(run_kme_bench(args.requests, args.concurrency))
+    if args.json:
+        print(json.dumps({"results": [result.as_dict()]}, indent=2))
+    else:
+        print(
+            f"{result.requests} single-key enc_keys, {result.concurrency} concurrent callers: "
+            f"{result.requests_per_s:.0f} requests/s, median {result.median_ms:.2f} ms, "
+            f"p99 {result.p99_ms:.2f} ms"
+        )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -139,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     handshake.add_argument("--json", action="store_true", help="print one JSON object")
     handshake.set_defaults(handler=_bench_handshake_command)
+    kme = benches.add_parser(
+        "kme", help="ETSI 014 enc_keys requests per second against a simulator KME process"
+    )
+    kme.add_argument("--requests", type=int, default=10_000, help="timed requests")
+    kme.add_argument("--concurrency", type=int, default=16, help="concurrent callers")
+    kme.add_argument("--json", action="store_true", help="print one JSON object")
+    kme.set_defaults(handler=_bench_kme_command)
     add_kme_commands(commands)
     return parser
 
