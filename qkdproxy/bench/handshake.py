@@ -72,7 +72,7 @@ async def _sources(choice: KeySourceChoice) -> AsyncIterator[tuple[KeySources, K
     if choice.api is None:
         yield None
         return
-    async with simulated_kme_sources(choice.kme_latency_ms, choice.prefetch) as sources:
+    async with simulated_kme_sources(choice.kme_latency_ms, choice.prefetch, choice.api) as sources:
         yield sources
 
 
@@ -102,6 +102,7 @@ async def run_handshake_bench(
         _sources(keys) as sources,
         loopback_pair(groups, sources=sources, peer_protocol=True) as pair,
     ):
+        pair.server_keys.options = QkdOptions(api=options.api)
         clients = {g.group.name: pair.client([g], options) for g in groups}
         for round_no in range(WARMUP + iterations):
             for name, client in clients.items():

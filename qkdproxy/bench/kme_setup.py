@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from qkdproxy.certs import DevPki
+from qkdproxy.etsi004.client import Etsi004Client
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.kme.faults import FaultScript
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
@@ -13,15 +15,21 @@ from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.sslctx import client_context
+from qkdproxy.tls.keyexchange import KeyApi
 
 SAE_CLIENT, SAE_SERVER = "sae-a", "sae-b"
 
 
 @asynccontextmanager
 async def simulated_kme_sources(
-    latency_ms: float = 0.0, prefetch: bool = True
+    latency_ms: float = 0.0, prefetch: bool = True, api: KeyApi = KeyApi.ETSI_014
 ) -> AsyncIterator[tuple[KeySources, KeySources]]:
-    """A KME pair on loopback; yields (client-side, server-side) ETSI 014 key sources."""
+    """A KME pair on loopback; yields (client-side, server-side) key sources.
+
+    ETSI 014 sources are a master and a slave (with prefetch and announcements); ETSI 004
+    sources are streams. Server-initiated flows always use ETSI 014, so the 014 sources are
+    there in both cases.
+    """
     pki = DevPki.create()
     pair = KmePair(
         SimulatorSettings(faults=FaultScript(fixed_ms=latency_ms)),
@@ -44,5 +52,14 @@ async def simulated_kme_sources(
             master.ensure_refill()
             slave = AnnouncedSlave(Etsi014Slave(client, peer))
             stack.push_async_callback(slave.aclose)
-            sides.append(KeySources(master=master, slave=slave))
+            stream = None
+            if api is KeyApi.ETSI_004:
+                index = 0 if sae == SAE_CLIENT else 1
+                stream = Etsi004Client(
+                    pair.settings.host, pair.ports_004[index],
+                    client_context(pki.saes[sae], [pki.ca.certificate], ssl.TLSVersion.TLSv1_3),
+                    source=sae, destination=peer,
+                )  # fmt: skip
+                stack.push_async_callback(stream.aclose)
+            sides.append(KeySources(master=master, slave=slave, stream=stream))
         yield sides[0], sides[1]

@@ -31,9 +31,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     certs.set_defaults(handler=certs_command)
 
     kme = commands.add_parser(
-        "kme", help="run the KME simulator pair (ETSI 014 over mTLS)",
+        "kme", help="run the KME simulator pair (ETSI 014 and 004 over mTLS)",
         description="Two simulated KMEs joined by a QKD link. Prints one JSON line with the "
-        "URLs once both listen; stops on SIGINT/SIGTERM.",
+        "ETSI 014 URLs and ETSI 004 addresses once both listen; stops on SIGINT/SIGTERM.",
     )  # fmt: skip
     kme.add_argument(
         "--pki",
@@ -44,6 +44,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     kme.add_argument("--host", default="127.0.0.1")
     kme.add_argument("--port-a", type=int, default=0, help="ETSI 014 port of kme-a (0: any)")
     kme.add_argument("--port-b", type=int, default=0, help="ETSI 014 port of kme-b (0: any)")
+    kme.add_argument("--port-004-a", type=int, default=0, help="ETSI 004 port of kme-a")
+    kme.add_argument("--port-004-b", type=int, default=0, help="ETSI 004 port of kme-b")
     kme.add_argument(
         "--rate-bps",
         type=float,
@@ -93,6 +95,7 @@ def _settings(args: argparse.Namespace) -> SimulatorSettings:
     return SimulatorSettings(
         host=args.host,
         ports_014=(args.port_a, args.port_b),
+        ports_004=(args.port_004_a, args.port_004_b),
         link=LinkSettings(args.rate_bps, args.pool_bits, args.key_ttl_s),
         faults=script,
         identity=IdentitySource(args.identity),
@@ -122,8 +125,14 @@ async def _serve(pair: KmePair) -> int:
     except OSError as exc:
         print(f"qkdproxy kme: cannot listen: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(json.dumps({"kme": dict(zip(pair.settings.kme_ids, pair.urls_014, strict=True))}),
-          flush=True)  # fmt: skip
+    ids = pair.settings.kme_ids
+    announcement = {
+        "kme": dict(zip(ids, pair.urls_014, strict=True)),
+        "etsi004": {
+            k: f"{pair.settings.host}:{p}" for k, p in zip(ids, pair.ports_004, strict=True)
+        },
+    }
+    print(json.dumps(announcement), flush=True)
     await stop.wait()
     await pair.stop()
     return EXIT_OK

@@ -1,13 +1,15 @@
 """The KME simulator pair: two KMEs joined by a simulated QKD link, served on loopback.
 
-Each KME serves ETSI 014 over HTTPS (mutual TLS). ``KmePair`` is importable for tests and
-demos; ``qkdproxy kme`` runs one from the command line.
+Each KME serves ETSI 014 over HTTPS and ETSI 004 over binary TLS 1.3, both with mutual
+TLS. ``KmePair`` is importable for tests and demos; ``qkdproxy kme`` runs one from the
+command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -18,6 +20,7 @@ from cryptography import x509
 from qkdproxy.kme.faults import FaultInjector, FaultScript
 from qkdproxy.kme.link import LinkSettings, QkdLinkModel
 from qkdproxy.kme.node import IdentitySource, KmeLimits, KmeNode
+from qkdproxy.kme.server004 import Etsi004Server
 from qkdproxy.kme.server014 import create_app
 from qkdproxy.sslctx import server_context
 from qkdproxy.tls.credentials import Credentials
@@ -29,6 +32,7 @@ class SimulatorSettings:
 
     host: str = "127.0.0.1"
     ports_014: tuple[int, int] = (0, 0)
+    ports_004: tuple[int, int] = (0, 0)
     link: LinkSettings = field(default_factory=LinkSettings)
     faults: FaultScript = field(default_factory=FaultScript)
     identity: IdentitySource = IdentitySource.CN
@@ -60,6 +64,11 @@ class KmePair:
         self._contexts = [server_context(c, anchors) for c in credentials]
         self._runners: list[web.AppRunner | None] = [None, None]
         self.ports_014 = list(settings.ports_014)
+        self._servers_004 = [
+            Etsi004Server(node, server_context(c, anchors, ssl.TLSVersion.TLSv1_3))
+            for node, c in zip(self.nodes, credentials, strict=True)
+        ]
+        self.ports_004 = list(settings.ports_004)
 
     @property
     def urls_014(self) -> list[str]:
@@ -72,6 +81,9 @@ class KmePair:
             await self._start(index)
 
     async def _start(self, index: int) -> None:
+        self.ports_004[index] = await self._servers_004[index].start(
+            self.settings.host, self.ports_004[index]
+        )
         runner = web.AppRunner(create_app(self.nodes[index]), access_log=None)
         await runner.setup()
         sock = socket.create_server((self.settings.host, self.ports_014[index]), reuse_port=False)
@@ -85,6 +97,7 @@ class KmePair:
             await self._stop(index)
 
     async def _stop(self, index: int) -> None:
+        await self._servers_004[index].stop()
         runner = self._runners[index]
         if runner is not None:
             await runner.cleanup()

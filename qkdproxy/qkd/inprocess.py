@@ -19,19 +19,15 @@ from qkdproxy.qkd.keys import (
     KEY_SIZE,
     KeyExhaustedError,
     KeyNotFoundError,
+    KsidInUseError,
     PeerNotConnectedError,
     QkdKey,
-    QkdKeyError,
 )
 from qkdproxy.qkd.sources import KeySources
 
 STREAM_TTL_S = 600.0
 # A fast link with a small pool: refilled as it is drawn, never the bottleneck of a test.
 UNLIMITED = model.LinkSettings(rate_bps=1e12, pool_bits=256 * 4096)
-
-
-class KsidInUseError(QkdKeyError):
-    """ETSI 004 status 5: this application already opened the stream."""
 
 
 class InProcessQkdLink:

@@ -25,6 +25,10 @@ class KeyExhaustedError(QkdKeyError):
     """The key pool is empty."""
 
 
+class KsidInUseError(QkdKeyError):
+    """ETSI 004 status 5: the application already opened this key stream."""
+
+
 class PeerNotConnectedError(QkdKeyError):
     """ETSI 004: the peer application has not opened the key stream."""
 

@@ -1,0 +1,286 @@
+"""An ETSI GS QKD 004 client: a :class:`StreamKeySource` over one persistent mutual-TLS link.
+
+Requests are serialised on one connection. A connection found broken is replaced for
+OPEN_CONNECT and CLOSE (once per call), never for GET_KEY: the KME may have delivered the
+key before the connection broke, and a key is delivered once per end. A connection the KME
+closed while idle is replaced before any request, which is safe for all three.
+
+Also here: building the ``ssl.SSLContext`` of either side from :class:`Credentials`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, replace
+from typing import NoReturn, TypeVar
+
+from qkdproxy.etsi004.codec import (
+    MAX_PAYLOAD,
+    ZERO_KSID,
+    CloseRequest,
+    CloseResponse,
+    CodecError,
+    ErrorFrame,
+    FrameDecoder,
+    GetKeyRequest,
+    GetKeyResponse,
+    Message,
+    OpenConnectRequest,
+    OpenConnectResponse,
+    QoS,
+    Request,
+    Status,
+    encode,
+)
+from qkdproxy.qkd.keys import (
+    KeyExhaustedError,
+    KeySourceUnavailableError,
+    KsidInUseError,
+    PeerNotConnectedError,
+    QkdKeyError,
+)
+
+M = TypeVar("M", OpenConnectResponse, GetKeyResponse, CloseResponse)
+READ_SIZE = 64 * 1024
+CLOSE_TIMEOUT_S = 2.0
+DEFAULT_METADATA_SIZE = 1024
+
+
+class QosNotMetError(QkdKeyError):
+    """ETSI 004 status 7: the KME refused the QoS; ``counter_proposal`` is what it offers."""
+
+    def __init__(self, message: str, counter_proposal: QoS) -> None:
+        super().__init__(message)
+        self.counter_proposal = counter_proposal
+
+
+class RequestRefusedError(QkdKeyError):
+    """The KME answered with an error frame: a malformed request, or a ``source`` that is
+    not the application named in this client's certificate.
+    """
+
+
+class _BrokenConnectionError(KeySourceUnavailableError):
+    """The connection failed under a request (the request may or may not have been served)."""
+
+
+@dataclass(slots=True)
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    decoder: FrameDecoder
+
+    @property
+    def usable(self) -> bool:
+        """False once the KME has closed it (EOF received) or it is being closed."""
+        return not (self.writer.is_closing() or self.reader.at_eof())
+
+
+def _unavailable(what: str, status: Status) -> KeySourceUnavailableError:
+    reasons = {
+        Status.NO_QKD_CONNECTION: "no QKD connection (link down, stream not open, or KME failing)",
+        Status.TIMEOUT: "the KME timed out",
+    }
+    return KeySourceUnavailableError(
+        f"{what}: {reasons.get(status, f'unexpected status {status}')}"
+    )
+
+
+class Etsi004Client:
+    """ETSI 004 ``OPEN_CONNECT`` / ``GET_KEY`` / ``CLOSE`` for application ``source``.
+
+    ``chunk_size`` is the key size asked for (32 for TLS), ``timeout_ms`` how long the KME may
+    wait in GET_KEY for the peer application, ``call_timeout`` (seconds) bounds every call
+    including connecting; keep ``timeout_ms`` below it.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        source: str,
+        destination: str,
+        *,
+        chunk_size: int = 32,
+        timeout_ms: int = 1000,
+        ttl_s: int = 600,
+        metadata_size: int = DEFAULT_METADATA_SIZE,
+        call_timeout: float = 5.0,
+        server_hostname: str | None = None,
+    ) -> None:
+        self._host, self._port = host, port
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
+        self._source, self._destination = source, destination
+        self._qos = QoS(chunk_size, timeout_ms=timeout_ms, ttl_s=ttl_s)
+        self._metadata_size = metadata_size
+        self._call_timeout = call_timeout
+        self._lock = asyncio.Lock()
+        self._connection: _Connection | None = None
+        self._closed = False
+
+    async def open(self, ksid: bytes | None) -> bytes:
+        """OPEN_CONNECT; ``None`` (or 16 zero bytes) lets the KME assign the KSID.
+
+        Success includes status 1 (the peer application has not opened yet).
+        """
+        wanted = ZERO_KSID if ksid is None else bytes(ksid)
+        request = OpenConnectRequest(self._source, self._destination, self._qos, wanted)
+        what = "ETSI 004 OPEN_CONNECT"
+        async with self._lock:
+            message, retried = await self._call_retrying(request, what)
+            response = await self._expect(message, OpenConnectResponse, what)
+            if response.status is Status.KSID_IN_USE and retried and wanted != ZERO_KSID:
+                # The attempt that broke may have joined the stream already: it is ours.
+                return wanted
+            if response.status in (Status.SUCCESS, Status.PEER_NOT_CONNECTED):
+                if wanted not in (ZERO_KSID, response.ksid) or response.ksid == ZERO_KSID:
+                    await self._protocol_error(f"{what}: KME answered with another KSID")
+                # get_key checks every chunk against the size asked for here.
+                if response.qos.key_chunk_size != self._qos.key_chunk_size:
+                    await self._protocol_error(f"{what}: KME changed the chunk size")
+                return response.ksid
+        if response.status is Status.KSID_IN_USE:
+            raise KsidInUseError(f"{what}: KSID already in use by this application")
+        if response.status is Status.QOS_NOT_MET:
+            counter = response.qos
+            raise QosNotMetError(
+                f"{what}: QoS not met; the KME's counter-proposal is chunk size "
+                f"{counter.key_chunk_size}, mimetype {counter.metadata_mimetype!r}",
+                counter,
+            )
+        raise _unavailable(what, response.status)
+
+    async def get_key(self, ksid: bytes, index: int) -> bytes:
+        """GET_KEY: the chunk at ``index``; never retried on a broken connection."""
+        request = GetKeyRequest(bytes(ksid), index, self._metadata_size)
+        what = "ETSI 004 GET_KEY"
+        async with self._lock:
+            response = await self._expect(await self._call(request, what), GetKeyResponse, what)
+            if response.status is Status.METADATA_TOO_SMALL:
+                # Nothing was drawn; ask once more with the buffer size the KME needs.
+                if response.metadata_needed > MAX_PAYLOAD:
+                    await self._protocol_error(f"{what}: KME wants a metadata buffer too large")
+                request = replace(request, metadata_size=response.metadata_needed)
+                message = await self._call(request, what)
+                response = await self._expect(message, GetKeyResponse, what)
+            if response.index != index:
+                await self._protocol_error(f"{what}: KME answered for another index")
+            if response.status is Status.SUCCESS:
+                if len(response.key) != self._qos.key_chunk_size:
+                    await self._protocol_error(f"{what}: key of {len(response.key)} bytes")
+                return response.key
+        if response.status is Status.INSUFFICIENT_KEY:
+            raise KeyExhaustedError(
+                f"{what}: insufficient key (pool exhausted, index {index} already "
+                "delivered, or stream closed)"
+            )
+        if response.status is Status.PEER_APP_NOT_CONNECTED:
+            raise PeerNotConnectedError(f"{what}: peer application has not opened the stream")
+        raise _unavailable(what, response.status)
+
+    async def close(self, ksid: bytes) -> None:
+        """CLOSE: no new key is allocated on the stream afterwards."""
+        what = "ETSI 004 CLOSE"
+        async with self._lock:
+            message, retried = await self._call_retrying(CloseRequest(bytes(ksid)), what)
+            response = await self._expect(message, CloseResponse, what)
+        # After a broken attempt, 4 most likely means that attempt closed the stream.
+        if response.status is Status.SUCCESS or (
+            retried and response.status is Status.NO_QKD_CONNECTION
+        ):
+            return
+        raise _unavailable(what, response.status)
+
+    async def aclose(self) -> None:
+        """Close the connection; later calls fail with KeySourceUnavailableError."""
+        self._closed = True
+        await self._disconnect()
+
+    # ------------------------------------------------------------------ transport
+
+    async def _call_retrying(self, request: Request, what: str) -> tuple[Message, bool]:
+        """A call replayed once on a fresh connection if the first one broke under it."""
+        try:
+            return await self._call(request, what), False
+        except _BrokenConnectionError:
+            return await self._call(request, what), True
+
+    async def _call(self, request: Request, what: str) -> Message:
+        """Send one request and read its answer; the caller holds the lock."""
+        if self._closed:
+            raise KeySourceUnavailableError(f"{what}: client closed")
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                connection = await self._connect()
+                connection.writer.write(encode(request))
+                await connection.writer.drain()
+                while (message := connection.decoder.next_message()) is None:
+                    data = await connection.reader.read(READ_SIZE)
+                    if not data:
+                        raise ConnectionError("KME closed the connection")
+                    connection.decoder.feed(data)
+        except TimeoutError:
+            await self._disconnect()  # a late answer would be read as the next one's
+            raise KeySourceUnavailableError(
+                f"{what}: no answer in {self._call_timeout} s"
+            ) from None
+        except CodecError as exc:
+            await self._disconnect()
+            raise KeySourceUnavailableError(f"{what}: malformed answer: {exc}") from None
+        except OSError as exc:  # includes ssl.SSLError and ConnectionError
+            await self._disconnect()
+            raise _BrokenConnectionError(f"{what}: connection failed: {exc}") from None
+        except asyncio.CancelledError:
+            # The answer may still come and would be taken for the next request's (a key
+            # for another stream, even): this connection can no longer be trusted.
+            self._abort()
+            raise
+        if isinstance(message, ErrorFrame):
+            await self._disconnect()  # the KME closes after an error frame
+            raise RequestRefusedError(
+                f"{what}: KME refused the request (malformed, or source {self._source!r} "
+                "is not the application in this client's certificate)"
+            )
+        return message
+
+    async def _connect(self) -> _Connection:
+        if self._connection is not None and self._connection.usable:
+            return self._connection
+        await self._disconnect()
+        reader, writer = await asyncio.open_connection(
+            self._host,
+            self._port,
+            ssl=self._ssl,
+            server_hostname=self._server_hostname,
+            ssl_handshake_timeout=self._call_timeout,
+        )
+        self._connection = _Connection(reader, writer, FrameDecoder())
+        return self._connection
+
+    def _abort(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.writer.transport.abort()
+
+    async def _disconnect(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        connection.writer.close()
+        try:
+            await asyncio.wait_for(connection.writer.wait_closed(), CLOSE_TIMEOUT_S)
+        except (TimeoutError, OSError):
+            connection.writer.transport.abort()
+
+    async def _expect(self, message: Message, kind: type[M], what: str) -> M:
+        if not isinstance(message, kind):
+            await self._protocol_error(f"{what}: KME answered with {type(message).__name__}")
+        return message
+
+    async def _protocol_error(self, reason: str) -> NoReturn:
+        """Drop the connection (its state is in doubt) and fail the call."""
+        await self._disconnect()
+        raise KeySourceUnavailableError(reason)
