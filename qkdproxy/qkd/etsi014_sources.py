@@ -26,9 +26,11 @@ MAX_COALESCED_IDS = 64
 class PrefetchSettings:
     """Buffer watermarks; ``high == 0`` turns prefetching off."""
 
-    low: int = 8
-    high: int = 32
-    batch: int = 16
+    # Sized for a remote KME (100 ms per call) and a few hundred handshakes per second: one
+    # batch arrives before the buffer drains from ``low``.
+    low: int = 48
+    high: int = 128
+    batch: int = 64
     max_age_s: float = 120.0
 
     def __post_init__(self) -> None:

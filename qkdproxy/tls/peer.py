@@ -21,7 +21,7 @@ from qkdproxy.tls.frames import (
 )
 from qkdproxy.tls.session import TlsStream, TlsStreamError
 
-ANNOUNCE_BATCH = 16
+ANNOUNCE_BATCH = 64
 
 
 class PeerChannel:
