@@ -86,7 +86,9 @@ def write_dev_pki(directory: Path, force: bool = False) -> list[Path]:
     for name, data in files.items():
         path = directory / name
         private = name.endswith("-key.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+        mode = 0o600 if private else 0o644
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fchmod(fd, mode)  # an existing file keeps its old mode otherwise
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         written.append(path)

@@ -70,7 +70,10 @@ def client_context(
 
 @functools.lru_cache(maxsize=1024)
 def certificate_identity(der: bytes, source: str) -> str | None:
-    """The caller's id from its certificate: the CN (``source='cn'``) or first URI SAN."""
+    """The caller's id from its certificate: the CN (``source='cn'``), or the last path
+    segment of its first URI SAN (``source='uri'``: ``spiffe://td/sae/sae-a`` is ``sae-a``),
+    so that ids stay usable in ETSI 014 URL paths.
+    """
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
@@ -81,7 +84,8 @@ def certificate_identity(der: bytes, source: str) -> str | None:
         except x509.ExtensionNotFound:
             return None
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-        return uris[0] if uris else None
+        segment = uris[0].rstrip("/").rsplit("/", 1)[-1] if uris else ""
+        return segment or None
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else None
 

@@ -553,16 +553,23 @@ async def test_source_must_be_the_certificate_name(kmes: Kmes) -> None:
 
 
 async def test_application_id_from_the_uri_san(kmes: Kmes) -> None:
+    """With URI identities the id is the URI's last path segment, not the CN."""
     for node in kmes.nodes.values():
         node.identity = IdentitySource.URI
-    alice_uri, bob_uri = "spiffe://qkdproxy.test/alice", "spiffe://qkdproxy.test/bob"
-    alice = kmes.client(alice_uri, bob_uri, "a", cn="alice")
-    bob = kmes.client(bob_uri, alice_uri, "b", cn="bob")
+
+    def context(cn: str, uri: str) -> ssl.SSLContext:
+        credentials = kmes.ca.issue(cn, [uri], server=False)
+        return client_context(credentials, [kmes.ca.certificate], ssl.TLSVersion.TLSv1_3)
+
+    alice_ctx = context("alice-cn", "spiffe://qkdproxy.test/app/alice")
+    alice = kmes.client("alice", "bob", "a", context=alice_ctx)
+    bob_ctx = context("bob-cn", "spiffe://qkdproxy.test/app/bob")
+    bob = kmes.client("bob", "alice", "b", context=bob_ctx)
     ksid = await alice.open(None)
     await bob.open(ksid)
     assert await alice.get_key(ksid, 0) == await bob.get_key(ksid, 0)
     with pytest.raises(RequestRefusedError):
-        await kmes.client("alice", "bob", "a").open(None)  # the CN is no longer the id
+        await kmes.client("alice-cn", "bob", "a", context=alice_ctx).open(None)
 
 
 async def test_client_without_certificate_is_refused(kmes: Kmes) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from qkdproxy.qkd.accounting import KeyIdGuard, KeyLedger
-from qkdproxy.qkd.inprocess import InProcessQkdLink, KsidInUseError
+from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.keys import (
     KeyExhaustedError,
     KeyNotFoundError,
+    KsidInUseError,
     PeerNotConnectedError,
     QkdKey,
     key_id_from_text,

@@ -127,12 +127,16 @@ class Etsi014Client:
             )
         try:
             result = await self._request(method, path, body)
-        except KeySourceUnavailableError:
-            self.breaker.record_failure(self._clock())
+        except QkdKeyError as exc:
+            if isinstance(exc, KeySourceUnavailableError):
+                self.breaker.record_failure(self._clock())
+            else:
+                # The KME answered (unknown key, bad request): it is alive.
+                self.breaker.record_success()
             raise
-        except QkdKeyError:
-            # The KME answered (unknown key, bad request): it is alive.
-            self.breaker.record_success()
+        except BaseException:
+            # Cancelled or broken mid-call: free the half-open trial slot.
+            self.breaker.record_failure(self._clock())
             raise
         self.breaker.record_success()
         return result
@@ -142,22 +146,31 @@ class Etsi014Client:
             async with self._client().request(
                 method, self.base_url + path, json=body, allow_redirects=False
             ) as response:
-                payload = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                payload = await _read_bounded(response)
                 code = response.status
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             raise KeySourceUnavailableError(f"KME unreachable: {type(exc).__name__}") from None
-        if len(payload) > MAX_RESPONSE_BYTES:
-            raise KmeProtocolError("KME response too large")
-        data = _decode(payload)
         if code == 200:
-            return data
-        raise _error_for(code, data)
+            return _decode(payload)
+        raise _error_for(code, payload)
 
 
 def _path(sae: str, call: str) -> str:
     if not valid_sae_id(sae):
         raise ValueError(f"invalid SAE ID {sae!r}")
     return f"/api/v1/keys/{sae}/{call}"
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body, however it is chunked; KmeProtocolError beyond the size limit."""
+    if (response.content_length or 0) > MAX_RESPONSE_BYTES:
+        raise KmeProtocolError("KME response too large")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise KmeProtocolError("KME response too large")
+    return bytes(body)
 
 
 def _decode(payload: bytes) -> Any:
@@ -174,10 +187,11 @@ def _container(data: Any, size: int, number: int) -> KeyContainer:
         raise KmeProtocolError(f"key container rejected: {exc}") from None
 
 
-def _error_for(code: int, data: Any) -> QkdKeyError:
+def _error_for(code: int, payload: bytes) -> QkdKeyError:
+    # The code decides; the body (often not even JSON on real KMEs) only adds detail.
     try:
-        message = ErrorBody.from_json(data).message
-    except Etsi014FormatError:
+        message = ErrorBody.from_json(json.loads(payload)).message
+    except (ValueError, UnicodeDecodeError, Etsi014FormatError):
         message = ""
     text = f"KME answered {code}" + (f": {message}" if message else "")
     if code in (401, 404) or (code == 400 and "not found" in message):

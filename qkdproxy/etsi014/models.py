@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,14 +70,14 @@ def valid_sae_id(sae_id: str) -> bool:
     )
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def parse_key_id(text: Any) -> str:
-    """A key_ID must be a UUID; return its canonical lowercase form."""
-    if not isinstance(text, str) or len(text) != 36:
+    """A key_ID must be a UUID in 8-4-4-4-12 form; return it in lowercase."""
+    if not isinstance(text, str) or not _UUID.fullmatch(text):
         raise Etsi014FormatError("key_ID must be a UUID string")
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise Etsi014FormatError("key_ID must be a UUID string") from None
+    return str(uuid.UUID(text))
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,31 +61,65 @@ class FaultScript:
     exhaust_at_s: tuple[float, ...] = ()
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> FaultScript:
+    def from_mapping(cls, data: Any) -> FaultScript:
         """Parse and validate a script (see the module docstring)."""
+        if not isinstance(data, Mapping):
+            raise FaultScriptError("a fault script is a JSON object")
         known = {"seed", "latency", "error_bursts", "reset_bursts", "link_down", "exhaust_at_s"}
         unknown = set(data) - known
         if unknown:
             raise FaultScriptError(f"unknown fault keys: {', '.join(sorted(unknown))}")
         latency = data.get("latency", {})
-        try:
-            script = cls(
-                seed=int(data.get("seed", 0)),
-                fixed_ms=float(latency.get("fixed_ms", 0.0)),
-                jitter_ms=float(latency.get("jitter_ms", 0.0)),
-                error_bursts=tuple(Burst(int(b["start_call"]), int(b["count"]))
-                                   for b in data.get("error_bursts", [])),
-                reset_bursts=tuple(Burst(int(b["start_call"]), int(b["count"]))
-                                   for b in data.get("reset_bursts", [])),
-                link_down=tuple(Window(float(w["start_s"]), float(w["end_s"]))
-                                for w in data.get("link_down", [])),
-                exhaust_at_s=tuple(float(t) for t in data.get("exhaust_at_s", [])),
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FaultScriptError(f"bad fault script: {exc!r}") from None
+        if not isinstance(latency, Mapping):
+            raise FaultScriptError("latency must be an object")
+        script = cls(
+            seed=int(_number(data, "seed", 0, whole=True)),
+            fixed_ms=_number(latency, "fixed_ms", 0.0),
+            jitter_ms=_number(latency, "jitter_ms", 0.0),
+            error_bursts=_bursts(data, "error_bursts"),
+            reset_bursts=_bursts(data, "reset_bursts"),
+            link_down=tuple(
+                Window(_number(w, "start_s"), _number(w, "end_s"))
+                for w in _objects(data, "link_down")
+            ),
+            exhaust_at_s=tuple(_number({"exhaust_at_s": t}, "exhaust_at_s")
+                               for t in _list(data, "exhaust_at_s")),
+        )  # fmt: skip
         if script.fixed_ms < 0 or script.jitter_ms < 0:
             raise FaultScriptError("latency must not be negative")
         return script
+
+
+def _number(
+    data: Mapping[str, Any], key: str, default: float | None = None, whole: bool = False
+) -> float:
+    value = data.get(key, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        raise FaultScriptError(f"{key} must be a number")
+    if whole and not float(value).is_integer():
+        raise FaultScriptError(f"{key} must be a whole number")
+    return float(value)
+
+
+def _list(data: Mapping[str, Any], key: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise FaultScriptError(f"{key} must be a list")
+    return value
+
+
+def _objects(data: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    items = _list(data, key)
+    if not all(isinstance(item, Mapping) for item in items):
+        raise FaultScriptError(f"{key} entries must be objects")
+    return items
+
+
+def _bursts(data: Mapping[str, Any], key: str) -> tuple[Burst, ...]:
+    return tuple(
+        Burst(int(_number(b, "start_call", whole=True)), int(_number(b, "count", whole=True)))
+        for b in _objects(data, key)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,21 +129,14 @@ class QkdLinkModel:
         self.counters.delivered_bytes += nbytes
         return material
 
-    def exhaust(self) -> None:
-        """Drop everything in the pool (fault injection)."""
+    def exhaust(self, now: float) -> None:
+        """Drop everything in the pool, including what accrued until ``now`` (fault injection)."""
+        self._advance(now)
         self._pool.clear()
+        self._last_generation = now
 
     def _advance(self, now: float) -> None:
-        if self.link_up and self.settings.rate_bps > 0:
-            per_chunk = CHUNK_BYTES * 8 / self.settings.rate_bps
-            due = int((now - self._last_generation) / per_chunk)
-            if due > 0:
-                self._last_generation += due * per_chunk
-                self._add_chunks(min(due, self.capacity_chunks - len(self._pool)), now)
-        else:
-            self._last_generation = now
-        if len(self._pool) >= self.capacity_chunks:
-            self._last_generation = now
+        # Expire first: stale material must not make the pool look full to the generator.
         horizon = now - self.settings.key_ttl_s
         while self._pool and self._pool[0][0] < horizon:
             self._pool.popleft()
@@ -155,6 +148,17 @@ class QkdLinkModel:
                 break
             del self._pending[key_id]
             self.counters.expired_keys += 1
+        if self.link_up and self.settings.rate_bps > 0:
+            per_chunk = CHUNK_BYTES * 8 / self.settings.rate_bps
+            due = int((now - self._last_generation) / per_chunk)
+            if due > 0:
+                self._last_generation += due * per_chunk
+                self._add_chunks(min(due, self.capacity_chunks - len(self._pool)), now)
+        else:
+            self._last_generation = now
+        if len(self._pool) >= self.capacity_chunks:
+            # A full pool wastes what the link produces meanwhile; no credit accumulates.
+            self._last_generation = now
 
     def _add_chunks(self, count: int, now: float) -> None:
         if count <= 0:

@@ -57,7 +57,7 @@ class KmeNode:
         elapsed = self.now() - self.started
         self.link.link_up = self.faults.link_up(elapsed)
         for _ in range(self.faults.due_exhaustions(elapsed)):
-            self.link.exhaust()
+            self.link.exhaust(self.now())
         decision = self.faults.decide()
         if decision.delay_s:
             await asyncio.sleep(decision.delay_s)

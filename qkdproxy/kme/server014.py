@@ -89,7 +89,7 @@ def _query_int(request: web.Request, name: str, default: int | None) -> int | No
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or len(text) > 9:
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
         _fail(400, f"{name} must be a positive integer")
     return int(text)
 

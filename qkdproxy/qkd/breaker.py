@@ -32,11 +32,12 @@ class CircuitBreaker:
     _backoff_s: float = 0.0
 
     def allow(self, now: float) -> bool:
-        """True if a call may be made now (moves OPEN to HALF_OPEN when the backoff ends)."""
+        """True if a call may be made now. When the backoff ends exactly one trial call is
+        let through (HALF_OPEN); others wait for its outcome."""
         if self.state is BreakerState.OPEN and now >= self._open_until:
             self.state = BreakerState.HALF_OPEN
             return True
-        return self.state is not BreakerState.OPEN
+        return self.state is BreakerState.CLOSED
 
     def retry_after(self, now: float) -> float:
         """Seconds until the next trial call is allowed (0 if calls may go out)."""
