@@ -720,5 +720,7 @@ async def test_qkd_handshake_over_etsi_004(kmes: Kmes) -> None:
     assert stream.record.qkd_key_id == server_record.qkd_key_id is not None
     for ledger in (client_keys.ledger, server_keys.ledger):
         assert (ledger.taken, ledger.consumed, ledger.wasted) == (1, 1, 0)
+    for keys in (client_keys, server_keys):
+        await asyncio.wait_for(keys.drain(), DEADLINE)  # CLOSE runs after the handshake
     ksid = uuid.UUID(stream.record.qkd_key_id).bytes
     assert kmes.link.stream(ksid) is None  # both ends closed their stream

@@ -123,6 +123,8 @@ async def test_flows_agree_and_account_for_every_key(
     assert client.record.group == server.record.group == hybrid.group.name
     for ledger in (pair.client_ctx.ledger, pair.server_ctx.ledger):
         assert (ledger.taken, ledger.consumed, ledger.wasted) == (1, 1, 0)
+    await asyncio.wait_for(pair.client_ctx.drain(), 5)
+    await asyncio.wait_for(pair.server_ctx.drain(), 5)
     assert pair.link.keys_in_flight == 0
     assert pair.link.open_streams == 0  # both ends closed their ETSI 004 stream
 
@@ -383,3 +385,4 @@ async def test_a_hanging_stream_close_cannot_hang_the_handshake(
     await client.offer(MLKEM768.group.code_point)
     await asyncio.wait_for(client.finish(False), 5)
     assert context.ledger.outstanding == 0
+    await asyncio.wait_for(context.drain(), 5)  # the CLOSE gave up after its own timeout

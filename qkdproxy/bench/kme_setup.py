@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from qkdproxy.certs import DevPki
-from qkdproxy.etsi004.client import Etsi004Client
+from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.kme.faults import FaultScript
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.qkd.announce import AnnouncedSlave
+from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
-from qkdproxy.qkd.sources import KeySources
+from qkdproxy.qkd.sources import KeySources, StreamKeySource
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.keyexchange import KeyApi
 
 SAE_CLIENT, SAE_SERVER = "sae-a", "sae-b"
+# ETSI 004 has no batching: with a remote KME, keeping streams ahead of a few hundred
+# handshakes per second takes many streams in flight over many connections.
+STREAM_CONNECTIONS = 32
+STREAMS_AHEAD = 256
 
 
 @asynccontextmanager
@@ -41,6 +49,7 @@ async def simulated_kme_sources(
         stack.push_async_callback(pair.stop)
         settings = PrefetchSettings() if prefetch else None
         sides = []
+        warm: list[Coroutine[Any, Any, None]] = []
         for url, sae, peer in (
             (pair.urls_014[0], SAE_CLIENT, SAE_SERVER),
             (pair.urls_014[1], SAE_SERVER, SAE_CLIENT),
@@ -52,14 +61,29 @@ async def simulated_kme_sources(
             master.ensure_refill()
             slave = AnnouncedSlave(Etsi014Slave(client, peer))
             stack.push_async_callback(slave.aclose)
-            stream = None
+            stream: StreamKeySource | None = None
             if api is KeyApi.ETSI_004:
                 index = 0 if sae == SAE_CLIENT else 1
-                stream = Etsi004Client(
-                    pair.settings.host, pair.ports_004[index],
-                    client_context(pki.saes[sae], [pki.ca.certificate], ssl.TLSVersion.TLSv1_3),
+                context = client_context(
+                    pki.saes[sae], [pki.ca.certificate], ssl.TLSVersion.TLSv1_3
+                )
+                factory = functools.partial(
+                    Etsi004Client, pair.settings.host, pair.ports_004[index], context,
                     source=sae, destination=peer,
                 )  # fmt: skip
-                stack.push_async_callback(stream.aclose)
+                pool = Etsi004ClientPool(factory, size=STREAM_CONNECTIONS)
+                stack.push_async_callback(pool.aclose)
+                stream = pool
+                if prefetch:
+                    streams = PrefetchingStreams(
+                        pool, pool=STREAMS_AHEAD, concurrency=STREAM_CONNECTIONS
+                    )
+                    stack.push_async_callback(streams.aclose)
+                    streams.ensure_refill()
+                    warm.append(streams.wait_idle())
+                    stream = streams
+            warm.append(master.wait_refilled())
             sides.append(KeySources(master=master, slave=slave, stream=stream))
+        # "Prefetch on" means buffers that are full before the first measured handshake.
+        await asyncio.gather(*warm)
         yield sides[0], sides[1]

@@ -11,7 +11,9 @@ Also here: building the ``ssl.SSLContext`` of either side from :class:`Credentia
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import NoReturn, TypeVar
 
@@ -284,3 +286,46 @@ class Etsi004Client:
         """Drop the connection (its state is in doubt) and fail the call."""
         await self._disconnect()
         raise KeySourceUnavailableError(reason)
+
+
+class Etsi004ClientPool:
+    """Several connections of one application, for concurrent calls.
+
+    The binary framing has no request ids, so one connection carries one request at a time;
+    a GET_KEY waiting for the peer would hold up everything else. Streams belong to the
+    application (its certificate), not to a connection, so any connection may serve any call.
+    """
+
+    def __init__(self, factory: Callable[[], Etsi004Client], size: int = 8) -> None:
+        self._clients = [factory() for _ in range(size)]
+        self._idle: asyncio.Queue[Etsi004Client] = asyncio.Queue()
+        for client in self._clients:
+            self._idle.put_nowait(client)
+
+    @contextlib.asynccontextmanager
+    async def _lease(self) -> AsyncIterator[Etsi004Client]:
+        client = await self._idle.get()
+        try:
+            yield client
+        finally:
+            self._idle.put_nowait(client)
+
+    async def open(self, ksid: bytes | None) -> bytes:
+        """OPEN_CONNECT on an idle connection."""
+        async with self._lease() as client:
+            return await client.open(ksid)
+
+    async def get_key(self, ksid: bytes, index: int) -> bytes:
+        """GET_KEY on an idle connection."""
+        async with self._lease() as client:
+            return await client.get_key(ksid, index)
+
+    async def close(self, ksid: bytes) -> None:
+        """CLOSE on an idle connection."""
+        async with self._lease() as client:
+            await client.close(ksid)
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        for client in self._clients:
+            await client.aclose()

@@ -2,9 +2,10 @@
 
     frame = type (1 byte) || payload length (3 bytes, big-endian) || payload
 
-DATA carries application bytes, FIN ends one direction (TLS has no half-close), and
-KEY_IDS announces QKD key ids the sender's master side will use next, so the receiving
-slave can fetch them before a handshake needs them.
+DATA carries application bytes, FIN ends one direction (TLS has no half-close), KEY_IDS
+announces ETSI 014 key ids the sender's master side will use next, and KSIDS announces ETSI
+004 streams the sender opened ahead, so the receiver can fetch keys before a handshake
+needs them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FrameType(IntEnum):
     DATA = 0x00
     FIN = 0x01
     KEY_IDS = 0x10
+    KSIDS = 0x11
 
 
 class FrameError(ValueError):
@@ -60,13 +62,13 @@ def encode_data(data: bytes) -> list[bytes]:
     ]
 
 
-def encode_key_ids(key_ids: Sequence[bytes]) -> bytes:
-    """A KEY_IDS frame."""
+def encode_key_ids(key_ids: Sequence[bytes], frame_type: FrameType = FrameType.KEY_IDS) -> bytes:
+    """A KEY_IDS (or KSIDS) frame."""
     if not key_ids or len(key_ids) > MAX_ANNOUNCED_IDS:
         raise ValueError(f"announce 1..{MAX_ANNOUNCED_IDS} key ids")
     if any(len(k) != KEY_ID_SIZE for k in key_ids):
         raise ValueError("key ids are 16 bytes")
-    return encode(FrameType.KEY_IDS, b"".join(key_ids))
+    return encode(frame_type, b"".join(key_ids))
 
 
 class FrameDecoder:
@@ -102,6 +104,8 @@ def _frame(type_byte: int, payload: bytes) -> Frame:
         raise FrameError(f"unknown frame type {type_byte:#04x}") from None
     if frame_type is FrameType.FIN and payload:
         raise FrameError("FIN carries no payload")
-    if frame_type is FrameType.KEY_IDS and (not payload or len(payload) % KEY_ID_SIZE):
-        raise FrameError("KEY_IDS payload must be a non-empty list of 16-byte ids")
+    if frame_type in (FrameType.KEY_IDS, FrameType.KSIDS) and (
+        not payload or len(payload) % KEY_ID_SIZE
+    ):
+        raise FrameError(f"{frame_type.name} payload must be a non-empty list of 16-byte ids")
     return Frame(frame_type, payload)

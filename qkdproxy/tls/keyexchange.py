@@ -70,6 +70,13 @@ class KeyContext:
     options: QkdOptions = field(default_factory=QkdOptions)
     ledger: KeyLedger = field(default_factory=KeyLedger)
     guard: KeyIdGuard = field(default_factory=KeyIdGuard)
+    # Clean-up calls (ETSI 004 CLOSE) running after their handshake ended.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def drain(self) -> None:
+        """Wait for the clean-up calls still running (each bounded by its own timeout)."""
+        while self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
 
 
 class HandshakeRejectedError(Exception):
@@ -120,6 +127,11 @@ async def _fetch(call: Awaitable[T], what: str) -> T:
         raise HandshakeRejectedError(
             Alert.INTERNAL_ERROR, f"{what}: key source failed ({type(exc).__name__})"
         ) from None
+
+
+async def _close_quietly(stream: StreamKeySource, ksid: bytes) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(stream.close(ksid), STREAM_CLOSE_TIMEOUT)
 
 
 def _need(source: T | None, what: str) -> T:
@@ -180,11 +192,11 @@ class _KeyExchangeBase:
     async def _close_stream(self, held: _HeldKey) -> None:
         if held.open_stream and self._ctx.sources.stream is not None:
             held.open_stream = False
-            # Best effort and bounded: the KME reclaims an abandoned stream when its TTL ends.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self._ctx.sources.stream.close(held.key_id), STREAM_CLOSE_TIMEOUT
-                )
+            # Off the handshake's path, bounded, best effort: the KME reclaims an abandoned
+            # stream when its TTL ends.
+            task = asyncio.ensure_future(_close_quietly(self._ctx.sources.stream, held.key_id))
+            self._ctx.background.add(task)
+            task.add_done_callback(self._ctx.background.discard)
 
     async def finish(self, success: bool) -> None:
         """Settle every held key: consumed if it fed a completed handshake, else wasted."""

@@ -1,9 +1,9 @@
 """The ``qkdproxy/1`` channel between two qkdproxy peers over an established TLS stream.
 
-Application bytes travel in DATA frames; FIN ends one direction; KEY_IDS announcements are
-consumed here and handed to the endpoint's slave key source, so they never reach the
-application. Right after the handshake each side announces the keys its master will use
-next.
+Application bytes travel in DATA frames; FIN ends one direction; KEY_IDS and KSIDS
+announcements are consumed here and handed to the endpoint's slave and stream key sources,
+so they never reach the application. Right after the handshake each side announces the
+keys and streams it will use next.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ class PeerChannel:
         self._peer_finished = False
 
     async def announce(self) -> int:
-        """Tell the peer which keys our master hands out next; returns how many."""
-        master = self._sources.master
-        if not isinstance(master, Announcer):
-            return 0
-        key_ids = master.announce(ANNOUNCE_BATCH)
-        if key_ids:
-            await self.stream.write(encode_key_ids(key_ids))
-        return len(key_ids)
+        """Tell the peer which keys (ETSI 014) and streams (ETSI 004) we use next."""
+        sent = 0
+        for source, frame_type in (
+            (self._sources.master, FrameType.KEY_IDS),
+            (self._sources.stream, FrameType.KSIDS),
+        ):
+            if isinstance(source, Announcer) and (ids := source.announce(ANNOUNCE_BATCH)):
+                await self.stream.write(encode_key_ids(ids, frame_type))
+                sent += len(ids)
+        return sent
 
     async def send(self, data: bytes) -> None:
         """Send application bytes."""
@@ -72,13 +74,15 @@ class PeerChannel:
                 elif frame.type is FrameType.FIN:
                     self._peer_finished = True
                 elif frame.type is FrameType.KEY_IDS:
-                    self._deliver_announcement(frame.key_ids())
+                    self._deliver(self._sources.slave, frame.key_ids())
+                elif frame.type is FrameType.KSIDS:
+                    self._deliver(self._sources.stream, frame.key_ids())
         return self._pending.pop(0)
 
-    def _deliver_announcement(self, key_ids: list[bytes]) -> None:
-        slave = self._sources.slave
-        if isinstance(slave, AnnouncementSink):
-            slave.announced(key_ids)
+    @staticmethod
+    def _deliver(sink: object, ids: list[bytes]) -> None:
+        if isinstance(sink, AnnouncementSink):
+            sink.announced(ids)
 
     async def close(self) -> None:
         """Close the TLS stream."""
