@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 
 from qkdproxy.bench.kme_setup import simulated_kme_sources
 from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.etsi014.models import Status
 from qkdproxy.loopback import LoopbackPair, loopback_pair
 from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, PrefetchSettings
 from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
+from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.tls.frames import (
     MAX_ANNOUNCED_IDS,
     MAX_PAYLOAD,
@@ -91,9 +92,20 @@ class FakeKme:
 
     calls: int = 0
     handed_out: list[bytes] = field(default_factory=list)
+    max_key_per_request: int = 128
+    sizes_asked: list[int] = field(default_factory=list)
+
+    async def status(self, slave_sae: str) -> Status:
+        return Status(
+            "kme-a", "kme-b", "sae-a", slave_sae, 256, 1000, 1000,
+            self.max_key_per_request, 256, 256, 0,
+        )  # fmt: skip
 
     async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
+        if number > self.max_key_per_request:
+            raise QkdKeyError("KME answered 400: number too large")
         self.calls += 1
+        self.sizes_asked.append(number)
         keys = [QkdKey(os.urandom(16), os.urandom(32)) for _ in range(number)]
         self.handed_out += [k.key_id for k in keys]
         return keys
@@ -107,6 +119,14 @@ async def filled_master(kme: FakeKme, high: int = 8) -> Etsi014Master:
     await asyncio.wait_for(master.wait_refilled(), 5)
     assert master.depth == high
     return master
+
+
+async def test_master_respects_a_kme_that_gives_one_key_per_request() -> None:
+    kme = FakeKme(max_key_per_request=1)
+    master = await filled_master(kme, high=5)
+    assert kme.sizes_asked == [1] * 5
+    assert master.counters.refill_errors == 0
+    await master.aclose()
 
 
 async def test_master_announces_in_order_of_use_and_never_twice() -> None:

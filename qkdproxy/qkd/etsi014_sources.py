@@ -73,6 +73,7 @@ class Etsi014Master:
         self._refill: asyncio.Task[None] | None = None
         # The first ``_announced`` keys of the buffer were named to the peer already.
         self._announced = 0
+        self._max_per_request: int | None = None
         self.counters = PrefetchCounters()
 
     @property
@@ -114,9 +115,20 @@ class Etsi014Master:
         ):
             self._refill = asyncio.create_task(self._fill())
 
+    async def _batch_limit(self) -> int:
+        # Real KMEs differ (some give one key per request): ask once, remember.
+        if self._max_per_request is None:
+            try:
+                status = await self._client.status(self._slave)
+            except QkdKeyError:
+                return 1
+            self._max_per_request = status.max_key_per_request
+        return self._max_per_request
+
     async def _fill(self) -> None:
         while len(self._buffer) < self._prefetch.high:
-            number = min(self._prefetch.batch, self._prefetch.high - len(self._buffer))
+            limit = await self._batch_limit()
+            number = min(self._prefetch.batch, self._prefetch.high - len(self._buffer), limit)
             try:
                 keys = await self._client.enc_keys(self._slave, number)
             except QkdKeyError:
