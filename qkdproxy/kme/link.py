@@ -212,8 +212,10 @@ class QkdLinkModel:
 
     # -------------------------------------------------------------- ETSI 004
 
-    def stream(self, ksid: bytes) -> StreamState | None:
-        """The stream with this KSID, if open."""
+    def stream(self, ksid: bytes, now: float | None = None) -> StreamState | None:
+        """The stream with this KSID, if open (and, given ``now``, not expired)."""
+        if now is not None:
+            self._expire_streams(now)
         return self._streams.get(bytes(ksid))
 
     def open_stream(
@@ -232,7 +234,10 @@ class QkdLinkModel:
 
     def stream_key(self, ksid: bytes, app: str, index: int, now: float) -> bytes:
         """The chunk at ``index`` for ``app``: allocated once, delivered once per end."""
-        stream = self._streams[ksid]
+        self._expire_streams(now)
+        stream = self._streams.get(bytes(ksid))
+        if stream is None:
+            raise KeyUnknownError("no such key stream (never opened, closed or expired)")
         stream.last_used = now
         if (app, index) in stream.delivered:
             raise KeyUnknownError(f"key {index} of this stream was already delivered")

@@ -67,6 +67,9 @@ async def _faults_and_errors(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except Etsi014FormatError as exc:
         _fail(400, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        # ETSI 014 defines 400, 401 and 503 only.
+        _fail(400, f"request body larger than {MAX_BODY} bytes")
 
 
 def _caller(request: web.Request) -> str:
