@@ -1,0 +1,276 @@
+"""The daemon's TOML configuration: parsed and validated up front.
+
+Every problem is reported with the file, the key and what is wrong, all at once, before
+anything starts. File contents (certificates, keys) are loaded later, by the daemon.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qkdproxy.tls.identity import AllowRule
+from qkdproxy.tls.keyexchange import Flow, KeyApi
+from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
+from qkdproxy.tunnel.policy import GroupPlan, Policy, plan_groups
+
+
+class ConfigError(ValueError):
+    """One or more problems in a configuration file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class KmeConfig:
+    """How a tunnel reaches its KME (paths resolved relative to the config file)."""
+
+    name: str
+    api: KeyApi
+    endpoint: str
+    sae_id: str
+    peer_sae_id: str
+    cert: Path
+    key: Path
+    ca: Path
+    prefetch: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    """One tunnel."""
+
+    name: str
+    role: str
+    listen: Address
+    connect: Address
+    cert: Path
+    key: Path
+    ca: Path
+    allow: tuple[str, ...]
+    allow_any_peer: bool
+    policy: Policy
+    plan: GroupPlan
+    kme: str | None
+    flow: Flow
+    server_name: str | None
+    max_connections: int = 100
+    connect_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 3600.0
+    max_lifetime_s: float = 0.0
+    allow_public_plaintext: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Process-wide settings."""
+
+    drain_timeout_s: float = 300.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated configuration."""
+
+    path: Path
+    daemon: DaemonConfig
+    kmes: dict[str, KmeConfig] = field(default_factory=dict)
+    tunnels: tuple[TunnelConfig, ...] = ()
+
+
+class _Reader:
+    """Typed access to one TOML table that records problems instead of raising."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, problems: list[str]) -> None:
+        self.data, self.where, self.problems = data, where, problems
+        self.used: set[str] = set()
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.where}.{key}: {message}")
+
+    def get(self, key: str, kind: type, default: Any = None, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                self.fail(key, "is required")
+            return default
+        value = self.data[key]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            self.fail(key, f"must be a {kind.__name__}")
+            return default
+        return value
+
+    def positive(self, key: str, default: float, allow_zero: bool = False) -> float:
+        value = self.get(key, float, default)
+        if value < 0 or (value == 0 and not allow_zero):
+            self.fail(key, "must be positive" + (" or 0 (off)" if allow_zero else ""))
+        return float(value)
+
+    def path(self, key: str, base: Path) -> Path:
+        text = self.get(key, str, "", required=True)
+        return (base / text) if text else base
+
+    def check_unknown(self) -> None:
+        for key in sorted(set(self.data) - self.used):
+            self.fail(key, "unknown key")
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate ``path``; :class:`ConfigError` lists every problem found."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    problems: list[str] = []
+    config = _parse(data, path, problems)
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    return config
+
+
+def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
+    for key in sorted(set(data) - {"daemon", "kme", "tunnel"}):
+        problems.append(f"{key}: unknown section")
+    base = path.parent
+    daemon = _Reader(data.get("daemon", {}), "daemon", problems)
+    daemon_config = DaemonConfig(
+        drain_timeout_s=daemon.positive("drain_timeout_s", 300.0),
+        log_level=daemon.get("log_level", str, "info"),
+    )
+    if daemon_config.log_level not in ("debug", "info", "warning", "error"):
+        daemon.fail("log_level", "must be debug, info, warning or error")
+    daemon.check_unknown()
+    kmes = {}
+    for name, table in dict(data.get("kme", {})).items():
+        kme = _kme(name, _Reader(table, f"kme.{name}", problems), base)
+        if kme is not None:
+            kmes[name] = kme
+    tunnels = [
+        _tunnel(i, _Reader(t, f"tunnel[{i}]", problems), base, kmes)
+        for i, t in enumerate(data.get("tunnel", []))
+    ]
+    names = [t.name for t in tunnels if t is not None]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(f"tunnel: name {name!r} is used twice")
+    if not tunnels:
+        problems.append("tunnel: at least one [[tunnel]] is required")
+    return Config(path, daemon_config, kmes, tuple(t for t in tunnels if t is not None))
+
+
+def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
+    api_text = r.get("api", str, "014")
+    if api_text not in ("014", "004"):
+        r.fail("api", 'must be "014" or "004"')
+        api_text = "014"
+    api = KeyApi(api_text)
+    endpoint_key = "url" if api is KeyApi.ETSI_014 else "address"
+    endpoint = r.get(endpoint_key, str, "", required=True)
+    if api is KeyApi.ETSI_014 and endpoint and not endpoint.startswith("https://"):
+        r.fail("url", "must be an https:// URL (ETSI 014 requires TLS)")
+    config = KmeConfig(
+        name=name,
+        api=api,
+        endpoint=endpoint,
+        sae_id=r.get("sae_id", str, "", required=True),
+        peer_sae_id=r.get("peer_sae_id", str, "", required=True),
+        cert=r.path("cert", base),
+        key=r.path("key", base),
+        ca=r.path("ca", base),
+        prefetch=r.get("prefetch", bool, True),
+    )
+    r.check_unknown()
+    return config
+
+
+def _tunnel(
+    index: int, r: _Reader, base: Path, kmes: Mapping[str, KmeConfig]
+) -> TunnelConfig | None:
+    name = r.get("name", str, f"tunnel-{index}")
+    role = r.get("role", str, "", required=True)
+    if role and role not in ("client", "server"):
+        r.fail("role", 'must be "client" or "server"')
+    listen, connect = _address(r, "listen"), _address(r, "connect")
+    plaintext = listen if role == "client" else connect
+    public_ok = r.get("allow_public_plaintext", bool, False)
+    if plaintext is not None and not plaintext.loopback and not public_ok:
+        side = "listen" if role == "client" else "connect"
+        r.fail(side, "plaintext side is not loopback or unix (set allow_public_plaintext)")
+    if role == "client" and connect is not None and not isinstance(connect, TcpAddress):
+        r.fail("connect", "a client tunnel connects to its peer over TCP")
+    kme = r.get("kme", str, None)
+    if kme is not None and kme not in kmes:
+        r.fail("kme", f"no [kme.{kme}] section")
+    policy_text = r.get("policy", str, "qkd-pq-required" if kme else "pq-required")
+    try:
+        policy = Policy(policy_text)
+    except ValueError:
+        r.fail("policy", "must be qkd-pq-required, pq-required or qkd-preferred")
+        policy = Policy.PQ_REQUIRED
+    groups = r.get("groups", list, None)
+    plan = GroupPlan(())
+    if groups is not None and not all(isinstance(g, str) for g in groups):
+        r.fail("groups", "must be a list of group names")
+    else:
+        try:
+            plan = plan_groups(policy, groups, has_kme=kme is not None)
+        except ValueError as exc:
+            r.fail("groups" if groups else "policy", str(exc))
+    allow = tuple(r.get("allow", list, []))
+    for rule in allow:
+        try:
+            AllowRule.parse(str(rule))
+        except ValueError as exc:
+            r.fail("allow", str(exc))
+    any_peer = r.get("allow_any_peer", bool, False)
+    if role == "server" and not allow and not any_peer:
+        r.fail("allow", "a server tunnel needs a peer access rule (or allow_any_peer = true)")
+    flow_text = r.get("flow", str, "client-initiated")
+    try:
+        flow = Flow(flow_text)
+    except ValueError:
+        r.fail("flow", "must be client-initiated or server-initiated")
+        flow = Flow.CLIENT_INITIATED
+    server_name = r.get("server_name", str, None)
+    if role == "client" and not server_name:
+        r.fail("server_name", "a client tunnel must name the server it expects")
+    config = TunnelConfig(
+        name=name, role=role, listen=listen or TcpAddress("127.0.0.1", 1),
+        connect=connect or TcpAddress("127.0.0.1", 1),
+        cert=r.path("cert", base), key=r.path("key", base), ca=r.path("ca", base),
+        allow=tuple(str(a) for a in allow), allow_any_peer=any_peer,
+        policy=policy, plan=plan, kme=kme, flow=flow, server_name=server_name,
+        max_connections=int(r.positive("max_connections", 100)),
+        connect_timeout_s=r.positive("connect_timeout_s", 10.0),
+        handshake_timeout_s=r.positive("handshake_timeout_s", 10.0),
+        idle_timeout_s=r.positive("idle_timeout_s", 3600.0, allow_zero=True),
+        max_lifetime_s=r.positive("max_lifetime_s", 0.0, allow_zero=True),
+        allow_public_plaintext=public_ok,
+    )  # fmt: skip
+    r.check_unknown()
+    return config
+
+
+def _address(r: _Reader, key: str) -> Address | None:
+    text = r.get(key, str, "", required=True)
+    if not text:
+        return None
+    try:
+        return parse_address(text)
+    except AddressError as exc:
+        r.fail(key, str(exc))
+        return None
