@@ -82,10 +82,12 @@ class KeyContext:
 class HandshakeRejectedError(Exception):
     """The handshake must end with ``alert``; ``reason`` is safe to log (no key material)."""
 
-    def __init__(self, alert: Alert, reason: str) -> None:
+    def __init__(self, alert: Alert, reason: str, key_source: bool = False) -> None:
         super().__init__(reason)
         self.alert = alert
         self.reason = reason
+        # True when the KME (not the peer) failed: a qkd-preferred tunnel may fall back.
+        self.key_source = key_source
 
 
 @dataclass(slots=True)
@@ -122,10 +124,10 @@ async def _fetch(call: Awaitable[T], what: str) -> T:
     except KeyNotFoundError as exc:
         raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, f"{what}: {exc}") from None
     except QkdKeyError as exc:
-        raise HandshakeRejectedError(Alert.INTERNAL_ERROR, f"{what}: {exc}") from None
+        raise HandshakeRejectedError(Alert.INTERNAL_ERROR, f"{what}: {exc}", True) from None
     except Exception as exc:  # a key source bug must fail the handshake, not the daemon
         raise HandshakeRejectedError(
-            Alert.INTERNAL_ERROR, f"{what}: key source failed ({type(exc).__name__})"
+            Alert.INTERNAL_ERROR, f"{what}: key source failed ({type(exc).__name__})", True
         ) from None
 
 
@@ -136,7 +138,9 @@ async def _close_quietly(stream: StreamKeySource, ksid: bytes) -> None:
 
 def _need(source: T | None, what: str) -> T:
     if source is None:
-        raise HandshakeRejectedError(Alert.HANDSHAKE_FAILURE, f"no {what} key source configured")
+        raise HandshakeRejectedError(
+            Alert.HANDSHAKE_FAILURE, f"no {what} key source configured", key_source=True
+        )
     return source
 
 

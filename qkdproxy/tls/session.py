@@ -44,6 +44,7 @@ from qkdproxy.tls.tlslite_glue import (
 from qkdproxy.tls.verify import PeerPolicy, PeerRejectedError
 from qkdproxy.tls.wire import (
     TLS13_CIPHER_SUITES,
+    Alert,
     GateEvent,
     HandshakeType,
     HeldHello,
@@ -59,11 +60,19 @@ CLOSE_TIMEOUT = 5.0
 class HandshakeError(Exception):
     """A handshake that did not complete; the only exception the handshake APIs raise."""
 
-    def __init__(self, reason: str, alert: int | None = None, remote: bool = False) -> None:
+    def __init__(
+        self, reason: str, alert: int | None = None, remote: bool = False, key_source: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.alert = alert
         self.remote = remote
+        self.key_source = key_source
+
+    @property
+    def may_be_kme(self) -> bool:
+        """Our KME failed, or the peer ended with internal_error (its KME, perhaps)."""
+        return self.key_source or (self.remote and self.alert == Alert.INTERNAL_ERROR)
 
 
 class TlsStreamError(ConnectionError):
@@ -432,7 +441,7 @@ async def _handshake_error(driver: _Driver, exc: BaseException) -> HandshakeErro
     if isinstance(exc, HandshakeRejectedError):
         with contextlib.suppress(ConnectionError):
             await driver.send_raw(plaintext_alert(exc.alert))
-        return HandshakeError(exc.reason, int(exc.alert))
+        return HandshakeError(exc.reason, int(exc.alert), key_source=exc.key_source)
     if isinstance(exc, TLSLocalAlert):
         return HandshakeError(exc.message or str(exc), exc.description)
     if isinstance(exc, TLSRemoteAlert):

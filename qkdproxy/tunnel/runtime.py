@@ -1,0 +1,277 @@
+"""A running tunnel: listeners, connection limit, handshakes, the pump, one log line each.
+
+Client role: plaintext in, TLS to the peer daemon. Server role: TLS in, plaintext to the
+backend. The TLS endpoint can be swapped (reload) without touching live connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from qkdproxy.config import TunnelConfig
+from qkdproxy.qkd.sources import KeySources
+from qkdproxy.tls.keyexchange import KeyContext
+from qkdproxy.tls.peer import open_peer_channel
+from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
+from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
+from qkdproxy.tunnel.pump import Channel, RawTlsChannel, Traffic, pump
+
+log = logging.getLogger("qkdproxy.connection")
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """The one structured log line written when a connection closes (never key material)."""
+
+    conn_id: int
+    tunnel: str
+    role: str
+    client: str = ""
+    peer: str | None = None
+    group: str | None = None
+    flow: str | None = None
+    api: str | None = None
+    qkd_key_id: str | None = None
+    hello_retry: bool = False
+    fallback: bool = False
+    handshake_ms: float | None = None
+    bytes_to_peer: int = 0
+    bytes_from_peer: int = 0
+    duration_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class TunnelStats:
+    """Counters read by the status endpoint and the demo."""
+
+    opened: int = 0
+    closed: int = 0
+    rejected_at_limit: int = 0
+    handshake_failures: int = 0
+    fallbacks: int = 0
+    handshake_seconds: list[float] = field(default_factory=list)
+
+
+class Tunnel:
+    """One configured tunnel; ``endpoint`` (and ``fallback``) are replaceable on reload."""
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        endpoint: TlsEndpoint,
+        keys: KeyContext,
+        fallback: TlsEndpoint | None = None,
+        on_close: Callable[[ConnectionRecord], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.fallback = fallback
+        self.keys = keys
+        self.stats = TunnelStats()
+        self._on_close = on_close
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def active(self) -> int:
+        """Connections in progress."""
+        return len(self._connections)
+
+    @property
+    def sources(self) -> KeySources:
+        """The key sources of this tunnel."""
+        return self.keys.sources
+
+    # ------------------------------------------------------------- listening
+
+    async def start(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
+        """Open the listener(s)."""
+        address = self.config.listen
+        handler = self._accept
+        if isinstance(address, TcpAddress):
+            self._servers.append(await asyncio.start_server(handler, address.host, address.port))
+        elif isinstance(address, UnixAddress):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.path)
+            self._servers.append(await asyncio.start_unix_server(handler, address.path))
+        else:
+            sockets = (inherited or {}).get(address.name)
+            if not sockets:
+                raise OSError(f"no socket named {address.name!r} was passed by systemd")
+            for sock in sockets:
+                self._servers.append(await asyncio.start_server(handler, sock=sock))
+
+    def bound(self) -> list[str]:
+        """Where the tunnel listens (resolved ports), for logs and tests."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append(f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name}")
+        return out
+
+    def stop_accepting(self) -> None:
+        """Close the listeners; live connections continue."""
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for live connections, then cut the rest."""
+        if self._connections:
+            _, pending = await asyncio.wait(set(self._connections), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+
+    # ------------------------------------------------------------ connections
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
+        peername = writer.get_extra_info("peername")
+        record.client = str(peername[0]) if isinstance(peername, tuple) else "unix"
+        _keepalive(writer)
+        if len(self._connections) >= self.config.max_connections:
+            self.stats.rejected_at_limit += 1
+            record.reason = "rejected: connection limit"
+            await close_transport(writer)
+            self._finish(record, time.monotonic())
+            return
+        self._connections.add(task)
+        self.stats.opened += 1
+        started = time.monotonic()
+        try:
+            lifetime = self.config.max_lifetime_s or None
+            async with asyncio.timeout(lifetime):
+                record.reason = await self._serve(reader, writer, record)
+        except TimeoutError:
+            record.reason = "max_lifetime"
+        except asyncio.CancelledError:
+            record.reason = "drained"
+            raise
+        finally:
+            self._connections.discard(task)
+            await close_transport(writer)
+            self._finish(record, started)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+    ) -> str:
+        if self.config.role == "server":
+            return await self._serve_server(reader, writer, record)
+        return await self._serve_client(reader, writer, record)
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+    ) -> str:
+        try:
+            stream = await self._dial_peer(self.endpoint, record)
+        except HandshakeError as exc:
+            if self.fallback is None or not exc.may_be_kme:
+                return self._handshake_failed(exc)
+            log.warning(
+                "tunnel %s: QKD unavailable (%s); falling back to %s",
+                self.config.name, exc.reason, "/".join(g.name for g in self.config.plan.fallback),
+            )  # fmt: skip
+            record.fallback = True
+            self.stats.fallbacks += 1
+            try:
+                stream = await self._dial_peer(self.fallback, record)
+            except HandshakeError as again:
+                return self._handshake_failed(again)
+        except OSError as exc:
+            return f"peer unreachable: {exc.strerror or type(exc).__name__}"
+        channel = await self._channel(stream, record)
+        traffic = Traffic()
+        try:
+            return await pump(reader, writer, channel, traffic, self.config.idle_timeout_s)
+        finally:
+            record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
+            await channel.close()
+
+    async def _dial_peer(self, endpoint: TlsEndpoint, record: ConnectionRecord) -> TlsStream:
+        peer = self.config.connect
+        assert isinstance(peer, TcpAddress)
+        async with asyncio.timeout(self.config.connect_timeout_s):
+            peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
+        _keepalive(peer_writer)
+        return await endpoint.connect(peer_reader, peer_writer)
+
+    async def _serve_server(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+    ) -> str:
+        try:
+            stream = await self.endpoint.accept(reader, writer)
+        except HandshakeError as exc:
+            return self._handshake_failed(exc)
+        channel = await self._channel(stream, record)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                backend_reader, backend_writer = await _open(self.config.connect)
+        except (OSError, TimeoutError) as exc:
+            await channel.close()
+            return f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+        _keepalive(backend_writer)
+        traffic = Traffic()
+        try:
+            # Seen from the server tunnel, the backend is the plaintext side.
+            return await pump(
+                backend_reader, backend_writer, channel, traffic, self.config.idle_timeout_s
+            )
+        finally:
+            record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
+            await channel.close()
+            await close_transport(backend_writer)
+
+    async def _channel(self, stream: TlsStream, record: ConnectionRecord) -> Channel:
+        self.stats.handshake_seconds.append(stream.handshake_seconds)
+        record.handshake_ms = round(stream.handshake_seconds * 1000, 3)
+        record.peer = stream.peer.describe()
+        record.group = stream.record.group
+        record.flow = stream.record.flow.value if stream.record.flow else None
+        record.api = stream.record.api.value if stream.record.api else None
+        record.qkd_key_id = stream.record.qkd_key_id
+        record.hello_retry = stream.record.hello_retry
+        channel = await open_peer_channel(stream, self.sources)
+        return channel if channel is not None else RawTlsChannel(stream)
+
+    def _handshake_failed(self, exc: HandshakeError) -> str:
+        self.stats.handshake_failures += 1
+        side = "peer" if exc.remote else "local"
+        return f"handshake failed ({side}): {exc.reason}"[:300]
+
+    def _finish(self, record: ConnectionRecord, started: float) -> None:
+        record.duration_s = round(time.monotonic() - started, 6)
+        self.stats.closed += 1
+        log.info(json.dumps(asdict(record), separators=(",", ":")))
+        if self._on_close is not None:
+            self._on_close(record)
+
+
+async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if isinstance(address, UnixAddress):
+        return await asyncio.open_unix_connection(address.path)
+    if isinstance(address, SystemdAddress):
+        raise OSError("systemd: addresses can only listen")
+    return await asyncio.open_connection(address.host, address.port)
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
