@@ -11,6 +11,7 @@ from qkdproxy import __version__
 from qkdproxy.aio import run
 from qkdproxy.bench.handshake import KeySourceChoice, format_table, run_handshake_bench
 from qkdproxy.bench.kme import run_kme_bench
+from qkdproxy.daemon_cli import add_commands as add_daemon_commands
 from qkdproxy.groups import DEFAULT_GROUPS, GroupError
 from qkdproxy.hybrid import GroupUnavailableError, resolve
 from qkdproxy.kem import default_registry
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     kme.add_argument("--json", action="store_true", help="print one JSON object")
     kme.set_defaults(handler=_bench_kme_command)
     add_kme_commands(commands)
+    add_daemon_commands(commands)
     return parser
 
 

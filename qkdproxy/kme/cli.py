@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Two simulated KMEs joined by a QKD link. Prints one JSON line with the "
         "ETSI 014 URLs and ETSI 004 addresses once both listen; stops on SIGINT/SIGTERM.",
     )  # fmt: skip
+    kme.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file with a [simulator] table (its keys are the long options below, "
+        "with '_' for '-'); its values replace the command-line ones",
+    )
     kme.add_argument(
         "--pki",
         type=Path,
@@ -102,9 +109,37 @@ def _settings(args: argparse.Namespace) -> SimulatorSettings:
     )
 
 
+_CONFIG_KEYS: dict[str, type] = {
+    "pki": Path, "host": str, "port_a": int, "port_b": int, "port_004_a": int,
+    "port_004_b": int, "rate_bps": float, "pool_bits": int, "key_ttl_s": float,
+    "latency_ms": float, "faults": Path, "identity": str,
+}  # fmt: skip
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Take the [simulator] table of --config; relative paths are relative to that file."""
+    try:
+        table = tomllib.loads(args.config.read_text()).get("simulator", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{args.config}: {exc}") from None
+    for key, value in table.items():
+        kind = _CONFIG_KEYS.get(key)
+        if kind is None:
+            raise ValueError(f"{args.config}: simulator.{key}: unknown key")
+        if kind is Path:
+            setattr(args, key, args.config.parent / str(value))
+            continue
+        number_ok = kind in (int, float) and isinstance(value, int | float)
+        if isinstance(value, bool) or not (isinstance(value, kind) or number_ok):
+            raise ValueError(f"{args.config}: simulator.{key}: must be a {kind.__name__}")
+        setattr(args, key, kind(value))
+
+
 def kme_command(args: argparse.Namespace) -> int:
     """Run the pair until a signal arrives."""
     try:
+        if args.config is not None:
+            _apply_config(args)
         settings = _settings(args)
         anchors = load_trust_anchors(args.pki / "ca.pem")
         credentials = [Credentials.load(args.pki / f"{k}.pem", args.pki / f"{k}-key.pem")

@@ -185,6 +185,10 @@ class _Driver:
 
     async def flush(self) -> None:
         if self.sock.outbound:
+            if self.writer.is_closing():
+                # uvloop raises RuntimeError on a write to a closed transport.
+                self.sock.outbound.clear()
+                raise ConnectionResetError("transport already closed")
             self.writer.write(bytes(self.sock.outbound))
             self.sock.outbound.clear()
             await self.writer.drain()

@@ -163,6 +163,9 @@ class Tunnel:
         except asyncio.CancelledError:
             record.reason = "drained"
             raise
+        except Exception as exc:
+            # Whatever one connection hits ends that connection only.
+            record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
         finally:
             self._connections.discard(task)
             await close_transport(writer)
