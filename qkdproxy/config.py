@@ -204,14 +204,7 @@ def _tunnel(
     role = r.get("role", str, "", required=True)
     if role and role not in ("client", "server"):
         r.fail("role", 'must be "client" or "server"')
-    listen, connect = _address(r, "listen"), _address(r, "connect")
-    plaintext = listen if role == "client" else connect
-    public_ok = r.get("allow_public_plaintext", bool, False)
-    if plaintext is not None and not plaintext.loopback and not public_ok:
-        side = "listen" if role == "client" else "connect"
-        r.fail(side, "plaintext side is not loopback or unix (set allow_public_plaintext)")
-    if role == "client" and connect is not None and not isinstance(connect, TcpAddress):
-        r.fail("connect", "a client tunnel connects to its peer over TCP")
+    listen, connect, public_ok = _addresses(r, role)
     kme = r.get("kme", str, None)
     if kme is not None and kme not in kmes:
         r.fail("kme", f"no [kme.{kme}] section")
@@ -263,6 +256,20 @@ def _tunnel(
     )  # fmt: skip
     r.check_unknown()
     return config
+
+
+def _addresses(r: _Reader, role: str) -> tuple[Address | None, Address | None, bool]:
+    listen, connect = _address(r, "listen"), _address(r, "connect")
+    if isinstance(connect, TcpAddress) and connect.port == 0:
+        r.fail("connect", "port 0 can only be used to listen")
+    plaintext = listen if role == "client" else connect
+    public_ok = bool(r.get("allow_public_plaintext", bool, False))
+    if plaintext is not None and not plaintext.loopback and not public_ok:
+        side = "listen" if role == "client" else "connect"
+        r.fail(side, "plaintext side is not loopback or unix (set allow_public_plaintext)")
+    if role == "client" and connect is not None and not isinstance(connect, TcpAddress):
+        r.fail("connect", "a client tunnel connects to its peer over TCP")
+    return listen, connect, public_ok
 
 
 def _address(r: _Reader, key: str) -> Address | None:

@@ -84,6 +84,6 @@ def parse_address(text: str) -> Address:
             raise AddressError(f"{text!r}: not an IPv6 address in brackets") from None
     elif ":" in host:
         raise AddressError(f"{text!r}: write IPv6 addresses as [addr]:port")
-    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise AddressError(f"{text!r}: port must be 1-65535")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise AddressError(f"{text!r}: port must be 0-65535 (0: any free port, listen only)")
     return TcpAddress(host, int(port_text))

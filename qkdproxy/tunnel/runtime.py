@@ -82,6 +82,7 @@ class Tunnel:
         self._on_close = on_close
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()
 
     @property
     def active(self) -> int:
@@ -120,6 +121,11 @@ class Tunnel:
                 name = sock.getsockname()
                 out.append(f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name}")
         return out
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is in progress."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._connections)
 
     def stop_accepting(self) -> None:
         """Close the listeners; live connections continue."""
@@ -170,6 +176,8 @@ class Tunnel:
             self._connections.discard(task)
             await close_transport(writer)
             self._finish(record, started)
+            async with self._changed:
+                self._changed.notify_all()
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
