@@ -65,6 +65,9 @@ class TunnelConfig:
     idle_timeout_s: float = 3600.0
     max_lifetime_s: float = 0.0
     allow_public_plaintext: bool = False
+    rekey_bytes: int = 1 << 30
+    rekey_interval_s: float = 3600.0
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +256,9 @@ def _tunnel(
         idle_timeout_s=r.positive("idle_timeout_s", 3600.0, allow_zero=True),
         max_lifetime_s=r.positive("max_lifetime_s", 0.0, allow_zero=True),
         allow_public_plaintext=public_ok,
+        rekey_bytes=int(r.positive("rekey_bytes", float(1 << 30), allow_zero=True)),
+        rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
+        proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
     )  # fmt: skip
     r.check_unknown()
     return config

@@ -84,6 +84,10 @@ class PeerChannel:
         if isinstance(sink, AnnouncementSink):
             sink.announced(ids)
 
+    async def update_keys(self) -> None:
+        """Fresh traffic keys (TLS 1.3 KeyUpdate)."""
+        await self.stream.update_keys()
+
     async def close(self) -> None:
         """Close the TLS stream."""
         await self.stream.close()

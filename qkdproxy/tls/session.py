@@ -277,6 +277,13 @@ class TlsStream:
         except (TLSError, ConnectionError) as exc:
             raise await self._fail(exc) from None
 
+    async def update_keys(self) -> None:
+        """TLS 1.3 KeyUpdate asking the peer to update too (long-lived flows)."""
+        try:
+            await self._driver.run(self._conn.request_key_update())
+        except (TLSError, ConnectionError) as exc:
+            raise await self._fail(exc) from None
+
     async def _fail(self, exc: BaseException) -> TlsStreamError:
         await close_transport(self._driver.writer)
         alert = getattr(exc, "description", None)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
-from tlslite.constants import GroupName
+from tlslite.constants import GroupName, KeyUpdateMessageType
 from tlslite.errors import TLSIllegalParameterException
 from tlslite.messages import KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
@@ -284,6 +284,12 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         if refusal is not None:
             yield from self._sendError(refusal[0], refusal[1])
         yield result
+
+    def request_key_update(self) -> Iterator[Any]:
+        """Send KeyUpdate(update_requested): fresh traffic keys in both directions."""
+        return self.send_keyupdate_request(  # type: ignore[no-any-return]
+            KeyUpdateMessageType.update_requested
+        )
 
     def send_alert(self, alert: int, reason: str) -> Iterator[Any]:
         """Send a fatal alert (encrypted if keys are set) and close; raises TLSLocalAlert."""

@@ -27,6 +27,8 @@ class Channel(Protocol):
 
     async def receive(self) -> bytes: ...
 
+    async def update_keys(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -48,9 +50,21 @@ class RawTlsChannel:
         """Read application bytes (b"" at the end)."""
         return await self.stream.read()
 
+    async def update_keys(self) -> None:
+        """TLS 1.3 KeyUpdate."""
+        await self.stream.update_keys()
+
     async def close(self) -> None:
         """Close the stream."""
         await self.stream.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyBudget:
+    """Send a KeyUpdate after this many bytes or seconds (0 turns a limit off)."""
+
+    max_bytes: int = 1 << 30
+    max_seconds: float = 3600.0
 
 
 @dataclass(slots=True)
@@ -59,7 +73,16 @@ class Traffic:
 
     to_peer: int = 0
     from_peer: int = 0
+    key_updates: int = 0
     last_activity: float = field(default_factory=time.monotonic)
+    last_rekey: float = field(default_factory=time.monotonic)
+    bytes_since_rekey: int = 0
+
+    def rekey_due(self, budget: RekeyBudget, now: float) -> bool:
+        """True when the current traffic keys have carried enough."""
+        return bool(budget.max_bytes and self.bytes_since_rekey >= budget.max_bytes) or bool(
+            budget.max_seconds and now - self.last_rekey >= budget.max_seconds
+        )
 
 
 async def pump(
@@ -67,15 +90,24 @@ async def pump(
     writer: asyncio.StreamWriter,
     channel: Channel,
     traffic: Traffic,
+    *,
     idle_timeout_s: float,
+    rekey: RekeyBudget | None = None,
 ) -> str:
     """Run both directions until both ended; returns why the connection ended."""
+    budget = rekey or RekeyBudget()
 
     async def outbound() -> None:
         while data := await reader.read(READ_SIZE):
             traffic.to_peer += len(data)
-            traffic.last_activity = time.monotonic()
+            traffic.bytes_since_rekey += len(data)
+            traffic.last_activity = now = time.monotonic()
             await channel.send(data)
+            if traffic.rekey_due(budget, now):
+                # KeyUpdate(update_requested): the peer renews its sending keys too.
+                await channel.update_keys()
+                traffic.key_updates += 1
+                traffic.bytes_since_rekey, traffic.last_rekey = 0, now
         await channel.send_fin()
 
     async def inbound() -> None:

@@ -23,7 +23,8 @@ from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
 from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
-from qkdproxy.tunnel.pump import Channel, RawTlsChannel, Traffic, pump
+from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
+from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
 
 log = logging.getLogger("qkdproxy.connection")
 _ids = itertools.count(1)
@@ -47,6 +48,7 @@ class ConnectionRecord:
     handshake_ms: float | None = None
     bytes_to_peer: int = 0
     bytes_from_peer: int = 0
+    key_updates: int = 0
     duration_s: float = 0.0
     reason: str = ""
 
@@ -209,9 +211,12 @@ class Tunnel:
         channel = await self._channel(stream, record)
         traffic = Traffic()
         try:
-            return await pump(reader, writer, channel, traffic, self.config.idle_timeout_s)
+            return await pump(
+                reader, writer, channel, traffic,
+                idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+            )  # fmt: skip
         finally:
-            record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
+            self._account(record, traffic)
             await channel.close()
 
     async def _dial_peer(self, endpoint: TlsEndpoint, record: ConnectionRecord) -> TlsStream:
@@ -237,14 +242,17 @@ class Tunnel:
             await channel.close()
             return f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
         _keepalive(backend_writer)
+        if self.config.proxy_protocol:
+            backend_writer.write(encode_proxy_v2(self._proxy_info(writer, stream, record)))
         traffic = Traffic()
         try:
             # Seen from the server tunnel, the backend is the plaintext side.
             return await pump(
-                backend_reader, backend_writer, channel, traffic, self.config.idle_timeout_s
-            )
+                backend_reader, backend_writer, channel, traffic,
+                idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+            )  # fmt: skip
         finally:
-            record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
+            self._account(record, traffic)
             await channel.close()
             await close_transport(backend_writer)
 
@@ -259,6 +267,32 @@ class Tunnel:
         record.hello_retry = stream.record.hello_retry
         channel = await open_peer_channel(stream, self.sources)
         return channel if channel is not None else RawTlsChannel(stream)
+
+    @staticmethod
+    def _proxy_info(
+        writer: asyncio.StreamWriter, stream: TlsStream, record: ConnectionRecord
+    ) -> ProxyInfo:
+        def address(name: object) -> tuple[str, int] | None:
+            return (str(name[0]), int(name[1])) if isinstance(name, tuple) else None
+
+        return ProxyInfo(
+            source=address(writer.get_extra_info("peername")),
+            destination=address(writer.get_extra_info("sockname")),
+            connection_id=record.conn_id,
+            peer_identity=stream.peer.describe(),
+            peer_cn=stream.peer.common_name,
+            cipher=stream.cipher,
+            group=stream.record.group,
+        )
+
+    @property
+    def _rekey(self) -> RekeyBudget:
+        return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
+
+    @staticmethod
+    def _account(record: ConnectionRecord, traffic: Traffic) -> None:
+        record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
+        record.key_updates = traffic.key_updates
 
     def _handshake_failed(self, exc: HandshakeError) -> str:
         self.stats.handshake_failures += 1
