@@ -177,9 +177,9 @@ async def test_proxy_protocol_v2_tells_the_backend_who_came(tmp_path: Path) -> N
     async with (
         setup(tmp_path, backend) as s,
         s.daemon("server", s.server_toml("proxy_protocol = true")) as server,
+        s.daemon("client", s.client_toml(port(server))) as client,
     ):
-        async with s.daemon("client", s.client_toml(port(server))) as client:
-            assert await transfer(port(client), b"after the header") == b"after the header"
+        assert await transfer(port(client), b"after the header") == b"after the header"
     [head] = backend.heads
     assert head.startswith(SIGNATURE) and head[12] == 0x21 and head[13] == 0x11
     assert ipaddress.ip_address(head[16:20]) == ipaddress.ip_address("127.0.0.1")
