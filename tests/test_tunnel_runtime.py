@@ -239,3 +239,27 @@ async def test_reload_swaps_credentials_or_keeps_the_old_ones(tmp_path: Path) ->
         assert server.reload() == []
         assert server.tunnels[0].endpoint is not before
         assert await transfer(port(client), b"refused now") == b""
+
+
+async def test_unix_sockets_on_both_plaintext_sides(tmp_path: Path) -> None:
+    backend = Backend()
+    backend_path = str(tmp_path / "backend.sock")
+    unix_backend = await asyncio.start_unix_server(backend.handle, backend_path)
+    client_path = tmp_path / "client.sock"
+    try:
+        async with setup(tmp_path, backend) as s:
+            server_text = s.server_toml().replace(
+                f'connect = "127.0.0.1:{s.backend_port}"', f'connect = "unix:{backend_path}"'
+            )
+            async with s.daemon("server", server_text) as server:
+                client_text = s.client_toml(port(server)).replace(
+                    'listen = "127.0.0.1:0"', f'listen = "unix:{client_path}"'
+                )
+                async with s.daemon("client", client_text):
+                    reader, writer = await asyncio.open_unix_connection(str(client_path))
+                    writer.write(b"over unix sockets")
+                    writer.write_eof()
+                    assert await asyncio.wait_for(reader.read(), 10) == b"over unix sockets"
+                    writer.close()
+    finally:
+        unix_backend.close()
