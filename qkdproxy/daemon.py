@@ -1,7 +1,8 @@
 """The daemon: builds KME connections and tunnels from a configuration, runs them, and
 handles reload (SIGHUP), drain (SIGTERM) and systemd notifications.
 
-Exit codes: 0 stopped cleanly; 1 could not start (listener, KME client); 2 bad configuration.
+Exit codes: 0 stopped cleanly; 1 could not start (e.g. a listener address in use); 2 bad
+configuration, including certificate, key or CA files that cannot be used.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Daemon:
         self._on_close = on_close
         self._stop = asyncio.Event()
         self._terms = 0
+        self._stopping = False
         self.healthy = False
 
     async def start(self) -> None:
@@ -100,11 +102,20 @@ class Daemon:
     def reload(self) -> list[str]:
         """Re-read the configuration file and every tunnel's certificates, keys, CA bundles
         and allow-lists. All or nothing: on any problem the old settings stay."""
+        if self._stopping:
+            log.warning("reload ignored: the daemon is stopping")
+            return ["the daemon is stopping"]
         self.notifier.notify(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
         problems: list[str] = []
         try:
             fresh = load_config(self.config.path)
             by_name = {t.name: t for t in fresh.tunnels}
+            running = {t.config.name for t in self.tunnels}
+            problems += [
+                f"tunnel {n}: new tunnels need a restart" for n in by_name if n not in running
+            ]
+            if fresh.kmes != self.config.kmes:
+                problems.append("kme sections changed: KME changes need a restart")
             replacements = []
             for tunnel in self.tunnels:
                 config = by_name.get(tunnel.config.name)
@@ -122,6 +133,7 @@ class Daemon:
         if not problems:
             for tunnel, config, endpoint, fallback in replacements:
                 tunnel.config, tunnel.endpoint, tunnel.fallback = config, endpoint, fallback
+            self.config = fresh
             log.info("reloaded %s", self.config.path)
         else:
             for problem in problems:
@@ -148,6 +160,8 @@ class Daemon:
         self.notifier.notify(READY="1", STATUS=self.status_line())
         watchdog = asyncio.create_task(self._watchdog())
         await self._stop.wait()
+        # SIGHUP keeps its handler (the default would kill us); reload() ignores it now.
+        self._stopping = True
         self.healthy = False
         self.notifier.notify(STOPPING="1", STATUS="draining")
         log.info("draining (up to %ss; send SIGTERM again to stop now)",

@@ -14,7 +14,7 @@ from qkdproxy.aio import run
 from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
 from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.credentials import CredentialError
+from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
 from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError
@@ -59,6 +59,9 @@ def check_command(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     try:
+        for kme in config.kmes.values():
+            Credentials.load(kme.cert, kme.key)
+            load_trust_anchors(kme.ca)
         for tunnel in config.tunnels:
             build_endpoint(tunnel, KeyContext(KeySources()), tunnel.plan.groups)
     except (CredentialError, ValueError) as exc:
@@ -85,7 +88,12 @@ async def _run(config: Config) -> int:
     daemon = Daemon(config)
     try:
         await daemon.start()
-    except (OSError, CredentialError, ValueError) as exc:
+    except (CredentialError, ValueError) as exc:
+        # A certificate, key or CA file named by the configuration is unusable.
+        print(f"qkdproxy run: {config.path}: {exc}", file=sys.stderr)
+        await daemon.close()
+        return EXIT_CONFIG
+    except OSError as exc:
         print(f"qkdproxy run: cannot start: {exc}", file=sys.stderr)
         await daemon.close()
         return EXIT_START_FAILED

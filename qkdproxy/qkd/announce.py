@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.qkd.sources import SlaveKeySource
+
+SERVED_MEMORY = 4096
 
 
 @runtime_checkable
@@ -70,6 +73,8 @@ class AnnouncedSlave:
         self._clock = clock
         self._cache: dict[bytes, _Cached] = {}
         self._inflight: dict[bytes, asyncio.Task[None]] = {}
+        # Ids already handed out (bounded): a late announcement must not fetch them again.
+        self._served: OrderedDict[bytes, None] = OrderedDict()
         self.counters = AnnouncedCounters()
 
     @property
@@ -81,7 +86,7 @@ class AnnouncedSlave:
         """Fetch these ids in the background (bounded; duplicates ignored)."""
         self._expire()
         for key_id in map(bytes, key_ids):
-            if key_id in self._cache or key_id in self._inflight:
+            if key_id in self._cache or key_id in self._inflight or key_id in self._served:
                 continue
             if len(self._cache) + len(self._inflight) >= self._max_keys:
                 self.counters.dropped_full += 1
@@ -103,6 +108,7 @@ class AnnouncedSlave:
     async def get_key(self, key_id: bytes) -> QkdKey:
         """From memory when announced (waiting for an in-flight fetch), else from ``inner``."""
         key_id = bytes(key_id)
+        self._remember_served(key_id)
         task = self._inflight.get(key_id)
         if task is not None:
             await asyncio.shield(task)
@@ -114,6 +120,11 @@ class AnnouncedSlave:
         if task is not None:
             raise KeyNotFoundError("announced key could not be fetched")
         return await self._inner.get_key(key_id)
+
+    def _remember_served(self, key_id: bytes) -> None:
+        self._served[key_id] = None
+        if len(self._served) > SERVED_MEMORY:
+            self._served.popitem(last=False)
 
     async def wait_fetched(self) -> None:
         """Return once every announced key in flight has been fetched (or failed)."""

@@ -278,7 +278,7 @@ class TlsStream:
             raise await self._fail(exc) from None
 
     async def update_keys(self) -> None:
-        """TLS 1.3 KeyUpdate asking the peer to update too (long-lived flows)."""
+        """TLS 1.3 KeyUpdate of our sending keys (long-lived flows)."""
         try:
             await self._driver.run(self._conn.request_key_update())
         except (TLSError, ConnectionError) as exc:

@@ -286,9 +286,13 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         yield result
 
     def request_key_update(self) -> Iterator[Any]:
-        """Send KeyUpdate(update_requested): fresh traffic keys in both directions."""
+        """Send KeyUpdate(update_not_requested): fresh keys for what we send.
+
+        Each side renews its own sending keys on its own budget. Asking the peer to answer
+        (update_requested) would make its reading side write, possibly after we closed.
+        """
         return self.send_keyupdate_request(  # type: ignore[no-any-return]
-            KeyUpdateMessageType.update_requested
+            KeyUpdateMessageType.update_not_requested
         )
 
     def send_alert(self, alert: int, reason: str) -> Iterator[Any]:

@@ -104,7 +104,6 @@ async def pump(
             traffic.last_activity = now = time.monotonic()
             await channel.send(data)
             if traffic.rekey_due(budget, now):
-                # KeyUpdate(update_requested): the peer renews its sending keys too.
                 await channel.update_keys()
                 traffic.key_updates += 1
                 traffic.bytes_since_rekey, traffic.last_rekey = 0, now
