@@ -263,3 +263,19 @@ async def test_unix_sockets_on_both_plaintext_sides(tmp_path: Path) -> None:
                     writer.close()
     finally:
         unix_backend.close()
+
+
+async def test_maximum_lifetime_ends_a_busy_connection(tmp_path: Path) -> None:
+    async with (
+        setup(tmp_path) as s,
+        s.daemon("server", s.server_toml()) as server,
+        s.daemon("client", s.client_toml(port(server), "max_lifetime_s = 0.3")) as client,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+        writer.write(b"still talking")
+        assert await asyncio.wait_for(reader.readexactly(13), 10) == b"still talking"
+        # Open and answered, but older than its lifetime: the daemon ends it.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        await asyncio.wait_for(client.tunnels[0].wait_idle(), 10)
+    assert any(r.role == "client" and r.reason == "max_lifetime" for r in s.records)
