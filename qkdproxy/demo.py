@@ -9,6 +9,7 @@ several connections in each flow, verifies every byte, and prints a summary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import statistics
@@ -113,12 +114,11 @@ groups = ["{group}"]
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
-    except ConnectionError:
-        pass
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
     finally:
         writer.close()
 
