@@ -76,6 +76,8 @@ class DaemonConfig:
 
     drain_timeout_s: float = 300.0
     log_level: str = "info"
+    # The status listener (/metrics, /healthz, /readyz, /status); None: not served.
+    status_listen: TcpAddress | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +149,16 @@ def load_config(path: Path | str) -> Config:
 
 
 def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
-    for key in sorted(set(data) - {"daemon", "kme", "tunnel"}):
+    for key in sorted(set(data) - {"daemon", "kme", "tunnel", "status"}):
         problems.append(f"{key}: unknown section")
     base = path.parent
     daemon = _Reader(data.get("daemon", {}), "daemon", problems)
     daemon_config = DaemonConfig(
         drain_timeout_s=daemon.positive("drain_timeout_s", 300.0),
         log_level=daemon.get("log_level", str, "info"),
+        status_listen=_status(
+            _Reader(data.get("status", {}), "status", problems), "status" in data
+        ),
     )
     if daemon_config.log_level not in ("debug", "info", "warning", "error"):
         daemon.fail("log_level", "must be debug, info, warning or error")
@@ -173,6 +178,20 @@ def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
     if not tunnels:
         problems.append("tunnel: at least one [[tunnel]] is required")
     return Config(path, daemon_config, kmes, tuple(t for t in tunnels if t is not None))
+
+
+def _status(r: _Reader, present: bool) -> TcpAddress | None:
+    if not present:
+        return None
+    address = _address(r, "listen") if "listen" in r.data else TcpAddress("127.0.0.1", 9100)
+    if address is not None and not isinstance(address, TcpAddress):
+        r.fail("listen", "the status listener is host:port")
+        address = None
+    allow_public = r.get("allow_public", bool, False)
+    if isinstance(address, TcpAddress) and not address.loopback and not allow_public:
+        r.fail("listen", "not loopback (set allow_public = true to expose it)")
+    r.check_unknown()
+    return address if isinstance(address, TcpAddress) else None
 
 
 def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
+from qkdproxy import __version__
 from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
 from qkdproxy.groups import GroupSpec
 from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
+from qkdproxy.observability.metrics import KmeState, Metrics, StateCollector, TunnelState
+from qkdproxy.observability.status import StatusServer, create_app
+from qkdproxy.qkd.announce import AnnouncedSlave
+from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
+from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.sdnotify import Notifier, inherited_sockets, watchdog_interval_s
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
@@ -26,6 +34,7 @@ from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
 from qkdproxy.tls.session import EndpointSettings, TlsEndpoint
 from qkdproxy.tls.verify import PeerPolicy
 from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.runtime import ConnectionRecord, Tunnel
 
 EXIT_OK, EXIT_START_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -51,6 +60,81 @@ def build_endpoint(
     )
 
 
+def _expiry(credentials: Callable[[], Credentials]) -> Callable[[], float]:
+    # Read at scrape time, so a reload's new certificate is what gets reported.
+    def not_after() -> float:
+        return credentials().chain[0].not_valid_after_utc.timestamp()
+
+    return not_after
+
+
+def _endpoint_credentials(tunnel: Tunnel) -> Credentials:
+    return tunnel.endpoint.settings.credentials
+
+
+def tunnel_state(tunnel: Tunnel) -> TunnelState:
+    """How the metrics collector reads a tunnel."""
+    ledger = tunnel.keys.ledger
+    return TunnelState(
+        tunnel.config.name, tunnel.config.role, lambda: tunnel.active,
+        lambda: {"taken": ledger.taken, "consumed": ledger.consumed, "wasted": ledger.wasted},
+        lambda: {"opened": tunnel.stats.opened, "rejected": tunnel.stats.rejected_at_limit,
+                 "fallbacks": tunnel.stats.fallbacks},
+    )  # fmt: skip
+
+
+def kme_state(kme: KmeConnection) -> KmeState:
+    """How the metrics collector reads a KME connection."""
+    master, stream = kme.sources.master, kme.sources.stream
+
+    def depth() -> int | None:
+        if isinstance(master, Etsi014Master):
+            return master.depth
+        return stream.depth if isinstance(stream, PrefetchingStreams) else None
+
+    def counters() -> dict[str, int]:
+        out: dict[str, int] = {}
+        if isinstance(master, Etsi014Master):
+            c = master.counters
+            out |= {"prefetched": c.prefetched, "served_from_buffer": c.served_from_buffer,
+                    "fetched_on_demand": c.fetched_on_demand, "expired": c.expired}  # fmt: skip
+        if isinstance(kme.sources.slave, AnnouncedSlave):
+            a = kme.sources.slave.counters
+            out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
+                    "announced_expired": a.expired}  # fmt: skip
+        return out
+
+    def rate() -> float:
+        return master.consumption_per_s() if isinstance(master, Etsi014Master) else 0.0
+
+    return KmeState(
+        kme.config.name, lambda: kme.up, lambda: kme.breaker, depth, rate,
+        lambda: kme.pool_keys, counters,
+    )  # fmt: skip
+
+
+def _tunnel_status(tunnel: Tunnel) -> dict[str, Any]:
+    config, stats = tunnel.config, tunnel.stats
+    return {
+        "name": config.name, "role": config.role, "listen": tunnel.bound(),
+        "policy": config.policy.value, "groups": [g.name for g in config.plan.groups],
+        "kme": config.kme, "active": tunnel.active, "opened": stats.opened,
+        "closed": stats.closed, "rejected_at_limit": stats.rejected_at_limit,
+        "handshake_failures": stats.handshake_failures, "fallbacks": stats.fallbacks,
+        "qkd_keys_consumed": tunnel.keys.ledger.consumed,
+        "qkd_keys_wasted": tunnel.keys.ledger.wasted,
+    }  # fmt: skip
+
+
+def _kme_status(kme: KmeConnection) -> dict[str, Any]:
+    state = kme_state(kme)
+    return {
+        "name": kme.config.name, "api": kme.config.api.value, "endpoint": kme.config.endpoint,
+        "up": kme.up, "breaker": kme.breaker.value if kme.breaker else None,
+        "buffer_depth": state.buffer_depth(), "pool_keys": kme.pool_keys,
+    }  # fmt: skip
+
+
 class Daemon:
     """Everything one configuration file describes."""
 
@@ -61,6 +145,11 @@ class Daemon:
         self.kmes: dict[str, KmeConnection] = {}
         self.tunnels: list[Tunnel] = []
         self.notifier = Notifier()
+        self.metrics = Metrics()
+        self.collector = StateCollector()
+        self.metrics.registry.register(self.collector)
+        self.status_server: StatusServer | None = None
+        self._started = False
         self._on_close = on_close
         self._stop = asyncio.Event()
         self._terms = 0
@@ -70,24 +159,93 @@ class Daemon:
     async def start(self) -> None:
         """Open KME clients and listeners; raise on anything that prevents serving."""
         for name, kme_config in self.config.kmes.items():
-            self.kmes[name] = KmeConnection.open(kme_config)
+            kme = KmeConnection.open(kme_config, self.metrics.kme_observer(name))
+            self.kmes[name] = kme
+            self.collector.kmes.append(kme_state(kme))
+            self.collector.certificates.append(
+                (f"kme:{name}", "client", _expiry(functools.partial(getattr, kme, "credentials")))
+            )
         inherited = inherited_sockets()
         for tunnel_config in self.config.tunnels:
             tunnel = self._tunnel(tunnel_config)
             await tunnel.start(inherited)
             self.tunnels.append(tunnel)
+            self._observe_tunnel(tunnel)
             log.info("tunnel %s (%s) listening on %s", tunnel_config.name,
                      tunnel_config.role, ", ".join(tunnel.bound()))  # fmt: skip
         for kme in self.kmes.values():
             kme.start()
+        await self._start_status()
+        self._started = True
         self.healthy = True
+
+    def _observe_tunnel(self, tunnel: Tunnel) -> None:
+        self.collector.tunnels.append(tunnel_state(tunnel))
+        self.collector.certificates.append(
+            (f"tunnel:{tunnel.config.name}", "server" if tunnel.config.role == "server"
+             else "client", _expiry(functools.partial(_endpoint_credentials, tunnel))),
+        )  # fmt: skip
+        self._publish_info(tunnel)
+
+    def _publish_info(self, tunnel: Tunnel) -> None:
+        config = tunnel.config
+        self.metrics.tunnel_info.labels(config.name).info({
+            "role": config.role, "policy": config.policy.value,
+            "groups": ",".join(g.name for g in config.plan.groups),
+            "fallback_groups": ",".join(g.name for g in config.plan.fallback),
+            "flow": config.flow.value, "kme": config.kme or "",
+            "listen": str(config.listen),
+        })  # fmt: skip
+
+    async def _start_status(self) -> None:
+        address = self.config.daemon.status_listen
+        if address is None:
+            return
+        app = create_app(self.metrics.registry, self.readiness, self.status_document)
+        self.status_server = StatusServer(app)
+        await self.status_server.start(address.host, address.port)
+        log.info("status on http://%s (/metrics /healthz /readyz /status)",
+                 self.status_server.address)  # fmt: skip
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready to carry traffic, and if not, why (for /readyz)."""
+        if not self._started:
+            return False, ["starting"]
+        if self._stopping:
+            return False, ["draining"]
+        reasons = []
+        for tunnel in self.tunnels:
+            config = tunnel.config
+            kme = self.kmes.get(config.kme) if config.kme else None
+            if config.policy is Policy.QKD_PQ_REQUIRED and kme is not None and not kme.up:
+                reasons.append(
+                    f"tunnel {config.name}: KME {kme.config.name} unreachable and the policy "
+                    "requires QKD"
+                )
+        return not reasons, reasons
+
+    def status_document(self) -> dict[str, Any]:
+        """The /status JSON."""
+        ready, reasons = self.readiness()
+        return {
+            "version": __version__,
+            "ready": ready,
+            "reasons": reasons,
+            "tunnels": [_tunnel_status(t) for t in self.tunnels],
+            "kmes": [_kme_status(k) for k in self.kmes.values()],
+        }
+
+    def _record(self, record: ConnectionRecord) -> None:
+        self.metrics.observe(record)
+        if self._on_close is not None:
+            self._on_close(record)
 
     def _tunnel(self, config: TunnelConfig) -> Tunnel:
         kme = self.kmes.get(config.kme) if config.kme else None
         options = QkdOptions(flow=config.flow, api=kme.config.api) if kme else QkdOptions()
         keys = KeyContext(kme.sources if kme else KeySources(), options)
         endpoint, fallback = self._endpoints(config, keys)
-        return Tunnel(config, endpoint, keys, fallback, self._on_close)
+        return Tunnel(config, endpoint, keys, fallback, self._record)
 
     @staticmethod
     def _endpoints(
@@ -133,9 +291,12 @@ class Daemon:
         if not problems:
             for tunnel, config, endpoint, fallback in replacements:
                 tunnel.config, tunnel.endpoint, tunnel.fallback = config, endpoint, fallback
+                self._publish_info(tunnel)
             self.config = fresh
+            self.metrics.reloads.labels("success").inc()
             log.info("reloaded %s", self.config.path)
         else:
+            self.metrics.reloads.labels("failure").inc()
             for problem in problems:
                 log.error("reload refused, keeping the running settings: %s", problem)
         self.notifier.notify(READY="1", STATUS=self.status_line())
@@ -194,7 +355,10 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def close(self) -> None:
-        """Stop tunnels and KME clients."""
+        """Stop tunnels, KME clients and the status listener."""
+        if self.status_server is not None:
+            await self.status_server.stop()
+            self.status_server = None
         for tunnel in self.tunnels:
             tunnel.stop_accepting()
             await tunnel.drain(0)

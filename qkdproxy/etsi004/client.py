@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import NoReturn, TypeVar
 
@@ -42,8 +43,10 @@ from qkdproxy.qkd.keys import (
     PeerNotConnectedError,
     QkdKeyError,
 )
+from qkdproxy.qkd.sources import KmeCallObserver, no_observer
 
 M = TypeVar("M", OpenConnectResponse, GetKeyResponse, CloseResponse)
+T = TypeVar("T")
 READ_SIZE = 64 * 1024
 CLOSE_TIMEOUT_S = 2.0
 DEFAULT_METADATA_SIZE = 1024
@@ -111,6 +114,7 @@ class Etsi004Client:
         metadata_size: int = DEFAULT_METADATA_SIZE,
         call_timeout: float = 5.0,
         server_hostname: str | None = None,
+        observer: KmeCallObserver = no_observer,
     ) -> None:
         self._host, self._port = host, port
         self._ssl = ssl_context
@@ -120,10 +124,33 @@ class Etsi004Client:
         self._metadata_size = metadata_size
         self._call_timeout = call_timeout
         self._lock = asyncio.Lock()
+        self._observer = observer
         self._connection: _Connection | None = None
         self._closed = False
 
     async def open(self, ksid: bytes | None) -> bytes:
+        """OPEN_CONNECT; ``None`` (or 16 zero bytes) lets the KME assign the KSID."""
+        return await self._observed("open_connect", self._open(ksid))
+
+    async def get_key(self, ksid: bytes, index: int) -> bytes:
+        """GET_KEY: the chunk at ``index``; never retried on a broken connection."""
+        return await self._observed("get_key", self._get_key(ksid, index))
+
+    async def close(self, ksid: bytes) -> None:
+        """CLOSE the stream."""
+        await self._observed("close", self._close(ksid))
+
+    async def _observed(self, call: str, work: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            result = await work
+        except QkdKeyError as exc:
+            self._observer(call, time.perf_counter() - started, _error_class(exc))
+            raise
+        self._observer(call, time.perf_counter() - started, None)
+        return result
+
+    async def _open(self, ksid: bytes | None) -> bytes:
         """OPEN_CONNECT; ``None`` (or 16 zero bytes) lets the KME assign the KSID.
 
         Success includes status 1 (the peer application has not opened yet).
@@ -155,7 +182,7 @@ class Etsi004Client:
             )
         raise _unavailable(what, response.status)
 
-    async def get_key(self, ksid: bytes, index: int) -> bytes:
+    async def _get_key(self, ksid: bytes, index: int) -> bytes:
         """GET_KEY: the chunk at ``index``; never retried on a broken connection."""
         request = GetKeyRequest(bytes(ksid), index, self._metadata_size)
         what = "ETSI 004 GET_KEY"
@@ -183,7 +210,7 @@ class Etsi004Client:
             raise PeerNotConnectedError(f"{what}: peer application has not opened the stream")
         raise _unavailable(what, response.status)
 
-    async def close(self, ksid: bytes) -> None:
+    async def _close(self, ksid: bytes) -> None:
         """CLOSE: no new key is allocated on the stream afterwards."""
         what = "ETSI 004 CLOSE"
         async with self._lock:
@@ -286,6 +313,16 @@ class Etsi004Client:
         """Drop the connection (its state is in doubt) and fail the call."""
         await self._disconnect()
         raise KeySourceUnavailableError(reason)
+
+
+def _error_class(exc: QkdKeyError) -> str:
+    if isinstance(exc, KeyExhaustedError):
+        return "exhausted"
+    if isinstance(exc, RequestRefusedError | KsidInUseError | QosNotMetError):
+        return "refused"
+    if isinstance(exc, PeerNotConnectedError):
+        return "not_found"
+    return "unavailable"
 
 
 class Etsi004ClientPool:

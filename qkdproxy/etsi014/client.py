@@ -34,6 +34,7 @@ from qkdproxy.qkd.keys import (
     QkdKey,
     QkdKeyError,
 )
+from qkdproxy.qkd.sources import KmeCallObserver, no_observer
 
 MAX_RESPONSE_BYTES = 1024 * 1024
 STATUS_ATTEMPTS = 3
@@ -54,8 +55,10 @@ class Etsi014Client:
         timeout_s: float = 5.0,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observer: KmeCallObserver = no_observer,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._observer = observer
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.breaker = breaker or CircuitBreaker()
@@ -125,9 +128,12 @@ class Etsi014Client:
             raise KeySourceUnavailableError(
                 f"KME circuit open, next try in {self.breaker.retry_after(now):.1f} s"
             )
+        started = time.perf_counter()
+        call = path.rsplit("/", 1)[-1]
         try:
             result = await self._request(method, path, body)
         except QkdKeyError as exc:
+            self._observer(call, time.perf_counter() - started, _error_class(exc))
             if isinstance(exc, KeySourceUnavailableError):
                 self.breaker.record_failure(self._clock())
             else:
@@ -138,6 +144,7 @@ class Etsi014Client:
             # Cancelled or broken mid-call: free the half-open trial slot.
             self.breaker.record_failure(self._clock())
             raise
+        self._observer(call, time.perf_counter() - started, None)
         self.breaker.record_success()
         return result
 
@@ -149,10 +156,30 @@ class Etsi014Client:
                 payload = await _read_bounded(response)
                 code = response.status
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
-            raise KeySourceUnavailableError(f"KME unreachable: {type(exc).__name__}") from None
+            error = KeySourceUnavailableError(f"KME unreachable: {type(exc).__name__}")
+            error.kind = _transport_class(exc)
+            raise error from None
         if code == 200:
             return _decode(payload)
         raise _error_for(code, payload)
+
+
+def _transport_class(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLError | aiohttp.ClientSSLError):
+        return "tls"
+    return "connect"
+
+
+def _error_class(exc: QkdKeyError) -> str:
+    if isinstance(exc, KmeProtocolError):
+        return "protocol"
+    if isinstance(exc, KeyNotFoundError):
+        return "not_found"
+    if isinstance(exc, KeyExhaustedError):
+        return "exhausted"
+    return getattr(exc, "kind", None) or ("http_5xx" if "answered 5" in str(exc) else "http_4xx")
 
 
 def _path(sae: str, call: str) -> str:

@@ -64,6 +64,11 @@ class PrefetchingStreams:
         self._refill: asyncio.Task[None] | None = None
         self.counters = StreamPrefetchCounters()
 
+    @property
+    def depth(self) -> int:
+        """Streams open ahead, ready for a handshake."""
+        return len(self._ready)
+
     # ----------------------------------------------------------- initiator side
 
     def ensure_refill(self) -> None:

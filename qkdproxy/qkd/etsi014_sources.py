@@ -74,6 +74,7 @@ class Etsi014Master:
         # The first ``_announced`` keys of the buffer were named to the peer already.
         self._announced = 0
         self._max_per_request: int | None = None
+        self._takes: deque[float] = deque()
         self.counters = PrefetchCounters()
 
     @property
@@ -81,8 +82,16 @@ class Etsi014Master:
         """Keys ready in the buffer."""
         return len(self._buffer)
 
+    def consumption_per_s(self, window_s: float = 60.0) -> float:
+        """Keys taken per second over the last ``window_s`` seconds."""
+        horizon = self._clock() - window_s
+        while self._takes and self._takes[0] < horizon:
+            self._takes.popleft()
+        return len(self._takes) / window_s
+
     async def take_key(self) -> QkdKey:
         """A fresh key: from the buffer when one is there, else straight from the KME."""
+        self._takes.append(self._clock())
         self._drop_stale()
         if self._buffer:
             key = self._pop().key

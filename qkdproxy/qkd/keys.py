@@ -10,7 +10,9 @@ KEY_SIZE = 32
 
 
 class QkdKeyError(Exception):
-    """Base of every key-source failure."""
+    """Base of every key-source failure; ``kind`` classifies it for metrics."""
+
+    kind: str | None = None
 
 
 class KeyNotFoundError(QkdKeyError):

@@ -45,6 +45,20 @@ class StreamKeySource(Protocol):
         ...
 
 
+class KmeCallObserver(Protocol):
+    """Told about every KME call: its name, duration, and error class (None if it worked).
+
+    Error classes are a small fixed set: not_found, exhausted, http_4xx, http_5xx, timeout,
+    tls, connect, protocol, refused, unavailable.
+    """
+
+    def __call__(self, call: str, seconds: float, error: str | None) -> None: ...
+
+
+def no_observer(call: str, seconds: float, error: str | None) -> None:
+    """The default observer: does nothing."""
+
+
 @dataclass(frozen=True, slots=True)
 class KeySources:
     """The key sources an endpoint has; a flow that needs a missing one fails closed."""

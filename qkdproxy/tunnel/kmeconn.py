@@ -1,7 +1,10 @@
-"""Key sources for a ``[kme.NAME]`` section: ETSI 014 or 004 clients with prefetching."""
+"""Key sources for a ``[kme.NAME]`` section: ETSI 014 or 004 clients with prefetching,
+plus the health the daemon reports (last call outcome, breaker, pool level)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import ssl
 from dataclasses import dataclass, field
@@ -11,13 +14,17 @@ from qkdproxy.config import KmeConfig
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.qkd.announce import AnnouncedSlave
+from qkdproxy.qkd.breaker import BreakerState
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
-from qkdproxy.qkd.sources import KeySources
+from qkdproxy.qkd.keys import QkdKeyError
+from qkdproxy.qkd.sources import KeySources, KmeCallObserver, no_observer
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.keyexchange import KeyApi
 from qkdproxy.tunnel.addresses import TcpAddress, parse_address
+
+STATUS_POLL_S = 10.0
 
 
 class _Closable(Protocol):
@@ -30,44 +37,89 @@ class KmeConnection:
 
     config: KmeConfig
     sources: KeySources
+    credentials: Credentials
+    client014: Etsi014Client | None = None
+    last_ok: bool | None = None
+    pool_keys: int | None = None
     _closers: list[_Closable] = field(default_factory=list)
+    _poller: asyncio.Task[None] | None = None
 
     @classmethod
-    def open(cls, config: KmeConfig) -> KmeConnection:
-        """Build the clients (no network traffic until the first refill)."""
+    def open(cls, config: KmeConfig, observer: KmeCallObserver = no_observer) -> KmeConnection:
+        """Build the clients (no network traffic until :meth:`start`)."""
         credentials = Credentials.load(config.cert, config.key)
         anchors = load_trust_anchors(config.ca)
+        connection = cls(config, KeySources(), credentials)
+        watched = connection._watch(observer)
         if config.api is KeyApi.ETSI_014:
-            client = Etsi014Client(config.endpoint, client_context(credentials, anchors))
+            client = Etsi014Client(
+                config.endpoint, client_context(credentials, anchors), observer=watched
+            )
             master = Etsi014Master(
                 client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
             )
             slave = AnnouncedSlave(Etsi014Slave(client, config.peer_sae_id))
-            return cls(config, KeySources(master=master, slave=slave), [master, slave, client])
+            connection.sources = KeySources(master=master, slave=slave)
+            connection.client014 = client
+            connection._closers = [master, slave, client]
+            return connection
         address = parse_address(config.endpoint)
         if not isinstance(address, TcpAddress):
             raise ValueError(f"kme.{config.name}.address must be host:port")
         context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3)
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
-            source=config.sae_id, destination=config.peer_sae_id,
+            source=config.sae_id, destination=config.peer_sae_id, observer=watched,
         )  # fmt: skip
         pool = Etsi004ClientPool(factory)
         stream: Etsi004ClientPool | PrefetchingStreams = pool
-        closers: list[_Closable] = [pool]
+        connection._closers = [pool]
         if config.prefetch:
             stream = PrefetchingStreams(pool)
-            closers.insert(0, stream)
-        return cls(config, KeySources(stream=stream), closers)
+            connection._closers.insert(0, stream)
+        connection.sources = KeySources(stream=stream)
+        return connection
+
+    def _watch(self, observer: KmeCallObserver) -> KmeCallObserver:
+        def watched(call: str, seconds: float, error: str | None) -> None:
+            # An answer that says "no such key" still shows a working KME.
+            self.last_ok = error in (None, "not_found", "exhausted", "refused")
+            observer(call, seconds, error)
+
+        return watched
+
+    @property
+    def up(self) -> bool:
+        """The KME answers (unknown until the first call counts as up)."""
+        breaker = self.breaker
+        return self.last_ok is not False and breaker is not BreakerState.OPEN
+
+    @property
+    def breaker(self) -> BreakerState | None:
+        """The ETSI 014 client's circuit breaker state."""
+        return self.client014.breaker.state if self.client014 else None
 
     def start(self) -> None:
-        """Start background prefetching."""
+        """Start background prefetching and, for ETSI 014, status polling."""
         for source in (self.sources.master, self.sources.stream):
             refill = getattr(source, "ensure_refill", None)
             if refill is not None:
                 refill()
+        if self.client014 is not None:
+            self._poller = asyncio.create_task(self._poll_status(self.client014))
+
+    async def _poll_status(self, client: Etsi014Client) -> None:
+        while True:
+            with contextlib.suppress(QkdKeyError):
+                status = await client.status(self.config.peer_sae_id)
+                self.pool_keys = status.stored_key_count
+            await asyncio.sleep(STATUS_POLL_S)
 
     async def aclose(self) -> None:
-        """Stop prefetching and close the KME connections."""
+        """Stop polling and prefetching and close the KME connections."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
         for closer in self._closers:
             await closer.aclose()

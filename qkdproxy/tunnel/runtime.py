@@ -22,6 +22,7 @@ from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
+from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
@@ -45,6 +46,7 @@ class ConnectionRecord:
     qkd_key_id: str | None = None
     hello_retry: bool = False
     fallback: bool = False
+    failure: str | None = None
     handshake_ms: float | None = None
     bytes_to_peer: int = 0
     bytes_from_peer: int = 0
@@ -195,7 +197,7 @@ class Tunnel:
             stream = await self._dial_peer(self.endpoint, record)
         except HandshakeError as exc:
             if self.fallback is None or not exc.may_be_kme:
-                return self._handshake_failed(exc)
+                return self._handshake_failed(exc, record)
             log.warning(
                 "tunnel %s: QKD unavailable (%s); falling back to %s",
                 self.config.name, exc.reason, "/".join(g.name for g in self.config.plan.fallback),
@@ -205,7 +207,7 @@ class Tunnel:
             try:
                 stream = await self._dial_peer(self.fallback, record)
             except HandshakeError as again:
-                return self._handshake_failed(again)
+                return self._handshake_failed(again, record)
         except OSError as exc:
             return f"peer unreachable: {exc.strerror or type(exc).__name__}"
         channel = await self._channel(stream, record)
@@ -233,7 +235,7 @@ class Tunnel:
         try:
             stream = await self.endpoint.accept(reader, writer)
         except HandshakeError as exc:
-            return self._handshake_failed(exc)
+            return self._handshake_failed(exc, record)
         channel = await self._channel(stream, record)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
@@ -294,8 +296,9 @@ class Tunnel:
         record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
         record.key_updates = traffic.key_updates
 
-    def _handshake_failed(self, exc: HandshakeError) -> str:
+    def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
         self.stats.handshake_failures += 1
+        record.failure = failure_class(exc)
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
@@ -305,6 +308,20 @@ class Tunnel:
         log.info(json.dumps(asdict(record), separators=(",", ":")))
         if self._on_close is not None:
             self._on_close(record)
+
+
+def failure_class(exc: HandshakeError) -> str:
+    """A bounded label for why a handshake failed: the alert's name, or what happened."""
+    if exc.alert is not None:
+        try:
+            return Alert(exc.alert).name.lower()
+        except ValueError:
+            return "other_alert"
+    if "timed out" in exc.reason:
+        return "timeout"
+    if "closed the connection" in exc.reason:
+        return "peer_closed"
+    return "other"
 
 
 async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
