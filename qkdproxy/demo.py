@@ -46,12 +46,18 @@ class DemoSummary:
     flows: list[str] = field(default_factory=list)
     api: str = "014"
     kme_latency_ms: float = 0.0
-    metrics: str = "not served yet (the observability issue adds /metrics)"
+    metrics: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
         return asdict(self)
+
+
+STATUS_TABLE = """
+[status]
+listen = "127.0.0.1:0"
+"""
 
 
 def _kme_table(api: KeyApi, pair: KmePair, side: int, sae: str, peer: str) -> str:
@@ -74,7 +80,8 @@ ca = "pki/ca.pem"
 
 def _server_config(api: KeyApi, pair: KmePair, backend_port: int, group: str) -> str:
     return (
-        _kme_table(api, pair, 1, "sae-b", "sae-a")
+        STATUS_TABLE
+        + _kme_table(api, pair, 1, "sae-b", "sae-a")
         + f"""
 [[tunnel]]
 name = "demo"
@@ -93,7 +100,8 @@ groups = ["{group}"]
 
 def _client_config(api: KeyApi, pair: KmePair, server_port: int, group: str, flow: Flow) -> str:
     return (
-        _kme_table(api, pair, 0, "sae-a", "sae-b")
+        STATUS_TABLE
+        + _kme_table(api, pair, 0, "sae-a", "sae-b")
         + f"""
 [[tunnel]]
 name = "demo"
@@ -221,6 +229,12 @@ class _DemoRun:
             client_file = self.base / f"client-{flow.value}.toml"
             async with _daemon(client_file, client_text, self.records) as client:
                 client_port = _port(client)
+                for role, daemon in (("client", client), ("server", server)):
+                    if daemon.status_server is not None:
+                        address = daemon.status_server.address
+                        self.summary.metrics.append(
+                            f"http://{address}/metrics ({role}, {flow.value})"
+                        )
                 for _ in range(self.rounds):
                     sizes = await asyncio.gather(
                         *(_exchange(client_port, s) for s in PAYLOAD_SIZES)
@@ -251,7 +265,7 @@ def format_summary(summary: DemoSummary) -> str:
         f"  QKD keys           {summary.qkd_keys_consumed} consumed, "
         f"{summary.qkd_keys_prefetched} prefetched",
         f"  bytes verified     {summary.bytes_verified:,} (both directions, SHA-256)",
-        f"  metrics            {summary.metrics}",
+        f"  metrics            {'; '.join(summary.metrics) or '-'} (while the demo ran)",
     ]
     lines += [f"  error: {e}" for e in summary.errors]
     return "\n".join(lines)
