@@ -109,7 +109,7 @@ def _settings(args: argparse.Namespace) -> SimulatorSettings:
     )
 
 
-_CONFIG_KEYS: dict[str, type] = {
+CONFIG_KEYS: dict[str, type] = {
     "pki": Path, "host": str, "port_a": int, "port_b": int, "port_004_a": int,
     "port_004_b": int, "rate_bps": float, "pool_bits": int, "key_ttl_s": float,
     "latency_ms": float, "faults": Path, "identity": str,
@@ -123,7 +123,7 @@ def _apply_config(args: argparse.Namespace) -> None:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{args.config}: {exc}") from None
     for key, value in table.items():
-        kind = _CONFIG_KEYS.get(key)
+        kind = CONFIG_KEYS.get(key)
         if kind is None:
             raise ValueError(f"{args.config}: simulator.{key}: unknown key")
         if kind is Path:

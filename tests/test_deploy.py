@@ -1,0 +1,151 @@
+"""Deployment files: systemd units verify, manifests validate, configurations load."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from qkdproxy.certs import write_dev_pki
+from qkdproxy.config import load_config
+from qkdproxy.daemon import build_endpoint
+from qkdproxy.kme.cli import CONFIG_KEYS
+from qkdproxy.qkd.sources import KeySources
+from qkdproxy.tls.keyexchange import KeyContext
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+MANIFESTS = sorted((ROOT / "deploy/kubernetes").glob("*.yaml"))
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+requires_systemd = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze not installed (Debian package: systemd)"
+)
+KUBERNETES_VERSION = "1.33"
+
+
+def units_with_existing_binary(tmp_path: Path) -> Path:
+    """Copies of the units whose ExecStart names a binary that exists here."""
+    qkdproxy = shutil.which("qkdproxy") or str(ROOT / ".venv/bin/qkdproxy")
+    for unit in UNITS.iterdir():
+        text = unit.read_text().replace("/usr/local/bin/qkdproxy", qkdproxy)
+        (tmp_path / unit.name).write_text(text)
+    shutil.copy(tmp_path / "qkdproxy@.service", tmp_path / "qkdproxy@demo.service")
+    return tmp_path
+
+
+@requires_systemd
+def test_units_verify(tmp_path: Path) -> None:
+    units = units_with_existing_binary(tmp_path)
+    names = ["qkdproxy.service", "qkdproxy@demo.service", "qkdproxy-plain.socket"]
+    result = subprocess.run(
+        [str(SYSTEMD_ANALYZE), "verify", *names], cwd=units, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "qkdproxy" not in result.stderr, result.stderr
+
+
+@requires_systemd
+@pytest.mark.parametrize("unit", ["qkdproxy.service", "qkdproxy@demo.service"])
+def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
+    units = units_with_existing_binary(tmp_path)
+    result = subprocess.run(
+        [str(SYSTEMD_ANALYZE), "security", "--offline=yes", unit], cwd=units,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 1.5, result.stdout
+
+
+def test_units_say_what_the_daemon_needs() -> None:
+    service = (UNITS / "qkdproxy.service").read_text()
+    for line in (
+        "Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "DynamicUser=yes",
+        "ProtectSystem=strict", "PrivateTmp=yes", "CapabilityBoundingSet=\n",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "SystemCallFilter=@system-service",
+        "LoadCredential=qkdproxy.toml:", "RestartPreventExitStatus=2",
+    ):  # fmt: skip
+        assert line in service, line
+    socket = (UNITS / "qkdproxy-plain.socket").read_text()
+    assert "FileDescriptorName=plain" in socket
+
+
+def manifests() -> list[dict[str, Any]]:
+    return [doc for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifests_validate_against_the_kubernetes_schema(path: Path) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def sidecars() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    out = []
+    for doc in manifests():
+        if doc["kind"] == "Deployment":
+            spec = doc["spec"]["template"]
+            for container in spec["spec"].get("initContainers", []):
+                out.append((spec, container))
+    return out
+
+
+def test_qkdproxy_runs_as_a_native_sidecar_with_probes_and_scraping() -> None:
+    found = sidecars()
+    assert len(found) == 2
+    for template, sidecar in found:
+        assert sidecar["restartPolicy"] == "Always"
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert sidecar["resources"]["requests"]
+        assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+        assert any(m["mountPath"] == "/tmp" for m in sidecar["volumeMounts"])
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/path"] == "/metrics"
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in manifests()}
+    assert {("Deployment", "kme-simulator"), ("Service", "kme-a"), ("Service", "kme-b")} <= kinds
+    assert ("Secret", "qkdproxy-pki") in kinds
+
+
+def test_the_embedded_configurations_load(tmp_path: Path) -> None:
+    """The TOML inside the ConfigMaps is valid, and its certificates exist in a PKI written
+    by `qkdproxy certs` (the Secret is created from that directory)."""
+    write_dev_pki(tmp_path / "pki")
+    checked = 0
+    for doc in manifests():
+        if doc["kind"] != "ConfigMap":
+            continue
+        for name, text in doc["data"].items():
+            path = tmp_path / f"{doc['metadata']['name']}-{name}"
+            path.write_text(text)
+            if name == "kme-sim.toml":
+                table = tomllib.loads(text)["simulator"]
+                assert set(table) <= set(CONFIG_KEYS)
+            else:
+                config = load_config(path)
+                for tunnel in config.tunnels:
+                    build_endpoint(tunnel, KeyContext(KeySources()), tunnel.plan.groups)
+                assert config.daemon.status_listen is not None
+            checked += 1
+    assert checked == 3
+
+
+def test_dockerfile() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert len(stages) == 2 and all("slim" in s for s in stages)
+    assert re.search(r"^USER 10001", text, re.MULTILINE)
+    assert "HEALTHCHECK" in text and "/healthz" in text
+    assert "EXPOSE" in text and "VOLUME" in text
+    assert "curl" not in text and "wget" not in text  # only the package registries
