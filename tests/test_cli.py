@@ -75,3 +75,21 @@ def test_help_everywhere(args: list[str]) -> None:
     result = qkdproxy(*args, "--help")
     assert result.returncode == 0
     assert "usage: qkdproxy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "keys"),
+    [
+        (["throughput", "--megabytes", "4", "--streams", "1,2"], {"path", "streams", "gbit_s"}),
+        (["connrate", "--connections", "10", "--concurrency", "1,2"],
+         {"path", "concurrency", "conn_per_s", "p50_ms", "p99_ms"}),
+    ],
+)  # fmt: skip
+def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> None:
+    result = qkdproxy("bench", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    assert {"direct", "qkdproxy"} <= {r["path"] for r in rows}
+    for row in rows:
+        assert keys <= set(row)
+        assert row.get("gbit_s", 1) > 0 and row.get("conn_per_s", 1) > 0

@@ -1,0 +1,304 @@
+"""``qkdproxy bench throughput`` and ``bench connrate``: the tunnel against what users would
+run instead, measured in the same run.
+
+Paths: ``direct`` (loopback, no tunnel: the ceiling), ``qkdproxy`` (a client and a server
+daemon, each its own process, with the KME simulator as a third), and ``stunnel`` (a TLS 1.3
+stunnel pair with the same certificates, when stunnel is installed). The load generator and
+the backends run in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qkdproxy.certs import write_dev_pki
+
+CHUNK = 256 * 1024
+STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputResult:
+    """One path, one stream count."""
+
+    path: str
+    streams: int
+    gbit_s: float
+    bytes: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnrateResult:
+    """New connections per second through one path."""
+
+    path: str
+    concurrency: int
+    conn_per_s: float
+    p50_ms: float
+    p99_ms: float
+    connections: int
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Throughput backend: count bytes to EOF, answer with the count."""
+    total = 0
+    try:
+        while data := await reader.read(CHUNK):
+            total += len(data)
+        writer.write(total.to_bytes(8, "big"))
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Connection-rate backend: echo one byte, close."""
+    try:
+        writer.write(await reader.readexactly(1))
+        await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _wait_line(stream: asyncio.StreamReader, marker: bytes) -> bytes:
+    async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        while True:
+            line = await stream.readline()
+            if not line:
+                raise RuntimeError("a benchmark process exited during start-up")
+            if marker in line:
+                return line
+
+
+@dataclass(slots=True)
+class Paths:
+    """Where each path's client side listens, by path name."""
+
+    ports: dict[str, int]
+
+
+async def _spawn(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+    async def stop() -> None:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+    stack.push_async_callback(stop)
+    return process
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _qkdproxy(stack: AsyncExitStack, base: Path, backend: int) -> int:
+    kme = await _spawn(stack, sys.executable, "-m", "qkdproxy", "kme", "--pki", str(base / "pki"))
+    assert kme.stdout is not None
+    assert kme.stderr is not None
+    urls = json.loads(await _wait_line(kme.stdout, b"{"))["kme"]
+    _keep_reading(stack, kme.stderr)
+    server_port = _free_port()
+    tunnel = """
+[kme.local]
+url = "{url}"
+sae_id = "{sae}"
+peer_sae_id = "{peer}"
+cert = "pki/{sae}.pem"
+key = "pki/{sae}-key.pem"
+ca = "pki/ca.pem"
+
+[[tunnel]]
+name = "bench"
+role = "{role}"
+listen = "127.0.0.1:{listen}"
+connect = "127.0.0.1:{connect}"
+cert = "pki/tunnel-{role}.pem"
+key = "pki/tunnel-{role}-key.pem"
+ca = "pki/ca.pem"
+kme = "local"
+{extra}
+"""
+    (base / "server.toml").write_text(tunnel.format(
+        url=urls["kme-b"], sae="sae-b", peer="sae-a", role="server", listen=server_port,
+        connect=backend, extra='allow = ["uri:spiffe://qkdproxy.test/tunnel/client"]',
+    ))  # fmt: skip
+    client_port = _free_port()
+    (base / "client.toml").write_text(tunnel.format(
+        url=urls["kme-a"], sae="sae-a", peer="sae-b", role="client", listen=client_port,
+        connect=server_port, extra='server_name = "server.qkdproxy.test"',
+    ))  # fmt: skip
+    for name in ("server", "client"):
+        process = await _spawn(
+            stack, sys.executable, "-m", "qkdproxy", "run", "--config", str(base / f"{name}.toml")
+        )
+        assert process.stderr is not None
+        await _wait_line(process.stderr, b"listening on")
+        _keep_reading(stack, process.stderr)
+    return client_port
+
+
+def _keep_reading(stack: AsyncExitStack, stream: asyncio.StreamReader) -> None:
+    """Discard a child's log output for as long as it runs, so its pipe never fills."""
+
+    async def discard() -> None:
+        while await stream.read(65536):
+            pass
+
+    task = asyncio.create_task(discard())
+    stack.callback(task.cancel)
+
+
+async def _stunnel(stack: AsyncExitStack, base: Path, backend: int) -> int | None:
+    binary = shutil.which("stunnel4") or shutil.which("stunnel")
+    if binary is None:
+        return None
+    pki = base / "pki"
+    server_port, client_port = _free_port(), _free_port()
+    common = "foreground = yes\npid =\ndebug = 5\nsslVersionMin = TLSv1.3\n"
+    server = common + (
+        f"[server]\naccept = 127.0.0.1:{server_port}\nconnect = 127.0.0.1:{backend}\n"
+        f"cert = {pki}/tunnel-server.pem\nkey = {pki}/tunnel-server-key.pem\n"
+        f"CAfile = {pki}/ca.pem\nverifyChain = yes\n"
+    )
+    client = common + (
+        f"[client]\nclient = yes\naccept = 127.0.0.1:{client_port}\n"
+        f"connect = 127.0.0.1:{server_port}\ncert = {pki}/tunnel-client.pem\n"
+        f"key = {pki}/tunnel-client-key.pem\nCAfile = {pki}/ca.pem\nverifyChain = yes\n"
+        "checkHost = server.qkdproxy.test\n"
+    )
+    for name, text in (("stunnel-server.conf", server), ("stunnel-client.conf", client)):
+        (base / name).write_text(text)
+        process = await _spawn(stack, binary, str(base / name))
+        assert process.stderr is not None
+        await _wait_line(process.stderr, b"Configuration successful")
+        _keep_reading(stack, process.stderr)
+    return client_port
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def _paths(handler: Handler, with_stunnel: bool) -> AsyncIterator[Paths]:
+    with tempfile.TemporaryDirectory(prefix="qkdproxy-bench-") as tmp:
+        base = Path(tmp)
+        write_dev_pki(base / "pki")
+        async with AsyncExitStack() as stack:
+            backend = await asyncio.start_server(handler, "127.0.0.1", 0)
+            stack.callback(backend.close)
+            backend_port = backend.sockets[0].getsockname()[1]
+            ports = {"direct": backend_port}
+            ports["qkdproxy"] = await _qkdproxy(stack, base, backend_port)
+            if with_stunnel and (port := await _stunnel(stack, base, backend_port)):
+                ports["stunnel"] = port
+            yield Paths(ports)
+
+
+async def _stream(port: int, size: int) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    block = memoryview(os.urandom(CHUNK))
+    sent = 0
+    while sent < size:
+        writer.write(block[: min(CHUNK, size - sent)])
+        sent += min(CHUNK, size - sent)
+        await writer.drain()
+    writer.write_eof()
+    count = int.from_bytes(await reader.readexactly(8), "big")
+    writer.close()
+    if count != size:
+        raise RuntimeError(f"sent {size} bytes, the backend counted {count}")
+    return size
+
+
+async def run_throughput(
+    megabytes: int, streams: tuple[int, ...], with_stunnel: bool = True
+) -> list[ThroughputResult]:
+    """Bulk one-way transfer per path and stream count (same run, same machine)."""
+    results = []
+    async with _paths(_sink, with_stunnel) as paths:
+        for path, port in paths.ports.items():
+            await _stream(port, CHUNK)  # warm-up: first handshake, caches
+            for count in streams:
+                size = megabytes * 1024 * 1024 // count
+                started = time.perf_counter()
+                moved = sum(await asyncio.gather(*(_stream(port, size) for _ in range(count))))
+                seconds = time.perf_counter() - started
+                results.append(
+                    ThroughputResult(path, count, moved * 8 / seconds / 1e9, moved, seconds)
+                )
+    return results
+
+
+async def _connect_once(port: int) -> float:
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"x")
+    await writer.drain()
+    await reader.readexactly(1)
+    writer.close()
+    return time.perf_counter() - started
+
+
+async def _connect_many(port: int, count: int) -> list[float]:
+    return [await _connect_once(port) for _ in range(count)]
+
+
+async def run_connrate(
+    connections: int, concurrencies: tuple[int, ...], with_stunnel: bool = True
+) -> list[ConnrateResult]:
+    """New connections per second (open, one byte each way, close) per path."""
+    results = []
+    async with _paths(_ping, with_stunnel) as paths:
+        for path, port in paths.ports.items():
+            for _ in range(5):
+                await _connect_once(port)
+            for concurrency in concurrencies:
+                share = connections // concurrency
+                started = time.perf_counter()
+                batches = await asyncio.gather(
+                    *(_connect_many(port, share) for _ in range(concurrency))
+                )
+                seconds = time.perf_counter() - started
+                ordered = sorted(t for batch in batches for t in batch)
+                results.append(ConnrateResult(
+                    path, concurrency, len(ordered) / seconds,
+                    statistics.median(ordered) * 1000,
+                    ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
+                    len(ordered),
+                ))  # fmt: skip
+    return results
