@@ -28,7 +28,7 @@ from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.sdnotify import Notifier, inherited_sockets, watchdog_interval_s
-from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
+from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.identity import AllowList
 from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
 from qkdproxy.tls.session import EndpointSettings, TlsEndpoint
@@ -152,6 +152,7 @@ class Daemon:
         self._started = False
         self._on_close = on_close
         self._stop = asyncio.Event()
+        self._stop_now = asyncio.Event()
         self._terms = 0
         self._stopping = False
         self.healthy = False
@@ -245,7 +246,14 @@ class Daemon:
         options = QkdOptions(flow=config.flow, api=kme.config.api) if kme else QkdOptions()
         keys = KeyContext(kme.sources if kme else KeySources(), options)
         endpoint, fallback = self._endpoints(config, keys)
-        return Tunnel(config, endpoint, keys, fallback, self._record)
+        return Tunnel(
+            config,
+            endpoint,
+            keys,
+            fallback,
+            on_close=self._record,
+            on_handshake=self.metrics.observe_handshake,
+        )
 
     @staticmethod
     def _endpoints(
@@ -264,42 +272,61 @@ class Daemon:
             log.warning("reload ignored: the daemon is stopping")
             return ["the daemon is stopping"]
         self.notifier.notify(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
+        try:
+            problems = self._apply_reload()
+        finally:
+            self.notifier.notify(READY="1", STATUS=self.status_line())
+        return problems
+
+    def _apply_reload(self) -> list[str]:
         problems: list[str] = []
+        replacements = []
         try:
             fresh = load_config(self.config.path)
+            problems += self._restart_only_changes(fresh)
             by_name = {t.name: t for t in fresh.tunnels}
-            running = {t.config.name for t in self.tunnels}
-            problems += [
-                f"tunnel {n}: new tunnels need a restart" for n in by_name if n not in running
-            ]
-            if fresh.kmes != self.config.kmes:
-                problems.append("kme sections changed: KME changes need a restart")
-            replacements = []
             for tunnel in self.tunnels:
                 config = by_name.get(tunnel.config.name)
-                if config is None or (config.listen, config.role) != (
-                    tunnel.config.listen,
-                    tunnel.config.role,
-                ):
-                    problems.append(f"tunnel {tunnel.config.name}: listener changes need a restart")
-                    continue
-                replacements.append((tunnel, config, *self._endpoints(config, tunnel.keys)))
+                if config is not None and not problems:
+                    replacements.append((tunnel, config, *self._endpoints(config, tunnel.keys)))
         except ConfigError as exc:
             problems.extend(exc.problems)
-        except (CredentialError, ValueError, OSError) as exc:
-            problems.append(str(exc))
-        if not problems:
-            for tunnel, config, endpoint, fallback in replacements:
-                tunnel.config, tunnel.endpoint, tunnel.fallback = config, endpoint, fallback
-                self._publish_info(tunnel)
-            self.config = fresh
-            self.metrics.reloads.labels("success").inc()
-            log.info("reloaded %s", self.config.path)
-        else:
+        except Exception as exc:  # a reload must never take the daemon down
+            problems.append(f"{type(exc).__name__}: {exc}")
+        if problems:
             self.metrics.reloads.labels("failure").inc()
             for problem in problems:
                 log.error("reload refused, keeping the running settings: %s", problem)
-        self.notifier.notify(READY="1", STATUS=self.status_line())
+            return problems
+        for tunnel, config, endpoint, fallback in replacements:
+            tunnel.config, tunnel.endpoint, tunnel.fallback = config, endpoint, fallback
+            self._publish_info(tunnel)
+        self.config = fresh
+        self.metrics.reloads.labels("success").inc()
+        log.info("reloaded %s", self.config.path)
+        return []
+
+    def _restart_only_changes(self, fresh: Config) -> list[str]:
+        """Changes a running tunnel cannot take: listeners, roles, KMEs and key flows are
+        bound to sockets and KME sessions opened at start."""
+        problems: list[str] = []
+        by_name = {t.name: t for t in fresh.tunnels}
+        running = {t.config.name for t in self.tunnels}
+        problems += [f"tunnel {n}: new tunnels need a restart" for n in by_name if n not in running]
+        if fresh.kmes != self.config.kmes:
+            problems.append("kme sections changed: KME changes need a restart")
+        for tunnel in self.tunnels:
+            config = by_name.get(tunnel.config.name)
+            old = tunnel.config
+            if config is None:
+                problems.append(f"tunnel {old.name}: removing a tunnel needs a restart")
+            elif (config.listen, config.role, config.kme, config.flow) != (
+                old.listen,
+                old.role,
+                old.kme,
+                old.flow,
+            ):
+                problems.append(f"tunnel {old.name}: listen/role/kme/flow changes need a restart")
         return problems
 
     def status_line(self) -> str:
@@ -308,9 +335,9 @@ class Daemon:
         return f"{len(self.tunnels)} tunnels, {active} connections"
 
     def request_stop(self) -> None:
-        """First call: drain. Second call: stop at once."""
+        """First call: drain. Second call (however soon after): stop at once."""
         self._terms += 1
-        self._stop.set()
+        (self._stop if self._terms == 1 else self._stop_now).set()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; drain; return the exit code."""
@@ -330,8 +357,7 @@ class Daemon:
         for tunnel in self.tunnels:
             tunnel.stop_accepting()
         drain = asyncio.ensure_future(self._drain_all(self.config.daemon.drain_timeout_s))
-        self._stop.clear()
-        stop_now = asyncio.ensure_future(self._stop.wait())
+        stop_now = asyncio.ensure_future(self._stop_now.wait())
         await asyncio.wait({drain, stop_now}, return_when=asyncio.FIRST_COMPLETED)
         if not drain.done():
             drain.cancel()

@@ -35,7 +35,7 @@ __all__ = [
 ZERO_KEY_ID = bytes(KEY_ID_SIZE)
 
 
-class GroupUnavailableError(RuntimeError):
+class GroupUnavailableError(ValueError):
     """A group whose KEM components cannot run on this machine."""
 
 

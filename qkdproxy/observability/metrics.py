@@ -99,15 +99,17 @@ class Metrics:
         self.received_bytes.labels(*labels).inc(record.bytes_from_peer)
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
-        group, flow = record.group or "none", record.flow or "none"
         if record.failure is not None:
+            group, flow = record.group or "none", record.flow or "none"
             self.handshakes.labels(*labels, group, flow, "failure").inc()
             self.handshake_failures.labels(*labels, record.failure).inc()
-        elif record.handshake_ms is not None:
-            self.handshakes.labels(*labels, group, flow, "success").inc()
-            self.handshake_seconds.labels(*labels, group, flow, "success").observe(
-                record.handshake_ms / 1000
-            )
+
+    def observe_handshake(self, record: ConnectionRecord) -> None:
+        """Account a completed handshake as it completes (not when its connection ends)."""
+        labels = (record.tunnel, record.role, record.group or "none", record.flow or "none")
+        self.handshakes.labels(*labels, "success").inc()
+        if record.handshake_ms is not None:
+            self.handshake_seconds.labels(*labels, "success").observe(record.handshake_ms / 1000)
 
     def kme_observer(self, kme: str) -> KmeCallObserver:
         """An observer to give a KME client."""

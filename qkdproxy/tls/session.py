@@ -44,7 +44,6 @@ from qkdproxy.tls.tlslite_glue import (
 from qkdproxy.tls.verify import PeerPolicy, PeerRejectedError
 from qkdproxy.tls.wire import (
     TLS13_CIPHER_SUITES,
-    Alert,
     GateEvent,
     HandshakeType,
     HeldHello,
@@ -71,8 +70,10 @@ class HandshakeError(Exception):
 
     @property
     def may_be_kme(self) -> bool:
-        """Our KME failed, or the peer ended with internal_error (its KME, perhaps)."""
-        return self.key_source or (self.remote and self.alert == Alert.INTERNAL_ERROR)
+        """Our own KME failed. A peer's alert never counts: before the handshake completes
+        it is unauthenticated, and an on-path attacker could inject one to force a
+        downgrade."""
+        return self.key_source
 
 
 class TlsStreamError(ConnectionError):
@@ -443,8 +444,13 @@ class TlsEndpoint:
 async def close_transport(writer: asyncio.StreamWriter) -> None:
     """Close an asyncio stream and wait (bounded) until its socket is released."""
     writer.close()
-    with contextlib.suppress(Exception):
+    try:
         await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except TimeoutError:
+        # A peer that stops reading must not keep the socket (and its descriptor) alive.
+        writer.transport.abort()
+    except Exception:  # noqa: S110 - the transport is being closed anyway
+        pass
 
 
 async def _handshake_error(driver: _Driver, exc: BaseException) -> HandshakeError | None:

@@ -50,7 +50,8 @@ class SystemdAddress:
 
     name: str
 
-    loopback = False
+    # Where systemd bound it is only known at start; the tunnel checks it then.
+    loopback = True
 
     def __str__(self) -> str:
         return f"systemd:{self.name}"

@@ -43,8 +43,8 @@ class RawTlsChannel:
         await self.stream.write(data)
 
     async def send_fin(self) -> None:
-        """TLS 1.3 in tlslite has no half-close: end the whole stream."""
-        await self.stream.close()
+        """Nothing to send: tlslite has no TLS half-close, and closing here would drop the
+        peer's answer. The stream ends when the peer closes (or the idle timeout)."""
 
     async def receive(self) -> bytes:
         """Read application bytes (b"" at the end)."""

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +29,11 @@ from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
 
 log = logging.getLogger("qkdproxy.connection")
+IANA_CIPHERS = {
+    "aes128gcm": "TLS_AES_128_GCM_SHA256",
+    "aes256gcm": "TLS_AES_256_GCM_SHA384",
+    "chacha20-poly1305": "TLS_CHACHA20_POLY1305_SHA256",
+}
 _ids = itertools.count(1)
 
 
@@ -64,7 +70,8 @@ class TunnelStats:
     rejected_at_limit: int = 0
     handshake_failures: int = 0
     fallbacks: int = 0
-    handshake_seconds: list[float] = field(default_factory=list)
+    # Recent handshake durations only (for the demo's median): bounded.
+    handshake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
 
 class Tunnel:
@@ -76,7 +83,9 @@ class Tunnel:
         endpoint: TlsEndpoint,
         keys: KeyContext,
         fallback: TlsEndpoint | None = None,
+        *,
         on_close: Callable[[ConnectionRecord], None] | None = None,
+        on_handshake: Callable[[ConnectionRecord], None] | None = None,
     ) -> None:
         self.config = config
         self.endpoint = endpoint
@@ -84,6 +93,7 @@ class Tunnel:
         self.keys = keys
         self.stats = TunnelStats()
         self._on_close = on_close
+        self._on_handshake = on_handshake
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
@@ -115,7 +125,19 @@ class Tunnel:
             if not sockets:
                 raise OSError(f"no socket named {address.name!r} was passed by systemd")
             for sock in sockets:
+                self._check_inherited(sock)
                 self._servers.append(await asyncio.start_server(handler, sock=sock))
+
+    def _check_inherited(self, sock: socket.socket) -> None:
+        # The configuration could not see where systemd bound the socket: check now.
+        if self.config.role != "client" or self.config.allow_public_plaintext:
+            return
+        name = sock.getsockname()
+        if isinstance(name, tuple) and not TcpAddress(str(name[0]), int(name[1])).loopback:
+            raise OSError(
+                f"tunnel {self.config.name}: the inherited plaintext socket {name[0]} is not "
+                "loopback (set allow_public_plaintext)"
+            )
 
     def bound(self) -> list[str]:
         """Where the tunnel listens (resolved ports), for logs and tests."""
@@ -171,8 +193,9 @@ class Tunnel:
         except TimeoutError:
             record.reason = "max_lifetime"
         except asyncio.CancelledError:
+            # Cut by the drain deadline: end quietly (re-raising only makes asyncio log a
+            # traceback for every connection).
             record.reason = "drained"
-            raise
         except Exception as exc:
             # Whatever one connection hits ends that connection only.
             record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
@@ -267,6 +290,8 @@ class Tunnel:
         record.api = stream.record.api.value if stream.record.api else None
         record.qkd_key_id = stream.record.qkd_key_id
         record.hello_retry = stream.record.hello_retry
+        if self._on_handshake is not None:
+            self._on_handshake(record)
         channel = await open_peer_channel(stream, self.sources)
         return channel if channel is not None else RawTlsChannel(stream)
 
@@ -283,7 +308,7 @@ class Tunnel:
             connection_id=record.conn_id,
             peer_identity=stream.peer.describe(),
             peer_cn=stream.peer.common_name,
-            cipher=stream.cipher,
+            cipher=IANA_CIPHERS.get(stream.cipher, stream.cipher),
             group=stream.record.group,
         )
 
