@@ -23,6 +23,8 @@ COPY --from=build /opt/qkdproxy /opt/qkdproxy
 ENV PATH=/opt/qkdproxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# Private keys bind-mounted into /etc/qkdproxy must be readable by uid 10001
+# (chown 10001 key.pem; keep mode 0600). Kubernetes: fsGroup 10001, defaultMode 0440.
 USER 10001:10001
 VOLUME ["/etc/qkdproxy"]
 EXPOSE 8443 9443 9100

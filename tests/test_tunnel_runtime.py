@@ -279,3 +279,45 @@ async def test_maximum_lifetime_ends_a_busy_connection(tmp_path: Path) -> None:
         writer.close()
         await asyncio.wait_for(client.tunnels[0].wait_idle(), 10)
     assert any(r.role == "client" and r.reason == "max_lifetime" for r in s.records)
+
+
+async def test_reload_refuses_changes_that_need_a_restart(tmp_path: Path) -> None:
+    async with setup(tmp_path) as s, s.daemon("server", s.server_toml()) as server:
+        before = server.tunnels[0].endpoint
+        (tmp_path / "server.toml").write_text(s.server_toml('flow = "server-initiated"'))
+        problems = server.reload()
+        assert problems == ["tunnel t: listen/role/kme/flow changes need a restart"]
+        assert server.tunnels[0].endpoint is before
+        (tmp_path / "server.toml").write_text(s.server_toml().replace('name = "t"', 'name = "u"'))
+        assert "tunnel t: removing a tunnel needs a restart" in server.reload()
+
+
+async def test_an_injected_alert_does_not_downgrade_a_qkd_preferred_tunnel(
+    tmp_path: Path,
+) -> None:
+    """Before the handshake completes a peer's alert is unauthenticated: an on-path attacker
+    answering the ClientHello with internal_error must not push us onto the fallback group."""
+    hellos = 0
+
+    async def attacker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal hellos
+        if await reader.read(65536):
+            hellos += 1
+        writer.write(bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80]))  # fatal internal_error
+        await writer.drain()
+        writer.close()
+
+    fake = await asyncio.start_server(attacker, "127.0.0.1", 0)
+    preferred = 'policy = "qkd-preferred"\ngroups = ["qkd_mlkem768", "X25519MLKEM768"]'
+    try:
+        async with setup(tmp_path) as s:
+            text = s.client_toml(fake.sockets[0].getsockname()[1], preferred)
+            async with s.daemon("client", text) as client:
+                assert client.tunnels[0].fallback is not None
+                assert await transfer(port(client), b"never sent") == b""
+                await asyncio.wait_for(client.tunnels[0].wait_idle(), 10)
+    finally:
+        fake.close()
+    [record] = s.records
+    assert hellos == 1
+    assert record.fallback is False and record.group is None
