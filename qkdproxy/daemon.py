@@ -284,10 +284,11 @@ class Daemon:
         try:
             fresh = load_config(self.config.path)
             problems += self._restart_only_changes(fresh)
-            by_name = {t.name: t for t in fresh.tunnels}
-            for tunnel in self.tunnels:
-                config = by_name.get(tunnel.config.name)
-                if config is not None and not problems:
+            if not problems:
+                # Every running tunnel is in ``fresh``: _restart_only_changes checked that.
+                by_name = {t.name: t for t in fresh.tunnels}
+                for tunnel in self.tunnels:
+                    config = by_name[tunnel.config.name]
                     replacements.append((tunnel, config, *self._endpoints(config, tunnel.keys)))
         except ConfigError as exc:
             problems.extend(exc.problems)

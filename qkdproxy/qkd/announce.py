@@ -12,10 +12,10 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.qkd.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.qkd.sources import SlaveKeySource
 
 SERVED_MEMORY = 4096
@@ -51,12 +51,6 @@ class AnnouncedCounters:
     expired: int = 0
 
 
-@dataclass(slots=True)
-class _Cached:
-    key: QkdKey = field(repr=False)
-    fetched_at: float
-
-
 class AnnouncedSlave:
     """SlaveKeySource that serves announced keys from memory and the rest from ``inner``."""
 
@@ -71,7 +65,7 @@ class AnnouncedSlave:
         self._max_keys = max_keys
         self._max_age_s = max_age_s
         self._clock = clock
-        self._cache: dict[bytes, _Cached] = {}
+        self._cache: dict[bytes, HeldKey] = {}
         self._inflight: dict[bytes, asyncio.Task[None]] = {}
         # Ids already handed out (bounded): a late announcement must not fetch them again.
         self._served: OrderedDict[bytes, None] = OrderedDict()
@@ -100,7 +94,7 @@ class AnnouncedSlave:
         except QkdKeyError:
             self.counters.fetch_failed += 1
         else:
-            self._cache[key_id] = _Cached(key, self._clock())
+            self._cache[key_id] = HeldKey(key, self._clock())
             self.counters.prefetched += 1
         finally:
             self._inflight.pop(key_id, None)

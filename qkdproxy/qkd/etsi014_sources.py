@@ -14,10 +14,10 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.qkd.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
 
 MAX_COALESCED_IDS = 64
 
@@ -49,12 +49,6 @@ class PrefetchCounters:
     refill_errors: int = 0
 
 
-@dataclass(slots=True)
-class _Buffered:
-    key: QkdKey = field(repr=False)
-    fetched_at: float
-
-
 class Etsi014Master:
     """MasterKeySource: ``enc_keys`` towards one slave SAE, from a prefetch buffer if enabled."""
 
@@ -69,7 +63,7 @@ class Etsi014Master:
         self._slave = slave_sae
         self._prefetch = prefetch or PrefetchSettings(low=0, high=0)
         self._clock = clock
-        self._buffer: deque[_Buffered] = deque()
+        self._buffer: deque[HeldKey] = deque()
         self._refill: asyncio.Task[None] | None = None
         # The first ``_announced`` keys of the buffer were named to the peer already.
         self._announced = 0
@@ -111,7 +105,7 @@ class Etsi014Master:
         self._announced += len(ids)
         return ids
 
-    def _pop(self) -> _Buffered:
+    def _pop(self) -> HeldKey:
         self._announced = max(0, self._announced - 1)
         return self._buffer.popleft()
 
@@ -145,7 +139,7 @@ class Etsi014Master:
                 self.counters.refill_errors += 1
                 return
             now = self._clock()
-            self._buffer.extend(_Buffered(k, now) for k in keys)
+            self._buffer.extend(HeldKey(k, now) for k in keys)
             self.counters.prefetched += len(keys)
 
     async def wait_refilled(self) -> None:

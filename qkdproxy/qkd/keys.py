@@ -54,6 +54,14 @@ class QkdKey:
         return key_id_to_text(self.key_id)
 
 
+@dataclass(slots=True)
+class HeldKey:
+    """A key kept in memory ahead of use, with when it was fetched (for ``max_age_s``)."""
+
+    key: QkdKey = field(repr=False)
+    fetched_at: float
+
+
 def key_id_to_text(key_id: bytes) -> str:
     """Binary key id (``uuid.UUID(s).bytes``) to the lowercase UUID string used by ETSI 014."""
     return str(uuid.UUID(bytes=bytes(key_id)))
