@@ -33,6 +33,7 @@ from qkdproxy.tls.keyexchange import (
     KeyContext,
     ServerKeyExchange,
 )
+from qkdproxy.tls.records import open_records, seal
 from qkdproxy.tls.tlslite_glue import (
     NO_ALPN_PLACEHOLDER,
     HookedTLSConnection,
@@ -197,11 +198,15 @@ class _Driver:
     async def fill(self) -> None:
         """Read until tlslite has bytes to consume (or the peer closed)."""
         while not self.sock.inbound and not self.sock.eof:
-            data = await self.reader.read(READ_CHUNK)
-            if not data:
-                self.sock.eof = True
-                return
-            await self.admit(data)
+            await self.receive()
+
+    async def receive(self) -> None:
+        """Read one chunk from the transport into the inbound buffer (or note EOF)."""
+        data = await self.reader.read(READ_CHUNK)
+        if not data:
+            self.sock.eof = True
+            return
+        await self.admit(data)
 
     async def admit(self, data: bytes) -> None:
         self.backlog.extend(self.gate.feed(data))
@@ -230,15 +235,29 @@ class _Driver:
                 return head
             if self.gate.passthrough or self.sock.eof:
                 return None
-            data = await self.reader.read(READ_CHUNK)
-            if not data:
-                self.sock.eof = True
-                return None
-            await self.admit(data)
+            await self.receive()
 
     async def send_raw(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
+
+    def send_records(self, records: bytes) -> None:
+        """Queue records behind anything tlslite produced, without yielding to the loop.
+
+        Sealing and queueing in one step keeps records in sequence-number order even when
+        another task (a read answering a KeyUpdate) also writes through tlslite.
+        """
+        if self.writer.is_closing():
+            raise ConnectionResetError("transport already closed")
+        if self.sock.outbound:
+            self.writer.write(bytes(self.sock.outbound))
+            self.sock.outbound.clear()
+        self.writer.write(records)
+
+    @property
+    def settled(self) -> bool:
+        """True once the gate lets everything through and nothing waits for tlslite."""
+        return self.gate.passthrough and not self.backlog
 
 
 @dataclass(slots=True)
@@ -252,6 +271,8 @@ class TlsStream:
     handshake_seconds: float
     cipher: str
     alpn: str | None
+    # Plaintext opened but not yet returned (a read asked for less than a record held).
+    _plaintext: bytearray = field(default_factory=bytearray, repr=False)
 
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
@@ -259,19 +280,49 @@ class TlsStream:
         A fatal alert or a protocol violation closes the transport and raises
         :class:`TlsStreamError`.
         """
-        try:
-            data = await self._driver.run(self._conn.readAsync(max_bytes))
-        except TLSAbruptCloseError:
-            # A bare TCP close may be a truncation attack: never report it as a clean end.
-            raise await self._fail(ConnectionError("peer closed without close_notify")) from None
-        except (TLSError, ConnectionError) as exc:
-            raise await self._fail(exc) from None
-        return bytes(data or b"")
+        if not self._plaintext:
+            try:
+                self._plaintext += await self._read_records(max_bytes)
+            except TLSAbruptCloseError:
+                # A bare TCP close may be a truncation attack: never report it as a clean end.
+                error = ConnectionError("peer closed without close_notify")
+                raise await self._fail(error) from None
+            except (TLSError, ConnectionError) as exc:
+                raise await self._fail(exc) from None
+        data = bytes(self._plaintext[:max_bytes])
+        del self._plaintext[:max_bytes]
+        return data
+
+    async def _read_records(self, max_bytes: int) -> bytes:
+        """Application data opened here while records are plain data; tlslite otherwise.
+
+        Plaintext already opened is returned before any other record is handed to tlslite,
+        because tlslite then waits for the next data record: holding data back behind a
+        KeyUpdate would stall a request/response protocol.
+        """
+        driver = self._driver
+        while True:
+            keys = self._conn.traffic_keys("read") if driver.settled else None
+            if keys is None:
+                return bytes(await driver.run(self._conn.readAsync(max_bytes)) or b"")
+            driver.sock.inbound[:0] = self._conn.take_read_ahead()
+            opened = open_records(keys, driver.sock.inbound)
+            del driver.sock.inbound[: opened.consumed]
+            if opened.data:
+                return b"".join(opened.data)
+            if opened.handoff or driver.sock.eof:
+                return bytes(await driver.run(self._conn.readAsync(max_bytes)) or b"")
+            await driver.receive()
 
     async def write(self, data: bytes) -> None:
         """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""
-        view = memoryview(data)
         try:
+            keys = self._conn.traffic_keys("write") if self._driver.settled else None
+            if keys is not None:
+                self._driver.send_records(seal(keys, data))
+                await self._driver.writer.drain()
+                return
+            view = memoryview(data)
             for start in range(0, len(view), MAX_RECORD_PAYLOAD):
                 chunk = view[start : start + MAX_RECORD_PAYLOAD]
                 await self._driver.run(self._conn.writeAsync(chunk))

@@ -33,6 +33,7 @@ from tlslite.utils.rsakey import RSAKey
 
 from qkdproxy.groups import GroupSpec
 from qkdproxy.tls.credentials import Credentials, PrivateKey
+from qkdproxy.tls.records import TrafficKeys
 
 TLSLITE_VERSION = "0.8.2"
 ByteLike = bytes | bytearray | memoryview
@@ -82,14 +83,14 @@ class _Aead:
 
     def __init__(self, name: str, cipher: AESGCM | ChaCha20Poly1305) -> None:
         self.name = name
-        self._cipher = cipher
+        self.cipher = cipher
 
     def seal(self, nonce: ByteLike, plaintext: ByteLike, data: ByteLike) -> bytearray:
-        return bytearray(self._cipher.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
+        return bytearray(self.cipher.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
 
     def open(self, nonce: ByteLike, ciphertext: ByteLike, data: ByteLike) -> bytearray | None:
         try:
-            return bytearray(self._cipher.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
+            return bytearray(self.cipher.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
         except InvalidTag:
             return None
 
@@ -299,6 +300,33 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         """Send a fatal alert (encrypted if keys are set) and close; raises TLSLocalAlert."""
         return self._sendError(alert, reason)  # type: ignore[no-any-return]
 
+    def traffic_keys(self, direction: str) -> TrafficKeys | None:
+        """The current application traffic keys for ``"read"`` or ``"write"``.
+
+        None whenever the records must go through tlslite: before or after the TLS 1.3
+        application phase, or with a cipher this module did not install. The returned keys
+        share tlslite's sequence counter, and a KeyUpdate replaces them (ask again).
+        """
+        if self.closed or self.version != (3, 4) or self._readBuffer:
+            return None
+        layer = self._recordLayer
+        state = layer._readState if direction == "read" else layer._writeState
+        aead = state.encContext
+        if not isinstance(aead, _Aead) or state.fixedNonce is None:
+            return None
+        return TrafficKeys(aead.cipher, int.from_bytes(state.fixedNonce, "big"), state)
+
+    def take_read_ahead(self) -> bytes:
+        """Inbound bytes tlslite's socket wrapper read ahead but has not parsed yet.
+
+        tlslite reads its socket in 4 KiB chunks; bytes it took past its last record must
+        go back in front of the stream before anyone else parses records.
+        """
+        buffered: bytearray = self.sock._read_buffer
+        data = bytes(buffered)
+        buffered.clear()
+        return data
+
 
 class _Discard(list[Any]):
     """A list that stays empty."""
@@ -397,6 +425,14 @@ def self_test() -> None:
         (tl_x509.X509, "_ecdsa_pubkey_parsing"),
         (GroupName, "allKEM"),
         (tl_settings, "TLS13_PERMITTED_GROUPS"),
+    ]
+    # The record fast path reads per-connection attributes, which exist only on instances.
+    sample = TLSConnection(None)
+    required += [
+        (sample, "_readBuffer"),
+        (sample.sock, "_read_buffer"),
+        (sample._recordLayer, "_readState"),
+        (sample._recordLayer, "_writeState"),
     ]
     missing = [name for owner, name in required if not hasattr(owner, name)]
     if missing:
