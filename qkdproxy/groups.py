@@ -17,6 +17,7 @@ class GroupKind(Enum):
     """What feeds the group's shared secret."""
 
     CLASSICAL = "classical"
+    PQ = "pq"
     PQ_HYBRID = "pq-hybrid"
     QKD_KEM = "qkd-kem"
     QKD_TRIPLE = "qkd-triple"
@@ -93,6 +94,10 @@ _STANDARD_GROUPS = (
         GroupKind.PQ_HYBRID,
         "secp384r1mlkem1024",
     ),
+    # draft-ietf-tls-mlkem: pure ML-KEM, the PQ-only counterpart of qkd_mlkem768/1024
+    # (the paper's "OQS provider" column).
+    GroupSpec("MLKEM768", 0x0201, ("ML-KEM-768",), GroupKind.PQ, "mlkem768"),
+    GroupSpec("MLKEM1024", 0x0202, ("ML-KEM-1024",), GroupKind.PQ, "mlkem1024"),
     GroupSpec("x25519", 0x001D, ("X25519",), GroupKind.CLASSICAL, "x25519"),
     GroupSpec("secp256r1", 0x0017, ("P-256",), GroupKind.CLASSICAL, "secp256r1"),
     GroupSpec("secp384r1", 0x0018, ("P-384",), GroupKind.CLASSICAL, "secp384r1"),
