@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +45,7 @@ def test_bench_handshake_json_contract(flow: str) -> None:
 def test_bench_handshake_table() -> None:
     result = qkdproxy("bench", "handshake", "--groups", "x25519", "--iterations", "2")
     assert result.returncode == 0, result.stderr
-    assert "median ms" in result.stdout and "x25519" in result.stdout
+    assert "median_ms" in result.stdout and "x25519" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -50,6 +53,9 @@ def test_bench_handshake_table() -> None:
     [
         (["--groups", "qkd_nope"], "unknown group 'qkd_nope'"),
         (["--groups", "x25519", "--iterations", "0"], "--iterations must be at least 1"),
+        (["--groups", "x25519", "--kme-latency-ms", "fast"], "comma-separated numbers"),
+        (["--groups", "x25519", "--kme-latency-ms", "100"], "need --api (or --tunnels)"),
+        (["--tunnels", "--api", "004"], "--tunnels measures ETSI 014 KMEs"),
     ],
 )
 def test_bench_handshake_bad_input(args: list[str], message: str) -> None:
@@ -93,3 +99,49 @@ def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> Non
     for row in rows:
         assert keys <= set(row)
         assert row.get("gbit_s", 1) > 0 and row.get("conn_per_s", 1) > 0
+
+
+def test_bench_kem_contract_plain_and_qkd_at_each_latency(tmp_path: Path) -> None:
+    plot = tmp_path / "kem.png"
+    result = qkdproxy(
+        "bench", "kem", "--iterations", "3", "--kme-latency-ms", "0,30",
+        "--json", "--plot", str(plot),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["results"]
+    keys = {"kem", "operation", "qkd", "kme_latency_ms", "median_ms", "mean_ms", "std_ms"}
+    assert all(keys <= set(row) for row in rows)
+    cells = {(r["kem"], r["operation"], r["qkd"], r["kme_latency_ms"]) for r in rows}
+    for op in ("keygen", "encaps", "decaps"):
+        for qkd in (False, True):
+            assert ("ML-KEM-768", op, qkd, 30.0) in cells
+    slow = {r["operation"]: r["median_ms"] for r in rows
+            if r["qkd"] and r["kme_latency_ms"] == 30.0 and r["kem"] == "ML-KEM-768"}  # fmt: skip
+    # keygen and encaps each wait on a KME call; decaps never does.
+    assert slow["keygen"] >= 30 and slow["encaps"] >= 30 and slow["decaps"] < 30
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_handshake_through_tunnels_csv() -> None:
+    result = qkdproxy(
+        "bench", "handshake", "--tunnels", "--groups", "MLKEM768,qkd_mlkem768",
+        "--iterations", "2", "--kme-latency-ms", "0", "--prefetch", "on", "--csv",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {(r["group"], r["flow"]) for r in rows} == {
+        ("MLKEM768", "-"),
+        ("qkd_mlkem768", "client"),
+        ("qkd_mlkem768", "server"),
+    }
+    for row in rows:
+        assert REQUIRED_KEYS | {"mean_ms", "std_ms", "p99_ms", "ratio_to_pq"} <= set(row)
+        assert float(row["median_ms"]) > 0
+    qkd = [r for r in rows if r["group"] == "qkd_mlkem768"]
+    assert all(r["pq_counterpart"] == "MLKEM768" and float(r["ratio_to_pq"]) > 0 for r in qkd)
+
+
+def test_json_and_csv_are_exclusive() -> None:
+    result = qkdproxy("bench", "kme", "--json", "--csv")
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr

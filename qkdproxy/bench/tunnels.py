@@ -10,12 +10,9 @@ the backends run in this process.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,10 +20,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qkdproxy.bench.processes import (
+    discard,
+    follow,
+    free_port,
+    spawn,
+    start_daemon_pair,
+    wait_line,
+)
 from qkdproxy.certs import write_dev_pki
 
 CHUNK = 256 * 1024
-STARTUP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,7 @@ async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def ping_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Connection-rate backend: echo one byte, close."""
     try:
         writer.write(await reader.readexactly(1))
@@ -85,16 +89,6 @@ async def _ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _wait_line(stream: asyncio.StreamReader, marker: bytes) -> bytes:
-    async with asyncio.timeout(STARTUP_TIMEOUT_S):
-        while True:
-            line = await stream.readline()
-            if not line:
-                raise RuntimeError("a benchmark process exited during start-up")
-            if marker in line:
-                return line
-
-
 @dataclass(slots=True)
 class Paths:
     """Where each path's client side listens, by path name."""
@@ -102,94 +96,17 @@ class Paths:
     ports: dict[str, int]
 
 
-async def _spawn(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-
-    async def stop() -> None:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-    stack.push_async_callback(stop)
-    return process
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _qkdproxy(stack: AsyncExitStack, base: Path, backend: int) -> int:
-    kme = await _spawn(stack, sys.executable, "-m", "qkdproxy", "kme", "--pki", str(base / "pki"))
-    assert kme.stdout is not None
-    assert kme.stderr is not None
-    urls = json.loads(await _wait_line(kme.stdout, b"{"))["kme"]
-    _keep_reading(stack, kme.stderr)
-    server_port = _free_port()
-    tunnel = """
-[kme.local]
-url = "{url}"
-sae_id = "{sae}"
-peer_sae_id = "{peer}"
-cert = "pki/{sae}.pem"
-key = "pki/{sae}-key.pem"
-ca = "pki/ca.pem"
-
-[[tunnel]]
-name = "bench"
-role = "{role}"
-listen = "127.0.0.1:{listen}"
-connect = "127.0.0.1:{connect}"
-cert = "pki/tunnel-{role}.pem"
-key = "pki/tunnel-{role}-key.pem"
-ca = "pki/ca.pem"
-kme = "local"
-{extra}
-"""
-    (base / "server.toml").write_text(tunnel.format(
-        url=urls["kme-b"], sae="sae-b", peer="sae-a", role="server", listen=server_port,
-        connect=backend, extra='allow = ["uri:spiffe://qkdproxy.test/tunnel/client"]',
-    ))  # fmt: skip
-    client_port = _free_port()
-    (base / "client.toml").write_text(tunnel.format(
-        url=urls["kme-a"], sae="sae-a", peer="sae-b", role="client", listen=client_port,
-        connect=server_port, extra='server_name = "server.qkdproxy.test"',
-    ))  # fmt: skip
-    for name in ("server", "client"):
-        process = await _spawn(
-            stack, sys.executable, "-m", "qkdproxy", "run", "--config", str(base / f"{name}.toml")
-        )
-        assert process.stderr is not None
-        await _wait_line(process.stderr, b"listening on")
-        _keep_reading(stack, process.stderr)
-    return client_port
-
-
-def _keep_reading(stack: AsyncExitStack, stream: asyncio.StreamReader) -> None:
-    """Discard a child's log output for as long as it runs, so its pipe never fills."""
-
-    async def discard() -> None:
-        while await stream.read(65536):
-            pass
-
-    task = asyncio.create_task(discard())
-    stack.callback(task.cancel)
-
-
 async def _stunnel(stack: AsyncExitStack, base: Path, backend: int) -> int | None:
     binary = shutil.which("stunnel4") or shutil.which("stunnel")
     if binary is None:
         return None
     pki = base / "pki"
-    server_port, client_port = _free_port(), _free_port()
-    common = "foreground = yes\npid =\ndebug = 5\nsslVersionMin = TLSv1.3\n"
+    server_port, client_port = free_port(), free_port()
+    # asyncio sets TCP_NODELAY on every socket; stunnel must too, or delayed ACKs dominate.
+    common = (
+        "foreground = yes\npid =\ndebug = 5\nsslVersionMin = TLSv1.3\n"
+        "socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+    )
     server = common + (
         f"[server]\naccept = 127.0.0.1:{server_port}\nconnect = 127.0.0.1:{backend}\n"
         f"cert = {pki}/tunnel-server.pem\nkey = {pki}/tunnel-server-key.pem\n"
@@ -203,10 +120,10 @@ async def _stunnel(stack: AsyncExitStack, base: Path, backend: int) -> int | Non
     )
     for name, text in (("stunnel-server.conf", server), ("stunnel-client.conf", client)):
         (base / name).write_text(text)
-        process = await _spawn(stack, binary, str(base / name))
+        process = await spawn(stack, binary, str(base / name))
         assert process.stderr is not None
-        await _wait_line(process.stderr, b"Configuration successful")
-        _keep_reading(stack, process.stderr)
+        await wait_line(process.stderr, b"Configuration successful")
+        follow(stack, process.stderr, discard)
     return client_port
 
 
@@ -223,7 +140,8 @@ async def _paths(handler: Handler, with_stunnel: bool) -> AsyncIterator[Paths]:
             stack.callback(backend.close)
             backend_port = backend.sockets[0].getsockname()[1]
             ports = {"direct": backend_port}
-            ports["qkdproxy"] = await _qkdproxy(stack, base, backend_port)
+            pair = await start_daemon_pair(stack, base, backend_port)
+            ports["qkdproxy"] = pair.ports["bench"]
             if with_stunnel and (port := await _stunnel(stack, base, backend_port)):
                 ports["stunnel"] = port
             yield Paths(ports)
@@ -264,7 +182,7 @@ async def run_throughput(
     return results
 
 
-async def _connect_once(port: int) -> float:
+async def connect_once(port: int) -> float:
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"x")
@@ -275,7 +193,7 @@ async def _connect_once(port: int) -> float:
 
 
 async def _connect_many(port: int, count: int) -> list[float]:
-    return [await _connect_once(port) for _ in range(count)]
+    return [await connect_once(port) for _ in range(count)]
 
 
 async def run_connrate(
@@ -283,10 +201,10 @@ async def run_connrate(
 ) -> list[ConnrateResult]:
     """New connections per second (open, one byte each way, close) per path."""
     results = []
-    async with _paths(_ping, with_stunnel) as paths:
+    async with _paths(ping_backend, with_stunnel) as paths:
         for path, port in paths.ports.items():
             for _ in range(5):
-                await _connect_once(port)
+                await connect_once(port)
             for concurrency in concurrencies:
                 share = connections // concurrency
                 started = time.perf_counter()

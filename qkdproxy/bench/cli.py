@@ -1,0 +1,344 @@
+"""``qkdproxy bench ...``: argument parsing and output for every benchmark.
+
+Every bench prints a table (default), ``--json`` (``{"results": [...]}``) or ``--csv``, and
+can draw ``--plot FILE.png``. Exit codes: 0 done, 2 bad arguments (or plotting unavailable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qkdproxy.aio import run
+from qkdproxy.bench import kem as kem_bench
+from qkdproxy.bench import tunnel_handshake
+from qkdproxy.bench.handshake import KeySourceChoice, run_handshake_bench
+from qkdproxy.bench.kme import run_kme_bench
+from qkdproxy.bench.output import OutputFormat, Row, progress, render
+from qkdproxy.bench.plot import BarChart, PlotUnavailableError, require_matplotlib, save
+from qkdproxy.bench.tunnels import run_connrate, run_throughput
+from qkdproxy.groups import DEFAULT_GROUPS, GroupError, GroupSpec
+from qkdproxy.hybrid import GroupUnavailableError
+from qkdproxy.tls.keyexchange import Flow, KeyApi
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad arguments: printed as ``qkdproxy bench NAME: message`` with exit code 2."""
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{what} takes comma-separated numbers") from None
+    if any(v < 0 for v in values):
+        raise UsageError(f"{what} must not be negative")
+    return values
+
+
+def _counts(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{what} takes comma-separated whole numbers") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{what} values must be at least 1")
+    return values
+
+
+def _at_least_one(value: int, what: str) -> int:
+    if value < 1:
+        raise UsageError(f"{what} must be at least 1")
+    return value
+
+
+def _format(args: argparse.Namespace) -> OutputFormat:
+    if args.json:
+        return OutputFormat.JSON
+    return OutputFormat.CSV if args.csv else OutputFormat.TABLE
+
+
+def _emit(
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    panels: Callable[[], list[BarChart]],
+    title: str,
+    footer: str = "",
+) -> int:
+    if args.plot:
+        save(panels(), Path(args.plot))
+    print(render(rows, _format(args), title, footer))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------- handshake
+
+
+def _group_list(text: str | None) -> list[GroupSpec]:
+    if not text:
+        return tunnel_handshake.table_groups()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--groups is empty")
+    return [DEFAULT_GROUPS.by_name(name) for name in names]
+
+
+def _choices(value: str | None, default: str, both: Sequence[str]) -> list[str]:
+    value = value or default
+    return list(both) if value == "both" else [value]
+
+
+def _handshake(args: argparse.Namespace) -> int:
+    default_iterations = 20 if args.tunnels else 200
+    iterations = _at_least_one(
+        default_iterations if args.iterations is None else args.iterations, "--iterations"
+    )
+    groups = _group_list(args.groups)
+    mode_default = "both" if args.tunnels else None
+    flows = _choices(args.flow, mode_default or "client", ("client", "server"))
+    prefetch = [p == "on" for p in _choices(args.prefetch, mode_default or "on", ("on", "off"))]
+    latencies = _floats(args.kme_latency_ms or ("0,100" if args.tunnels else "0"),
+                        "--kme-latency-ms")  # fmt: skip
+    if args.tunnels:
+        return _handshake_tunnels(
+            args, groups, flows=flows, prefetch=prefetch, latencies=latencies, iterations=iterations
+        )
+    if args.api is None and (any(latencies) or not all(prefetch)):
+        raise UsageError("--kme-latency-ms and --prefetch need --api (or --tunnels)")
+    rows: list[Row] = []
+    for flow in flows:
+        for latency in latencies:
+            for ahead in prefetch:
+                keys = KeySourceChoice(KeyApi(args.api) if args.api else None, latency, ahead)
+                flow_value = Flow.CLIENT_INITIATED if flow == "client" else Flow.SERVER_INITIATED
+                results = run(
+                    run_handshake_bench([g.name for g in groups], flow_value, iterations, keys)
+                )
+                rows += [r.as_dict() for r in results]
+    footer = f"in-process endpoints; first group is the baseline; keys: {rows[0]['key_source']}"
+    return _emit(args, rows, lambda: _in_process_charts(rows), "TLS 1.3 handshakes", footer)
+
+
+def _in_process_charts(rows: Sequence[Row]) -> list[BarChart]:
+    groups = list(dict.fromkeys(str(r["group"]) for r in rows))
+    series: dict[str, list[float | None]] = {}
+    for row in rows:
+        label = f"{row['flow']} flow, KME {row['kme_latency_ms']} ms, prefetch {row['prefetch']}"
+        series.setdefault(label, [None] * len(groups))
+        series[label][groups.index(str(row["group"]))] = float(row["median_ms"])  # type: ignore[arg-type]
+    return [BarChart("TLS 1.3 handshake, in-process endpoints (median)", "ms", groups, series)]
+
+
+def _handshake_tunnels(
+    args: argparse.Namespace,
+    groups: list[GroupSpec],
+    *,
+    flows: list[str],
+    prefetch: list[bool],
+    latencies: tuple[float, ...],
+    iterations: int,
+) -> int:
+    if args.api not in (None, "014"):
+        raise UsageError("--tunnels measures ETSI 014 KMEs (the server-initiated flow needs it)")
+    scenarios = [tunnel_handshake.Scenario(lat, ahead) for lat in latencies for ahead in prefetch]
+    total = len(scenarios) * tunnel_handshake.tunnel_count(groups, flows)
+    with progress("handshakes through tunnels", total) as advance:
+        results = run(
+            tunnel_handshake.run_tunnel_handshake_bench(
+                groups, flows, scenarios, iterations, advance
+            )
+        )
+    footer = (
+        f"{iterations} connections per row through a client and a server daemon and the KME "
+        "simulator (three processes); ratio_to_pq: median over the PQ-only group's median"
+    )
+    return _emit(
+        args, [r.as_dict() for r in results], lambda: tunnel_handshake.charts(results),
+        "TLS 1.3 handshakes through qkdproxy tunnels (the paper's Table I)", footer,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- kem
+
+
+def _kem(args: argparse.Namespace) -> int:
+    iterations = _at_least_one(args.iterations, "--iterations")
+    latencies = _floats(args.kme_latency_ms, "--kme-latency-ms")
+    kems = kem_bench.qkd_kem_groups()
+    with progress("KEM operations", len(kems) * len(latencies)) as advance:
+        results = run(
+            kem_bench.run_kem_bench(iterations, latencies, args.prefetch == "on", advance)
+        )
+    footer = (
+        "QKD-KEM: client-initiated flow, keys from the KME simulator over ETSI 014 mTLS; "
+        f"prefetch {args.prefetch}"
+    )
+    return _emit(
+        args, [r.as_dict() for r in results], lambda: kem_bench.charts(results),
+        "KEM operations, plain and QKD-KEM (the paper's Figs. 3 and 4)", footer,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------- tunnels, kme
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    streams = _counts(args.streams, "--streams")
+    megabytes = _at_least_one(args.megabytes, "--megabytes")
+    results = run(run_throughput(megabytes, streams, not args.no_stunnel))
+    rows = [r.as_dict() for r in results]
+    return _emit(
+        args, rows, lambda: [_path_chart(rows, "streams", "gbit_s", "Gbit/s")],
+        "Bulk throughput by path (same run)",
+    )  # fmt: skip
+
+
+def _connrate(args: argparse.Namespace) -> int:
+    levels = _counts(args.concurrency, "--concurrency")
+    connections = _at_least_one(args.connections, "--connections")
+    results = run(run_connrate(connections, levels, not args.no_stunnel))
+    rows = [r.as_dict() for r in results]
+    return _emit(
+        args, rows, lambda: [_path_chart(rows, "concurrency", "conn_per_s", "connections/s")],
+        "New connections per second by path (same run)",
+    )  # fmt: skip
+
+
+def _path_chart(rows: Sequence[Row], level: str, value: str, unit: str) -> BarChart:
+    levels = list(dict.fromkeys(str(r[level]) for r in rows))
+    paths = list(dict.fromkeys(str(r["path"]) for r in rows))
+    by_key = {(str(r["path"]), str(r[level])): float(r[value]) for r in rows}  # type: ignore[arg-type]
+    series = {path: [by_key.get((path, lv)) for lv in levels] for path in paths}
+    return BarChart(f"{unit} by {level}", unit, [f"{level} {lv}" for lv in levels], series)
+
+
+def _kme(args: argparse.Namespace) -> int:
+    requests = _at_least_one(args.requests, "--requests")
+    concurrency = _at_least_one(args.concurrency, "--concurrency")
+    result = run(run_kme_bench(requests, concurrency))
+    row = result.as_dict()
+    chart = BarChart("ETSI 014 enc_keys latency", "ms", ["median", "p99"],
+                     {"simulator": [result.median_ms, result.p99_ms]})  # fmt: skip
+    return _emit(args, [row], lambda: [chart], "KME simulator, single-key enc_keys")
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    formats = parser.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help='print {"results": [...]}')
+    formats.add_argument("--csv", action="store_true", help="print CSV")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the results (matplotlib)")
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``qkdproxy bench`` and its benchmarks on the top-level subparsers."""
+    bench = commands.add_parser("bench", help="run benchmarks")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    _add_handshake(benches)
+    _add_kem(benches)
+    kme = benches.add_parser(
+        "kme", help="ETSI 014 enc_keys requests per second against a simulator KME process"
+    )
+    kme.add_argument("--requests", type=int, default=10_000, help="timed requests")
+    kme.add_argument("--concurrency", type=int, default=16, help="concurrent callers")
+    _output_options(kme)
+    kme.set_defaults(handler=_guarded("kme", _kme))
+    throughput = benches.add_parser(
+        "throughput", help="bulk transfer through a tunnel pair, direct loopback and stunnel",
+        description="Each path measured in the same run: direct loopback (ceiling), a qkdproxy "
+        "client+server daemon pair (separate processes), and a TLS 1.3 stunnel pair if "
+        "stunnel is installed.",
+    )  # fmt: skip
+    throughput.add_argument("--megabytes", type=int, default=512, help="per measurement")
+    throughput.add_argument("--streams", default="1,4", help="comma-separated stream counts")
+    throughput.add_argument("--no-stunnel", action="store_true", help="skip stunnel")
+    _output_options(throughput)
+    throughput.set_defaults(handler=_guarded("throughput", _throughput))
+    connrate = benches.add_parser(
+        "connrate", help="new connections per second through each path",
+        description="Each connection opens, sends one byte, gets it back and closes (a full "
+        "QKD-KEM handshake through the qkdproxy pair; no session resumption).",
+    )  # fmt: skip
+    connrate.add_argument("--connections", type=int, default=500, help="per measurement")
+    connrate.add_argument("--concurrency", default="1,16", help="comma-separated levels")
+    connrate.add_argument("--no-stunnel", action="store_true", help="skip stunnel")
+    _output_options(connrate)
+    connrate.set_defaults(handler=_guarded("connrate", _connrate))
+
+
+def _add_handshake(benches: Any) -> None:
+    handshake = benches.add_parser(
+        "handshake", help="full TLS 1.3 handshakes per group (in-process, or through tunnels)",
+        description="Without --tunnels: client and server endpoints in this process over "
+        "loopback sockets; the first group is the baseline. With --tunnels: the paper's "
+        "Table I through a real client and server daemon and the KME simulator, every "
+        "group in both flows, prefetch on and off, KME latency 0 and 100 ms by default.",
+    )  # fmt: skip
+    handshake.add_argument(
+        "--groups", help="comma-separated group names (default: every available QKD group "
+        "and its PQ-only counterpart)",
+    )  # fmt: skip
+    handshake.add_argument("--tunnels", action="store_true", help="measure through daemons")
+    handshake.add_argument(
+        "--flow", choices=["client", "server", "both"],
+        help="which side originates the QKD key id (default: client; both with --tunnels)",
+    )  # fmt: skip
+    handshake.add_argument(
+        "--iterations", type=int, help="handshakes per row (default 200; 20 with --tunnels)"
+    )
+    handshake.add_argument(
+        "--api", choices=["014", "004"],
+        help="in-process mode: take keys from the KME simulator over mTLS with this ETSI API "
+        "(default: an in-process link)",
+    )  # fmt: skip
+    handshake.add_argument(
+        "--kme-latency-ms", help="comma-separated latencies the simulator adds to every KME "
+        "call (default 0; 0,100 with --tunnels)",
+    )  # fmt: skip
+    handshake.add_argument(
+        "--prefetch", choices=["on", "off", "both"],
+        help="keep buffers of ready keys (default on; both with --tunnels)",
+    )  # fmt: skip
+    _output_options(handshake)
+    handshake.set_defaults(handler=_guarded("handshake", _handshake))
+
+
+def _add_kem(benches: Any) -> None:
+    kem = benches.add_parser(
+        "kem", help="keygen/encaps/decaps per KEM, plain and QKD-KEM (paper Figs. 3, 4)",
+        description="Every available QKD-KEM group's KEM, timed alone and as a QKD-KEM "
+        "operation with keys from the KME simulator at each latency.",
+    )  # fmt: skip
+    kem.add_argument("--iterations", type=int, default=50, help="per operation")
+    kem.add_argument(
+        "--kme-latency-ms", default="0,100", help="comma-separated simulator latencies"
+    )
+    kem.add_argument(
+        "--prefetch", choices=["on", "off"], default="off",
+        help="key buffers ahead of use (default off, like the paper)",
+    )  # fmt: skip
+    _output_options(kem)
+    kem.set_defaults(handler=_guarded("kem", _kem))
+
+
+def _guarded(name: str, handler: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Turn argument and availability errors into one line on stderr and exit code 2."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        try:
+            if args.plot:
+                require_matplotlib()
+            return handler(args)
+        except (UsageError, GroupError, GroupUnavailableError, PlotUnavailableError) as exc:
+            print(f"qkdproxy bench {name}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return guarded
