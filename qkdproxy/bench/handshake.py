@@ -134,25 +134,3 @@ async def run_handshake_bench(
         for g in groups
         for s in [samples[g.group.name]]
     ]
-
-
-def format_table(results: Sequence[HandshakeResult]) -> str:
-    """A table a person reads at a glance."""
-    header = (
-        f"{'group':<22} {'flow':<7} {'qkd':<4} {'median ms':>9} {'p90 ms':>8} "
-        f"{'hs/s':>7} {'x base':>7}"
-    )
-    lines = [header, "-" * len(header)]
-    lines += [
-        f"{r.group:<22} {r.flow:<7} {'yes' if r.qkd else 'no':<4} {r.median_ms:>9.2f} "
-        f"{r.p90_ms:>8.2f} {r.handshakes_per_s:>7.0f} {r.ratio_to_baseline:>7.2f}"
-        for r in results
-    ]
-    if results:
-        first = results[0]
-        keys = first.key_source
-        if first.key_source != "in-process":
-            keys += f", KME latency {first.kme_latency_ms:g} ms, prefetch "
-            keys += "on" if first.prefetch else "off"
-        lines.append(f"baseline: {first.group}; keys: {keys}; event loop: {first.event_loop}")
-    return "\n".join(lines)
