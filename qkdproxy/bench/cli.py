@@ -192,11 +192,7 @@ def _throughput(args: argparse.Namespace) -> int:
     streams = _counts(args.streams, "--streams")
     megabytes = _at_least_one(args.megabytes, "--megabytes")
     results = run(run_throughput(megabytes, streams, not args.no_stunnel))
-    rows = [r.as_dict() for r in results]
-    return _emit(
-        args, rows, lambda: [_path_chart(rows, "streams", "gbit_s", "Gbit/s")],
-        "Bulk throughput by path (same run)",
-    )  # fmt: skip
+    return _emit_paths(args, [r.as_dict() for r in results], "streams", "gbit_s", "Gbit/s")
 
 
 def _connrate(args: argparse.Namespace) -> int:
@@ -204,9 +200,15 @@ def _connrate(args: argparse.Namespace) -> int:
     connections = _at_least_one(args.connections, "--connections")
     results = run(run_connrate(connections, levels, not args.no_stunnel))
     rows = [r.as_dict() for r in results]
+    return _emit_paths(args, rows, "concurrency", "conn_per_s", "connections/s")
+
+
+def _emit_paths(
+    args: argparse.Namespace, rows: list[Row], level: str, value: str, unit: str
+) -> int:
     return _emit(
-        args, rows, lambda: [_path_chart(rows, "concurrency", "conn_per_s", "connections/s")],
-        "New connections per second by path (same run)",
+        args, rows, lambda: [_path_chart(rows, level, value, unit)],
+        f"{unit} by path and {level} (same run)",
     )  # fmt: skip
 
 

@@ -10,14 +10,39 @@ import asyncio
 import json
 import socket
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qkdproxy.certs import write_dev_pki
+
 STARTUP_TIMEOUT_S = 30.0
 CLIENT_URI = "spiffe://qkdproxy.test/tunnel/client"
+BackendHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 SERVER_NAME = "server.qkdproxy.test"
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    """A temporary directory with the development PKI, a backend, and an exit stack."""
+
+    base: Path
+    stack: AsyncExitStack
+    backend_port: int
+
+
+@asynccontextmanager
+async def workspace(backend: BackendHandler) -> AsyncIterator[Workspace]:
+    """Everything a bench run starts is torn down, and its files removed, on exit."""
+    with tempfile.TemporaryDirectory(prefix="qkdproxy-bench-") as tmp:
+        base = Path(tmp)
+        write_dev_pki(base / "pki")
+        async with AsyncExitStack() as stack:
+            server = await asyncio.start_server(backend, "127.0.0.1", 0)
+            stack.callback(server.close)
+            yield Workspace(base, stack, int(server.sockets[0].getsockname()[1]))
 
 
 async def spawn(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process:

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import tempfile
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from qkdproxy.bench.output import Advance
 from qkdproxy.bench.plot import BarChart
-from qkdproxy.bench.processes import ClientTunnel, DaemonPair, start_daemon_pair
+from qkdproxy.bench.processes import ClientTunnel, DaemonPair, start_daemon_pair, workspace
 from qkdproxy.bench.tunnels import connect_once, ping_backend
-from qkdproxy.certs import write_dev_pki
 from qkdproxy.groups import DEFAULT_GROUPS, GroupSpec
 from qkdproxy.hybrid import GroupUnavailableError, resolve
 from qkdproxy.kem import default_registry
@@ -134,26 +130,21 @@ async def _run_scenario(
     advance: Advance | None,
 ) -> dict[str, list[float]]:
     tunnels = _tunnels(groups, flows)
-    with tempfile.TemporaryDirectory(prefix="qkdproxy-bench-") as tmp:
-        base = Path(tmp)
-        write_dev_pki(base / "pki")
-        async with AsyncExitStack() as stack:
-            backend = await asyncio.start_server(ping_backend, "127.0.0.1", 0)
-            stack.callback(backend.close)
-            pair = await start_daemon_pair(
-                stack, base, backend.sockets[0].getsockname()[1], clients=tunnels,
-                server_groups=[g.name for g in groups], kme_latency_ms=scenario.kme_latency_ms,
-                prefetch=scenario.prefetch,
-            )  # fmt: skip
-            samples = {}
-            for tunnel in tunnels:
-                for _ in range(WARMUP + iterations):
-                    await connect_once(pair.ports[tunnel.name])
-                times = await _records_for(pair, tunnel.name, WARMUP + iterations)
-                samples[tunnel.name] = times[WARMUP:]
-                if advance is not None:
-                    advance()
-            return samples
+    async with workspace(ping_backend) as work:
+        pair = await start_daemon_pair(
+            work.stack, work.base, work.backend_port, clients=tunnels,
+            server_groups=[g.name for g in groups], kme_latency_ms=scenario.kme_latency_ms,
+            prefetch=scenario.prefetch,
+        )  # fmt: skip
+        samples = {}
+        for tunnel in tunnels:
+            for _ in range(WARMUP + iterations):
+                await connect_once(pair.ports[tunnel.name])
+            times = await _records_for(pair, tunnel.name, WARMUP + iterations)
+            samples[tunnel.name] = times[WARMUP:]
+            if advance is not None:
+                advance()
+        return samples
 
 
 def _percentile(ordered: list[float], fraction: float) -> float:

@@ -13,22 +13,22 @@ import asyncio
 import os
 import shutil
 import statistics
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qkdproxy.bench.processes import (
+    BackendHandler,
     discard,
     follow,
     free_port,
     spawn,
     start_daemon_pair,
     wait_line,
+    workspace,
 )
-from qkdproxy.certs import write_dev_pki
 
 CHUNK = 256 * 1024
 
@@ -127,24 +127,15 @@ async def _stunnel(stack: AsyncExitStack, base: Path, backend: int) -> int | Non
     return client_port
 
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
 @asynccontextmanager
-async def _paths(handler: Handler, with_stunnel: bool) -> AsyncIterator[Paths]:
-    with tempfile.TemporaryDirectory(prefix="qkdproxy-bench-") as tmp:
-        base = Path(tmp)
-        write_dev_pki(base / "pki")
-        async with AsyncExitStack() as stack:
-            backend = await asyncio.start_server(handler, "127.0.0.1", 0)
-            stack.callback(backend.close)
-            backend_port = backend.sockets[0].getsockname()[1]
-            ports = {"direct": backend_port}
-            pair = await start_daemon_pair(stack, base, backend_port)
-            ports["qkdproxy"] = pair.ports["bench"]
-            if with_stunnel and (port := await _stunnel(stack, base, backend_port)):
-                ports["stunnel"] = port
-            yield Paths(ports)
+async def _paths(handler: BackendHandler, with_stunnel: bool) -> AsyncIterator[Paths]:
+    async with workspace(handler) as work:
+        ports = {"direct": work.backend_port}
+        pair = await start_daemon_pair(work.stack, work.base, work.backend_port)
+        ports["qkdproxy"] = pair.ports["bench"]
+        if with_stunnel and (port := await _stunnel(work.stack, work.base, work.backend_port)):
+            ports["stunnel"] = port
+        yield Paths(ports)
 
 
 async def _stream(port: int, size: int) -> int:
