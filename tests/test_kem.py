@@ -142,6 +142,22 @@ def test_liboqs_kems_round_trip(name: str) -> None:
         kem.encapsulate(public[:-1])
 
 
+@requires_liboqs
+def test_a_liboqs_secret_key_serves_one_decapsulation_only() -> None:
+    # A second use used to touch freed memory and abort the process (double free).
+    kem = default_registry().get("ML-KEM-512")
+    assert not isinstance(kem, UnavailableKem), kem
+    private, public = kem.generate()
+    ciphertext, secret = kem.encapsulate(public)
+    assert kem.decapsulate(private, ciphertext) == secret
+    with pytest.raises(KemError, match="already used"):
+        kem.decapsulate(private, ciphertext)
+    with pytest.raises(KemError, match="not a liboqs private key"):
+        kem.decapsulate(object(), ciphertext)
+    unused, _ = kem.generate()
+    del unused  # freed without a decapsulation, and without a crash
+
+
 def test_default_registry_reports_liboqs_state() -> None:
     missing = default_registry().get("BIKE-L5")
     if LIBOQS.module is None:

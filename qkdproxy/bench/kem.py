@@ -130,8 +130,12 @@ async def _qkd_samples(
 
 
 async def _plain_samples(kem: HybridKem, iterations: int) -> dict[str, list[float]]:
-    private, public = kem.generate()
-    ciphertext, _ = kem.encapsulate(public)
+    _, public = kem.generate()
+    # A secret key serves one decapsulation (liboqs frees it): one fresh pair per sample.
+    pairs = []
+    for _ in range(iterations):
+        private, own_public = kem.generate()
+        pairs.append((private, kem.encapsulate(own_public)[0]))
 
     async def keygen() -> None:
         kem.generate()
@@ -140,6 +144,7 @@ async def _plain_samples(kem: HybridKem, iterations: int) -> dict[str, list[floa
         kem.encapsulate(public)
 
     async def decaps() -> None:
+        private, ciphertext = pairs.pop()
         kem.decapsulate(private, ciphertext)
 
     return {

@@ -88,9 +88,9 @@ class OqsKem:
     backend: str = BACKEND
 
     def generate(self) -> tuple[object, bytes]:
-        """Return a liboqs handle holding the secret key, and the public key."""
+        """Return the secret key (inside a liboqs handle) and the public key."""
         handle = self._oqs.KeyEncapsulation(self.name)
-        return handle, bytes(handle.generate_keypair())
+        return OqsPrivateKey(handle), bytes(handle.generate_keypair())
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
         """Return ``(ciphertext, shared_secret)``."""
@@ -103,15 +103,44 @@ class OqsKem:
         return bytes(ciphertext), bytes(shared)
 
     def decapsulate(self, private_key: object, ciphertext: bytes) -> bytes:
-        """Recover the shared secret and free the secret key held by the handle."""
+        """Recover the shared secret; the secret key is freed and cannot be used again."""
         require_length(f"{self.name} ciphertext", ciphertext, self.sizes.ciphertext)
-        handle: Any = private_key
+        if not isinstance(private_key, OqsPrivateKey):
+            raise KemError(f"{self.name}: not a liboqs private key")
+        handle = private_key.take()
         try:
             return bytes(handle.decap_secret(ciphertext))
         except RuntimeError as exc:
             raise KemError(f"{self.name} ciphertext rejected: {exc}") from None
         finally:
             handle.free()
+
+
+class OqsPrivateKey:
+    """A liboqs handle holding one ephemeral secret key, usable for one decapsulation.
+
+    liboqs frees the secret key with the handle; a second use would touch freed memory and
+    abort the whole process, so it is refused with :class:`KemError` instead.
+    """
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: Any) -> None:
+        self._handle: Any = handle
+
+    def take(self) -> Any:
+        """The handle, once; :class:`KemError` afterwards."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            raise KemError("an ephemeral liboqs secret key was already used")
+        return handle
+
+    def __del__(self) -> None:
+        # An abandoned handshake never decapsulates: wipe and free the secret key anyway.
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with contextlib.suppress(Exception):  # at interpreter exit liboqs may be gone
+                handle.free()
 
 
 def liboqs_kems(module: ModuleType) -> list[Kem]:
