@@ -145,3 +145,17 @@ def test_json_and_csv_are_exclusive() -> None:
     result = qkdproxy("bench", "kme", "--json", "--csv")
     assert result.returncode == 2
     assert "not allowed with argument" in result.stderr
+
+
+def test_bench_soak_json_and_csv_report_a_clean_run() -> None:
+    result = qkdproxy("bench", "soak", "--seconds", "1", "--concurrency", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads(result.stdout)["results"]
+    assert run["ok"] is True and run["problems"] == []
+    assert run["connections"] > 0 and run["mismatches"] == 0
+    assert run["keys"]["reused_key_ids"] == 0
+    csv_run = qkdproxy("bench", "soak", "--seconds", "0.5", "--concurrency", "1", "--csv",
+                       "--no-tracemalloc")  # fmt: skip
+    assert csv_run.returncode == 0, csv_run.stderr
+    (row,) = list(csv.DictReader(io.StringIO(csv_run.stdout)))
+    assert row["ok"] == "True" and int(row["connections"]) > 0
