@@ -97,7 +97,8 @@ def kme_state(kme: KmeConnection) -> KmeState:
         if isinstance(master, Etsi014Master):
             c = master.counters
             out |= {"prefetched": c.prefetched, "served_from_buffer": c.served_from_buffer,
-                    "fetched_on_demand": c.fetched_on_demand, "expired": c.expired}  # fmt: skip
+                    "fetched_on_demand": c.fetched_on_demand, "expired": c.expired,
+                    "flushed": c.flushed}  # fmt: skip
         if isinstance(kme.sources.slave, AnnouncedSlave):
             a = kme.sources.slave.counters
             out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
@@ -155,6 +156,7 @@ class Daemon:
         self._stop_now = asyncio.Event()
         self._terms = 0
         self._stopping = False
+        self._reload_pending = False
         self.healthy = False
 
     async def start(self) -> None:
@@ -340,13 +342,29 @@ class Daemon:
         self._terms += 1
         (self._stop if self._terms == 1 else self._stop_now).set()
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; drain; return the exit code."""
+    def handle_signals(self) -> None:
+        """Take over SIGTERM, SIGINT and SIGHUP. Called before :meth:`start`: once a
+        listener is open (and "listening on" logged) a SIGHUP must reload, not kill the
+        process, which is the default action of SIGHUP."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        if self._started:
+            self.reload()
+        else:
+            # Still opening listeners and KME connections: reload once started.
+            self._reload_pending = True
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; drain; return the exit code."""
+        self.handle_signals()
         self.notifier.notify(READY="1", STATUS=self.status_line())
+        if self._reload_pending:
+            self._reload_pending = False
+            self.reload()
         watchdog = asyncio.create_task(self._watchdog())
         await self._stop.wait()
         # SIGHUP keeps its handler (the default would kill us); reload() ignores it now.

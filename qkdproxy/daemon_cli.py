@@ -86,6 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 async def _run(config: Config) -> int:
     daemon = Daemon(config)
+    daemon.handle_signals()
     try:
         await daemon.start()
     except (CredentialError, ValueError) as exc:

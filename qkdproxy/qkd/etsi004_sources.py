@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qkdproxy.qkd.keys import QkdKeyError
-from qkdproxy.qkd.sources import StreamKeySource
+from qkdproxy.qkd.sources import FLUSH_INTERVAL_S, StreamKeySource
 
 KEY_INDEX = 0
 
@@ -36,10 +36,16 @@ class StreamPrefetchCounters:
     keys_ahead: int = 0
     keys_served_from_cache: int = 0
     failures: int = 0
+    # Closed unused after the peer refused one (see PrefetchingStreams.flush_after_refusal).
+    flushed: int = 0
 
 
 class PrefetchingStreams:
     """StreamKeySource that keeps ``pool`` streams open ahead and caches key 0."""
+
+    # A responder that cannot open or fetch our stream fails on its KME call: internal_error
+    # (e.g. "KSID already in use" after a restart); illegal_parameter for an unknown key.
+    refusal_alerts = frozenset({"internal_error", "illegal_parameter"})
 
     def __init__(
         self,
@@ -63,6 +69,9 @@ class PrefetchingStreams:
         self._tasks: dict[bytes, asyncio.Task[None]] = {}
         self._refill: asyncio.Task[None] | None = None
         self.counters = StreamPrefetchCounters()
+        # Bumped by each flush: a handshake that began before it used a suspect stream.
+        self.buffer_epoch = 0
+        self._last_flush = -FLUSH_INTERVAL_S
 
     @property
     def depth(self) -> int:
@@ -184,6 +193,31 @@ class PrefetchingStreams:
         self._keys.pop(bytes(ksid), None)
         self._mine.discard(bytes(ksid))
         await self._inner.close(ksid)
+
+    def flush_after_refusal(self) -> bool:
+        """The peer refused a stream we opened ahead: close them all and open new ones.
+        Return True, or False if there was none or a flush happened less than
+        ``FLUSH_INTERVAL_S`` ago.
+
+        A responder that restarted cannot join the streams its previous process had opened
+        (the KME answers "KSID already in use" for the same application): without this, every
+        stream announced before the restart would cost a failed connection. Rate limited,
+        since the refusal is an unauthenticated alert.
+        """
+        now = self._clock()
+        if not self._ready or now - self._last_flush < FLUSH_INTERVAL_S:
+            return False
+        self._last_flush = now
+        self.counters.flushed += len(self._ready)
+        while self._ready:
+            ksid, _ = self._ready.popleft()
+            self._mine.discard(ksid)
+            self._keys.pop(ksid, None)
+            self._start(ksid, self._inner.close(ksid))
+        self._announced = 0
+        self.buffer_epoch += 1
+        self.ensure_refill()
+        return True
 
     def _drop_stale(self) -> None:
         horizon = self._clock() - self._max_age_s

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.qkd.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.qkd.sources import FLUSH_INTERVAL_S
 
 MAX_COALESCED_IDS = 64
 
@@ -47,10 +48,15 @@ class PrefetchCounters:
     fetched_on_demand: int = 0
     expired: int = 0
     refill_errors: int = 0
+    # Dropped after the peer refused a buffered key (see Etsi014Master.flush_after_refusal).
+    flushed: int = 0
 
 
 class Etsi014Master:
     """MasterKeySource: ``enc_keys`` towards one slave SAE, from a prefetch buffer if enabled."""
+
+    # The peer's dec_keys answered "not found": it sends illegal_parameter.
+    refusal_alerts = frozenset({"illegal_parameter"})
 
     def __init__(
         self,
@@ -70,6 +76,9 @@ class Etsi014Master:
         self._max_per_request: int | None = None
         self._takes: deque[float] = deque()
         self.counters = PrefetchCounters()
+        # Bumped by each flush: a handshake that began before it took a suspect key.
+        self.buffer_epoch = 0
+        self._last_flush = -FLUSH_INTERVAL_S
 
     @property
     def depth(self) -> int:
@@ -104,6 +113,29 @@ class Etsi014Master:
         ]
         self._announced += len(ids)
         return ids
+
+    def flush_after_refusal(self) -> bool:
+        """The peer refused a key from this buffer (its KME does not know it): drop every
+        buffered key and return True, or False if there was nothing to drop or a flush
+        happened less than ``FLUSH_INTERVAL_S`` ago.
+
+        Keys go missing at the peer's end when the peer daemon restarts (it fetched each key
+        announced to it at once, and a KME delivers a key only once) or when the KMEs lose or
+        expire keys (a KME restart). The other buffered keys are then suspect too; without
+        this, each of them (up to the whole buffer) would cost a failed connection. The
+        refusal is an unauthenticated alert, hence the rate limit: a forged one must not be
+        able to drain the KME pool.
+        """
+        now = self._clock()
+        if not self._buffer or now - self._last_flush < FLUSH_INTERVAL_S:
+            return False
+        self._last_flush = now
+        self.counters.flushed += len(self._buffer)
+        self._buffer.clear()
+        self._announced = 0
+        self.buffer_epoch += 1
+        self.ensure_refill()
+        return True
 
     def _pop(self) -> HeldKey:
         self._announced = max(0, self._announced - 1)

@@ -8,9 +8,13 @@ the stateful ETSI 004 application interface.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from qkdproxy.qkd.keys import QkdKey
+
+# A source that holds keys or streams ahead of use drops them at most this often when the
+# peer refuses one (FlushableSource.flush_after_refusal).
+FLUSH_INTERVAL_S = 10.0
 
 
 class MasterKeySource(Protocol):
@@ -18,6 +22,20 @@ class MasterKeySource(Protocol):
 
     async def take_key(self) -> QkdKey:
         """A key nobody has used; the KME now holds it for the peer."""
+        ...
+
+
+@runtime_checkable
+class FlushableSource(Protocol):
+    """A source of keys (or streams) held ahead of use, which can drop them when the peer
+    refuses one: the peer or a KME lost them (see ``flush_after_refusal``)."""
+
+    buffer_epoch: int
+    # Names of the TLS alerts with which a peer refuses a key or stream of this source.
+    refusal_alerts: frozenset[str]
+
+    def flush_after_refusal(self) -> bool:
+        """Drop what is held ahead (rate limited); True if that happened now."""
         ...
 
 

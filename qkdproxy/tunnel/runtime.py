@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
-from qkdproxy.qkd.sources import KeySources
+from qkdproxy.qkd.sources import FlushableSource, KeySources
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
@@ -217,7 +218,7 @@ class Tunnel:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
     ) -> str:
         try:
-            stream = await self._dial_peer(self.endpoint, record)
+            stream, peer_writer = await self._dial_with_fresh_key(record)
         except HandshakeError as exc:
             if self.fallback is None or not exc.may_be_kme:
                 return self._handshake_failed(exc, record)
@@ -228,29 +229,65 @@ class Tunnel:
             record.fallback = True
             self.stats.fallbacks += 1
             try:
-                stream = await self._dial_peer(self.fallback, record)
+                stream, peer_writer = await self._dial_peer(self.fallback, record)
             except HandshakeError as again:
                 return self._handshake_failed(again, record)
         except OSError as exc:
             return f"peer unreachable: {exc.strerror or type(exc).__name__}"
         channel = await self._channel(stream, record)
         traffic = Traffic()
+        reason: str | None = None
         try:
-            return await pump(
+            reason = await pump(
                 reader, writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
             )  # fmt: skip
+            return reason
         finally:
             self._account(record, traffic)
-            await channel.close()
+            await _close_after_pump(reason, traffic, channel, tls=peer_writer, plaintext=writer)
 
-    async def _dial_peer(self, endpoint: TlsEndpoint, record: ConnectionRecord) -> TlsStream:
+    async def _dial_with_fresh_key(
+        self, record: ConnectionRecord
+    ) -> tuple[TlsStream, asyncio.StreamWriter]:
+        """Dial with the main endpoint. If the peer refuses the QKD key (or ETSI 004 stream)
+        we offered because its end does not know it (the peer or a KME restarted), flush
+        what we hold ahead and dial once more with a key taken now."""
+        held = self._held_ahead()
+        epoch = held.buffer_epoch if held is not None else 0
+        try:
+            return await self._dial_peer(self.endpoint, record)
+        except HandshakeError as exc:
+            if not (
+                held is not None
+                and _refused(exc, held)
+                # Flushed now, or by a concurrent handshake since this one began.
+                and (held.flush_after_refusal() or held.buffer_epoch != epoch)
+            ):
+                raise
+            log.warning(
+                "tunnel %s: the peer refused our QKD key (%s); the peer or a KME may have "
+                "restarted: key buffer flushed, retrying once",
+                self.config.name, exc.reason,
+            )  # fmt: skip
+        return await self._dial_peer(self.endpoint, record)
+
+    def _held_ahead(self) -> FlushableSource | None:
+        """The source whose keys or streams this side originates ahead of use, if any."""
+        for source in (self.sources.master, self.sources.stream):
+            if isinstance(source, FlushableSource):
+                return source
+        return None
+
+    async def _dial_peer(
+        self, endpoint: TlsEndpoint, record: ConnectionRecord
+    ) -> tuple[TlsStream, asyncio.StreamWriter]:
         peer = self.config.connect
         assert isinstance(peer, TcpAddress)
         async with asyncio.timeout(self.config.connect_timeout_s):
             peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
         _keepalive(peer_writer)
-        return await endpoint.connect(peer_reader, peer_writer)
+        return await endpoint.connect(peer_reader, peer_writer), peer_writer
 
     async def _serve_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
@@ -258,6 +295,11 @@ class Tunnel:
         try:
             stream = await self.endpoint.accept(reader, writer)
         except HandshakeError as exc:
+            master = self.sources.master
+            if isinstance(master, FlushableSource) and _refused(exc, master):
+                # Server-initiated flow: the client refused our key (it or a KME may have
+                # restarted); the next connection must not offer the suspect ones.
+                master.flush_after_refusal()
             return self._handshake_failed(exc, record)
         channel = await self._channel(stream, record)
         try:
@@ -267,18 +309,21 @@ class Tunnel:
             await channel.close()
             return f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
         _keepalive(backend_writer)
-        if self.config.proxy_protocol:
-            backend_writer.write(encode_proxy_v2(self._proxy_info(writer, stream, record)))
         traffic = Traffic()
+        reason: str | None = None
         try:
+            if self.config.proxy_protocol:
+                # Inside the try: a header that cannot be encoded must not leak the backend.
+                backend_writer.write(encode_proxy_v2(self._proxy_info(writer, stream, record)))
             # Seen from the server tunnel, the backend is the plaintext side.
-            return await pump(
+            reason = await pump(
                 backend_reader, backend_writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
             )  # fmt: skip
+            return reason
         finally:
             self._account(record, traffic)
-            await channel.close()
+            await _close_after_pump(reason, traffic, channel, tls=writer, plaintext=backend_writer)
             await close_transport(backend_writer)
 
     async def _channel(self, stream: TlsStream, record: ConnectionRecord) -> Channel:
@@ -355,6 +400,45 @@ async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamW
     if isinstance(address, SystemdAddress):
         raise OSError("systemd: addresses can only listen")
     return await asyncio.open_connection(address.host, address.port)
+
+
+def _refused(exc: HandshakeError, source: FlushableSource) -> bool:
+    """The peer refused the key or stream ``source`` gave us, by the alert it sent."""
+    return exc.remote and failure_class(exc) in source.refusal_alerts
+
+
+async def _close_after_pump(
+    reason: str | None,
+    traffic: Traffic,
+    channel: Channel,
+    *,
+    tls: asyncio.StreamWriter,
+    plaintext: asyncio.StreamWriter,
+) -> None:
+    """Close both sides once the pump ended (the plaintext side is closed by the caller).
+
+    If it broke (one side failed mid-stream: a reset, a TLS error, the peer gone), a side
+    that already passed bytes on is reset instead: a close_notify would reach the peer as
+    the end of our data, and a FIN would tell the application that a truncated stream was
+    complete. A side that got nothing is closed as after a failed handshake.
+    """
+    broken = reason is not None and reason.startswith("error")
+    if broken and traffic.to_peer:
+        _reset(tls)  # no close_notify
+    else:
+        await channel.close()
+    if broken and traffic.from_peer:
+        _reset(plaintext)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP RST (SO_LINGER 0) and no TLS close_notify."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # ValueError: the transport is closed already (fd -1); nothing is left to reset.
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def _keepalive(writer: asyncio.StreamWriter) -> None:
