@@ -6,6 +6,7 @@ anything starts. File contents (certificates, keys) are loaded later, by the dae
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,7 +110,9 @@ class _Reader:
         value = self.data[key]
         ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
+            # TOML integers are unbounded here: one beyond float range is not a number we use.
+            ok = abs(value) <= 2**1000
+            value = float(value) if ok else default
         if not ok:
             self.fail(key, f"must be a {kind.__name__}")
             return default
@@ -117,6 +120,11 @@ class _Reader:
 
     def positive(self, key: str, default: float, allow_zero: bool = False) -> float:
         value = self.get(key, float, default)
+        # TOML has inf and nan: neither is a usable count, size or duration (nan also
+        # passes every comparison below, and int() of either raised).
+        if not math.isfinite(value):
+            self.fail(key, "must be a finite number")
+            return default
         if value < 0 or (value == 0 and not allow_zero):
             self.fail(key, "must be positive" + (" or 0 (off)" if allow_zero else ""))
         return float(value)
@@ -148,29 +156,49 @@ def load_config(path: Path | str) -> Config:
     return config
 
 
+def _table(value: Any, where: str, problems: list[str]) -> dict[str, Any] | None:
+    """``value`` if it is a TOML table, else None and a problem.
+
+    A scalar or array where a table belongs (``daemon = 5``, ``[tunnel]`` for ``[[tunnel]]``)
+    would otherwise reach ``_Reader`` and fail with a TypeError instead of a ConfigError.
+    """
+    if isinstance(value, dict):
+        return value
+    problems.append(f"{where}: must be a table")
+    return None
+
+
 def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
     for key in sorted(set(data) - {"daemon", "kme", "tunnel", "status"}):
         problems.append(f"{key}: unknown section")
     base = path.parent
-    daemon = _Reader(data.get("daemon", {}), "daemon", problems)
+    daemon = _Reader(_table(data.get("daemon", {}), "daemon", problems) or {}, "daemon", problems)
+    status = _table(data.get("status", {}), "status", problems)
     daemon_config = DaemonConfig(
         drain_timeout_s=daemon.positive("drain_timeout_s", 300.0),
         log_level=daemon.get("log_level", str, "info"),
         status_listen=_status(
-            _Reader(data.get("status", {}), "status", problems), "status" in data
+            _Reader(status or {}, "status", problems), "status" in data and status is not None
         ),
     )
     if daemon_config.log_level not in ("debug", "info", "warning", "error"):
         daemon.fail("log_level", "must be debug, info, warning or error")
     daemon.check_unknown()
     kmes = {}
-    for name, table in dict(data.get("kme", {})).items():
-        kme = _kme(name, _Reader(table, f"kme.{name}", problems), base)
-        if kme is not None:
+    for name, table in (_table(data.get("kme", {}), "kme", problems) or {}).items():
+        kme_table = _table(table, f"kme.{name}", problems)
+        if kme_table is not None and (
+            kme := _kme(name, _Reader(kme_table, f"kme.{name}", problems), base)
+        ):
             kmes[name] = kme
+    tunnel_tables = data.get("tunnel", [])
+    if not isinstance(tunnel_tables, list):
+        problems.append("tunnel: must be an array of tables ([[tunnel]])")
+        tunnel_tables = []
     tunnels = [
-        _tunnel(i, _Reader(t, f"tunnel[{i}]", problems), base, kmes)
-        for i, t in enumerate(data.get("tunnel", []))
+        _tunnel(i, _Reader(table, f"tunnel[{i}]", problems), base, kmes)
+        for i, t in enumerate(tunnel_tables)
+        if (table := _table(t, f"tunnel[{i}]", problems)) is not None
     ]
     names = [t.name for t in tunnels if t is not None]
     for name in {n for n in names if names.count(n) > 1}:

@@ -203,7 +203,9 @@ async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
 def _decode(payload: bytes) -> Any:
     try:
         return json.loads(payload) if payload else None
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: json.loads gives up on deep nesting ("[" * 1000 is enough), and a
+    # response up to MAX_RESPONSE_BYTES may nest far deeper.
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise KmeProtocolError("KME response is not JSON") from None
 
 
@@ -218,7 +220,7 @@ def _error_for(code: int, payload: bytes) -> QkdKeyError:
     # The code decides; the body (often not even JSON on real KMEs) only adds detail.
     try:
         message = ErrorBody.from_json(json.loads(payload)).message
-    except (ValueError, UnicodeDecodeError, Etsi014FormatError):
+    except (ValueError, UnicodeDecodeError, RecursionError, Etsi014FormatError):
         message = ""
     text = f"KME answered {code}" + (f": {message}" if message else "")
     if code in (401, 404) or (code == 400 and "not found" in message):

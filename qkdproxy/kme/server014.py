@@ -70,6 +70,11 @@ async def _faults_and_errors(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPRequestEntityTooLarge:
         # ETSI 014 defines 400, 401 and 503 only.
         _fail(400, f"request body larger than {MAX_BODY} bytes")
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        # The router's own answers (unknown path, unknown verb) were text/plain; every answer
+        # of this API is an Error document. The code stays: it says what is wrong.
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response(ErrorBody(exc.reason).to_json(), status=exc.status, headers=allow)
 
 
 def _caller(request: web.Request) -> str:
@@ -102,7 +107,9 @@ async def _json(request: web.Request) -> Any:
         _fail(400, "request body must be application/json")
     try:
         return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: deeply nested JSON (about 1000 levels, well inside MAX_BODY) made
+    # json.loads raise it, and the caller got a 500 without an Error document.
+    except (ValueError, UnicodeDecodeError, RecursionError):
         _fail(400, "request body is not valid JSON")
 
 

@@ -69,6 +69,11 @@ class PeerChannel:
                 await self.stream.close()
                 raise TlsStreamError(f"peer broke qkdproxy/1 framing: {exc}") from None
             for frame in frames:
+                if frame.type is FrameType.DATA and frame.payload and self._peer_finished:
+                    # DATA behind FIN in the same read used to be delivered, while in a later
+                    # read it never was: either way the peer broke the framing.
+                    await self.stream.close()
+                    raise TlsStreamError("peer broke qkdproxy/1 framing: DATA after FIN")
                 if frame.type is FrameType.DATA and frame.payload:
                     self._pending.append(frame.payload)
                 elif frame.type is FrameType.FIN:

@@ -41,7 +41,7 @@ class ProxyInfo:
 
 def _tlv(kind: int, value: bytes) -> bytes:
     if len(value) > 0xFFFF:
-        raise ValueError("TLV value too long")
+        raise ValueError("PROXY v2 TLV value too long")
     return struct.pack("!BH", kind, len(value)) + value
 
 
@@ -76,4 +76,8 @@ def encode_proxy_v2(info: ProxyInfo) -> bytes:
     if info.group:
         tlvs += _tlv(PP2_TYPE_QKDPROXY_GROUP, info.group.encode())
     body = addresses + tlvs
+    # Each TLV is bounded above, but their sum must fit the header's 16-bit length too
+    # (struct.error escaped here before, e.g. for a long identity plus a long CN).
+    if len(body) > 0xFFFF:
+        raise ValueError("PROXY v2 header too long")
     return SIGNATURE + struct.pack("!BBH", VERSION_COMMAND_PROXY, family, len(body)) + body
