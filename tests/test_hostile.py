@@ -851,6 +851,19 @@ async def malicious_server(reply: Reply) -> AsyncIterator[tuple[int, list[bytes]
         await server.wait_closed()
 
 
+def server_hello_with_empty_share(hello_records: bytes) -> bytes:
+    """A ServerHello whose key_share extension is empty (tlslite used to crash on it)."""
+    body = first_message(hello_records)[4:]
+    session_id = body[35 : 35 + body[34]]
+    extensions = [ext(EXT_SUPPORTED_VERSIONS, b"\x03\x04"), ext(EXT_KEY_SHARE, b"")]
+    return records(
+        handshake_message(
+            HandshakeType.SERVER_HELLO,
+            server_hello_body(extensions, random=os.urandom(32), session_id=session_id),
+        )
+    )
+
+
 CLIENT_CASES = {
     "garbage-http": Reply(lambda _: b"HTTP/1.1 400 Bad Request\r\n\r\n"),
     "garbage-random": Reply(lambda _: os.urandom(200)),
@@ -860,6 +873,7 @@ CLIENT_CASES = {
     "nothing": Reply(lambda _: b"", hang_up=False),
     "wrong-key-id": Reply(lambda h: forged_server_hello(h, os.urandom(KEY_ID_SIZE)), False),
     "echoed-key-id-then-close": Reply(lambda h: forged_server_hello(h, None)),
+    "empty-key-share": Reply(server_hello_with_empty_share, False),
 }
 
 
@@ -890,6 +904,9 @@ async def test_client_against_malicious_server(case: str) -> None:
             assert exc.alert == Alert.ILLEGAL_PARAMETER
             assert exc.reason == "server did not echo the QKD key id"
             assert heard == [plaintext_alert(Alert.ILLEGAL_PARAMETER)]
+        if case == "empty-key-share":
+            assert exc.alert == Alert.DECODE_ERROR
+            assert heard == [plaintext_alert(Alert.DECODE_ERROR)]
         ledger = pair.client_keys.ledger
         assert ledger.outstanding == 0
         assert ledger_state(ledger) == (1, 0, 1)

@@ -45,6 +45,7 @@ from qkdproxy.tls.tlslite_glue import (
 from qkdproxy.tls.verify import PeerPolicy, PeerRejectedError
 from qkdproxy.tls.wire import (
     TLS13_CIPHER_SUITES,
+    Alert,
     GateEvent,
     HandshakeType,
     HeldHello,
@@ -377,8 +378,11 @@ class TlsEndpoint:
         async def on_server_hello(hello: HeldHello) -> None:
             try:
                 parsed = parse_server_hello(hello.body)
-            except HelloParseError:
-                return  # tlslite answers malformed hellos with the right alert
+            except HelloParseError as exc:
+                # tlslite crashes on some hellos this parser refuses (an empty key_share),
+                # so the client answers them itself.
+                error = f"malformed ServerHello: {exc}"
+                raise HandshakeRejectedError(Alert.DECODE_ERROR, error) from None
             await kex.on_server_hello(parsed)
             if parsed.hello_retry:
                 driver.gate.allow_another()

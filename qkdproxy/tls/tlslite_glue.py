@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
 from tlslite.constants import GroupName, KeyUpdateMessageType
-from tlslite.errors import TLSIllegalParameterException
+from tlslite.errors import TLSBadRecordMAC, TLSIllegalParameterException
 from tlslite.messages import KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
@@ -93,6 +93,11 @@ class _Aead:
             return bytearray(self.cipher.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
         except InvalidTag:
             return None
+
+    def decrypt(self, ciphertext: ByteLike) -> bytearray:
+        """tlslite's SSLv2 record path: any bytes with the top bit set reach it, so an
+        on-path attacker can; SSLv2 has no place in TLS 1.3, and the answer is an alert."""
+        raise TLSBadRecordMAC("SSLv2-style record refused")
 
 
 def _create_aes_gcm(key: bytes, impl_list: object = None) -> _Aead:
