@@ -7,6 +7,7 @@ development PKI of ``qkdproxy certs``. Everything is torn down by the caller's e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
@@ -66,13 +67,16 @@ async def spawn(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process
 
 async def wait_line(stream: asyncio.StreamReader, marker: bytes) -> bytes:
     """The first line containing ``marker``; RuntimeError if the process exits first."""
+    seen: list[bytes] = []
     async with asyncio.timeout(STARTUP_TIMEOUT_S):
         while True:
             line = await stream.readline()
             if not line:
-                raise RuntimeError("a benchmark process exited during start-up")
+                tail = b"".join(seen[-5:]).decode("utf-8", "replace").strip()
+                raise RuntimeError(f"a benchmark process exited during start-up: {tail}")
             if marker in line:
                 return line
+            seen.append(line)
 
 
 def follow(
@@ -94,9 +98,22 @@ def discard(_line: bytes) -> None:
 
 def free_port() -> int:
     """A loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago.
+
+    All are held open until every one is chosen: one at a time, the kernel may hand out the
+    same port twice.
+    """
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 async def start_kme(stack: AsyncExitStack, pki: Path, latency_ms: float = 0.0) -> dict[str, str]:
@@ -201,7 +218,7 @@ async def start_daemon_pair(
     """
     urls = await start_kme(stack, base / "pki", kme_latency_ms)
     kme = {"prefetch": "true" if prefetch else "false"}
-    server_port = free_port()
+    server_port, *client_ports = free_ports(1 + len(clients))
     server_extra = f'allow = ["uri:{CLIENT_URI}"]'
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
@@ -210,7 +227,7 @@ async def start_daemon_pair(
         name="server", role="server", listen=server_port, connect=backend, extra=server_extra
     )
     client = _KME_SECTION.format(url=urls["kme-a"], sae="sae-a", peer="sae-b", **kme)
-    ports = {tunnel.name: free_port() for tunnel in clients}
+    ports = {tunnel.name: port for tunnel, port in zip(clients, client_ports, strict=True)}
     for tunnel in clients:
         client += _TUNNEL.format(
             name=tunnel.name, role="client", listen=ports[tunnel.name], connect=server_port,
