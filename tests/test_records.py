@@ -187,6 +187,7 @@ class CorruptingRelay:
         self.target_port = target_port
         self.corrupt_next = False
         self.server: asyncio.Server | None = None
+        self.to_server: asyncio.StreamWriter | None = None
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -194,6 +195,7 @@ class CorruptingRelay:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.to_server = up_writer
         await asyncio.gather(
             self._copy(reader, up_writer, corrupt=True),
             self._copy(up_reader, writer, corrupt=False),
@@ -231,3 +233,55 @@ async def test_a_tampered_record_ends_the_stream_with_bad_record_mac() -> None:
         relay.server.close()
         await relay.server.wait_closed()
     assert any(isinstance(f, TlsStreamError) and f.alert == 20 for f in failures)
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        pytest.param(b"\x15\x03\x03\x00\x02\x01\x00", id="plaintext-close-notify"),
+        pytest.param(b"\x15\x03\x03\x00\x02\x02\x28", id="plaintext-fatal-alert"),
+        pytest.param(b"\x14\x03\x03\x00\x01\x01", id="change-cipher-spec"),
+        pytest.param(b"\x16\x03\x03\x00\x04\x18\x00\x00\x00", id="plaintext-handshake"),
+    ],
+)
+async def test_an_unencrypted_record_after_the_handshake_is_refused(forged: bytes) -> None:
+    # tlslite accepts a plaintext alert whenever a read sequence number is 0 (right after
+    # the handshake or a KeyUpdate): anyone on path could end the stream as if the peer
+    # had closed it. Every protected record has the outer type 0x17.
+    failures: list[BaseException] = []
+    async with loopback_pair(groups("x25519"), server_failures=failures) as pair:
+        relay = CorruptingRelay(pair.port)
+        pair.port = await relay.start()
+        stream = await open_stream(pair)
+        await stream.write(b"ready")  # the server has finished its handshake too
+        assert await read_exactly(stream, 5) == b"ready"
+        assert relay.to_server is not None
+        relay.to_server.write(forged)
+        with pytest.raises(TlsStreamError) as raised:
+            await asyncio.wait_for(stream.read(), 10)
+        assert raised.value.alert == 10  # unexpected_message, from the server
+        assert relay.server is not None
+        relay.server.close()
+        await relay.server.wait_closed()
+    assert any(isinstance(f, TlsStreamError) and f.alert == 10 for f in failures)
+
+
+async def test_an_empty_application_data_record_is_not_an_end_of_stream() -> None:
+    async with loopback_pair(groups("x25519")) as pair:
+        stream = await open_stream(pair)
+        keys = stream._conn.traffic_keys("write")
+        assert keys is not None
+        empty = HEADER.pack(0x17, 0x0303, 17)
+        empty += keys.aead.encrypt(keys.nonce(), b"\x17", empty)
+        keys.state.seqnum += 1
+        stream._driver.send_records(empty)
+        await stream.write(b"after an empty record")
+        assert await read_exactly(stream, 21) == b"after an empty record"
+        await stream.close()
+    assert not pair.echo.failures
+
+
+def test_padding_counts_toward_the_record_size_limit() -> None:
+    sender = keys()
+    oversized = inner_record(sender, b"x\x17" + bytes(MAX_PLAINTEXT))
+    assert open_records(keys(), oversized).handoff

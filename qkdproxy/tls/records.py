@@ -110,7 +110,20 @@ def _open_one(keys: TrafficKeys, header: memoryview, body: memoryview) -> bytes 
         inner = keys.aead.decrypt(keys.nonce(), body, header)
     except InvalidTag:
         return None
+    # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
+    if len(inner) > MAX_PLAINTEXT + 1:
+        return None
     content = inner.rstrip(b"\0")
-    if not content or content[-1] != APPLICATION_DATA or len(content) > MAX_PLAINTEXT + 1:
+    if not content or content[-1] != APPLICATION_DATA:
         return None
     return content[:-1]
+
+
+def is_protected(buffer: bytes | bytearray | memoryview) -> bool:
+    """True unless the next record's outer type says it was sent unencrypted.
+
+    After the handshake every record is protected and carries the outer type 0x17
+    (RFC 8446 5.2); tlslite would still take a plaintext alert while a sequence number is
+    0, which lets anyone on path end a stream as if the peer had closed it.
+    """
+    return not buffer or buffer[0] == APPLICATION_DATA

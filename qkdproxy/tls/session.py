@@ -33,7 +33,7 @@ from qkdproxy.tls.keyexchange import (
     KeyContext,
     ServerKeyExchange,
 )
-from qkdproxy.tls.records import open_records, seal
+from qkdproxy.tls.records import is_protected, open_records, seal
 from qkdproxy.tls.tlslite_glue import (
     NO_ALPN_PLACEHOLDER,
     HookedTLSConnection,
@@ -56,6 +56,7 @@ from qkdproxy.tls.wire import (
 READ_CHUNK = 65536
 MAX_RECORD_PAYLOAD = 16384
 CLOSE_TIMEOUT = 5.0
+UNPROTECTED = "unencrypted record after the handshake"
 
 
 class HandshakeError(Exception):
@@ -309,11 +310,15 @@ class TlsStream:
             driver.sock.inbound[:0] = self._conn.take_read_ahead()
             opened = open_records(keys, driver.sock.inbound)
             del driver.sock.inbound[: opened.consumed]
-            if opened.data:
-                return b"".join(opened.data)
+            # Zero-length application data records are legal (RFC 8446 5.1), not an EOF.
+            if data := b"".join(opened.data):
+                return data
+            if not is_protected(driver.sock.inbound):
+                await driver.run(self._conn.send_alert(Alert.UNEXPECTED_MESSAGE, UNPROTECTED))
             if opened.handoff or driver.sock.eof:
                 return bytes(await driver.run(self._conn.readAsync(max_bytes)) or b"")
-            await driver.receive()
+            if not opened.consumed:
+                await driver.receive()
 
     async def write(self, data: bytes) -> None:
         """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""

@@ -33,7 +33,7 @@ from tlslite.utils.rsakey import RSAKey
 
 from qkdproxy.groups import GroupSpec
 from qkdproxy.tls.credentials import Credentials, PrivateKey
-from qkdproxy.tls.records import TrafficKeys
+from qkdproxy.tls.records import MAX_PLAINTEXT, TrafficKeys
 
 TLSLITE_VERSION = "0.8.2"
 ByteLike = bytes | bytearray | memoryview
@@ -314,6 +314,8 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         """
         if self.closed or self.version != (3, 4) or self._readBuffer:
             return None
+        if direction == "write" and self._send_record_limit < MAX_PLAINTEXT:
+            return None  # the peer asked for smaller records (RFC 8449): tlslite obeys it
         layer = self._recordLayer
         state = layer._readState if direction == "read" else layer._writeState
         aead = state.encContext
