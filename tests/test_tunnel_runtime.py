@@ -19,6 +19,9 @@ from qkdproxy.config import load_config
 from qkdproxy.daemon import Daemon
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.tls.session import HandshakeError
+from qkdproxy.tls.wire import Alert
+from qkdproxy.tunnel import runtime
 from qkdproxy.tunnel.proxyv2 import (
     PP2_TYPE_QKDPROXY_GROUP,
     PP2_TYPE_QKDPROXY_PEER,
@@ -274,8 +277,10 @@ async def test_maximum_lifetime_ends_a_busy_connection(tmp_path: Path) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
         writer.write(b"still talking")
         assert await asyncio.wait_for(reader.readexactly(13), 10) == b"still talking"
-        # Open and answered, but older than its lifetime: the daemon ends it.
-        assert await asyncio.wait_for(reader.read(), 10) == b""
+        # Open and answered, but older than its lifetime: the daemon cuts it, with a reset
+        # so that the application cannot take the cut for the end of a complete stream.
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 10)
         writer.close()
         await asyncio.wait_for(client.tunnels[0].wait_idle(), 10)
     assert any(r.role == "client" and r.reason == "max_lifetime" for r in s.records)
@@ -321,3 +326,26 @@ async def test_an_injected_alert_does_not_downgrade_a_qkd_preferred_tunnel(
     [record] = s.records
     assert hellos == 1
     assert record.fallback is False and record.group is None
+
+
+@pytest.mark.parametrize(
+    ("offered", "alert", "remote", "flushes"),
+    [
+        (True, Alert.ILLEGAL_PARAMETER, True, True),
+        # A bare alert before any key of ours was on the wire proves nothing: anyone who can
+        # reach the tunnel could send it, and a flush on its word would drain the KME.
+        (False, Alert.ILLEGAL_PARAMETER, True, False),
+        (True, Alert.ILLEGAL_PARAMETER, False, False),  # our own alert, not the peer's
+        (True, Alert.HANDSHAKE_FAILURE, True, False),
+    ],
+)
+def test_only_a_refusal_of_a_key_we_sent_flushes_keys_held_ahead(
+    offered: bool, alert: Alert, remote: bool, flushes: bool
+) -> None:
+    class Held:
+        refusal_alerts = frozenset({"illegal_parameter"})
+
+    error = HandshakeError("refused", int(alert), remote=remote)
+    if offered:
+        error.record.offered_key_id = "00000000-0000-0000-0000-000000000001"
+    assert runtime._refused(error, Held()) is flushes  # type: ignore[arg-type]

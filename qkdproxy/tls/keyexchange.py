@@ -99,6 +99,8 @@ class HandshakeRecord:
     api: KeyApi | None = None
     qkd_key_id: str | None = None
     hello_retry: bool = False
+    # The key id (or ETSI 004 KSID) this side took from its own source and sent, if any.
+    offered_key_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -261,9 +263,12 @@ class ClientKeyExchange(_KeyExchangeBase):
             return None
         if options.api is KeyApi.ETSI_004:
             ksid = await _fetch(self._stream.open(None), "ETSI 004 OPEN_CONNECT")
-            return self._hold(_HeldKey(ksid, open_stream=True))
-        key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
-        return self._hold(_HeldKey(key.key_id, key.material))
+            held = self._hold(_HeldKey(ksid, open_stream=True))
+        else:
+            key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
+            held = self._hold(_HeldKey(key.key_id, key.material))
+        self.record.offered_key_id = key_id_to_text(held.key_id)
+        return held
 
     def key_share(self, group: int) -> tuple[bytes, object]:
         """Hook for tlslite: the prepared share and private handle for ``group``."""
@@ -410,6 +415,7 @@ class ServerKeyExchange(_KeyExchangeBase):
             key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
             held = self._hold(_HeldKey(key.key_id, key.material))
             self._use(held, Flow.SERVER_INITIATED)
+            self.record.offered_key_id = self.record.qkd_key_id
             self.record.api = KeyApi.ETSI_014
             return key.material, key.key_id
         self._claim(client_key_id)

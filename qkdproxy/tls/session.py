@@ -70,6 +70,8 @@ class HandshakeError(Exception):
         self.alert = alert
         self.remote = remote
         self.key_source = key_source
+        # What the failed handshake had got to: its flow and the key id it used, if any.
+        self.record = HandshakeRecord()
 
     @property
     def may_be_kme(self) -> bool:
@@ -483,6 +485,7 @@ class TlsEndpoint:
             await close_transport(driver.writer)
             if error is None:
                 raise
+            error.record = kex.record
             raise error from None
         if not verified:
             await kex.finish(False)

@@ -403,8 +403,14 @@ async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamW
 
 
 def _refused(exc: HandshakeError, source: FlushableSource) -> bool:
-    """The peer refused the key or stream ``source`` gave us, by the alert it sent."""
-    return exc.remote and failure_class(exc) in source.refusal_alerts
+    """The peer refused, by the alert it sent, a key this handshake took from ``source``.
+
+    The alert is unauthenticated: without a key of ours on the wire (a hello that never
+    got that far, or a flow in which the peer originates the key) it proves nothing, and a
+    flush on its word alone would let anyone drain the KME.
+    """
+    offered_ours = exc.record.offered_key_id is not None
+    return offered_ours and exc.remote and failure_class(exc) in source.refusal_alerts
 
 
 async def _close_after_pump(
@@ -422,7 +428,8 @@ async def _close_after_pump(
     the end of our data, and a FIN would tell the application that a truncated stream was
     complete. A side that got nothing is closed as after a failed handshake.
     """
-    broken = reason is not None and reason.startswith("error")
+    # None: the pump itself was cut (max lifetime, drain deadline, an exception).
+    broken = reason is None or reason.startswith("error")
     if broken and traffic.to_peer:
         _reset(tls)  # no close_notify
     else:
