@@ -159,3 +159,13 @@ def test_bench_soak_json_and_csv_report_a_clean_run() -> None:
     assert csv_run.returncode == 0, csv_run.stderr
     (row,) = list(csv.DictReader(io.StringIO(csv_run.stdout)))
     assert row["ok"] == "True" and int(row["connections"]) > 0
+
+
+def test_results_are_printed_even_when_the_plot_cannot_be_written(tmp_path: Path) -> None:
+    target = tmp_path / "missing-dir" / "plot.png"
+    result = qkdproxy(
+        "bench", "kme", "--requests", "20", "--concurrency", "2", "--json", "--plot", str(target)
+    )
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["results"][0]["requests"] == 20
+    assert "cannot write the plot" in result.stderr and "Traceback" not in result.stderr

@@ -23,7 +23,8 @@ from qkdproxy.bench.plot import BarChart, PlotUnavailableError, require_matplotl
 from qkdproxy.bench.soak import SoakProgress, SoakResult, SoakSettings, run_soak
 from qkdproxy.bench.tunnels import run_connrate, run_throughput
 from qkdproxy.groups import DEFAULT_GROUPS, GroupError, GroupSpec
-from qkdproxy.hybrid import GroupUnavailableError
+from qkdproxy.hybrid import GroupUnavailableError, resolve
+from qkdproxy.kem import default_registry
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 
 EXIT_OK = 0
@@ -74,10 +75,18 @@ def _emit(
     title: str,
     footer: str = "",
 ) -> int:
+    # Results first: a plot that cannot be written must not cost a long run's figures.
+    print(render(rows, _format(args), title, footer), flush=True)
     if args.plot:
-        save(panels(), Path(args.plot))
-    print(render(rows, _format(args), title, footer))
+        _save_plot(panels(), args.plot)
     return EXIT_OK
+
+
+def _save_plot(panels: list[BarChart], path: str) -> None:
+    try:
+        save(panels, Path(path))
+    except OSError as exc:
+        raise UsageError(f"cannot write the plot: {exc}") from None
 
 
 # ------------------------------------------------------------------------- handshake
@@ -109,6 +118,8 @@ def _handshake(args: argparse.Namespace) -> int:
     latencies = _floats(args.kme_latency_ms or ("0,100" if args.tunnels else "0"),
                         "--kme-latency-ms")  # fmt: skip
     if args.tunnels:
+        for group in groups:
+            resolve(group, default_registry())  # GroupUnavailableError before any process
         return _handshake_tunnels(
             args, groups, flows=flows, prefetch=prefetch, latencies=latencies, iterations=iterations
         )
@@ -241,9 +252,9 @@ def _soak(args: argparse.Namespace) -> int:
         result = run(run_soak(settings, on_progress))
     document = result.to_json()
     if _format(args) is OutputFormat.TABLE:
+        print(result.format_table(), flush=True)
         if args.plot:
-            save(_soak_charts(result), Path(args.plot))
-        print(result.format_table())
+            _save_plot(_soak_charts(result), args.plot)
     else:
         row = document if args.json else _flatten(document)
         _emit(args, [row], lambda: _soak_charts(result), "soak")

@@ -45,6 +45,8 @@ class TunnelHandshakeResult:
     qkd: bool
     median_ms: float
     p90_ms: float
+    # 1000 / mean handshake ms: what one sequential stream of handshakes could sustain,
+    # not a measured connection rate (that is ``bench connrate``).
     handshakes_per_s: float
     mean_ms: float
     std_ms: float
