@@ -44,6 +44,7 @@ from tests.test_daemon_system import (
     Harness,
     Proc,
     TomlValue,
+    WatchedServer,
     exchange,
     free_port,
     read_until_eof,
@@ -498,7 +499,7 @@ class KmeFront:
             await self._runner.cleanup()
 
 
-class RecordingBackend:
+class RecordingBackend(WatchedServer):
     """A backend that records how each connection ended ("eof", "reset") and what arrived.
 
     ``mode``: "echo" echoes; "reset" echoes the first ``reset_after`` bytes and resets the
@@ -508,37 +509,20 @@ class RecordingBackend:
     """
 
     def __init__(self, mode: str = "echo", reset_after: int = 0) -> None:
+        super().__init__()
         self.mode = mode
         self.reset_after = reset_after
-        self.release = asyncio.Event()
         self.endings: list[tuple[str, int]] = []
         self.received = 0
-        self._changed = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    def _note(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool], within: float = DEADLINE) -> None:
-        async with asyncio.timeout(within):
-            while not predicate():
-                await self._changed.wait()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
         got = bytearray()
         how = "eof"
         try:
             while data := await reader.read(65536):
                 got += data
                 self.received += len(data)
-                self._note()
+                self._advance()
                 if self.mode == "echo":
                     writer.write(data)
                     await writer.drain()
@@ -559,11 +543,8 @@ class RecordingBackend:
         finally:
             self.endings.append((how, len(got)))
             writer.close()
-            self._note()
+            self._advance()
 
     def close(self) -> None:
         self.release.set()  # no handler is left waiting when the loop ends
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
+        super().close()

@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,50 @@ class Daemon:
     config: Path
 
 
-class Backend:
+class WatchedServer(ABC):
+    """A loopback TCP server whose tests wait on its progress instead of sleeping.
+
+    Subclasses implement ``_handle`` and call ``_advance`` whenever something a test may
+    wait for has happened.
+    """
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        await self._handle(reader, writer)
+
+    @abstractmethod
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one accepted connection."""
+
+    def _advance(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], within: float = DEADLINE) -> None:
+        """Until ``predicate()`` holds (checked each time the server made progress)."""
+        async with asyncio.timeout(within):
+            while not predicate():
+                progress = self._progress
+                await progress.wait()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+
+class Backend(WatchedServer):
     """The plaintext server behind the server daemon: echoes, and propagates half-close.
 
     ``delayed``: read until EOF, then echo it all (so the reply comes after the half-close).
@@ -198,37 +242,18 @@ class Backend:
     def __init__(
         self, delayed: bool = False, gated: bool = False, greeting: bytes | None = None
     ) -> None:
+        super().__init__()
         self.delayed = delayed
         self.gated = gated
         self.greeting = greeting
         self.collected: list[bytes] = []
-        self.release = asyncio.Event()
         self.accepted = 0
         self.received = 0
         self.eofs = 0
-        self._progress = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    def _advance(self) -> None:
-        self._progress.set()
-        self._progress = asyncio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool], within: float = DEADLINE) -> None:
-        """Until ``predicate()`` holds (checked after each accept and each EOF)."""
-        async with asyncio.timeout(within):
-            while not predicate():
-                progress = self._progress
-                await progress.wait()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self._advance()
-        self._writers.append(writer)
         try:
             if self.gated:
                 await self.release.wait()
@@ -259,12 +284,6 @@ class Backend:
         finally:
             writer.close()
             self._advance()
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
 
 
 async def exchange(port: int, payload: bytes, within: float = DEADLINE) -> bytes:
