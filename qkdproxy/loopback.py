@@ -69,6 +69,7 @@ class _EchoServer:
             else:
                 while data := await channel.receive():
                     await channel.send(data)
+                await channel.close()  # FIN, then close_notify: a clean end for the client
         except TlsStreamError as exc:
             self.failures.append(exc)
         finally:

@@ -269,12 +269,11 @@ async def test_an_unencrypted_record_after_the_handshake_is_refused(forged: byte
 async def test_an_empty_application_data_record_is_not_an_end_of_stream() -> None:
     async with loopback_pair(groups("x25519")) as pair:
         stream = await open_stream(pair)
-        keys = stream._conn.traffic_keys("write")
-        assert keys is not None
+        keys = stream._layer.write.keys
         empty = HEADER.pack(0x17, 0x0303, 17)
         empty += keys.aead.encrypt(keys.nonce(), b"\x17", empty)
         keys.state.seqnum += 1
-        stream._driver.send_records(empty)
+        stream._driver.writer.write(empty)
         await stream.write(b"after an empty record")
         assert await read_exactly(stream, 21) == b"after an empty record"
         await stream.close()

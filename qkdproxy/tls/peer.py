@@ -33,6 +33,7 @@ class PeerChannel:
         self._decoder = FrameDecoder()
         self._pending: list[bytes] = []
         self._peer_finished = False
+        self._finished = False
 
     async def announce(self) -> int:
         """Tell the peer which keys (ETSI 014) and streams (ETSI 004) we use next."""
@@ -53,16 +54,21 @@ class PeerChannel:
     async def send_fin(self) -> None:
         """No more application bytes from us (the peer may still send)."""
         await self.stream.write(encode(FrameType.FIN))
+        self._finished = True
 
     async def receive(self) -> bytes:
-        """The next application bytes; b"" once the peer sent FIN or closed cleanly."""
+        """The next application bytes; b"" once the peer sent FIN.
+
+        A close_notify without FIN raises a truncated :class:`TlsStreamError`: the peer's
+        side of the stream did not end, so our plaintext side must see a reset, not an end.
+        """
         while not self._pending:
             if self._peer_finished:
                 return b""
             data = await self.stream.read()
             if not data:
-                self._peer_finished = True
-                return b""
+                await self.stream.close()
+                raise TlsStreamError("peer closed qkdproxy/1 without FIN", truncated=True)
             try:
                 frames = self._decoder.feed(data)
             except FrameError as exc:
@@ -94,8 +100,18 @@ class PeerChannel:
         await self.stream.update_keys()
 
     async def close(self) -> None:
-        """Close the TLS stream."""
-        await self.stream.close()
+        """End our direction with FIN (if not yet sent), then close the TLS stream.
+
+        A deliberate close (idle timeout, drain, lifetime) thus reaches the peer as the end
+        of our data; a close_notify alone would be a truncation.
+        """
+        try:
+            if not self._finished:
+                await self.send_fin()
+        except TlsStreamError:
+            pass  # the stream is broken already; close releases it
+        finally:
+            await self.stream.close()
 
 
 async def open_peer_channel(stream: TlsStream, sources: KeySources) -> PeerChannel | None:

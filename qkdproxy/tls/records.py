@@ -1,12 +1,10 @@
-"""TLS 1.3 application-data records (RFC 8446 5.2 and 5.3), without I/O.
+"""TLS 1.3 protected records (RFC 8446 5.2 to 5.4), without I/O.
 
-After the handshake almost every record carries application data. tlslite handles each one
-through several layers of pure-Python parsing, which caps a tunnel at a fraction of what
-the AEAD can do; this module seals and opens those records directly with the connection's
-traffic keys. Anything else (KeyUpdate, NewSessionTicket, alerts, malformed or
-undecryptable records) is left untouched for tlslite, which owns the protocol state and
-the right alert for every error. The sequence numbers live in tlslite's connection state,
-so both paths always agree on the next nonce.
+After the handshake almost every record carries application data, so
+:func:`open_records` opens runs of them in one tight loop and stops at anything else;
+:func:`open_record` then opens that one record whatever its inner type, or names the alert
+that refuses it. :mod:`qkdproxy.tls.record_layer` builds the post-handshake protocol on
+these two.
 """
 
 from __future__ import annotations
@@ -17,6 +15,9 @@ from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from qkdproxy.errors import RemoteProtocolError
+from qkdproxy.tls.wire import Alert
 
 APPLICATION_DATA = 0x17
 LEGACY_VERSION = 0x0303
@@ -29,7 +30,7 @@ _INNER_TYPE = bytes([APPLICATION_DATA])
 
 
 class SequenceState(Protocol):
-    """Where the record sequence number of one direction is kept (tlslite's state)."""
+    """Where the record sequence number of one direction is kept."""
 
     seqnum: int
 
@@ -47,12 +48,15 @@ class TrafficKeys:
         return (self.iv ^ self.state.seqnum).to_bytes(12, "big")
 
 
-def seal(keys: TrafficKeys, plaintext: bytes | memoryview) -> bytes:
-    """Protect ``plaintext`` as application-data records of at most 16 KiB each."""
+def seal(
+    keys: TrafficKeys, plaintext: bytes | memoryview, max_plaintext: int = MAX_PLAINTEXT
+) -> bytes:
+    """Protect ``plaintext`` as application-data records of at most ``max_plaintext`` bytes
+    each (16 KiB unless the peer asked for less with record_size_limit, RFC 8449)."""
     view = memoryview(plaintext)
     out = bytearray()
-    for start in range(0, len(view), MAX_PLAINTEXT):
-        inner = bytes(view[start : start + MAX_PLAINTEXT]) + _INNER_TYPE
+    for start in range(0, len(view), max_plaintext):
+        inner = bytes(view[start : start + max_plaintext]) + _INNER_TYPE
         header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, len(inner) + TAG_LENGTH)
         out += header
         out += keys.aead.encrypt(keys.nonce(), inner, header)
@@ -67,7 +71,7 @@ class Opened:
     data: list[bytes] = field(default_factory=list)
     # Bytes of the buffer that held the records in ``data``.
     consumed: int = 0
-    # The next record is not plain application data: tlslite must read it.
+    # The next record is not plain application data: :func:`open_record` must read it.
     handoff: bool = False
 
 
@@ -76,7 +80,7 @@ def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> O
 
     Stops at an incomplete record (more bytes needed) or at the first record that is
     anything but well-formed application data (``handoff``), leaving it and its sequence
-    number to tlslite.
+    number to :func:`open_record`.
     """
     view = memoryview(buffer)
     opened = Opened()
@@ -105,7 +109,7 @@ def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> O
 
 
 def _open_one(keys: TrafficKeys, header: memoryview, body: memoryview) -> bytes | None:
-    """The content of one application-data record; None for anything tlslite must see."""
+    """The content of one application-data record; None for anything else."""
     try:
         inner = keys.aead.decrypt(keys.nonce(), body, header)
     except InvalidTag:
@@ -119,11 +123,55 @@ def _open_one(keys: TrafficKeys, header: memoryview, body: memoryview) -> bytes 
     return content[:-1]
 
 
-def is_protected(buffer: bytes | bytearray | memoryview) -> bool:
-    """True unless the next record's outer type says it was sent unencrypted.
+def seal_inner(keys: TrafficKeys, content: bytes, content_type: int) -> bytes:
+    """Protect one record of any inner type (a handshake message, an alert)."""
+    inner = content + bytes([content_type])
+    header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, len(inner) + TAG_LENGTH)
+    record = header + keys.aead.encrypt(keys.nonce(), inner, header)
+    keys.state.seqnum += 1
+    return record
 
-    After the handshake every record is protected and carries the outer type 0x17
-    (RFC 8446 5.2); tlslite would still take a plaintext alert while a sequence number is
-    0, which lets anyone on path end a stream as if the peer had closed it.
+
+@dataclass(frozen=True, slots=True)
+class InnerRecord:
+    """One opened record: its inner content type and content, and its size on the wire."""
+
+    content_type: int
+    content: bytes
+    size: int
+
+
+def open_record(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> InnerRecord | None:
+    """Open the record at the front of ``buffer`` whatever it carries (None: incomplete).
+
+    Raises :class:`RemoteProtocolError` with the alert RFC 8446 names for a record that
+    must end the connection; the sequence number then stays where it was.
     """
-    return not buffer or buffer[0] == APPLICATION_DATA
+    view = memoryview(buffer)
+    if len(view) < HEADER.size:
+        return None
+    kind, _version, length = HEADER.unpack_from(view, 0)
+    if kind != APPLICATION_DATA:
+        # After the handshake every record is protected (RFC 8446 5.2): an unprotected
+        # alert would let anyone on path end the stream as if the peer had closed it.
+        raise RemoteProtocolError(
+            f"unprotected record (type {kind}) after the handshake", Alert.UNEXPECTED_MESSAGE
+        )
+    if length > MAX_CIPHERTEXT:
+        raise RemoteProtocolError(f"record of {length} bytes", Alert.RECORD_OVERFLOW)
+    if length <= TAG_LENGTH:
+        raise RemoteProtocolError("record shorter than its tag", Alert.BAD_RECORD_MAC)
+    end = HEADER.size + length
+    if len(view) < end:
+        return None
+    try:
+        inner = keys.aead.decrypt(keys.nonce(), view[HEADER.size : end], view[: HEADER.size])
+    except InvalidTag:
+        raise RemoteProtocolError("record failed authentication", Alert.BAD_RECORD_MAC) from None
+    if len(inner) > MAX_PLAINTEXT + 1:
+        raise RemoteProtocolError("record plaintext over 2^14 bytes", Alert.RECORD_OVERFLOW)
+    content = inner.rstrip(b"\0")
+    if not content:
+        raise RemoteProtocolError("record without a content type", Alert.UNEXPECTED_MESSAGE)
+    keys.state.seqnum += 1
+    return InnerRecord(content[-1], content[:-1], end)

@@ -21,8 +21,17 @@ from typing import Any
 
 from tlslite.errors import TLSAbruptCloseError, TLSError, TLSLocalAlert, TLSRemoteAlert
 
+from qkdproxy.errors import LocalProtocolError, QkdproxyError
 from qkdproxy.hybrid import HybridKem
 from qkdproxy.tls.credentials import Credentials
+from qkdproxy.tls.events import (
+    DataReceived,
+    Failed,
+    PeerClosed,
+    RecordEvent,
+    Side,
+    Truncated,
+)
 from qkdproxy.tls.frames import ALPN_PROTOCOL
 from qkdproxy.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
 from qkdproxy.tls.identity import PeerIdentity
@@ -33,7 +42,7 @@ from qkdproxy.tls.keyexchange import (
     KeyContext,
     ServerKeyExchange,
 )
-from qkdproxy.tls.records import is_protected, open_records, seal
+from qkdproxy.tls.record_layer import RecordLayer
 from qkdproxy.tls.tlslite_glue import (
     NO_ALPN_PLACEHOLDER,
     HookedTLSConnection,
@@ -54,9 +63,7 @@ from qkdproxy.tls.wire import (
 )
 
 READ_CHUNK = 65536
-MAX_RECORD_PAYLOAD = 16384
 CLOSE_TIMEOUT = 5.0
-UNPROTECTED = "unencrypted record after the handshake"
 
 
 class HandshakeError(Exception):
@@ -81,13 +88,28 @@ class HandshakeError(Exception):
         return self.key_source
 
 
-class TlsStreamError(ConnectionError):
-    """An established stream ended abnormally (fatal alert, bad record, transport error)."""
+class TlsStreamError(ConnectionError, QkdproxyError):
+    """An established stream ended abnormally (fatal alert, bad record, transport error).
 
-    def __init__(self, reason: str, alert: int | None = None) -> None:
+    ``side`` says who sent ``alert``: we did (the peer broke the protocol) or the peer.
+    ``truncated``: the stream ended without a protected close_notify (or, on
+    ``qkdproxy/1``, without FIN), so the data may have been cut short and the plaintext
+    side must never see a clean end.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        alert: int | None = None,
+        side: Side | None = None,
+        *,
+        truncated: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.alert = alert
+        self.side = side
+        self.truncated = truncated
 
 
 def _sni_name(server_name: str | None) -> str | None:
@@ -245,31 +267,18 @@ class _Driver:
         self.writer.write(data)
         await self.writer.drain()
 
-    def send_records(self, records: bytes) -> None:
-        """Queue records behind anything tlslite produced, without yielding to the loop.
-
-        Sealing and queueing in one step keeps records in sequence-number order even when
-        another task (a read answering a KeyUpdate) also writes through tlslite.
-        """
-        if self.writer.is_closing():
-            raise ConnectionResetError("transport already closed")
-        if self.sock.outbound:
-            self.writer.write(bytes(self.sock.outbound))
-            self.sock.outbound.clear()
-        self.writer.write(records)
-
-    @property
-    def settled(self) -> bool:
-        """True once the gate lets everything through and nothing waits for tlslite."""
-        return self.gate.passthrough and not self.backlog
-
 
 @dataclass(slots=True)
 class TlsStream:
-    """An established TLS 1.3 connection: ``read``/``write`` plaintext, then ``close``."""
+    """An established TLS 1.3 connection: ``read``/``write`` plaintext, then ``close``.
+
+    Every record goes through our :class:`RecordLayer`; each call that makes it produce
+    bytes hands them to the transport before yielding to the event loop, so records
+    written by concurrent reads (a KeyUpdate answer) and writes keep their order.
+    """
 
     _driver: _Driver = field(repr=False)
-    _conn: HookedTLSConnection = field(repr=False)
+    _layer: RecordLayer = field(repr=False)
     record: HandshakeRecord
     peer: PeerIdentity
     handshake_seconds: float
@@ -277,86 +286,96 @@ class TlsStream:
     alpn: str | None
     # Plaintext opened but not yet returned (a read asked for less than a record held).
     _plaintext: bytearray = field(default_factory=bytearray, repr=False)
+    _peer_closed: bool = field(default=False, repr=False)
+    # Events from bytes that arrived with the end of the handshake, handled on first read.
+    _backlog: list[RecordEvent] = field(default_factory=list, repr=False)
 
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
 
-        A fatal alert or a protocol violation closes the transport and raises
-        :class:`TlsStreamError`.
+        A fatal alert, a protocol violation or a transport closed without close_notify
+        closes the transport and raises :class:`TlsStreamError` (``truncated`` for the
+        last).
         """
-        if not self._plaintext:
+        if self._backlog:
+            events, self._backlog = self._backlog, []
+            await self._handle(events)
+        while not self._plaintext and not self._peer_closed:
             try:
-                self._plaintext += await self._read_records(max_bytes)
-            except TLSAbruptCloseError:
-                # A bare TCP close may be a truncation attack: never report it as a clean end.
-                error = ConnectionError("peer closed without close_notify")
-                raise await self._fail(error) from None
-            except (TLSError, ConnectionError) as exc:
-                raise await self._fail(exc) from None
+                data = await self._driver.reader.read(READ_CHUNK)
+            except ConnectionError as exc:
+                raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
+            if data:
+                events = self._layer.receive(data, time.monotonic())
+            else:
+                events = self._layer.receive_eof()
+            await self._handle(events)
         data = bytes(self._plaintext[:max_bytes])
         del self._plaintext[:max_bytes]
         return data
 
-    async def _read_records(self, max_bytes: int) -> bytes:
-        """Application data opened here while records are plain data; tlslite otherwise.
+    async def _handle(self, events: list[RecordEvent]) -> None:
+        """Apply what the record layer reported; raise if the stream ended badly."""
+        self._transmit()
+        for event in events:
+            if isinstance(event, DataReceived):
+                self._plaintext += event.data
+            elif isinstance(event, PeerClosed):
+                self._peer_closed = True
+            elif isinstance(event, Truncated):
+                raise await self._fail(TlsStreamError(event.reason, truncated=True))
+            elif isinstance(event, Failed):
+                raise await self._fail(TlsStreamError(event.reason, event.alert, event.side))
 
-        Plaintext already opened is returned before any other record is handed to tlslite,
-        because tlslite then waits for the next data record: holding data back behind a
-        KeyUpdate would stall a request/response protocol.
-        """
-        driver = self._driver
-        while True:
-            keys = self._conn.traffic_keys("read") if driver.settled else None
-            if keys is None:
-                return bytes(await driver.run(self._conn.readAsync(max_bytes)) or b"")
-            driver.sock.inbound[:0] = self._conn.take_read_ahead()
-            opened = open_records(keys, driver.sock.inbound)
-            del driver.sock.inbound[: opened.consumed]
-            # Zero-length application data records are legal (RFC 8446 5.1), not an EOF.
-            if data := b"".join(opened.data):
-                return data
-            if not is_protected(driver.sock.inbound):
-                await driver.run(self._conn.send_alert(Alert.UNEXPECTED_MESSAGE, UNPROTECTED))
-            if opened.handoff or driver.sock.eof:
-                return bytes(await driver.run(self._conn.readAsync(max_bytes)) or b"")
-            if not opened.consumed:
-                await driver.receive()
+    def _transmit(self) -> None:
+        """Hand what the record layer queued to the transport (without yielding)."""
+        if out := self._layer.data_to_send():
+            writer = self._driver.writer
+            if writer.is_closing():
+                # uvloop raises RuntimeError on a write to a closed transport.
+                raise TlsStreamError("transport already closed")
+            writer.write(out)
 
     async def write(self, data: bytes) -> None:
         """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""
         try:
-            keys = self._conn.traffic_keys("write") if self._driver.settled else None
-            if keys is not None:
-                self._driver.send_records(seal(keys, data))
-                await self._driver.writer.drain()
-                return
-            view = memoryview(data)
-            for start in range(0, len(view), MAX_RECORD_PAYLOAD):
-                chunk = view[start : start + MAX_RECORD_PAYLOAD]
-                await self._driver.run(self._conn.writeAsync(chunk))
-        except (TLSError, ConnectionError) as exc:
-            raise await self._fail(exc) from None
+            self._layer.send_data(data)
+            self._transmit()
+            await self._driver.writer.drain()
+        except LocalProtocolError as exc:
+            raise await self._fail(TlsStreamError(exc.reason, exc.alert)) from None
+        except ConnectionError as exc:
+            raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
 
-    async def update_keys(self) -> None:
-        """TLS 1.3 KeyUpdate of our sending keys (long-lived flows)."""
+    async def update_keys(self, request_peer: bool = False) -> None:
+        """TLS 1.3 KeyUpdate of our sending keys (long-lived flows).
+
+        Each side renews its own sending keys on its own budget: qkdproxy never asks the
+        peer to answer unless ``request_peer`` says so.
+        """
         try:
-            await self._driver.run(self._conn.request_key_update())
-        except (TLSError, ConnectionError) as exc:
-            raise await self._fail(exc) from None
+            self._layer.update_keys(request_peer)
+            self._transmit()
+            await self._driver.writer.drain()
+        except LocalProtocolError as exc:
+            raise await self._fail(TlsStreamError(exc.reason, exc.alert)) from None
+        except ConnectionError as exc:
+            raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
 
-    async def _fail(self, exc: BaseException) -> TlsStreamError:
+    async def _fail(self, error: TlsStreamError) -> TlsStreamError:
+        with contextlib.suppress(TlsStreamError):
+            self._transmit()  # our alert, if the record layer queued one
         await close_transport(self._driver.writer)
-        alert = getattr(exc, "description", None)
-        return TlsStreamError(
-            f"{type(exc).__name__}: {exc}", alert if isinstance(alert, int) else None
-        )
+        return error
 
     async def close(self) -> None:
         """Send close_notify (best effort) and close the transport."""
         try:
-            with contextlib.suppress(TLSError, ConnectionError, TimeoutError):
+            self._layer.close()
+            with contextlib.suppress(TlsStreamError, ConnectionError, TimeoutError):
+                self._transmit()
                 async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await self._driver.run(self._conn.closeAsync())
+                    await self._driver.writer.drain()
         finally:
             await close_transport(self._driver.writer)
 
@@ -491,17 +510,28 @@ class TlsEndpoint:
             await kex.finish(False)
             await close_transport(driver.writer)
             raise HandshakeError("peer identity was not verified")
+        try:
+            layer, leftover = conn.hand_over()
+        except TLSError as exc:
+            await kex.finish(False)
+            await close_transport(driver.writer)
+            raise HandshakeError(f"handshake did not end cleanly: {exc}", remote=True) from None
         await kex.finish(True)
         app_protocol = conn.session.appProto if conn.session else None
-        return TlsStream(
+        stream = TlsStream(
             driver,
-            conn,
+            layer,
             kex.record,
             verified[0],
             time.perf_counter() - started,
             str(conn.getCipherName() or ""),
             bytes(app_protocol).decode("ascii", "replace") if app_protocol else None,
         )
+        leftover += driver.sock.inbound
+        driver.sock.inbound.clear()
+        if leftover:
+            stream._backlog = layer.receive(leftover, time.monotonic())
+        return stream
 
 
 async def close_transport(writer: asyncio.StreamWriter) -> None:

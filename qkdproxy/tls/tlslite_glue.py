@@ -26,14 +26,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
 from tlslite.constants import GroupName, KeyUpdateMessageType
-from tlslite.errors import TLSBadRecordMAC, TLSIllegalParameterException
+from tlslite.errors import TLSBadRecordMAC, TLSIllegalParameterException, TLSProtocolException
 from tlslite.messages import KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
 
 from qkdproxy.groups import GroupSpec
 from qkdproxy.tls.credentials import Credentials, PrivateKey
-from qkdproxy.tls.records import MAX_PLAINTEXT, TrafficKeys
+from qkdproxy.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
 
 TLSLITE_VERSION = "0.8.2"
 ByteLike = bytes | bytearray | memoryview
@@ -305,34 +305,40 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         """Send a fatal alert (encrypted if keys are set) and close; raises TLSLocalAlert."""
         return self._sendError(alert, reason)  # type: ignore[no-any-return]
 
-    def traffic_keys(self, direction: str) -> TrafficKeys | None:
-        """The current application traffic keys for ``"read"`` or ``"write"``.
+    def hand_over(self, policy: KeyUpdatePolicy | None = None) -> tuple[RecordLayer, bytes]:
+        """The established connection's record layer, and inbound bytes tlslite read ahead.
 
-        None whenever the records must go through tlslite: before or after the TLS 1.3
-        application phase, or with a cipher this module did not install. The returned keys
-        share tlslite's sequence counter, and a KeyUpdate replaces them (ask again).
+        From here on tlslite touches no record: the traffic secrets and sequence numbers
+        move to a :class:`RecordLayer`. Raises :class:`TLSProtocolException` if tlslite
+        holds anything the record layer could not take over (a partial handshake message
+        or decrypted data), which only a peer breaking the protocol causes.
         """
-        if self.closed or self.version != (3, 4) or self._readBuffer:
-            return None
-        if direction == "write" and self._send_record_limit < MAX_PLAINTEXT:
-            return None  # the peer asked for smaller records (RFC 8449): tlslite obeys it
+        session = self.session
+        suite = CIPHER_SUITES.get(session.cipherSuite) if session else None
+        if self.closed or self.version != (3, 4) or suite is None:
+            raise TLSProtocolException("no TLS 1.3 session to hand over")
+        if self._readBuffer or any(self._defragmenter.buffers.values()):
+            raise TLSProtocolException("handshake data left over after Finished")
         layer = self._recordLayer
-        state = layer._readState if direction == "read" else layer._writeState
-        aead = state.encContext
-        if not isinstance(aead, _Aead) or state.fixedNonce is None:
-            return None
-        return TrafficKeys(aead.cipher, int.from_bytes(state.fixedNonce, "big"), state)
-
-    def take_read_ahead(self) -> bytes:
-        """Inbound bytes tlslite's socket wrapper read ahead but has not parsed yet.
-
-        tlslite reads its socket in 4 KiB chunks; bytes it took past its last record must
-        go back in front of the stream before anyone else parses records.
-        """
+        client_secret = Direction(suite, bytes(session.cl_app_secret))
+        server_secret = Direction(suite, bytes(session.sr_app_secret))
+        read, write = (
+            (server_secret, client_secret) if self._client else (client_secret, server_secret)
+        )
+        read.seqnum = layer._readState.seqnum
+        write.seqnum = layer._writeState.seqnum
+        records = RecordLayer(
+            read,
+            write,
+            is_client=self._client,
+            send_limit=self._send_record_limit,
+            policy=policy,
+        )
+        # tlslite reads its socket in 4 KiB chunks: bytes past its last record go first.
         buffered: bytearray = self.sock._read_buffer
-        data = bytes(buffered)
+        leftover = bytes(buffered)
         buffered.clear()
-        return data
+        return records, leftover
 
 
 class _Discard(list[Any]):

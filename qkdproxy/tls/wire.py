@@ -67,6 +67,14 @@ class Alert(IntEnum):
     NO_APPLICATION_PROTOCOL = 120
 
 
+def alert_name(description: int) -> str:
+    """The RFC name of an alert description (its number if unknown): "bad_record_mac"."""
+    try:
+        return Alert(description).name.lower()
+    except ValueError:
+        return str(description)
+
+
 def plaintext_alert(description: Alert) -> bytes:
     """A fatal alert record for the unencrypted part of the handshake."""
     return bytes([ContentType.ALERT, 3, 3, 0, 2, 2, int(description)])

@@ -1,0 +1,52 @@
+"""What a TLS connection reports to its driver: one frozen dataclass per event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Side(Enum):
+    """Who sent a fatal alert: we did (the peer broke the protocol) or the peer did."""
+
+    LOCAL = "local"
+    REMOTE = "remote"
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Application bytes from the peer (never empty)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeysUpdated:
+    """New traffic keys for one direction (``"read"`` or ``"write"``)."""
+
+    direction: str
+    requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The peer ended the stream with a protected close_notify."""
+
+
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """The transport ended without a protected close_notify: not a clean end."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The connection ended with a fatal ``alert``, sent by ``side``."""
+
+    alert: int
+    side: Side
+    reason: str
+
+
+RecordEvent = DataReceived | KeysUpdated | PeerClosed | Truncated | Failed
