@@ -284,3 +284,17 @@ def test_padding_counts_toward_the_record_size_limit() -> None:
     sender = keys()
     oversized = inner_record(sender, b"x\x17" + bytes(MAX_PLAINTEXT))
     assert open_records(keys(), oversized).handoff
+
+
+async def test_a_flood_of_key_update_requests_is_answered_a_few_times_only() -> None:
+    # An authenticated peer once got 79,558 answers in 10 s; now a batch gets one answer.
+    async with loopback_pair(groups("x25519")) as pair:
+        stream = await open_stream(pair)
+        for _ in range(1000):
+            stream._layer.update_keys(request_peer=True)
+        await stream.write(b"ping")  # sends the queued KeyUpdates first, in order
+        assert await read_exactly(stream, 4) == b"ping"
+        answers = stream._layer.key_updates_received
+        assert 1 <= answers <= 32, answers
+        await stream.close()
+    assert not pair.echo.failures

@@ -15,12 +15,11 @@ Rules this layer holds that tlslite did not:
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from enum import Enum
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from qkdproxy.errors import LocalProtocolError, RemoteProtocolError
 from qkdproxy.tls.events import (
@@ -60,12 +59,9 @@ class CipherSuite:
 
     code: int
     hash_name: str
+    digest_size: int
     key_length: int
     chacha: bool = False
-
-    def hash(self) -> hashes.HashAlgorithm:
-        """The suite's HKDF hash."""
-        return hashes.SHA384() if self.hash_name == "sha384" else hashes.SHA256()
 
     def aead(self, key: bytes) -> AESGCM | ChaCha20Poly1305:
         """The suite's AEAD with ``key``."""
@@ -73,19 +69,28 @@ class CipherSuite:
 
 
 CIPHER_SUITES = {
-    0x1301: CipherSuite(0x1301, "sha256", 16),
-    0x1302: CipherSuite(0x1302, "sha384", 32),
-    0x1303: CipherSuite(0x1303, "sha256", 32, chacha=True),
+    0x1301: CipherSuite(0x1301, "sha256", 32, 16),
+    0x1302: CipherSuite(0x1302, "sha384", 48, 32),
+    0x1303: CipherSuite(0x1303, "sha256", 32, 32, chacha=True),
 }
 
 
-def hkdf_expand_label(
-    secret: bytes, label: bytes, length: int, algorithm: hashes.HashAlgorithm
-) -> bytes:
-    """HKDF-Expand-Label with an empty context (RFC 8446 7.1)."""
+def hkdf_expand_label(secret: bytes, label: bytes, length: int, hash_name: str) -> bytes:
+    """HKDF-Expand-Label with an empty context (RFC 8446 7.1, RFC 5869 2.3).
+
+    Written on :func:`hmac.digest` because a peer's KeyUpdate costs three of these: at a
+    few microseconds each a flood of KeyUpdates stays cheap.
+    """
     full = b"tls13 " + label
     info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
-    return HKDFExpand(algorithm, length, info).derive(secret)
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.digest(secret, block + info + bytes([counter]), hash_name)
+        out += block
+        counter += 1
+    return out[:length]
 
 
 class Direction:
@@ -97,27 +102,33 @@ class Direction:
         self.suite = suite
         self.secret = secret
         self.seqnum = seqnum
-        algorithm = suite.hash()
-        key = hkdf_expand_label(secret, b"key", suite.key_length, algorithm)
-        iv = hkdf_expand_label(secret, b"iv", 12, algorithm)
+        key = hkdf_expand_label(secret, b"key", suite.key_length, suite.hash_name)
+        iv = hkdf_expand_label(secret, b"iv", 12, suite.hash_name)
         self.keys = TrafficKeys(suite.aead(key), int.from_bytes(iv, "big"), self)
 
     def updated(self) -> Direction:
         """The next generation of keys (RFC 8446 7.2), from sequence number 0."""
-        algorithm = self.suite.hash()
+        suite = self.suite
         next_secret = hkdf_expand_label(
-            self.secret, b"traffic upd", algorithm.digest_size, algorithm
+            self.secret, b"traffic upd", suite.digest_size, suite.hash_name
         )
-        return Direction(self.suite, next_secret)
+        return Direction(suite, next_secret)
 
 
 @dataclass(frozen=True, slots=True)
 class KeyUpdatePolicy:
-    """How many KeyUpdate(update_requested) of a peer are answered: ``rate`` per second
-    after a ``burst``; one more request is a flood and ends the connection."""
+    """How many KeyUpdates a peer may send before it is taken for a flood (and the
+    connection ends with unexpected_message).
+
+    ``rate`` per second after a ``burst`` of KeyUpdate(update_requested) are answered;
+    ``any_rate`` and ``any_burst`` bound every KeyUpdate, requested or not: generous for a
+    peer that rekeys on a byte budget, and a ceiling on the CPU a flood can cost.
+    """
 
     rate: float = 4.0
     burst: float = 32.0
+    any_rate: float = 200.0
+    any_burst: float = 2000.0
 
 
 class Phase(Enum):
@@ -151,10 +162,12 @@ class RecordLayer:
         self.send_limit = min(send_limit, MAX_PLAINTEXT)
         policy = policy or KeyUpdatePolicy()
         self._answers = TokenBucket(policy.rate, policy.burst)
+        self._updates = TokenBucket(policy.any_rate, policy.any_burst)
         self.phase = Phase.OPEN
         self._inbound = bytearray()
         self._handshake = bytearray()
         self._out: list[bytes] = []
+        self._answer_due = False  # a KeyUpdate answer is owed for the current batch
         # Counters for tests and metrics: KeyUpdates received and answers sent.
         self.key_updates_received = 0
         self.key_updates_answered = 0
@@ -167,28 +180,35 @@ class RecordLayer:
             return []  # bytes after the end are nobody's business
         self._inbound += data
         events: list[RecordEvent] = []
-        answer_due = False
+        self._answer_due = False
+        # One cursor and one deletion per batch: deleting record by record from the front
+        # of a large buffer would cost a copy of the rest each time.
+        view = memoryview(self._inbound)
+        pos = 0
         try:
             while self.phase is Phase.OPEN:
-                opened = open_records(self.read.keys, self._inbound)
+                opened = open_records(self.read.keys, view[pos:])
                 if opened.consumed:
                     if self._handshake:
                         raise RemoteProtocolError(
                             "application data inside a handshake message",
                             Alert.UNEXPECTED_MESSAGE,
                         )
-                    del self._inbound[: opened.consumed]
+                    pos += opened.consumed
                     events.extend(DataReceived(d) for d in opened.data if d)
                 if not opened.handoff:
                     break
-                record = open_record(self.read.keys, self._inbound)
+                record = open_record(self.read.keys, view[pos:])
                 if record is None:
                     break
-                del self._inbound[: record.size]
-                answer_due |= self._on_record(record.content_type, record.content, now, events)
+                pos += record.size
+                self._on_record(record.content_type, record.content, now, events)
         except RemoteProtocolError as exc:
             events.append(self._refuse(exc))
-        if answer_due and self.phase is Phase.OPEN:
+        finally:
+            view.release()
+            del self._inbound[:pos]
+        if self._answer_due and self.phase is Phase.OPEN:
             self._send_key_update(requested=False)
             self.key_updates_answered += 1
             events.append(KeysUpdated("write"))
@@ -203,8 +223,8 @@ class RecordLayer:
 
     def _on_record(
         self, content_type: int, content: bytes, now: float, events: list[RecordEvent]
-    ) -> bool:
-        """Handle one non-data record; True if a KeyUpdate answer is now due."""
+    ) -> None:
+        """Handle one record the data fast path did not take."""
         if content_type == ContentType.APPLICATION_DATA:
             # Reached only for records the fast path refused for their size or padding.
             if self._handshake:
@@ -213,19 +233,20 @@ class RecordLayer:
                 )
             if content:
                 events.append(DataReceived(content))
-            return False
+            return
         if content_type == ContentType.ALERT:
             if self._handshake:
                 raise RemoteProtocolError(
                     "alert inside a handshake message", Alert.UNEXPECTED_MESSAGE
                 )
             self._on_alert(content, events)
-            return False
+            return
         if content_type == ContentType.HANDSHAKE:
             if not content:
                 raise RemoteProtocolError("empty handshake record", Alert.UNEXPECTED_MESSAGE)
             self._handshake += content
-            return self._on_handshake(now, events)
+            self._on_handshake(now, events)
+            return
         raise RemoteProtocolError(
             f"protected record of type {content_type}", Alert.UNEXPECTED_MESSAGE
         )
@@ -247,8 +268,7 @@ class RecordLayer:
             name = alert_name(description)
             events.append(Failed(description, Side.REMOTE, f"peer sent alert {name}"))
 
-    def _on_handshake(self, now: float, events: list[RecordEvent]) -> bool:
-        answer_due = False
+    def _on_handshake(self, now: float, events: list[RecordEvent]) -> None:
         while len(self._handshake) >= 4:
             msg_type = self._handshake[0]
             length = int.from_bytes(self._handshake[1:4], "big")
@@ -261,16 +281,15 @@ class RecordLayer:
             body = bytes(self._handshake[4 : 4 + length])
             del self._handshake[: 4 + length]
             if msg_type == KEY_UPDATE:
-                answer_due |= self._on_key_update(body, now, events)
+                self._on_key_update(body, now, events)
             elif msg_type == NEW_SESSION_TICKET and self.is_client:
                 continue  # qkdproxy never resumes: a ticket is dropped unread
             else:
                 raise RemoteProtocolError(
                     f"handshake message {msg_type} after the handshake", Alert.UNEXPECTED_MESSAGE
                 )
-        return answer_due
 
-    def _on_key_update(self, body: bytes, now: float, events: list[RecordEvent]) -> bool:
+    def _on_key_update(self, body: bytes, now: float, events: list[RecordEvent]) -> None:
         if len(body) != 1:
             raise RemoteProtocolError("malformed KeyUpdate", Alert.DECODE_ERROR)
         if body[0] not in (UPDATE_NOT_REQUESTED, UPDATE_REQUESTED):
@@ -280,19 +299,17 @@ class RecordLayer:
             raise RemoteProtocolError(
                 "KeyUpdate not at the end of its record", Alert.UNEXPECTED_MESSAGE
             )
+        if not self._updates.take(now):
+            raise RemoteProtocolError("KeyUpdate flood", Alert.UNEXPECTED_MESSAGE)
         self.key_updates_received += 1
         self.read = self.read.updated()
         requested = body[0] == UPDATE_REQUESTED
         events.append(KeysUpdated("read", requested))
-        return requested and self._answer_allowed(now, events)
-
-    def _answer_allowed(self, now: float, events: list[RecordEvent]) -> bool:
-        """One answer per batch; within a batch only the first request spends a token."""
-        if any(isinstance(e, KeysUpdated) and e.requested for e in events[:-1]):
-            return True
-        if self._answers.take(now):
-            return True
-        raise RemoteProtocolError("KeyUpdate request flood", Alert.UNEXPECTED_MESSAGE)
+        if requested and not self._answer_due:
+            # One answer per batch: only the first request of a batch spends a token.
+            if not self._answers.take(now):
+                raise RemoteProtocolError("KeyUpdate request flood", Alert.UNEXPECTED_MESSAGE)
+            self._answer_due = True
 
     def _refuse(self, exc: RemoteProtocolError) -> Failed:
         """The peer broke the protocol: tell it why (protected) and stop."""

@@ -4,6 +4,7 @@ time driven by hand, no sockets."""
 from __future__ import annotations
 
 import pytest
+from tlslite.utils.cryptomath import HKDF_expand_label  # the reference implementation
 
 from qkdproxy.errors import LocalProtocolError
 from qkdproxy.tls.events import (
@@ -316,3 +317,25 @@ def test_update_not_requested_is_never_answered() -> None:
     deliver(client, server)
     assert (server.key_updates_received, server.key_updates_answered) == (500, 0)
     assert server.data_to_send() == b""
+
+
+def test_a_flood_of_unrequested_key_updates_ends_the_connection() -> None:
+    client, server = pair(policy=KeyUpdatePolicy(any_rate=10.0, any_burst=50.0))
+    for _ in range(51):
+        client.update_keys()
+    failure = failed(deliver(client, server))
+    assert (failure.alert, failure.side) == (Alert.UNEXPECTED_MESSAGE, Side.LOCAL)
+    assert server.key_updates_received == 50
+
+
+@pytest.mark.parametrize("suite", sorted(CIPHER_SUITES))
+def test_key_derivation_matches_tlslite(suite: int) -> None:
+    spec = CIPHER_SUITES[suite]
+    secret = Direction(spec, CLIENT_SECRET[: spec.digest_size])
+    expected = HKDF_expand_label(
+        bytearray(secret.secret), b"traffic upd", b"", spec.digest_size, spec.hash_name
+    )
+    assert secret.updated().secret == bytes(expected)
+    key = HKDF_expand_label(bytearray(secret.secret), b"key", b"", spec.key_length, spec.hash_name)
+    sealed = spec.aead(bytes(key)).encrypt(secret.keys.nonce(), b"x", b"")
+    assert secret.keys.aead.decrypt(secret.keys.nonce(), sealed, b"") == b"x"
