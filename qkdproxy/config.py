@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkdproxy.errors import SettingError
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
 from qkdproxy.tunnel.policy import GroupPlan, Policy, plan_groups
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingError):
     """One or more problems in a configuration file."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 from qkdproxy.aio import run
 from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
+from qkdproxy.errors import SettingError
 from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
+from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError
@@ -64,7 +65,7 @@ def check_command(args: argparse.Namespace) -> int:
             load_trust_anchors(kme.ca)
         for tunnel in config.tunnels:
             build_endpoint(tunnel, KeyContext(KeySources()), tunnel.plan.groups)
-    except (CredentialError, ValueError) as exc:
+    except SettingError as exc:
         print(f"qkdproxy check-config: {args.file}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"{args.file}: OK ({len(config.tunnels)} tunnels, {len(config.kmes)} KMEs)")
@@ -89,8 +90,9 @@ async def _run(config: Config) -> int:
     daemon.handle_signals()
     try:
         await daemon.start()
-    except (CredentialError, ValueError) as exc:
-        # A certificate, key or CA file named by the configuration is unusable.
+    except SettingError as exc:
+        # A certificate, key, CA file, group or address named by the configuration is
+        # unusable. Any other ValueError is a bug of ours and must not pass for one.
         print(f"qkdproxy run: {config.path}: {exc}", file=sys.stderr)
         await daemon.close()
         return EXIT_CONFIG

@@ -13,6 +13,14 @@ class QkdproxyError(Exception):
     """Base of every exception qkdproxy raises on purpose."""
 
 
+class SettingError(QkdproxyError, ValueError):
+    """The configuration is unusable: a setting, or a file, group or address it names.
+
+    The one family start-up reports as "bad configuration" (exit 2). It stays a
+    ValueError for callers written before it existed; nothing should catch it as one.
+    """
+
+
 class ProtocolError(QkdproxyError):
     """A TLS or qkdproxy/1 protocol failure, with the alert that goes with it."""
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from qkdproxy.errors import SettingError
+
 
 class GroupKind(Enum):
     """What feeds the group's shared secret."""
@@ -117,7 +119,7 @@ TRIPLE_HYBRID = GroupSpec(
 ALL_GROUPS: tuple[GroupSpec, ...] = (*_REFERENCE_QKD_GROUPS, TRIPLE_HYBRID, *_STANDARD_GROUPS)
 
 
-class GroupError(ValueError):
+class GroupError(SettingError):
     """An unknown group name or an invalid code-point override."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 
+from qkdproxy.errors import SettingError
 from qkdproxy.groups import GroupSpec
 from qkdproxy.kem.base import Kem, KemError
 from qkdproxy.kem.registry import KemRegistry, UnavailableKem
@@ -35,7 +36,7 @@ __all__ = [
 ZERO_KEY_ID = bytes(KEY_ID_SIZE)
 
 
-class GroupUnavailableError(ValueError):
+class GroupUnavailableError(SettingError):
     """A group whose KEM components cannot run on this machine."""
 
 

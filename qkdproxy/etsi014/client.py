@@ -179,7 +179,7 @@ def _error_class(exc: QkdKeyError) -> str:
         return "not_found"
     if isinstance(exc, KeyExhaustedError):
         return "exhausted"
-    return getattr(exc, "kind", None) or ("http_5xx" if "answered 5" in str(exc) else "http_4xx")
+    return exc.kind or "http_4xx"
 
 
 def _path(sae: str, call: str) -> str:
@@ -227,6 +227,6 @@ def _error_for(code: int, payload: bytes) -> QkdKeyError:
         return KeyNotFoundError(text)
     if code == 503 and "insufficient" in message:
         return KeyExhaustedError(text)
-    if code >= 500:
-        return KeySourceUnavailableError(text)
-    return QkdKeyError(text)
+    error = KeySourceUnavailableError(text) if code >= 500 else QkdKeyError(text)
+    error.kind = "http_5xx" if code >= 500 else "http_4xx"
+    return error

@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from qkdproxy.errors import QkdproxyError
+
 KEY_ID_SIZE = 16
 KEY_SIZE = 32
 
 
-class QkdKeyError(Exception):
+class QkdKeyError(QkdproxyError):
     """Base of every key-source failure; ``kind`` classifies it for metrics."""
 
     kind: str | None = None

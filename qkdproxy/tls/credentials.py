@@ -9,11 +9,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from qkdproxy.errors import SettingError
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
-class CredentialError(ValueError):
+class CredentialError(SettingError):
     """A certificate, key or CA file that cannot be used; the message names the file."""
 
 

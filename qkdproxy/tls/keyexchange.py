@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
+from qkdproxy.errors import ProtocolError
 from qkdproxy.hybrid import (
     ZERO_KEY_ID,
     ClientPrivate,
@@ -79,13 +80,13 @@ class KeyContext:
             await asyncio.gather(*self.background, return_exceptions=True)
 
 
-class HandshakeRejectedError(Exception):
+class HandshakeRejectedError(ProtocolError):
     """The handshake must end with ``alert``; ``reason`` is safe to log (no key material)."""
 
+    alert: Alert
+
     def __init__(self, alert: Alert, reason: str, key_source: bool = False) -> None:
-        super().__init__(reason)
-        self.alert = alert
-        self.reason = reason
+        super().__init__(reason, alert)
         # True when the KME (not the peer) failed: a qkd-preferred tunnel may fall back.
         self.key_source = key_source
 

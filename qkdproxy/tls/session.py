@@ -12,16 +12,18 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any
 
 from tlslite.errors import TLSAbruptCloseError, TLSError, TLSLocalAlert, TLSRemoteAlert
 
-from qkdproxy.errors import LocalProtocolError, QkdproxyError
+from qkdproxy.errors import LocalProtocolError, QkdproxyError, SettingError
 from qkdproxy.hybrid import HybridKem
 from qkdproxy.tls.credentials import Credentials
 from qkdproxy.tls.events import (
@@ -62,21 +64,39 @@ from qkdproxy.tls.wire import (
     plaintext_alert,
 )
 
+log = logging.getLogger(__name__)
+
 READ_CHUNK = 65536
 CLOSE_TIMEOUT = 5.0
 
 
-class HandshakeError(Exception):
+class Outcome(Enum):
+    """Why a handshake failed, for decisions and bounded metric labels (never the text)."""
+
+    ALERT = "alert"  # a fatal alert, ours or the peer's (see ``remote``)
+    TIMEOUT = "timeout"
+    PEER_CLOSED = "peer_closed"
+    UNVERIFIED = "unverified"  # the peer's identity was never checked
+    INTERNAL = "internal"  # a bug of ours: logged with its traceback
+
+
+class HandshakeError(QkdproxyError):
     """A handshake that did not complete; the only exception the handshake APIs raise."""
 
     def __init__(
-        self, reason: str, alert: int | None = None, remote: bool = False, key_source: bool = False
+        self,
+        reason: str,
+        alert: int | None = None,
+        remote: bool = False,
+        key_source: bool = False,
+        outcome: Outcome = Outcome.ALERT,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.alert = alert
         self.remote = remote
         self.key_source = key_source
+        self.outcome = outcome
         # What the failed handshake had got to: its flow and the key id it used, if any.
         self.record = HandshakeRecord()
 
@@ -305,10 +325,16 @@ class TlsStream:
                 data = await self._driver.reader.read(READ_CHUNK)
             except ConnectionError as exc:
                 raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
-            if data:
-                events = self._layer.receive(data, time.monotonic())
-            else:
-                events = self._layer.receive_eof()
+            try:
+                if data:
+                    events = self._layer.receive(data, time.monotonic())
+                else:
+                    events = self._layer.receive_eof()
+            except Exception as exc:
+                # A bug of ours, never the peer's fault: keep the traceback, say internal_error.
+                log.error("internal error in the record layer", exc_info=exc)
+                reason = f"internal error ({type(exc).__name__})"
+                events = [self._layer.fail(Alert.INTERNAL_ERROR, reason)]
             await self._handle(events)
         data = bytes(self._plaintext[:max_bytes])
         del self._plaintext[:max_bytes]
@@ -385,7 +411,7 @@ class TlsEndpoint:
 
     def __init__(self, settings: EndpointSettings) -> None:
         if not settings.groups:
-            raise ValueError("an endpoint needs at least one key-exchange group")
+            raise SettingError("an endpoint needs at least one key-exchange group")
         install(g.group for g in settings.groups)
         self.settings = settings
         self._chain = tlslite_chain(settings.credentials)
@@ -509,7 +535,7 @@ class TlsEndpoint:
         if not verified:
             await kex.finish(False)
             await close_transport(driver.writer)
-            raise HandshakeError("peer identity was not verified")
+            raise HandshakeError("peer identity was not verified", outcome=Outcome.UNVERIFIED)
         try:
             layer, leftover = conn.hand_over()
         except TLSError as exc:
@@ -557,13 +583,24 @@ async def _handshake_error(driver: _Driver, exc: BaseException) -> HandshakeErro
     if isinstance(exc, TLSRemoteAlert):
         return HandshakeError(f"peer sent alert {exc}", exc.description, remote=True)
     if isinstance(exc, TimeoutError):
-        return HandshakeError("handshake timed out")
+        return HandshakeError("handshake timed out", outcome=Outcome.TIMEOUT)
     if isinstance(exc, TLSAbruptCloseError | ConnectionError):
-        return HandshakeError("peer closed the connection during the handshake", remote=True)
+        return HandshakeError(
+            "peer closed the connection during the handshake",
+            remote=True,
+            outcome=Outcome.PEER_CLOSED,
+        )
     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
         return None
     if isinstance(exc, Exception):
-        # Malformed input can surface from tlslite as any exception type (e.g. KeyError on
-        # an unknown certificate OID); it ends this connection only.
-        return HandshakeError(f"handshake failed: {type(exc).__name__}: {exc}")
+        # Our bug, or tlslite's on input it does not expect (a KeyError on an unknown
+        # certificate OID): either way not the peer's fault. It ends this connection only.
+        log.error("internal error in a handshake", exc_info=exc)
+        with contextlib.suppress(ConnectionError):
+            await driver.send_raw(plaintext_alert(Alert.INTERNAL_ERROR))
+        return HandshakeError(
+            f"handshake failed: internal error ({type(exc).__name__})",
+            Alert.INTERNAL_ERROR,
+            outcome=Outcome.INTERNAL,
+        )
     return None

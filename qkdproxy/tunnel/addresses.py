@@ -6,8 +6,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from qkdproxy.errors import SettingError
 
-class AddressError(ValueError):
+
+class AddressError(SettingError):
     """An address that cannot be parsed."""
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from qkdproxy.config import KmeConfig
+from qkdproxy.errors import SettingError
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.qkd.announce import AnnouncedSlave
@@ -65,7 +66,7 @@ class KmeConnection:
             return connection
         address = parse_address(config.endpoint)
         if not isinstance(address, TcpAddress):
-            raise ValueError(f"kme.{config.name}.address must be host:port")
+            raise SettingError(f"kme.{config.name}.address must be host:port")
         context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3)
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,

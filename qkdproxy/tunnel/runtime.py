@@ -23,7 +23,13 @@ from qkdproxy.config import TunnelConfig
 from qkdproxy.qkd.sources import FlushableSource, KeySources
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
-from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
+from qkdproxy.tls.session import (
+    HandshakeError,
+    Outcome,
+    TlsEndpoint,
+    TlsStream,
+    close_transport,
+)
 from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
@@ -387,9 +393,9 @@ def failure_class(exc: HandshakeError) -> str:
             return Alert(exc.alert).name.lower()
         except ValueError:
             return "other_alert"
-    if "timed out" in exc.reason:
+    if exc.outcome is Outcome.TIMEOUT:
         return "timeout"
-    if "closed the connection" in exc.reason:
+    if exc.outcome is Outcome.PEER_CLOSED:
         return "peer_closed"
     return "other"
 
