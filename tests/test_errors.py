@@ -17,8 +17,8 @@ from qkdproxy.loopback import loopback_pair
 from qkdproxy.qkd.keys import QkdKeyError
 from qkdproxy.tls.credentials import CredentialError
 from qkdproxy.tls.frames import FrameError
-from qkdproxy.tls.hello import HelloParseError
-from qkdproxy.tls.keyexchange import ClientHello, QkdOptions, ServerKeyExchange
+from qkdproxy.tls.hello import ClientHello, HelloParseError
+from qkdproxy.tls.keyexchange import QkdOptions, ServerKeyExchange
 from qkdproxy.tls.session import HandshakeError, Outcome, TlsStreamError
 from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel.addresses import AddressError

@@ -17,6 +17,7 @@ from qkdproxy.kem import default_registry
 from qkdproxy.loopback import loopback_pair
 from qkdproxy.tls import tlslite_glue
 from qkdproxy.tls.keyexchange import QkdOptions
+from qkdproxy.tls.session import HandshakeError
 
 
 def test_self_test_passes_on_the_pinned_tlslite() -> None:
@@ -49,19 +50,25 @@ def test_qkd_groups_are_registered_as_kems() -> None:
     assert "qkd_mlkem768" in TLS13_PERMITTED_GROUPS
 
 
-async def test_overridden_code_point_is_what_the_peers_use() -> None:
+async def test_code_point_overrides_do_not_leak_between_endpoints() -> None:
     overridden = DEFAULT_GROUPS.with_overrides({"qkd_mlkem768": 0x3769})
-    hybrids = [resolve(overridden.by_name("qkd_mlkem768"), default_registry())]
-    try:
-        async with loopback_pair(hybrids) as pair:
-            assert GroupName.qkd_mlkem768 == 0x3769
-            assert 0x3768 not in GroupName.allKEM
-            stream = await asyncio.wait_for(pair.handshake(pair.client(hybrids, QkdOptions())), 20)
-            assert stream.record.group == "qkd_mlkem768"
-            await stream.close()
-    finally:
-        tlslite_glue.install(DEFAULT_GROUPS.all())
+    moved = [resolve(overridden.by_name("qkd_mlkem768"), default_registry())]
+    stock = [resolve(DEFAULT_GROUPS.by_name("qkd_mlkem768"), default_registry())]
+    async with loopback_pair(moved) as pair:
+        # A server with the override and clients with and without it, in one process.
+        assert GroupName.qkd_mlkem768 == 0x3768
+        stream = await asyncio.wait_for(pair.handshake(pair.client(moved, QkdOptions())), 20)
+        assert stream.record.group == "qkd_mlkem768"
+        await stream.close()
+        with pytest.raises(HandshakeError):  # 0x3768 on the wire: this server does not know it
+            await asyncio.wait_for(pair.handshake(pair.client(stock, QkdOptions())), 20)
+        stream = await asyncio.wait_for(pair.handshake(pair.client(moved, QkdOptions())), 20)
+        await stream.close()
     assert GroupName.qkd_mlkem768 == 0x3768
+    assert 0x3768 in GroupName.allKEM and 0x3769 in GroupName.allKEM
+    async with loopback_pair(stock) as pair:
+        stream = await asyncio.wait_for(pair.handshake(pair.client(stock, QkdOptions())), 20)
+        await stream.close()
 
 
 def test_record_aead_round_trip_and_tamper() -> None:

@@ -371,8 +371,8 @@ def make_settings(groups: Iterable[GroupSpec], share_group: GroupSpec | None) ->
     settings.maxVersion = (3, 4)
     settings.versions = [(3, 4)]
     settings.cipherNames = list(CIPHER_NAMES)
-    settings.eccCurves = [g.tlslite_name for g in groups]
-    settings.keyShares = [share_group.tlslite_name] if share_group else []
+    settings.eccCurves = [tlslite_group_name(g) for g in groups]
+    settings.keyShares = [tlslite_group_name(share_group)] if share_group else []
     settings.dhGroups = []
     settings.ticketKeys = []
     settings.ticket_count = 0
@@ -384,33 +384,49 @@ def make_settings(groups: Iterable[GroupSpec], share_group: GroupSpec | None) ->
     return settings
 
 
-def register_groups(groups: Iterable[GroupSpec]) -> None:
-    """Make tlslite know every group (and the code point this process uses for it)."""
-    for group in groups:
-        previous = getattr(GroupName, group.tlslite_name, None)
-        for table in (GroupName.allKEM, GroupName.all):
-            if previous is not None and previous in table and previous != group.code_point:
-                table.remove(previous)
-        setattr(GroupName, group.tlslite_name, group.code_point)
-        if group.code_point not in GroupName.all:
-            GroupName.all.append(group.code_point)
-        # KEM-style groups take tlslite's encapsulation path on the server.
-        if group.post_quantum and group.code_point not in GroupName.allKEM:
-            GroupName.allKEM.append(group.code_point)
-        for names in (
-            tl_settings.CURVE_NAMES,
-            tl_settings.ALL_CURVE_NAMES,
-            tl_settings.TLS13_PERMITTED_GROUPS,
-        ):
-            if group.tlslite_name not in names:
-                names.append(group.tlslite_name)
+# tlslite names groups through class attributes of GroupName and module-level lists: state
+# shared by the whole process. Each (name, code point) pair gets a name of its own, set
+# once and never rebound, so endpoints with different code-point overrides cannot see
+# each other's (an override used to rebind the shared name for every endpoint).
+_tlslite_names: dict[tuple[str, int], str] = {}
+
+
+def tlslite_group_name(group: GroupSpec) -> str:
+    """The name tlslite knows ``group`` by at its code point (registered on first use)."""
+    key = (group.tlslite_name, group.code_point)
+    name = _tlslite_names.get(key)
+    if name is None:
+        name = _register(group)
+        _tlslite_names[key] = name
+    return name
+
+
+def _register(group: GroupSpec) -> str:
+    stock = getattr(GroupName, group.tlslite_name, None)
+    name = group.tlslite_name
+    if stock is not None and stock != group.code_point:
+        name = f"{group.tlslite_name}_{group.code_point:04x}"
+    setattr(GroupName, name, group.code_point)
+    if group.code_point not in GroupName.all:
+        GroupName.all.append(group.code_point)
+    # KEM-style groups take tlslite's encapsulation path on the server.
+    if group.post_quantum and group.code_point not in GroupName.allKEM:
+        GroupName.allKEM.append(group.code_point)
+    for names in (
+        tl_settings.CURVE_NAMES,
+        tl_settings.ALL_CURVE_NAMES,
+        tl_settings.TLS13_PERMITTED_GROUPS,
+    ):
+        if name not in names:
+            names.append(name)
+    return name
 
 
 _installed = False
 
 
 def install(groups: Iterable[GroupSpec]) -> None:
-    """Patch tlslite once per process (crypto back-ends), then (re)register ``groups``."""
+    """Patch tlslite once per process (crypto back-ends); register ``groups`` (once each)."""
     global _installed  # noqa: PLW0603 - tlslite's tables are process-wide by nature
     if not _installed:
         self_test()
@@ -419,7 +435,8 @@ def install(groups: Iterable[GroupSpec]) -> None:
         tl_x509._createPublicRSAKey = _public_rsa_key
         tl_x509.X509._ecdsa_pubkey_parsing = _ecdsa_pubkey_parsing
         _installed = True
-    register_groups(groups)
+    for group in groups:
+        tlslite_group_name(group)
 
 
 def self_test() -> None:
