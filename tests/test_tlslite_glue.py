@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import tlslite
 import tlslite.recordlayer
+import tlslite.session
 from tlslite.api import TLSConnection
 from tlslite.constants import GroupName
 from tlslite.handshakesettings import TLS13_PERMITTED_GROUPS
@@ -79,3 +80,19 @@ def test_record_aead_round_trip_and_tamper() -> None:
     assert aead.open(bytes(12), sealed[:-1] + bytes([sealed[-1] ^ 1]), b"aad") is None
     chacha = tlslite_glue._create_chacha20(bytes(32))
     assert chacha.open(bytes(12), chacha.seal(bytes(12), b"x", b""), b"") == bytearray(b"x")
+
+
+def test_self_test_runs_a_handshake_and_catches_a_changed_behaviour(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if a tlslite release kept the server's traffic secret somewhere else: every name
+    # still exists, only the behaviour differs, and a name check alone would pass.
+    original = tlslite.session.Session.create
+
+    def create(self: tlslite.session.Session, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        self.sr_app_secret = bytearray(len(self.sr_app_secret))
+
+    monkeypatch.setattr(tlslite.session.Session, "create", create)
+    with pytest.raises(tlslite_glue.SelfTestError, match="keys differ"):
+        tlslite_glue.self_test()

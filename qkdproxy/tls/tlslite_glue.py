@@ -10,17 +10,20 @@ The hook points are private tlslite names, so :func:`self_test` checks them at s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import tlslite
 import tlslite.handshakesettings as tl_settings
 import tlslite.recordlayer as tl_recordlayer
 import tlslite.x509 as tl_x509
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -31,8 +34,9 @@ from tlslite.messages import KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
 
-from qkdproxy.groups import GroupSpec
+from qkdproxy.groups import GroupKind, GroupSpec
 from qkdproxy.tls.credentials import Credentials, PrivateKey
+from qkdproxy.tls.events import DataReceived, KeysUpdated
 from qkdproxy.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
 
 TLSLITE_VERSION = "0.8.2"
@@ -429,45 +433,174 @@ def install(groups: Iterable[GroupSpec]) -> None:
     """Patch tlslite once per process (crypto back-ends); register ``groups`` (once each)."""
     global _installed  # noqa: PLW0603 - tlslite's tables are process-wide by nature
     if not _installed:
-        self_test()
         tl_recordlayer.createAESGCM = _create_aes_gcm
         tl_recordlayer.createCHACHA20 = _create_chacha20
         tl_x509._createPublicRSAKey = _public_rsa_key
         tl_x509.X509._ecdsa_pubkey_parsing = _ecdsa_pubkey_parsing
+        self_test()  # with the back-ends above in place: what the daemon will run
         _installed = True
     for group in groups:
         tlslite_group_name(group)
 
 
+# Every private tlslite name qkdproxy relies on: (owner, name, what for). The self-test
+# checks each exists, then runs a handshake, a KeyUpdate and records to pin behaviour.
+_SAMPLE = TLSConnection(None)
+PRIVATE_NAMES: list[tuple[object, str, str]] = [
+    (TLSConnection, "_getKEX", "per-connection key exchange (overridden)"),
+    (TLSConnection, "_genKeyShareEntry", "per-connection key share (overridden)"),
+    (TLSConnection, "_KEMEncaps", "server-side KEM encapsulation (overridden)"),
+    (TLSConnection, "_check_certchain_with_settings", "peer chain validation (overridden)"),
+    (TLSConnection, "_sendError", "fatal alerts during the handshake"),
+    (TLSConnection, "_send_record_limit", "the peer's record_size_limit, for our records"),
+    (tl_recordlayer, "createAESGCM", "AES-GCM from cryptography (rebound)"),
+    (tl_recordlayer, "createCHACHA20", "ChaCha20-Poly1305 from cryptography (rebound)"),
+    (tl_x509, "_createPublicRSAKey", "RSA peer keys from cryptography (rebound)"),
+    (tl_x509.X509, "_ecdsa_pubkey_parsing", "ECDSA peer keys from cryptography (rebound)"),
+    (GroupName, "allKEM", "groups on the server's encapsulation path"),
+    (tl_settings, "TLS13_PERMITTED_GROUPS", "group names tlslite accepts"),
+    # Read once, at the hand-over to our record layer.
+    (_SAMPLE, "_client", "which traffic secret is ours"),
+    (_SAMPLE, "_readBuffer", "no decrypted data left behind at the hand-over"),
+    (_SAMPLE, "_defragmenter", "no handshake message left behind at the hand-over"),
+    (_SAMPLE.sock, "_read_buffer", "bytes read ahead past the last handshake record"),
+    (_SAMPLE._recordLayer, "_readState", "the read sequence number at the hand-over"),
+    (_SAMPLE._recordLayer, "_writeState", "the write sequence number at the hand-over"),
+]
+
+
 def self_test() -> None:
-    """Fail fast if this tlslite lacks the private hook points qkdproxy overrides."""
+    """Fail fast unless this tlslite has the private names qkdproxy relies on and still
+    behaves as they expect: an in-memory handshake through the hooks, the hand-over to
+    our record layer, a KeyUpdate both ways and records through the fast path."""
     if tlslite.__version__ != TLSLITE_VERSION:
         raise SelfTestError(f"tlslite-ng {TLSLITE_VERSION} required, found {tlslite.__version__}")
-    required: list[tuple[object, str]] = [
-        (TLSConnection, "_getKEX"),
-        (TLSConnection, "_genKeyShareEntry"),
-        (TLSConnection, "_KEMEncaps"),
-        (TLSConnection, "_check_certchain_with_settings"),
-        (TLSConnection, "_sendError"),
-        (tl_recordlayer, "createAESGCM"),
-        (tl_recordlayer, "createCHACHA20"),
-        (tl_x509, "_createPublicRSAKey"),
-        (tl_x509.X509, "_ecdsa_pubkey_parsing"),
-        (GroupName, "allKEM"),
-        (tl_settings, "TLS13_PERMITTED_GROUPS"),
-    ]
-    # The record fast path reads per-connection attributes, which exist only on instances.
-    sample = TLSConnection(None)
-    required += [
-        (sample, "_readBuffer"),
-        (sample.sock, "_read_buffer"),
-        (sample._recordLayer, "_readState"),
-        (sample._recordLayer, "_writeState"),
-    ]
-    missing = [name for owner, name in required if not hasattr(owner, name)]
+    missing = [name for owner, name, _ in PRIVATE_NAMES if not hasattr(owner, name)]
     if missing:
         raise SelfTestError(f"tlslite-ng lacks hook points: {', '.join(missing)}")
     digest = hashlib.sha256(b"self-test").digest()
     probe = CryptographyECDSAKey(ec.generate_private_key(ec.SECP256R1()))
     if not probe.verify(probe.sign(digest, hashAlg="sha256"), digest):
         raise SelfTestError("ECDSA sign/verify round trip failed")
+    try:
+        _self_test_connection()
+    except SelfTestError:
+        raise
+    except Exception as exc:
+        raise SelfTestError(f"tlslite-ng misbehaves: {type(exc).__name__}: {exc}") from exc
+
+
+class _Pipe:
+    """One end of an in-memory connection, as tlslite's socket."""
+
+    def __init__(self) -> None:
+        self.inbound = bytearray()
+        self.peer: _Pipe | None = None
+
+    def recv(self, size: int) -> bytes:
+        if not self.inbound:
+            raise BlockingIOError(errno.EAGAIN, "no data buffered")
+        chunk = bytes(self.inbound[:size])
+        del self.inbound[:size]
+        return chunk
+
+    def send(self, data: bytes) -> int:
+        assert self.peer is not None
+        self.peer.inbound += data
+        return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        self.send(data)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def shutdown(self, how: int) -> None:
+        """Nothing to release."""
+
+
+class _X25519Hooks:
+    """A plain X25519 key exchange through the per-connection hooks."""
+
+    def __init__(self) -> None:
+        self._private = x25519.X25519PrivateKey.generate()
+
+    def key_share(self, group: int) -> tuple[bytes, object]:
+        return self._private.public_key().public_bytes_raw(), None
+
+    def shared_secret(self, group: int, peer_share: bytes) -> bytes:
+        return self._private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_share))
+
+
+def _self_test_connection() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "qkdproxy self-test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(minutes=5))
+        .sign(key, hashes.SHA256())
+    )
+    credentials = Credentials((cert,), key)
+    chain, private = tlslite_chain(credentials), tlslite_private_key(key)
+    group = GroupSpec("x25519", 0x001D, ("X25519",), GroupKind.CLASSICAL, "x25519")
+    client_pipe, server_pipe = _Pipe(), _Pipe()
+    client_pipe.peer, server_pipe.peer = server_pipe, client_pipe
+    client = HookedTLSConnection(client_pipe, _X25519Hooks(), lambda chain: None)
+    server = HookedTLSConnection(server_pipe, _X25519Hooks(), lambda chain: None)
+    steps = [
+        client.handshakeClientCert(
+            chain, private, settings=make_settings([group], group), async_=True
+        ),
+        server.handshakeServerAsync(
+            certChain=chain, privateKey=private, settings=make_settings([group], group),
+            reqCert=True, alpn=[NO_ALPN_PLACEHOLDER],
+        ),
+    ]  # fmt: skip
+    running = [True, True]
+    for _ in range(64):
+        for i, generator in enumerate(steps):
+            while running[i]:
+                try:
+                    if next(generator) == 0:
+                        break  # waits for the other side
+                except StopIteration:
+                    running[i] = False
+        if not any(running):
+            break
+    else:
+        raise SelfTestError("in-memory handshake did not complete")
+    ours, ours_left = client.hand_over()
+    theirs, theirs_left = server.hand_over()
+    if ours_left or theirs_left or client_pipe.inbound or server_pipe.inbound:
+        raise SelfTestError("bytes left over after the handshake")
+    for conn, layer in ((client, ours), (server, theirs)):
+        records = conn._recordLayer
+        for state, direction in (
+            (records._writeState, layer.write),
+            (records._readState, layer.read),
+        ):
+            # The keys we derive must be the ones tlslite installed for the handshake's end.
+            theirs_probe = bytes(state.encContext.seal(bytes(12), b"probe", b""))
+            ours_probe = direction.keys.aead.encrypt(bytes(12), b"probe", b"")
+            iv = direction.keys.iv.to_bytes(12, "big")
+            if theirs_probe != ours_probe or bytes(state.fixedNonce) != iv:
+                raise SelfTestError("our traffic keys differ from tlslite's")
+    ours.send_data(b"ping")
+    ours.update_keys(request_peer=True)
+    ours.send_data(b"after the update")
+    heard = theirs.receive(ours.data_to_send(), 0.0)
+    theirs.send_data(b"pong")
+    answered = ours.receive(theirs.data_to_send(), 0.0)
+    expected = (
+        [DataReceived(b"ping"), KeysUpdated("read", True), DataReceived(b"after the update"),
+         KeysUpdated("write")],
+        [KeysUpdated("read", False), DataReceived(b"pong")],
+    )  # fmt: skip
+    if (heard, answered) != expected:
+        raise SelfTestError(f"records after the handshake: {heard} / {answered}")
