@@ -18,7 +18,7 @@ from qkdproxy.qkd.keys import QkdKeyError
 from qkdproxy.tls.credentials import CredentialError
 from qkdproxy.tls.frames import FrameError
 from qkdproxy.tls.hello import ClientHello, HelloParseError
-from qkdproxy.tls.keyexchange import QkdOptions, ServerKeyExchange
+from qkdproxy.tls.keyexchange import KeySteps, QkdOptions, ServerKeyExchange
 from qkdproxy.tls.session import HandshakeError, Outcome, TlsStreamError
 from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel.addresses import AddressError
@@ -48,7 +48,7 @@ def test_one_base_for_every_qkdproxy_error(error: type[Exception]) -> None:
 async def test_a_bug_of_ours_in_a_handshake_is_an_internal_error(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken(self: ServerKeyExchange, hello: ClientHello) -> bool:
+    def broken(self: ServerKeyExchange, hello: ClientHello) -> KeySteps[bool]:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(ServerKeyExchange, "on_client_hello", broken)

@@ -100,6 +100,7 @@ from qkdproxy.tls.hello import (
     parse_client_hello,
     parse_server_hello,
 )
+from qkdproxy.tls.key_supply import run
 from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
     HandshakeRejectedError,
@@ -690,7 +691,7 @@ async def test_server_key_exchange_on_hostile_shares(
     )
     rejected: HandshakeRejectedError | None = None
     try:
-        retry = await kex.on_client_hello(hello)
+        retry = await run(kex.on_client_hello(hello))
     except HandshakeRejectedError as exc:
         rejected = exc
     event("rejected" if rejected is not None else "accepted")
@@ -712,7 +713,7 @@ async def test_server_key_exchange_on_hostile_shares(
             if chosen.group.qkd and share[-KEY_ID_SIZE:] != ZERO_KEY_ID:
                 assert share[-KEY_ID_SIZE:] == genuine.key_id  # only a real key was fetched
                 assert answer[-KEY_ID_SIZE:] == genuine.key_id  # and echoed
-    await kex.finish(False)
+    await run(kex.finish(False))
     ledger = context.ledger
     assert ledger.taken == ledger.consumed + ledger.wasted and ledger.consumed == 0
 
@@ -729,10 +730,10 @@ async def test_client_key_exchange_on_hostile_server_hellos(
     code = hybrid.group.code_point
     client_context = KeyContext(link.sources("a"))
     client = ClientKeyExchange([hybrid, hybrids["X25519MLKEM768"]], client_context)
-    await client.offer(code)
+    await run(client.offer(code))
     share, _ = client.key_share(code)
     server = ServerKeyExchange([hybrid], KeyContext(link.sources("b")))
-    await server.on_client_hello(ClientHello((code,), (KeyShareEntry(code, share),), (), ()))
+    await run(server.on_client_hello(ClientHello((code,), (KeyShareEntry(code, share),), (), ())))
     answer, _ = server.key_share(code)
     group = data.draw(st.sampled_from([code, code, hybrids["X25519MLKEM768"].group.code_point, 7]))
     retry = data.draw(st.booleans())
@@ -740,7 +741,7 @@ async def test_client_key_exchange_on_hostile_server_hellos(
     hello = ServerHello(retry, group, None if retry else key_exchange)
     rejected: HandshakeRejectedError | None = None
     try:
-        await client.on_server_hello(hello)
+        await run(client.on_server_hello(hello))
     except HandshakeRejectedError as exc:
         rejected = exc
     event("rejected" if rejected is not None else "retry" if retry else "accepted")
@@ -748,7 +749,7 @@ async def test_client_key_exchange_on_hostile_server_hellos(
         assert rejected.alert == Alert.ILLEGAL_PARAMETER
     elif retry:  # a valid retry: the client offered again; a second retry is refused
         with pytest.raises(HandshakeRejectedError) as second:
-            await client.on_server_hello(hello)
+            await run(client.on_server_hello(hello))
         assert second.value.alert == Alert.UNEXPECTED_MESSAGE
     else:
         assert group == code
@@ -757,7 +758,7 @@ async def test_client_key_exchange_on_hostile_server_hellos(
         secret = client.shared_secret(code, key_exchange)
         if key_exchange == answer:
             assert secret == server.shared_secret(code, share)
-    await client.finish(False)
+    await run(client.finish(False))
     ledger = client_context.ledger
     assert ledger.outstanding == 0 and ledger.consumed == 0
     assert ledger.taken <= 2

@@ -36,6 +36,7 @@ from qkdproxy.tls.hello import (
     parse_client_hello,
     parse_server_hello,
 )
+from qkdproxy.tls.key_supply import run
 from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
     Flow,
@@ -482,9 +483,9 @@ async def test_wrong_length_share_costs_no_key_in_memory(length: int) -> None:
         cipher_suites=(0x1301,),
     )
     with pytest.raises(HandshakeRejectedError) as info:
-        await kex.on_client_hello(hello)
+        await run(kex.on_client_hello(hello))
     assert info.value.alert == Alert.ILLEGAL_PARAMETER
-    await kex.finish(False)
+    await run(kex.finish(False))
     assert ledger_state(context.ledger) == (0, 0, 0)
     assert link.keys_in_flight == 1
 
@@ -498,12 +499,12 @@ async def test_wrong_length_server_share_wastes_the_client_key_in_memory(length:
     context = KeyContext(link.sources("a"))
     kex = ClientKeyExchange(kems(QKD), context)
     code = hybrid(QKD).group.code_point
-    await kex.offer(code)
+    await run(kex.offer(code))
     assert context.ledger.taken == 1
     with pytest.raises(HandshakeRejectedError) as info:
-        await kex.on_server_hello(ServerHello(False, code, bytes(length)))
+        await run(kex.on_server_hello(ServerHello(False, code, bytes(length))))
     assert info.value.alert == Alert.ILLEGAL_PARAMETER
-    await kex.finish(False)
+    await run(kex.finish(False))
     assert ledger_state(context.ledger) == (1, 0, 1)
 
 

@@ -14,6 +14,7 @@ from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.keys import KeySourceUnavailableError, QkdKey
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.hello import ClientHello, KeyShareEntry, ServerHello
+from qkdproxy.tls.key_supply import run
 from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
     Flow,
@@ -81,23 +82,23 @@ async def full_exchange(
     """One handshake's key exchange, HelloRetryRequest included; returns the agreed secret."""
     client = ClientKeyExchange(client_groups, pair.client_ctx)
     first = client_groups[0].group.code_point
-    await client.offer(first)
+    await run(client.offer(first))
     server = ServerKeyExchange(server_groups, pair.server_ctx)
     shares = {first: client.key_share(first)[0]}
-    if await server.on_client_hello(client_hello(client_groups, shares)):
+    if await run(server.on_client_hello(client_hello(client_groups, shares))):
         assert server.chosen is not None
         chosen = server.chosen.group.code_point
-        await client.on_server_hello(ServerHello(True, chosen, None))
+        await run(client.on_server_hello(ServerHello(True, chosen, None)))
         shares = {chosen: client.key_share(chosen)[0]}
-        assert not await server.on_client_hello(client_hello(client_groups, shares))
+        assert not await run(server.on_client_hello(client_hello(client_groups, shares)))
     assert server.chosen is not None
     chosen = server.chosen.group.code_point
     server_share = server.key_share(chosen)[0]
     server_secret = server.shared_secret(chosen, shares[chosen])
-    await client.on_server_hello(ServerHello(False, chosen, server_share))
+    await run(client.on_server_hello(ServerHello(False, chosen, server_share)))
     assert client.shared_secret(chosen, server_share) == server_secret
-    await client.finish(True)
-    await server.finish(True)
+    await run(client.finish(True))
+    await run(server.finish(True))
     return client, server, server_secret
 
 
@@ -133,10 +134,10 @@ async def test_client_initiated_server_echoes_the_key_id() -> None:
     pair = Pair()
     client = ClientKeyExchange([MLKEM768], pair.client_ctx)
     code = MLKEM768.group.code_point
-    await client.offer(code)
+    await run(client.offer(code))
     share = client.key_share(code)[0]
     server = ServerKeyExchange([MLKEM768], pair.server_ctx)
-    await server.on_client_hello(client_hello([MLKEM768], {code: share}))
+    await run(server.on_client_hello(client_hello([MLKEM768], {code: share})))
     assert server.key_share(code)[0][-KEY_ID_SIZE:] == share[-KEY_ID_SIZE:]
 
 
@@ -144,7 +145,7 @@ async def test_server_initiated_client_sends_zero_key_id() -> None:
     pair = Pair()
     pair.client_ctx.options = QkdOptions(flow=Flow.SERVER_INITIATED)
     client = ClientKeyExchange([MLKEM768], pair.client_ctx)
-    await client.offer(MLKEM768.group.code_point)
+    await run(client.offer(MLKEM768.group.code_point))
     assert client.key_share(MLKEM768.group.code_point)[0][-KEY_ID_SIZE:] == ZERO_KEY_ID
     assert pair.client_ctx.ledger.taken == 0
 
@@ -155,17 +156,17 @@ async def test_unechoed_key_id_is_refused_unless_configured(tolerant: bool) -> N
     pair.client_ctx.options = QkdOptions(accept_unechoed_key_id=tolerant)
     client = ClientKeyExchange([MLKEM768], pair.client_ctx)
     code = MLKEM768.group.code_point
-    await client.offer(code)
+    await run(client.offer(code))
     share = client.key_share(code)[0]
     server = ServerKeyExchange([MLKEM768], pair.server_ctx)
-    await server.on_client_hello(client_hello([MLKEM768], {code: share}))
+    await run(server.on_client_hello(client_hello([MLKEM768], {code: share})))
     reference_011 = server.key_share(code)[0][:-KEY_ID_SIZE] + ZERO_KEY_ID
     if tolerant:
-        await client.on_server_hello(ServerHello(False, code, reference_011))
+        await run(client.on_server_hello(ServerHello(False, code, reference_011)))
         assert client.record.flow is Flow.CLIENT_INITIATED
         return
     with pytest.raises(HandshakeRejectedError) as info:
-        await client.on_server_hello(ServerHello(False, code, reference_011))
+        await run(client.on_server_hello(ServerHello(False, code, reference_011)))
     assert info.value.alert is Alert.ILLEGAL_PARAMETER
 
 
@@ -199,10 +200,10 @@ async def test_hello_retry_from_classical_share_wastes_nothing() -> None:
 async def test_second_hello_retry_is_refused_without_another_key() -> None:
     pair = Pair()
     client = ClientKeyExchange([MLKEM1024, MLKEM768, TRIPLE], pair.client_ctx)
-    await client.offer(MLKEM1024.group.code_point)
-    await client.on_server_hello(ServerHello(True, MLKEM768.group.code_point, None))
+    await run(client.offer(MLKEM1024.group.code_point))
+    await run(client.on_server_hello(ServerHello(True, MLKEM768.group.code_point, None)))
     with pytest.raises(HandshakeRejectedError) as info:
-        await client.on_server_hello(ServerHello(True, TRIPLE.group.code_point, None))
+        await run(client.on_server_hello(ServerHello(True, TRIPLE.group.code_point, None)))
     assert info.value.alert is Alert.UNEXPECTED_MESSAGE
     assert pair.client_ctx.ledger.taken == 2
 
@@ -213,7 +214,7 @@ async def test_malformed_share_costs_no_qkd_key(bad: bytes) -> None:
     code = MLKEM768.group.code_point
     server = ServerKeyExchange([MLKEM768], pair.server_ctx)
     with pytest.raises(HandshakeRejectedError) as info:
-        await server.on_client_hello(client_hello([MLKEM768], {code: bad}))
+        await run(server.on_client_hello(client_hello([MLKEM768], {code: bad})))
     assert info.value.alert is Alert.ILLEGAL_PARAMETER
     assert pair.slave_counter.calls == 0 and pair.server_ctx.ledger.taken == 0
 
@@ -222,12 +223,12 @@ async def test_bad_x25519_component_in_triple_costs_no_qkd_key() -> None:
     pair = Pair()
     client = ClientKeyExchange([TRIPLE], pair.client_ctx)
     code = TRIPLE.group.code_point
-    await client.offer(code)
+    await run(client.offer(code))
     share = client.key_share(code)[0]
     zero_point = share[:1184] + bytes(32) + share[-KEY_ID_SIZE:]
     server = ServerKeyExchange([TRIPLE], pair.server_ctx)
     with pytest.raises(HandshakeRejectedError):
-        await server.on_client_hello(client_hello([TRIPLE], {code: zero_point}))
+        await run(server.on_client_hello(client_hello([TRIPLE], {code: zero_point})))
     assert pair.slave_counter.calls == 0
 
 
@@ -235,11 +236,11 @@ async def test_replayed_key_id_is_refused_without_a_kme_call() -> None:
     pair = Pair()
     client = ClientKeyExchange([MLKEM768], pair.client_ctx)
     code = MLKEM768.group.code_point
-    await client.offer(code)
+    await run(client.offer(code))
     hello = client_hello([MLKEM768], {code: client.key_share(code)[0]})
-    await ServerKeyExchange([MLKEM768], pair.server_ctx).on_client_hello(hello)
+    await run(ServerKeyExchange([MLKEM768], pair.server_ctx).on_client_hello(hello))
     with pytest.raises(HandshakeRejectedError, match="already used"):
-        await ServerKeyExchange([MLKEM768], pair.server_ctx).on_client_hello(hello)
+        await run(ServerKeyExchange([MLKEM768], pair.server_ctx).on_client_hello(hello))
     assert pair.slave_counter.calls == 1
 
 
@@ -249,7 +250,7 @@ async def test_unknown_key_id_is_illegal_parameter() -> None:
     _, public = MLKEM768.generate()
     hello = client_hello([MLKEM768], {code: public + b"\x01" * 16})
     with pytest.raises(HandshakeRejectedError) as info:
-        await ServerKeyExchange([MLKEM768], pair.server_ctx).on_client_hello(hello)
+        await run(ServerKeyExchange([MLKEM768], pair.server_ctx).on_client_hello(hello))
     assert info.value.alert is Alert.ILLEGAL_PARAMETER
     assert pair.server_ctx.ledger.taken == 0
 
@@ -265,7 +266,7 @@ async def test_key_source_failures_are_internal_errors(error: BaseException, fra
     context = KeyContext(KeySources(master=FailingMaster(error)))
     client = ClientKeyExchange([MLKEM768], context)
     with pytest.raises(HandshakeRejectedError) as info:
-        await client.offer(MLKEM768.group.code_point)
+        await run(client.offer(MLKEM768.group.code_point))
     assert info.value.alert is Alert.INTERNAL_ERROR
     assert fragment in info.value.reason
     assert "secret detail" not in info.value.reason
@@ -277,11 +278,13 @@ async def test_missing_sources_and_groups_fail_closed() -> None:
     _, public = MLKEM768.generate()
     server = ServerKeyExchange([MLKEM768], KeyContext(KeySources()))
     with pytest.raises(HandshakeRejectedError) as info:
-        await server.on_client_hello(client_hello([MLKEM768], {code: public + ZERO_KEY_ID}))
+        await run(server.on_client_hello(client_hello([MLKEM768], {code: public + ZERO_KEY_ID})))
     assert info.value.alert is Alert.HANDSHAKE_FAILURE
     with pytest.raises(HandshakeRejectedError, match="in common"):
-        await ServerKeyExchange([X25519], pair.server_ctx).on_client_hello(
-            client_hello([MLKEM768], {code: public + ZERO_KEY_ID})
+        await run(
+            ServerKeyExchange([X25519], pair.server_ctx).on_client_hello(
+                client_hello([MLKEM768], {code: public + ZERO_KEY_ID})
+            )
         )
 
 
@@ -290,15 +293,15 @@ async def test_client_refuses_inconsistent_server_hellos() -> None:
     pair.client_ctx.options = QkdOptions(flow=Flow.SERVER_INITIATED)
     client = ClientKeyExchange([MLKEM768, X25519], pair.client_ctx)
     code = MLKEM768.group.code_point
-    await client.offer(code)
+    await run(client.offer(code))
     with pytest.raises(HandshakeRejectedError, match="not offered"):
-        await client.on_server_hello(ServerHello(False, X25519.group.code_point, bytes(32)))
+        await run(client.on_server_hello(ServerHello(False, X25519.group.code_point, bytes(32))))
     with pytest.raises(HandshakeRejectedError, match="bad group"):
-        await client.on_server_hello(ServerHello(True, code, None))
+        await run(client.on_server_hello(ServerHello(True, code, None)))
     with pytest.raises(HandshakeRejectedError, match="no QKD key id"):
-        await client.on_server_hello(ServerHello(False, code, bytes(1088) + ZERO_KEY_ID))
+        await run(client.on_server_hello(ServerHello(False, code, bytes(1088) + ZERO_KEY_ID)))
     with pytest.raises(HandshakeRejectedError, match="no key share"):
-        await client.on_server_hello(ServerHello(False, None, None))
+        await run(client.on_server_hello(ServerHello(False, None, None)))
 
 
 async def test_hooks_refuse_unprepared_or_mismatched_shares() -> None:
@@ -314,9 +317,9 @@ async def test_hooks_refuse_unprepared_or_mismatched_shares() -> None:
 async def test_failed_handshake_wastes_held_keys_once() -> None:
     pair = Pair()
     client = ClientKeyExchange([MLKEM768], pair.client_ctx)
-    await client.offer(MLKEM768.group.code_point)
-    await client.finish(False)
-    await client.finish(False)
+    await run(client.offer(MLKEM768.group.code_point))
+    await run(client.finish(False))
+    await run(client.finish(False))
     ledger = pair.client_ctx.ledger
     assert (ledger.taken, ledger.consumed, ledger.wasted) == (1, 0, 1)
 
@@ -341,15 +344,15 @@ async def test_no_key_is_ever_used_twice(scenarios: list[str]) -> None:
             continue
         client = ClientKeyExchange([MLKEM768], pair.client_ctx)
         code = MLKEM768.group.code_point
-        await client.offer(code)
+        await run(client.offer(code))
         if scenario == "tamper":
             share = bytearray(client.key_share(code)[0])
             share[-1] ^= 1
             server = ServerKeyExchange([MLKEM768], pair.server_ctx)
             with pytest.raises(HandshakeRejectedError):
-                await server.on_client_hello(client_hello([MLKEM768], {code: bytes(share)}))
-            await server.finish(False)
-        await client.finish(False)
+                await run(server.on_client_hello(client_hello([MLKEM768], {code: bytes(share)})))
+            await run(server.finish(False))
+        await run(client.finish(False))
     assert len(used) == len(set(used))
     for ledger in (pair.client_ctx.ledger, pair.server_ctx.ledger):
         assert ledger.outstanding == 0
@@ -375,14 +378,14 @@ class HangingStream:
 async def test_a_hanging_stream_close_cannot_hang_the_handshake(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("qkdproxy.tls.keyexchange.STREAM_CLOSE_TIMEOUT", 0.05)
+    monkeypatch.setattr("qkdproxy.tls.key_supply.STREAM_CLOSE_TIMEOUT", 0.05)
     link = InProcessQkdLink()
     context = KeyContext(
         KeySources(stream=HangingStream(link.sources("a").stream)),
         QkdOptions(api=KeyApi.ETSI_004),
     )
     client = ClientKeyExchange([MLKEM768], context)
-    await client.offer(MLKEM768.group.code_point)
-    await asyncio.wait_for(client.finish(False), 5)
+    await run(client.offer(MLKEM768.group.code_point))
+    await asyncio.wait_for(run(client.finish(False)), 5)
     assert context.ledger.outstanding == 0
     await asyncio.wait_for(context.drain(), 5)  # the CLOSE gave up after its own timeout

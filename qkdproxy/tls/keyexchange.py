@@ -1,8 +1,11 @@
 """Per-handshake key exchange: group choice, PQ arithmetic and the QKD key lifecycle.
 
-No sockets and no TLS state machine here. The session driver hands in parsed hellos and
-awaits these objects while it holds the hello bytes back; tlslite later asks them, through
-two synchronous hooks, for the key share and the shared secret they prepared.
+No sockets, no KME calls and no TLS state machine here. The session driver hands in parsed
+hellos while it holds the hello bytes back; each step is a generator (:class:`KeySteps`)
+that yields the key-source calls it needs as data (:data:`KeyRequest`) and receives their
+answers, so the driver (:mod:`qkdproxy.tls.key_supply`) does every KME call. tlslite later
+asks these objects, through two synchronous hooks, for the key share and the shared secret
+they prepared.
 
 Every QKD key a handshake takes ends in the ledger as consumed (the handshake completed) or
 wasted (anything else), and no key id is accepted twice by the same endpoint.
@@ -11,12 +14,11 @@ wasted (anything else), and no key id is accepted twice by the same endpoint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-from collections.abc import Awaitable, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from qkdproxy.errors import ProtocolError
 from qkdproxy.hybrid import (
@@ -30,13 +32,12 @@ from qkdproxy.hybrid import (
 )
 from qkdproxy.kem.base import KemError
 from qkdproxy.qkd.accounting import KeyIdGuard, KeyLedger
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKeyError, key_id_to_text
-from qkdproxy.qkd.sources import KeySources, MasterKeySource, SlaveKeySource, StreamKeySource
+from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError, key_id_to_text
+from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.hello import ClientHello, ServerHello
 from qkdproxy.tls.wire import Alert
 
 T = TypeVar("T")
-STREAM_CLOSE_TIMEOUT = 5.0
 
 
 class Flow(StrEnum):
@@ -104,6 +105,62 @@ class HandshakeRecord:
     offered_key_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TakeKey:
+    """ETSI 014 enc_keys: a fresh key from the master source."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchKey:
+    """ETSI 014 dec_keys: the key the peer named, from the slave source."""
+
+    key_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream:
+    """ETSI 004 OPEN_CONNECT (``ksid`` None: the KME picks one); answered with the KSID."""
+
+    ksid: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """ETSI 004 GET_KEY; answered with the key bytes."""
+
+    ksid: bytes
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStream:
+    """ETSI 004 CLOSE, off the handshake's path: answered at once with None."""
+
+    ksid: bytes
+
+
+KeyRequest = TakeKey | FetchKey | OpenStream | StreamKey | CloseStream
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFailure:
+    """The answer to a request whose key-source call raised ``error``."""
+
+    error: BaseException
+
+
+KeyAnswer = QkdKey | bytes | None | KeyFailure
+Steps = Generator[KeyRequest, KeyAnswer, T]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySteps(Generic[T]):
+    """One step of a key exchange: run ``steps`` answering its requests from ``context``."""
+
+    steps: Steps[T]
+    context: KeyContext
+
+
 @dataclass(slots=True)
 class _HeldKey:
     """A QKD key (or an ETSI 004 stream that will yield one) owned by one handshake."""
@@ -120,31 +177,40 @@ def key_material(held: _HeldKey) -> bytes:
     return held.material
 
 
-async def _fetch(call: Awaitable[T], what: str) -> T:
-    """Await a key-source call; turn every failure into a rejection with a safe reason."""
-    try:
-        return await call
-    except KeyNotFoundError as exc:
-        raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, f"{what}: {exc}") from None
-    except QkdKeyError as exc:
-        raise HandshakeRejectedError(Alert.INTERNAL_ERROR, f"{what}: {exc}", True) from None
-    except Exception as exc:  # a key source bug must fail the handshake, not the daemon
-        raise HandshakeRejectedError(
-            Alert.INTERNAL_ERROR, f"{what}: key source failed ({type(exc).__name__})", True
-        ) from None
+def _request(request: KeyRequest, what: str) -> Steps[KeyAnswer]:
+    """Ask the driver for a key-source call; turn every failure into a rejection with a
+    safe reason."""
+    answer = yield request
+    if not isinstance(answer, KeyFailure):
+        return answer
+    exc = answer.error
+    if isinstance(exc, KeyNotFoundError):
+        raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, f"{what}: {exc}")
+    if isinstance(exc, QkdKeyError):
+        raise HandshakeRejectedError(Alert.INTERNAL_ERROR, f"{what}: {exc}", True)
+    # A key source bug must fail the handshake, not the daemon.
+    raise HandshakeRejectedError(
+        Alert.INTERNAL_ERROR, f"{what}: key source failed ({type(exc).__name__})", True
+    )
 
 
-async def _close_quietly(stream: StreamKeySource, ksid: bytes) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(stream.close(ksid), STREAM_CLOSE_TIMEOUT)
+def _key(answer: KeyAnswer) -> QkdKey:
+    if not isinstance(answer, QkdKey):
+        raise TypeError(f"expected a QkdKey, got {type(answer).__name__}")
+    return answer
 
 
-def _need(source: T | None, what: str) -> T:
-    if source is None:
+def _bytes(answer: KeyAnswer) -> bytes:
+    if not isinstance(answer, bytes):
+        raise TypeError(f"expected bytes, got {type(answer).__name__}")
+    return answer
+
+
+def _need(configured: object | None, what: str) -> None:
+    if configured is None:
         raise HandshakeRejectedError(
             Alert.HANDSHAKE_FAILURE, f"no {what} key source configured", key_source=True
         )
-    return source
 
 
 class _KeyExchangeBase:
@@ -188,48 +254,53 @@ class _KeyExchangeBase:
         self.record.api = self._ctx.options.api
         self.record.qkd_key_id = key_id_to_text(held.key_id)
 
-    async def _drop(self, reason: str, keep: _HeldKey | None = None) -> None:
+    def _drop(self, reason: str, keep: _HeldKey | None = None) -> Steps[None]:
         for held in [h for h in self._held if h is not keep]:
             self._held.remove(held)
             if held.material is not None:
                 self._ctx.ledger.record_wasted(reason)
             held.material = None
-            await self._close_stream(held)
+            yield from self._close_stream(held)
 
-    async def _close_stream(self, held: _HeldKey) -> None:
+    def _close_stream(self, held: _HeldKey) -> Steps[None]:
         if held.open_stream and self._ctx.sources.stream is not None:
             held.open_stream = False
             # Off the handshake's path, bounded, best effort: the KME reclaims an abandoned
             # stream when its TTL ends.
-            task = asyncio.ensure_future(_close_quietly(self._ctx.sources.stream, held.key_id))
-            self._ctx.background.add(task)
-            task.add_done_callback(self._ctx.background.discard)
+            yield CloseStream(held.key_id)
 
-    async def finish(self, success: bool) -> None:
+    def finish(self, success: bool) -> KeySteps[None]:
         """Settle every held key: consumed if it fed a completed handshake, else wasted."""
+        return KeySteps(self._finish(success), self._ctx)
+
+    def _finish(self, success: bool) -> Steps[None]:
         if self._finished:
             return
         self._finished = True
         used = self._used if success else None
         if used is not None and used.material is not None:
             self._ctx.ledger.record_consumed()
-        await self._drop("handshake_failed", keep=used)
+        yield from self._drop("handshake_failed", keep=used)
         if used is not None:
             used.material = None
-            await self._close_stream(used)
+            yield from self._close_stream(used)
         self._secret = None
 
-    @property
-    def _master(self) -> MasterKeySource:
-        return _need(self._ctx.sources.master, "master (ETSI 014 enc_keys)")
+    def _take_key(self) -> Steps[QkdKey]:
+        _need(self._ctx.sources.master, "master (ETSI 014 enc_keys)")
+        return _key((yield from _request(TakeKey(), "ETSI 014 enc_keys")))
 
-    @property
-    def _slave(self) -> SlaveKeySource:
-        return _need(self._ctx.sources.slave, "slave (ETSI 014 dec_keys)")
+    def _fetch_key(self, key_id: bytes) -> Steps[QkdKey]:
+        _need(self._ctx.sources.slave, "slave (ETSI 014 dec_keys)")
+        return _key((yield from _request(FetchKey(key_id), "ETSI 014 dec_keys")))
 
-    @property
-    def _stream(self) -> StreamKeySource:
-        return _need(self._ctx.sources.stream, "ETSI 004 stream")
+    def _open_stream(self, ksid: bytes | None) -> Steps[bytes]:
+        _need(self._ctx.sources.stream, "ETSI 004 stream")
+        return _bytes((yield from _request(OpenStream(ksid), "ETSI 004 OPEN_CONNECT")))
+
+    def _stream_key(self, ksid: bytes) -> Steps[bytes]:
+        _need(self._ctx.sources.stream, "ETSI 004 stream")
+        return _bytes((yield from _request(StreamKey(ksid), "ETSI 004 GET_KEY")))
 
 
 @dataclass(slots=True)
@@ -248,25 +319,28 @@ class ClientKeyExchange(_KeyExchangeBase):
         self._groups = {g.group.code_point: g for g in groups}
         self._offers: dict[int, _Offer] = {}
 
-    async def offer(self, group: int) -> None:
+    def offer(self, group: int) -> KeySteps[None]:
         """Prepare the key share for ``group``; QKD groups originate their key id first."""
+        return KeySteps(self._offer(group), self._ctx)
+
+    def _offer(self, group: int) -> Steps[None]:
         hybrid = self._groups[group]
         held: _HeldKey | None = None
         private, share = hybrid.generate()
         if hybrid.group.qkd:
-            held = await self._originate()
+            held = yield from self._originate()
             share = attach_key_id(share, held.key_id if held else ZERO_KEY_ID)
         self._offers[group] = _Offer(hybrid, private, share, held)
 
-    async def _originate(self) -> _HeldKey | None:
+    def _originate(self) -> Steps[_HeldKey | None]:
         options = self._ctx.options
         if options.flow is Flow.SERVER_INITIATED:
             return None
         if options.api is KeyApi.ETSI_004:
-            ksid = await _fetch(self._stream.open(None), "ETSI 004 OPEN_CONNECT")
+            ksid = yield from self._open_stream(None)
             held = self._hold(_HeldKey(ksid, open_stream=True))
         else:
-            key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
+            key = yield from self._take_key()
             held = self._hold(_HeldKey(key.key_id, key.material))
         self.record.offered_key_id = key_id_to_text(held.key_id)
         return held
@@ -276,12 +350,15 @@ class ClientKeyExchange(_KeyExchangeBase):
         offer = self._offers[group]
         return offer.share, offer.private
 
-    async def on_server_hello(self, hello: ServerHello) -> None:
+    def on_server_hello(self, hello: ServerHello) -> KeySteps[None]:
         """Process ServerHello (derive the secret) or HelloRetryRequest (offer again)."""
+        return KeySteps(self._on_server_hello(hello), self._ctx)
+
+    def _on_server_hello(self, hello: ServerHello) -> Steps[None]:
         if hello.group is None:
             raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "server sent no key share")
         if hello.hello_retry:
-            await self._retry(hello.group)
+            yield from self._retry(hello.group)
             return
         offer = self._offers.get(hello.group)
         if offer is None or hello.key_exchange is None:
@@ -299,10 +376,10 @@ class ClientKeyExchange(_KeyExchangeBase):
         except KemError as exc:
             raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, str(exc)) from None
         if hybrid.group.qkd:
-            secret = with_qkd_key(secret, await self._qkd_key(offer, key_id))
+            secret = with_qkd_key(secret, (yield from self._qkd_key(offer, key_id)))
         self._secret = (hello.group, share, secret)
 
-    async def _retry(self, group: int) -> None:
+    def _retry(self, group: int) -> Steps[None]:
         if self.record.hello_retry:
             # RFC 8446 4.1.4; an injected second retry must not cost another key.
             raise HandshakeRejectedError(Alert.UNEXPECTED_MESSAGE, "second HelloRetryRequest")
@@ -311,29 +388,28 @@ class ClientKeyExchange(_KeyExchangeBase):
                 Alert.ILLEGAL_PARAMETER, "HelloRetryRequest for a bad group"
             )
         self.record.hello_retry = True
-        await self._drop("hello_retry")
+        yield from self._drop("hello_retry")
         self._offers.clear()
-        await self.offer(group)
+        yield from self._offer(group)
 
-    async def _qkd_key(self, offer: _Offer, key_id: bytes) -> bytes:
+    def _qkd_key(self, offer: _Offer, key_id: bytes) -> Steps[bytes]:
         if offer.held is None:
-            return await self._server_initiated_key(key_id)
+            return (yield from self._server_initiated_key(key_id))
         held = offer.held
         if not key_ids_equal(key_id, held.key_id) and not self._ctx.options.accept_unechoed_key_id:
             raise HandshakeRejectedError(
                 Alert.ILLEGAL_PARAMETER, "server did not echo the QKD key id"
             )
         if held.material is None:
-            material = await _fetch(self._stream.get_key(held.key_id, 0), "ETSI 004 GET_KEY")
-            self._fetched(held, material)
+            self._fetched(held, (yield from self._stream_key(held.key_id)))
         self._use(held, Flow.CLIENT_INITIATED)
         return key_material(held)
 
-    async def _server_initiated_key(self, key_id: bytes) -> bytes:
+    def _server_initiated_key(self, key_id: bytes) -> Steps[bytes]:
         if key_ids_equal(key_id, ZERO_KEY_ID):
             raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "server sent no QKD key id")
         self._claim(key_id)
-        key = await _fetch(self._slave.get_key(key_id), "ETSI 014 dec_keys")
+        key = yield from self._fetch_key(key_id)
         held = self._hold(_HeldKey(key.key_id, key.material))
         self._use(held, Flow.SERVER_INITIATED)
         return key.material
@@ -359,8 +435,11 @@ class ServerKeyExchange(_KeyExchangeBase):
             raise LookupError("no key share prepared for this group")
         return self._share, None
 
-    async def on_client_hello(self, hello: ClientHello) -> bool:
+    def on_client_hello(self, hello: ClientHello) -> KeySteps[bool]:
         """Prepare the answer to a ClientHello; True if a HelloRetryRequest must follow."""
+        return KeySteps(self._on_client_hello(hello), self._ctx)
+
+    def _on_client_hello(self, hello: ClientHello) -> Steps[bool]:
         if self._chosen is None:
             self._chosen = self._choose(hello)
             if self._chosen is None:
@@ -379,7 +458,7 @@ class ServerKeyExchange(_KeyExchangeBase):
                 raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "no key share after retry")
             self.record.hello_retry = True
             return True
-        await self._answer(hybrid, share.key_exchange)
+        yield from self._answer(hybrid, share.key_exchange)
         return False
 
     def _choose(self, hello: ClientHello) -> HybridKem | None:
@@ -393,7 +472,7 @@ class ServerKeyExchange(_KeyExchangeBase):
         candidates = shared or supported
         return candidates[0] if candidates else None
 
-    async def _answer(self, hybrid: HybridKem, client_share: bytes) -> None:
+    def _answer(self, hybrid: HybridKem, client_share: bytes) -> Steps[None]:
         # The PQ operation runs first: a malformed share costs no QKD key.
         try:
             public, key_id = (
@@ -405,15 +484,15 @@ class ServerKeyExchange(_KeyExchangeBase):
         except KemError as exc:
             raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, str(exc)) from None
         if hybrid.group.qkd:
-            material, key_id = await self._qkd_key(key_id)
+            material, key_id = yield from self._qkd_key(key_id)
             ciphertext = attach_key_id(ciphertext, key_id)
             secret = with_qkd_key(secret, material)
         self._share = ciphertext
         self._secret = (hybrid.group.code_point, client_share, secret)
 
-    async def _qkd_key(self, client_key_id: bytes) -> tuple[bytes, bytes]:
+    def _qkd_key(self, client_key_id: bytes) -> Steps[tuple[bytes, bytes]]:
         if key_ids_equal(client_key_id, ZERO_KEY_ID):
-            key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
+            key = yield from self._take_key()
             held = self._hold(_HeldKey(key.key_id, key.material))
             self._use(held, Flow.SERVER_INITIATED)
             self.record.offered_key_id = self.record.qkd_key_id
@@ -421,11 +500,11 @@ class ServerKeyExchange(_KeyExchangeBase):
             return key.material, key.key_id
         self._claim(client_key_id)
         if self._ctx.options.api is KeyApi.ETSI_004:
-            ksid = await _fetch(self._stream.open(client_key_id), "ETSI 004 OPEN_CONNECT")
+            ksid = yield from self._open_stream(client_key_id)
             held = self._hold(_HeldKey(ksid, open_stream=True))
-            self._fetched(held, await _fetch(self._stream.get_key(ksid, 0), "ETSI 004 GET_KEY"))
+            self._fetched(held, (yield from self._stream_key(ksid)))
         else:
-            key = await _fetch(self._slave.get_key(client_key_id), "ETSI 014 dec_keys")
+            key = yield from self._fetch_key(client_key_id)
             held = self._hold(_HeldKey(key.key_id, key.material))
         self._use(held, Flow.CLIENT_INITIATED)
         return key_material(held), client_key_id

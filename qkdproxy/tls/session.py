@@ -37,6 +37,7 @@ from qkdproxy.tls.events import (
 from qkdproxy.tls.frames import ALPN_PROTOCOL
 from qkdproxy.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
 from qkdproxy.tls.identity import PeerIdentity
+from qkdproxy.tls.key_supply import run
 from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
     HandshakeRecord,
@@ -435,7 +436,7 @@ class TlsEndpoint:
                 # so the client answers them itself.
                 error = f"malformed ServerHello: {exc}"
                 raise HandshakeRejectedError(Alert.DECODE_ERROR, error) from None
-            await kex.on_server_hello(parsed)
+            await run(kex.on_server_hello(parsed))
             if parsed.hello_retry:
                 driver.gate.allow_another()
 
@@ -453,7 +454,7 @@ class TlsEndpoint:
                 self._chain, self._key, settings=settings, serverName=self._sni,
                 async_=True, alpn=self._alpn,
             )  # fmt: skip
-            await kex.offer(first.group.code_point)
+            await run(kex.offer(first.group.code_point))
             driver.on_hello = on_server_hello
             await driver.run(steps)
 
@@ -474,7 +475,7 @@ class TlsEndpoint:
             # No KME call for a hello tlslite will refuse anyway.
             if not parsed.offers_tls13 or TLS13_CIPHER_SUITES.isdisjoint(parsed.cipher_suites):
                 return
-            if await kex.on_client_hello(parsed):
+            if await run(kex.on_client_hello(parsed)):
                 driver.gate.allow_another()
 
         async def handshake(conn: HookedTLSConnection) -> None:
@@ -525,7 +526,7 @@ class TlsEndpoint:
             async with asyncio.timeout(self.settings.handshake_timeout):
                 await handshake
         except BaseException as exc:
-            await kex.finish(False)
+            await run(kex.finish(False))
             error = await _handshake_error(driver, exc)
             await close_transport(driver.writer)
             if error is None:
@@ -533,16 +534,16 @@ class TlsEndpoint:
             error.record = kex.record
             raise error from None
         if not verified:
-            await kex.finish(False)
+            await run(kex.finish(False))
             await close_transport(driver.writer)
             raise HandshakeError("peer identity was not verified", outcome=Outcome.UNVERIFIED)
         try:
             layer, leftover = conn.hand_over()
         except TLSError as exc:
-            await kex.finish(False)
+            await run(kex.finish(False))
             await close_transport(driver.writer)
             raise HandshakeError(f"handshake did not end cleanly: {exc}", remote=True) from None
-        await kex.finish(True)
+        await run(kex.finish(True))
         app_protocol = conn.session.appProto if conn.session else None
         stream = TlsStream(
             driver,
