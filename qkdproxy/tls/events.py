@@ -42,9 +42,10 @@ class Truncated:
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """The connection ended with a fatal ``alert``, sent by ``side``."""
+    """The connection ended with a fatal ``alert`` (None: no alert, e.g. a timeout),
+    sent by ``side``."""
 
-    alert: int
+    alert: int | None
     side: Side
     reason: str
 

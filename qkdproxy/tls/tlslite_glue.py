@@ -29,7 +29,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
 from tlslite.constants import GroupName, KeyUpdateMessageType
-from tlslite.errors import TLSBadRecordMAC, TLSIllegalParameterException, TLSProtocolException
+from tlslite.errors import (
+    TLSAbruptCloseError,
+    TLSBadRecordMAC,
+    TLSError,
+    TLSIllegalParameterException,
+    TLSLocalAlert,
+    TLSProtocolException,
+    TLSRemoteAlert,
+)
 from tlslite.messages import KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
@@ -38,6 +46,24 @@ from qkdproxy.groups import GroupKind, GroupSpec
 from qkdproxy.tls.credentials import Credentials, PrivateKey
 from qkdproxy.tls.events import DataReceived, KeysUpdated
 from qkdproxy.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
+
+__all__ = [
+    "NO_ALPN_PLACEHOLDER",
+    "PRIVATE_NAMES",
+    "HookedTLSConnection",
+    "SelfTestError",
+    # tlslite's exceptions, re-exported so that no other module imports tlslite
+    "TLSAbruptCloseError",
+    "TLSError",
+    "TLSLocalAlert",
+    "TLSRemoteAlert",
+    "install",
+    "make_settings",
+    "self_test",
+    "tlslite_chain",
+    "tlslite_group_name",
+    "tlslite_private_key",
+]
 
 TLSLITE_VERSION = "0.8.2"
 ByteLike = bytes | bytearray | memoryview
