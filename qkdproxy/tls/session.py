@@ -13,10 +13,9 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
 
 from qkdproxy.errors import LocalProtocolError, QkdproxyError, SettingError
 from qkdproxy.hybrid import HybridKem
@@ -58,7 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 READ_CHUNK = 65536
 CLOSE_TIMEOUT = 5.0
@@ -314,6 +312,23 @@ async def _drive(
 ) -> HandshakeComplete | None:
     """Run ``conn`` until its handshake completed (returned) or failed (None)."""
     conn.start(loop.time())
+    deadline = conn.get_timer()
+    assert deadline is not None
+    try:
+        # One timeout for the whole handshake: the connection's deadline, in loop time.
+        async with asyncio.timeout_at(deadline):
+            return await _exchange(conn, transport, keys, loop)
+    except TimeoutError:
+        conn.handle_timer(deadline)
+        return None
+
+
+async def _exchange(
+    conn: TlsConnection,
+    transport: Transport,
+    keys: KeyContext,
+    loop: asyncio.AbstractEventLoop,
+) -> HandshakeComplete | None:
     while True:
         request = None
         complete = None
@@ -329,43 +344,19 @@ async def _drive(
             return None
         try:
             await _flush(conn, transport.writer)
+            if complete is not None:
+                return complete
+            if request is not None:
+                conn.answer_key(await supply(request, keys), loop.time())
+                continue
+            data = await transport.reader.read(READ_CHUNK)
         except ConnectionError:
             conn.transport_failed()
             continue
-        if complete is not None:
-            return complete
-        if request is not None:
-            answer = await _before_deadline(conn, loop, supply(request, keys))
-            if answer is not _TIMED_OUT:
-                conn.answer_key(answer, loop.time())  # type: ignore[arg-type]
-            continue
-        data = await _before_deadline(conn, loop, transport.reader.read(READ_CHUNK))
-        if data is _TIMED_OUT:
-            continue
         if data:
-            conn.receive_data(data, loop.time())  # type: ignore[arg-type]
+            conn.receive_data(data, loop.time())
         else:
             conn.receive_eof(loop.time())
-
-
-_TIMED_OUT = object()
-
-
-async def _before_deadline(
-    conn: TlsConnection, loop: asyncio.AbstractEventLoop, call: Awaitable[T]
-) -> T | object:
-    """``call``'s result, or _TIMED_OUT once the connection's timer fired."""
-    deadline = conn.get_timer()
-    try:
-        if deadline is None:
-            return await call
-        return await asyncio.wait_for(call, max(0.0, deadline - loop.time()))
-    except TimeoutError:
-        conn.handle_timer(deadline if deadline is not None else loop.time())
-        return _TIMED_OUT
-    except ConnectionError:
-        conn.transport_failed()
-        return _TIMED_OUT
 
 
 async def _flush(conn: TlsConnection, writer: asyncio.StreamWriter) -> None:
