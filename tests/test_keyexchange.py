@@ -197,17 +197,6 @@ async def test_hello_retry_from_classical_share_wastes_nothing() -> None:
     assert pair.client_ctx.ledger.wasted == 0
 
 
-async def test_second_hello_retry_is_refused_without_another_key() -> None:
-    pair = Pair()
-    client = ClientKeyExchange([MLKEM1024, MLKEM768, TRIPLE], pair.client_ctx)
-    await run(client.offer(MLKEM1024.group.code_point))
-    await run(client.on_server_hello(ServerHello(True, MLKEM768.group.code_point, None)))
-    with pytest.raises(HandshakeRejectedError) as info:
-        await run(client.on_server_hello(ServerHello(True, TRIPLE.group.code_point, None)))
-    assert info.value.alert is Alert.UNEXPECTED_MESSAGE
-    assert pair.client_ctx.ledger.taken == 2
-
-
 @pytest.mark.parametrize("bad", [b"", bytes(1199), bytes(1201)])
 async def test_malformed_share_costs_no_qkd_key(bad: bytes) -> None:
     pair = Pair()

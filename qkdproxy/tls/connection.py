@@ -214,6 +214,7 @@ class TlsConnection:
         self._key_steps: Steps[Any] | None = None
         self._then: Callable[[Any], None] | None = None
         self._first_hello_seen = False
+        self._retried = False
         self._leftover = b""
         self.kex: ClientKeyExchange | ServerKeyExchange
         if is_client:
@@ -434,9 +435,10 @@ class TlsConnection:
                     Alert.DECODE_ERROR, f"malformed ServerHello: {exc}"
                 ) from None
 
+            if parsed.hello_retry:
+                self._hello_retry()  # before the key step: a refused retry costs no key
+
             def after_server_hello(_: object) -> None:
-                if parsed.hello_retry:
-                    self._gate.allow_another()
                 self._sock.inbound += hello.records
 
             self._run_keys(self.kex_client.on_server_hello(parsed), after_server_hello)
@@ -456,10 +458,20 @@ class TlsConnection:
 
         def after_client_hello(retry: bool) -> None:
             if retry:
-                self._gate.allow_another()
+                self._hello_retry()
             self._sock.inbound += hello.records
 
         self._run_keys(self.kex_server.on_client_hello(client_hello), after_client_hello)
+
+    def _hello_retry(self) -> None:
+        """The one HelloRetryRequest rule for both roles (RFC 8446 4.1.4): a handshake has
+        at most one; the gate then holds exactly one more hello."""
+        if self._retried:
+            if self.is_client:
+                raise HandshakeRejectedError(Alert.UNEXPECTED_MESSAGE, "second HelloRetryRequest")
+            raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "no key share after retry")
+        self._retried = True
+        self._gate.allow_another()
 
     @property
     def kex_client(self) -> ClientKeyExchange:

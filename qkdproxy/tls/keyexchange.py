@@ -380,9 +380,8 @@ class ClientKeyExchange(_KeyExchangeBase):
         self._secret = (hello.group, share, secret)
 
     def _retry(self, group: int) -> Steps[None]:
-        if self.record.hello_retry:
-            # RFC 8446 4.1.4; an injected second retry must not cost another key.
-            raise HandshakeRejectedError(Alert.UNEXPECTED_MESSAGE, "second HelloRetryRequest")
+        # At most one retry per handshake is the connection's rule (TlsConnection.
+        # _hello_retry), checked before this step can cost another key.
         if group not in self._groups or group in self._offers:
             raise HandshakeRejectedError(
                 Alert.ILLEGAL_PARAMETER, "HelloRetryRequest for a bad group"
@@ -454,8 +453,7 @@ class ServerKeyExchange(_KeyExchangeBase):
         self.record.group = hybrid.group.name
         share = hello.share_for(hybrid.group.code_point)
         if share is None:
-            if self.record.hello_retry:
-                raise HandshakeRejectedError(Alert.ILLEGAL_PARAMETER, "no key share after retry")
+            # A retry is needed; whether one more is allowed is the connection's rule.
             self.record.hello_retry = True
             return True
         yield from self._answer(hybrid, share.key_exchange)

@@ -349,3 +349,55 @@ def test_a_plaintext_close_notify_right_after_the_handshake_is_refused(
     p.server.records.receive(p.client.data_to_send(), 1.0)
     events = p.server.records.receive(bytes.fromhex("15030300020100"), 1.0)
     assert events == [Failed(Alert.UNEXPECTED_MESSAGE, Side.LOCAL, events[0].reason)]  # type: ignore[union-attr]
+
+
+def answer_keys(conn: TlsConnection, kme: Kme) -> None:
+    """Answer what ``conn`` asked, until it asks nothing more."""
+    while requests := [e for e in conn.next_events() if isinstance(e, KeyNeeded)]:
+        for event in requests:
+            if not isinstance(event.request, CloseStream):
+                conn.answer_key(kme.answer(event.request), 0.0)
+
+
+def retrying_pair(ca: CertificateAuthority) -> tuple[TlsConnection, TlsConnection, Kme]:
+    # The client's key share is for x25519, which the server does not take: one retry.
+    client_config, client_keys = endpoint(ca, groups("x25519", "qkd_mlkem768"), client=True)
+    server_config, server_keys = endpoint(ca, groups("qkd_mlkem768"), client=False)
+    client = TlsConnection(client_config, client_keys, is_client=True, wall_time=NOW)
+    server = TlsConnection(server_config, server_keys, is_client=False, wall_time=NOW)
+    server.start(0.0)
+    client.start(0.0)
+    return client, server, Kme()
+
+
+def test_a_second_hello_retry_request_is_refused_before_it_costs_a_key(
+    ca: CertificateAuthority,
+) -> None:
+    client, server, kme = retrying_pair(ca)
+    answer_keys(client, kme)
+    server.receive_data(client.data_to_send(), 0.0)
+    answer_keys(server, kme)
+    retry = server.data_to_send()
+    client.receive_data(retry, 0.0)
+    answer_keys(client, kme)
+    assert client.phase is Phase.HANDSHAKE and client.kex.record.hello_retry
+    asked = len(kme.asked)
+    client.receive_data(retry, 0.0)  # replayed by someone on path
+    failed = [e for e in client.next_events() if isinstance(e, Failed)]
+    assert [(f.alert, f.side) for f in failed] == [(Alert.UNEXPECTED_MESSAGE, Side.LOCAL)]
+    assert len(kme.asked) == asked
+
+
+def test_a_second_client_hello_without_the_share_is_refused(ca: CertificateAuthority) -> None:
+    client, server, kme = retrying_pair(ca)
+    answer_keys(client, kme)
+    first_hello = client.data_to_send()
+    server.receive_data(first_hello, 0.0)
+    answer_keys(server, kme)
+    assert server.kex.record.hello_retry
+    server.data_to_send()
+    server.receive_data(first_hello, 0.0)  # again, still without a qkd_mlkem768 share
+    failed = [e for e in server.next_events() if isinstance(e, Failed)]
+    assert [(f.alert, f.side) for f in failed] == [(Alert.ILLEGAL_PARAMETER, Side.LOCAL)]
+    assert server.error is not None and server.error.reason == "no key share after retry"
+    assert kme.asked == []
