@@ -58,6 +58,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+IDENTITY_ALERTS = frozenset(
+    {
+        Alert.BAD_CERTIFICATE,
+        Alert.UNSUPPORTED_CERTIFICATE,
+        Alert.CERTIFICATE_REVOKED,
+        Alert.CERTIFICATE_EXPIRED,
+        Alert.CERTIFICATE_UNKNOWN,
+        Alert.UNKNOWN_CA,
+        Alert.ACCESS_DENIED,
+        Alert.CERTIFICATE_REQUIRED,
+    }
+)
+
 READ_CHUNK = 65536
 CLOSE_TIMEOUT = 5.0
 
@@ -84,6 +97,12 @@ class TlsStreamError(ConnectionError, QkdproxyError):
         self.alert = alert
         self.side = side
         self.truncated = truncated
+
+    @property
+    def identity_refused(self) -> bool:
+        """The peer refused our certificate right after the handshake (a server checks the
+        client's then): to the application this is a failed handshake, not a cut stream."""
+        return self.side is Side.REMOTE and self.alert in IDENTITY_ALERTS
 
 
 def _sni_name(server_name: str | None) -> str | None:
@@ -145,6 +164,8 @@ class TlsStream:
     _peer_closed: bool = field(default=False, repr=False)
     # Events from bytes that arrived with the end of the handshake, handled on first read.
     _backlog: list[RecordEvent] = field(default_factory=list, repr=False)
+    # How the stream broke, once it did.
+    failure: TlsStreamError | None = field(default=None, repr=False)
 
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
@@ -222,6 +243,7 @@ class TlsStream:
             raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
 
     async def _fail(self, error: TlsStreamError) -> TlsStreamError:
+        self.failure = error
         with contextlib.suppress(TlsStreamError):
             self._transmit()  # our alert, if the record layer queued one
         await close_transport(self._driver.writer)

@@ -432,9 +432,9 @@ async def _close_after_pump(
     If it broke (one side failed mid-stream: a reset, a TLS error, the peer gone), a side
     that already passed bytes on is reset instead: a close_notify would reach the peer as
     the end of our data, and a FIN would tell the application that a truncated stream was
-    complete. The plaintext side is reset too once it sent anything: its upload may have
-    been cut, and an empty answer with FIN would pass for success. A connection that moved
-    nothing is closed as after a failed handshake.
+    complete. The plaintext side is reset too once it sent anything (its upload may have
+    been cut, and an empty answer with FIN would pass for success), unless the peer only
+    refused our certificate. A side that got nothing is closed as after a failed handshake.
     """
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
     broken = reason is None or reason.startswith("error")
@@ -442,7 +442,13 @@ async def _close_after_pump(
         _reset(tls)  # no close_notify
     else:
         await channel.close()
-    if broken and (traffic.from_peer or traffic.to_peer):
+    stream = getattr(channel, "stream", None)
+    refused = (
+        isinstance(stream, TlsStream)
+        and stream.failure is not None
+        and (stream.failure.identity_refused)
+    )
+    if broken and (traffic.from_peer or (traffic.to_peer and not refused)):
         _reset(plaintext)
 
 
