@@ -305,6 +305,7 @@ class TlsEndpoint:
             await close_transport(transport.writer)
             raise
         if complete is None:
+            _close_streams(conn.next_events(), keys)  # settled after a timeout, say
             with contextlib.suppress(ConnectionError, TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await _flush(conn, transport.writer)  # our alert, if any

@@ -58,7 +58,15 @@ class Kme:
     asked: list[KeyRequest] = field(default_factory=list)
     failing: type[Exception] | None = None
     silent: bool = False  # never answers (the handshake then times out)
+    answers_left: int | None = None  # falls silent after this many answers
     unknown_ids: bool = False  # dec_keys knows no key id
+
+    def speaks(self) -> bool:
+        if self.silent or self.answers_left == 0:
+            return False
+        if self.answers_left is not None:
+            self.answers_left -= 1
+        return True
 
     def answer(self, request: KeyRequest) -> KeyAnswer:
         self.asked.append(request)
@@ -140,7 +148,7 @@ class Pair:
                     if (
                         isinstance(event, KeyNeeded)
                         and not isinstance(event.request, CloseStream)
-                        and not self.kme.silent
+                        and self.kme.speaks()
                     ):
                         conn.answer_key(self.kme.answer(event.request), self.now)
                         moved = True
@@ -401,3 +409,16 @@ def test_a_second_client_hello_without_the_share_is_refused(ca: CertificateAutho
     assert [(f.alert, f.side) for f in failed] == [(Alert.ILLEGAL_PARAMETER, Side.LOCAL)]
     assert server.error is not None and server.error.reason == "no key share after retry"
     assert kme.asked == []
+
+
+def test_a_timeout_closes_the_etsi_004_streams_it_opened(ca: CertificateAuthority) -> None:
+    options = QkdOptions(api=KeyApi.ETSI_004)
+    kme = Kme(answers_left=3)  # the client's OPEN_CONNECT, the server's OPEN and GET_KEY
+    p = pair(ca, groups("qkd_mlkem768"), kme=kme, options=options, server_options=options)
+    assert p.client.waiting_for_key  # its GET_KEY is never answered
+    p.client.handle_timer(TIMEOUT)
+    events = p.client.next_events()
+    closes = [e for e in events if isinstance(e, KeyNeeded) and isinstance(e.request, CloseStream)]
+    client_ksid = next(iter(kme.streams))  # the stream the client opened first
+    assert [c.request for c in closes] == [CloseStream(client_ksid)]
+    assert any(isinstance(e, Failed) for e in events)
