@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from qkdproxy.aio import run
-from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
+from qkdproxy.config import Config, ConfigError, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
+from qkdproxy.probe import format_result, probe
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
-from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
-from qkdproxy.tls.peer import open_peer_channel
-from qkdproxy.tls.session import HandshakeError
-from qkdproxy.tunnel.addresses import TcpAddress
-from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.tls.keyexchange import KeyContext
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,7 +97,7 @@ async def _run(config: Config) -> int:
 
 
 def probe_command(args: argparse.Namespace) -> int:
-    """One handshake with the peer of a client tunnel; report what was negotiated."""
+    """One connection through the peer of a client tunnel, to the server's backend."""
     config = _load(args.config, "probe")
     if config is None:
         return EXIT_CONFIG
@@ -111,53 +106,6 @@ def probe_command(args: argparse.Namespace) -> int:
     if not chosen:
         print("qkdproxy probe: no such client tunnel", file=sys.stderr)
         return EXIT_CONFIG
-    result = run(_probe(config, chosen[0]))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>14}: {value}")
-    return EXIT_OK if result.get("ok") else EXIT_START_FAILED
-
-
-async def _probe(config: Config, tunnel: TunnelConfig) -> dict[str, object]:
-    kme = KmeConnection.open(config.kmes[tunnel.kme]) if tunnel.kme else None
-    try:
-        options = QkdOptions(flow=tunnel.flow, api=kme.config.api) if kme else QkdOptions()
-        keys = KeyContext(kme.sources if kme else KeySources(), options)
-        endpoint = build_endpoint(tunnel, keys, tunnel.plan.groups)
-        peer = tunnel.connect
-        assert isinstance(peer, TcpAddress)
-        started = time.perf_counter()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(peer.host, peer.port), tunnel.connect_timeout_s
-        )
-        connected = time.perf_counter()
-        stream = await endpoint.connect(reader, writer)
-        result: dict[str, object] = {
-            "ok": True,
-            "tunnel": tunnel.name,
-            "peer_address": str(peer),
-            "peer": stream.peer.describe(),
-            "group": stream.record.group,
-            "flow": stream.record.flow.value if stream.record.flow else None,
-            "api": stream.record.api.value if stream.record.api else None,
-            "qkd_key_id": stream.record.qkd_key_id,
-            "hello_retry": stream.record.hello_retry,
-            "cipher": stream.cipher,
-            "alpn": stream.alpn,
-            "connect_ms": round((connected - started) * 1000, 3),
-            "handshake_ms": round(stream.handshake_seconds * 1000, 3),
-        }
-        channel = await open_peer_channel(stream, keys.sources)
-        if channel is not None:
-            await channel.send_fin()
-        await stream.close()
-        return result
-    except HandshakeError as exc:
-        return {"ok": False, "tunnel": tunnel.name, "error": f"handshake failed: {exc.reason}"}
-    except (OSError, TimeoutError) as exc:
-        return {"ok": False, "tunnel": tunnel.name, "error": f"cannot connect: {exc}"}
-    finally:
-        if kme is not None:
-            await kme.aclose()
+    result = run(probe(config, chosen[0]))
+    print(json.dumps(result) if args.json else format_result(result))
+    return EXIT_OK if result["ok"] else EXIT_START_FAILED

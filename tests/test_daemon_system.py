@@ -499,15 +499,15 @@ class Harness:
         await asyncio.gather(*(p.terminate() for p in self.procs), return_exceptions=True)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", name="pki")
+def pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pki")
     write_dev_pki(directory)
     return directory
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, pki: Path) -> AsyncIterator[Harness]:
+@pytest.fixture(name="harness")
+async def harness_fixture(tmp_path: Path, pki: Path) -> AsyncIterator[Harness]:
     h = Harness(tmp_path, pki)
     try:
         yield h

@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
 from qkdproxy.qkd.sources import FlushableSource, KeySources
+from qkdproxy.tls.frames import VERDICT_OK
 from qkdproxy.tls.keyexchange import KeyContext
-from qkdproxy.tls.peer import open_peer_channel
+from qkdproxy.tls.peer import PeerChannel, open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
 from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
@@ -306,8 +307,15 @@ class Tunnel:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 backend_reader, backend_writer = await _open(self.config.connect)
         except (OSError, TimeoutError) as exc:
+            why = f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            if isinstance(channel, PeerChannel):
+                # The peer is authenticated: tell it why (qkdproxy probe reports it).
+                with contextlib.suppress(ConnectionError):
+                    await channel.send_verdict(why)
             await channel.close()
-            return f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            return why
+        if isinstance(channel, PeerChannel):
+            channel.probe_answer = VERDICT_OK
         _keepalive(backend_writer)
         traffic = Traffic()
         reason: str | None = None
