@@ -77,6 +77,8 @@ class DaemonConfig:
 
     drain_timeout_s: float = 300.0
     log_level: str = "info"
+    # "text" (readable) or "json" (one object per line); both in UTC.
+    log_format: str = "text"
     # The status listener (/metrics, /healthz, /readyz, /status); None: not served.
     status_listen: TcpAddress | None = None
 
@@ -177,12 +179,15 @@ def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
     daemon_config = DaemonConfig(
         drain_timeout_s=daemon.positive("drain_timeout_s", 300.0),
         log_level=daemon.get("log_level", str, "info"),
+        log_format=daemon.get("log_format", str, "text"),
         status_listen=_status(
             _Reader(status or {}, "status", problems), "status" in data and status is not None
         ),
     )
     if daemon_config.log_level not in ("debug", "info", "warning", "error"):
         daemon.fail("log_level", "must be debug, info, warning or error")
+    if daemon_config.log_format not in ("text", "json"):
+        daemon.fail("log_format", 'must be "text" or "json"')
     daemon.check_unknown()
     kmes = {}
     for name, table in (_table(data.get("kme", {}), "kme", problems) or {}).items():

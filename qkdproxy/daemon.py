@@ -21,6 +21,7 @@ from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
 from qkdproxy.groups import GroupSpec
 from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
+from qkdproxy.observability.logformat import event
 from qkdproxy.observability.metrics import KmeState, Metrics, StateCollector, TunnelState
 from qkdproxy.observability.status import StatusServer, create_app
 from qkdproxy.qkd.announce import AnnouncedSlave
@@ -38,6 +39,7 @@ from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.runtime import ConnectionRecord, Tunnel
 
 EXIT_OK, EXIT_START_FAILED, EXIT_CONFIG = 0, 1, 2
+MONITOR_INTERVAL_S = 1.0
 log = logging.getLogger("qkdproxy.daemon")
 
 
@@ -299,14 +301,15 @@ class Daemon:
         if problems:
             self.metrics.reloads.labels("failure").inc()
             for problem in problems:
-                log.error("reload refused, keeping the running settings: %s", problem)
+                log.error("reload refused, keeping the running settings: %s", problem,
+                          extra=event("reload", result="failure", problem=problem))  # fmt: skip
             return problems
         for tunnel, config, endpoint, fallback in replacements:
             tunnel.config, tunnel.endpoint, tunnel.fallback = config, endpoint, fallback
             self._publish_info(tunnel)
         self.config = fresh
         self.metrics.reloads.labels("success").inc()
-        log.info("reloaded %s", self.config.path)
+        log.info("reloaded %s", self.config.path, extra=event("reload", result="success"))
         return []
 
     def _restart_only_changes(self, fresh: Config) -> list[str]:
@@ -366,29 +369,47 @@ class Daemon:
             self._reload_pending = False
             self.reload()
         watchdog = asyncio.create_task(self._watchdog())
+        monitor = asyncio.create_task(self._monitor())
         await self._stop.wait()
         # SIGHUP keeps its handler (the default would kill us); reload() ignores it now.
         self._stopping = True
         self.healthy = False
         self.notifier.notify(STOPPING="1", STATUS="draining")
-        log.info("draining (up to %ss; send SIGTERM again to stop now)",
-                 self.config.daemon.drain_timeout_s)  # fmt: skip
+        active = sum(t.active for t in self.tunnels)
+        timeout_s = self.config.daemon.drain_timeout_s
+        log.info("draining %d connections (up to %ss; send SIGTERM again to stop now)",
+                 active, timeout_s,
+                 extra=event("drain_start", connections=active, timeout_s=timeout_s))  # fmt: skip
+        started = time.monotonic()
         for tunnel in self.tunnels:
             tunnel.stop_accepting()
-        drain = asyncio.ensure_future(self._drain_all(self.config.daemon.drain_timeout_s))
+        drain = asyncio.ensure_future(self._drain_all(timeout_s))
         stop_now = asyncio.ensure_future(self._stop_now.wait())
         await asyncio.wait({drain, stop_now}, return_when=asyncio.FIRST_COMPLETED)
-        if not drain.done():
+        if drain.done():
+            cut = drain.result()
+        else:
             drain.cancel()
-            for tunnel in self.tunnels:
-                await tunnel.drain(0)
+            cut = sum([await tunnel.drain(0) for tunnel in self.tunnels])
+        elapsed = round(time.monotonic() - started, 3)
+        fields = {"seconds": elapsed, "finished": active - cut, "cut": cut}
+        log.info("drain ended after %ss: %d connections finished, %d cut", elapsed,
+                 active - cut, cut, extra=event("drain_end", **fields))  # fmt: skip
         stop_now.cancel()
         watchdog.cancel()
+        monitor.cancel()
         await self.close()
         return EXIT_OK
 
-    async def _drain_all(self, timeout_s: float) -> None:
-        await asyncio.gather(*(t.drain(timeout_s) for t in self.tunnels))
+    async def _drain_all(self, timeout_s: float) -> int:
+        return sum(await asyncio.gather(*(t.drain(timeout_s) for t in self.tunnels)))
+
+    async def _monitor(self) -> None:
+        # A breaker turns half-open with time alone: look for transitions between calls.
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            for kme in self.kmes.values():
+                kme.log_transitions()
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval_s()

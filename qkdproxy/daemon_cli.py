@@ -11,10 +11,13 @@ from pathlib import Path
 from qkdproxy.aio import run
 from qkdproxy.config import Config, ConfigError, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
+from qkdproxy.observability.logformat import LOG_FORMATS, configure_logging, event
 from qkdproxy.probe import format_result, probe
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
 from qkdproxy.tls.keyexchange import KeyContext
+
+log = logging.getLogger("qkdproxy.daemon")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,6 +27,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Exit codes: 0 stopped cleanly, 1 could not start, 2 bad configuration.",
     )  # fmt: skip
     run_parser.add_argument("--config", type=Path, required=True, help="TOML file")
+    run_parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="text or json (overrides [daemon] log_format)"
+    )
+    run_parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"),
+        help="overrides [daemon] log_level",
+    )  # fmt: skip
     run_parser.set_defaults(handler=run_command)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
@@ -39,12 +49,17 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     probe.set_defaults(handler=probe_command)
 
 
-def _load(path: Path, command: str) -> Config | None:
+def _load(path: Path, command: str, logger: logging.Logger | None = None) -> Config | None:
+    """The configuration, or None after reporting every problem (on stderr, or through
+    ``logger`` when the log format is JSON and every line must be JSON)."""
     try:
         return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"qkdproxy {command}: {problem}", file=sys.stderr)
+            if logger is not None:
+                logger.error(problem, extra=event("config_error", problem=problem))
+            else:
+                print(f"qkdproxy {command}: {problem}", file=sys.stderr)
         return None
 
 
@@ -68,15 +83,20 @@ def check_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run until SIGTERM."""
-    config = _load(args.config, "run")
+    # Until the file is read, the command line alone decides the format (of config errors).
+    configure_logging(args.log_level or "info", args.log_format or "text")
+    config = _load(args.config, "run", log if args.log_format == "json" else None)
     if config is None:
-        return EXIT_CONFIG
-    logging.basicConfig(
-        level=config.daemon.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        return _exit(EXIT_CONFIG)
+    configure_logging(
+        args.log_level or config.daemon.log_level, args.log_format or config.daemon.log_format
     )
-    return run(_run(config))
+    return _exit(run(_run(config)))
+
+
+def _exit(code: int) -> int:
+    log.info("exiting with code %d", code, extra=event("exit", code=code))
+    return code
 
 
 async def _run(config: Config) -> int:
@@ -86,11 +106,11 @@ async def _run(config: Config) -> int:
         await daemon.start()
     except (CredentialError, ValueError) as exc:
         # A certificate, key or CA file named by the configuration is unusable.
-        print(f"qkdproxy run: {config.path}: {exc}", file=sys.stderr)
+        log.error("%s: %s", config.path, exc, extra=event("start_failed", error=str(exc)))
         await daemon.close()
         return EXIT_CONFIG
     except OSError as exc:
-        print(f"qkdproxy run: cannot start: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc, extra=event("start_failed", error=str(exc)))
         await daemon.close()
         return EXIT_START_FAILED
     return await daemon.run()

@@ -20,13 +20,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
+from qkdproxy.observability.logformat import record_event
+from qkdproxy.observability.throttle import LogThrottle
 from qkdproxy.qkd.sources import FlushableSource, KeySources
 from qkdproxy.tls.frames import VERDICT_OK
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import PeerChannel, open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
 from qkdproxy.tls.wire import Alert
-from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
+from qkdproxy.tunnel.addresses import (
+    Address,
+    SystemdAddress,
+    TcpAddress,
+    UnixAddress,
+    format_sockname,
+)
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
 
@@ -37,6 +45,13 @@ IANA_CIPHERS = {
     "chacha20-poly1305": "TLS_CHACHA20_POLY1305_SHA256",
 }
 _ids = itertools.count(1)
+# Connections that end on these are logged at WARNING, at most once per reason per interval
+# (the line says how many similar ones came since); the others of the interval stay at INFO,
+# so the one-line-per-connection record is complete and a flood is not a flood of warnings.
+PROBLEM_REASONS = (
+    "handshake failed", "rejected", "peer unreachable", "backend unreachable", "error",
+)  # fmt: skip
+WARNING_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -99,6 +114,7 @@ class Tunnel:
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
+        self._warnings = LogThrottle(WARNING_INTERVAL_S)
 
     @property
     def active(self) -> int:
@@ -146,8 +162,7 @@ class Tunnel:
         out = []
         for server in self._servers:
             for sock in server.sockets:
-                name = sock.getsockname()
-                out.append(f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name}")
+                out.append(format_sockname(sock.getsockname()))
         return out
 
     async def wait_idle(self) -> None:
@@ -160,8 +175,10 @@ class Tunnel:
         for server in self._servers:
             server.close()
 
-    async def drain(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for live connections, then cut the rest."""
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
+        cut."""
+        pending: set[asyncio.Task[None]] = set()
         if self._connections:
             _, pending = await asyncio.wait(set(self._connections), timeout=timeout_s)
             for task in pending:
@@ -169,6 +186,7 @@ class Tunnel:
             await asyncio.gather(*pending, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
+        return len(pending)
 
     # ------------------------------------------------------------ connections
 
@@ -183,7 +201,7 @@ class Tunnel:
             self.stats.rejected_at_limit += 1
             record.reason = "rejected: connection limit"
             await close_transport(writer)
-            self._finish(record, time.monotonic())
+            self._finish(record, time.monotonic(), opened=False)
             return
         self._connections.add(task)
         self.stats.opened += 1
@@ -380,10 +398,22 @@ class Tunnel:
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
-    def _finish(self, record: ConnectionRecord, started: float) -> None:
+    def _finish(self, record: ConnectionRecord, started: float, opened: bool = True) -> None:
         record.duration_s = round(time.monotonic() - started, 6)
-        self.stats.closed += 1
-        log.info(json.dumps(asdict(record), separators=(",", ":")))
+        # closed counts what opened counted: a connection refused at the limit is neither.
+        if opened:
+            self.stats.closed += 1
+        fields = asdict(record)
+        level = logging.INFO
+        problem = next((p for p in PROBLEM_REASONS if record.reason.startswith(p)), None)
+        if problem is not None:
+            similar = self._warnings.admit(problem, time.monotonic())
+            if similar is not None:
+                level = logging.WARNING
+                if similar:
+                    fields["similar_since_last_warning"] = similar
+        log.log(level, json.dumps(fields, separators=(",", ":")),
+                extra=record_event("connection", fields))  # fmt: skip
         if self._on_close is not None:
             self._on_close(record)
 
