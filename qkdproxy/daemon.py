@@ -74,6 +74,12 @@ def _endpoint_credentials(tunnel: Tunnel) -> Credentials:
     return tunnel.endpoint.settings.credentials
 
 
+def _ca_expiry(tunnel: Tunnel) -> float:
+    # The first CA of the bundle to expire: after it, peers it signed are refused.
+    anchors = tunnel.endpoint.settings.peer.trust_anchors
+    return min(a.not_valid_after_utc.timestamp() for a in anchors)
+
+
 def tunnel_state(tunnel: Tunnel) -> TunnelState:
     """How the metrics collector reads a tunnel."""
     ledger = tunnel.keys.ledger
@@ -82,6 +88,7 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
         lambda: {"taken": ledger.taken, "consumed": ledger.consumed, "wasted": ledger.wasted},
         lambda: {"opened": tunnel.stats.opened, "rejected": tunnel.stats.rejected_at_limit,
                  "fallbacks": tunnel.stats.fallbacks},
+        tunnel.bytes_moved,
     )  # fmt: skip
 
 
@@ -170,6 +177,12 @@ class Daemon:
             self.collector.certificates.append(
                 (f"kme:{name}", "client", _expiry(functools.partial(getattr, kme, "credentials")))
             )
+            # KME changes need a restart: the KME's CA bundle is read once.
+            ca_expiry = min(a.not_valid_after_utc.timestamp()
+                            for a in load_trust_anchors(kme_config.ca))  # fmt: skip
+            self.collector.certificates.append(
+                (f"kme:{name}", "ca", functools.partial(float, ca_expiry))
+            )
         inherited = inherited_sockets()
         for tunnel_config in self.config.tunnels:
             tunnel = self._tunnel(tunnel_config)
@@ -190,6 +203,9 @@ class Daemon:
             (f"tunnel:{tunnel.config.name}", "server" if tunnel.config.role == "server"
              else "client", _expiry(functools.partial(_endpoint_credentials, tunnel))),
         )  # fmt: skip
+        self.collector.certificates.append(
+            (f"tunnel:{tunnel.config.name}", "ca", functools.partial(_ca_expiry, tunnel))
+        )
         self._publish_info(tunnel)
 
     def _publish_info(self, tunnel: Tunnel) -> None:
@@ -300,6 +316,7 @@ class Daemon:
             problems.append(f"{type(exc).__name__}: {exc}")
         if problems:
             self.metrics.reloads.labels("failure").inc()
+            self.metrics.reload_ok.set(0)
             for problem in problems:
                 log.error("reload refused, keeping the running settings: %s", problem,
                           extra=event("reload", result="failure", problem=problem))  # fmt: skip
@@ -309,6 +326,7 @@ class Daemon:
             self._publish_info(tunnel)
         self.config = fresh
         self.metrics.reloads.labels("success").inc()
+        self.metrics.reload_ok.set(1)
         log.info("reloaded %s", self.config.path, extra=event("reload", result="success"))
         return []
 

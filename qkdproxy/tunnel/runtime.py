@@ -87,6 +87,9 @@ class TunnelStats:
     rejected_at_limit: int = 0
     handshake_failures: int = 0
     fallbacks: int = 0
+    # Plaintext bytes of closed connections (live ones: Tunnel.bytes_moved).
+    bytes_to_peer: int = 0
+    bytes_from_peer: int = 0
     # Recent handshake durations only (for the demo's median): bounded.
     handshake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -115,6 +118,7 @@ class Tunnel:
         self._connections: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._warnings = LogThrottle(WARNING_INTERVAL_S)
+        self._traffic: dict[int, Traffic] = {}
 
     @property
     def active(self) -> int:
@@ -254,7 +258,7 @@ class Tunnel:
         except OSError as exc:
             return f"peer unreachable: {exc.strerror or type(exc).__name__}"
         channel = await self._channel(stream, record)
-        traffic = Traffic()
+        traffic = self._live(record)
         reason: str | None = None
         try:
             reason = await pump(
@@ -335,7 +339,7 @@ class Tunnel:
         if isinstance(channel, PeerChannel):
             channel.probe_answer = VERDICT_OK
         _keepalive(backend_writer)
-        traffic = Traffic()
+        traffic = self._live(record)
         reason: str | None = None
         try:
             if self.config.proxy_protocol:
@@ -387,10 +391,27 @@ class Tunnel:
     def _rekey(self) -> RekeyBudget:
         return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
 
-    @staticmethod
-    def _account(record: ConnectionRecord, traffic: Traffic) -> None:
+    def _live(self, record: ConnectionRecord) -> Traffic:
+        """A connection's byte counts, visible to :meth:`bytes_moved` while it lives."""
+        traffic = self._traffic[record.conn_id] = Traffic()
+        return traffic
+
+    def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
         record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
         record.key_updates = traffic.key_updates
+        # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
+        del self._traffic[record.conn_id]
+        self.stats.bytes_to_peer += traffic.to_peer
+        self.stats.bytes_from_peer += traffic.from_peer
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """Plaintext bytes (to the peer, from the peer) so far, live connections included, so
+        a long-lived connection shows in the byte counters before it ends."""
+        live = self._traffic.values()
+        return (
+            self.stats.bytes_to_peer + sum(t.to_peer for t in live),
+            self.stats.bytes_from_peer + sum(t.from_peer for t in live),
+        )
 
     def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
         self.stats.handshake_failures += 1
