@@ -73,17 +73,25 @@ def _demo_command(args: argparse.Namespace) -> int:
         "server": (Flow.SERVER_INITIATED,),
         "both": (Flow.CLIENT_INITIATED, Flow.SERVER_INITIATED),
     }[args.flow]
+    skipped = []
     if api is KeyApi.ETSI_004 and Flow.SERVER_INITIATED in flows:
         if args.flow == "server":
             print("qkdproxy demo: the server-initiated flow needs ETSI 014", file=sys.stderr)
             return EXIT_USAGE
         flows = (Flow.CLIENT_INITIATED,)
+        skipped.append("server-initiated: ETSI 004 has no server-initiated flow (use --api 014)")
     try:
-        DEFAULT_GROUPS.by_name(args.group)
-    except GroupError as exc:
+        group = DEFAULT_GROUPS.by_name(args.group)
+        if not group.post_quantum:
+            raise GroupError(f"{group.name} is classical; the demo runs QKD or PQ groups")
+        resolve(group, default_registry())
+    except (GroupError, GroupUnavailableError) as exc:
         print(f"qkdproxy demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    for note in skipped:
+        print(f"qkdproxy demo: not run: {note}", file=sys.stderr)
     summary = run(run_demo(args.group, flows, api, args.kme_latency_ms))
+    summary.skipped = skipped
     print(json.dumps(summary.as_dict()) if args.json else format_summary(summary))
     return EXIT_OK if summary.ok else EXIT_FAILURE
 
