@@ -37,7 +37,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run_parser.set_defaults(handler=run_command)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("file", type=Path)
+    check.add_argument("--config", type=Path, help="TOML file")
+    check.add_argument("file", type=Path, nargs="?", help="the same, positionally (older form)")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(handler=check_command)
 
     probe = commands.add_parser(
@@ -65,20 +67,33 @@ def _load(path: Path, command: str, logger: logging.Logger | None = None) -> Con
 
 def check_command(args: argparse.Namespace) -> int:
     """Validate the TOML and the files it names (certificates, keys, CA bundles)."""
-    config = _load(args.file, "check-config")
-    if config is None:
+    path: Path | None = args.config or args.file
+    if path is None or (args.config and args.file and args.config != args.file):
+        print("qkdproxy check-config: name one file: --config FILE", file=sys.stderr)
         return EXIT_CONFIG
+    config: Config | None = None
     try:
+        config = load_config(path)
         for kme in config.kmes.values():
             Credentials.load(kme.cert, kme.key)
             load_trust_anchors(kme.ca)
         for tunnel in config.tunnels:
             build_endpoint(tunnel, KeyContext(KeySources()), tunnel.plan.groups)
+        problems: list[str] = []
+    except ConfigError as exc:
+        problems = exc.problems
     except (CredentialError, ValueError) as exc:
-        print(f"qkdproxy check-config: {args.file}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(f"{args.file}: OK ({len(config.tunnels)} tunnels, {len(config.kmes)} KMEs)")
-    return EXIT_OK
+        problems = [f"{path}: {exc}"]
+    if args.json:
+        counts = {"tunnels": len(config.tunnels), "kmes": len(config.kmes)} if config else {}
+        print(json.dumps({"ok": not problems, "config": str(path), **counts, "problems": problems}))
+    elif problems:
+        for problem in problems:
+            print(f"qkdproxy check-config: {problem}", file=sys.stderr)
+    else:
+        assert config is not None
+        print(f"{path}: OK ({len(config.tunnels)} tunnels, {len(config.kmes)} KMEs)")
+    return EXIT_CONFIG if problems else EXIT_OK
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -118,13 +133,21 @@ async def _run(config: Config) -> int:
 
 def probe_command(args: argparse.Namespace) -> int:
     """One connection through the peer of a client tunnel, to the server's backend."""
-    config = _load(args.config, "probe")
-    if config is None:
-        return EXIT_CONFIG
-    clients = [t for t in config.tunnels if t.role == "client"]
-    chosen = [t for t in clients if args.tunnel in (None, t.name)]
-    if not chosen:
-        print("qkdproxy probe: no such client tunnel", file=sys.stderr)
+    try:
+        config = load_config(args.config)
+        clients = [t for t in config.tunnels if t.role == "client"]
+        chosen = [t for t in clients if args.tunnel in (None, t.name)]
+        if not chosen:
+            named = f" named {args.tunnel!r}" if args.tunnel else ""
+            raise ConfigError([f"{args.config}: no client tunnel{named}"])
+    except ConfigError as exc:
+        if args.json:
+            # The shape of check-config --json, plus probe's stage and error.
+            print(json.dumps({"ok": False, "stage": "config", "error": exc.problems[0],
+                              "problems": exc.problems}))  # fmt: skip
+        else:
+            for problem in exc.problems:
+                print(f"qkdproxy probe: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     result = run(probe(config, chosen[0]))
     print(json.dumps(result) if args.json else format_result(result))

@@ -268,7 +268,8 @@ def format_summary(summary: DemoSummary) -> str:
     """The readable summary."""
     lines = [
         f"qkdproxy demo: {'OK' if summary.ok else 'FAILED'}",
-        f"  connections        {summary.connections} (flows: {', '.join(summary.flows) or 'none, no QKD group'})",
+        f"  connections        {summary.connections} "
+        f"(flows: {', '.join(summary.flows) or 'none, no QKD group'})",
         f"  groups negotiated  {', '.join(summary.groups) or '-'}",
         f"  handshake median   {summary.handshake_median_ms:.2f} ms "
         f"(ETSI {summary.api}, KME latency {summary.kme_latency_ms:g} ms)",
