@@ -43,7 +43,10 @@ def units_with_existing_binary(tmp_path: Path) -> Path:
 @requires_systemd
 def test_units_verify(tmp_path: Path) -> None:
     units = units_with_existing_binary(tmp_path)
-    names = ["qkdproxy.service", "qkdproxy@demo.service", "qkdproxy-plain.socket"]
+    names = [
+        "qkdproxy.service", "qkdproxy@demo.service", "qkdproxy-plain.socket",
+        "qkdproxy-tls.socket",
+    ]  # fmt: skip
     result = subprocess.run(
         [str(SYSTEMD_ANALYZE), "verify", *names], cwd=units, capture_output=True, text=True,
         timeout=60, check=False,
@@ -68,12 +71,22 @@ def test_units_are_hardened(tmp_path: Path, unit: str) -> None:
 def test_units_say_what_the_daemon_needs() -> None:
     service = (UNITS / "qkdproxy.service").read_text()
     for line in (
-        "Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "DynamicUser=yes",
+        "Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "User=qkdproxy",
         "ProtectSystem=strict", "PrivateTmp=yes", "CapabilityBoundingSet=\n",
         "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "SystemCallFilter=@system-service",
-        "LoadCredential=qkdproxy.toml:", "RestartPreventExitStatus=2",
+        "ReadOnlyPaths=/etc/qkdproxy", "RestartPreventExitStatus=2",
     ):  # fmt: skip
         assert line in service, line
+    for unit in ("qkdproxy.service", "qkdproxy@.service"):
+        text = (UNITS / unit).read_text()
+        # Copies made at start would make a reload re-read the old files.
+        assert not re.search(r"^(LoadCredential|DynamicUser)=", text, re.MULTILINE)
+        # The header says how to rotate, and it is true (tests/test_operator_rotation.py).
+        assert "systemctl reload" in text.split("[Unit]")[0]
+        assert "kme-ca.pem" in text.split("[Unit]")[0]
+        documentation = re.search(r"^Documentation=(\S+)", text, re.MULTILINE)
+        assert documentation and "systemd" not in documentation[1]
+    assert "u qkdproxy" in (UNITS / "qkdproxy-sysusers.conf").read_text()
     socket = (UNITS / "qkdproxy-plain.socket").read_text()
     assert "FileDescriptorName=plain" in socket
 
