@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from qkdproxy import __version__
@@ -55,15 +56,30 @@ def _groups_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"groups": rows}, indent=2))
         return EXIT_OK
-    for row in rows:
-        status = (
-            f"client {row['client_share_bytes']} B, server {row['server_share_bytes']} B, "
-            f"secret {row['secret_bytes']} B"
-            if row["available"]
-            else f"unavailable: {row['reason']}"
-        )
-        print(f"{row['group']:<22} {row['code_point']}  {row['kind']:<10} {status}")
+    print(format_groups(rows))
     return EXIT_OK
+
+
+def format_groups(rows: list[dict[str, object]]) -> str:
+    """One line per group; the reason a group cannot run is written once, in a numbered note
+    under the table, however many groups share it (one missing library: 22 groups)."""
+    notes: dict[str, int] = {}
+    lines = []
+    for row in rows:
+        if row["available"]:
+            status = (
+                f"client {row['client_share_bytes']} B, server {row['server_share_bytes']} B, "
+                f"secret {row['secret_bytes']} B"
+            )
+        else:
+            what, _, cause = str(row["reason"]).rpartition(" is not available: ")
+            kem = what.split(": ", 1)[-1] if cause else ""
+            number = notes.setdefault(cause or str(row["reason"]), len(notes) + 1)
+            status = f"unavailable{f' ({kem})' if kem else ''} [{number}]"
+        lines.append(f"{row['group']:<22} {row['code_point']}  {row['kind']:<10} {status}")
+    lines += [textwrap.fill(f"[{n}] {cause}", 100, subsequent_indent="    ")
+              for cause, n in notes.items()]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _demo_command(args: argparse.Namespace) -> int:
