@@ -45,6 +45,9 @@ class KmeConfig:
     key: Path
     ca: Path
     prefetch: bool = True
+    # ETSI 014: the longest wait between trial calls to a KME that is down (the circuit
+    # breaker's backoff cap), so the longest a recovered KME waits to be used again.
+    max_retry_interval_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +309,7 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         key=r.path("key", base),
         ca=r.path("ca", base),
         prefetch=r.get("prefetch", bool, True),
+        max_retry_interval_s=r.positive("max_retry_interval_s", 30.0),
     )
     r.check_unknown()
     return config

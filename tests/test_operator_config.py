@@ -13,9 +13,11 @@ import pytest
 
 from qkdproxy import cli
 from qkdproxy.certs import write_dev_pki
+from qkdproxy.config import load_config
 from qkdproxy.demo import DemoSummary, run_demo
 from qkdproxy.kme.cli import _apply_config
 from qkdproxy.tls.keyexchange import Flow, KeyApi
+from qkdproxy.tunnel.kmeconn import KmeConnection
 from tests.test_config import CLIENT, KME, problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +130,15 @@ async def test_demo_runs_a_pq_group() -> None:
     summary = await run_demo("X25519MLKEM768", (Flow.CLIENT_INITIATED,), rounds=1)
     assert summary.ok, summary.errors
     assert summary.groups == ["X25519MLKEM768"]
+
+
+async def test_the_kme_retry_interval_caps_the_breaker_backoff(tmp_path: Path) -> None:
+    write_dev_pki(tmp_path / "pki")
+    path = tmp_path / "c.toml"
+    path.write_text(KME.replace("[kme.local]", "[kme.local]\nmax_retry_interval_s = 5") + CLIENT)
+    kme = KmeConnection.open(load_config(path).kmes["local"])
+    try:
+        assert kme.client014 is not None
+        assert kme.client014.breaker.max_backoff_s == 5.0
+    finally:
+        await kme.aclose()

@@ -17,7 +17,7 @@ from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.observability.logformat import event
 from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.breaker import BreakerState
+from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
 from qkdproxy.qkd.keys import QkdKeyError
@@ -60,9 +60,11 @@ class KmeConnection:
         connection = cls(config, KeySources(), credentials)
         watched = connection._watch(observer)
         if config.api is KeyApi.ETSI_014:
+            breaker = CircuitBreaker(max_backoff_s=config.max_retry_interval_s)
             client = Etsi014Client(
-                config.endpoint, client_context(credentials, anchors), observer=watched
-            )
+                config.endpoint, client_context(credentials, anchors), observer=watched,
+                breaker=breaker,
+            )  # fmt: skip
             master = Etsi014Master(
                 client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
             )
