@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from qkdproxy.certs import write_dev_pki
+from qkdproxy.config import load_config
+from qkdproxy.probe import probe
 from qkdproxy.tls.frames import (
     MAX_VERDICT,
     FrameDecoder,
@@ -34,63 +36,55 @@ NO_KME: dict[str, TomlValue | None] = {
 }  # fmt: skip
 
 
-async def probe_against(
-    harness: Harness, server: dict[str, TomlValue | None], backend_port: int, human: bool = False
-) -> tuple[int, dict[str, object], str]:
-    daemon = await harness.daemon(
-        await harness.server_config("server.toml", backend_port, NO_KME | server)
-    )
-    client = await harness.client_config("client.toml", daemon.port, NO_KME)
-    code, stdout, _ = await harness.cli("probe", "--config", client, "--json")
-    text = ""
-    if human:
-        human_code, text, _ = await harness.cli("probe", "--config", client)
-        assert human_code == code
-        # Human output: no Python reprs.
-        assert "True" not in text and "None" not in text and "False" not in text
-    await daemon.proc.terminate()
-    return code, json.loads(stdout), text
-
-
-async def test_probe_succeeds_only_once_the_backend_is_reached(harness: Harness) -> None:
-    _, backend_port = await harness.backend()
-    code, result, human = await probe_against(harness, {}, backend_port, human=True)
-    assert code == 0, result
-    assert result["ok"] is True
-    assert result["backend"] == "reached"
-    assert result["group"] == "X25519MLKEM768"
-    assert human.startswith("OK")
-
-
-async def test_probe_fails_when_the_server_backend_is_down(harness: Harness) -> None:
-    code, result, human = await probe_against(harness, {}, free_port(), human=True)
-    assert code == 1
-    assert result["ok"] is False
-    assert result["reason"] == "backend_unreachable"
-    assert "backend unreachable" in str(result["error"])
-    assert human.startswith("FAILED")
-
-
-async def test_probe_fails_with_access_denied_for_a_wrong_identity(harness: Harness) -> None:
-    _, backend_port = await harness.backend()
-    code, result, _ = await probe_against(
-        harness, {"allow": ["uri:spiffe://qkdproxy.test/tunnel/someone-else"]}, backend_port
-    )
-    assert code == 1
-    assert result["ok"] is False
-    assert result["reason"] == "access_denied"
-
-
-async def test_probe_fails_with_unknown_ca_for_a_client_of_another_ca(
+async def test_probe_reports_success_only_once_the_backend_is_reached(
     harness: Harness, tmp_path: Path
 ) -> None:
+    """One server daemon with four tunnels, one per outcome, and a client tunnel for each."""
+    _, backend_port = await harness.backend()
     other = tmp_path / "other-pki"
     write_dev_pki(other)
-    _, backend_port = await harness.backend()
-    code, result, _ = await probe_against(harness, {"ca": str(other / "ca.pem")}, backend_port)
-    assert code == 1
-    assert result["ok"] is False
-    assert result["reason"] == "unknown_ca"
+    cases: dict[str, dict[str, TomlValue | None]] = {
+        "ok": {},
+        "down": {"connect": f"127.0.0.1:{free_port()}"},
+        "picky": {"allow": ["uri:spiffe://qkdproxy.test/tunnel/someone-else"]},
+        "otherca": {"ca": str(other / "ca.pem")},
+    }
+    ports = {name: free_port() for name in cases}
+    server_text = client_text = ""
+    for name, change in cases.items():
+        server = await harness.server_config("s.toml", backend_port, NO_KME | change)
+        client = await harness.client_config("c.toml", ports[name], NO_KME)
+        # One [[tunnel]] each: take the generated table, give it its name and port.
+        server_text += tunnel_table(server, name, f"127.0.0.1:{ports[name]}")
+        client_text += tunnel_table(client, name, "127.0.0.1:0")
+    servers = harness.write("servers.toml", "[daemon]\n" + server_text)
+    clients = harness.write("clients.toml", "[daemon]\n" + client_text)
+    daemon = await harness.daemon(servers)
+    await daemon.proc.wait_line(lambda _: daemon.proc.stderr.count("listening on") == 4)
+
+    config = load_config(clients)
+    results = {t.name: await probe(config, t) for t in config.tunnels}
+    assert results["ok"]["ok"] is True, results["ok"]
+    assert (results["ok"]["backend"], results["ok"]["group"]) == ("reached", "X25519MLKEM768")
+    expected = {"down": "backend_unreachable", "picky": "access_denied", "otherca": "unknown_ca"}
+    for name, reason in expected.items():
+        assert (results[name]["ok"], results[name]["reason"]) == (False, reason), results[name]
+    assert "backend unreachable" in results["down"]["error"]
+
+    # The command: exit codes, and human output without Python reprs.
+    for name, code, head in (("ok", 0, "OK"), ("down", 1, "FAILED")):
+        status, out, _ = await harness.cli("probe", "--config", clients, "--tunnel", name)
+        assert status == code and out.startswith(head), out
+        assert "True" not in out and "None" not in out and "False" not in out
+    status, out, _ = await harness.cli("probe", "--config", clients, "--tunnel", "picky", "--json")
+    assert status == 1 and json.loads(out)["reason"] == "access_denied"
+
+
+def tunnel_table(path: Path, name: str, listen: str) -> str:
+    """The ``[[tunnel]]`` table of a generated file, renamed and listening on ``listen``."""
+    table = path.read_text().split("[[tunnel]]", 1)[1]
+    table = table.replace('name = "backend"', f'name = "{name}"')
+    return "[[tunnel]]" + table.replace('listen = "127.0.0.1:0"', f'listen = "{listen}"')
 
 
 # Hostile frames: a VERDICT is bounded, printable, and PROBE carries nothing.
