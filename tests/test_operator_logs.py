@@ -68,11 +68,15 @@ def test_json_lines_have_timestamp_level_logger_and_event_fields() -> None:
     assert (out["level"], out["field_level"], out["conn_id"]) == ("WARNING", "x", 1)
 
 
-def test_json_format_turns_a_traceback_into_one_line() -> None:
+def test_json_format_keeps_handler_filters_and_makes_a_traceback_one_line() -> None:
     stream = io.StringIO()
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
-    configure_logging("info", "json", stream)
+    configure_logging("info", "text", stream)
+    hygiene = logging.Filter()  # stands for a filter installed on the handler
+    root.handlers[-1].addFilter(hygiene)
+    configure_logging("info", "json", stream)  # reconfigured: the filter stays
+    assert root.handlers[-1].filters == [hygiene]
     try:
         try:
             raise RuntimeError("boom")

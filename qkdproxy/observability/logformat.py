@@ -73,11 +73,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
-    """Route every logger (asyncio's and Python warnings included) through one handler."""
+    """Route every logger (asyncio's and Python warnings included) through one handler; the
+    filters of the handler it replaces carry over, so it may be called again (the command
+    line, then the file, decide the format)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
+        # A filter someone installed on the handler (log hygiene) stays in place.
+        for kept in old.filters:
+            handler.addFilter(kept)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
