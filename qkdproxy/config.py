@@ -44,10 +44,10 @@ class KmeConfig:
     cert: Path
     key: Path
     ca: Path
-    prefetch: bool = True
     # ETSI 014: the longest wait between trial calls to a KME that is down (the circuit
     # breaker's backoff cap), so the longest a recovered KME waits to be used again.
     max_retry_interval_s: float = 30.0
+    prefetch: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +308,8 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         cert=r.path("cert", base),
         key=r.path("key", base),
         ca=r.path("ca", base),
-        prefetch=r.get("prefetch", bool, True),
         max_retry_interval_s=r.positive("max_retry_interval_s", 30.0),
+        prefetch=r.get("prefetch", bool, True),
     )
     r.check_unknown()
     return config
