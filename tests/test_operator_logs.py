@@ -29,6 +29,15 @@ from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.keyexchange import KeyApi
 from qkdproxy.tunnel.addresses import format_sockname
 from qkdproxy.tunnel.kmeconn import KmeConnection
+from tests.system_helpers import (
+    FaultHarness,
+    eventually,
+    fault_pki_fixture,  # noqa: F401 - fixture
+    faults_fixture,  # noqa: F401 - fixture
+    free_port,
+    refused,
+    works,
+)
 from tests.test_daemon_system import (
     DEADLINE,
     Harness,
@@ -162,3 +171,37 @@ async def test_json_log_format_every_line_with_drain_and_exit_events(harness: Ha
     events = [line["event"] for line in lines if "event" in line]
     assert events[-3:] == ["drain_start", "drain_end", "exit"]
     assert lines[-1]["code"] == 0
+
+
+async def test_a_kme_outage_is_logged_once_down_and_once_up(faults: FaultHarness) -> None:
+    """The KME is killed and started again on its ports. The client daemon logs one
+    "down" line and one "up again" line, however many connections fail in between, and
+    with max_retry_interval_s = 1 it uses the KME again about a second after it is back."""
+    ports = (free_port(), free_port())
+    kme = await faults.start_kme(ports=ports)
+    _, backend_port = await faults.backend()
+    server = await faults.node(faults.config(
+        "server.toml", [faults.server_tunnel("t", backend_port, kme="t")],
+        {"t": faults.kme_table(kme.urls["kme-b"], "b")},
+    ))  # fmt: skip
+    table = faults.kme_table(kme.urls["kme-a"], "a", prefetch=False, max_retry_interval_s=1.0)
+    client = await faults.node(faults.config(
+        "client.toml", [faults.client_tunnel("t", server.ports["t"], kme="t")], {"t": table},
+    ))  # fmt: skip
+    assert await works(client.ports["t"])
+    kme.proc.process.kill()
+    await kme.proc.wait_exit()
+    for _ in range(4):  # each fails closed; the breaker opens
+        assert await refused(client.ports["t"]) == b""
+    await faults.start_kme(ports=ports, name="kme-again")
+
+    async def recovered() -> bool:
+        return await works(client.ports["t"])
+
+    await eventually(recovered, "the tunnel works again once the KME is back")
+    lines = client.proc.lines
+    assert sum("KME t down" in line for line in lines) == 1, client.proc.stderr
+    assert sum("KME t up again after" in line for line in lines) == 1, client.proc.stderr
+    assert any("KME t circuit breaker closed -> open" in line for line in lines)
+    # Half-open lasts one trial call: it shows only if a check falls inside it.
+    assert re.search(r"KME t circuit breaker (half-open|open) -> closed", client.proc.stderr)

@@ -95,7 +95,8 @@ class KmeConnection:
             # An answer that says "no such key" still shows a working KME.
             self.last_ok = error in (None, "not_found", "exhausted", "refused")
             observer(call, seconds, error)
-            self.log_transitions(error)
+            # The client updates its breaker after telling us: look once it has.
+            asyncio.get_running_loop().call_soon(self.log_transitions, error)
 
         return watched
 
