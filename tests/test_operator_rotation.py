@@ -16,6 +16,8 @@ import asyncio
 import os
 import re
 import signal
+import socket
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +37,7 @@ from tests.test_daemon_system import (
     pki_fixture,  # noqa: F401 - fixture
     toml_table,
 )
+from tests.test_socket_activation import LAUNCHER
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd/qkdproxy.service"
@@ -198,3 +201,68 @@ async def test_rotation_under_load_refuses_no_connection(harness: Harness) -> No
     # The server now presents the new certificate (400 days instead of 825).
     days_left = (after - datetime.now(UTC).timestamp()) / 86400
     assert after < before and 399 < days_left <= 400
+
+
+async def test_restart_with_the_socket_unit_refuses_no_connection(harness: Harness) -> None:
+    """systemd/qkdproxy-tls.socket: systemd holds the TLS port, the service inherits it.
+    The server daemon is stopped (SIGTERM, drain) and a new one started on the same socket,
+    as `systemctl restart` does, under load. Connections that arrive in between wait in
+    the kernel's queue and are served by the new process: none is refused or fails."""
+    socket_unit = (ROOT / "systemd/qkdproxy-tls.socket").read_text()
+    assert "FileDescriptorName=tls" in socket_unit and "Service=qkdproxy.service" in socket_unit
+    _, backend_port = await harness.backend()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)  # what systemd holds
+    server_config = harness.write("server.toml", toml_table("[daemon]", {"drain_timeout_s": 5})
+        + toml_table("[[tunnel]]", {
+            "name": "web", "role": "server", "listen": "systemd:tls",
+            "connect": f"127.0.0.1:{backend_port}", "cert": str(harness.pki / "tunnel-server.pem"),
+            "key": str(harness.pki / "tunnel-server-key.pem"), "ca": str(harness.pki / "ca.pem"),
+            "allow": ["uri:spiffe://qkdproxy.test/tunnel/client"], "policy": "pq-required",
+            "groups": ["X25519MLKEM768"],
+        }))  # fmt: skip
+    port = listener.getsockname()[1]
+    client = await harness.daemon(
+        await harness.client_config("client.toml", port, {"kme": None, "policy": "pq-required",
+                                                          "groups": ["X25519MLKEM768"]})
+    )  # fmt: skip
+
+    readers: list[asyncio.Task[bytes]] = []
+
+    async def start_server() -> asyncio.subprocess.Process:
+        # Like systemd: the socket is fd 3 in the service, LISTEN_FDNAMES names it.
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", LAUNCHER, str(server_config),
+            env={**os.environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "tls"},
+            stderr=asyncio.subprocess.PIPE, pass_fds=(3,),
+            preexec_fn=lambda: os.dup2(listener.fileno(), 3),
+        )  # fmt: skip
+        assert process.stderr is not None
+        async with asyncio.timeout(DEADLINE):
+            while b"listening on" not in (line := await process.stderr.readline()):
+                assert line, "the daemon exited before listening"
+        # Keep reading its log: a full pipe would stall the daemon.
+        readers.append(asyncio.create_task(process.stderr.read()))
+        return process
+
+    load = Load(client.port)
+    stop = asyncio.Event()
+    first = await start_server()
+    workers = [asyncio.create_task(load.run(stop)) for _ in range(4)]
+    try:
+        await load.moves(20)
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), DEADLINE) == 0
+        second = await start_server()  # systemd starts it once the old one exited
+        try:
+            await load.moves(20)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+            second.terminate()
+            await asyncio.wait_for(second.wait(), DEADLINE)
+    finally:
+        stop.set()
+        listener.close()
+        await asyncio.gather(*readers)
+    assert (load.refused, load.failed) == (0, 0)
+    assert load.ok >= 40
