@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,15 @@ class TunnelConfig:
     rekey_bytes: int = 1 << 30
     rekey_interval_s: float = 3600.0
     proxy_protocol: bool = False
+    # Admission control (docs/CONFIGURATION.md, "Admission control"); 0 turns one off.
+    max_connections_per_source: int = 0
+    max_handshakes: int = 128
+    max_handshakes_per_source: int = 64
+    handshake_rate_per_source: float = 100.0
+    handshake_burst_per_source: float = 200.0
+    first_byte_timeout_s: float = 2.0
+    hello_timeout_s: float = 5.0
+    refusal_log_interval_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,9 +315,27 @@ def _tunnel(
         rekey_bytes=int(r.positive("rekey_bytes", float(1 << 30), allow_zero=True)),
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
+        **_admission(r),
     )  # fmt: skip
     r.check_unknown()
     return config
+
+
+ADMISSION_COUNTS = ("max_connections_per_source", "max_handshakes", "max_handshakes_per_source")
+ADMISSION_SECONDS = ("handshake_rate_per_source", "first_byte_timeout_s", "hello_timeout_s")
+
+
+def _admission(r: _Reader) -> dict[str, Any]:
+    """The admission-control keys of a tunnel (0 turns a limit or deadline off)."""
+    default: dict[str, Any] = {f.name: f.default for f in fields(TunnelConfig)}
+    values: dict[str, Any] = {
+        key: int(r.positive(key, default[key], allow_zero=True)) for key in ADMISSION_COUNTS
+    }
+    for key in ADMISSION_SECONDS:
+        values[key] = r.positive(key, default[key], allow_zero=True)
+    for key in ("handshake_burst_per_source", "refusal_log_interval_s"):
+        values[key] = r.positive(key, default[key])
+    return values
 
 
 def _addresses(r: _Reader, role: str) -> tuple[Address | None, Address | None, bool]:

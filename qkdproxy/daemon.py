@@ -80,6 +80,7 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
         lambda: {"taken": ledger.taken, "consumed": ledger.consumed, "wasted": ledger.wasted},
         lambda: {"opened": tunnel.stats.opened, "rejected": tunnel.stats.rejected_at_limit,
                  "fallbacks": tunnel.stats.fallbacks},
+        lambda: dict(tunnel.admission.refused),
     )  # fmt: skip
 
 
@@ -124,6 +125,7 @@ def _tunnel_status(tunnel: Tunnel) -> dict[str, Any]:
         "handshake_failures": stats.handshake_failures, "fallbacks": stats.fallbacks,
         "qkd_keys_consumed": tunnel.keys.ledger.consumed,
         "qkd_keys_wasted": tunnel.keys.ledger.wasted,
+        "refused": dict(tunnel.admission.refused),
     }  # fmt: skip
 
 

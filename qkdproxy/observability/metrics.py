@@ -145,6 +145,8 @@ class TunnelState:
     ledger: Callable[[], dict[str, int]]
     # opened, rejected (at the connection limit), fallbacks (qkd-preferred)
     counts: Callable[[], dict[str, int]]
+    # Connections refused or cut by admission control, by reason.
+    refusals: Callable[[], dict[str, int]] = dict
 
 
 @dataclass(slots=True, eq=False)  # the registry keys collectors by identity
@@ -192,8 +194,15 @@ class StateCollector(Collector):
             "Connections that fell back from QKD to a PQ group (qkd-preferred policy)",
             labels=["tunnel"],
         )
+        refusals = CounterMetricFamily(
+            "qkdproxy_admission_refusals",
+            "Connections refused at accept, or cut for a late hello, by admission control",
+            labels=["tunnel", "reason"],
+        )
         for tunnel in self.tunnels:
             active.add_metric([tunnel.name, tunnel.role], tunnel.active())
+            for reason, count in tunnel.refusals().items():
+                refusals.add_metric([tunnel.name, reason], count)
             for fate, count in tunnel.ledger().items():
                 keys.add_metric([tunnel.name, fate], count)
                 key_bytes.add_metric([tunnel.name, fate], count * 32)
@@ -201,7 +210,7 @@ class StateCollector(Collector):
             opened.add_metric([tunnel.name, tunnel.role], counts["opened"])
             rejected.add_metric([tunnel.name], counts["rejected"])
             fallbacks.add_metric([tunnel.name], counts["fallbacks"])
-        yield from (active, keys, key_bytes, opened, rejected, fallbacks)
+        yield from (active, keys, key_bytes, opened, rejected, fallbacks, refusals)
 
     def _kme_metrics(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("qkdproxy_kme_up", "1 if the KME answers", labels=["kme"])
