@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qkdproxy.tls.certpolicy import CertificatePolicy
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
@@ -40,6 +41,8 @@ class KmeConfig:
     key: Path
     ca: Path
     prefetch: bool = True
+    # What the KME's certificate must meet (docs/SECURITY.md says what is enforced where).
+    cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,8 @@ class TunnelConfig:
     first_byte_timeout_s: float = 2.0
     hello_timeout_s: float = 5.0
     refusal_log_interval_s: float = 10.0
+    # What the peer's certificate must meet beyond a valid chain (tls/certpolicy.py).
+    cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +256,7 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         key=r.path("key", base),
         ca=r.path("ca", base),
         prefetch=r.get("prefetch", bool, True),
+        cert_policy=_cert_policy(r),
     )
     r.check_unknown()
     return config
@@ -316,9 +322,27 @@ def _tunnel(
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
         **_admission(r),
+        cert_policy=_cert_policy(r),
     )  # fmt: skip
     r.check_unknown()
     return config
+
+
+def _cert_policy(r: _Reader) -> CertificatePolicy:
+    """The certificate-policy keys of a tunnel or a KME section (they can only tighten)."""
+    floor = CertificatePolicy()
+    rsa_bits = int(r.positive("cert_min_rsa_bits", floor.min_rsa_bits))
+    ec_bits = int(r.positive("cert_min_ec_bits", floor.min_ec_bits))
+    if rsa_bits < floor.min_rsa_bits:
+        r.fail("cert_min_rsa_bits", f"must be at least {floor.min_rsa_bits}")
+    if ec_bits < floor.min_ec_bits:
+        r.fail("cert_min_ec_bits", f"must be at least {floor.min_ec_bits}")
+    return CertificatePolicy(
+        min_rsa_bits=max(rsa_bits, floor.min_rsa_bits),
+        min_ec_bits=max(ec_bits, floor.min_ec_bits),
+        require_key_usage=bool(r.get("cert_require_key_usage", bool, False)),
+        require_eku=bool(r.get("cert_require_eku", bool, False)),
+    )
 
 
 ADMISSION_COUNTS = ("max_connections_per_source", "max_handshakes", "max_handshakes_per_source")

@@ -50,7 +50,7 @@ def build_endpoint(
     rules = AllowList.of(config.allow).rules
     # A client that names its server checks that name; an allow-list narrows it further.
     any_peer = config.allow_any_peer or (config.role == "client" and not rules)
-    peer = PeerPolicy(anchors, AllowList(rules, any_peer), config.server_name)
+    peer = PeerPolicy(anchors, AllowList(rules, any_peer), config.server_name, config.cert_policy)
     registry = default_registry()
     hybrids = [resolve(g, registry) for g in groups]
     return TlsEndpoint(

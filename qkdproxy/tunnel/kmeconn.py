@@ -53,7 +53,9 @@ class KmeConnection:
         watched = connection._watch(observer)
         if config.api is KeyApi.ETSI_014:
             client = Etsi014Client(
-                config.endpoint, client_context(credentials, anchors), observer=watched
+                config.endpoint,
+                client_context(credentials, anchors, policy=config.cert_policy),
+                observer=watched,
             )
             master = Etsi014Master(
                 client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
@@ -66,7 +68,7 @@ class KmeConnection:
         address = parse_address(config.endpoint)
         if not isinstance(address, TcpAddress):
             raise ValueError(f"kme.{config.name}.address must be host:port")
-        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3)
+        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3, config.cert_policy)
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
