@@ -93,6 +93,10 @@ class DaemonConfig:
     log_level: str = "info"
     # The status listener (/metrics, /healthz, /readyz, /status); None: not served.
     status_listen: TcpAddress | None = None
+    # Refuse every risky setting instead of warning (qkdproxy/risk.py; also --strict).
+    strict: bool = False
+    # Accept private key files that group or others can access (warned about).
+    allow_readable_keys: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,8 @@ def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
         status_listen=_status(
             _Reader(status or {}, "status", problems), "status" in data and status is not None
         ),
+        strict=bool(daemon.get("strict", bool, False)),
+        allow_readable_keys=bool(daemon.get("allow_readable_keys", bool, False)),
     )
     if daemon_config.log_level not in ("debug", "info", "warning", "error"):
         daemon.fail("log_level", "must be debug, info, warning or error")

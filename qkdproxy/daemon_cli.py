@@ -8,12 +8,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qkdproxy.aio import run
 from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
 from qkdproxy.qkd.sources import KeySources
+from qkdproxy.risk import assess
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
 from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
 from qkdproxy.tls.peer import open_peer_channel
@@ -29,10 +31,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Exit codes: 0 stopped cleanly, 1 could not start, 2 bad configuration.",
     )  # fmt: skip
     run_parser.add_argument("--config", type=Path, required=True, help="TOML file")
+    run_parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
     run_parser.set_defaults(handler=run_command)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", type=Path)
+    check.add_argument("--strict", action="store_true", help=STRICT_HELP)
     check.set_defaults(handler=check_command)
 
     probe = commands.add_parser(
@@ -42,6 +46,21 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     probe.add_argument("--tunnel", help="client tunnel name (default: the first)")
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.set_defaults(handler=probe_command)
+
+
+STRICT_HELP = "refuse risky settings instead of warning (also [daemon] strict = true)"
+
+
+def _assess(config: Config, command: str, strict: bool, warn: Callable[[str], None]) -> bool:
+    """Report risky settings through ``warn``; False (reported) if the configuration must
+    not be used: private key files others can read, or any warning in strict mode."""
+    assessment = assess(config)
+    for risk in assessment.warnings:
+        warn(f"WARNING: risky setting: {risk}")
+    refusals = assessment.refusals(strict or config.daemon.strict)
+    for problem in refusals:
+        print(f"qkdproxy {command}: {config.path}: {problem}", file=sys.stderr)
+    return not refusals
 
 
 def _load(path: Path, command: str) -> Config | None:
@@ -57,6 +76,8 @@ def check_command(args: argparse.Namespace) -> int:
     """Validate the TOML and the files it names (certificates, keys, CA bundles)."""
     config = _load(args.file, "check-config")
     if config is None:
+        return EXIT_CONFIG
+    if not _assess(config, "check-config", args.strict, _stderr):
         return EXIT_CONFIG
     try:
         for kme in config.kmes.values():
@@ -81,6 +102,8 @@ def run_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not _assess(config, "run", args.strict, logging.getLogger("qkdproxy.daemon").warning):
+        return EXIT_CONFIG
     return run(_run(config))
 
 
@@ -99,6 +122,10 @@ async def _run(config: Config) -> int:
         await daemon.close()
         return EXIT_START_FAILED
     return await daemon.run()
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def probe_command(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel import gate
 from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
 from qkdproxy.tunnel.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
+from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
 from qkdproxy.tunnel.ratelimit import source_key
@@ -382,6 +383,12 @@ class Tunnel:
         record.api = stream.record.api.value if stream.record.api else None
         record.qkd_key_id = stream.record.qkd_key_id
         record.hello_retry = stream.record.hello_retry
+        server = self.config.role == "server"
+        if server and self.config.policy is Policy.QKD_PREFERRED and stream.record.api is None:
+            # No QKD key in this connection: on a qkd-preferred server that is the client's
+            # fallback, and the line must say so (the server never falls back by itself).
+            record.fallback = True
+            self.stats.fallbacks += 1
         if self._on_handshake is not None:
             self._on_handshake(record)
         channel = await open_peer_channel(stream, self.sources)
