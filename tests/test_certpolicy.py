@@ -216,7 +216,7 @@ async def test_kme_certificate_matrix_over_real_tls(
     tmp_path: Path,
 ) -> None:
     cert = leaf(ca, keys[kind], **options)  # type: ignore[arg-type]
-    why = await kme_handshake(ca, cert, keys[kind], policy, tmp_path)  # type: ignore[arg-type]
+    why = await kme_handshake(ca, cert, keys[kind], policy, tmp_path)
     # OpenSSL checks key strength (security level 2) and purpose (keyUsage, EKU) while it
     # verifies, before our rule runs after the handshake: its refusals are named too.
     named = (f"certificate policy {rule}:", "key too weak", "unsuitable certificate purpose")

@@ -49,7 +49,7 @@ def write_config(tmp: Path, pki_dir: Path, daemon: dict[str, object], **tunnel: 
     return path
 
 
-CLIENT = {"role": "client", "cert": "tunnel-client.pem", "allow": []}
+CLIENT: dict[str, object] = {"role": "client", "cert": "tunnel-client.pem", "allow": []}
 RISKS = [
     ("allow_any_peer", {"allow": [], "allow_any_peer": True}),
     ("ip_server_name_without_allow", {**CLIENT, "server_name": "127.0.0.1"}),
