@@ -14,6 +14,7 @@ from pathlib import Path
 from qkdproxy.aio import run
 from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
+from qkdproxy.observability import logsafe
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.risk import assess
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
@@ -102,6 +103,8 @@ def run_command(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Peer and KME text in any record stays on its line (observability/logsafe.py).
+    logsafe.install()
     if not _assess(config, "run", args.strict, logging.getLogger("qkdproxy.daemon").warning):
         return EXIT_CONFIG
     return run(_run(config))

@@ -146,8 +146,7 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     path = tmp_path_factory.mktemp("pki")
     dev = DevPki.create()
-    for name, data in dev.files().items():
-        (path / name).write_bytes(data)
+    dev.write(path)
     return Pki(path, dev)
 
 

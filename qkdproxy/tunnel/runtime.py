@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
+from qkdproxy.observability.logsafe import escape
 from qkdproxy.observability.throttle import LogThrottle
 from qkdproxy.qkd.sources import FlushableSource, KeySources
 from qkdproxy.tls.keyexchange import KeyContext
@@ -263,7 +264,8 @@ class Tunnel:
                 return self._handshake_failed(exc, record)
             log.warning(
                 "tunnel %s: QKD unavailable (%s); falling back to %s",
-                self.config.name, exc.reason, "/".join(g.name for g in self.config.plan.fallback),
+                self.config.name, escape(exc.reason),
+                "/".join(g.name for g in self.config.plan.fallback),
             )  # fmt: skip
             record.fallback = True
             self.stats.fallbacks += 1
@@ -307,7 +309,7 @@ class Tunnel:
             log.warning(
                 "tunnel %s: the peer refused our QKD key (%s); the peer or a KME may have "
                 "restarted: key buffer flushed, retrying once",
-                self.config.name, exc.reason,
+                self.config.name, escape(exc.reason),
             )  # fmt: skip
         return await self._dial_peer(self.endpoint, record)
 
