@@ -43,6 +43,10 @@ class KmeConfig:
     prefetch: bool = True
     # What the KME's certificate must meet (docs/SECURITY.md says what is enforced where).
     cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
+    # ETSI 004 responder: KME work for KSIDs named in unauthenticated hellos (qkd/responder.py).
+    peer_streams_per_source: int = 2
+    peer_streams_max: int = 4
+    peer_stream_wait_s: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +267,9 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         ca=r.path("ca", base),
         prefetch=r.get("prefetch", bool, True),
         cert_policy=_cert_policy(r),
+        peer_streams_per_source=int(r.positive("peer_streams_per_source", 2)),
+        peer_streams_max=int(r.positive("peer_streams_max", 4)),
+        peer_stream_wait_s=r.positive("peer_stream_wait_s", 0.5),
     )
     r.check_unknown()
     return config

@@ -18,6 +18,7 @@ from qkdproxy.qkd.breaker import BreakerState
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
 from qkdproxy.qkd.keys import QkdKeyError
+from qkdproxy.qkd.responder import GuardedStreams, ResponderLimits
 from qkdproxy.qkd.sources import KeySources, KmeCallObserver, no_observer
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
@@ -73,8 +74,11 @@ class KmeConnection:
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
         )  # fmt: skip
-        pool = Etsi004ClientPool(factory)
-        stream: Etsi004ClientPool | PrefetchingStreams = pool
+        limits = ResponderLimits(
+            config.peer_streams_per_source, config.peer_streams_max, config.peer_stream_wait_s
+        )
+        pool = GuardedStreams(Etsi004ClientPool(factory), limits)
+        stream: GuardedStreams | PrefetchingStreams = pool
         connection._closers = [pool]
         if config.prefetch:
             stream = PrefetchingStreams(pool)

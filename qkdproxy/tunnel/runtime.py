@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from qkdproxy.config import TunnelConfig
 from qkdproxy.observability.logsafe import escape
 from qkdproxy.observability.throttle import LogThrottle
+from qkdproxy.qkd.responder import HELLO_SOURCE
 from qkdproxy.qkd.sources import FlushableSource, KeySources
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
@@ -333,6 +334,8 @@ class Tunnel:
     async def _serve_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
     ) -> str:
+        # Until the client is authenticated, KME work for the KSID it names is bounded.
+        HELLO_SOURCE.set(source_key(record.client))
         try:
             stream = await gate.within_hello_deadlines(
                 reader, self.endpoint.accept(reader, writer),
@@ -376,6 +379,7 @@ class Tunnel:
             await close_transport(backend_writer)
 
     async def _channel(self, stream: TlsStream, record: ConnectionRecord) -> Channel:
+        HELLO_SOURCE.set(None)  # authenticated: its announcements are not a hello's
         self.admission.handshake_done(self._tickets[record.conn_id])
         self.stats.handshake_seconds.append(stream.handshake_seconds)
         record.handshake_ms = round(stream.handshake_seconds * 1000, 3)
