@@ -27,6 +27,7 @@ from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.sources import KeySources
+from qkdproxy.risk import assess
 from qkdproxy.sdnotify import Notifier, inherited_sockets, watchdog_interval_s
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.identity import AllowList
@@ -160,6 +161,8 @@ class Daemon:
         self._stopping = False
         self._reload_pending = False
         self.healthy = False
+        # Set by `run --strict`: a reload refuses risky settings too.
+        self.strict = False
 
     async def start(self) -> None:
         """Open KME clients and listeners; raise on anything that prevents serving."""
@@ -288,6 +291,11 @@ class Daemon:
         try:
             fresh = load_config(self.config.path)
             problems += self._restart_only_changes(fresh)
+            # The same checks as at start: key files others can read, risky settings.
+            assessment = assess(fresh)
+            problems += assessment.refusals(self.strict or fresh.daemon.strict)
+            for risk in assessment.warnings:
+                log.warning("WARNING: risky setting: %s", risk)
             if not problems:
                 # Every running tunnel is in ``fresh``: _restart_only_changes checked that.
                 by_name = {t.name: t for t in fresh.tunnels}

@@ -107,11 +107,12 @@ def run_command(args: argparse.Namespace) -> int:
     logsafe.install()
     if not _assess(config, "run", args.strict, logging.getLogger("qkdproxy.daemon").warning):
         return EXIT_CONFIG
-    return run(_run(config))
+    return run(_run(config, args.strict))
 
 
-async def _run(config: Config) -> int:
+async def _run(config: Config, strict: bool = False) -> int:
     daemon = Daemon(config)
+    daemon.strict = strict
     daemon.handle_signals()
     try:
         await daemon.start()

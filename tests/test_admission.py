@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from qkdproxy.groups import DEFAULT_GROUPS
 from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
+from qkdproxy.observability.metrics import Metrics, StateCollector, TunnelState
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.identity import AllowList
@@ -308,3 +310,22 @@ async def test_one_source_holding_100_idle_sockets_does_not_stop_another(
     assert len(flood_lines) <= 6, flood_lines
     assert sum(CONNECTION_MARK in line for line in window) <= 20 + 6
     assert elapsed < 15
+
+
+def test_refusals_are_exported_by_reason() -> None:
+    metrics = Metrics()
+    collector = StateCollector()
+    metrics.registry.register(collector)
+    admission = Admission(limits(max_handshakes_per_source=1))
+    admit_all(admission, "192.0.2.1", 3)
+    admission.count(Refusal.FIRST_BYTE_TIMEOUT)
+    collector.tunnels.append(
+        TunnelState("t", "server", lambda: 1, dict,
+                    lambda: {"opened": 1, "rejected": 0, "fallbacks": 0},
+                    lambda: dict(admission.refused))
+    )  # fmt: skip
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        'qkdproxy_admission_refusals_total{reason="source_handshake_limit",tunnel="t"} 2.0' in text
+    )
+    assert 'qkdproxy_admission_refusals_total{reason="first_byte_timeout",tunnel="t"} 1.0' in text

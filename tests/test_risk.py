@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from tests.test_daemon_system import (
     CLIENT_ID,
     SERVER_NAME,
     Harness,
+    exchange,
     harness,  # noqa: F401 - fixture
     pki,  # noqa: F401 - fixture
     toml_table,
@@ -134,3 +136,34 @@ async def test_run_warns_at_start_up_and_refuses_in_strict_mode(
 
     code, _, err = await harness.cli("run", "--config", config, "--strict")
     assert code == 2 and "[allow_any_peer] (refused in strict mode)" in err
+
+
+async def test_a_reload_refuses_a_key_file_others_can_read(
+    harness: Harness,  # noqa: F811 - fixture
+) -> None:
+    _, backend_port = await harness.backend()
+    key = harness.tmp / "server-key.pem"
+    shutil.copy(harness.pki / "tunnel-server-key.pem", key)
+    key.chmod(0o600)
+    values = {"kme": None, "policy": "pq-required", "groups": ["X25519MLKEM768"], "key": str(key)}
+    server = await harness.daemon(await harness.server_config("s.toml", backend_port, values))
+    key.chmod(0o644)
+    server.proc.signal(signal.SIGHUP)
+    refused = await server.proc.wait_line(lambda line: "reload refused" in line)
+    assert "accessible by group and others" in refused
+
+
+async def test_a_qkd_preferred_server_logs_a_non_qkd_connection_as_fallback(
+    harness: Harness,  # noqa: F811 - fixture
+) -> None:
+    """Before, the server logged "fallback": false for a client that chose no QKD group."""
+    _, backend_port = await harness.backend()
+    server, client = await harness.pair(
+        backend_port,
+        server={"policy": "qkd-preferred", "groups": ["qkd_mlkem768", "X25519MLKEM768"]},
+        client={"kme": None, "policy": "pq-required", "groups": ["X25519MLKEM768"]},
+    )
+    payload = b"x" * 1000
+    assert await exchange(client.port, payload) == payload
+    record = await server.proc.wait_record()
+    assert (record["group"], record["fallback"]) == ("X25519MLKEM768", True)
