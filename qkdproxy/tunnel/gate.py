@@ -85,7 +85,9 @@ async def within_hello_deadlines(
     def progress(now: HelloState) -> None:
         nonlocal state
         state = now
-        deadline.reschedule(None if now is HelloState.COMPLETE else hello_at)
+        # Bytes may still arrive between expiry and the handshake's cancellation.
+        if not deadline.expired():
+            deadline.reschedule(None if now is HelloState.COMPLETE else hello_at)
 
     reader.on_progress = progress
     try:
