@@ -295,7 +295,7 @@ async def test_one_source_holding_100_idle_sockets_does_not_stop_another(
         results = []
         for _ in range(20):
             results.append(await legit_exchange(endpoint, server.port))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
     finally:
         stop.set()
         await asyncio.gather(*squatters, return_exceptions=True)
