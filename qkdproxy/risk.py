@@ -13,7 +13,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from qkdproxy.config import Config, TunnelConfig
+from qkdproxy.tls.certpolicy import CertificatePolicy, CertificatePolicyError, Role
 from qkdproxy.tunnel.policy import Policy
 
 # A handshake allowed this long, with no idle timeout, lets slow clients hold slots.
@@ -59,7 +62,28 @@ def assess(config: Config) -> Assessment:
             warnings.append(Risk(where, "readable_key", text + "; allowed by allow_readable_keys)"))
         else:
             errors.append(f"{where}: {text}, or set [daemon] allow_readable_keys = true)")
+    warnings += _own_certificates(config)
     return Assessment(errors, warnings)
+
+
+def _own_certificates(config: Config) -> list[Risk]:
+    """Our own certificates against the policy our peers apply by default: one that fails
+    it will be refused by an up-to-date peer (or KME)."""
+    ours: list[tuple[str, Path, Role]] = [
+        (f"kme.{name}.cert", kme.cert, "client") for name, kme in config.kmes.items()
+    ]
+    ours += [(f"tunnel[{i}] ({t.name}).cert", t.cert, "server" if t.role == "server" else
+              "client") for i, t in enumerate(config.tunnels)]  # fmt: skip
+    risks = []
+    for where, path, role in ours:
+        try:
+            chain = x509.load_pem_x509_certificates(path.read_bytes())
+            CertificatePolicy().check(chain, role)
+        except CertificatePolicyError as exc:
+            risks.append(Risk(where, "weak_own_certificate", f"{path}: {exc}"))
+        except (OSError, ValueError):
+            continue  # unreadable: loading it reports that
+    return risks
 
 
 def risky_settings(config: Config) -> list[Risk]:

@@ -9,10 +9,12 @@ import signal
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from qkdproxy.certs import write_dev_pki
 from qkdproxy.config import load_config
 from qkdproxy.daemon_cli import check_command
+from qkdproxy.pki import CertificateAuthority
 from qkdproxy.risk import assess, risky_settings
 from tests.test_daemon_system import (
     CLIENT_ID,
@@ -167,3 +169,21 @@ async def test_a_qkd_preferred_server_logs_a_non_qkd_connection_as_fallback(
     assert await exchange(client.port, payload) == payload
     record = await server.proc.wait_record()
     assert (record["group"], record["fallback"]) == ("X25519MLKEM768", True)
+
+
+def test_our_own_weak_certificate_is_a_risk(
+    tmp_path: Path, dev_pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weak = CertificateAuthority.create().issue("t", ["server.qkdproxy.test"],
+                                               key_type="rsa-1024")  # type: ignore[arg-type]  # fmt: skip
+    cert, key = tmp_path / "weak.pem", tmp_path / "weak-key.pem"
+    cert.write_bytes(weak.chain[0].public_bytes(serialization.Encoding.PEM))
+    key.touch(mode=0o600)
+    key.write_bytes(weak.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))  # fmt: skip
+    path = write_config(tmp_path, dev_pki, {}, cert=str(cert), key=str(key))
+    assert [r.code for r in assess(load_config(path)).warnings] == ["weak_own_certificate"]
+    assert check_command(argparse.Namespace(file=path, strict=False)) == 0
+    assert "certificate policy min_rsa_bits" in capsys.readouterr().err
