@@ -22,6 +22,7 @@ from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
 from qkdproxy.qkd.keys import QkdKeyError
+from qkdproxy.qkd.responder import GuardedStreams, ResponderLimits
 from qkdproxy.qkd.sources import KeySources, KmeCallObserver, no_observer
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
@@ -63,9 +64,11 @@ class KmeConnection:
         if config.api is KeyApi.ETSI_014:
             breaker = CircuitBreaker(max_backoff_s=config.max_retry_interval_s)
             client = Etsi014Client(
-                config.endpoint, client_context(credentials, anchors), observer=watched,
+                config.endpoint,
+                client_context(credentials, anchors, policy=config.cert_policy),
+                observer=watched,
                 breaker=breaker,
-            )  # fmt: skip
+            )
             master = Etsi014Master(
                 client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
             )
@@ -77,13 +80,16 @@ class KmeConnection:
         address = parse_address(config.endpoint)
         if not isinstance(address, TcpAddress):
             raise SettingError(f"kme.{config.name}.address must be host:port")
-        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3)
+        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3, config.cert_policy)
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
         )  # fmt: skip
-        pool = Etsi004ClientPool(factory)
-        stream: Etsi004ClientPool | PrefetchingStreams = pool
+        limits = ResponderLimits(
+            config.peer_streams_per_source, config.peer_streams_max, config.peer_stream_wait_s
+        )
+        pool = GuardedStreams(Etsi004ClientPool(factory), limits)
+        stream: GuardedStreams | PrefetchingStreams = pool
         connection._closers = [pool]
         if config.prefetch:
             stream = PrefetchingStreams(pool)
