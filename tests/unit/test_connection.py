@@ -45,7 +45,13 @@ from qkdproxy.tls.verify import PeerPolicy
 from qkdproxy.tls.wire import Alert
 from tests.conftest import groups
 
-NOW = datetime.now(UTC)
+
+def wall_time() -> datetime:
+    """The certificate-validation time a driver would pass in: when the handshake starts
+    (the certificates are issued during the test, so not at import)."""
+    return datetime.now(UTC)
+
+
 TIMEOUT = 10.0
 
 
@@ -187,8 +193,8 @@ def pair(
         ca, server_groups or client_groups, client=False, allow=server_allow, options=server_options
     )
     p = Pair(
-        TlsConnection(client_config, client_keys, is_client=True, wall_time=NOW),
-        TlsConnection(server_config, server_keys, is_client=False, wall_time=NOW),
+        TlsConnection(client_config, client_keys, is_client=True, wall_time=wall_time()),
+        TlsConnection(server_config, server_keys, is_client=False, wall_time=wall_time()),
         kme or Kme(),
     )
     p.server.start(p.now)
@@ -319,7 +325,7 @@ def test_no_group_in_common_is_a_handshake_failure(ca: CertificateAuthority) -> 
 
 def test_the_peer_closing_mid_handshake_is_not_a_clean_end(ca: CertificateAuthority) -> None:
     config, keys = endpoint(ca, groups("x25519"), client=True)
-    client = TlsConnection(config, keys, is_client=True, wall_time=NOW)
+    client = TlsConnection(config, keys, is_client=True, wall_time=wall_time())
     client.start(0.0)
     assert client.data_to_send()  # the ClientHello
     client.receive_eof(1.0)
@@ -329,7 +335,7 @@ def test_the_peer_closing_mid_handshake_is_not_a_clean_end(ca: CertificateAuthor
 
 def test_a_malformed_server_hello_gets_decode_error(ca: CertificateAuthority) -> None:
     config, keys = endpoint(ca, groups("x25519"), client=True)
-    client = TlsConnection(config, keys, is_client=True, wall_time=NOW)
+    client = TlsConnection(config, keys, is_client=True, wall_time=wall_time())
     client.start(0.0)
     client.data_to_send()
     client.receive_data(bytes.fromhex("160303000602000002ffff"), 1.0)
@@ -339,7 +345,7 @@ def test_a_malformed_server_hello_gets_decode_error(ca: CertificateAuthority) ->
 
 def test_an_answer_nobody_asked_for_is_our_bug(ca: CertificateAuthority) -> None:
     config, keys = endpoint(ca, groups("x25519"), client=False)
-    server = TlsConnection(config, keys, is_client=False, wall_time=NOW)
+    server = TlsConnection(config, keys, is_client=False, wall_time=wall_time())
     server.start(0.0)
     with pytest.raises(LocalProtocolError):
         server.answer_key(None, 0.0)
@@ -371,8 +377,8 @@ def retrying_pair(ca: CertificateAuthority) -> tuple[TlsConnection, TlsConnectio
     # The client's key share is for x25519, which the server does not take: one retry.
     client_config, client_keys = endpoint(ca, groups("x25519", "qkd_mlkem768"), client=True)
     server_config, server_keys = endpoint(ca, groups("qkd_mlkem768"), client=False)
-    client = TlsConnection(client_config, client_keys, is_client=True, wall_time=NOW)
-    server = TlsConnection(server_config, server_keys, is_client=False, wall_time=NOW)
+    client = TlsConnection(client_config, client_keys, is_client=True, wall_time=wall_time())
+    server = TlsConnection(server_config, server_keys, is_client=False, wall_time=wall_time())
     server.start(0.0)
     client.start(0.0)
     return client, server, Kme()
