@@ -28,7 +28,6 @@ from qkdproxy.etsi014.models import (
 )
 from qkdproxy.qkd.breaker import CircuitBreaker
 from qkdproxy.qkd.keys import (
-    KeyExhaustedError,
     KeyNotFoundError,
     KeySourceUnavailableError,
     QkdKey,
@@ -42,6 +41,25 @@ STATUS_ATTEMPTS = 3
 
 class KmeProtocolError(KeySourceUnavailableError):
     """The KME answered something that is not valid ETSI 014."""
+
+
+class KmeUnauthorisedError(QkdKeyError):
+    """401 on ``status`` or ``enc_keys``: the KME does not let this SAE (its client
+    certificate) ask for keys towards that peer SAE. A configuration matter, not an outage."""
+
+    kind = "unauthorised"
+
+
+class KmeRefusedError(QkdKeyError):
+    """Another 4xx: the KME is up and refused the request as made."""
+
+    kind = "http_4xx"
+
+
+# Error classes (the ``class`` label of kme_errors_total) that mean the KME itself is failing
+# or unreachable: 5xx answers, network and TLS errors, answers that are not ETSI 014.
+# Every 4xx is an answer from a working KME and never marks it down.
+KME_DOWN_CLASSES = frozenset({"http_5xx", "timeout", "tls", "connect", "protocol", "unavailable"})
 
 
 class Etsi014Client:
@@ -131,7 +149,7 @@ class Etsi014Client:
         started = time.perf_counter()
         call = path.rsplit("/", 1)[-1]
         try:
-            result = await self._request(method, path, body)
+            result = await self._request(method, path, body, call)
         except QkdKeyError as exc:
             self._observer(call, time.perf_counter() - started, _error_class(exc))
             if isinstance(exc, KeySourceUnavailableError):
@@ -148,7 +166,7 @@ class Etsi014Client:
         self.breaker.record_success()
         return result
 
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, call: str) -> Any:
         try:
             async with self._client().request(
                 method, self.base_url + path, json=body, allow_redirects=False
@@ -161,7 +179,7 @@ class Etsi014Client:
             raise error from None
         if code == 200:
             return _decode(payload)
-        raise _error_for(code, payload)
+        raise error_for(call, code, payload)
 
 
 def _transport_class(exc: BaseException) -> str:
@@ -177,9 +195,7 @@ def _error_class(exc: QkdKeyError) -> str:
         return "protocol"
     if isinstance(exc, KeyNotFoundError):
         return "not_found"
-    if isinstance(exc, KeyExhaustedError):
-        return "exhausted"
-    return getattr(exc, "kind", None) or ("http_5xx" if "answered 5" in str(exc) else "http_4xx")
+    return exc.kind or "http_4xx"
 
 
 def _path(sae: str, call: str) -> str:
@@ -216,17 +232,29 @@ def _container(data: Any, size: int, number: int) -> KeyContainer:
         raise KmeProtocolError(f"key container rejected: {exc}") from None
 
 
-def _error_for(code: int, payload: bytes) -> QkdKeyError:
-    # The code decides; the body (often not even JSON on real KMEs) only adds detail.
+def error_for(call: str, code: int, payload: bytes) -> QkdKeyError:
+    """The error for a non-200 answer to ``call``, classified by status code and call only.
+
+    The message text (free-form, often not even JSON on real KMEs) is never interpreted; it
+    is only quoted. dec_keys is always sent well formed, so any 400, 401 or 404 to it means
+    the KME has no such key for this SAE. 401 elsewhere is an authorisation problem.
+    """
     try:
         message = ErrorBody.from_json(json.loads(payload)).message
     except (ValueError, UnicodeDecodeError, RecursionError, Etsi014FormatError):
         message = ""
     text = f"KME answered {code}" + (f": {message}" if message else "")
-    if code in (401, 404) or (code == 400 and "not found" in message):
-        return KeyNotFoundError(text)
-    if code == 503 and "insufficient" in message:
-        return KeyExhaustedError(text)
     if code >= 500:
-        return KeySourceUnavailableError(text)
-    return QkdKeyError(text)
+        error = KeySourceUnavailableError(text)
+        error.kind = "http_5xx"
+        return error
+    if code < 400:
+        return KmeProtocolError(f"unexpected HTTP status: {text}")
+    if call == "dec_keys" and code in (400, 401, 404):
+        return KeyNotFoundError(text)
+    if code == 401:
+        return KmeUnauthorisedError(
+            f"{text} (not authorised: the KME does not accept this SAE's client certificate "
+            f"for {call} towards that peer SAE; check the SAE ids and the KME's registration)"
+        )
+    return KmeRefusedError(text)

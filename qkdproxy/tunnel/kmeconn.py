@@ -12,7 +12,7 @@ from typing import Protocol
 
 from qkdproxy.config import KmeConfig
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
-from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.etsi014.client import KME_DOWN_CLASSES, Etsi014Client
 from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.breaker import BreakerState
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
@@ -82,8 +82,9 @@ class KmeConnection:
 
     def _watch(self, observer: KmeCallObserver) -> KmeCallObserver:
         def watched(call: str, seconds: float, error: str | None) -> None:
-            # An answer that says "no such key" still shows a working KME.
-            self.last_ok = error in (None, "not_found", "exhausted", "refused")
+            # Any answer that is not a server error (no such key, not authorised, pool
+            # empty over 004) still shows a working KME.
+            self.last_ok = error not in KME_DOWN_CLASSES
             observer(call, seconds, error)
 
         return watched
