@@ -82,6 +82,8 @@ class Etsi014Client:
         self.breaker = breaker or CircuitBreaker()
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        # max_key_per_request per peer SAE, from status (see max_keys_per_request).
+        self._request_caps: dict[str, int] = {}
 
     async def __aenter__(self) -> Etsi014Client:
         return self
@@ -116,6 +118,25 @@ class Etsi014Client:
                 error = exc
         assert error is not None
         raise error
+
+    async def max_keys_per_request(self, peer_sae: str) -> int:
+        """How many key ids (or keys) one request towards ``peer_sae`` may carry.
+
+        Read from ``status`` once and remembered. A KME that refuses ``status`` to this SAE
+        (any 4xx) is taken to allow one per request, for good; a failing KME gives 1 for
+        this call only, and the next call asks again.
+        """
+        cap = self._request_caps.get(peer_sae)
+        if cap is not None:
+            return cap
+        try:
+            cap = (await self.status(peer_sae)).max_key_per_request
+        except KeySourceUnavailableError:
+            return 1
+        except QkdKeyError:
+            cap = 1
+        self._request_caps[peer_sae] = cap
+        return cap
 
     async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
         """New keys shared with ``slave_sae`` (never retried: a retry could consume more)."""
