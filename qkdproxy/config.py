@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkdproxy.etsi014.models import MAX_SAE_ID_LENGTH
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
@@ -243,6 +244,10 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         ca=r.path("ca", base),
         prefetch=r.get("prefetch", bool, True),
     )
+    # Any non-empty SAE id: ETSI 014 paths carry it percent-encoded ('#', '/', spaces...).
+    for key in ("sae_id", "peer_sae_id"):
+        if len(getattr(config, key)) > MAX_SAE_ID_LENGTH:
+            r.fail(key, f"longer than {MAX_SAE_ID_LENGTH} characters")
     r.check_unknown()
     return config
 

@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from qkdproxy.certs import DevPki
+from qkdproxy.config import ConfigError, load_config
+from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.qkd.etsi014_sources import Etsi014Slave
+from qkdproxy.sslctx import client_context
+from qkdproxy.tls.credentials import Credentials
 from tests.test_etsi014 import (
     DEADLINE,
     container,
     etsi_client,
     fake_kme,
     key_entry,
+    running_pair,
     status_document,
 )
 
@@ -29,6 +38,17 @@ from tests.test_etsi014 import (
 @pytest.fixture(scope="module")
 def pki() -> DevPki:
     return DevPki.create()
+
+
+@asynccontextmanager
+async def credential_client(
+    pki: DevPki, url: str, credentials: Credentials
+) -> AsyncIterator[Etsi014Client]:
+    client = Etsi014Client(url, client_context(credentials, [pki.ca.certificate]))
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def requested_ids(body: bytes) -> list[str]:
@@ -116,3 +136,70 @@ async def test_status_refused_to_the_slave_means_one_id_per_request(pki: DevPki)
     paths = [path for _, path, _ in fake.requests]
     assert paths.count("/api/v1/keys/sae-a/status") == 1
     assert len(paths) == 1 + len(ids)
+
+
+ODD_SAE_IDS = ["SAE#002", "sae b/2", "sáe?x=1&y", "100%", ".", "..", "../admin"]
+
+
+@pytest.mark.parametrize("sae", ODD_SAE_IDS)
+async def test_sae_ids_are_percent_encoded_in_paths(pki: DevPki, sae: str) -> None:
+    raw_paths: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raw_paths.append(request.raw_path)
+        return web.json_response(status_document())
+
+    async with fake_kme(pki) as fake, etsi_client(pki, fake.url, "sae-a") as client:
+        fake.handler = handler
+        await client.status(sae)
+    [raw] = raw_paths
+    segment = raw.removeprefix("/api/v1/keys/").removesuffix("/status")
+    assert "/" not in segment and "#" not in segment and "?" not in segment
+    assert segment not in (".", "..")
+    assert urllib.parse.unquote(segment) == sae
+
+
+async def test_simulator_round_trip_with_sae_ids_that_need_encoding(pki: DevPki) -> None:
+    """Certificates whose CN is the SAE id ('SAE#001', 'SAE/002 b'): keys flow both ways."""
+    master_id, slave_id = "SAE#001", "SAE/002 b"
+    master = pki.ca.issue(master_id, [], server=False)
+    slave = pki.ca.issue(slave_id, [], server=False)
+    async with (
+        running_pair(pki) as pair,
+        credential_client(pki, pair.urls_014[0], master) as client_a,
+        credential_client(pki, pair.urls_014[1], slave) as client_b,
+    ):
+        status = await client_a.status(slave_id)
+        assert (status.master_sae_id, status.slave_sae_id) == (master_id, slave_id)
+        keys = await client_a.enc_keys(slave_id, 2)
+        assert await client_b.dec_keys(master_id, [k.key_id for k in keys]) == keys
+
+
+def test_configuration_accepts_any_non_empty_sae_id(tmp_path: Path) -> None:
+    config = tmp_path / "q.toml"
+    config.write_text(
+        """
+[kme.k]
+url = "https://127.0.0.1:1"
+sae_id = "SAE#001"
+peer_sae_id = "sae b/2 ü"
+cert = "c.pem"
+key = "k.pem"
+ca = "ca.pem"
+
+[[tunnel]]
+role = "server"
+listen = "127.0.0.1:1"
+connect = "127.0.0.1:2"
+cert = "c.pem"
+key = "k.pem"
+ca = "ca.pem"
+allow_any_peer = true
+kme = "k"
+"""
+    )
+    kme = load_config(config).kmes["k"]
+    assert (kme.sae_id, kme.peer_sae_id) == ("SAE#001", "sae b/2 ü")
+    config.write_text(config.read_text().replace('"SAE#001"', '"' + "x" * 257 + '"'))
+    with pytest.raises(ConfigError, match="sae_id: longer than 256"):
+        load_config(config)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
+import yarl
 
 from qkdproxy.etsi014.models import (
     ErrorBody,
@@ -24,6 +25,7 @@ from qkdproxy.etsi014.models import (
     KeyIds,
     KeyRequest,
     Status,
+    sae_path_segment,
     valid_sae_id,
 )
 from qkdproxy.qkd.breaker import CircuitBreaker
@@ -190,7 +192,11 @@ class Etsi014Client:
     async def _request(self, method: str, path: str, body: dict[str, Any] | None, call: str) -> Any:
         try:
             async with self._client().request(
-                method, self.base_url + path, json=body, allow_redirects=False
+                # encoded: the path is percent-encoded already (SAE ids), keep it byte for byte
+                method,
+                yarl.URL(self.base_url + path, encoded=True),
+                json=body,
+                allow_redirects=False,
             ) as response:
                 payload = await _read_bounded(response)
                 code = response.status
@@ -222,7 +228,7 @@ def _error_class(exc: QkdKeyError) -> str:
 def _path(sae: str, call: str) -> str:
     if not valid_sae_id(sae):
         raise ValueError(f"invalid SAE ID {sae!r}")
-    return f"/api/v1/keys/{sae}/{call}"
+    return f"/api/v1/keys/{sae_path_segment(sae)}/{call}"
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 MAX_SAE_ID_LENGTH = 256
 MAX_KEYS_PER_CONTAINER = 1024
@@ -64,10 +65,17 @@ def _object_list(data: Mapping[str, Any], name: str) -> list[Any]:
 
 
 def valid_sae_id(sae_id: str) -> bool:
-    """SAE ids travel in URL paths: printable ASCII without '/', bounded length."""
-    return 0 < len(sae_id) <= MAX_SAE_ID_LENGTH and all(
-        33 <= ord(c) < 127 and c != "/" for c in sae_id
-    )
+    """Any non-empty SAE id of bounded length: it travels percent-encoded in URL paths
+    (:func:`sae_path_segment`), so '#', '/', spaces or non-ASCII letters are all fine."""
+    return 0 < len(sae_id) <= MAX_SAE_ID_LENGTH
+
+
+def sae_path_segment(sae_id: str) -> str:
+    """``sae_id`` as one URL path segment: UTF-8, every reserved character percent-encoded
+    (the spec's paths carry URL-encoded SAE ids; ``SAE#002`` is ``SAE%23002``). "." and
+    ".." are encoded too: as bare segments, servers and proxies would resolve them."""
+    segment = quote(sae_id, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
 
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
