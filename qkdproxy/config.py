@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qkdproxy.etsi014.models import MAX_SAE_ID_LENGTH
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
@@ -41,6 +42,8 @@ class KmeConfig:
     key: Path
     ca: Path
     prefetch: bool = True
+    # Names the KME certificate must carry instead of the URL's host (cn:/dns:/uri: rules).
+    kme_identity: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,12 +247,27 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         ca=r.path("ca", base),
         prefetch=r.get("prefetch", bool, True),
     )
+    config = replace(config, kme_identity=_kme_identity(r))
     # Any non-empty SAE id: ETSI 014 paths carry it percent-encoded ('#', '/', spaces...).
     for key in ("sae_id", "peer_sae_id"):
         if len(getattr(config, key)) > MAX_SAE_ID_LENGTH:
             r.fail(key, f"longer than {MAX_SAE_ID_LENGTH} characters")
     r.check_unknown()
     return config
+
+
+def _kme_identity(r: _Reader) -> tuple[str, ...]:
+    r.used.add("kme_identity")
+    value = r.data.get("kme_identity", [])
+    rules = [value] if isinstance(value, str) else value
+    if not isinstance(rules, list) or not all(isinstance(i, str) for i in rules):
+        r.fail("kme_identity", "must be a string or a list of strings (cn:, dns:, uri:)")
+        return ()
+    try:
+        return tuple(rules) if rules and ExpectedKme.parse(rules) else ()
+    except ValueError as exc:
+        r.fail("kme_identity", str(exc))
+        return ()
 
 
 def _tunnel(

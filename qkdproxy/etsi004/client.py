@@ -36,6 +36,7 @@ from qkdproxy.etsi004.codec import (
     Status,
     encode,
 )
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.qkd.keys import (
     KeyExhaustedError,
     KeySourceUnavailableError,
@@ -115,9 +116,11 @@ class Etsi004Client:
         call_timeout: float = 5.0,
         server_hostname: str | None = None,
         observer: KmeCallObserver = no_observer,
+        expected_kme: ExpectedKme | None = None,
     ) -> None:
         self._host, self._port = host, port
-        self._ssl = ssl_context
+        self._expected_kme = expected_kme
+        self._ssl = expected_kme.prepare(ssl_context) if expected_kme else ssl_context
         self._server_hostname = server_hostname
         self._source, self._destination = source, destination
         self._qos = QoS(chunk_size, timeout_ms=timeout_ms, ttl_s=ttl_s)
@@ -286,6 +289,11 @@ class Etsi004Client:
             server_hostname=self._server_hostname,
             ssl_handshake_timeout=self._call_timeout,
         )
+        if self._expected_kme is not None:
+            problem = self._expected_kme.mismatch(writer.get_extra_info("ssl_object"))
+            if problem is not None:
+                writer.transport.abort()
+                raise ssl.SSLCertVerificationError(problem)
         self._connection = _Connection(reader, writer, FrameDecoder())
         return self._connection
 

@@ -17,6 +17,9 @@ from typing import Any
 
 import aiohttp
 import yarl
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.tracing import Trace
 
 from qkdproxy.etsi014.models import (
     ErrorBody,
@@ -28,6 +31,7 @@ from qkdproxy.etsi014.models import (
     sae_path_segment,
     valid_sae_id,
 )
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.qkd.breaker import CircuitBreaker
 from qkdproxy.qkd.keys import (
     KeyNotFoundError,
@@ -76,8 +80,12 @@ class Etsi014Client:
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: KmeCallObserver = no_observer,
+        expected_kme: ExpectedKme | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._expected_kme = expected_kme
+        if expected_kme is not None:
+            ssl_context = expected_kme.prepare(ssl_context)
         self._observer = observer
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -101,7 +109,13 @@ class Etsi014Client:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=32, keepalive_timeout=60)
+            connector = (
+                aiohttp.TCPConnector(ssl=self._ssl, limit=32, keepalive_timeout=60)
+                if self._expected_kme is None
+                else IdentityCheckingConnector(
+                    self._expected_kme, ssl=self._ssl, limit=32, keepalive_timeout=60
+                )
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, version=aiohttp.HttpVersion11,
                 raise_for_status=False,
@@ -201,12 +215,51 @@ class Etsi014Client:
                 payload = await _read_bounded(response)
                 code = response.status
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
-            error = KeySourceUnavailableError(f"KME unreachable: {type(exc).__name__}")
+            error = KeySourceUnavailableError(f"KME unreachable: {transport_failure(exc)}")
             error.kind = _transport_class(exc)
             raise error from None
         if code == 200:
             return _decode(payload)
         raise error_for(call, code, payload)
+
+
+class IdentityCheckingConnector(aiohttp.TCPConnector):
+    """A connector that checks the KME's certificate against ``kme_identity`` right after
+    each TLS handshake, before a request goes out on the connection."""
+
+    def __init__(self, expected: ExpectedKme, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._expected = expected
+
+    async def _create_connection(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        protocol = await super()._create_connection(req, traces, timeout)
+        transport = protocol.transport
+        problem = self._expected.mismatch(
+            transport.get_extra_info("ssl_object") if transport is not None else None
+        )
+        if problem is not None:
+            if transport is not None:
+                transport.close()
+            raise aiohttp.ClientConnectorCertificateError(
+                req.connection_key, ssl.SSLCertVerificationError(problem)
+            )
+        return protocol
+
+
+def transport_failure(exc: BaseException) -> str:
+    """What went wrong on the way to the KME, with the TLS verification message when there
+    is one (``IP address mismatch``, ``unable to get local issuer certificate``, ...)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = exc.certificate_error
+        detail = getattr(cause, "verify_message", None) or str(cause)
+        text = f"TLS certificate verification failed: {detail}"
+    elif isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        text = f"{type(exc).__name__} (no answer in time)"
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:400]
 
 
 def _transport_class(exc: BaseException) -> str:

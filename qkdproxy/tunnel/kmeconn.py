@@ -13,6 +13,7 @@ from typing import Protocol
 from qkdproxy.config import KmeConfig
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import KME_DOWN_CLASSES, Etsi014Client
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.breaker import BreakerState
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
@@ -51,10 +52,12 @@ class KmeConnection:
         anchors = load_trust_anchors(config.ca)
         connection = cls(config, KeySources(), credentials)
         watched = connection._watch(observer)
+        expected = ExpectedKme.parse(config.kme_identity) if config.kme_identity else None
         if config.api is KeyApi.ETSI_014:
             client = Etsi014Client(
-                config.endpoint, client_context(credentials, anchors), observer=watched
-            )
+                config.endpoint, client_context(credentials, anchors), observer=watched,
+                expected_kme=expected,
+            )  # fmt: skip
             master = Etsi014Master(
                 client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
             )
@@ -70,6 +73,7 @@ class KmeConnection:
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
+            expected_kme=expected,
         )  # fmt: skip
         pool = Etsi004ClientPool(factory)
         stream: Etsi004ClientPool | PrefetchingStreams = pool
