@@ -232,7 +232,10 @@ class IdentityCheckingConnector(aiohttp.TCPConnector):
         self._expected = expected
 
     async def _create_connection(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
     ) -> ResponseHandler:
         protocol = await super()._create_connection(req, traces, timeout)
         transport = protocol.transport
