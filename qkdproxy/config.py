@@ -73,6 +73,8 @@ class TunnelConfig:
     rekey_bytes: int = 1 << 30
     rekey_interval_s: float = 3600.0
     proxy_protocol: bool = False
+    # Paper-era reference (0.1.x) servers do not echo the key id (client-initiated flow).
+    accept_unechoed_key_id: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +331,15 @@ def _tunnel(
         rekey_bytes=int(r.positive("rekey_bytes", float(1 << 30), allow_zero=True)),
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
+        accept_unechoed_key_id=bool(r.get("accept_unechoed_key_id", bool, False)),
     )  # fmt: skip
+    if config.accept_unechoed_key_id and (
+        role != "client" or flow is not Flow.CLIENT_INITIATED or kme is None
+    ):
+        r.fail(
+            "accept_unechoed_key_id",
+            "applies to client tunnels with a kme, in the client-initiated flow",
+        )
     r.check_unknown()
     return config
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qkdproxy import __version__
-from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
+from qkdproxy.config import Config, ConfigError, KmeConfig, TunnelConfig, load_config
 from qkdproxy.groups import GroupSpec
 from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
@@ -39,6 +39,15 @@ from qkdproxy.tunnel.runtime import ConnectionRecord, Tunnel
 
 EXIT_OK, EXIT_START_FAILED, EXIT_CONFIG = 0, 1, 2
 log = logging.getLogger("qkdproxy.daemon")
+
+
+def tunnel_qkd_options(config: TunnelConfig, kme: KmeConfig | None) -> QkdOptions:
+    """The QKD options of a tunnel (daemon and probe alike)."""
+    if kme is None:
+        return QkdOptions()
+    return QkdOptions(
+        flow=config.flow, api=kme.api, accept_unechoed_key_id=config.accept_unechoed_key_id
+    )
 
 
 def build_endpoint(
@@ -245,7 +254,13 @@ class Daemon:
 
     def _tunnel(self, config: TunnelConfig) -> Tunnel:
         kme = self.kmes.get(config.kme) if config.kme else None
-        options = QkdOptions(flow=config.flow, api=kme.config.api) if kme else QkdOptions()
+        options = tunnel_qkd_options(config, kme.config if kme else None)
+        if config.accept_unechoed_key_id:
+            log.warning(
+                "tunnel %s: accept_unechoed_key_id is on: the server's key id is not checked "
+                "(for paper-era 0.1.x reference servers only; a mismatch of keys then shows "
+                "as a failed handshake instead of a clear refusal)", config.name,
+            )  # fmt: skip
         keys = KeyContext(kme.sources if kme else KeySources(), options)
         endpoint, fallback = self._endpoints(config, keys)
         return Tunnel(

@@ -12,10 +12,17 @@ from pathlib import Path
 
 from qkdproxy.aio import run
 from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
-from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
+from qkdproxy.daemon import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_START_FAILED,
+    Daemon,
+    build_endpoint,
+    tunnel_qkd_options,
+)
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
-from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
+from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError
 from qkdproxy.tunnel.addresses import TcpAddress
@@ -123,8 +130,10 @@ def probe_command(args: argparse.Namespace) -> int:
 async def _probe(config: Config, tunnel: TunnelConfig) -> dict[str, object]:
     kme = KmeConnection.open(config.kmes[tunnel.kme]) if tunnel.kme else None
     try:
-        options = QkdOptions(flow=tunnel.flow, api=kme.config.api) if kme else QkdOptions()
-        keys = KeyContext(kme.sources if kme else KeySources(), options)
+        keys = KeyContext(
+            kme.sources if kme else KeySources(),
+            tunnel_qkd_options(tunnel, kme.config if kme else None),
+        )
         endpoint = build_endpoint(tunnel, keys, tunnel.plan.groups)
         peer = tunnel.connect
         assert isinstance(peer, TcpAddress)
