@@ -46,7 +46,7 @@ def test_one_input(data: bytes) -> None:
         with contextlib.suppress(Etsi014FormatError):
             parse(document)
     try:
-        container = _container(document, 256, 4)
+        container = _container(document, 256, 4, "KME")
     except KmeProtocolError:
         return
     ids = [key.key_id for key in container.keys]

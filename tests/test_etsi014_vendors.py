@@ -20,7 +20,7 @@ from aiohttp import web
 
 from qkdproxy.certs import DevPki
 from qkdproxy.config import ConfigError, load_config
-from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.etsi014.client import Etsi014Client, KmeProtocolError, KmeRefusedError
 from qkdproxy.qkd.etsi014_sources import Etsi014Slave
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials
@@ -30,6 +30,7 @@ from tests.test_etsi014 import (
     etsi_client,
     fake_kme,
     key_entry,
+    reply,
     running_pair,
     status_document,
 )
@@ -203,3 +204,54 @@ kme = "k"
     config.write_text(config.read_text().replace('"SAE#001"', '"' + "x" * 257 + '"'))
     with pytest.raises(ConfigError, match="sae_id: longer than 256"):
         load_config(config)
+
+
+async def test_key_size_and_format_mismatches_name_the_kme_and_the_field(pki: DevPki) -> None:
+    good = key_entry(bytes(32))
+    cases = [
+        (
+            container(key_entry(bytes(16))),
+            "enc_keys: key size mismatch: keys[0].key is 128 bits, 256 were asked for (qkdproxy needs 256-bit keys)",
+        ),
+        (
+            container(good, {"key_ID": "nope", "key": good["key"]}),
+            "enc_keys: key container rejected: keys[1].key_ID must be a UUID string",
+        ),
+        (
+            container(good, {"key_ID": str(uuid.uuid4()), "key": "%%"}),
+            "enc_keys: key container rejected: keys[1].key is not valid base64",
+        ),
+    ]
+    async with fake_kme(pki) as fake, etsi_client(pki, fake.url, "sae-a") as client:
+        for body, expected in cases:
+            fake.handler = reply(body=body)
+            with pytest.raises(KmeProtocolError) as caught:
+                await client.enc_keys("sae-b", 2 if "keys[1]" in expected else 1)
+            assert str(caught.value) == f"KME {fake.url} {expected}"
+        fake.handler = reply(body=status_document(max_key_per_request="many"))
+        with pytest.raises(
+            KmeProtocolError, match=r"status: max_key_per_request must be an integer"
+        ):
+            await client.status("sae-b")
+
+
+async def test_a_kme_without_256_bit_keys_is_reported_as_such(pki: DevPki) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/status"):
+            doc = status_document(key_size=128, min_key_size=64, max_key_size=128)
+            return web.json_response(doc)
+        return web.json_response({"message": "size out of range"}, status=400)
+
+    async with fake_kme(pki) as fake, etsi_client(pki, fake.url, "sae-a") as client:
+        fake.handler = handler
+        await client.status("sae-b")
+        assert client.key_size_problem == (
+            "key size mismatch: 256-bit keys needed, the KME's status allows "
+            "min_key_size=64 to max_key_size=128 (key_size=128)"
+        )
+        with pytest.raises(KmeRefusedError) as caught:
+            await client.enc_keys("sae-b")
+    assert str(caught.value) == (
+        f"KME answered 400: size out of range; KME {fake.url} key size mismatch: 256-bit keys "
+        "needed, the KME's status allows min_key_size=64 to max_key_size=128 (key_size=128)"
+    )

@@ -1197,7 +1197,7 @@ def test_client_response_handling_raises_only_typed_key_errors(status: int, body
         return
     try:
         document = _decode(body)
-        container = _container(document, 256, 1)
+        container = _container(document, 256, 1, "KME")
     except KmeProtocolError:
         event("protocol error")
         return

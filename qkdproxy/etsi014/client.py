@@ -27,6 +27,7 @@ from qkdproxy.etsi014.models import (
     KeyContainer,
     KeyIds,
     KeyRequest,
+    KeySizeMismatchError,
     Status,
     sae_path_segment,
     valid_sae_id,
@@ -42,6 +43,7 @@ from qkdproxy.qkd.keys import (
 from qkdproxy.qkd.sources import KmeCallObserver, no_observer
 
 MAX_RESPONSE_BYTES = 1024 * 1024
+KEY_BITS = 256
 STATUS_ATTEMPTS = 3
 
 
@@ -94,6 +96,8 @@ class Etsi014Client:
         self._session: aiohttp.ClientSession | None = None
         # max_key_per_request per peer SAE, from status (see max_keys_per_request).
         self._request_caps: dict[str, int] = {}
+        # From the last status: why this KME cannot give 256-bit keys, if it cannot.
+        self.key_size_problem: str | None = None
 
     async def __aenter__(self) -> Etsi014Client:
         return self
@@ -127,11 +131,14 @@ class Etsi014Client:
         error: QkdKeyError | None = None
         for _ in range(STATUS_ATTEMPTS):
             try:
-                return Status.from_json(await self._call("GET", _path(slave_sae, "status")))
+                status = Status.from_json(await self._call("GET", _path(slave_sae, "status")))
             except Etsi014FormatError as exc:
-                raise KmeProtocolError(f"status: {exc}") from None
+                raise KmeProtocolError(f"KME {self.base_url} status: {exc}") from None
             except KeySourceUnavailableError as exc:
                 error = exc
+                continue
+            self.key_size_problem = status.key_size_problem(KEY_BITS)
+            return status
         assert error is not None
         raise error
 
@@ -156,13 +163,21 @@ class Etsi014Client:
 
     async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
         """New keys shared with ``slave_sae`` (never retried: a retry could consume more)."""
-        if size != 256:
+        if size != KEY_BITS:
             raise ValueError("qkdproxy uses 256-bit keys")
         body = KeyRequest(number=number, size=size).to_json()
-        data = await self._call("POST", _path(slave_sae, "enc_keys"), body)
-        keys = _container(data, size, number)
+        try:
+            data = await self._call("POST", _path(slave_sae, "enc_keys"), body)
+        except KmeRefusedError as exc:
+            if self.key_size_problem is None:
+                raise
+            # Most likely the reason; the status said so.
+            raise KmeRefusedError(f"{exc}; KME {self.base_url} {self.key_size_problem}") from None
+        keys = _container(data, size, number, f"KME {self.base_url} enc_keys")
         if len(keys.keys) != number:
-            raise KmeProtocolError(f"asked for {number} keys, got {len(keys.keys)}")
+            raise KmeProtocolError(
+                f"KME {self.base_url} enc_keys: asked for {number} keys, got {len(keys.keys)}"
+            )
         return [QkdKey(uuid.UUID(k.key_id).bytes, k.key) for k in keys.keys]
 
     async def dec_keys(self, master_sae: str, key_ids: Sequence[bytes]) -> list[QkdKey]:
@@ -171,10 +186,12 @@ class Etsi014Client:
         data = await self._call(
             "POST", _path(master_sae, "dec_keys"), KeyIds(tuple(texts)).to_json()
         )
-        keys = _container(data, 256, len(texts))
+        keys = _container(data, 256, len(texts), f"KME {self.base_url} dec_keys")
         by_id = {k.key_id: k.key for k in keys.keys}
         if sorted(by_id) != sorted(texts):
-            raise KmeProtocolError("dec_keys answered other key IDs than asked")
+            raise KmeProtocolError(
+                f"KME {self.base_url} dec_keys: keys[].key_ID answered other key IDs than asked"
+            )
         return [QkdKey(uuid.UUID(t).bytes, by_id[t]) for t in texts]
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -308,11 +325,14 @@ def _decode(payload: bytes) -> Any:
         raise KmeProtocolError("KME response is not JSON") from None
 
 
-def _container(data: Any, size: int, number: int) -> KeyContainer:
+def _container(data: Any, size: int, number: int, where: str) -> KeyContainer:
+    """Parse a key container; errors name the KME, the call (``where``) and the field."""
     try:
         return KeyContainer.from_json(data, size, max_keys=number)
+    except KeySizeMismatchError as exc:
+        raise KmeProtocolError(f"{where}: {exc} (qkdproxy needs {KEY_BITS}-bit keys)") from None
     except Etsi014FormatError as exc:
-        raise KmeProtocolError(f"key container rejected: {exc}") from None
+        raise KmeProtocolError(f"{where}: key container rejected: {exc}") from None
 
 
 def error_for(call: str, code: int, payload: bytes) -> QkdKeyError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import ssl
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +27,7 @@ from qkdproxy.tls.keyexchange import KeyApi
 from qkdproxy.tunnel.addresses import TcpAddress, parse_address
 
 STATUS_POLL_S = 10.0
+log = logging.getLogger("qkdproxy.kme")
 
 
 class _Closable(Protocol):
@@ -114,10 +116,15 @@ class KmeConnection:
             self._poller = asyncio.create_task(self._poll_status(self.client014))
 
     async def _poll_status(self, client: Etsi014Client) -> None:
+        reported: str | None = None
         while True:
             with contextlib.suppress(QkdKeyError):
                 status = await client.status(self.config.peer_sae_id)
                 self.pool_keys = status.stored_key_count
+                if client.key_size_problem != reported:
+                    reported = client.key_size_problem
+                    if reported is not None:
+                        log.error("kme %s: %s", self.config.name, reported)
             await asyncio.sleep(STATUS_POLL_S)
 
     async def aclose(self) -> None:
