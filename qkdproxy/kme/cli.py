@@ -15,6 +15,7 @@ from qkdproxy.certs import KMES, write_dev_pki
 from qkdproxy.kme.faults import FaultScript, FaultScriptError
 from qkdproxy.kme.link import LinkSettings
 from qkdproxy.kme.node import IdentitySource
+from qkdproxy.kme.quirks import Quirk, parse_quirks
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
 
@@ -76,6 +77,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="cn",
         help="SAE id from the client certificate CN or URI SAN",
     )
+    kme.add_argument(
+        "--quirk",
+        action="append",
+        default=[],
+        choices=[q.value for q in Quirk if q is not Quirk.CN_ONLY],
+        help="reproduce a deviation from ETSI 014 seen in real KMEs (repeatable; "
+        "docs/KME.md). For CN-only KME certificates, put such certificates in --pki",
+    )
     kme.set_defaults(handler=kme_command)  # fmt: skip
 
 
@@ -106,13 +115,14 @@ def _settings(args: argparse.Namespace) -> SimulatorSettings:
         link=LinkSettings(args.rate_bps, args.pool_bits, args.key_ttl_s),
         faults=script,
         identity=IdentitySource(args.identity),
+        quirks=parse_quirks(args.quirk),
     )
 
 
 CONFIG_KEYS: dict[str, type] = {
     "pki": Path, "host": str, "port_a": int, "port_b": int, "port_004_a": int,
     "port_004_b": int, "rate_bps": float, "pool_bits": int, "key_ttl_s": float,
-    "latency_ms": float, "faults": Path, "identity": str,
+    "latency_ms": float, "faults": Path, "identity": str, "quirk": list,
 }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from qkdproxy.kme.faults import Decision, FaultInjector
 from qkdproxy.kme.link import QkdLinkModel
+from qkdproxy.kme.quirks import Quirk
 
 
 class IdentitySource(StrEnum):
@@ -47,6 +48,7 @@ class KmeNode:
     identity: IdentitySource = IdentitySource.CN
     clock: Callable[[], float] = time.monotonic
     started: float = field(default_factory=time.monotonic)
+    quirks: frozenset[Quirk] = frozenset()
 
     def now(self) -> float:
         """The simulation time the link model runs on."""
