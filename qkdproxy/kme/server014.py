@@ -196,10 +196,8 @@ async def dec_keys(request: web.Request) -> web.Response:
     if Quirk.ONE_KEY_PER_REQUEST in quirks and len(key_ids) > 1:
         _fail(400, ONE_KEY_MESSAGE)
     try:
-        materials = node.link.take_keys(
-            slave, master, [uuid.UUID(k).bytes for k in key_ids], node.now(),
-            single_use=Quirk.REUSABLE_KEYS not in quirks,
-        )  # fmt: skip
+        take = node.link.read_keys if Quirk.REUSABLE_KEYS in quirks else node.link.take_keys
+        materials = take(slave, master, [uuid.UUID(k).bytes for k in key_ids], node.now())
     except KeyUnknownError:
         if Quirk.NOT_FOUND_404 in quirks:
             _fail(404, "key not found")
