@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from qkdproxy.etsi004.qos import NEGOTIABLE, QosPolicy
 from qkdproxy.etsi014.models import MAX_SAE_ID_LENGTH
 from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.tls.identity import AllowRule
@@ -44,6 +45,8 @@ class KmeConfig:
     prefetch: bool = True
     # Names the KME certificate must carry instead of the URL's host (cn:/dns:/uri: rules).
     kme_identity: tuple[str, ...] = ()
+    # ETSI 004: the QoS asked for and the bounds a counter-proposal must stay within.
+    qos: QosPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,13 +252,48 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         ca=r.path("ca", base),
         prefetch=r.get("prefetch", bool, True),
     )
-    config = replace(config, kme_identity=_kme_identity(r))
+    config = replace(config, kme_identity=_kme_identity(r), qos=_qos(r, api))
     # Any non-empty SAE id: ETSI 014 paths carry it percent-encoded ('#', '/', spaces...).
     for key in ("sae_id", "peer_sae_id"):
         if len(getattr(config, key)) > MAX_SAE_ID_LENGTH:
             r.fail(key, f"longer than {MAX_SAE_ID_LENGTH} characters")
     r.check_unknown()
     return config
+
+
+def _qos(r: _Reader, api: KeyApi) -> QosPolicy | None:
+    """``qos = {min_bps = ..., ...}`` and ``qos_bounds = {jitter = [low, high], ...}``."""
+    values = r.get("qos", dict, None)
+    bounds = r.get("qos_bounds", dict, None)
+    if values is None and bounds is None:
+        return None
+    if api is not KeyApi.ETSI_004:
+        r.fail("qos", 'QoS is an ETSI 004 setting (api = "004")')
+        return None
+    values, bounds = values or {}, bounds or {}
+    unknown = sorted(set(values) - set(NEGOTIABLE))
+    if unknown:
+        r.fail("qos", f"unknown field(s) {', '.join(unknown)} (known: {', '.join(NEGOTIABLE)})")
+        return None
+    pairs = []
+    for name, bound in bounds.items():
+        if not (
+            isinstance(bound, list)
+            and len(bound) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) for b in bound)
+        ):
+            r.fail("qos_bounds", f"{name} must be [low, high] (integers)")
+            return None
+        pairs.append((str(name), bound[0], bound[1]))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
+        r.fail("qos", "values must be integers")
+        return None
+    try:
+        return QosPolicy(**values, bounds=tuple(pairs))
+    except ValueError as exc:
+        r.fail("qos_bounds" if "bounds" in str(exc) or "negotiated" in str(exc) else "qos",
+               str(exc))  # fmt: skip
+        return None
 
 
 def _kme_identity(r: _Reader) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qkdproxy.certs import KMES, write_dev_pki
+from qkdproxy.etsi004.qos import NEGOTIABLE, U32_MAX
 from qkdproxy.kme.faults import FaultScript, FaultScriptError
 from qkdproxy.kme.link import LinkSettings
 from qkdproxy.kme.node import IdentitySource
@@ -85,6 +86,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="reproduce a deviation from ETSI 014 seen in real KMEs (repeatable; "
         "docs/KME.md). For CN-only KME certificates, put such certificates in --pki",
     )
+    kme.add_argument(
+        "--qos-demand",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="ETSI 004: a QoS value the KMEs insist on (max_bps, min_bps, jitter, priority, "
+        "timeout_ms, ttl_s); other values get status 7 with it as counter-proposal (repeatable)",
+    )
     kme.set_defaults(handler=kme_command)  # fmt: skip
 
 
@@ -116,13 +125,29 @@ def _settings(args: argparse.Namespace) -> SimulatorSettings:
         faults=script,
         identity=IdentitySource(args.identity),
         quirks=parse_quirks(args.quirk),
+        qos_demands=parse_qos_demands(args.qos_demand),
     )
+
+
+def parse_qos_demands(items: list[str]) -> tuple[tuple[str, int], ...]:
+    """``["min_bps=1000", ...]``; ValueError naming the bad item."""
+    demands = []
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in NEGOTIABLE or not value.isdigit() or int(value) > U32_MAX:
+            fields = ", ".join(NEGOTIABLE)
+            raise ValueError(
+                f"--qos-demand {item!r}: want FIELD=VALUE, FIELD one of {fields}, "
+                "VALUE a 32-bit unsigned integer"
+            )
+        demands.append((name, int(value)))
+    return tuple(demands)
 
 
 CONFIG_KEYS: dict[str, type] = {
     "pki": Path, "host": str, "port_a": int, "port_b": int, "port_004_a": int,
     "port_004_b": int, "rate_bps": float, "pool_bits": int, "key_ttl_s": float,
-    "latency_ms": float, "faults": Path, "identity": str, "quirk": list,
+    "latency_ms": float, "faults": Path, "identity": str, "quirk": list, "qos_demand": list,
 }  # fmt: skip
 
 

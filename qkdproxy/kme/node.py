@@ -49,6 +49,9 @@ class KmeNode:
     clock: Callable[[], float] = time.monotonic
     started: float = field(default_factory=time.monotonic)
     quirks: frozenset[Quirk] = frozenset()
+    # ETSI 004 QoS values this KME insists on (field, value): an OPEN_CONNECT asking for
+    # others gets status 7 with them as counter-proposal (QUBIP's default QoS check does so).
+    qos_demands: tuple[tuple[str, int], ...] = ()
 
     def now(self) -> float:
         """The simulation time the link model runs on."""

@@ -32,6 +32,13 @@ class Quirk(StrEnum):
     REUSABLE_KEYS = "reusable-keys"
     # Unknown keys: 404 instead of 400.
     NOT_FOUND_404 = "404-unknown-keys"
+    # ETSI 004: OPEN_CONNECT's destination is a KME address (server://host:port, what the
+    # QKD-KEM reference provider sends), not the peer application's id; it then matches
+    # whichever application joins the stream.
+    KME_ADDRESS_DESTINATION = "kme-address-destination"
+
+
+ETSI_014_QUIRKS = frozenset(Quirk) - {Quirk.KME_ADDRESS_DESTINATION}
 
 
 VENDOR_NOT_FOUND_MESSAGE = "Some of the requested keys do not exist in this KME."

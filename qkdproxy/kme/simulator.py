@@ -41,6 +41,8 @@ class SimulatorSettings:
     kme_ids: tuple[str, str] = ("kme-a", "kme-b")
     # Deviations from ETSI 014 to reproduce (qkdproxy.kme.quirks); none by default.
     quirks: frozenset[Quirk] = frozenset()
+    # ETSI 004 QoS values the KMEs insist on, counter-proposed with status 7 (KmeNode).
+    qos_demands: tuple[tuple[str, int], ...] = ()
 
 
 class KmePair:
@@ -61,7 +63,7 @@ class KmePair:
                 kme_id, peer, self.link,
                 FaultInjector(replace(settings.faults, seed=settings.faults.seed + i)),
                 quirky_limits(settings.limits, settings.quirks), settings.identity,
-                started=started, quirks=settings.quirks,
+                started=started, quirks=settings.quirks, qos_demands=settings.qos_demands,
             )
             for i, (kme_id, peer) in enumerate(((a, b), (b, a)))
         )  # fmt: skip

@@ -75,7 +75,7 @@ class KmeConnection:
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
-            expected_kme=expected,
+            expected_kme=expected, qos=config.qos,
         )  # fmt: skip
         pool = Etsi004ClientPool(factory)
         stream: Etsi004ClientPool | PrefetchingStreams = pool
