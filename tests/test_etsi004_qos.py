@@ -29,6 +29,7 @@ from qkdproxy.tls.keyexchange import (
     QkdOptions,
 )
 from tests.conftest import groups
+from tests.kme_helpers import kme_config_file
 from tests.test_etsi004 import Kmes, running_kmes
 
 # What the QUBIP etsi-qkd-004 server's default check insists on (Min_bps and Jitter).
@@ -177,30 +178,7 @@ async def test_reference_destination_works_with_ordinary_sae_ids(
 
 
 def config_with(tmp_path: Path, lines: str, api: str = "004") -> Path:
-    endpoint = 'address = "127.0.0.1:1"' if api == "004" else 'url = "https://127.0.0.1:1"'
-    path = tmp_path / "q.toml"
-    path.write_text(f"""
-[kme.k]
-api = "{api}"
-{endpoint}
-sae_id = "a"
-peer_sae_id = "b"
-cert = "c.pem"
-key = "k.pem"
-ca = "ca.pem"
-{lines}
-
-[[tunnel]]
-role = "server"
-listen = "127.0.0.1:1"
-connect = "127.0.0.1:2"
-cert = "c.pem"
-key = "k.pem"
-ca = "ca.pem"
-allow_any_peer = true
-kme = "k"
-""")
-    return path
+    return kme_config_file(tmp_path, lines, api=api)
 
 
 def test_qos_configuration(tmp_path: Path) -> None:

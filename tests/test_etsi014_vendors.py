@@ -24,6 +24,7 @@ from qkdproxy.etsi014.client import Etsi014Client, KmeProtocolError, KmeRefusedE
 from qkdproxy.qkd.etsi014_sources import Etsi014Slave
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials
+from tests.kme_helpers import kme_config_file
 from tests.test_etsi014 import (
     DEADLINE,
     container,
@@ -177,28 +178,7 @@ async def test_simulator_round_trip_with_sae_ids_that_need_encoding(pki: DevPki)
 
 
 def test_configuration_accepts_any_non_empty_sae_id(tmp_path: Path) -> None:
-    config = tmp_path / "q.toml"
-    config.write_text(
-        """
-[kme.k]
-url = "https://127.0.0.1:1"
-sae_id = "SAE#001"
-peer_sae_id = "sae b/2 ü"
-cert = "c.pem"
-key = "k.pem"
-ca = "ca.pem"
-
-[[tunnel]]
-role = "server"
-listen = "127.0.0.1:1"
-connect = "127.0.0.1:2"
-cert = "c.pem"
-key = "k.pem"
-ca = "ca.pem"
-allow_any_peer = true
-kme = "k"
-"""
-    )
+    config = kme_config_file(tmp_path, sae_id="SAE#001", peer_sae_id="sae b/2 ü")
     kme = load_config(config).kmes["k"]
     assert (kme.sae_id, kme.peer_sae_id) == ("SAE#001", "sae b/2 ü")
     config.write_text(config.read_text().replace('"SAE#001"', '"' + "x" * 257 + '"'))

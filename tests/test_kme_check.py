@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,10 @@ from qkdproxy.certs import DevPki
 from qkdproxy.cli import main
 from qkdproxy.etsi014.conformance import KEY_BUDGET, Verdict
 from qkdproxy.etsi014.kmecheck import KeyBudget, Side, run_checks, verdicts
-from qkdproxy.kme.quirks import Quirk, cn_only_kme_credentials, parse_quirks
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
+from qkdproxy.kme.quirks import parse_quirks
+from qkdproxy.kme.simulator import KmePair
 from qkdproxy.kmeidentity import ExpectedKme
+from tests.kme_helpers import quirky_pair
 
 DEADLINE = 30.0
 KEY_BYTES = 32
@@ -28,20 +28,8 @@ def pki() -> DevPki:
     return DevPki.create()
 
 
-@asynccontextmanager
-async def simulator(pki: DevPki, *quirk_names: str) -> AsyncIterator[KmePair]:
-    quirks = parse_quirks(quirk_names)
-    credentials = (
-        cn_only_kme_credentials(pki.ca, ["kme-a", "kme-b"])
-        if Quirk.CN_ONLY in quirks
-        else [pki.kmes["kme-a"], pki.kmes["kme-b"]]
-    )
-    pair = KmePair(SimulatorSettings(quirks=quirks), credentials, [pki.ca.certificate])
-    await asyncio.wait_for(pair.start(), DEADLINE)
-    try:
-        yield pair
-    finally:
-        await asyncio.wait_for(pair.stop(), DEADLINE)
+def simulator(pki: DevPki, *quirk_names: str) -> AbstractAsyncContextManager[KmePair]:
+    return quirky_pair(pki, parse_quirks(quirk_names))
 
 
 def sides(pki: DevPki, pair: KmePair, identity: tuple[str, str] | None = None) -> tuple[Side, Side]:

@@ -20,6 +20,7 @@ from qkdproxy.pki import CertificateAuthority
 from qkdproxy.qkd.keys import KeySourceUnavailableError
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials
+from tests.kme_helpers import kme_config_file
 
 DEADLINE = 10.0
 
@@ -119,30 +120,7 @@ async def test_kme_identity_over_etsi_004(pki: DevPki) -> None:
 
 
 def write_config(tmp_path: Path, identity: str) -> Path:
-    path = tmp_path / "q.toml"
-    path.write_text(
-        f"""
-[kme.k]
-url = "https://127.0.0.1:1"
-sae_id = "a"
-peer_sae_id = "b"
-cert = "c.pem"
-key = "k.pem"
-ca = "ca.pem"
-{identity}
-
-[[tunnel]]
-role = "server"
-listen = "127.0.0.1:1"
-connect = "127.0.0.1:2"
-cert = "c.pem"
-key = "k.pem"
-ca = "ca.pem"
-allow_any_peer = true
-kme = "k"
-"""
-    )
-    return path
+    return kme_config_file(tmp_path, identity)
 
 
 def test_configuration_of_kme_identity(tmp_path: Path) -> None:

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 
 from qkdproxy.certs import DevPki
 from qkdproxy.config import KmeConfig
-from qkdproxy.kme.quirks import ETSI_014_QUIRKS, Quirk, cn_only_kme_credentials, parse_quirks
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
+from qkdproxy.kme.quirks import ETSI_014_QUIRKS, Quirk, parse_quirks
 from qkdproxy.loopback import loopback_pair
 from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
 from qkdproxy.tunnel.kmeconn import KmeConnection
 from tests.conftest import groups
+from tests.kme_helpers import quirky_pair
 
 QKD = groups("qkd_mlkem768")
 PARALLEL = 16
@@ -40,22 +39,6 @@ def pki_dir(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, data in pki.files().items():
         (directory / name).write_bytes(data)
     return directory
-
-
-@asynccontextmanager
-async def quirky_pair(pki: DevPki, quirks: frozenset[Quirk]) -> AsyncIterator[KmePair]:
-    kme_ids = ("kme-a", "kme-b")
-    credentials = (
-        cn_only_kme_credentials(pki.ca, kme_ids)
-        if Quirk.CN_ONLY in quirks
-        else [pki.kmes[k] for k in kme_ids]
-    )
-    pair = KmePair(SimulatorSettings(quirks=quirks), credentials, [pki.ca.certificate])
-    await asyncio.wait_for(pair.start(), DEADLINE)
-    try:
-        yield pair
-    finally:
-        await asyncio.wait_for(pair.stop(), DEADLINE)
 
 
 def kme_config(
