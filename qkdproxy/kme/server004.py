@@ -21,6 +21,10 @@ Status choices where the standard leaves room:
 - GET_KEY for an index already delivered to the caller, or for a new index after a member
   closed the stream: 2, there is no (more) key for that index.
 - An injected failure (``Decision.fail``): 4 for every request.
+- ``KmeNode.qos_demands``: QoS values the KME insists on; a request asking for others gets 7
+  with them as the counter-proposal.
+- Quirk ``kme-address-destination``: a destination containing "://" (the reference
+  provider's KME address) pairs with whichever application joins the stream.
 """
 
 from __future__ import annotations
