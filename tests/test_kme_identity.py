@@ -12,6 +12,7 @@ import pytest
 
 from qkdproxy.certs import DevPki
 from qkdproxy.config import ConfigError, load_config
+from qkdproxy.daemon_cli import _probe
 from qkdproxy.etsi004.client import Etsi004Client
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
@@ -137,3 +138,44 @@ def test_configuration_of_kme_identity(tmp_path: Path) -> None:
 def test_credentials_without_names_have_no_san(pki: DevPki) -> None:
     creds: Credentials = pki.ca.issue("KME_X", [], client=False)
     assert not [e for e in creds.chain[0].extensions if e.oid.dotted_string == "2.5.29.17"]
+
+
+async def test_probe_output_carries_the_tls_verification_message(
+    pki: DevPki, tmp_path: Path
+) -> None:
+    for name, data in pki.files().items():
+        (tmp_path / name).write_bytes(data)
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.close()
+
+    peer = await asyncio.start_server(hold, "127.0.0.1", 0)
+    async with peer, cn_only_pair(pki) as pair:
+        path = tmp_path / "client.toml"
+        path.write_text(f"""
+[kme.k]
+url = "{pair.urls_014[0]}"
+sae_id = "sae-a"
+peer_sae_id = "sae-b"
+cert = "sae-a.pem"
+key = "sae-a-key.pem"
+ca = "ca.pem"
+
+[[tunnel]]
+role = "client"
+listen = "127.0.0.1:0"
+connect = "127.0.0.1:{peer.sockets[0].getsockname()[1]}"
+cert = "tunnel-client.pem"
+key = "tunnel-client-key.pem"
+ca = "ca.pem"
+server_name = "server.qkdproxy.test"
+kme = "k"
+""")
+        config = load_config(path)
+        result = await asyncio.wait_for(_probe(config, config.tunnels[0]), DEADLINE)
+    assert result["ok"] is False
+    assert str(result["error"]).startswith(
+        "handshake failed: ETSI 014 enc_keys: KME unreachable: TLS certificate verification "
+        "failed: IP address mismatch"
+    ), result
