@@ -126,10 +126,10 @@ class Etsi014Client:
             )  # fmt: skip
         return self._session
 
-    async def status(self, slave_sae: str) -> Status:
+    async def status(self, slave_sae: str, attempts: int = STATUS_ATTEMPTS) -> Status:
         """``status`` for keys towards ``slave_sae``; retried, since it consumes nothing."""
         error: QkdKeyError | None = None
-        for _ in range(STATUS_ATTEMPTS):
+        for _ in range(attempts):
             try:
                 status = Status.from_json(await self._call("GET", _path(slave_sae, "status")))
             except Etsi014FormatError as exc:
@@ -153,7 +153,8 @@ class Etsi014Client:
         if cap is not None:
             return cap
         try:
-            cap = (await self.status(peer_sae)).max_key_per_request
+            # One attempt: the key call that follows is the one whose failure should show.
+            cap = (await self.status(peer_sae, attempts=1)).max_key_per_request
         except KeySourceUnavailableError:
             return 1
         except QkdKeyError:
