@@ -3,7 +3,8 @@
 The system OpenSSL (3.0) predates ML-KEM and RFC 8879 certificate compression; the one inside
 `cryptography` wheels is 3.5 or newer. It runs here in a thread with blocking sockets, as
 client against a qkdproxy server and as server for a qkdproxy client: every standard group
-both support, mutual TLS, HelloRetryRequest, KeyUpdate sent by qkdproxy, 1 MiB each way.
+both support, mutual TLS, HelloRetryRequest, KeyUpdate (sent by qkdproxy, and sent by OpenSSL
+when asked), 1 MiB each way.
 A message callback records the handshake messages OpenSSL saw, so the CertificateRequest's
 extensions can be checked byte for byte (RFC 8879: compress_certificate never empty).
 """
@@ -25,6 +26,7 @@ import pytest
 from cryptography.hazmat.backends.openssl.backend import backend
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
+from tlslite.constants import KeyUpdateMessageType
 
 from qkdproxy.pki import CertificateAuthority
 from qkdproxy.qkd.inprocess import InProcessQkdLink
@@ -80,9 +82,11 @@ def test_peer_is_a_modern_openssl() -> None:
 
 @dataclass
 class Seen:
-    """Handshake messages the OpenSSL peer received (type, body), via its message callback."""
+    """Handshake messages the OpenSSL peer received and sent (type, body), via its message
+    callback."""
 
     received: list[tuple[int, bytes]] = field(default_factory=list)
+    sent: list[tuple[int, bytes]] = field(default_factory=list)
 
     def bodies(self, msg_type: int) -> list[bytes]:
         return [body for t, body in self.received if t == msg_type]
@@ -117,8 +121,8 @@ def openssl_context(
 
     def on_message(write_p: int, _v: int, ctype: int, buf: Any, size: int, *_: Any) -> None:
         data = bytes(ffi.buffer(buf, size))
-        if not write_p and ctype == HANDSHAKE and len(data) >= 4:
-            seen.received.append((data[0], data[4:]))
+        if ctype == HANDSHAKE and len(data) >= 4:
+            (seen.sent if write_p else seen.received).append((data[0], data[4:]))
 
     callback = ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)")(on_message)
     lib.SSL_CTX_set_msg_callback(ctx._context, callback)
@@ -357,9 +361,13 @@ async def openssl_server(
 
 
 async def qkdproxy_client_exchange(
-    ca: CertificateAuthority, port: int, client_groups: tuple[str, ...]
+    ca: CertificateAuthority,
+    port: int,
+    client_groups: tuple[str, ...],
+    update: KeyUpdateMessageType = KeyUpdateMessageType.update_not_requested,
 ) -> TlsStream:
-    """Connect and push 1 MiB through the echo, chunk by chunk, rekeying as the server does."""
+    """Connect and push 1 MiB through the echo, chunk by chunk, with a KeyUpdate every
+    REKEY_EVERY bytes (``update_requested``: the peer must answer with its own)."""
     policy = PeerPolicy((ca.certificate,), AllowList.of([f"dns:{SERVER_NAME}"]), SERVER_NAME)
     keys = KeyContext(InProcessQkdLink().sources("a"))
     endpoint = TlsEndpoint(
@@ -378,17 +386,26 @@ async def qkdproxy_client_exchange(
                 received += chunk
             assert bytes(received) == payload
             if (start + CHUNK) % REKEY_EVERY == 0:
-                await stream.update_keys()
+                if update == KeyUpdateMessageType.update_not_requested:
+                    await stream.update_keys()
+                else:
+                    # Not something qkdproxy does on its own: here it makes OpenSSL update
+                    # its sending keys, so qkdproxy's reading side must follow a peer's.
+                    await stream._driver.run(stream._conn.send_keyupdate_request(update))
     finally:
         await deadline(stream.close())
     return stream
 
 
 async def run_qkdproxy_client(
-    tmp_path: Path, ca: CertificateAuthority, client_groups: tuple[str, ...], server_groups: str
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    client_groups: tuple[str, ...],
+    server_groups: str,
+    update: KeyUpdateMessageType = KeyUpdateMessageType.update_not_requested,
 ) -> tuple[TlsStream, OpenSslServer]:
     async with openssl_server(tmp_path, ca, server_groups) as server:
-        stream = await qkdproxy_client_exchange(ca, server.port, client_groups)
+        stream = await qkdproxy_client_exchange(ca, server.port, client_groups, update)
     assert server.result.error is None, repr(server.result.error)
     return stream, server
 
@@ -425,3 +442,20 @@ async def test_qkdproxy_client_hello_retry(
     assert stream.record.group == server_group
     assert server.result.group is not None
     assert server.result.group.lower() == server_group.lower()
+
+
+async def test_qkdproxy_follows_keyupdates_sent_by_openssl(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """OpenSSL answers KeyUpdate(update_requested) with its own KeyUpdate: qkdproxy's reading
+    side switches keys mid-stream and the echo stays intact."""
+    _, server = await run_qkdproxy_client(
+        tmp_path, ca, ("X25519MLKEM768",), "X25519MLKEM768",
+        KeyUpdateMessageType.update_requested,
+    )  # fmt: skip
+    rounds = MIB // REKEY_EVERY
+    assert server.seen.bodies(KEY_UPDATE) == [b"\x01"] * rounds
+    # OpenSSL answers when it next sends data: the last request, after the last echo, is
+    # followed by close_notify only.
+    answers = [b for t, b in server.seen.sent if t == KEY_UPDATE]
+    assert answers in ([b"\x00"] * (rounds - 1), [b"\x00"] * rounds)
