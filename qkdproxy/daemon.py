@@ -345,6 +345,8 @@ class Daemon:
                 old.flow,
             ):
                 problems.append(f"tunnel {old.name}: listen/role/kme/flow changes need a restart")
+            elif config.accept_unechoed_key_id != old.accept_unechoed_key_id:
+                problems.append(f"tunnel {old.name}: accept_unechoed_key_id needs a restart")
         return problems
 
     def status_line(self) -> str:

@@ -138,6 +138,12 @@ async def test_accept_unechoed_key_id_logs_a_warning_at_start_up(
     [record] = [r for r in caplog.records if "accept_unechoed_key_id" in r.getMessage()]
     assert record.levelno == logging.WARNING
     assert "to-reference" in record.getMessage()
+    # The option is fixed when the tunnel starts: a reload cannot change it.
+    daemon.tunnels.append(tunnel)
+    path.write_text(config_text(pki_dir, ""))
+    assert daemon._restart_only_changes(load_config(path)) == [
+        "tunnel to-reference: accept_unechoed_key_id needs a restart"
+    ]
 
 
 @pytest.mark.parametrize(
