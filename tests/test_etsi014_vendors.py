@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
@@ -19,11 +20,13 @@ import pytest
 from aiohttp import web
 
 from qkdproxy.certs import DevPki
-from qkdproxy.config import ConfigError, load_config
+from qkdproxy.config import ConfigError, KmeConfig, load_config
 from qkdproxy.etsi014.client import Etsi014Client, KmeProtocolError, KmeRefusedError
 from qkdproxy.qkd.etsi014_sources import Etsi014Slave
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials
+from qkdproxy.tls.keyexchange import KeyApi
+from qkdproxy.tunnel.kmeconn import KmeConnection
 from tests.kme_helpers import kme_config_file
 from tests.test_etsi014 import (
     DEADLINE,
@@ -234,4 +237,37 @@ async def test_a_kme_without_256_bit_keys_is_reported_as_such(pki: DevPki) -> No
     assert str(caught.value) == (
         f"KME answered 400: size out of range; KME {fake.url} key size mismatch: 256-bit keys "
         "needed, the KME's status allows min_key_size=64 to max_key_size=128 (key_size=128)"
+    )
+
+
+async def test_the_status_poll_logs_a_key_size_mismatch_once(
+    pki: DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name, data in pki.files().items():
+        (tmp_path / name).write_bytes(data)
+    small = status_document(key_size=128, min_key_size=64, max_key_size=128)
+    async with fake_kme(pki) as fake:
+        fake.handler = reply(body=small)
+        config = KmeConfig(
+            name="vendor", api=KeyApi.ETSI_014, endpoint=fake.url, sae_id="sae-a",
+            peer_sae_id="sae-b", cert=tmp_path / "sae-a.pem", key=tmp_path / "sae-a-key.pem",
+            ca=tmp_path / "ca.pem", prefetch=False,
+        )  # fmt: skip
+        connection = KmeConnection.open(config)
+        logged = asyncio.Event()
+        signal = logging.Handler()
+        signal.emit = lambda _: logged.set()  # type: ignore[method-assign]
+        logger = logging.getLogger("qkdproxy.kme")
+        logger.addHandler(signal)
+        with caplog.at_level(logging.ERROR, logger="qkdproxy.kme"):
+            connection.start()
+            try:
+                await asyncio.wait_for(logged.wait(), DEADLINE)
+            finally:
+                logger.removeHandler(signal)
+                await connection.aclose()
+    [record] = caplog.records
+    assert record.getMessage() == (
+        "kme vendor: key size mismatch: 256-bit keys needed, the KME's status allows "
+        "min_key_size=64 to max_key_size=128 (key_size=128)"
     )
