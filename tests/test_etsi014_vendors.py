@@ -240,6 +240,17 @@ async def test_a_kme_without_256_bit_keys_is_reported_as_such(pki: DevPki) -> No
     )
 
 
+class EventHandler(logging.Handler):
+    """Sets an event on any log record (to wait for a log line without polling)."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.event.set()
+
+
 async def test_the_status_poll_logs_a_key_size_mismatch_once(
     pki: DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -255,8 +266,7 @@ async def test_the_status_poll_logs_a_key_size_mismatch_once(
         )  # fmt: skip
         connection = KmeConnection.open(config)
         logged = asyncio.Event()
-        signal = logging.Handler()
-        signal.emit = lambda _: logged.set()  # type: ignore[method-assign]
+        signal = EventHandler(logged)
         logger = logging.getLogger("qkdproxy.kme")
         logger.addHandler(signal)
         with caplog.at_level(logging.ERROR, logger="qkdproxy.kme"):
