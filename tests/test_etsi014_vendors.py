@@ -251,7 +251,7 @@ class EventHandler(logging.Handler):
         self.event.set()
 
 
-async def test_the_status_poll_logs_a_key_size_mismatch_once(
+async def test_the_status_poll_logs_a_key_size_mismatch(
     pki: DevPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     for name, data in pki.files().items():
