@@ -1,6 +1,7 @@
 """``qkdproxy certs``: write the whole development PKI to a directory.
 
-One CA; a server certificate per KME (DNS ``localhost`` and its name, IP 127.0.0.1); an
+One CA (written as ``ca.pem`` and, for the KME side, ``kme-ca.pem``); a server certificate
+per KME (DNS ``localhost`` and its name, IP 127.0.0.1); an
 SAE client certificate per side (CN = SAE id, URI SAN ``spiffe://qkdproxy.test/sae/<id>``);
 tunnel certificates for the client and server daemons.
 """
@@ -55,13 +56,38 @@ class DevPki:
 
     def files(self) -> dict[str, bytes]:
         """File name -> PEM contents."""
-        out = {"ca.pem": _cert_pem(self.ca.certificate)}
+        # kme-ca.pem: the CA that signed the KMEs, a file of its own so that deployments keep
+        # the KME's CA (a vendor's, in production) apart from the tunnel peers' CA.
+        out = {
+            "ca.pem": _cert_pem(self.ca.certificate),
+            "kme-ca.pem": _cert_pem(self.ca.certificate),
+        }
         named = {**self.kmes, **self.saes, "tunnel-server": self.tunnel_server,
                  "tunnel-client": self.tunnel_client}  # fmt: skip
         for name, credentials in named.items():
             out[f"{name}.pem"] = b"".join(_cert_pem(c) for c in credentials.chain)
             out[f"{name}-key.pem"] = _key_pem(credentials)
         return out
+
+    def write(self, directory: Path, force: bool = False) -> list[Path]:
+        """Write :meth:`files` (keys mode 0600: the daemon refuses keys others can read);
+        refuse to overwrite existing files unless ``force``."""
+        files = self.files()
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = [directory / name for name in files if (directory / name).exists()]
+        if existing and not force:
+            raise FileExistsError(f"{existing[0]} exists (use --force to replace the PKI)")
+        written = []
+        for name, data in files.items():
+            path = directory / name
+            private = name.endswith("-key.pem")
+            mode = 0o600 if private else 0o644
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            os.fchmod(fd, mode)  # an existing file keeps its old mode otherwise
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            written.append(path)
+        return written
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -77,19 +103,4 @@ def _key_pem(credentials: Credentials) -> bytes:
 
 def write_dev_pki(directory: Path, force: bool = False) -> list[Path]:
     """Write a fresh PKI; refuse to overwrite existing files unless ``force``."""
-    files = DevPki.create().files()
-    directory.mkdir(parents=True, exist_ok=True)
-    existing = [directory / name for name in files if (directory / name).exists()]
-    if existing and not force:
-        raise FileExistsError(f"{existing[0]} exists (use --force to replace the PKI)")
-    written = []
-    for name, data in files.items():
-        path = directory / name
-        private = name.endswith("-key.pem")
-        mode = 0o600 if private else 0o644
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        os.fchmod(fd, mode)  # an existing file keeps its old mode otherwise
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        written.append(path)
-    return written
+    return DevPki.create().write(directory, force)

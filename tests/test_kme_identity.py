@@ -12,12 +12,12 @@ import pytest
 
 from qkdproxy.certs import DevPki
 from qkdproxy.config import ConfigError, load_config
-from qkdproxy.daemon_cli import _probe
 from qkdproxy.etsi004.client import Etsi004Client
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.pki import CertificateAuthority
+from qkdproxy.probe import probe
 from qkdproxy.qkd.keys import KeySourceUnavailableError
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials
@@ -173,9 +173,9 @@ server_name = "server.qkdproxy.test"
 kme = "k"
 """)
         config = load_config(path)
-        result = await asyncio.wait_for(_probe(config, config.tunnels[0]), DEADLINE)
+        result = await asyncio.wait_for(probe(config, config.tunnels[0]), DEADLINE)
     assert result["ok"] is False
     assert str(result["error"]).startswith(
-        "handshake failed: ETSI 014 enc_keys: KME unreachable: TLS certificate verification "
-        "failed: IP address mismatch"
+        "handshake failed (we refused): ETSI 014 enc_keys: KME unreachable: TLS certificate "
+        "verification failed: IP address mismatch"
     ), result

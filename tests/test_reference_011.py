@@ -4,13 +4,13 @@ leaves those bytes uninitialised (whatever was in memory), 0.1.1 zeroes them. Ev
 (dec_keys with the client's key id, the key schedule) is as in 0.2.0.
 
 A qkdproxy client completes such a handshake when, and only when, the tunnel's
-``accept_unechoed_key_id`` is on; it is off by default and logs a WARNING at start-up.
+``accept_unechoed_key_id`` is on; it is off by default and a risky setting (a WARNING from
+check-config and at start-up, refused in strict mode).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from qkdproxy.config import ConfigError, load_config
 from qkdproxy.daemon import Daemon, tunnel_qkd_options
 from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID
 from qkdproxy.loopback import loopback_pair
+from qkdproxy.risk import assess
 from qkdproxy.tls.keyexchange import Flow, KeyApi, ServerKeyExchange
 from qkdproxy.tls.session import HandshakeError
 from qkdproxy.tls.wire import Alert
@@ -121,23 +122,22 @@ async def test_client_against_reference_01x_server(
     assert (ledger.taken, ledger.consumed) == (1, 1)
 
 
-async def test_accept_unechoed_key_id_logs_a_warning_at_start_up(
-    tmp_path: Path, pki_dir: Path, caplog: pytest.LogCaptureFixture
+async def test_accept_unechoed_key_id_is_a_risky_setting_and_reaches_the_tunnel(
+    tmp_path: Path, pki_dir: Path
 ) -> None:
+    """check-config and start-up warn about it (strict mode refuses it: test_risk.py)."""
     path = tmp_path / "client.toml"
     path.write_text(config_text(pki_dir, "accept_unechoed_key_id = true"))
     config = load_config(path)
+    [risk] = assess(config).warnings
+    assert (risk.where, risk.code) == ("tunnel.to-reference", "accept_unechoed_key_id")
     daemon = Daemon(config)
     daemon.kmes["k"] = KmeConnection.open(config.kmes["k"])
     try:
-        with caplog.at_level(logging.WARNING, logger="qkdproxy.daemon"):
-            tunnel = daemon._tunnel(config.tunnels[0])
+        tunnel = daemon._tunnel(config.tunnels[0])
     finally:
         await daemon.kmes["k"].aclose()
     assert tunnel.keys.options.accept_unechoed_key_id
-    [record] = [r for r in caplog.records if "accept_unechoed_key_id" in r.getMessage()]
-    assert record.levelno == logging.WARNING
-    assert "to-reference" in record.getMessage()
     # The option is fixed when the tunnel starts: a reload cannot change it.
     daemon.tunnels.append(tunnel)
     path.write_text(config_text(pki_dir, ""))

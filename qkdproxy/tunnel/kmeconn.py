@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,11 +16,13 @@ from qkdproxy.config import KmeConfig
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import KME_DOWN_CLASSES, Etsi014Client
 from qkdproxy.kmeidentity import ExpectedKme
+from qkdproxy.observability.logformat import event
 from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.breaker import BreakerState
+from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
 from qkdproxy.qkd.keys import QkdKeyError
+from qkdproxy.qkd.responder import GuardedStreams, ResponderLimits
 from qkdproxy.qkd.sources import KeySources, KmeCallObserver, no_observer
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
@@ -46,6 +49,10 @@ class KmeConnection:
     pool_keys: int | None = None
     _closers: list[_Closable] = field(default_factory=list)
     _poller: asyncio.Task[None] | None = None
+    # What was last logged: one line per transition, however many calls see the state.
+    _logged_up: bool = True
+    _logged_breaker: BreakerState = BreakerState.CLOSED
+    _down_since: float = 0.0
 
     @classmethod
     def open(cls, config: KmeConfig, observer: KmeCallObserver = no_observer) -> KmeConnection:
@@ -56,10 +63,14 @@ class KmeConnection:
         watched = connection._watch(observer)
         expected = ExpectedKme.parse(config.kme_identity) if config.kme_identity else None
         if config.api is KeyApi.ETSI_014:
+            breaker = CircuitBreaker(max_backoff_s=config.max_retry_interval_s)
             client = Etsi014Client(
-                config.endpoint, client_context(credentials, anchors), observer=watched,
+                config.endpoint,
+                client_context(credentials, anchors, policy=config.cert_policy),
+                observer=watched,
+                breaker=breaker,
                 expected_kme=expected,
-            )  # fmt: skip
+            )
             master = Etsi014Master(
                 client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
             )
@@ -71,14 +82,17 @@ class KmeConnection:
         address = parse_address(config.endpoint)
         if not isinstance(address, TcpAddress):
             raise ValueError(f"kme.{config.name}.address must be host:port")
-        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3)
+        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3, config.cert_policy)
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
             expected_kme=expected, qos=config.qos,
         )  # fmt: skip
-        pool = Etsi004ClientPool(factory)
-        stream: Etsi004ClientPool | PrefetchingStreams = pool
+        limits = ResponderLimits(
+            config.peer_streams_per_source, config.peer_streams_max, config.peer_stream_wait_s
+        )
+        pool = GuardedStreams(Etsi004ClientPool(factory), limits)
+        stream: GuardedStreams | PrefetchingStreams = pool
         connection._closers = [pool]
         if config.prefetch:
             stream = PrefetchingStreams(pool)
@@ -92,8 +106,34 @@ class KmeConnection:
             # empty over 004) still shows a working KME.
             self.last_ok = error not in KME_DOWN_CLASSES
             observer(call, seconds, error)
+            # The client updates its breaker after telling us: look once it has.
+            asyncio.get_running_loop().call_soon(self.log_transitions, error)
 
         return watched
+
+    def log_transitions(self, error: str | None = None) -> None:
+        """Log KME up/down and breaker changes since the last call, once each.
+
+        Called after every KME call and by the daemon's monitor (a breaker moves from open
+        to half-open with time alone)."""
+        breaker, up, name = self.breaker, self.up, self.config.name
+        if breaker is not None and breaker is not self._logged_breaker:
+            level = logging.INFO if breaker is BreakerState.CLOSED else logging.WARNING
+            log.log(level, "KME %s circuit breaker %s -> %s", name,
+                    self._logged_breaker.value, breaker.value,
+                    extra=event("kme_breaker", kme=name, state=breaker.value))  # fmt: skip
+            self._logged_breaker = breaker
+        if up is self._logged_up:
+            return
+        self._logged_up = up
+        if not up:
+            self._down_since = time.monotonic()
+            log.warning("KME %s down (%s)", name, error or "circuit breaker open",
+                        extra=event("kme_down", kme=name, error=error))  # fmt: skip
+            return
+        down_s = round(time.monotonic() - self._down_since, 3)
+        log.info("KME %s up again after %ss", name, down_s,
+                 extra=event("kme_up", kme=name, down_s=down_s))  # fmt: skip
 
     @property
     def up(self) -> bool:

@@ -13,21 +13,35 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
+from qkdproxy.observability.logformat import record_event
+from qkdproxy.observability.logsafe import escape
+from qkdproxy.observability.throttle import LogThrottle
+from qkdproxy.qkd.responder import HELLO_SOURCE
 from qkdproxy.qkd.sources import FlushableSource, KeySources
+from qkdproxy.tls.frames import VERDICT_OK
 from qkdproxy.tls.keyexchange import KeyContext
-from qkdproxy.tls.peer import open_peer_channel
+from qkdproxy.tls.peer import PeerChannel, open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
 from qkdproxy.tls.wire import Alert
-from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
+from qkdproxy.tunnel import gate
+from qkdproxy.tunnel.addresses import (
+    Address,
+    SystemdAddress,
+    TcpAddress,
+    UnixAddress,
+    format_sockname,
+)
+from qkdproxy.tunnel.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
+from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
+from qkdproxy.tunnel.ratelimit import source_key
 
 log = logging.getLogger("qkdproxy.connection")
 IANA_CIPHERS = {
@@ -36,6 +50,13 @@ IANA_CIPHERS = {
     "chacha20-poly1305": "TLS_CHACHA20_POLY1305_SHA256",
 }
 _ids = itertools.count(1)
+# Connections that end on these are logged at WARNING, at most once per reason per interval
+# (the line says how many similar ones came since); the others of the interval stay at INFO,
+# so the one-line-per-connection record is complete and a flood is not a flood of warnings.
+PROBLEM_REASONS = (
+    "handshake failed", "rejected", "peer unreachable", "backend unreachable", "error",
+)  # fmt: skip
+WARNING_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -71,6 +92,9 @@ class TunnelStats:
     rejected_at_limit: int = 0
     handshake_failures: int = 0
     fallbacks: int = 0
+    # Plaintext bytes of closed connections (live ones: Tunnel.bytes_moved).
+    bytes_to_peer: int = 0
+    bytes_from_peer: int = 0
     # Recent handshake durations only (for the demo's median): bounded.
     handshake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -98,6 +122,13 @@ class Tunnel:
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
+        self._warnings = LogThrottle(WARNING_INTERVAL_S)
+        self._traffic: dict[int, Traffic] = {}
+        # Admission control: counts survive a reload, limits follow the configuration.
+        self.admission = Admission(admission_limits(config))
+        self._admitted_config = config
+        self._tickets: dict[int, Ticket] = {}
+        self._refusal_log = LogThrottle(config.refusal_log_interval_s)
 
     @property
     def active(self) -> int:
@@ -116,18 +147,20 @@ class Tunnel:
         address = self.config.listen
         handler = self._accept
         if isinstance(address, TcpAddress):
-            self._servers.append(await asyncio.start_server(handler, address.host, address.port))
+            self._servers.append(
+                await gate.start_server(handler, host=address.host, port=address.port)
+            )
         elif isinstance(address, UnixAddress):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address.path)
-            self._servers.append(await asyncio.start_unix_server(handler, address.path))
+            self._servers.append(await gate.start_unix_server(handler, address.path))
         else:
             sockets = (inherited or {}).get(address.name)
             if not sockets:
                 raise OSError(f"no socket named {address.name!r} was passed by systemd")
             for sock in sockets:
                 self._check_inherited(sock)
-                self._servers.append(await asyncio.start_server(handler, sock=sock))
+                self._servers.append(await gate.start_server(handler, sock=sock))
 
     def _check_inherited(self, sock: socket.socket) -> None:
         # The configuration could not see where systemd bound the socket: check now.
@@ -145,8 +178,7 @@ class Tunnel:
         out = []
         for server in self._servers:
             for sock in server.sockets:
-                name = sock.getsockname()
-                out.append(f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name}")
+                out.append(format_sockname(sock.getsockname()))
         return out
 
     async def wait_idle(self) -> None:
@@ -159,8 +191,10 @@ class Tunnel:
         for server in self._servers:
             server.close()
 
-    async def drain(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for live connections, then cut the rest."""
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
+        cut."""
+        pending: set[asyncio.Task[None]] = set()
         if self._connections:
             _, pending = await asyncio.wait(set(self._connections), timeout=timeout_s)
             for task in pending:
@@ -168,6 +202,7 @@ class Tunnel:
             await asyncio.gather(*pending, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
+        return len(pending)
 
     # ------------------------------------------------------------ connections
 
@@ -178,12 +213,10 @@ class Tunnel:
         peername = writer.get_extra_info("peername")
         record.client = str(peername[0]) if isinstance(peername, tuple) else "unix"
         _keepalive(writer)
-        if len(self._connections) >= self.config.max_connections:
-            self.stats.rejected_at_limit += 1
-            record.reason = "rejected: connection limit"
-            await close_transport(writer)
-            self._finish(record, time.monotonic())
+        ticket = self._admit(record, writer)
+        if ticket is None:
             return
+        self._tickets[record.conn_id] = ticket
         self._connections.add(task)
         self.stats.opened += 1
         started = time.monotonic()
@@ -202,10 +235,40 @@ class Tunnel:
             record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
         finally:
             self._connections.discard(task)
+            self.admission.release(self._tickets.pop(record.conn_id))
             await close_transport(writer)
-            self._finish(record, started)
+            self._finish(record, started, quiet_as=self._quiet_as(record, reader))
             async with self._changed:
                 self._changed.notify_all()
+
+    def _admit(self, record: ConnectionRecord, writer: asyncio.StreamWriter) -> Ticket | None:
+        """Admission control: a ticket, or None once the connection was reset (no TLS
+        work, no KME call) and the refusal counted and (throttled) logged."""
+        if self.config is not self._admitted_config:  # reloaded
+            self._admitted_config = self.config
+            self.admission.update(admission_limits(self.config))
+            self._refusal_log.interval_s = self.config.refusal_log_interval_s
+        now = time.monotonic()
+        verdict = self.admission.admit(source_key(record.client), now)
+        if isinstance(verdict, Ticket):
+            return verdict
+        if verdict is Refusal.CONNECTION_LIMIT:
+            self.stats.rejected_at_limit += 1
+            record.reason = "rejected: connection limit"
+        else:
+            record.reason = f"rejected: {verdict.value}"
+        gate.reset(writer)
+        self._finish(record, now, opened=False, quiet_as=verdict.value)
+        return None
+
+    def _quiet_as(self, record: ConnectionRecord, reader: asyncio.StreamReader) -> str | None:
+        """The throttle reason of a server connection that failed before its ClientHello
+        was complete (an unauthenticated source can produce those at will); None when the
+        connection deserves its own log line."""
+        if self.config.role != "server" or record.failure is None:
+            return None
+        hello = reader.hello.state if isinstance(reader, gate.WatchedReader) else None
+        return f"before_hello:{record.failure}" if hello is not HelloState.COMPLETE else None
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
@@ -224,7 +287,8 @@ class Tunnel:
                 return self._handshake_failed(exc, record)
             log.warning(
                 "tunnel %s: QKD unavailable (%s); falling back to %s",
-                self.config.name, exc.reason, "/".join(g.name for g in self.config.plan.fallback),
+                self.config.name, escape(exc.reason),
+                "/".join(g.name for g in self.config.plan.fallback),
             )  # fmt: skip
             record.fallback = True
             self.stats.fallbacks += 1
@@ -235,7 +299,7 @@ class Tunnel:
         except OSError as exc:
             return f"peer unreachable: {exc.strerror or type(exc).__name__}"
         channel = await self._channel(stream, record)
-        traffic = Traffic()
+        traffic = self._live(record)
         reason: str | None = None
         try:
             reason = await pump(
@@ -268,7 +332,7 @@ class Tunnel:
             log.warning(
                 "tunnel %s: the peer refused our QKD key (%s); the peer or a KME may have "
                 "restarted: key buffer flushed, retrying once",
-                self.config.name, exc.reason,
+                self.config.name, escape(exc.reason),
             )  # fmt: skip
         return await self._dial_peer(self.endpoint, record)
 
@@ -292,8 +356,18 @@ class Tunnel:
     async def _serve_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
     ) -> str:
+        # Until the client is authenticated, KME work for the KSID it names is bounded.
+        HELLO_SOURCE.set(source_key(record.client))
         try:
-            stream = await self.endpoint.accept(reader, writer)
+            stream = await gate.within_hello_deadlines(
+                reader, self.endpoint.accept(reader, writer),
+                self.config.first_byte_timeout_s, self.config.hello_timeout_s,
+            )  # fmt: skip
+        except gate.HelloDeadlineError as exc:
+            self.admission.count(exc.refusal)
+            self.stats.handshake_failures += 1
+            record.failure = exc.refusal.value
+            return f"handshake failed (peer): {exc.refusal.value}"
         except HandshakeError as exc:
             master = self.sources.master
             if isinstance(master, FlushableSource) and _refused(exc, master):
@@ -306,10 +380,17 @@ class Tunnel:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 backend_reader, backend_writer = await _open(self.config.connect)
         except (OSError, TimeoutError) as exc:
+            why = f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            if isinstance(channel, PeerChannel):
+                # The peer is authenticated: tell it why (qkdproxy probe reports it).
+                with contextlib.suppress(ConnectionError):
+                    await channel.send_verdict(why)
             await channel.close()
-            return f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            return why
+        if isinstance(channel, PeerChannel):
+            channel.probe_answer = VERDICT_OK
         _keepalive(backend_writer)
-        traffic = Traffic()
+        traffic = self._live(record)
         reason: str | None = None
         try:
             if self.config.proxy_protocol:
@@ -327,6 +408,8 @@ class Tunnel:
             await close_transport(backend_writer)
 
     async def _channel(self, stream: TlsStream, record: ConnectionRecord) -> Channel:
+        HELLO_SOURCE.set(None)  # authenticated: its announcements are not a hello's
+        self.admission.handshake_done(self._tickets[record.conn_id])
         self.stats.handshake_seconds.append(stream.handshake_seconds)
         record.handshake_ms = round(stream.handshake_seconds * 1000, 3)
         record.peer = stream.peer.describe()
@@ -335,6 +418,12 @@ class Tunnel:
         record.api = stream.record.api.value if stream.record.api else None
         record.qkd_key_id = stream.record.qkd_key_id
         record.hello_retry = stream.record.hello_retry
+        server = self.config.role == "server"
+        if server and self.config.policy is Policy.QKD_PREFERRED and stream.record.api is None:
+            # No QKD key in this connection: on a qkd-preferred server that is the client's
+            # fallback, and the line must say so (the server never falls back by itself).
+            record.fallback = True
+            self.stats.fallbacks += 1
         if self._on_handshake is not None:
             self._on_handshake(record)
         channel = await open_peer_channel(stream, self.sources)
@@ -361,10 +450,27 @@ class Tunnel:
     def _rekey(self) -> RekeyBudget:
         return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
 
-    @staticmethod
-    def _account(record: ConnectionRecord, traffic: Traffic) -> None:
+    def _live(self, record: ConnectionRecord) -> Traffic:
+        """A connection's byte counts, visible to :meth:`bytes_moved` while it lives."""
+        traffic = self._traffic[record.conn_id] = Traffic()
+        return traffic
+
+    def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
         record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
         record.key_updates = traffic.key_updates
+        # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
+        del self._traffic[record.conn_id]
+        self.stats.bytes_to_peer += traffic.to_peer
+        self.stats.bytes_from_peer += traffic.from_peer
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """Plaintext bytes (to the peer, from the peer) so far, live connections included, so
+        a long-lived connection shows in the byte counters before it ends."""
+        live = self._traffic.values()
+        return (
+            self.stats.bytes_to_peer + sum(t.to_peer for t in live),
+            self.stats.bytes_from_peer + sum(t.from_peer for t in live),
+        )
 
     def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
         self.stats.handshake_failures += 1
@@ -372,12 +478,50 @@ class Tunnel:
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
-    def _finish(self, record: ConnectionRecord, started: float) -> None:
-        record.duration_s = round(time.monotonic() - started, 6)
-        self.stats.closed += 1
-        log.info(json.dumps(asdict(record), separators=(",", ":")))
+    def _finish(
+        self,
+        record: ConnectionRecord,
+        started: float,
+        *,
+        opened: bool = True,
+        quiet_as: str | None = None,
+    ) -> None:
+        now = time.monotonic()
+        record.duration_s = round(now - started, 6)
+        # closed counts what opened counted: a connection refused at accept is neither.
+        if opened:
+            self.stats.closed += 1
+        fields: dict[str, object] = asdict(record)
+        level: int | None = logging.INFO
+        if quiet_as is not None:
+            # A flood of refusals must not become a flood of lines: one per interval per
+            # reason, carrying how many were not logged since the previous one.
+            suppressed = self._refusal_log.admit(quiet_as, now)
+            level = None if suppressed is None else logging.WARNING
+            fields["suppressed"] = suppressed
+        elif problem := next((p for p in PROBLEM_REASONS if record.reason.startswith(p)), None):
+            similar = self._warnings.admit(problem, now)
+            if similar is not None:
+                level = logging.WARNING
+                if similar:
+                    fields["similar_since_last_warning"] = similar
+        if level is not None:
+            log.log(level, json.dumps(fields, separators=(",", ":")),
+                    extra=record_event("connection", fields))  # fmt: skip
         if self._on_close is not None:
             self._on_close(record)
+
+
+def admission_limits(config: TunnelConfig) -> AdmissionLimits:
+    """The admission limits a tunnel's configuration sets."""
+    return AdmissionLimits(
+        max_connections=config.max_connections,
+        max_connections_per_source=config.max_connections_per_source,
+        max_handshakes=config.max_handshakes,
+        max_handshakes_per_source=config.max_handshakes_per_source,
+        handshake_rate_per_source=config.handshake_rate_per_source,
+        handshake_burst_per_source=config.handshake_burst_per_source,
+    )
 
 
 def failure_class(exc: HandshakeError) -> str:
@@ -431,21 +575,11 @@ async def _close_after_pump(
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
     broken = reason is None or reason.startswith("error")
     if broken and traffic.to_peer:
-        _reset(tls)  # no close_notify
+        gate.reset(tls)  # no close_notify
     else:
         await channel.close()
     if broken and traffic.from_peer:
-        _reset(plaintext)
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST (SO_LINGER 0) and no TLS close_notify."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        # ValueError: the transport is closed already (fd -1); nothing is left to reset.
-        with contextlib.suppress(OSError, ValueError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+        gate.reset(plaintext)
 
 
 def _keepalive(writer: asyncio.StreamWriter) -> None:
