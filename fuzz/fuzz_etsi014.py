@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """ETSI GS QKD 014 JSON (qkdproxy/etsi014/models.py) and what the client makes of a KME's
-answer (qkdproxy/etsi014/client.py: _decode, _container, _error_for).
+answer (qkdproxy/etsi014/client.py: _decode, _container, error_for).
 
 Byte 0 picks the HTTP status the "KME" answered with (200 most of the time); the rest is
 the response body. Only KmeProtocolError / QkdKeyError / Etsi014FormatError may come out.
@@ -17,7 +17,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.etsi014.client import KmeProtocolError, _container, _decode, _error_for
+    from qkdproxy.etsi014.client import KmeProtocolError, _container, _decode, error_for
     from qkdproxy.etsi014.models import (
         ErrorBody,
         Etsi014FormatError,
@@ -36,7 +36,7 @@ def test_one_input(data: bytes) -> None:
         return
     status, body = STATUSES[data[0] % len(STATUSES)], data[1:]
     if status != 200:
-        assert isinstance(_error_for(status, body), QkdKeyError)
+        assert isinstance(error_for("dec_keys", status, body), QkdKeyError)
         return
     try:
         document = _decode(body)
@@ -46,7 +46,7 @@ def test_one_input(data: bytes) -> None:
         with contextlib.suppress(Etsi014FormatError):
             parse(document)
     try:
-        container = _container(document, 256, 4)
+        container = _container(document, 256, 4, "KME")
     except KmeProtocolError:
         return
     ids = [key.key_id for key in container.keys]

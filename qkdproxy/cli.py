@@ -13,6 +13,7 @@ from qkdproxy.aio import run
 from qkdproxy.bench.cli import add_commands as add_bench_commands
 from qkdproxy.daemon_cli import add_commands as add_daemon_commands
 from qkdproxy.demo import format_summary, run_demo
+from qkdproxy.etsi014.kmecheck import add_command as add_kme_check_command
 from qkdproxy.groups import DEFAULT_GROUPS, GroupError
 from qkdproxy.hybrid import GroupUnavailableError, resolve
 from qkdproxy.kem import default_registry
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(commands)
     add_kme_commands(commands)
     add_daemon_commands(commands)
+    add_kme_check_command(commands)
     demo = commands.add_parser(
         "demo", help="run everything on loopback and verify real traffic (the main demo)",
         description="Starts the KME simulator pair, an echo backend, a server and a client "

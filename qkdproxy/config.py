@@ -12,11 +12,14 @@ import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from qkdproxy.errors import SettingError
+from qkdproxy.etsi004.qos import NEGOTIABLE, QosPolicy
+from qkdproxy.etsi014.models import MAX_SAE_ID_LENGTH
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.tls.certpolicy import CertificatePolicy
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
@@ -56,6 +59,10 @@ class KmeConfig:
     peer_streams_per_source: int = 2
     peer_streams_max: int = 4
     peer_stream_wait_s: float = 0.5
+    # Names the KME certificate must carry instead of the URL's host (cn:/dns:/uri: rules).
+    kme_identity: tuple[str, ...] = ()
+    # ETSI 004: the QoS asked for and the bounds a counter-proposal must stay within.
+    qos: QosPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,8 @@ class TunnelConfig:
     refusal_log_interval_s: float = 10.0
     # What the peer's certificate must meet beyond a valid chain (tls/certpolicy.py).
     cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
+    # Paper-era reference (0.1.x) servers do not echo the key id (client-initiated flow).
+    accept_unechoed_key_id: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,8 +349,62 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         peer_streams_max=int(r.positive("peer_streams_max", 4)),
         peer_stream_wait_s=r.positive("peer_stream_wait_s", 0.5),
     )
+    config = replace(config, kme_identity=_kme_identity(r), qos=_qos(r, api))
+    # Any non-empty SAE id: ETSI 014 paths carry it percent-encoded ('#', '/', spaces...).
+    for key in ("sae_id", "peer_sae_id"):
+        if len(getattr(config, key)) > MAX_SAE_ID_LENGTH:
+            r.fail(key, f"longer than {MAX_SAE_ID_LENGTH} characters")
     r.check_unknown()
     return config
+
+
+def _qos(r: _Reader, api: KeyApi) -> QosPolicy | None:
+    """``qos = {min_bps = ..., ...}`` and ``qos_bounds = {jitter = [low, high], ...}``."""
+    values = r.get("qos", dict, None)
+    bounds = r.get("qos_bounds", dict, None)
+    if values is None and bounds is None:
+        return None
+    if api is not KeyApi.ETSI_004:
+        r.fail("qos", 'QoS is an ETSI 004 setting (api = "004")')
+        return None
+    values, bounds = values or {}, bounds or {}
+    unknown = sorted(set(values) - set(NEGOTIABLE))
+    if unknown:
+        r.fail("qos", f"unknown field(s) {', '.join(unknown)} (known: {', '.join(NEGOTIABLE)})")
+        return None
+    pairs = []
+    for name, bound in bounds.items():
+        if not (
+            isinstance(bound, list)
+            and len(bound) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) for b in bound)
+        ):
+            r.fail("qos_bounds", f"{name} must be [low, high] (integers)")
+            return None
+        pairs.append((str(name), bound[0], bound[1]))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
+        r.fail("qos", "values must be integers")
+        return None
+    try:
+        return QosPolicy(**values, bounds=tuple(pairs))
+    except ValueError as exc:
+        r.fail("qos_bounds" if "bounds" in str(exc) or "negotiated" in str(exc) else "qos",
+               str(exc))  # fmt: skip
+        return None
+
+
+def _kme_identity(r: _Reader) -> tuple[str, ...]:
+    r.used.add("kme_identity")
+    value = r.data.get("kme_identity", [])
+    rules = [value] if isinstance(value, str) else value
+    if not isinstance(rules, list) or not all(isinstance(i, str) for i in rules):
+        r.fail("kme_identity", "must be a string or a list of strings (cn:, dns:, uri:)")
+        return ()
+    try:
+        return tuple(rules) if rules and ExpectedKme.parse(rules) else ()
+    except ValueError as exc:
+        r.fail("kme_identity", str(exc))
+        return ()
 
 
 def _tunnel(
@@ -406,9 +469,17 @@ def _tunnel(
         rekey_bytes=int(r.positive("rekey_bytes", float(1 << 30), allow_zero=True)),
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
+        accept_unechoed_key_id=bool(r.get("accept_unechoed_key_id", bool, False)),
         **_admission(r),
         cert_policy=_cert_policy(r),
     )  # fmt: skip
+    if config.accept_unechoed_key_id and (
+        role != "client" or flow is not Flow.CLIENT_INITIATED or kme is None
+    ):
+        r.fail(
+            "accept_unechoed_key_id",
+            "applies to client tunnels with a kme, in the client-initiated flow",
+        )
     r.check_unknown()
     return config
 

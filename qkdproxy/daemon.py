@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qkdproxy import __version__
-from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
+from qkdproxy.config import Config, ConfigError, KmeConfig, TunnelConfig, load_config
 from qkdproxy.groups import GroupSpec
 from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
@@ -42,6 +42,15 @@ from qkdproxy.tunnel.runtime import ConnectionRecord, Tunnel
 EXIT_OK, EXIT_START_FAILED, EXIT_CONFIG = 0, 1, 2
 MONITOR_INTERVAL_S = 1.0
 log = logging.getLogger("qkdproxy.daemon")
+
+
+def tunnel_qkd_options(config: TunnelConfig, kme: KmeConfig | None) -> QkdOptions:
+    """The QKD options of a tunnel (daemon and probe alike)."""
+    if kme is None:
+        return QkdOptions()
+    return QkdOptions(
+        flow=config.flow, api=kme.api, accept_unechoed_key_id=config.accept_unechoed_key_id
+    )
 
 
 def build_endpoint(
@@ -268,7 +277,8 @@ class Daemon:
 
     def _tunnel(self, config: TunnelConfig) -> Tunnel:
         kme = self.kmes.get(config.kme) if config.kme else None
-        options = QkdOptions(flow=config.flow, api=kme.config.api) if kme else QkdOptions()
+        # accept_unechoed_key_id is a risky setting: warned at start-up (qkdproxy.risk).
+        options = tunnel_qkd_options(config, kme.config if kme else None)
         keys = KeyContext(kme.sources if kme else KeySources(), options)
         endpoint, fallback = self._endpoints(config, keys)
         return Tunnel(
@@ -361,6 +371,8 @@ class Daemon:
                 old.flow,
             ):
                 problems.append(f"tunnel {old.name}: listen/role/kme/flow changes need a restart")
+            elif config.accept_unechoed_key_id != old.accept_unechoed_key_id:
+                problems.append(f"tunnel {old.name}: accept_unechoed_key_id needs a restart")
         return problems
 
     def status_line(self) -> str:

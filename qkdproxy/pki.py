@@ -93,7 +93,8 @@ class CertificateAuthority:
         now: datetime | None = None,
         days: int = 825,
     ) -> Credentials:
-        """A leaf certificate for ``names`` (DNS names, IP addresses or URIs) and its key."""
+        """A leaf certificate for ``names`` (DNS names, IP addresses or URIs; none: no SAN
+        extension, the CN only) and its key."""
         now = now or datetime.now(UTC)
         key = new_key(key_type)
         usages = [ExtendedKeyUsageOID.SERVER_AUTH] * server
@@ -107,10 +108,13 @@ class CertificateAuthority:
             .not_valid_before(now - timedelta(minutes=5))
             .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_san(names), critical=False)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
             )
         )
+        if names:
+            # No names: a CN-only certificate (as many vendor KMEs have); an empty SAN
+            # extension would be malformed (RFC 5280 4.2.1.6).
+            builder = builder.add_extension(_san(names), critical=False)
         return Credentials((builder.sign(self.key, hashes.SHA256()),), key)

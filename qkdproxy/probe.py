@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 from qkdproxy.config import Config, TunnelConfig
-from qkdproxy.daemon import build_endpoint
+from qkdproxy.daemon import build_endpoint, tunnel_qkd_options
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.frames import VERDICT_OK
-from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
+from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsStreamError
 from qkdproxy.tls.wire import Alert
@@ -47,7 +47,7 @@ async def probe(config: Config, tunnel: TunnelConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": False, "tunnel": tunnel.name}
     kme = KmeConnection.open(config.kmes[tunnel.kme]) if tunnel.kme else None
     try:
-        options = QkdOptions(flow=tunnel.flow, api=kme.config.api) if kme else QkdOptions()
+        options = tunnel_qkd_options(tunnel, kme.config if kme else None)
         keys = KeyContext(kme.sources if kme else KeySources(), options)
         endpoint = build_endpoint(tunnel, keys, tunnel.plan.groups)
         peer = tunnel.connect

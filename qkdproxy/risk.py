@@ -130,6 +130,13 @@ def _tunnel_risks(where: str, t: TunnelConfig) -> list[Risk]:
             f"({'/'.join(g.name for g in t.plan.fallback)}) from any allowed client; such "
             'connections are logged with "fallback": true. Use qkd-pq-required to insist',
         )
+    if t.accept_unechoed_key_id:
+        add(
+            "accept_unechoed_key_id",
+            "accept_unechoed_key_id: the server's key id is not checked (for paper-era "
+            "reference 0.1.x servers only); a key mismatch then shows as a failed handshake "
+            "instead of a clear refusal",
+        )
     if t.allow_public_plaintext:
         add(
             "public_plaintext",

@@ -539,7 +539,9 @@ async def test_metadata_buffer_too_small_is_retried_with_the_size_needed(kmes: K
 
 async def test_qos_not_met_reports_the_counter_proposal(kmes: Kmes) -> None:
     alice, _ = pair(kmes, chunk_size=4096)
-    with pytest.raises(QosNotMetError, match="counter-proposal is chunk size 32") as info:
+    with pytest.raises(
+        QosNotMetError, match=r"bounds: Key_chunk_size 32 \(we need 4096\)$"
+    ) as info:
         await alice.open(None)
     assert info.value.counter_proposal.key_chunk_size == 32
 

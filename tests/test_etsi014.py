@@ -28,7 +28,12 @@ from hypothesis import strategies as st
 
 from qkdproxy.bench.kme_setup import simulated_kme_sources
 from qkdproxy.certs import DevPki
-from qkdproxy.etsi014.client import Etsi014Client, KmeProtocolError
+from qkdproxy.etsi014.client import (
+    Etsi014Client,
+    KmeProtocolError,
+    KmeRefusedError,
+    KmeUnauthorisedError,
+)
 from qkdproxy.etsi014.models import (
     ErrorBody,
     Etsi014FormatError,
@@ -45,11 +50,9 @@ from qkdproxy.loopback import loopback_pair
 from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
 from qkdproxy.qkd.keys import (
-    KeyExhaustedError,
     KeyNotFoundError,
     KeySourceUnavailableError,
     QkdKey,
-    QkdKeyError,
 )
 from qkdproxy.sslctx import client_context, server_context
 from qkdproxy.tls.credentials import Credentials
@@ -533,8 +536,9 @@ async def test_body_over_64_kib_is_refused(pki: DevPki, pair: KmePair) -> None:
 
 
 async def test_path_with_an_invalid_sae_id(pki: DevPki, pair: KmePair) -> None:
+    """Any non-empty SAE id is valid (percent-encoded), up to 256 characters."""
     async with sae_session(pki, pki.saes["sae-a"]) as session:
-        answer = await http(session, "GET", keys_path(pair.urls_014[0], "sae%7Fb", "status"))
+        answer = await http(session, "GET", keys_path(pair.urls_014[0], "s" * 257, "status"))
     assert answer.status == 400
     assert "not a valid SAE ID" in answer.json["message"]
 
@@ -675,17 +679,18 @@ async def test_link_down_window_and_recovery(pki: DevPki) -> None:
         for node in pair.nodes:
             node.clock = lambda: base + offset[0]
         async with etsi_client(pki, pair.urls_014[0], "sae-a") as client:
-            with pytest.raises(KeyExhaustedError):
+            # 503, whatever its message says: a server-side failure (counted against the
+            # breaker, whose threshold two calls do not reach)
+            with pytest.raises(KeySourceUnavailableError, match="503"):
                 await client.enc_keys("sae-b")
             assert not pair.link.link_up
             offset[0] = 9.0  # still down: nothing generated
-            with pytest.raises(KeyExhaustedError):
+            with pytest.raises(KeySourceUnavailableError, match="503"):
                 await client.enc_keys("sae-b")
             offset[0] = 12.0
             [key] = await client.enc_keys("sae-b")
             assert pair.link.link_up
             assert len(key.material) == 32
-            # an exhausted pool is an answer, not a KME failure
             assert client.breaker.state is BreakerState.CLOSED
 
 
@@ -699,7 +704,7 @@ async def test_scheduled_exhaustion_on_a_link_without_generation(pki: DevPki) ->
         etsi_client(pki, pair.urls_014[0], "sae-a") as client,
     ):
         assert pair.link.stored_bits(pair.nodes[0].now()) == 256 * 10
-        with pytest.raises(KeyExhaustedError, match="insufficient"):
+        with pytest.raises(KeySourceUnavailableError, match="503: insufficient"):
             await client.enc_keys("sae-b")
         assert pair.link.stored_bits(pair.nodes[0].now()) == 0
 
@@ -714,7 +719,7 @@ async def test_scheduled_exhaustion_with_generation(pki: DevPki) -> None:
         for node in pair.nodes:
             node.clock = lambda: base + 10.0
         async with etsi_client(pki, pair.urls_014[0], "sae-a") as client:
-            with pytest.raises(KeyExhaustedError):
+            with pytest.raises(KeySourceUnavailableError, match="503"):
                 await client.enc_keys("sae-b")
 
 
@@ -808,10 +813,29 @@ async def test_client_requests_have_the_spec_shape(pki: DevPki) -> None:
         ("dec", reply(404, raw=b"null"), KeyNotFoundError),
         ("dec", reply(400, {"message": KEYS_NOT_FOUND}), KeyNotFoundError),
         ("dec", reply(401, {"message": "unauthorized"}), KeyNotFoundError),
-        ("enc", reply(400, {"message": "size shall be a multiple of 8"}), QkdKeyError),
+        # Vendor wordings: the code decides, never the text.
+        (
+            "dec",
+            reply(400, {"message": "Some of the requested keys do not exist in this KME."}),
+            KeyNotFoundError,
+        ),
+        ("dec", reply(400, raw=b"<html>Bad Request</html>"), KeyNotFoundError),
+        ("dec", reply(400, {"message": "keys not found"}), KeyNotFoundError),
+        ("enc", reply(400, {"message": "size shall be a multiple of 8"}), KmeRefusedError),
+        ("enc", reply(400, {"message": "key not found"}), KmeRefusedError),
+        ("enc", reply(404, {"message": "not found"}), KmeRefusedError),
+        (
+            "enc",
+            reply(401, raw=b"<html><body>401 Authorization Required</body></html>"),
+            KmeUnauthorisedError,
+        ),
+        ("status", reply(401, {"message": "unauthorized"}), KmeUnauthorisedError),
+        ("status", reply(403, {"message": "forbidden"}), KmeRefusedError),
         ("enc", reply(503, {"message": "busy"}), KeySourceUnavailableError),
         ("enc", reply(500, {"message": "oops"}), KeySourceUnavailableError),
-        ("enc", reply(503, {"message": "insufficient key material"}), KeyExhaustedError),
+        ("enc", reply(503, {"message": "insufficient key material"}), KeySourceUnavailableError),
+        ("dec", reply(503, {"message": "keys not found"}), KeySourceUnavailableError),
+        ("enc", reply(302, {"message": "moved"}), KmeProtocolError),
     ],
 )
 async def test_client_maps_bad_answers_to_the_right_error(
@@ -819,15 +843,26 @@ async def test_client_maps_bad_answers_to_the_right_error(
 ) -> None:
     async with fake_kme(pki) as fake, etsi_client(pki, fake.url, "sae-a") as client:
         fake.handler = handler
-        invoke = (
+        invoke: Awaitable[object] = (
             client.dec_keys("sae-b", [KEY_ID.bytes])
             if call == "dec"
+            else client.status("sae-b")
+            if call == "status"
             else client.enc_keys("sae-b", 2 if call == "enc2" else 1)
         )
         with pytest.raises(error) as caught:
             await invoke
         assert type(caught.value) is error
-        assert len(fake.requests) == 1  # never retried
+        if error is KmeUnauthorisedError:
+            assert "not authorised" in str(caught.value)
+        # A 4xx is an answer from a working KME: it never counts against the breaker.
+        down = isinstance(caught.value, KeySourceUnavailableError)
+        if not down:
+            assert client.breaker.failures == 0
+        elif "KME answered" in str(caught.value):
+            assert client.breaker.failures > 0
+        # never retried (status is, but not after an answer that is not a failure)
+        assert len(fake.requests) == (3 if call == "status" and down else 1)
 
 
 async def test_404_with_a_plain_text_body_is_key_not_found(pki: DevPki) -> None:
@@ -914,7 +949,7 @@ async def test_client_refuses_bad_arguments_without_calling(pki: DevPki) -> None
         with pytest.raises(ValueError, match="256-bit"):
             await client.enc_keys("sae-b", size=512)
         with pytest.raises(ValueError, match="invalid SAE ID"):
-            await client.enc_keys("../admin")
+            await client.enc_keys("")
         assert fake.requests == []
 
 
@@ -1078,7 +1113,7 @@ async def test_master_refill_errors_are_counted(pki: DevPki) -> None:
         assert master._refill is not None
         await asyncio.wait_for(master._refill, DEADLINE)
         assert master.counters.refill_errors == 1
-        with pytest.raises(KeyExhaustedError):
+        with pytest.raises(KeySourceUnavailableError):
             await master.take_key()
         await master.aclose()
 

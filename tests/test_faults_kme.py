@@ -163,7 +163,7 @@ async def test_kme_answering_500_503_or_400_fails_closed_or_falls_back_then_reco
     await eventually(ready_again, "/readyz 200 after the KME recovered")
 
 
-async def test_kme_exhausted_fails_closed_or_falls_back_and_stays_ready(
+async def test_kme_exhausted_fails_closed_or_falls_back_and_is_reported(
     faults: FaultHarness,
 ) -> None:
     """An exhausted KME: a pool of 3 keys and no key rate. Expected: the prefetch batch is
@@ -196,9 +196,11 @@ async def test_kme_exhausted_fails_closed_or_falls_back_and_stays_ready(
     fell_back = await client.proc.wait_record(lambda r: r["tunnel"] == "preferred")
     assert (fell_back["fallback"], fell_back["group"]) == (True, "X25519MLKEM768")
 
-    assert await client.ready() == (True, [])
+    ready, reasons = await client.ready()
+    assert not ready
+    assert reasons == ["tunnel required: KME local unreachable and the policy requires QKD"]
     metrics = await client.metrics()
-    assert metric(metrics, "qkdproxy_kme_errors_total", class_="exhausted") >= 2
+    assert metric(metrics, "qkdproxy_kme_errors_total", class_="http_5xx") >= 2
     assert metric(metrics, "qkdproxy_qkd_keys_total", tunnel="required", fate="consumed") == 3
     key_ids = [r["qkd_key_id"] for r in client.proc.records() if r["qkd_key_id"]]
     assert len(key_ids) == len(set(key_ids)) == 3
@@ -246,11 +248,12 @@ async def test_kme_restarted_on_the_same_port_new_connections_recover(
         lambda r: r["tunnel"] == "direct" and r["reason"] != "closed"
     )
     assert re.fullmatch(
-        r"handshake failed \(local\): ETSI 014 enc_keys: KME unreachable: \w+", direct["reason"]
+        r"handshake failed \(local\): ETSI 014 enc_keys: KME unreachable: \w+(: .+)?",
+        direct["reason"],
     ), direct
     buffered = await server.proc.wait_record(lambda r: r["tunnel"] == "buffered")
     assert re.fullmatch(
-        r"handshake failed \(local\): ETSI 014 dec_keys: KME unreachable: \w+",
+        r"handshake failed \(local\): ETSI 014 dec_keys: KME unreachable: \w+(: .+)?",
         buffered["reason"],
     ), buffered
 

@@ -60,7 +60,7 @@ from qkdproxy.etsi004.codec import (
     Status as Etsi004Status,
 )
 from qkdproxy.etsi004.codec import encode as etsi004_encode
-from qkdproxy.etsi014.client import KmeProtocolError, _container, _decode, _error_for
+from qkdproxy.etsi014.client import KmeProtocolError, _container, _decode, error_for
 from qkdproxy.etsi014.models import (
     ErrorBody,
     Etsi014FormatError,
@@ -1196,13 +1196,14 @@ def deep_json(depth: int) -> bytes:
 def test_client_response_handling_raises_only_typed_key_errors(status: int, body: bytes) -> None:
     """What the ETSI 014 client does with a KME's answer (status code and body)."""
     if status != 200:
-        error = _error_for(status, body)
-        assert isinstance(error, QkdKeyError)
-        assert len(str(error)) < 600
+        for call in ("status", "enc_keys", "dec_keys"):
+            error = error_for(call, status, body)
+            assert isinstance(error, QkdKeyError)
+            assert len(str(error)) < 800
         return
     try:
         document = _decode(body)
-        container = _container(document, 256, 1)
+        container = _container(document, 256, 1, "KME")
     except KmeProtocolError:
         event("protocol error")
         return
@@ -1215,7 +1216,7 @@ def test_deeply_nested_json_from_a_kme_is_a_protocol_error() -> None:
     """Regression: json.loads raises RecursionError on deep nesting, which escaped _decode."""
     with pytest.raises(KmeProtocolError, match="not JSON"):
         _decode(deep_json(100_000))
-    error = _error_for(400, b'{"message": ' + b"[" * 100_000 + b"}")
+    error = error_for("dec_keys", 400, b'{"message": ' + b"[" * 100_000 + b"}")
     assert str(error) == "KME answered 400"
 
 

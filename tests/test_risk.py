@@ -61,6 +61,10 @@ RISKS = [
     ("qkd_preferred_server", {"policy": "qkd-preferred", "kme": "local"}),
     ("public_plaintext", {"connect": "192.0.2.1:80", "allow_public_plaintext": True}),
     ("admission_off", {"max_handshakes_per_source": 0, "first_byte_timeout_s": 0}),
+    (
+        "accept_unechoed_key_id",
+        {**CLIENT, "server_name": SERVER_NAME, "kme": "local", "accept_unechoed_key_id": True},
+    ),
 ]
 
 

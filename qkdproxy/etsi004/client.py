@@ -36,6 +36,8 @@ from qkdproxy.etsi004.codec import (
     Status,
     encode,
 )
+from qkdproxy.etsi004.qos import QosPolicy, changed_fields, describe_status
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.qkd.keys import (
     KeyExhaustedError,
     KeySourceUnavailableError,
@@ -82,14 +84,8 @@ class _Connection:
         return not (self.writer.is_closing() or self.reader.at_eof())
 
 
-def _unavailable(what: str, status: Status) -> KeySourceUnavailableError:
-    reasons = {
-        Status.NO_QKD_CONNECTION: "no QKD connection (link down, stream not open, or KME failing)",
-        Status.TIMEOUT: "the KME timed out",
-    }
-    return KeySourceUnavailableError(
-        f"{what}: {reasons.get(status, f'unexpected status {status}')}"
-    )
+def _unavailable(status: Status) -> KeySourceUnavailableError:
+    return KeySourceUnavailableError(describe_status(status))
 
 
 class Etsi004Client:
@@ -115,12 +111,17 @@ class Etsi004Client:
         call_timeout: float = 5.0,
         server_hostname: str | None = None,
         observer: KmeCallObserver = no_observer,
+        expected_kme: ExpectedKme | None = None,
+        qos: QosPolicy | None = None,
     ) -> None:
         self._host, self._port = host, port
-        self._ssl = ssl_context
+        self._expected_kme = expected_kme
+        self._ssl = expected_kme.prepare(ssl_context) if expected_kme else ssl_context
         self._server_hostname = server_hostname
         self._source, self._destination = source, destination
-        self._qos = QoS(chunk_size, timeout_ms=timeout_ms, ttl_s=ttl_s)
+        # ``qos`` (from [kme] qos) replaces timeout_ms and ttl_s.
+        self._policy = qos or QosPolicy(timeout_ms=timeout_ms, ttl_s=ttl_s)
+        self._qos = self._policy.qos(chunk_size)
         self._metadata_size = metadata_size
         self._call_timeout = call_timeout
         self._lock = asyncio.Lock()
@@ -153,75 +154,86 @@ class Etsi004Client:
     async def _open(self, ksid: bytes | None) -> bytes:
         """OPEN_CONNECT; ``None`` (or 16 zero bytes) lets the KME assign the KSID.
 
-        Success includes status 1 (the peer application has not opened yet).
+        Success includes status 1 (the peer application has not opened yet). A QoS
+        counter-proposal (status 7) within the configured bounds is accepted, kept for later
+        calls, and OPEN_CONNECT is retried once with it.
         """
         wanted = ZERO_KSID if ksid is None else bytes(ksid)
-        request = OpenConnectRequest(self._source, self._destination, self._qos, wanted)
-        what = "ETSI 004 OPEN_CONNECT"
         async with self._lock:
-            message, retried = await self._call_retrying(request, what)
-            response = await self._expect(message, OpenConnectResponse, what)
+            response, retried = await self._open_once(wanted)
+            if response.status is Status.QOS_NOT_MET:
+                asked, counter = self._qos, response.qos
+                if problems := self._policy.problems(asked, counter):
+                    raise QosNotMetError(
+                        f"{describe_status(Status.QOS_NOT_MET)}; the counter-proposal is "
+                        f"outside the configured bounds: {'; '.join(problems)}",
+                        counter,
+                    )
+                self._qos = self._policy.adopt(asked, counter)
+                response, retried = await self._open_once(wanted)
+                if response.status is Status.QOS_NOT_MET:
+                    raise QosNotMetError(
+                        f"{describe_status(Status.QOS_NOT_MET)}, again after accepting the "
+                        f"KME's counter-proposal ({changed_fields(asked, counter)})",
+                        response.qos,
+                    )
             if response.status is Status.KSID_IN_USE and retried and wanted != ZERO_KSID:
                 # The attempt that broke may have joined the stream already: it is ours.
                 return wanted
             if response.status in (Status.SUCCESS, Status.PEER_NOT_CONNECTED):
                 if wanted not in (ZERO_KSID, response.ksid) or response.ksid == ZERO_KSID:
-                    await self._protocol_error(f"{what}: KME answered with another KSID")
+                    await self._protocol_error("KME answered with another KSID")
                 # get_key checks every chunk against the size asked for here.
                 if response.qos.key_chunk_size != self._qos.key_chunk_size:
-                    await self._protocol_error(f"{what}: KME changed the chunk size")
+                    await self._protocol_error("KME changed the chunk size")
                 return response.ksid
         if response.status is Status.KSID_IN_USE:
-            raise KsidInUseError(f"{what}: KSID already in use by this application")
-        if response.status is Status.QOS_NOT_MET:
-            counter = response.qos
-            raise QosNotMetError(
-                f"{what}: QoS not met; the KME's counter-proposal is chunk size "
-                f"{counter.key_chunk_size}, mimetype {counter.metadata_mimetype!r}",
-                counter,
-            )
-        raise _unavailable(what, response.status)
+            raise KsidInUseError(describe_status(response.status))
+        raise _unavailable(response.status)
+
+    async def _open_once(self, wanted: bytes) -> tuple[OpenConnectResponse, bool]:
+        request = OpenConnectRequest(self._source, self._destination, self._qos, wanted)
+        message, retried = await self._call_retrying(request)
+        return await self._expect(message, OpenConnectResponse), retried
 
     async def _get_key(self, ksid: bytes, index: int) -> bytes:
         """GET_KEY: the chunk at ``index``; never retried on a broken connection."""
         request = GetKeyRequest(bytes(ksid), index, self._metadata_size)
-        what = "ETSI 004 GET_KEY"
         async with self._lock:
-            response = await self._expect(await self._call(request, what), GetKeyResponse, what)
+            response = await self._expect(await self._call(request), GetKeyResponse)
             if response.status is Status.METADATA_TOO_SMALL:
                 # Nothing was drawn; ask once more with the buffer size the KME needs.
                 if response.metadata_needed > MAX_PAYLOAD:
-                    await self._protocol_error(f"{what}: KME wants a metadata buffer too large")
+                    await self._protocol_error("KME wants a metadata buffer too large")
                 request = replace(request, metadata_size=response.metadata_needed)
-                message = await self._call(request, what)
-                response = await self._expect(message, GetKeyResponse, what)
+                message = await self._call(request)
+                response = await self._expect(message, GetKeyResponse)
             if response.index != index:
-                await self._protocol_error(f"{what}: KME answered for another index")
+                await self._protocol_error("KME answered for another index")
             if response.status is Status.SUCCESS:
                 if len(response.key) != self._qos.key_chunk_size:
-                    await self._protocol_error(f"{what}: key of {len(response.key)} bytes")
+                    await self._protocol_error(f"key of {len(response.key)} bytes")
                 return response.key
         if response.status is Status.INSUFFICIENT_KEY:
             raise KeyExhaustedError(
-                f"{what}: insufficient key (pool exhausted, index {index} already "
-                "delivered, or stream closed)"
+                f"{describe_status(response.status)}: pool exhausted, index {index} already "
+                "delivered, or stream closed"
             )
         if response.status is Status.PEER_APP_NOT_CONNECTED:
-            raise PeerNotConnectedError(f"{what}: peer application has not opened the stream")
-        raise _unavailable(what, response.status)
+            raise PeerNotConnectedError(describe_status(response.status))
+        raise _unavailable(response.status)
 
     async def _close(self, ksid: bytes) -> None:
         """CLOSE: no new key is allocated on the stream afterwards."""
-        what = "ETSI 004 CLOSE"
         async with self._lock:
-            message, retried = await self._call_retrying(CloseRequest(bytes(ksid)), what)
-            response = await self._expect(message, CloseResponse, what)
+            message, retried = await self._call_retrying(CloseRequest(bytes(ksid)))
+            response = await self._expect(message, CloseResponse)
         # After a broken attempt, 4 most likely means that attempt closed the stream.
         if response.status is Status.SUCCESS or (
             retried and response.status is Status.NO_QKD_CONNECTION
         ):
             return
-        raise _unavailable(what, response.status)
+        raise _unavailable(response.status)
 
     async def aclose(self) -> None:
         """Close the connection; later calls fail with KeySourceUnavailableError."""
@@ -230,17 +242,17 @@ class Etsi004Client:
 
     # ------------------------------------------------------------------ transport
 
-    async def _call_retrying(self, request: Request, what: str) -> tuple[Message, bool]:
+    async def _call_retrying(self, request: Request) -> tuple[Message, bool]:
         """A call replayed once on a fresh connection if the first one broke under it."""
         try:
-            return await self._call(request, what), False
+            return await self._call(request), False
         except _BrokenConnectionError:
-            return await self._call(request, what), True
+            return await self._call(request), True
 
-    async def _call(self, request: Request, what: str) -> Message:
+    async def _call(self, request: Request) -> Message:
         """Send one request and read its answer; the caller holds the lock."""
         if self._closed:
-            raise KeySourceUnavailableError(f"{what}: client closed")
+            raise KeySourceUnavailableError("client closed")
         try:
             async with asyncio.timeout(self._call_timeout):
                 connection = await self._connect()
@@ -253,15 +265,13 @@ class Etsi004Client:
                     connection.decoder.feed(data)
         except TimeoutError:
             await self._disconnect()  # a late answer would be read as the next one's
-            raise KeySourceUnavailableError(
-                f"{what}: no answer in {self._call_timeout} s"
-            ) from None
+            raise KeySourceUnavailableError(f"no answer in {self._call_timeout} s") from None
         except CodecError as exc:
             await self._disconnect()
-            raise KeySourceUnavailableError(f"{what}: malformed answer: {exc}") from None
+            raise KeySourceUnavailableError(f"malformed answer: {exc}") from None
         except OSError as exc:  # includes ssl.SSLError and ConnectionError
             await self._disconnect()
-            raise _BrokenConnectionError(f"{what}: connection failed: {exc}") from None
+            raise _BrokenConnectionError(f"connection failed: {exc}") from None
         except asyncio.CancelledError:
             # The answer may still come and would be taken for the next request's (a key
             # for another stream, even): this connection can no longer be trusted.
@@ -270,7 +280,7 @@ class Etsi004Client:
         if isinstance(message, ErrorFrame):
             await self._disconnect()  # the KME closes after an error frame
             raise RequestRefusedError(
-                f"{what}: KME refused the request (malformed, or source {self._source!r} "
+                f"KME refused the request (malformed, or source {self._source!r} "
                 "is not the application in this client's certificate)"
             )
         return message
@@ -286,6 +296,11 @@ class Etsi004Client:
             server_hostname=self._server_hostname,
             ssl_handshake_timeout=self._call_timeout,
         )
+        if self._expected_kme is not None:
+            problem = self._expected_kme.mismatch(writer.get_extra_info("ssl_object"))
+            if problem is not None:
+                writer.transport.abort()
+                raise ssl.SSLCertVerificationError(problem)
         self._connection = _Connection(reader, writer, FrameDecoder())
         return self._connection
 
@@ -304,9 +319,9 @@ class Etsi004Client:
         except (TimeoutError, OSError):
             connection.writer.transport.abort()
 
-    async def _expect(self, message: Message, kind: type[M], what: str) -> M:
+    async def _expect(self, message: Message, kind: type[M]) -> M:
         if not isinstance(message, kind):
-            await self._protocol_error(f"{what}: KME answered with {type(message).__name__}")
+            await self._protocol_error(f"KME answered with {type(message).__name__}")
         return message
 
     async def _protocol_error(self, reason: str) -> NoReturn:

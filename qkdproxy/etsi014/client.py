@@ -16,6 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
+import yarl
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.tracing import Trace
 
 from qkdproxy.etsi014.models import (
     ErrorBody,
@@ -23,12 +27,14 @@ from qkdproxy.etsi014.models import (
     KeyContainer,
     KeyIds,
     KeyRequest,
+    KeySizeMismatchError,
     Status,
+    sae_path_segment,
     valid_sae_id,
 )
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.qkd.breaker import CircuitBreaker
 from qkdproxy.qkd.keys import (
-    KeyExhaustedError,
     KeyNotFoundError,
     KeySourceUnavailableError,
     QkdKey,
@@ -37,11 +43,31 @@ from qkdproxy.qkd.keys import (
 from qkdproxy.qkd.sources import KmeCallObserver, no_observer
 
 MAX_RESPONSE_BYTES = 1024 * 1024
+KEY_BITS = 256
 STATUS_ATTEMPTS = 3
 
 
 class KmeProtocolError(KeySourceUnavailableError):
     """The KME answered something that is not valid ETSI 014."""
+
+
+class KmeUnauthorisedError(QkdKeyError):
+    """401 on ``status`` or ``enc_keys``: the KME does not let this SAE (its client
+    certificate) ask for keys towards that peer SAE. A configuration matter, not an outage."""
+
+    kind = "unauthorised"
+
+
+class KmeRefusedError(QkdKeyError):
+    """Another 4xx: the KME is up and refused the request as made."""
+
+    kind = "http_4xx"
+
+
+# Error classes (the ``class`` label of kme_errors_total) that mean the KME itself is failing
+# or unreachable: 5xx answers, network and TLS errors, answers that are not ETSI 014.
+# Every 4xx is an answer from a working KME and never marks it down.
+KME_DOWN_CLASSES = frozenset({"http_5xx", "timeout", "tls", "connect", "protocol", "unavailable"})
 
 
 class Etsi014Client:
@@ -56,14 +82,22 @@ class Etsi014Client:
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: KmeCallObserver = no_observer,
+        expected_kme: ExpectedKme | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._expected_kme = expected_kme
+        if expected_kme is not None:
+            ssl_context = expected_kme.prepare(ssl_context)
         self._observer = observer
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.breaker = breaker or CircuitBreaker()
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        # max_key_per_request per peer SAE, from status (see max_keys_per_request).
+        self._request_caps: dict[str, int] = {}
+        # From the last status: why this KME cannot give 256-bit keys, if it cannot.
+        self.key_size_problem: str | None = None
 
     async def __aenter__(self) -> Etsi014Client:
         return self
@@ -79,35 +113,72 @@ class Etsi014Client:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=self._ssl, limit=32, keepalive_timeout=60)
+            connector = (
+                aiohttp.TCPConnector(ssl=self._ssl, limit=32, keepalive_timeout=60)
+                if self._expected_kme is None
+                else IdentityCheckingConnector(
+                    self._expected_kme, ssl=self._ssl, limit=32, keepalive_timeout=60
+                )
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, version=aiohttp.HttpVersion11,
                 raise_for_status=False,
             )  # fmt: skip
         return self._session
 
-    async def status(self, slave_sae: str) -> Status:
+    async def status(self, slave_sae: str, attempts: int = STATUS_ATTEMPTS) -> Status:
         """``status`` for keys towards ``slave_sae``; retried, since it consumes nothing."""
         error: QkdKeyError | None = None
-        for _ in range(STATUS_ATTEMPTS):
+        for _ in range(attempts):
             try:
-                return Status.from_json(await self._call("GET", _path(slave_sae, "status")))
+                status = Status.from_json(await self._call("GET", _path(slave_sae, "status")))
             except Etsi014FormatError as exc:
-                raise KmeProtocolError(f"status: {exc}") from None
+                raise KmeProtocolError(f"KME {self.base_url} status: {exc}") from None
             except KeySourceUnavailableError as exc:
                 error = exc
+                continue
+            self.key_size_problem = status.key_size_problem(KEY_BITS)
+            return status
         assert error is not None
         raise error
 
+    async def max_keys_per_request(self, peer_sae: str) -> int:
+        """How many key ids (or keys) one request towards ``peer_sae`` may carry.
+
+        Read from ``status`` once and remembered. A KME that refuses ``status`` to this SAE
+        (any 4xx) is taken to allow one per request, for good; a failing KME gives 1 for
+        this call only, and the next call asks again.
+        """
+        cap = self._request_caps.get(peer_sae)
+        if cap is not None:
+            return cap
+        try:
+            # One attempt: the key call that follows is the one whose failure should show.
+            cap = (await self.status(peer_sae, attempts=1)).max_key_per_request
+        except KeySourceUnavailableError:
+            return 1
+        except QkdKeyError:
+            cap = 1
+        self._request_caps[peer_sae] = cap
+        return cap
+
     async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
         """New keys shared with ``slave_sae`` (never retried: a retry could consume more)."""
-        if size != 256:
+        if size != KEY_BITS:
             raise ValueError("qkdproxy uses 256-bit keys")
         body = KeyRequest(number=number, size=size).to_json()
-        data = await self._call("POST", _path(slave_sae, "enc_keys"), body)
-        keys = _container(data, size, number)
+        try:
+            data = await self._call("POST", _path(slave_sae, "enc_keys"), body)
+        except KmeRefusedError as exc:
+            if self.key_size_problem is None:
+                raise
+            # Most likely the reason; the status said so.
+            raise KmeRefusedError(f"{exc}; KME {self.base_url} {self.key_size_problem}") from None
+        keys = _container(data, size, number, f"KME {self.base_url} enc_keys")
         if len(keys.keys) != number:
-            raise KmeProtocolError(f"asked for {number} keys, got {len(keys.keys)}")
+            raise KmeProtocolError(
+                f"KME {self.base_url} enc_keys: asked for {number} keys, got {len(keys.keys)}"
+            )
         return [QkdKey(uuid.UUID(k.key_id).bytes, k.key) for k in keys.keys]
 
     async def dec_keys(self, master_sae: str, key_ids: Sequence[bytes]) -> list[QkdKey]:
@@ -116,10 +187,12 @@ class Etsi014Client:
         data = await self._call(
             "POST", _path(master_sae, "dec_keys"), KeyIds(tuple(texts)).to_json()
         )
-        keys = _container(data, 256, len(texts))
+        keys = _container(data, 256, len(texts), f"KME {self.base_url} dec_keys")
         by_id = {k.key_id: k.key for k in keys.keys}
         if sorted(by_id) != sorted(texts):
-            raise KmeProtocolError("dec_keys answered other key IDs than asked")
+            raise KmeProtocolError(
+                f"KME {self.base_url} dec_keys: keys[].key_ID answered other key IDs than asked"
+            )
         return [QkdKey(uuid.UUID(t).bytes, by_id[t]) for t in texts]
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -131,7 +204,7 @@ class Etsi014Client:
         started = time.perf_counter()
         call = path.rsplit("/", 1)[-1]
         try:
-            result = await self._request(method, path, body)
+            result = await self._request(method, path, body, call)
         except QkdKeyError as exc:
             self._observer(call, time.perf_counter() - started, _error_class(exc))
             if isinstance(exc, KeySourceUnavailableError):
@@ -148,20 +221,66 @@ class Etsi014Client:
         self.breaker.record_success()
         return result
 
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, call: str) -> Any:
         try:
             async with self._client().request(
-                method, self.base_url + path, json=body, allow_redirects=False
+                # encoded: the path is percent-encoded already (SAE ids), keep it byte for byte
+                method,
+                yarl.URL(self.base_url + path, encoded=True),
+                json=body,
+                allow_redirects=False,
             ) as response:
                 payload = await _read_bounded(response)
                 code = response.status
         except (TimeoutError, aiohttp.ClientError, ssl.SSLError, OSError) as exc:
-            error = KeySourceUnavailableError(f"KME unreachable: {type(exc).__name__}")
+            error = KeySourceUnavailableError(f"KME unreachable: {transport_failure(exc)}")
             error.kind = _transport_class(exc)
             raise error from None
         if code == 200:
             return _decode(payload)
-        raise _error_for(code, payload)
+        raise error_for(call, code, payload)
+
+
+class IdentityCheckingConnector(aiohttp.TCPConnector):
+    """A connector that checks the KME's certificate against ``kme_identity`` right after
+    each TLS handshake, before a request goes out on the connection."""
+
+    def __init__(self, expected: ExpectedKme, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._expected = expected
+
+    async def _create_connection(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> ResponseHandler:
+        protocol = await super()._create_connection(req, traces, timeout)
+        transport = protocol.transport
+        problem = self._expected.mismatch(
+            transport.get_extra_info("ssl_object") if transport is not None else None
+        )
+        if problem is not None:
+            if transport is not None:
+                transport.close()
+            raise aiohttp.ClientConnectorCertificateError(
+                req.connection_key, ssl.SSLCertVerificationError(problem)
+            )
+        return protocol
+
+
+def transport_failure(exc: BaseException) -> str:
+    """What went wrong on the way to the KME, with the TLS verification message when there
+    is one (``IP address mismatch``, ``unable to get local issuer certificate``, ...)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = exc.certificate_error
+        detail = getattr(cause, "verify_message", None) or str(cause)
+        text = f"TLS certificate verification failed: {detail}"
+    elif isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        text = f"{type(exc).__name__} (no answer in time)"
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:400]
 
 
 def _transport_class(exc: BaseException) -> str:
@@ -177,15 +296,13 @@ def _error_class(exc: QkdKeyError) -> str:
         return "protocol"
     if isinstance(exc, KeyNotFoundError):
         return "not_found"
-    if isinstance(exc, KeyExhaustedError):
-        return "exhausted"
     return exc.kind or "http_4xx"
 
 
 def _path(sae: str, call: str) -> str:
     if not valid_sae_id(sae):
         raise ValueError(f"invalid SAE ID {sae!r}")
-    return f"/api/v1/keys/{sae}/{call}"
+    return f"/api/v1/keys/{sae_path_segment(sae)}/{call}"
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
@@ -209,24 +326,39 @@ def _decode(payload: bytes) -> Any:
         raise KmeProtocolError("KME response is not JSON") from None
 
 
-def _container(data: Any, size: int, number: int) -> KeyContainer:
+def _container(data: Any, size: int, number: int, where: str) -> KeyContainer:
+    """Parse a key container; errors name the KME, the call (``where``) and the field."""
     try:
         return KeyContainer.from_json(data, size, max_keys=number)
+    except KeySizeMismatchError as exc:
+        raise KmeProtocolError(f"{where}: {exc} (qkdproxy needs {KEY_BITS}-bit keys)") from None
     except Etsi014FormatError as exc:
-        raise KmeProtocolError(f"key container rejected: {exc}") from None
+        raise KmeProtocolError(f"{where}: key container rejected: {exc}") from None
 
 
-def _error_for(code: int, payload: bytes) -> QkdKeyError:
-    # The code decides; the body (often not even JSON on real KMEs) only adds detail.
+def error_for(call: str, code: int, payload: bytes) -> QkdKeyError:
+    """The error for a non-200 answer to ``call``, classified by status code and call only.
+
+    The message text (free-form, often not even JSON on real KMEs) is never interpreted; it
+    is only quoted. dec_keys is always sent well formed, so any 400, 401 or 404 to it means
+    the KME has no such key for this SAE. 401 elsewhere is an authorisation problem.
+    """
     try:
         message = ErrorBody.from_json(json.loads(payload)).message
     except (ValueError, UnicodeDecodeError, RecursionError, Etsi014FormatError):
         message = ""
     text = f"KME answered {code}" + (f": {message}" if message else "")
-    if code in (401, 404) or (code == 400 and "not found" in message):
+    if code >= 500:
+        error = KeySourceUnavailableError(text)
+        error.kind = "http_5xx"
+        return error
+    if code < 400:
+        return KmeProtocolError(f"unexpected HTTP status: {text}")
+    if call == "dec_keys" and code in (400, 401, 404):
         return KeyNotFoundError(text)
-    if code == 503 and "insufficient" in message:
-        return KeyExhaustedError(text)
-    error = KeySourceUnavailableError(text) if code >= 500 else QkdKeyError(text)
-    error.kind = "http_5xx" if code >= 500 else "http_4xx"
-    return error
+    if code == 401:
+        return KmeUnauthorisedError(
+            f"{text} (not authorised: the KME does not accept this SAE's client certificate "
+            f"for {call} towards that peer SAE; check the SAE ids and the KME's registration)"
+        )
+    return KmeRefusedError(text)

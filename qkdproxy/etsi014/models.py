@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 MAX_SAE_ID_LENGTH = 256
 MAX_KEYS_PER_CONTAINER = 1024
@@ -20,6 +21,10 @@ MAX_KEYS_PER_CONTAINER = 1024
 
 class Etsi014FormatError(ValueError):
     """A JSON document that does not follow the ETSI 014 schema."""
+
+
+class KeySizeMismatchError(Etsi014FormatError):
+    """A key of another size than asked for (qkdproxy needs 256 bits)."""
 
 
 def _object(data: Any, what: str) -> Mapping[str, Any]:
@@ -64,10 +69,17 @@ def _object_list(data: Mapping[str, Any], name: str) -> list[Any]:
 
 
 def valid_sae_id(sae_id: str) -> bool:
-    """SAE ids travel in URL paths: printable ASCII without '/', bounded length."""
-    return 0 < len(sae_id) <= MAX_SAE_ID_LENGTH and all(
-        33 <= ord(c) < 127 and c != "/" for c in sae_id
-    )
+    """Any non-empty SAE id of bounded length: it travels percent-encoded in URL paths
+    (:func:`sae_path_segment`), so '#', '/', spaces or non-ASCII letters are all fine."""
+    return 0 < len(sae_id) <= MAX_SAE_ID_LENGTH
+
+
+def sae_path_segment(sae_id: str) -> str:
+    """``sae_id`` as one URL path segment: UTF-8, every reserved character percent-encoded
+    (the spec's paths carry URL-encoded SAE ids; ``SAE#002`` is ``SAE%23002``). "." and
+    ".." are encoded too: as bare segments, servers and proxies would resolve them."""
+    segment = quote(sae_id, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
 
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -78,6 +90,13 @@ def parse_key_id(text: Any) -> str:
     if not isinstance(text, str) or not _UUID.fullmatch(text):
         raise Etsi014FormatError("key_ID must be a UUID string")
     return str(uuid.UUID(text))
+
+
+# The integer fields of a status document, in the order of Status's fields.
+STATUS_INTEGERS = (
+    "key_size", "stored_key_count", "max_key_count", "max_key_per_request",
+    "max_key_size", "min_key_size", "max_SAE_ID_count",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,16 @@ class Status:
     max_key_size: int
     min_key_size: int
     max_sae_id_count: int
+
+    def key_size_problem(self, bits: int) -> str | None:
+        """None if keys of ``bits`` can be asked for, else why not (naming the fields)."""
+        if self.min_key_size <= bits <= self.max_key_size and bits % 8 == 0:
+            return None
+        return (
+            f"key size mismatch: {bits}-bit keys needed, the KME's status allows "
+            f"min_key_size={self.min_key_size} to max_key_size={self.max_key_size} "
+            f"(key_size={self.key_size})"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The spec's JSON field names."""
@@ -116,15 +145,14 @@ class Status:
     def from_json(cls, data: Any) -> Status:
         """Parse a status document (``status_extension`` is allowed and ignored)."""
         obj = _object(data, "status")
-        ints = [
-            _int(obj, name)
-            for name in (
-                "key_size", "stored_key_count", "max_key_count", "max_key_per_request",
-                "max_key_size", "min_key_size", "max_SAE_ID_count",
-            )
-        ]  # fmt: skip
-        if any(v < 0 for v in ints) or ints[3] < 1 or ints[5] > ints[4]:
-            raise Etsi014FormatError("status figures are inconsistent")
+        ints = [_int(obj, name) for name in STATUS_INTEGERS]
+        negative = [n for n, v in zip(STATUS_INTEGERS, ints, strict=True) if v < 0]
+        if negative:
+            raise Etsi014FormatError(f"{', '.join(negative)} must not be negative")
+        if ints[3] < 1:
+            raise Etsi014FormatError("max_key_per_request must be at least 1")
+        if ints[5] > ints[4]:
+            raise Etsi014FormatError(f"min_key_size ({ints[5]}) is above max_key_size ({ints[4]})")
         return cls(
             _str(obj, "source_KME_ID"),
             _str(obj, "target_KME_ID"),
@@ -204,19 +232,25 @@ class KeyContainer:
         if not entries or len(entries) > max_keys:
             raise Etsi014FormatError(f"key container must hold 1..{max_keys} keys")
         keys = []
-        for entry in entries:
-            item = _object(entry, "key")
-            key_id = parse_key_id(item.get("key_ID"))
+        for index, entry in enumerate(entries):
+            # Every message names the field at fault: keys[2].key_ID, keys[0].key, ...
+            where = f"keys[{index}]"
+            item = _object(entry, where)
+            try:
+                key_id = parse_key_id(item.get("key_ID"))
+            except Etsi014FormatError as exc:
+                raise Etsi014FormatError(f"{where}.{exc}") from None
             encoded = item.get("key")
             if not isinstance(encoded, str):
-                raise Etsi014FormatError("key must be a base64 string")
+                raise Etsi014FormatError(f"{where}.key must be a base64 string")
             try:
                 material = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError):
-                raise Etsi014FormatError("key is not valid base64") from None
+                raise Etsi014FormatError(f"{where}.key is not valid base64") from None
             if len(material) * 8 != size_bits:
-                raise Etsi014FormatError(
-                    f"key is {len(material) * 8} bits, {size_bits} were asked for"
+                raise KeySizeMismatchError(
+                    f"key size mismatch: {where}.key is {len(material) * 8} bits, "
+                    f"{size_bits} were asked for"
                 )
             keys.append(Key(key_id, material))
         if len({k.key_id for k in keys}) != len(keys):

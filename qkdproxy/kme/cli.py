@@ -13,9 +13,11 @@ from pathlib import Path
 
 from qkdproxy.certs import KMES, write_dev_pki
 from qkdproxy.cliargs import given, remember_given
+from qkdproxy.etsi004.qos import NEGOTIABLE, U32_MAX
 from qkdproxy.kme.faults import FaultScript, FaultScriptError
 from qkdproxy.kme.link import LinkSettings
 from qkdproxy.kme.node import IdentitySource
+from qkdproxy.kme.quirks import Quirk, parse_quirks
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
 
@@ -77,6 +79,22 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="cn",
         help="SAE id from the client certificate CN or URI SAN",
     )
+    kme.add_argument(
+        "--quirk",
+        action="append",
+        default=[],
+        choices=[q.value for q in Quirk if q is not Quirk.CN_ONLY],
+        help="reproduce a deviation from ETSI 014 seen in real KMEs (repeatable; "
+        "docs/KME.md). For CN-only KME certificates, put such certificates in --pki",
+    )
+    kme.add_argument(
+        "--qos-demand",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="ETSI 004: a QoS value the KMEs insist on (max_bps, min_bps, jitter, priority, "
+        "timeout_ms, ttl_s); other values get status 7 with it as counter-proposal (repeatable)",
+    )
     remember_given(kme)
     kme.set_defaults(handler=kme_command)  # fmt: skip
 
@@ -108,13 +126,30 @@ def _settings(args: argparse.Namespace) -> SimulatorSettings:
         link=LinkSettings(args.rate_bps, args.pool_bits, args.key_ttl_s),
         faults=script,
         identity=IdentitySource(args.identity),
+        quirks=parse_quirks(args.quirk),
+        qos_demands=parse_qos_demands(args.qos_demand),
     )
+
+
+def parse_qos_demands(items: list[str]) -> tuple[tuple[str, int], ...]:
+    """``["min_bps=1000", ...]``; ValueError naming the bad item."""
+    demands = []
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in NEGOTIABLE or not value.isdigit() or int(value) > U32_MAX:
+            fields = ", ".join(NEGOTIABLE)
+            raise ValueError(
+                f"--qos-demand {item!r}: want FIELD=VALUE, FIELD one of {fields}, "
+                "VALUE a 32-bit unsigned integer"
+            )
+        demands.append((name, int(value)))
+    return tuple(demands)
 
 
 CONFIG_KEYS: dict[str, type] = {
     "pki": Path, "host": str, "port_a": int, "port_b": int, "port_004_a": int,
     "port_004_b": int, "rate_bps": float, "pool_bits": int, "key_ttl_s": float,
-    "latency_ms": float, "faults": Path, "identity": str,
+    "latency_ms": float, "faults": Path, "identity": str, "quirk": list, "qos_demand": list,
 }  # fmt: skip
 
 

@@ -189,6 +189,15 @@ class QkdLinkModel:
         self, caller_sae: str, master_sae: str, key_ids: list[bytes], now: float
     ) -> list[bytes]:
         """dec_keys: every key or none; each id at most once, only by a named slave."""
+        materials = self.read_keys(caller_sae, master_sae, key_ids, now)
+        for key_id in key_ids:
+            del self._pending[key_id]
+        return materials
+
+    def read_keys(
+        self, caller_sae: str, master_sae: str, key_ids: list[bytes], now: float
+    ) -> list[bytes]:
+        """:meth:`take_keys` without using the keys up (the ``reusable-keys`` quirk)."""
         self._advance(now)
         if len(set(key_ids)) != len(key_ids):
             raise KeyUnknownError("a key id is listed twice")
@@ -197,8 +206,6 @@ class QkdLinkModel:
             raise KeyUnknownError("one or more keys specified are not found on KME")
         if any(caller_sae not in p.slave_saes for p in pending if p is not None):
             raise KeyNotForCallerError("caller is not a slave SAE of these keys")
-        for key_id in key_ids:
-            del self._pending[key_id]
         return [p.material for p in pending if p is not None]
 
     def _pool_after(self, now: float) -> deque[tuple[float, bytes]]:

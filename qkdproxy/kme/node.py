@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from qkdproxy.kme.faults import Decision, FaultInjector
 from qkdproxy.kme.link import QkdLinkModel
+from qkdproxy.kme.quirks import Quirk
 
 
 class IdentitySource(StrEnum):
@@ -47,6 +48,10 @@ class KmeNode:
     identity: IdentitySource = IdentitySource.CN
     clock: Callable[[], float] = time.monotonic
     started: float = field(default_factory=time.monotonic)
+    quirks: frozenset[Quirk] = frozenset()
+    # ETSI 004 QoS values this KME insists on (field, value): an OPEN_CONNECT asking for
+    # others gets status 7 with them as counter-proposal (QUBIP's default QoS check does so).
+    qos_demands: tuple[tuple[str, int], ...] = ()
 
     def now(self) -> float:
         """The simulation time the link model runs on."""

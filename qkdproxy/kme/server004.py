@@ -21,6 +21,10 @@ Status choices where the standard leaves room:
 - GET_KEY for an index already delivered to the caller, or for a new index after a member
   closed the stream: 2, there is no (more) key for that index.
 - An injected failure (``Decision.fail``): 4 for every request.
+- ``KmeNode.qos_demands``: QoS values the KME insists on; a request asking for others gets 7
+  with them as the counter-proposal.
+- Quirk ``kme-address-destination``: a destination containing "://" (the reference
+  provider's KME address) pairs with whichever application joins the stream.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import ssl
 import uuid
 import weakref
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from qkdproxy.etsi004.codec import (
     JSON_MIMETYPE,
@@ -63,6 +68,7 @@ from qkdproxy.kme.link import (
     StreamState,
 )
 from qkdproxy.kme.node import KmeNode
+from qkdproxy.kme.quirks import Quirk
 from qkdproxy.sslctx import peer_identity
 
 logger = logging.getLogger(__name__)
@@ -150,6 +156,15 @@ def _failure(request: Request, status: Status) -> Message:
             return GetKeyResponse(status, request.index)
         case CloseRequest():
             return CloseResponse(status)
+
+
+# A member whose destination was a KME address: it pairs with whichever application joins.
+ANY_PEER = "\0any-peer"
+
+
+def _names(destination: str, app: str) -> bool:
+    """True if a member that declared ``destination`` accepts ``app`` as its peer."""
+    return destination in (app, ANY_PEER)
 
 
 def _negotiate(requested: QoS) -> QoS:
@@ -331,10 +346,9 @@ class Etsi004Server:
         if request.source != app:
             raise _RefusedError(f"source {request.source!r} is not the caller {app!r}")
         link, now = self._node.link, self._node.now()
-        accepted = _negotiate(request.qos)
-        if accepted.key_chunk_size != request.qos.key_chunk_size or (
-            accepted.metadata_mimetype != request.qos.metadata_mimetype
-        ):
+        demands: dict[str, Any] = dict(self._node.qos_demands)
+        accepted = replace(_negotiate(request.qos), **demands)
+        if accepted != replace(request.qos, ttl_s=accepted.ttl_s):
             return OpenConnectResponse(Status.QOS_NOT_MET, accepted, request.ksid)
         if not link.link_up:
             return OpenConnectResponse(Status.NO_QKD_CONNECTION, request.qos, request.ksid)
@@ -342,9 +356,10 @@ class Etsi004Server:
         streams = _streams_of(link)
         streams.prune(link, now)
         record = streams.current(link, ksid, now)
+        destination = self._destination(request.destination)
         if record is not None:
             if app in record.members or any(
-                member.destination != app or request.destination != other
+                not _names(member.destination, app) or not _names(destination, other)
                 for other, member in record.members.items()
             ):
                 return OpenConnectResponse(Status.KSID_IN_USE, request.qos, ksid)
@@ -357,12 +372,19 @@ class Etsi004Server:
             return OpenConnectResponse(Status.KSID_IN_USE, request.qos, ksid)
         if record is None or record.state is not state:
             record = streams.records[ksid] = _StreamRecord(state)
-        record.members[app] = _Member(request.destination, accepted)
+        record.members[app] = _Member(destination, accepted)
         await streams.notify()
-        joined = request.destination in state.members
+        joined = any(_names(destination, m) for m in state.members if m != app)
         return OpenConnectResponse(
             Status.SUCCESS if joined else Status.PEER_NOT_CONNECTED, accepted, ksid
         )
+
+    def _destination(self, destination: str) -> str:
+        """The peer an OPEN_CONNECT names; a KME address (``server://host:port``, from the
+        reference provider) means any peer when the node has that quirk."""
+        if Quirk.KME_ADDRESS_DESTINATION in self._node.quirks and "://" in destination:
+            return ANY_PEER
+        return destination
 
     def _readiness(self, app: str, ksid: bytes) -> Status | None:
         """None if ``app`` may draw key on ``ksid`` now, else the status that says why not."""
@@ -373,7 +395,7 @@ class Etsi004Server:
             return Status.NO_QKD_CONNECTION
         if not link.link_up:
             return Status.NO_QKD_CONNECTION
-        if member.destination not in record.state.members:
+        if not any(_names(member.destination, m) for m in record.state.members if m != app):
             return Status.PEER_APP_NOT_CONNECTED
         return None
 

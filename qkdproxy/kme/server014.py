@@ -28,6 +28,7 @@ from qkdproxy.etsi014.models import (
 )
 from qkdproxy.kme.link import KeyNotForCallerError, KeyUnknownError, PoolExhaustedError
 from qkdproxy.kme.node import KmeNode
+from qkdproxy.kme.quirks import HTML_401_BODY, ONE_KEY_MESSAGE, VENDOR_NOT_FOUND_MESSAGE, Quirk
 from qkdproxy.sslctx import peer_identity
 
 NODE = web.AppKey("node", KmeNode)
@@ -44,6 +45,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ERRORS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest,
     401: web.HTTPUnauthorized,
+    404: web.HTTPNotFound,  # quirk profile 404-unknown-keys only
     503: web.HTTPServiceUnavailable,
 }
 
@@ -65,6 +67,10 @@ async def _faults_and_errors(request: web.Request, handler: Handler) -> web.Stre
         _fail(503, "KME failure (injected)")
     try:
         return await handler(request)
+    except web.HTTPUnauthorized:
+        if Quirk.HTML_401 not in node.quirks:
+            raise
+        raise web.HTTPUnauthorized(text=HTML_401_BODY, content_type="text/html") from None
     except Etsi014FormatError as exc:
         _fail(400, str(exc))
     except web.HTTPRequestEntityTooLarge:
@@ -186,12 +192,16 @@ async def dec_keys(request: web.Request) -> web.Response:
         if len(values) != 1 or set(request.query) != {"key_ID"}:
             _fail(400, "GET dec_keys takes exactly one key_ID parameter")
         key_ids = (parse_key_id(values[0]),)
+    quirks = node.quirks
+    if Quirk.ONE_KEY_PER_REQUEST in quirks and len(key_ids) > 1:
+        _fail(400, ONE_KEY_MESSAGE)
     try:
-        materials = node.link.take_keys(
-            slave, master, [uuid.UUID(k).bytes for k in key_ids], node.now()
-        )
+        take = node.link.read_keys if Quirk.REUSABLE_KEYS in quirks else node.link.take_keys
+        materials = take(slave, master, [uuid.UUID(k).bytes for k in key_ids], node.now())
     except KeyUnknownError:
-        _fail(400, KEYS_NOT_FOUND)
+        if Quirk.NOT_FOUND_404 in quirks:
+            _fail(404, "key not found")
+        _fail(400, VENDOR_NOT_FOUND_MESSAGE if Quirk.VENDOR_NOT_FOUND in quirks else KEYS_NOT_FOUND)
     except KeyNotForCallerError:
         _fail(401, "the requesting SAE is not a slave SAE of these keys")
     container = KeyContainer(tuple(Key(k, m) for k, m in zip(key_ids, materials, strict=True)))

@@ -20,6 +20,7 @@ from cryptography import x509
 from qkdproxy.kme.faults import FaultInjector, FaultScript
 from qkdproxy.kme.link import LinkSettings, QkdLinkModel
 from qkdproxy.kme.node import IdentitySource, KmeLimits, KmeNode
+from qkdproxy.kme.quirks import Quirk, quirky_limits
 from qkdproxy.kme.server004 import Etsi004Server
 from qkdproxy.kme.server014 import create_app
 from qkdproxy.sslctx import server_context
@@ -38,6 +39,10 @@ class SimulatorSettings:
     identity: IdentitySource = IdentitySource.CN
     limits: KmeLimits = field(default_factory=KmeLimits)
     kme_ids: tuple[str, str] = ("kme-a", "kme-b")
+    # Deviations from ETSI 014 to reproduce (qkdproxy.kme.quirks); none by default.
+    quirks: frozenset[Quirk] = frozenset()
+    # ETSI 004 QoS values the KMEs insist on, counter-proposed with status 7 (KmeNode).
+    qos_demands: tuple[tuple[str, int], ...] = ()
 
 
 class KmePair:
@@ -57,7 +62,8 @@ class KmePair:
             KmeNode(
                 kme_id, peer, self.link,
                 FaultInjector(replace(settings.faults, seed=settings.faults.seed + i)),
-                settings.limits, settings.identity, started=started,
+                quirky_limits(settings.limits, settings.quirks), settings.identity,
+                started=started, quirks=settings.quirks, qos_demands=settings.qos_demands,
             )
             for i, (kme_id, peer) in enumerate(((a, b), (b, a)))
         )  # fmt: skip

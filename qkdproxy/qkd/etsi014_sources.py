@@ -4,7 +4,8 @@ Master: a buffer of ready keys per slave SAE, refilled in the background in batc
 a low and a high watermark, so a handshake takes its key from memory. A key older than
 ``max_age_s`` is dropped unused (counted as expired), never handed out.
 Slave: concurrent ``get_key`` calls made in the same event-loop turn become one ``dec_keys``
-request with several key IDs.
+request with several key IDs (at most the KME's ``max_key_per_request``); after a refusal of
+a multi-id request each id is asked for alone.
 """
 
 from __future__ import annotations
@@ -231,6 +232,14 @@ class Etsi014Slave:
         task.add_done_callback(self._tasks.discard)
 
     async def _fetch(self, batch: dict[bytes, asyncio.Future[QkdKey]]) -> None:
+        # Batch-size cap (issue 19): never more ids per dec_keys than the KME's
+        # max_key_per_request, which the client reads from status.
+        cap = await self._client.max_keys_per_request(self._master)
+        if len(batch) > cap:
+            items = list(batch.items())
+            parts = (dict(items[i : i + cap]) for i in range(0, len(items), cap))
+            await asyncio.gather(*(self._fetch(part) for part in parts))
+            return
         self.requests += 1
         try:
             keys = await self._client.dec_keys(self._master, list(batch))

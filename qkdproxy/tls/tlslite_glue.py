@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
-from tlslite.constants import GroupName, KeyUpdateMessageType
+from tlslite.constants import ExtensionType, GroupName, KeyUpdateMessageType
 from tlslite.errors import (
     TLSAbruptCloseError,
     TLSBadRecordMAC,
@@ -38,7 +38,7 @@ from tlslite.errors import (
     TLSProtocolException,
     TLSRemoteAlert,
 )
-from tlslite.messages import KeyShareEntry
+from tlslite.messages import CertificateRequest, KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
 
@@ -321,6 +321,9 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
             yield from self._sendError(refusal[0], refusal[1])
         yield result
 
+    def _queue_message(self, msg: Any) -> Any:
+        return super()._queue_message(without_empty_compress_certificate(msg))
+
     def request_key_update(self) -> Iterator[Any]:
         """Send KeyUpdate(update_not_requested): fresh keys for what we send.
 
@@ -369,6 +372,24 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         leftover = bytes(buffered)
         buffered.clear()
         return records, leftover
+
+
+def without_empty_compress_certificate(msg: Any) -> Any:
+    """``msg``, minus a compress_certificate extension with no algorithm in it.
+
+    tlslite 0.8.2 servers put compress_certificate in every TLS 1.3 CertificateRequest, with
+    the algorithms they accept; qkdproxy accepts none, and an empty list is malformed
+    (RFC 8879 requires 1..127 entries). OpenSSL 3.2+ built with a compression algorithm
+    aborts with ``tls_parse_compress_certificate:bad extension``. Leaving the extension out
+    says the same thing (no compression) correctly.
+    """
+    if isinstance(msg, CertificateRequest) and msg.extensions:
+        msg.extensions = [
+            ext
+            for ext in msg.extensions
+            if ext.extType != ExtensionType.compress_certificate or ext.algorithms
+        ]
+    return msg
 
 
 class _Discard(list[Any]):
@@ -478,6 +499,7 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (TLSConnection, "_KEMEncaps", "server-side KEM encapsulation (overridden)"),
     (TLSConnection, "_check_certchain_with_settings", "peer chain validation (overridden)"),
     (TLSConnection, "_sendError", "fatal alerts during the handshake"),
+    (TLSConnection, "_queue_message", "drops an empty compress_certificate (overridden)"),
     (TLSConnection, "_send_record_limit", "the peer's record_size_limit, for our records"),
     (tl_recordlayer, "createAESGCM", "AES-GCM from cryptography (rebound)"),
     (tl_recordlayer, "createCHACHA20", "ChaCha20-Poly1305 from cryptography (rebound)"),

@@ -15,7 +15,8 @@ from typing import Protocol
 from qkdproxy.config import KmeConfig
 from qkdproxy.errors import SettingError
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
-from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.etsi014.client import KME_DOWN_CLASSES, Etsi014Client
+from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.observability.logformat import event
 from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
@@ -61,6 +62,7 @@ class KmeConnection:
         anchors = load_trust_anchors(config.ca)
         connection = cls(config, KeySources(), credentials)
         watched = connection._watch(observer)
+        expected = ExpectedKme.parse(config.kme_identity) if config.kme_identity else None
         if config.api is KeyApi.ETSI_014:
             breaker = CircuitBreaker(max_backoff_s=config.max_retry_interval_s)
             client = Etsi014Client(
@@ -68,6 +70,7 @@ class KmeConnection:
                 client_context(credentials, anchors, policy=config.cert_policy),
                 observer=watched,
                 breaker=breaker,
+                expected_kme=expected,
             )
             master = Etsi014Master(
                 client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
@@ -84,6 +87,7 @@ class KmeConnection:
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
+            expected_kme=expected, qos=config.qos,
         )  # fmt: skip
         limits = ResponderLimits(
             config.peer_streams_per_source, config.peer_streams_max, config.peer_stream_wait_s
@@ -99,8 +103,9 @@ class KmeConnection:
 
     def _watch(self, observer: KmeCallObserver) -> KmeCallObserver:
         def watched(call: str, seconds: float, error: str | None) -> None:
-            # An answer that says "no such key" still shows a working KME.
-            self.last_ok = error in (None, "not_found", "exhausted", "refused")
+            # Any answer that is not a server error (no such key, not authorised, pool
+            # empty over 004) still shows a working KME.
+            self.last_ok = error not in KME_DOWN_CLASSES
             observer(call, seconds, error)
             # The client updates its breaker after telling us: look once it has.
             asyncio.get_running_loop().call_soon(self.log_transitions, error)
@@ -152,10 +157,15 @@ class KmeConnection:
             self._poller = asyncio.create_task(self._poll_status(self.client014))
 
     async def _poll_status(self, client: Etsi014Client) -> None:
+        reported: str | None = None
         while True:
             with contextlib.suppress(QkdKeyError):
                 status = await client.status(self.config.peer_sae_id)
                 self.pool_keys = status.stored_key_count
+                if client.key_size_problem != reported:
+                    reported = client.key_size_problem
+                    if reported is not None:
+                        log.error("kme %s: %s", self.config.name, reported)
             await asyncio.sleep(STATUS_POLL_S)
 
     async def aclose(self) -> None:
