@@ -67,7 +67,12 @@ def build_endpoint(
     hybrids = [resolve(g, registry) for g in groups]
     return TlsEndpoint(
         EndpointSettings(
-            credentials, peer, hybrids, keys, handshake_timeout=config.handshake_timeout_s
+            credentials,
+            peer,
+            hybrids,
+            keys,
+            handshake_timeout=config.handshake_timeout_s,
+            mux_protocol=config.mux.enabled,
         )
     )
 

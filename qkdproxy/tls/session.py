@@ -37,7 +37,7 @@ from qkdproxy.tls.events import (
     Side,
     Truncated,
 )
-from qkdproxy.tls.frames import ALPN_PROTOCOL
+from qkdproxy.tls.frames import ALPN_PROTOCOL, MUX_ALPN_PROTOCOL
 from qkdproxy.tls.identity import PeerIdentity
 from qkdproxy.tls.key_supply import close_later, supply
 from qkdproxy.tls.keyexchange import CloseStream, HandshakeRecord, KeyContext
@@ -133,6 +133,8 @@ class EndpointSettings:
     clock: Callable[[], datetime] = utc_now
     # Offer ALPN qkdproxy/1, the framed protocol only qkdproxy peers speak.
     peer_protocol: bool = True
+    # Also offer (first) ALPN qkdproxy-mux/1: multiplexed tunnels (tunnel/mux.py).
+    mux_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +272,8 @@ class TlsEndpoint:
         install(g.group for g in settings.groups)
         self.settings = settings
         alpn = [bytearray(ALPN_PROTOCOL.encode())] if settings.peer_protocol else None
+        if alpn is not None and settings.mux_protocol:
+            alpn.insert(0, bytearray(MUX_ALPN_PROTOCOL.encode()))
         self._config = ConnectionConfig(
             groups=settings.groups,
             peer=settings.peer,

@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from qkdproxy.config import TunnelConfig
 from qkdproxy.observability.logformat import record_event
@@ -44,6 +44,9 @@ from qkdproxy.tunnel.addresses import (
     format_sockname,
 )
 from qkdproxy.tunnel.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
+from qkdproxy.tunnel.mux import MUX_ALPN, MuxConnection
+from qkdproxy.tunnel.muxconn import MuxStream, MuxTunnel
+from qkdproxy.tunnel.muxpool import MuxPool, PlainTunnel
 from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
@@ -87,6 +90,11 @@ class ConnectionRecord:
     key_updates: int = 0
     duration_s: float = 0.0
     reason: str = ""
+    # Multiplexing: "tunnel" (a carrying tunnel's line) or "stream" (an application
+    # connection it carried, with the tunnel's conn_id); streams carried by a tunnel.
+    mux: str | None = None
+    mux_tunnel: int | None = None
+    mux_streams: int | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +143,10 @@ class Tunnel:
         self._admitted_config = config
         self._tickets: dict[int, Ticket] = {}
         self._refusal_log = LogThrottle(config.refusal_log_interval_s)
+        # Multiplexing: the client's pool; the server's carrying tunnels (drained on stop).
+        self.pool: MuxPool | None = None
+        self._mux_tunnels: set[MuxTunnel] = set()
+        self._pool_tasks: set[asyncio.Future[None]] = set()
 
     @property
     def active(self) -> int:
@@ -149,7 +161,12 @@ class Tunnel:
     # ------------------------------------------------------------- listening
 
     async def start(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
-        """Open the listener(s)."""
+        """Open the listener(s) (and, for a multiplexing client, its tunnel pool)."""
+        if self.config.role == "client" and self.config.mux.enabled and self.pool is None:
+            self.pool = MuxPool(
+                self.config.mux, self._dial_mux, wait_s=self.config.connect_timeout_s
+            )
+            self.pool.start()
         address = self.config.listen
         handler = self._accept
         if isinstance(address, TcpAddress):
@@ -196,6 +213,11 @@ class Tunnel:
         """Close the listeners; live connections continue."""
         for server in self._servers:
             server.close()
+        for tunnel in self._mux_tunnels:
+            # A tunnel ends once its streams did; the peer's pool then stops using us.
+            draining = asyncio.ensure_future(tunnel.drain())
+            self._pool_tasks.add(draining)
+            draining.add_done_callback(self._pool_tasks.discard)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
@@ -208,6 +230,8 @@ class Tunnel:
             await asyncio.gather(*pending, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
+        if self.pool is not None:
+            await self.pool.close()
         return len(pending)
 
     # ------------------------------------------------------------ connections
@@ -286,6 +310,20 @@ class Tunnel:
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
     ) -> str:
+        if self.pool is not None:
+            try:
+                got = await self.pool.open()
+            except HandshakeError as exc:
+                return self._handshake_failed(exc, record)
+            except OSError as exc:
+                return f"peer unreachable: {exc.strerror or type(exc).__name__}"
+            except TimeoutError:
+                return "rejected: no stream available in time"
+            if isinstance(got, MuxStream):
+                return await self._pump_stream(reader, writer, got, record)
+            if got is not None:
+                self._established(got.stream, record)
+                return await self._pump_client(reader, writer, record, got.stream, got.writer)
         try:
             stream, peer_writer = await self._dial_with_fresh_key(record)
         except HandshakeError as exc:
@@ -304,7 +342,18 @@ class Tunnel:
                 return self._handshake_failed(again, record)
         except OSError as exc:
             return f"peer unreachable: {exc.strerror or type(exc).__name__}"
-        channel = await self._channel(stream, record)
+        self._established(stream, record)
+        return await self._pump_client(reader, writer, record, stream, peer_writer)
+
+    async def _pump_client(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        record: ConnectionRecord,
+        stream: TlsStream,
+        peer_writer: asyncio.StreamWriter,
+    ) -> str:
+        channel = await self._peer_channel(stream)
         traffic = self._live(record)
         reason: str | None = None
         try:
@@ -381,12 +430,14 @@ class Tunnel:
                 # restarted); the next connection must not offer the suspect ones.
                 master.flush_after_refusal()
             return self._handshake_failed(exc, record)
-        channel = await self._channel(stream, record)
+        self._established(stream, record)
+        if stream.alpn == MUX_ALPN and self.config.mux.enabled:
+            return await self._serve_mux_tunnel(stream, writer, record)
+        channel = await self._peer_channel(stream)
         try:
-            async with asyncio.timeout(self.config.connect_timeout_s):
-                backend_reader, backend_writer = await _open(self.config.connect)
+            backend_reader, backend_writer = await self._open_backend()
         except (OSError, TimeoutError) as exc:
-            why = f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            why = _unreachable(exc)
             if isinstance(channel, PeerChannel):
                 # The peer is authenticated: tell it why (qkdproxy probe reports it).
                 with contextlib.suppress(ConnectionError):
@@ -395,7 +446,6 @@ class Tunnel:
             return why
         if isinstance(channel, PeerChannel):
             channel.probe_answer = VERDICT_OK
-        _keepalive(backend_writer)
         traffic = self._live(record)
         reason: str | None = None
         try:
@@ -413,9 +463,191 @@ class Tunnel:
             await _close_after_pump(reason, traffic, channel, tls=writer, plaintext=backend_writer)
             await close_transport(backend_writer)
 
-    async def _channel(self, stream: TlsStream, record: ConnectionRecord) -> Channel:
-        HELLO_SOURCE.set(None)  # authenticated: its announcements are not a hello's
+    # ------------------------------------------------------------ multiplexing
+
+    async def _dial_mux(self) -> MuxTunnel | PlainTunnel:
+        """Client pool: establish one tunnel (it gets its own log line when it ends)."""
+        record = ConnectionRecord(next(_ids), self.config.name, self.config.role, mux="tunnel")
+        record.client = "pool"
+        started = time.monotonic()
+        try:
+            stream, peer_writer = await self._dial_with_fresh_key(record)
+        except (HandshakeError, OSError) as exc:
+            if isinstance(exc, HandshakeError):
+                record.reason = self._handshake_failed(exc, record)
+            else:
+                record.reason = f"peer unreachable: {exc.strerror or type(exc).__name__}"
+            self._finish(record, started, opened=False)
+            raise
+        if stream.alpn != MUX_ALPN:
+            # An older qkdproxy, or multiplex off at the peer: this stream serves the
+            # connection that asked, the per-connection way (its own line says so).
+            return PlainTunnel(stream, peer_writer)
+        self._established(stream, record, admitted=False)
+        tunnel = self._mux_tunnel(stream, peer_writer, record, on_stream=None)
+        task = asyncio.ensure_future(self._carry(tunnel, record, started))
+        self._pool_tasks.add(task)
+        task.add_done_callback(self._pool_tasks.discard)
+        return tunnel
+
+    def _mux_tunnel(
+        self,
+        stream: TlsStream,
+        writer: asyncio.StreamWriter,
+        record: ConnectionRecord,
+        on_stream: Callable[[MuxStream], None] | None,
+    ) -> MuxTunnel:
+        mux = self.config.mux
+        conn = MuxConnection(client=on_stream is None, max_streams=mux.max_streams)
+        tunnel = MuxTunnel(
+            stream, writer, conn, keepalive_s=mux.keepalive_s, rekey=self._rekey,
+            on_stream=on_stream,
+        )  # fmt: skip
+        tunnel.conn_id = record.conn_id
+        tunnel.start()
+        return tunnel
+
+    async def _carry(self, tunnel: MuxTunnel, record: ConnectionRecord, started: float) -> None:
+        """Wait for a pooled tunnel to end, then write its line."""
+        try:
+            record.reason = await tunnel.wait()
+        finally:
+            self._tunnel_ended(tunnel, record)
+            self._finish(record, started, opened=False)
+
+    def _tunnel_ended(self, tunnel: MuxTunnel, record: ConnectionRecord) -> None:
+        record.mux_streams = tunnel.streams_carried
+        record.key_updates = tunnel.key_updates
+        if tunnel.broken and record.reason and not record.reason.startswith("error"):
+            record.reason = f"error: {record.reason}"[:300]
+
+    async def _serve_mux_tunnel(
+        self, stream: TlsStream, writer: asyncio.StreamWriter, record: ConnectionRecord
+    ) -> str:
+        """Server: carry the peer's streams until the tunnel ends."""
+        record.mux = "tunnel"
+        tasks: set[asyncio.Task[None]] = set()
+
+        def on_stream(mux: MuxStream) -> None:
+            task = asyncio.ensure_future(self._serve_stream(mux, stream, writer, record))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        tunnel = self._mux_tunnel(stream, writer, record, on_stream)
+        self._mux_tunnels.add(tunnel)
+        try:
+            return await tunnel.wait()
+        finally:
+            self._mux_tunnels.discard(tunnel)
+            await tunnel.close()  # cut (drain deadline, lifetime): open streams are reset
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._tunnel_ended(tunnel, record)
+
+    async def _serve_stream(
+        self,
+        mux: MuxStream,
+        stream: TlsStream,
+        writer: asyncio.StreamWriter,
+        carrier: ConnectionRecord,
+    ) -> None:
+        """Server: one application connection inside a tunnel, with its own line."""
+        record = self._stream_record(carrier)
+        self.stats.opened += 1
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.max_lifetime_s or None):
+                record.reason = await self._stream_to_backend(mux, stream, writer, record)
+        except TimeoutError:
+            record.reason = "max_lifetime"
+        except asyncio.CancelledError:
+            record.reason = "drained"
+        except Exception as exc:
+            record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
+        finally:
+            if not mux.done:
+                await mux.reset()
+            self._finish(record, started)
+
+    def _stream_record(self, carrier: ConnectionRecord) -> ConnectionRecord:
+        """A stream's line: the carrier's peer and key, its own id and counts."""
+        return replace(
+            carrier, conn_id=next(_ids), mux="stream", mux_tunnel=carrier.conn_id,
+            handshake_ms=None, hello_retry=False, failure=None, reason="",
+        )  # fmt: skip
+
+    async def _stream_to_backend(
+        self,
+        mux: MuxStream,
+        stream: TlsStream,
+        writer: asyncio.StreamWriter,
+        record: ConnectionRecord,
+    ) -> str:
+        # The allow-list is checked per stream too: a reload that drops this peer stops
+        # new streams on tunnels it established before.
+        if not self.endpoint.settings.peer.allow.permits(stream.peer):
+            await mux.tunnel.refuse(mux, 403)
+            return "rejected: peer not allowed"
+        try:
+            backend_reader, backend_writer = await self._open_backend()
+        except (OSError, TimeoutError) as exc:
+            await mux.tunnel.refuse(mux, 502)
+            return _unreachable(exc)
+        traffic = self._live(record)
+        reason: str | None = None
+        try:
+            await mux.tunnel.accept(mux)
+            if self.config.proxy_protocol:
+                backend_writer.write(encode_proxy_v2(self._proxy_info(writer, stream, record)))
+            reason = await pump(
+                backend_reader, backend_writer, mux, traffic,
+                idle_timeout_s=self.config.idle_timeout_s,
+            )  # fmt: skip
+            return reason
+        finally:
+            self._account(record, traffic)
+            await _close_stream(reason, traffic, mux, backend_writer)
+            await close_transport(backend_writer)
+
+    async def _pump_stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        mux: MuxStream,
+        record: ConnectionRecord,
+    ) -> str:
+        """Client: one application connection through a pooled tunnel's stream."""
         self.admission.handshake_done(self._tickets[record.conn_id])
+        tunnel = mux.tunnel
+        record.mux, record.mux_tunnel = "stream", tunnel.conn_id
+        record.peer = tunnel.tls.peer.describe()
+        record.group = tunnel.tls.record.group
+        record.flow = tunnel.tls.record.flow.value if tunnel.tls.record.flow else None
+        record.api = tunnel.tls.record.api.value if tunnel.tls.record.api else None
+        record.qkd_key_id = tunnel.tls.record.qkd_key_id
+        traffic = self._live(record)
+        reason: str | None = None
+        try:
+            reason = await pump(
+                reader, writer, mux, traffic, idle_timeout_s=self.config.idle_timeout_s
+            )
+            return reason
+        finally:
+            self._account(record, traffic)
+            await _close_stream(reason, traffic, mux, writer)
+
+    async def _open_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with asyncio.timeout(self.config.connect_timeout_s):
+            reader, writer = await _open(self.config.connect)
+        _keepalive(writer)
+        return reader, writer
+
+    def _established(
+        self, stream: TlsStream, record: ConnectionRecord, *, admitted: bool = True
+    ) -> None:
+        """Account a completed handshake and fill the connection's line from it."""
+        HELLO_SOURCE.set(None)  # authenticated: its announcements are not a hello's
+        if admitted:
+            self.admission.handshake_done(self._tickets[record.conn_id])
         self.stats.handshake_seconds.append(stream.handshake_seconds)
         record.handshake_ms = round(stream.handshake_seconds * 1000, 3)
         record.peer = stream.peer.describe()
@@ -432,6 +664,8 @@ class Tunnel:
             self.stats.fallbacks += 1
         if self._on_handshake is not None:
             self._on_handshake(record)
+
+    async def _peer_channel(self, stream: TlsStream) -> Channel:
         channel = await open_peer_channel(stream, self.sources)
         return channel if channel is not None else RawTlsChannel(stream)
 
@@ -594,6 +828,23 @@ async def _close_after_pump(
     )
     if broken and (traffic.from_peer or (traffic.to_peer and not refused)):
         gate.reset(plaintext)
+
+
+def _unreachable(exc: OSError | TimeoutError) -> str:
+    return f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+
+
+async def _close_stream(
+    reason: str | None, traffic: Traffic, mux: MuxStream, plaintext: asyncio.StreamWriter
+) -> None:
+    """:func:`_close_after_pump` for a stream: a broken one is reset (RST_STREAM), and so is
+    its plaintext side once it passed anything; the tunnel itself carries on."""
+    if reason is None or reason.startswith("error"):
+        await mux.reset()
+        if traffic.to_peer or traffic.from_peer:
+            gate.reset(plaintext)
+    else:
+        await mux.close()
 
 
 def _keepalive(writer: asyncio.StreamWriter) -> None:
