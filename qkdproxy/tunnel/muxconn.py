@@ -38,7 +38,7 @@ from qkdproxy.tunnel.pump import RekeyBudget, Traffic
 log = logging.getLogger("qkdproxy.mux")
 
 
-class MuxStreamError(ConnectionError):
+class MuxStreamError(Exception):
     """A stream ended badly: reset by the peer, refused, or its tunnel broke."""
 
 

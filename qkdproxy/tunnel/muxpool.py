@@ -88,10 +88,11 @@ class MuxPool:
                     return None
                 tunnel = self._with_room()
                 if tunnel is not None:
-                    with contextlib.suppress(MuxStreamError):
+                    try:
                         return await tunnel.open_stream()
-                    if tunnel.alive:
-                        raise MuxStreamError("the peer refused the stream")
+                    except MuxStreamError:
+                        if tunnel.alive:
+                            raise  # refused by the peer (its status says why)
                     continue  # it broke meanwhile: another one
                 if len(self.tunnels) < self.settings.pool_max:
                     plain = await self._grow()

@@ -45,7 +45,7 @@ from qkdproxy.tunnel.addresses import (
 )
 from qkdproxy.tunnel.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
 from qkdproxy.tunnel.mux import MUX_ALPN, MuxConnection
-from qkdproxy.tunnel.muxconn import MuxStream, MuxTunnel
+from qkdproxy.tunnel.muxconn import MuxStream, MuxStreamError, MuxTunnel
 from qkdproxy.tunnel.muxpool import MuxPool, PlainTunnel
 from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
@@ -319,6 +319,8 @@ class Tunnel:
                 return f"peer unreachable: {exc.strerror or type(exc).__name__}"
             except TimeoutError:
                 return "rejected: no stream available in time"
+            except MuxStreamError as exc:
+                return f"rejected: {exc}"[:300]
             if isinstance(got, MuxStream):
                 return await self._pump_stream(reader, writer, got, record)
             if got is not None:

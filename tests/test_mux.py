@@ -1,0 +1,171 @@
+"""Multiplexed tunnels between daemons (real sockets, real KME simulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from qkdproxy.tunnel import gate
+from qkdproxy.tunnel.proxyv2 import PP2_TYPE_QKDPROXY_PEER
+from tests.test_tunnel_runtime import Backend, parse_tlvs, port, setup, transfer
+
+MUX = "multiplex = true\nmux_keepalive_s = 5"
+
+
+async def test_many_concurrent_streams_share_one_tunnel(tmp_path: Path) -> None:
+    async with (
+        setup(tmp_path) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        payloads = [os.urandom(1000 + 5000 * i) for i in range(40)]
+        got = await asyncio.gather(*(transfer(port(client), p) for p in payloads))
+        assert got == payloads
+        ledger = client.tunnels[0].keys.ledger
+        assert ledger.taken == 1
+    streams = [r for r in s.records if r.mux == "stream"]
+    assert len([r for r in streams if r.role == "client"]) == 40
+    assert len([r for r in streams if r.role == "server"]) == 40
+    assert all(r.reason == "closed" for r in streams), {r.reason for r in streams}
+
+
+class AnswerAfterEof(Backend):
+    """Reads until EOF (the client's half-close), then answers with the digest."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        digest = hashlib.sha256(await reader.read(-1)).digest()
+        writer.write(digest)
+        await writer.drain()
+        writer.close()
+
+
+async def test_half_close_reaches_the_backend_and_the_answer_comes_back(tmp_path: Path) -> None:
+    async with (
+        setup(tmp_path, AnswerAfterEof()) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        payload = os.urandom(300_000)
+        assert await transfer(port(client), payload) == hashlib.sha256(payload).digest()
+
+
+class ResetAfterFirstBytes(Backend):
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        writer.write(b"hello")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        gate.reset(writer)
+
+
+async def test_a_backend_reset_resets_the_application_side(tmp_path: Path) -> None:
+    async with (
+        setup(tmp_path, ResetAfterFirstBytes()) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+        writer.write(b"12345")
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        # The tunnel carries on: the next stream works.
+        assert client.tunnels[0].pool is not None
+        assert len(client.tunnels[0].pool.tunnels) == 1
+        await asyncio.wait_for(client.tunnels[0].wait_idle(), 10)
+    server_stream = next(r for r in s.records if r.role == "server" and r.mux == "stream")
+    assert server_stream.reason.startswith("error")
+
+
+class SlowBackend(Backend):
+    """Reads nothing until released, then echoes a digest of everything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.readexactly(4)
+        if first == b"fast":
+            writer.write(first)
+            await Backend.handle(self, reader, writer)
+            return
+        await self.release.wait()
+        digest = hashlib.sha256(first + await reader.read(-1)).digest()
+        writer.write(digest)
+        await writer.drain()
+        writer.close()
+
+
+async def test_a_slow_backend_pushes_back_without_stalling_other_streams(tmp_path: Path) -> None:
+    backend = SlowBackend()
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        payload = b"slow" + os.urandom(16 << 20)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+        writer.write(payload)
+        # Bounded buffers: 16 MiB cannot all leave the application while nobody reads.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(writer.drain(), 1.0)
+        assert await transfer(port(client), b"fast, alongside") == b"fast, alongside"
+        backend.release.set()
+        await asyncio.wait_for(writer.drain(), 20)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 20) == hashlib.sha256(payload).digest()
+        writer.close()
+
+
+async def test_proxy_v2_header_per_stream(tmp_path: Path) -> None:
+    backend = Backend(strip_proxy_header=True)
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(MUX + "\nproxy_protocol = true")) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        for i in range(3):
+            assert await transfer(port(client), b"x%d" % i) == b"x%d" % i
+    assert len(backend.heads) == 3
+    for head in backend.heads:
+        tlvs = parse_tlvs(head[16 + 12 :])
+        assert tlvs[PP2_TYPE_QKDPROXY_PEER] == b"spiffe://qkdproxy.test/tunnel/client"
+
+
+async def test_allow_list_applies_to_each_stream(tmp_path: Path) -> None:
+    async with (
+        setup(tmp_path) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        assert await transfer(port(client), b"allowed") == b"allowed"
+        outsider_only = s.server_toml(MUX, allow="uri:spiffe://qkdproxy.test/someone-else")
+        (tmp_path / "server.toml").write_text(outsider_only)
+        assert server.reload() == []
+        assert await transfer(port(client), b"refused now") == b""
+    refused = [r for r in s.records if r.role == "server" and r.mux == "stream"]
+    assert refused[-1].reason == "rejected: peer not allowed"
+    assert any(r.role == "client" and "status 403" in r.reason for r in s.records)
+
+
+async def test_a_peer_without_the_mux_protocol_gets_one_connection_per_connection(
+    tmp_path: Path,
+) -> None:
+    async with (
+        setup(tmp_path) as s,
+        s.daemon("server", s.server_toml()) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        for i in range(3):
+            assert await transfer(port(client), b"plain %d" % i) == b"plain %d" % i
+        await asyncio.wait_for(client.tunnels[0].wait_idle(), 10)
+        assert client.tunnels[0].keys.ledger.taken >= 3
+    lines = [r for r in s.records if r.role == "client"]
+    assert [r.mux for r in lines] == [None, None, None]
+    assert all(r.reason == "closed" for r in lines)
