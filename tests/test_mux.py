@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,93 @@ async def test_a_peer_without_the_mux_protocol_gets_one_connection_per_connectio
     lines = [r for r in s.records if r.role == "client"]
     assert [r.mux for r in lines] == [None, None, None]
     assert all(r.reason == "closed" for r in lines)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_rotation_under_load_loses_nothing(tmp_path: Path) -> None:
+    rotating = MUX + "\nmux_rotate_s = 0.4"
+    async with (
+        setup(tmp_path) as s,
+        s.daemon("server", s.server_toml(rotating)) as server,
+        s.daemon("client", s.client_toml(port(server), rotating)) as client,
+    ):
+        pool = client.tunnels[0].pool
+        assert pool is not None
+        await wait_for(lambda: len(pool.tunnels) == 1)
+        baseline = open_fds()
+        stop = asyncio.get_running_loop().time() + 2.0
+        moved = 0
+
+        async def worker() -> None:
+            nonlocal moved
+            while asyncio.get_running_loop().time() < stop:
+                payload = os.urandom(20_000)
+                answer = await transfer(port(client), payload)
+                assert hashlib.sha256(answer).digest() == hashlib.sha256(payload).digest()
+                moved += len(payload)
+
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(8))), 30)
+        assert pool.rotations >= 3
+        await wait_for(lambda: not pool.draining and len(pool.tunnels) == 1)
+        await wait_for(lambda: open_fds() <= baseline)
+    streams = [r for r in s.records if r.mux == "stream"]
+    assert moved and all(r.reason == "closed" for r in streams), [
+        (r.role, r.reason) for r in streams if r.reason != "closed"
+    ]
+    tunnels = [r for r in s.records if r.mux == "tunnel" and r.role == "client"]
+    assert all(not r.reason.startswith("error") for r in tunnels), [r.reason for r in tunnels]
+
+
+class Relay:
+    """Forwards TCP both ways until frozen: then it neither forwards nor closes (a peer
+    that died without a word, or a black-holed path)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.frozen = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if self.frozen.is_set():
+                    await asyncio.Event().wait()
+                dst.write(data)
+                await dst.drain()
+
+        with contextlib.suppress(Exception):
+            await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+
+
+async def test_a_dead_peer_is_found_by_keepalives(tmp_path: Path) -> None:
+    fast = "multiplex = true\nmux_keepalive_s = 0.6"
+    async with setup(tmp_path) as s, s.daemon("server", s.server_toml(fast)) as server:
+        relay = Relay(port(server))
+        relay_server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+        relay_port = relay_server.sockets[0].getsockname()[1]
+        try:
+            async with s.daemon("client", s.client_toml(relay_port, fast)) as client:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                relay.frozen.set()
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(reader.read(), 10)
+                found_after = asyncio.get_running_loop().time() - started
+                writer.close()
+        finally:
+            relay_server.close()
+    assert found_after < 3.0
+    dead = [r for r in s.records if r.mux == "tunnel" and r.role == "client"]
+    assert any("dead peer" in r.reason for r in dead), [r.reason for r in dead]

@@ -279,7 +279,9 @@ class Tunnel:
             self.admission.update(admission_limits(self.config))
             self._refusal_log.interval_s = self.config.refusal_log_interval_s
         now = time.monotonic()
-        verdict = self.admission.admit(source_key(record.client), now)
+        # A multiplexing client's connections ride established tunnels: no handshake each.
+        pooled = self.config.role == "client" and self.config.mux.enabled
+        verdict = self.admission.admit(source_key(record.client), now, handshake=not pooled)
         if isinstance(verdict, Ticket):
             return verdict
         if verdict is Refusal.CONNECTION_LIMIT:
