@@ -218,6 +218,9 @@ class Daemon:
 
     def _observe_tunnel(self, tunnel: Tunnel) -> None:
         self.collector.tunnels.append(tunnel_state(tunnel))
+        if tunnel.pool is not None:
+            pool = tunnel.pool
+            self.metrics.mux_open.labels(tunnel.config.name).set_function(lambda: len(pool.tunnels))
         self.collector.certificates.append(
             (f"tunnel:{tunnel.config.name}", "server" if tunnel.config.role == "server"
              else "client", _expiry(functools.partial(_endpoint_credentials, tunnel))),

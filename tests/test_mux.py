@@ -179,7 +179,7 @@ def open_fds() -> int:
 
 async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - state of other tasks, polled in a test
             await asyncio.sleep(0.02)
 
 

@@ -370,13 +370,13 @@ class MuxTunnel:
                 if task is not asyncio.current_task():
                     task.cancel()
 
-    async def drain(self) -> None:
+    async def drain(self, why: str = "closed") -> None:
         """Take no new streams, wait until the open ones ended, then close cleanly."""
         self.draining = True
         await self._idle.wait()
-        await self.close()
+        await self.close(why)
 
-    async def close(self) -> None:
+    async def close(self, why: str = "closed") -> None:
         """GOAWAY then close_notify; streams still open are reset, never ended cleanly."""
         if self.reason is not None:
             await self._finish_tasks()
@@ -384,7 +384,7 @@ class MuxTunnel:
         if self.streams:
             self._break("closed with streams open")
         else:
-            self._end("closed", broken=False)
+            self._end(why, broken=False)
             with contextlib.suppress(TlsStreamError, ConnectionError):
                 self.conn.close()
                 await self.flush()

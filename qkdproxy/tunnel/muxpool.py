@@ -174,7 +174,7 @@ class MuxPool:
                 and now - tunnel.last_busy >= self.settings.idle_s
                 and len(self.tunnels) > self.settings.pool_min
             ):
-                self._retire(tunnel)
+                self._retire(tunnel, "idle")
         while (
             len(self.tunnels) < self.settings.pool_min
             and self._clock() >= self._retry_at
@@ -194,13 +194,13 @@ class MuxPool:
             await plain.stream.close()
             return
         self.rotations += 1
-        self._retire(old)
+        self._retire(old, "rotated")
 
-    def _retire(self, tunnel: MuxTunnel) -> None:
+    def _retire(self, tunnel: MuxTunnel, why: str) -> None:
         with contextlib.suppress(ValueError):
             self.tunnels.remove(tunnel)
         self.draining.add(tunnel)
-        task = asyncio.create_task(tunnel.drain())
+        task = asyncio.create_task(tunnel.drain(why))
         self._tasks.add(task)
 
         def done(_: object) -> None:
