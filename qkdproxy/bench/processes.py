@@ -137,6 +137,8 @@ class ClientTunnel:
     groups: Sequence[str] = ()
     flow: str = "client-initiated"
     policy: str | None = None
+    # Carry connections as streams of pooled tunnels (the server accepts both modes).
+    multiplex: bool = False
 
 
 @dataclass(slots=True)
@@ -183,6 +185,8 @@ def _client_extra(tunnel: ClientTunnel) -> str:
         lines.append(f"groups = {_toml_list(tunnel.groups)}")
     if tunnel.policy:
         lines.append(f'policy = "{tunnel.policy}"')
+    if tunnel.multiplex:
+        lines.append("multiplex = true")
     return "\n".join(lines)
 
 
@@ -219,7 +223,7 @@ async def start_daemon_pair(
     urls = await start_kme(stack, base / "pki", kme_latency_ms)
     kme = {"prefetch": "true" if prefetch else "false"}
     server_port, *client_ports = free_ports(1 + len(clients))
-    server_extra = f'allow = ["uri:{CLIENT_URI}"]'
+    server_extra = f'allow = ["uri:{CLIENT_URI}"]\nmultiplex = true'
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
     server = _KME_SECTION.format(url=urls["kme-b"], sae="sae-b", peer="sae-a", **kme)
