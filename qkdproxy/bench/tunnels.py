@@ -153,9 +153,7 @@ async def _paths(handler: BackendHandler, with_stunnel: bool) -> AsyncIterator[P
     async with workspace(handler) as work:
         ports = {"direct": work.backend_port}
         clients = (ClientTunnel("bench"), ClientTunnel("mux", multiplex=True))
-        pair = await start_daemon_pair(
-            work.stack, work.base, work.backend_port, clients=clients
-        )
+        pair = await start_daemon_pair(work.stack, work.base, work.backend_port, clients=clients)
         ports["qkdproxy"] = pair.ports["bench"]
         ports["qkdproxy-mux"] = pair.ports["mux"]
         if with_stunnel and (port := await _stunnel(work.stack, work.base, work.backend_port)):

@@ -34,6 +34,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes
+from hyperframe import frame as _hyperframe
 
 from qkdproxy.tls.frames import MUX_ALPN_PROTOCOL
 
@@ -41,9 +42,21 @@ MUX_ALPN = MUX_ALPN_PROTOCOL
 AUTHORITY = "qkdproxy-backend:0"
 # Each stream may have this much unread data in flight towards us; the connection window
 # is this times the stream limit, so a stalled stream never stalls its neighbours.
-STREAM_WINDOW = 256 * 1024
+STREAM_WINDOW = 1024 * 1024
 FRAME_SIZE = 64 * 1024
 MAX_HEADER_LIST = 4096
+
+
+def _short_hex(data: bytes | None) -> str:
+    """What hyperframe shows of a frame body: the first bytes only."""
+    return f"<hex:{bytes(data[:10]).hex()}...>" if data else "None"
+
+
+# h2 formats repr(frame) of every received frame for a trace log it then drops, and
+# hyperframe's helper hexlifies the whole body first (64 KiB per DATA frame: about a tenth
+# of the receive path's CPU). The helper only feeds __repr__; this one stops at 10 bytes.
+if hasattr(_hyperframe, "_raw_data_repr"):
+    _hyperframe._raw_data_repr = _short_hex
 
 
 class ResetCode(IntEnum):

@@ -16,7 +16,8 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 
 from qkdproxy.config import TunnelConfig
 from qkdproxy.observability.logformat import record_event
@@ -95,6 +96,9 @@ class ConnectionRecord:
     mux: str | None = None
     mux_tunnel: int | None = None
     mux_streams: int | None = None
+
+
+RECORD_FIELDS = tuple(f.name for f in dataclass_fields(ConnectionRecord))
 
 
 @dataclass(slots=True)
@@ -735,7 +739,8 @@ class Tunnel:
         # closed counts what opened counted: a connection refused at accept is neither.
         if opened:
             self.stats.closed += 1
-        fields: dict[str, object] = asdict(record)
+        # Flat fields: a shallow copy (asdict deep-copies, a tenth of a ms per line).
+        fields: dict[str, object] = {f: getattr(record, f) for f in RECORD_FIELDS}
         level: int | None = logging.INFO
         if quiet_as is not None:
             # A flood of refusals must not become a flood of lines: one per interval per
