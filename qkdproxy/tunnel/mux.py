@@ -168,6 +168,11 @@ class MuxConnection:
         if self.client:
             settings[SettingCodes.ENABLE_PUSH] = 0
         self._h2.update_settings(settings)
+        # h2 applies a frame-size setting only once acknowledged, and checks a whole batch
+        # of received bytes against the size in force when the batch began: a peer's ACK
+        # and its first large frame in one batch would be a FRAME_SIZE_ERROR. Accepting
+        # our announced size from the start is what the peer may assume anyway.
+        self._h2.max_inbound_frame_size = FRAME_SIZE
         self._h2.increment_flow_control_window(STREAM_WINDOW * self.max_streams - 65535)
 
     # ------------------------------------------------------------------ inbound

@@ -51,7 +51,8 @@ class MuxStream:
         self._inbound: deque[tuple[bytes, int]] = deque()
         self._wake = asyncio.Event()
         self._window = asyncio.Event()
-        self.accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Client: the status a refusing server gave (403, 502...), once it did.
+        self.refused: int | None = None
         self.peer_finished = False
         self.finished = False
         self.error: str | None = None
@@ -67,8 +68,6 @@ class MuxStream:
     def _fail(self, why: str) -> None:
         if self.error is None and not (self.finished and self.peer_finished):
             self.error = why
-        if not self.accepted.done():
-            self.accepted.set_result(0)
         self._wake.set()
         self._window.set()
 
@@ -233,19 +232,17 @@ class MuxTunnel:
     # ---------------------------------------------------------------- streams
 
     async def open_stream(self) -> MuxStream:
-        """Client: a new stream, once the server accepted it (MuxStreamError if not)."""
+        """Client: a new stream. Its data may follow the request at once (the server buffers
+        it within the stream window until its backend is connected); a refusal arrives as
+        the stream's error, with :attr:`MuxStream.refused` set."""
         if not self.alive or self.draining:
             raise MuxStreamError("tunnel not accepting streams")
         stream = self._add(self.conn.open_stream())
         try:
             await self.flush()
-            status = await stream.accepted
         except BaseException:
             await stream.reset()
             raise
-        if status != 200:
-            stream._release()
-            raise MuxStreamError(stream.error or f"refused by the peer (status {status})")
         return stream
 
     def _add(self, stream_id: int) -> MuxStream:
@@ -268,8 +265,9 @@ class MuxTunnel:
         await self.flush()
 
     async def refuse(self, stream: MuxStream, status: int) -> None:
-        """Server: refuse a stream before it carried anything."""
+        """Server: refuse a stream before it carried anything (and stop its upload)."""
         self.conn.refuse(stream.stream_id, status)
+        self.conn.reset(stream.stream_id, ResetCode.NO_ERROR)
         stream._release()
         with contextlib.suppress(TlsStreamError):
             await self.flush()
@@ -317,6 +315,9 @@ class MuxTunnel:
             return
         target = self.streams.get(event.stream_id)
         if target is None:
+            if isinstance(event, StreamData):
+                # A stream we gave up on: its bytes must not shrink the tunnel's window.
+                self.conn.consumed(event.stream_id, event.flow)
             return
         if isinstance(event, StreamData):
             target._deliver(event.data, event.flow)
@@ -324,9 +325,9 @@ class MuxTunnel:
             target.peer_finished = True
             target._wake.set()
         elif isinstance(event, StreamAccepted):
-            if not target.accepted.done():
-                target.accepted.set_result(200)
+            pass  # data flows from here on
         elif isinstance(event, StreamRefused):
+            target.refused = event.status
             target._fail(f"refused by the peer (status {event.status})")
         elif isinstance(event, StreamBroken):
             target._fail(f"reset by the peer (code {event.code})")

@@ -638,6 +638,10 @@ class Tunnel:
             reason = await pump(
                 reader, writer, mux, traffic, idle_timeout_s=self.config.idle_timeout_s
             )
+            if mux.refused is not None and not traffic.from_peer:
+                # Refused before anything came back (not allowed, backend down): the
+                # application sees the close a refused handshake gives, not a reset.
+                reason = f"rejected: {mux.error}"
             return reason
         finally:
             self._account(record, traffic)
