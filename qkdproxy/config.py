@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkdproxy.qkd.preauth import CLIENT_INITIATED, SERVER_INITIATED, Budget, PreAuthSettings
+from qkdproxy.qkd.supply import SupplySettings
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
@@ -40,6 +42,9 @@ class KmeConfig:
     key: Path
     ca: Path
     prefetch: bool = True
+    # Issue 12: the key supply held ahead, and the link's pre-authentication budget.
+    supply: SupplySettings = field(default_factory=SupplySettings)
+    preauth_link: Budget = field(default_factory=lambda: Budget(10.0, 20.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +74,8 @@ class TunnelConfig:
     rekey_bytes: int = 1 << 30
     rekey_interval_s: float = 3600.0
     proxy_protocol: bool = False
+    # Server tunnels: the QKD flows served and what an unauthenticated hello may cost.
+    preauth: PreAuthSettings = field(default_factory=PreAuthSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,9 +249,56 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         key=r.path("key", base),
         ca=r.path("ca", base),
         prefetch=r.get("prefetch", bool, True),
+        supply=_supply(r),
+        preauth_link=Budget(
+            r.positive("preauth_keys_per_s", 10.0), r.positive("preauth_keys_burst", 20.0)
+        ),
     )
     r.check_unknown()
     return config
+
+
+def _supply(r: _Reader) -> SupplySettings:
+    floor = int(r.positive("supply_floor", 4, allow_zero=True))
+    ceiling = int(r.positive("supply_ceiling", 128))
+    if ceiling < floor:
+        r.fail("supply_ceiling", "must be at least supply_floor")
+        ceiling = floor
+    return SupplySettings(
+        floor=floor,
+        ceiling=max(ceiling, 1),
+        max_age_s=r.positive("max_key_age_s", 120.0),
+        margin=r.positive("supply_margin", 2.0),
+    )
+
+
+FLOW_NAMES = {
+    "client": CLIENT_INITIATED, CLIENT_INITIATED: CLIENT_INITIATED,
+    "server": SERVER_INITIATED, SERVER_INITIATED: SERVER_INITIATED,
+}  # fmt: skip
+
+
+def _preauth(r: _Reader, role: str) -> PreAuthSettings:
+    flows_given = r.get("flows", list, None)
+    flows = {CLIENT_INITIATED}
+    if flows_given is not None:
+        if role == "client":
+            r.fail("flows", "is for server tunnels (a client tunnel uses flow)")
+        unknown = [f for f in flows_given if not isinstance(f, str) or f not in FLOW_NAMES]
+        if unknown or not flows_given:
+            r.fail("flows", 'must be a non-empty list of "client" and "server"')
+        flows = {FLOW_NAMES[f] for f in flows_given if isinstance(f, str) and f in FLOW_NAMES}
+    return PreAuthSettings(
+        flows=frozenset(flows),
+        per_source=Budget(
+            r.positive("preauth_keys_per_source_per_s", 1.0),
+            max(1.0, r.positive("preauth_keys_per_source_burst", 10.0)),
+        ),
+        unknown_ids=Budget(
+            r.positive("unknown_key_ids_per_source_per_s", 1.0),
+            max(1.0, r.positive("unknown_key_ids_per_source_burst", 10.0)),
+        ),
+    )
 
 
 def _tunnel(
@@ -306,6 +360,7 @@ def _tunnel(
         rekey_bytes=int(r.positive("rekey_bytes", float(1 << 30), allow_zero=True)),
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
+        preauth=_preauth(r, role),
     )  # fmt: skip
     r.check_unknown()
     return config

@@ -23,9 +23,9 @@ from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
 from qkdproxy.observability.metrics import KmeState, Metrics, StateCollector, TunnelState
 from qkdproxy.observability.status import StatusServer, create_app
+from qkdproxy.qkd.accounting import KeyLedger
 from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
-from qkdproxy.qkd.etsi014_sources import Etsi014Master
+from qkdproxy.qkd.preauth import SpendGate
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.sdnotify import Notifier, inherited_sockets, watchdog_interval_s
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
@@ -80,37 +80,47 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
         lambda: {"taken": ledger.taken, "consumed": ledger.consumed, "wasted": ledger.wasted},
         lambda: {"opened": tunnel.stats.opened, "rejected": tunnel.stats.rejected_at_limit,
                  "fallbacks": tunnel.stats.fallbacks},
+        lambda: dict(tunnel.stats.fallback_reasons),
     )  # fmt: skip
+
+
+def tunnel_keys(
+    kme: KmeConnection, config: TunnelConfig, options: QkdOptions
+) -> tuple[KeyContext, SpendGate | None]:
+    """A tunnel's key context: its own sources (see KmeConnection.sources_for), the KME's
+    key account, and for a server the pre-authentication gate (returned too)."""
+    sources = kme.sources_for(config)
+    ledger = KeyLedger(account=kme.account)
+    if config.role != "server":
+        return KeyContext(sources, options, ledger), None
+    gate = kme.gate_for(config)
+    return KeyContext(kme.gated(sources, gate), options, ledger, gate=gate), gate
 
 
 def kme_state(kme: KmeConnection) -> KmeState:
     """How the metrics collector reads a KME connection."""
-    master, stream = kme.sources.master, kme.sources.stream
-
-    def depth() -> int | None:
-        if isinstance(master, Etsi014Master):
-            return master.depth
-        return stream.depth if isinstance(stream, PrefetchingStreams) else None
 
     def counters() -> dict[str, int]:
         out: dict[str, int] = {}
-        if isinstance(master, Etsi014Master):
-            c = master.counters
-            out |= {"prefetched": c.prefetched, "served_from_buffer": c.served_from_buffer,
-                    "fetched_on_demand": c.fetched_on_demand, "expired": c.expired,
-                    "flushed": c.flushed}  # fmt: skip
+        if kme.masters:
+            cs = [m.counters for m in kme.masters.values()]
+            out |= {
+                "prefetched": sum(c.prefetched for c in cs),
+                "served_from_buffer": sum(c.served_from_buffer for c in cs),
+                "fetched_on_demand": sum(c.fetched_on_demand for c in cs),
+                "expired": sum(c.expired for c in cs),
+                "flushed": sum(c.flushed for c in cs),
+            }
         if isinstance(kme.sources.slave, AnnouncedSlave):
             a = kme.sources.slave.counters
             out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
                     "announced_expired": a.expired}  # fmt: skip
         return out
 
-    def rate() -> float:
-        return master.consumption_per_s() if isinstance(master, Etsi014Master) else 0.0
-
     return KmeState(
-        kme.config.name, lambda: kme.up, lambda: kme.breaker, depth, rate,
-        lambda: kme.pool_keys, counters,
+        kme.config.name, lambda: kme.up, lambda: kme.breaker, lambda: kme.depth,
+        kme.consumption_per_s, lambda: kme.pool_keys, counters,
+        account=kme.account, pool_trend=lambda: kme.pool_trend,
     )  # fmt: skip
 
 
@@ -246,7 +256,11 @@ class Daemon:
     def _tunnel(self, config: TunnelConfig) -> Tunnel:
         kme = self.kmes.get(config.kme) if config.kme else None
         options = QkdOptions(flow=config.flow, api=kme.config.api) if kme else QkdOptions()
-        keys = KeyContext(kme.sources if kme else KeySources(), options)
+        keys = KeyContext(KeySources(), options)
+        if kme is not None:
+            keys, gate = tunnel_keys(kme, config, options)
+            if gate is not None:
+                self.collector.gates.append((config.name, gate))
         endpoint, fallback = self._endpoints(config, keys)
         return Tunnel(
             config,

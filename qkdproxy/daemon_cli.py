@@ -124,7 +124,7 @@ async def _probe(config: Config, tunnel: TunnelConfig) -> dict[str, object]:
     kme = KmeConnection.open(config.kmes[tunnel.kme]) if tunnel.kme else None
     try:
         options = QkdOptions(flow=tunnel.flow, api=kme.config.api) if kme else QkdOptions()
-        keys = KeyContext(kme.sources if kme else KeySources(), options)
+        keys = KeyContext(kme.sources_for(tunnel) if kme else KeySources(), options)
         endpoint = build_endpoint(tunnel, keys, tunnel.plan.groups)
         peer = tunnel.connect
         assert isinstance(peer, TcpAddress)

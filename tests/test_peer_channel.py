@@ -17,9 +17,10 @@ from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.etsi014.models import Status
 from qkdproxy.loopback import LoopbackPair, loopback_pair
 from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, PrefetchSettings
+from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.qkd.supply import SupplySettings
 from qkdproxy.tls.frames import (
     MAX_ANNOUNCED_IDS,
     MAX_PAYLOAD,
@@ -113,7 +114,7 @@ class FakeKme:
 
 async def filled_master(kme: FakeKme, high: int = 8) -> Etsi014Master:
     master = Etsi014Master(
-        cast(Etsi014Client, kme), "sae-b", PrefetchSettings(low=2, high=high, batch=4)
+        cast(Etsi014Client, kme), "sae-b", SupplySettings(floor=high, ceiling=high)
     )
     master.ensure_refill()
     await asyncio.wait_for(master.wait_refilled(), 5)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
-from qkdproxy.qkd.sources import FlushableSource, KeySources
+from qkdproxy.qkd.preauth import PEER_SOURCE
+from qkdproxy.qkd.sources import REFUSALS_BEFORE_FLUSH, FlushableSource, KeySources
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
@@ -28,6 +29,7 @@ from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
+from qkdproxy.tunnel.ratelimit import source_key
 
 log = logging.getLogger("qkdproxy.connection")
 IANA_CIPHERS = {
@@ -71,6 +73,8 @@ class TunnelStats:
     rejected_at_limit: int = 0
     handshake_failures: int = 0
     fallbacks: int = 0
+    # qkd-preferred fallbacks by reason (see fallback_reason).
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
     # Recent handshake durations only (for the demo's median): bounded.
     handshake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -98,6 +102,8 @@ class Tunnel:
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
+        # Why qkd-preferred connections currently fall back (None: QKD works).
+        self._fallback_state: str | None = None
 
     @property
     def active(self) -> int:
@@ -177,6 +183,8 @@ class Tunnel:
         record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
         peername = writer.get_extra_info("peername")
         record.client = str(peername[0]) if isinstance(peername, tuple) else "unix"
+        # The pre-authentication key budget (qkd.preauth) charges this source.
+        PEER_SOURCE.set(source_key(record.client))
         _keepalive(writer)
         if len(self._connections) >= self.config.max_connections:
             self.stats.rejected_at_limit += 1
@@ -222,18 +230,16 @@ class Tunnel:
         except HandshakeError as exc:
             if self.fallback is None or not exc.may_be_kme:
                 return self._handshake_failed(exc, record)
-            log.warning(
-                "tunnel %s: QKD unavailable (%s); falling back to %s",
-                self.config.name, exc.reason, "/".join(g.name for g in self.config.plan.fallback),
-            )  # fmt: skip
+            self._fall_back(exc)
             record.fallback = True
-            self.stats.fallbacks += 1
             try:
                 stream, peer_writer = await self._dial_peer(self.fallback, record)
             except HandshakeError as again:
                 return self._handshake_failed(again, record)
         except OSError as exc:
             return f"peer unreachable: {exc.strerror or type(exc).__name__}"
+        if not record.fallback:
+            self._qkd_back()
         channel = await self._channel(stream, record)
         traffic = Traffic()
         reason: str | None = None
@@ -256,21 +262,41 @@ class Tunnel:
         held = self._held_ahead()
         epoch = held.buffer_epoch if held is not None else 0
         try:
-            return await self._dial_peer(self.endpoint, record)
+            dialled = await self._dial_peer(self.endpoint, record)
         except HandshakeError as exc:
-            if not (
-                held is not None
-                and _refused(exc, held)
-                # Flushed now, or by a concurrent handshake since this one began.
-                and (held.flush_after_refusal() or held.buffer_epoch != epoch)
-            ):
+            if held is None or not _refused(exc, held):
+                raise
+            self.keys.ledger.reclassify_refused()
+            # Flushed now, or by a concurrent handshake since this one began.
+            if not (held.flush_after_refusal() or held.buffer_epoch != epoch):
                 raise
             log.warning(
-                "tunnel %s: the peer refused our QKD key (%s); the peer or a KME may have "
-                "restarted: key buffer flushed, retrying once",
-                self.config.name, exc.reason,
+                "tunnel %s: the peer refused our QKD keys %d times in a row (%s); the peer "
+                "or a KME may have restarted: key supply flushed, retrying once",
+                self.config.name, REFUSALS_BEFORE_FLUSH, exc.reason,
             )  # fmt: skip
-        return await self._dial_peer(self.endpoint, record)
+            dialled = await self._dial_peer(self.endpoint, record)
+        if held is not None and dialled[0].record.offered_key_id is not None:
+            held.note_accepted()
+        return dialled
+
+    def _fall_back(self, exc: HandshakeError) -> None:
+        """Count a qkd-preferred fallback; log at WARNING only when the reason changes."""
+        reason = fallback_reason(exc)
+        self.stats.fallbacks += 1
+        self.stats.fallback_reasons[reason] = self.stats.fallback_reasons.get(reason, 0) + 1
+        if self._fallback_state != reason:
+            self._fallback_state = reason
+            log.warning(
+                "tunnel %s: QKD unavailable (%s: %s); falling back to %s until it works again",
+                self.config.name, reason, exc.reason,
+                "/".join(g.name for g in self.config.plan.fallback),
+            )  # fmt: skip
+
+    def _qkd_back(self) -> None:
+        if self._fallback_state is not None:
+            self._fallback_state = None
+            log.warning("tunnel %s: QKD available again; no more fallback", self.config.name)
 
     def _held_ahead(self) -> FlushableSource | None:
         """The source whose keys or streams this side originates ahead of use, if any."""
@@ -298,9 +324,18 @@ class Tunnel:
             master = self.sources.master
             if isinstance(master, FlushableSource) and _refused(exc, master):
                 # Server-initiated flow: the client refused our key (it or a KME may have
-                # restarted); the next connection must not offer the suspect ones.
-                master.flush_after_refusal()
+                # restarted). Several refusals in a row: the next connection must not offer
+                # the suspect ones.
+                self.keys.ledger.reclassify_refused()
+                if master.flush_after_refusal():
+                    log.warning(
+                        "tunnel %s: clients refused our QKD keys %d times in a row (%s): key "
+                        "supply flushed", self.config.name, REFUSALS_BEFORE_FLUSH, exc.reason,
+                    )  # fmt: skip
             return self._handshake_failed(exc, record)
+        master = self.sources.master
+        if isinstance(master, FlushableSource) and stream.record.offered_key_id is not None:
+            master.note_accepted()
         channel = await self._channel(stream, record)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
@@ -369,6 +404,10 @@ class Tunnel:
     def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
         self.stats.handshake_failures += 1
         record.failure = failure_class(exc)
+        # The key this handshake spent (ours or the peer's), so every spent key is logged.
+        record.qkd_key_id = exc.record.qkd_key_id or exc.record.offered_key_id
+        record.group = exc.record.group
+        record.flow = exc.record.flow.value if exc.record.flow else None
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
@@ -392,6 +431,16 @@ def failure_class(exc: HandshakeError) -> str:
     if "closed the connection" in exc.reason:
         return "peer_closed"
     return "other"
+
+
+def fallback_reason(exc: HandshakeError) -> str:
+    """Why a qkd-preferred handshake fell back, from a small fixed set."""
+    text = exc.reason.lower()
+    if "insufficient" in text or "exhausted" in text:
+        return "kme_exhausted"
+    if "key source configured" in text:
+        return "no_key_source"
+    return "kme_unavailable"
 
 
 async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
