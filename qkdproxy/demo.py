@@ -94,6 +94,7 @@ ca = "pki/ca.pem"
 allow = ["uri:spiffe://qkdproxy.test/tunnel/client"]
 kme = "local"
 groups = ["{group}"]
+flows = ["client", "server"]
 """
     )
 

@@ -219,7 +219,8 @@ async def start_daemon_pair(
     urls = await start_kme(stack, base / "pki", kme_latency_ms)
     kme = {"prefetch": "true" if prefetch else "false"}
     server_port, *client_ports = free_ports(1 + len(clients))
-    server_extra = f'allow = ["uri:{CLIENT_URI}"]'
+    # The benchmarks measure both flows: the server serves both.
+    server_extra = f'allow = ["uri:{CLIENT_URI}"]\nflows = ["client", "server"]'
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
     server = _KME_SECTION.format(url=urls["kme-b"], sae="sae-b", peer="sae-a", **kme)

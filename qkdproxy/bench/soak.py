@@ -721,7 +721,8 @@ async def _cycle(s: SoakSettings, progress: Callable[[SoakProgress], None] | Non
                 stack, base / "server.toml",
                 _kme_table(pair.urls_014[1], SAE_SERVER, SAE_CLIENT)
                 + _tunnel_table("server", backend_port, s,
-                                f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n'),
+                                f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n'
+                                'flows = ["client", "server"]\n'),
                 t,
             )  # fmt: skip
             client = await _daemon(

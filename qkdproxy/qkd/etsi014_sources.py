@@ -199,6 +199,8 @@ class Etsi014Master:
             self._pop()
             self.counters.expired += 1
             self._account.settle("expired")
+            if self._supply is not None:
+                self._supply.aged_out()
 
     async def aclose(self) -> None:
         """Stop refilling and forget the buffered keys (counted as stranded)."""

@@ -42,10 +42,17 @@ class SupplySizer:
         self.settings = settings
         self._takes: deque[float] = deque()
         self._rtt: float | None = None
+        self._aged_out = False
 
     def took(self, now: float) -> None:
         """A key (or stream) was handed to a handshake."""
         self._takes.append(now)
+        self._aged_out = False
+
+    def aged_out(self) -> None:
+        """Held keys grew too old unused: until the next take, hold nothing new (an idle
+        tunnel must not draw a fresh floor every ``max_age_s``)."""
+        self._aged_out = True
 
     def round_trip(self, seconds: float) -> None:
         """A refill call to the KME took ``seconds``."""
@@ -66,13 +73,13 @@ class SupplySizer:
         return len(self._takes) / self.settings.window_s
 
     def target(self, now: float) -> int:
-        """Keys to hold now: the floor when idle, else the demand over a round trip (with
+        """Keys to hold now: the floor when idle (nothing once the floor aged out), else the demand over a round trip (with
         margin) on top of the floor, capped by what the demand uses within half the maximum
         key age, and by the ceiling."""
         s = self.settings
         rate = self.rate(now)
         if rate == 0:
-            return s.floor
+            return 0 if self._aged_out else s.floor
         in_flight = math.ceil(rate * self.rtt_s * s.margin)
         usable = max(1, math.floor(rate * s.max_age_s / 2))
         return max(1, min(s.ceiling, s.floor + in_flight, usable))
