@@ -160,7 +160,7 @@ def test_supply_never_exceeds_its_ceiling() -> None:
     [{"floor": 5, "ceiling": 4}, {"max_age_s": 0}, {"margin": 0.5}, {"ceiling": 0, "floor": 0}],
 )
 def test_supply_settings_are_checked(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need"):
         SupplySettings(**bad)  # type: ignore[arg-type]
 
 

@@ -73,9 +73,9 @@ class SupplySizer:
         return len(self._takes) / self.settings.window_s
 
     def target(self, now: float) -> int:
-        """Keys to hold now: the floor when idle (nothing once the floor aged out), else the demand over a round trip (with
-        margin) on top of the floor, capped by what the demand uses within half the maximum
-        key age, and by the ceiling."""
+        """Keys to hold now: the floor when idle (nothing once the floor aged out), else the
+        demand over a round trip (with margin) on top of the floor, capped by what the demand
+        uses within half the maximum key age, and by the ceiling."""
         s = self.settings
         rate = self.rate(now)
         if rate == 0:

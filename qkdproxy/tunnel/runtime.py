@@ -323,19 +323,11 @@ class Tunnel:
         except HandshakeError as exc:
             master = self.sources.master
             if isinstance(master, FlushableSource) and _refused(exc, master):
-                # Server-initiated flow: the client refused our key (it or a KME may have
-                # restarted). Several refusals in a row: the next connection must not offer
-                # the suspect ones.
+                # Server-initiated flow: the client refused our key. The server's supply is
+                # never announced (no peer restart can make it suspect) and the refusal is
+                # unauthenticated: it costs this one key, never a flush.
                 self.keys.ledger.reclassify_refused()
-                if master.flush_after_refusal():
-                    log.warning(
-                        "tunnel %s: clients refused our QKD keys %d times in a row (%s): key "
-                        "supply flushed", self.config.name, REFUSALS_BEFORE_FLUSH, exc.reason,
-                    )  # fmt: skip
             return self._handshake_failed(exc, record)
-        master = self.sources.master
-        if isinstance(master, FlushableSource) and stream.record.offered_key_id is not None:
-            master.note_accepted()
         channel = await self._channel(stream, record)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
