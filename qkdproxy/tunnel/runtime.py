@@ -53,6 +53,8 @@ class ConnectionRecord:
     flow: str | None = None
     api: str | None = None
     qkd_key_id: str | None = None
+    # A failed handshake: the QKD key id it took (and so wasted), if any.
+    spent_key_id: str | None = None
     hello_retry: bool = False
     fallback: bool = False
     failure: str | None = None
@@ -396,10 +398,8 @@ class Tunnel:
     def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
         self.stats.handshake_failures += 1
         record.failure = failure_class(exc)
-        # The key this handshake spent (ours or the peer's), so every spent key is logged.
-        record.qkd_key_id = exc.record.qkd_key_id or exc.record.offered_key_id
-        record.group = exc.record.group
-        record.flow = exc.record.flow.value if exc.record.flow else None
+        # The key this failed handshake spent (ours or the peer's): every spent key is logged.
+        record.spent_key_id = exc.record.qkd_key_id or exc.record.offered_key_id
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
