@@ -18,7 +18,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from qkdproxy.qkd.sources import REFUSALS_BEFORE_FLUSH
 from tests.system_helpers import (
     DEADLINE,
     FaultHarness,
@@ -29,6 +28,7 @@ from tests.system_helpers import (
     faults_fixture,  # noqa: F401 - fixture
     free_port,
     metric,
+    recovers_after_refusals,
     refused,
     works,
 )
@@ -174,20 +174,6 @@ async def test_peer_daemon_restarted_with_etsi004_streams_open_ahead(
     assert warning is None or "KSID already in use" not in warning  # only the alert is seen
     refused_open = await server.proc.wait_record()
     assert refused_open["reason"].endswith("KSID already in use by this application")
-
-
-async def recovers_after_refusals(client: Node, tunnel: str) -> str | None:
-    """Connections through ``tunnel`` fail at most REFUSALS_BEFORE_FLUSH - 1 times (each
-    refusal costs one key), then all work. The flush warning, if the streak got that far."""
-    outcomes = [await works(client.ports[tunnel]) for _ in range(REFUSALS_BEFORE_FLUSH + 2)]
-    assert True in outcomes, client.proc.records()
-    first = outcomes.index(True)
-    assert first <= REFUSALS_BEFORE_FLUSH - 1 and all(outcomes[first:]), outcomes
-    if first < REFUSALS_BEFORE_FLUSH - 1:
-        return None
-    warning = await client.proc.wait_line(lambda line: "key supply flushed" in line)
-    assert f"tunnel {tunnel}: the peer refused our QKD keys" in warning
-    return warning
 
 
 # --------------------------------------------------------------------------- backend
