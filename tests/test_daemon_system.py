@@ -817,6 +817,12 @@ async def test_qkd_preferred_falls_back_to_pq_when_the_kme_is_unreachable(
     assert s["group"] == "X25519MLKEM768", server.proc.records()
     warning = await client.proc.wait_line(lambda line: "falling back" in line)
     assert "WARNING" in warning and "X25519MLKEM768" in warning
+    assert "kme_unavailable" in warning
+    # Logged once per transition, not once per connection.
+    for _ in range(2):
+        assert await exchange(client.port, b"again", within=30.0) == b"again"
+    await client.proc.wait_line(records_at_least(client.proc, 3))
+    assert sum("falling back" in line for line in client.proc.lines) == 1
 
 
 # --------------------------------------------------------------------------- 7. reload

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from qkdproxy.config import ConfigError, load_config
 from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.observability.metrics import KmeState, StateCollector, TunnelState
 from qkdproxy.qkd.accounting import FATES, KeyAccount, KeyLedger
 from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
@@ -328,3 +330,31 @@ async def test_gate_reads_the_source_of_its_own_task() -> None:
     # Tasks copy the context: each sees its own source, however they interleave.
     results = await asyncio.gather(*(one(f"192.0.2.{i % 2}") for i in range(30)))
     assert results.count(True) == 20
+
+
+def test_metrics_expose_the_account_refusals_and_fallback_reasons() -> None:
+    account = KeyAccount()
+    account.draw(10)
+    account.settle("consumed", 6)
+    account.settle("expired", 1)
+    refusing = gate({CLIENT_INITIATED})
+    as_source("192.0.2.7")
+    refusing.admit(SERVER_INITIATED)
+    collector = StateCollector(
+        tunnels=[TunnelState("t", "client", lambda: 0, dict, lambda: {"opened": 0, "rejected": 0,
+                 "fallbacks": 2}, lambda: {"kme_exhausted": 2})],
+        kmes=[KmeState("k", lambda: True, lambda: None, lambda: 3, lambda: 0.0, lambda: 100,
+                       dict, account=account, pool_trend=lambda: -2.0)],
+        gates=[("t", refusing)],
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    assert 'qkdproxy_qkd_keys_drawn_total{kme="k"} 10.0' in text
+    assert 'qkdproxy_qkd_key_fates_total{fate="consumed",kme="k"} 6.0' in text
+    assert 'qkdproxy_qkd_keys_held{kme="k"} 3.0' in text
+    assert 'qkdproxy_qkd_key_yield{kme="k"} 0.857' in text
+    # Net of refill: 100 keys shrinking by 2 a second.
+    assert 'qkdproxy_kme_pool_exhaustion_seconds{kme="k"} 50.0' in text
+    assert 'qkdproxy_preauth_refused_total{reason="flow_off",tunnel="t"} 1.0' in text
+    assert 'qkdproxy_policy_fallback_reasons_total{reason="kme_exhausted",tunnel="t"} 2.0' in text
