@@ -31,7 +31,7 @@ from tests.system_helpers import (
 from tests.test_security_properties import Pki, capture, client_endpoint, first_answer
 from tests.test_wire_hello import close_writer, read_first_message
 
-FLOOD_S = 3.0
+FLOOD_S = 2.0
 BOTH = ["client", "server"]
 
 
