@@ -143,6 +143,8 @@ def _kme_status(kme: KmeConnection) -> dict[str, Any]:
         "name": kme.config.name, "api": kme.config.api.value, "endpoint": kme.config.endpoint,
         "up": kme.up, "breaker": kme.breaker.value if kme.breaker else None,
         "buffer_depth": state.buffer_depth(), "pool_keys": kme.pool_keys,
+        "keys_drawn": kme.account.drawn, "keys_held": kme.account.held,
+        "key_fates": dict(kme.account.fates),
     }  # fmt: skip
 
 

@@ -34,6 +34,8 @@ from qkdproxy.tunnel.addresses import TcpAddress, parse_address
 from qkdproxy.tunnel.ratelimit import TokenBucket
 
 STATUS_POLL_S = 10.0
+# Most ETSI 004 streams opened ahead, whatever the demand.
+STREAMS_AHEAD = 32
 # The supply key of a server tunnel's master: offered to whichever client connects.
 SERVER_SUPPLY = "(server-initiated)"
 
@@ -93,13 +95,12 @@ class KmeConnection:
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
         )  # fmt: skip
         pool = Etsi004ClientPool(factory)
-        stream: Etsi004ClientPool | PrefetchingStreams = pool
-        connection._closers = [pool]
-        if config.prefetch:
-            stream = PrefetchingStreams(
-                pool, max_age_s=config.supply.max_age_s, supply=config.supply, account=account
-            )
-            connection._closers.insert(0, stream)
+        # Without prefetch no stream is opened ahead (pool 0), but the keys are still counted.
+        stream = PrefetchingStreams(
+            pool, pool=STREAMS_AHEAD if config.prefetch else 0,
+            max_age_s=config.supply.max_age_s, supply=config.supply, account=account,
+        )  # fmt: skip
+        connection._closers = [stream, pool]
         connection.sources = KeySources(stream=stream)
         return connection
 
