@@ -15,6 +15,7 @@ from qkdproxy.config import ConfigError, load_config
 from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.observability.metrics import KmeState, StateCollector, TunnelState
 from qkdproxy.qkd.accounting import FATES, KeyAccount, KeyLedger
+from qkdproxy.qkd.announce import AnnouncementSink
 from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
 from qkdproxy.qkd.preauth import (
@@ -116,6 +117,24 @@ async def test_unknown_key_ids_are_bounded_per_source() -> None:
     assert the_gate.admit(CLIENT_INITIATED) is None
 
 
+def test_the_gated_slave_passes_announcements_on_to_the_cache() -> None:
+    class Cache:
+        def __init__(self) -> None:
+            self.ids: list[bytes] = []
+
+        def announced(self, key_ids: Sequence[bytes]) -> None:
+            self.ids += key_ids
+
+        async def get_key(self, key_id: bytes) -> QkdKey:
+            raise KeyNotFoundError("unused")
+
+    cache = Cache()
+    slave = GatedSlave(cache, gate({CLIENT_INITIATED}))
+    assert isinstance(slave, AnnouncementSink)
+    slave.announced([b"\x01" * 16])
+    assert cache.ids == [b"\x01" * 16]
+
+
 async def test_server_consults_the_gate_before_any_kme_call() -> None:
     kme = FakeKme()
     master = Etsi014Master(cast(Etsi014Client, kme), "sae-a")
@@ -147,6 +166,15 @@ def test_sparse_demand_holds_only_what_it_uses_before_keys_age_out() -> None:
     sizer = SupplySizer(SupplySettings(floor=4, max_age_s=120.0, window_s=60.0))
     sizer.took(0.0)  # one a minute: 60 s x 1/60 = 1 key is all that stays fresh enough
     assert sizer.target(1.0) == 1
+
+
+def test_a_rise_in_demand_is_seen_within_seconds() -> None:
+    sizer = SupplySizer(SupplySettings(floor=4, window_s=60.0))
+    sizer.round_trip(0.1)
+    for tick in range(250):  # 50 takes/s for 5 s, after a quiet minute
+        sizer.took(60.0 + tick / 50)
+    # 50/s x 0.1 s x 2 on top of the floor (the minute's average would say 4 + 3).
+    assert sizer.target(65.0) == 4 + 10
 
 
 def test_supply_never_exceeds_its_ceiling() -> None:

@@ -14,10 +14,11 @@ sets in the task that serves each accepted connection.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from qkdproxy.qkd.announce import AnnouncementSink
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
 from qkdproxy.qkd.sources import SlaveKeySource
 from qkdproxy.tunnel.ratelimit import SourceBuckets, TokenBucket
@@ -127,3 +128,8 @@ class GatedSlave:
         except KeyNotFoundError:
             self._gate.note_unknown_id()
             raise
+
+    def announced(self, key_ids: Sequence[bytes]) -> None:
+        """Ids the authenticated peer announced (inside the tunnel): to the inner cache."""
+        if isinstance(self._inner, AnnouncementSink):
+            self._inner.announced(key_ids)

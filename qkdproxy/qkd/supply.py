@@ -9,12 +9,17 @@ refills only when a key is taken, so an idle tunnel costs at most what it alread
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
 
 # Round-trip smoothing: recent calls dominate, one slow call does not.
 RTT_WEIGHT = 0.3
+# A rise in demand shows over this short window long before it does over the full one; a
+# take or two there is no trend yet (sparse demand would look like a burst).
+SHORT_WINDOW_S = 5.0
+SHORT_WINDOW_MIN_TAKES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +71,16 @@ class SupplySizer:
         return self._rtt or 0.0
 
     def rate(self, now: float) -> float:
-        """Keys taken per second over the measuring window."""
-        horizon = now - self.settings.window_s
-        while self._takes and self._takes[0] < horizon:
+        """Keys taken per second: the higher of the rates over the last few seconds and over
+        the measuring window (growth is seen at once, sparse demand is not forgotten)."""
+        window = self.settings.window_s
+        while self._takes and self._takes[0] < now - window:
             self._takes.popleft()
-        return len(self._takes) / self.settings.window_s
+        short = min(SHORT_WINDOW_S, window)
+        recent = len(self._takes) - bisect.bisect_left(self._takes, now - short)
+        if recent < SHORT_WINDOW_MIN_TAKES:
+            recent = 0
+        return max(len(self._takes) / window, recent / short)
 
     def target(self, now: float) -> int:
         """Keys to hold now: the floor when idle (nothing once the floor aged out), else the
