@@ -4,6 +4,7 @@ the pre-authentication gate, demand-sized supplies, the refusal streak, the key 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
