@@ -259,17 +259,20 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
 
 
 def _supply(r: _Reader) -> SupplySettings:
-    floor = int(r.positive("supply_floor", 4, allow_zero=True))
-    ceiling = int(r.positive("supply_ceiling", 128))
+    # A bad value is reported by ``r``; a usable one stands in so that parsing goes on.
+    floor = max(0, int(r.positive("supply_floor", 4, allow_zero=True)))
+    ceiling = max(1, int(r.positive("supply_ceiling", 128)))
     if ceiling < floor:
         r.fail("supply_ceiling", "must be at least supply_floor")
         ceiling = floor
+    margin = r.positive("supply_margin", 3.0)
+    if margin < 1:
+        r.fail("supply_margin", "must be at least 1")
+    max_age = r.positive("max_key_age_s", 120.0)
     return SupplySettings(
-        floor=floor,
-        ceiling=max(ceiling, 1),
-        max_age_s=r.positive("max_key_age_s", 120.0),
-        margin=r.positive("supply_margin", 2.0),
-    )
+        floor=floor, ceiling=ceiling, max_age_s=max_age if max_age > 0 else 120.0,
+        margin=max(1.0, margin),
+    )  # fmt: skip
 
 
 FLOW_NAMES = {

@@ -170,7 +170,7 @@ def test_sparse_demand_holds_only_what_it_uses_before_keys_age_out() -> None:
 
 
 def test_a_rise_in_demand_is_seen_within_seconds() -> None:
-    sizer = SupplySizer(SupplySettings(floor=4, window_s=60.0))
+    sizer = SupplySizer(SupplySettings(floor=4, margin=2.0, window_s=60.0))
     sizer.round_trip(0.1)
     for tick in range(250):  # 50 takes/s for 5 s, after a quiet minute
         sizer.took(60.0 + tick / 50)
@@ -339,6 +339,8 @@ def test_config_supply_and_budgets(tmp_path: Path) -> None:
         ("flows = []\n", "", "flows"),
         ("", "supply_floor = 9\nsupply_ceiling = 4\n", "supply_ceiling"),
         ("preauth_keys_per_source_per_s = -1\n", "", "preauth_keys_per_source_per_s"),
+        ("", "supply_margin = 0.5\n", "supply_margin"),
+        ("", "max_key_age_s = 0\n", "max_key_age_s"),
     ],
 )
 def test_config_refuses_bad_stewardship_settings(

@@ -29,7 +29,8 @@ class SupplySettings:
     floor: int = 4
     ceiling: int = 128
     max_age_s: float = 120.0
-    margin: float = 2.0
+    # x2 for our refill's round trip and the peer's fetch of the announced ids, x1.5 slack.
+    margin: float = 3.0
     # Take rate measured over this window.
     window_s: float = 60.0
 
