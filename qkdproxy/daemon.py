@@ -346,6 +346,12 @@ class Daemon:
                 old.flow,
             ):
                 problems.append(f"tunnel {old.name}: listen/role/kme/flow changes need a restart")
+            elif config.preauth != old.preauth:
+                # The spend gate and the master supplies are built at start.
+                problems.append(
+                    f"tunnel {old.name}: flows and pre-authentication budget changes need a "
+                    "restart"
+                )
         return problems
 
     def status_line(self) -> str:
