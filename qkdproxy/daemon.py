@@ -349,8 +349,7 @@ class Daemon:
             elif config.preauth != old.preauth:
                 # The spend gate and the master supplies are built at start.
                 problems.append(
-                    f"tunnel {old.name}: flows and pre-authentication budget changes need a "
-                    "restart"
+                    f"tunnel {old.name}: flows and pre-authentication budget changes need a restart"
                 )
         return problems
 

@@ -229,7 +229,7 @@ class PrefetchingStreams:
         stream announced before the restart would cost a failed connection. But the refusal
         is an unauthenticated alert: one alone costs only the stream it named.
         """
-        if not self._streak.refused(self._clock()) or not self._ready:
+        if not self._streak.refused(self._clock()):
             return False
         self.counters.flushed += len(self._ready)
         while self._ready:

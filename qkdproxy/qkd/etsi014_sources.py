@@ -132,8 +132,9 @@ class Etsi014Master:
         announced to it at once, and a KME delivers a key only once) or when the KMEs lose or
         expire keys (a KME restart). The other buffered keys are then suspect too. But the
         refusal is an unauthenticated alert: one of them alone costs only the key it named.
+        True even when nothing was held: the caller retries once with a key drawn now.
         """
-        if not self._streak.refused(self._clock()) or not self._buffer:
+        if not self._streak.refused(self._clock()):
             return False
         self.counters.flushed += len(self._buffer)
         self._account.settle("flushed", len(self._buffer))
