@@ -265,7 +265,7 @@ def _supply(r: _Reader) -> SupplySettings:
     if ceiling < floor:
         r.fail("supply_ceiling", "must be at least supply_floor")
         ceiling = floor
-    margin = r.positive("supply_margin", 3.0)
+    margin = r.positive("supply_margin", 6.0)
     if margin < 1:
         r.fail("supply_margin", "must be at least 1")
     max_age = r.positive("max_key_age_s", 120.0)
