@@ -1,6 +1,7 @@
 """``qkdproxy certs``: write the whole development PKI to a directory.
 
-One CA; a server certificate per KME (DNS ``localhost`` and its name, IP 127.0.0.1); an
+One CA (written as ``ca.pem`` and, for the KME side, ``kme-ca.pem``); a server certificate
+per KME (DNS ``localhost`` and its name, IP 127.0.0.1); an
 SAE client certificate per side (CN = SAE id, URI SAN ``spiffe://qkdproxy.test/sae/<id>``);
 tunnel certificates for the client and server daemons.
 """
@@ -55,7 +56,12 @@ class DevPki:
 
     def files(self) -> dict[str, bytes]:
         """File name -> PEM contents."""
-        out = {"ca.pem": _cert_pem(self.ca.certificate)}
+        # kme-ca.pem: the CA that signed the KMEs, a file of its own so that deployments keep
+        # the KME's CA (a vendor's, in production) apart from the tunnel peers' CA.
+        out = {
+            "ca.pem": _cert_pem(self.ca.certificate),
+            "kme-ca.pem": _cert_pem(self.ca.certificate),
+        }
         named = {**self.kmes, **self.saes, "tunnel-server": self.tunnel_server,
                  "tunnel-client": self.tunnel_client}  # fmt: skip
         for name, credentials in named.items():

@@ -6,9 +6,12 @@ anything starts. File contents (certificates, keys) are loaded later, by the dae
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
 from qkdproxy.tunnel.policy import GroupPlan, Policy, plan_groups
+
+SECTIONS = ("daemon", "kme", "tunnel", "status")
 
 
 class ConfigError(ValueError):
@@ -41,6 +46,9 @@ class KmeConfig:
     cert: Path
     key: Path
     ca: Path
+    # ETSI 014: the longest wait between trial calls to a KME that is down (the circuit
+    # breaker's backoff cap), so the longest a recovered KME waits to be used again.
+    max_retry_interval_s: float = 30.0
     prefetch: bool = True
     # Issue 12: the key supply held ahead, and the link's pre-authentication budget.
     supply: SupplySettings = field(default_factory=SupplySettings)
@@ -84,6 +92,8 @@ class DaemonConfig:
 
     drain_timeout_s: float = 300.0
     log_level: str = "info"
+    # "text" (readable) or "json" (one object per line); both in UTC.
+    log_format: str = "text"
     # The status listener (/metrics, /healthz, /readyz, /status); None: not served.
     status_listen: TcpAddress | None = None
 
@@ -98,8 +108,50 @@ class Config:
     tunnels: tuple[TunnelConfig, ...] = ()
 
 
+# The expected type in plain words (TOML's vocabulary, not Python's).
+_KIND_WORDS: dict[type, str] = {
+    str: "a string", int: "an integer", float: "a number", bool: "true or false",
+    list: "a list", dict: "a table",
+}  # fmt: skip
+
+
+def describe_value(value: Any) -> str:
+    """What a TOML value is, for an error message: ``the string "100"``."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value)[:60]}"
+    if isinstance(value, int):
+        text = str(value) if abs(value) < 10**20 else "(a very large integer)"
+        return f"the integer {text}"
+    if isinstance(value, float):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"the {type(value).__name__} {value}"
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`` (did you mean "x"?)`` when ``word`` is close to a known one, else empty."""
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def tunnel_where(name: str) -> str:
+    """How errors name a tunnel: ``tunnel.web``, or ``tunnel."my tunnel"``."""
+    return (
+        f"tunnel.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f"tunnel.{json.dumps(name)}"
+    )
+
+
 class _Reader:
-    """Typed access to one TOML table that records problems instead of raising."""
+    """Typed access to one TOML table that records problems instead of raising.
+
+    Every key a section accepts is read through :meth:`get`, so the keys read are the known
+    keys: :meth:`check_unknown` suggests the nearest for a misspelt one with no list to keep.
+    """
 
     def __init__(self, data: Mapping[str, Any], where: str, problems: list[str]) -> None:
         self.data, self.where, self.problems = data, where, problems
@@ -108,11 +160,14 @@ class _Reader:
     def fail(self, key: str, message: str) -> None:
         self.problems.append(f"{self.where}.{key}: {message}")
 
-    def get(self, key: str, kind: type, default: Any = None, required: bool = False) -> Any:
+    def get(
+        self, key: str, kind: type, default: Any = None, required: bool = False, hint: str = ""
+    ) -> Any:
+        """The value of ``key`` if it is a ``kind``; ``hint`` shows the expected form."""
         self.used.add(key)
         if key not in self.data:
             if required:
-                self.fail(key, "is required")
+                self.fail(key, "is required" + (f": {hint}" if hint else ""))
             return default
         value = self.data[key]
         ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
@@ -121,7 +176,8 @@ class _Reader:
             ok = abs(value) <= 2**1000
             value = float(value) if ok else default
         if not ok:
-            self.fail(key, f"must be a {kind.__name__}")
+            expected = _KIND_WORDS.get(kind, kind.__name__) + (f" ({hint})" if hint else "")
+            self.fail(key, f"must be {expected}, not {describe_value(self.data[key])}")
             return default
         return value
 
@@ -136,13 +192,21 @@ class _Reader:
             self.fail(key, "must be positive" + (" or 0 (off)" if allow_zero else ""))
         return float(value)
 
+    def count(self, key: str, default: int) -> int:
+        """A positive whole number (``"100"`` and ``2.5`` are refused, with what they are)."""
+        value = self.get(key, int, default)
+        if value < 1:
+            self.fail(key, f"must be a positive integer, not {describe_value(value)}")
+            return default
+        return int(value)
+
     def path(self, key: str, base: Path) -> Path:
-        text = self.get(key, str, "", required=True)
+        text = self.get(key, str, "", required=True, hint="a file path")
         return (base / text) if text else base
 
     def check_unknown(self) -> None:
         for key in sorted(set(self.data) - self.used):
-            self.fail(key, "unknown key")
+            self.fail(key, "unknown key" + did_you_mean(key, self.used))
 
 
 def load_config(path: Path | str) -> Config:
@@ -176,20 +240,23 @@ def _table(value: Any, where: str, problems: list[str]) -> dict[str, Any] | None
 
 
 def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
-    for key in sorted(set(data) - {"daemon", "kme", "tunnel", "status"}):
-        problems.append(f"{key}: unknown section")
+    for key in sorted(set(data) - set(SECTIONS)):
+        problems.append(f"{key}: unknown section" + did_you_mean(key, SECTIONS))
     base = path.parent
     daemon = _Reader(_table(data.get("daemon", {}), "daemon", problems) or {}, "daemon", problems)
     status = _table(data.get("status", {}), "status", problems)
     daemon_config = DaemonConfig(
         drain_timeout_s=daemon.positive("drain_timeout_s", 300.0),
         log_level=daemon.get("log_level", str, "info"),
+        log_format=daemon.get("log_format", str, "text"),
         status_listen=_status(
             _Reader(status or {}, "status", problems), "status" in data and status is not None
         ),
     )
     if daemon_config.log_level not in ("debug", "info", "warning", "error"):
         daemon.fail("log_level", "must be debug, info, warning or error")
+    if daemon_config.log_format not in ("text", "json"):
+        daemon.fail("log_format", 'must be "text" or "json"')
     daemon.check_unknown()
     kmes = {}
     for name, table in (_table(data.get("kme", {}), "kme", problems) or {}).items():
@@ -248,6 +315,7 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         cert=r.path("cert", base),
         key=r.path("key", base),
         ca=r.path("ca", base),
+        max_retry_interval_s=r.positive("max_retry_interval_s", 30.0),
         prefetch=r.get("prefetch", bool, True),
         supply=_supply(r),
         preauth_link=Budget(
@@ -308,6 +376,9 @@ def _tunnel(
     index: int, r: _Reader, base: Path, kmes: Mapping[str, KmeConfig]
 ) -> TunnelConfig | None:
     name = r.get("name", str, f"tunnel-{index}")
+    if "name" in r.data and isinstance(name, str):
+        # From here on errors name the tunnel as the operator does, not by position.
+        r.where = tunnel_where(name)
     role = r.get("role", str, "", required=True)
     if role and role not in ("client", "server"):
         r.fail("role", 'must be "client" or "server"')
@@ -354,7 +425,7 @@ def _tunnel(
         cert=r.path("cert", base), key=r.path("key", base), ca=r.path("ca", base),
         allow=tuple(str(a) for a in allow), allow_any_peer=any_peer,
         policy=policy, plan=plan, kme=kme, flow=flow, server_name=server_name,
-        max_connections=int(r.positive("max_connections", 100)),
+        max_connections=r.count("max_connections", 100),
         connect_timeout_s=r.positive("connect_timeout_s", 10.0),
         handshake_timeout_s=r.positive("handshake_timeout_s", 10.0),
         idle_timeout_s=r.positive("idle_timeout_s", 3600.0, allow_zero=True),
@@ -383,8 +454,11 @@ def _addresses(r: _Reader, role: str) -> tuple[Address | None, Address | None, b
     return listen, connect, public_ok
 
 
+ADDRESS_HINT = '"host:port", "[v6]:port", "unix:/path" or "systemd:NAME", e.g. "127.0.0.1:8443"'
+
+
 def _address(r: _Reader, key: str) -> Address | None:
-    text = r.get(key, str, "", required=True)
+    text = r.get(key, str, "", required=True, hint=ADDRESS_HINT)
     if not text:
         return None
     try:

@@ -21,6 +21,7 @@ from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
 from qkdproxy.groups import GroupSpec
 from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
+from qkdproxy.observability.logformat import event
 from qkdproxy.observability.metrics import KmeState, Metrics, StateCollector, TunnelState
 from qkdproxy.observability.status import StatusServer, create_app
 from qkdproxy.qkd.accounting import KeyLedger
@@ -38,6 +39,7 @@ from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.runtime import ConnectionRecord, Tunnel
 
 EXIT_OK, EXIT_START_FAILED, EXIT_CONFIG = 0, 1, 2
+MONITOR_INTERVAL_S = 1.0
 log = logging.getLogger("qkdproxy.daemon")
 
 
@@ -72,6 +74,12 @@ def _endpoint_credentials(tunnel: Tunnel) -> Credentials:
     return tunnel.endpoint.settings.credentials
 
 
+def _ca_expiry(tunnel: Tunnel) -> float:
+    # The first CA of the bundle to expire: after it, peers it signed are refused.
+    anchors = tunnel.endpoint.settings.peer.trust_anchors
+    return min(a.not_valid_after_utc.timestamp() for a in anchors)
+
+
 def tunnel_state(tunnel: Tunnel) -> TunnelState:
     """How the metrics collector reads a tunnel."""
     ledger = tunnel.keys.ledger
@@ -80,7 +88,7 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
         lambda: {"taken": ledger.taken, "consumed": ledger.consumed, "wasted": ledger.wasted},
         lambda: {"opened": tunnel.stats.opened, "rejected": tunnel.stats.rejected_at_limit,
                  "fallbacks": tunnel.stats.fallbacks},
-        lambda: dict(tunnel.stats.fallback_reasons),
+        tunnel.bytes_moved, lambda: dict(tunnel.stats.fallback_reasons),
     )  # fmt: skip
 
 
@@ -180,6 +188,12 @@ class Daemon:
             self.collector.certificates.append(
                 (f"kme:{name}", "client", _expiry(functools.partial(getattr, kme, "credentials")))
             )
+            # KME changes need a restart: the KME's CA bundle is read once.
+            ca_expiry = min(a.not_valid_after_utc.timestamp()
+                            for a in load_trust_anchors(kme_config.ca))  # fmt: skip
+            self.collector.certificates.append(
+                (f"kme:{name}", "ca", functools.partial(float, ca_expiry))
+            )
         inherited = inherited_sockets()
         for tunnel_config in self.config.tunnels:
             tunnel = self._tunnel(tunnel_config)
@@ -200,6 +214,9 @@ class Daemon:
             (f"tunnel:{tunnel.config.name}", "server" if tunnel.config.role == "server"
              else "client", _expiry(functools.partial(_endpoint_credentials, tunnel))),
         )  # fmt: skip
+        self.collector.certificates.append(
+            (f"tunnel:{tunnel.config.name}", "ca", functools.partial(_ca_expiry, tunnel))
+        )
         self._publish_info(tunnel)
 
     def _publish_info(self, tunnel: Tunnel) -> None:
@@ -314,15 +331,18 @@ class Daemon:
             problems.append(f"{type(exc).__name__}: {exc}")
         if problems:
             self.metrics.reloads.labels("failure").inc()
+            self.metrics.reload_ok.set(0)
             for problem in problems:
-                log.error("reload refused, keeping the running settings: %s", problem)
+                log.error("reload refused, keeping the running settings: %s", problem,
+                          extra=event("reload", result="failure", problem=problem))  # fmt: skip
             return problems
         for tunnel, config, endpoint, fallback in replacements:
             tunnel.config, tunnel.endpoint, tunnel.fallback = config, endpoint, fallback
             self._publish_info(tunnel)
         self.config = fresh
         self.metrics.reloads.labels("success").inc()
-        log.info("reloaded %s", self.config.path)
+        self.metrics.reload_ok.set(1)
+        log.info("reloaded %s", self.config.path, extra=event("reload", result="success"))
         return []
 
     def _restart_only_changes(self, fresh: Config) -> list[str]:
@@ -387,29 +407,47 @@ class Daemon:
             self._reload_pending = False
             self.reload()
         watchdog = asyncio.create_task(self._watchdog())
+        monitor = asyncio.create_task(self._monitor())
         await self._stop.wait()
         # SIGHUP keeps its handler (the default would kill us); reload() ignores it now.
         self._stopping = True
         self.healthy = False
         self.notifier.notify(STOPPING="1", STATUS="draining")
-        log.info("draining (up to %ss; send SIGTERM again to stop now)",
-                 self.config.daemon.drain_timeout_s)  # fmt: skip
+        active = sum(t.active for t in self.tunnels)
+        timeout_s = self.config.daemon.drain_timeout_s
+        log.info("draining %d connections (up to %ss; send SIGTERM again to stop now)",
+                 active, timeout_s,
+                 extra=event("drain_start", connections=active, timeout_s=timeout_s))  # fmt: skip
+        started = time.monotonic()
         for tunnel in self.tunnels:
             tunnel.stop_accepting()
-        drain = asyncio.ensure_future(self._drain_all(self.config.daemon.drain_timeout_s))
+        drain = asyncio.ensure_future(self._drain_all(timeout_s))
         stop_now = asyncio.ensure_future(self._stop_now.wait())
         await asyncio.wait({drain, stop_now}, return_when=asyncio.FIRST_COMPLETED)
-        if not drain.done():
+        if drain.done():
+            cut = drain.result()
+        else:
             drain.cancel()
-            for tunnel in self.tunnels:
-                await tunnel.drain(0)
+            cut = sum([await tunnel.drain(0) for tunnel in self.tunnels])
+        elapsed = round(time.monotonic() - started, 3)
+        fields = {"seconds": elapsed, "finished": active - cut, "cut": cut}
+        log.info("drain ended after %ss: %d connections finished, %d cut", elapsed,
+                 active - cut, cut, extra=event("drain_end", **fields))  # fmt: skip
         stop_now.cancel()
         watchdog.cancel()
+        monitor.cancel()
         await self.close()
         return EXIT_OK
 
-    async def _drain_all(self, timeout_s: float) -> None:
-        await asyncio.gather(*(t.drain(timeout_s) for t in self.tunnels))
+    async def _drain_all(self, timeout_s: float) -> int:
+        return sum(await asyncio.gather(*(t.drain(timeout_s) for t in self.tunnels)))
+
+    async def _monitor(self) -> None:
+        # A breaker turns half-open with time alone: look for transitions between calls.
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            for kme in self.kmes.values():
+                kme.log_transitions()
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval_s()

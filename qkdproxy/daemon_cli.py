@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from qkdproxy.aio import run
-from qkdproxy.config import Config, ConfigError, TunnelConfig, load_config
+from qkdproxy.config import Config, ConfigError, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
+from qkdproxy.observability.logformat import LOG_FORMATS, configure_logging, event
+from qkdproxy.probe import format_result, probe
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
-from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
-from qkdproxy.tls.peer import open_peer_channel
-from qkdproxy.tls.session import HandshakeError
-from qkdproxy.tunnel.addresses import TcpAddress
-from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.tls.keyexchange import KeyContext
+
+log = logging.getLogger("qkdproxy.daemon")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,10 +27,19 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Exit codes: 0 stopped cleanly, 1 could not start, 2 bad configuration.",
     )  # fmt: skip
     run_parser.add_argument("--config", type=Path, required=True, help="TOML file")
+    run_parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="text or json (overrides [daemon] log_format)"
+    )
+    run_parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"),
+        help="overrides [daemon] log_level",
+    )  # fmt: skip
     run_parser.set_defaults(handler=run_command)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("file", type=Path)
+    check.add_argument("--config", type=Path, help="TOML file")
+    check.add_argument("file", type=Path, nargs="?", help="the same, positionally (older form)")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
     check.set_defaults(handler=check_command)
 
     probe = commands.add_parser(
@@ -44,44 +51,67 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     probe.set_defaults(handler=probe_command)
 
 
-def _load(path: Path, command: str) -> Config | None:
+def _load(path: Path, command: str, logger: logging.Logger | None = None) -> Config | None:
+    """The configuration, or None after reporting every problem (on stderr, or through
+    ``logger`` when the log format is JSON and every line must be JSON)."""
     try:
         return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"qkdproxy {command}: {problem}", file=sys.stderr)
+            if logger is not None:
+                logger.error(problem, extra=event("config_error", problem=problem))
+            else:
+                print(f"qkdproxy {command}: {problem}", file=sys.stderr)
         return None
 
 
 def check_command(args: argparse.Namespace) -> int:
     """Validate the TOML and the files it names (certificates, keys, CA bundles)."""
-    config = _load(args.file, "check-config")
-    if config is None:
+    path: Path | None = args.config or args.file
+    if path is None or (args.config and args.file and args.config != args.file):
+        print("qkdproxy check-config: name one file: --config FILE", file=sys.stderr)
         return EXIT_CONFIG
+    config: Config | None = None
     try:
+        config = load_config(path)
         for kme in config.kmes.values():
             Credentials.load(kme.cert, kme.key)
             load_trust_anchors(kme.ca)
         for tunnel in config.tunnels:
             build_endpoint(tunnel, KeyContext(KeySources()), tunnel.plan.groups)
+        problems: list[str] = []
+    except ConfigError as exc:
+        problems = exc.problems
     except (CredentialError, ValueError) as exc:
-        print(f"qkdproxy check-config: {args.file}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(f"{args.file}: OK ({len(config.tunnels)} tunnels, {len(config.kmes)} KMEs)")
-    return EXIT_OK
+        problems = [f"{path}: {exc}"]
+    if args.json:
+        counts = {"tunnels": len(config.tunnels), "kmes": len(config.kmes)} if config else {}
+        print(json.dumps({"ok": not problems, "config": str(path), **counts, "problems": problems}))
+    elif problems:
+        for problem in problems:
+            print(f"qkdproxy check-config: {problem}", file=sys.stderr)
+    else:
+        assert config is not None
+        print(f"{path}: OK ({len(config.tunnels)} tunnels, {len(config.kmes)} KMEs)")
+    return EXIT_CONFIG if problems else EXIT_OK
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run until SIGTERM."""
-    config = _load(args.config, "run")
+    # Until the file is read, the command line alone decides the format (of config errors).
+    configure_logging(args.log_level or "info", args.log_format or "text")
+    config = _load(args.config, "run", log if args.log_format == "json" else None)
     if config is None:
-        return EXIT_CONFIG
-    logging.basicConfig(
-        level=config.daemon.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        return _exit(EXIT_CONFIG)
+    configure_logging(
+        args.log_level or config.daemon.log_level, args.log_format or config.daemon.log_format
     )
-    return run(_run(config))
+    return _exit(run(_run(config)))
+
+
+def _exit(code: int) -> int:
+    log.info("exiting with code %d", code, extra=event("exit", code=code))
+    return code
 
 
 async def _run(config: Config) -> int:
@@ -91,73 +121,34 @@ async def _run(config: Config) -> int:
         await daemon.start()
     except (CredentialError, ValueError) as exc:
         # A certificate, key or CA file named by the configuration is unusable.
-        print(f"qkdproxy run: {config.path}: {exc}", file=sys.stderr)
+        log.error("%s: %s", config.path, exc, extra=event("start_failed", error=str(exc)))
         await daemon.close()
         return EXIT_CONFIG
     except OSError as exc:
-        print(f"qkdproxy run: cannot start: {exc}", file=sys.stderr)
+        log.error("cannot start: %s", exc, extra=event("start_failed", error=str(exc)))
         await daemon.close()
         return EXIT_START_FAILED
     return await daemon.run()
 
 
 def probe_command(args: argparse.Namespace) -> int:
-    """One handshake with the peer of a client tunnel; report what was negotiated."""
-    config = _load(args.config, "probe")
-    if config is None:
-        return EXIT_CONFIG
-    clients = [t for t in config.tunnels if t.role == "client"]
-    chosen = [t for t in clients if args.tunnel in (None, t.name)]
-    if not chosen:
-        print("qkdproxy probe: no such client tunnel", file=sys.stderr)
-        return EXIT_CONFIG
-    result = run(_probe(config, chosen[0]))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>14}: {value}")
-    return EXIT_OK if result.get("ok") else EXIT_START_FAILED
-
-
-async def _probe(config: Config, tunnel: TunnelConfig) -> dict[str, object]:
-    kme = KmeConnection.open(config.kmes[tunnel.kme]) if tunnel.kme else None
+    """One connection through the peer of a client tunnel, to the server's backend."""
     try:
-        options = QkdOptions(flow=tunnel.flow, api=kme.config.api) if kme else QkdOptions()
-        keys = KeyContext(kme.sources_for(tunnel) if kme else KeySources(), options)
-        endpoint = build_endpoint(tunnel, keys, tunnel.plan.groups)
-        peer = tunnel.connect
-        assert isinstance(peer, TcpAddress)
-        started = time.perf_counter()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(peer.host, peer.port), tunnel.connect_timeout_s
-        )
-        connected = time.perf_counter()
-        stream = await endpoint.connect(reader, writer)
-        result: dict[str, object] = {
-            "ok": True,
-            "tunnel": tunnel.name,
-            "peer_address": str(peer),
-            "peer": stream.peer.describe(),
-            "group": stream.record.group,
-            "flow": stream.record.flow.value if stream.record.flow else None,
-            "api": stream.record.api.value if stream.record.api else None,
-            "qkd_key_id": stream.record.qkd_key_id,
-            "hello_retry": stream.record.hello_retry,
-            "cipher": stream.cipher,
-            "alpn": stream.alpn,
-            "connect_ms": round((connected - started) * 1000, 3),
-            "handshake_ms": round(stream.handshake_seconds * 1000, 3),
-        }
-        channel = await open_peer_channel(stream, keys.sources)
-        if channel is not None:
-            await channel.send_fin()
-        await stream.close()
-        return result
-    except HandshakeError as exc:
-        return {"ok": False, "tunnel": tunnel.name, "error": f"handshake failed: {exc.reason}"}
-    except (OSError, TimeoutError) as exc:
-        return {"ok": False, "tunnel": tunnel.name, "error": f"cannot connect: {exc}"}
-    finally:
-        if kme is not None:
-            await kme.aclose()
+        config = load_config(args.config)
+        clients = [t for t in config.tunnels if t.role == "client"]
+        chosen = [t for t in clients if args.tunnel in (None, t.name)]
+        if not chosen:
+            named = f" named {args.tunnel!r}" if args.tunnel else ""
+            raise ConfigError([f"{args.config}: no client tunnel{named}"])
+    except ConfigError as exc:
+        if args.json:
+            # The shape of check-config --json, plus probe's stage and error.
+            print(json.dumps({"ok": False, "stage": "config", "error": exc.problems[0],
+                              "problems": exc.problems}))  # fmt: skip
+        else:
+            for problem in exc.problems:
+                print(f"qkdproxy probe: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    result = run(probe(config, chosen[0]))
+    print(json.dumps(result) if args.json else format_result(result))
+    return EXIT_OK if result["ok"] else EXIT_START_FAILED

@@ -22,6 +22,7 @@ from pathlib import Path
 from qkdproxy.certs import KMES, write_dev_pki
 from qkdproxy.config import load_config
 from qkdproxy.daemon import Daemon
+from qkdproxy.groups import DEFAULT_GROUPS
 from qkdproxy.kme.faults import FaultScript
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.qkd.etsi014_sources import Etsi014Master
@@ -48,6 +49,8 @@ class DemoSummary:
     kme_latency_ms: float = 0.0
     metrics: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Flows asked for but not run, each with why (ETSI 004 has no server-initiated flow).
+    skipped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -93,10 +96,16 @@ key = "pki/tunnel-server-key.pem"
 ca = "pki/ca.pem"
 allow = ["uri:spiffe://qkdproxy.test/tunnel/client"]
 kme = "local"
+policy = "{_policy(group)}"
 groups = ["{group}"]
 flows = ["client", "server"]
 """
     )
+
+
+def _policy(group: str) -> str:
+    # A PQ group carries no QKD key: the QKD policy would refuse it.
+    return "qkd-pq-required" if DEFAULT_GROUPS.by_name(group).qkd else "pq-required"
 
 
 def _client_config(api: KeyApi, pair: KmePair, server_port: int, group: str, flow: Flow) -> str:
@@ -116,6 +125,7 @@ ca = "pki/ca.pem"
 allow = ["uri:spiffe://qkdproxy.test/tunnel/server"]
 kme = "local"
 flow = "{flow.value}"
+policy = "{_policy(group)}"
 groups = ["{group}"]
 """
     )
@@ -259,7 +269,8 @@ def format_summary(summary: DemoSummary) -> str:
     """The readable summary."""
     lines = [
         f"qkdproxy demo: {'OK' if summary.ok else 'FAILED'}",
-        f"  connections        {summary.connections} (flows: {', '.join(summary.flows)})",
+        f"  connections        {summary.connections} "
+        f"(flows: {', '.join(summary.flows) or 'none, no QKD group'})",
         f"  groups negotiated  {', '.join(summary.groups) or '-'}",
         f"  handshake median   {summary.handshake_median_ms:.2f} ms "
         f"(ETSI {summary.api}, KME latency {summary.kme_latency_ms:g} ms)",
@@ -268,5 +279,6 @@ def format_summary(summary: DemoSummary) -> str:
         f"  bytes verified     {summary.bytes_verified:,} (both directions, SHA-256)",
         f"  metrics            {'; '.join(summary.metrics) or '-'} (while the demo ran)",
     ]
+    lines += [f"  not run: {s}" for s in summary.skipped]
     lines += [f"  error: {e}" for e in summary.errors]
     return "\n".join(lines)

@@ -1,6 +1,8 @@
-"""Shared fixtures: a development CA, group resolution, liboqs availability."""
+"""Shared fixtures: a development CA, group resolution, liboqs and matplotlib availability."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 
@@ -14,6 +16,11 @@ from qkdproxy.pki import CertificateAuthority
 LIBOQS = probe_liboqs()
 requires_liboqs = pytest.mark.skipif(
     LIBOQS.module is None, reason=f"liboqs backend unavailable: {LIBOQS.reason}"
+)
+# matplotlib is the `plot` extra (README: which tests skip without which tools).
+requires_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib not installed (pip install -e '.[plot]')",
 )
 
 

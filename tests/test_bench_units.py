@@ -11,6 +11,7 @@ from qkdproxy.bench.output import OutputFormat, render
 from qkdproxy.bench.plot import BarChart, save
 from qkdproxy.bench.tunnel_handshake import pq_counterpart, table_groups
 from qkdproxy.groups import DEFAULT_GROUPS
+from tests.conftest import requires_matplotlib
 
 ROWS: list[dict[str, object]] = [
     {"path": "qkdproxy", "streams": 1, "gbit_s": 5.25, "note": 'a "quoted", value'},
@@ -57,6 +58,7 @@ def test_the_triple_hybrid_pairs_with_x25519mlkem768() -> None:
     assert match is not None and match.name == "X25519MLKEM768"
 
 
+@requires_matplotlib
 def test_a_chart_with_missing_bars_is_saved_as_png(tmp_path: Path) -> None:
     chart = BarChart("t", "ms", ["a", "b"], {"x": [1.0, None], "y": [2.0, 3.0]}, log_scale=True)
     save([chart, chart], tmp_path / "c.png")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import requires_matplotlib
+
 REQUIRED_KEYS = {"group", "flow", "qkd", "median_ms", "p90_ms", "handshakes_per_s"}
 
 
@@ -101,6 +103,7 @@ def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> Non
         assert row.get("gbit_s", 1) > 0 and row.get("conn_per_s", 1) > 0
 
 
+@requires_matplotlib
 def test_bench_kem_contract_plain_and_qkd_at_each_latency(tmp_path: Path) -> None:
     plot = tmp_path / "kem.png"
     result = qkdproxy(
@@ -161,6 +164,7 @@ def test_bench_soak_json_and_csv_report_a_clean_run() -> None:
     assert row["ok"] == "True" and int(row["connections"]) > 0
 
 
+@requires_matplotlib
 def test_results_are_printed_even_when_the_plot_cannot_be_written(tmp_path: Path) -> None:
     target = tmp_path / "missing-dir" / "plot.png"
     result = qkdproxy(

@@ -499,15 +499,15 @@ class Harness:
         await asyncio.gather(*(p.terminate() for p in self.procs), return_exceptions=True)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", name="pki")
+def pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pki")
     write_dev_pki(directory)
     return directory
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, pki: Path) -> AsyncIterator[Harness]:
+@pytest.fixture(name="harness")
+async def harness_fixture(tmp_path: Path, pki: Path) -> AsyncIterator[Harness]:
     h = Harness(tmp_path, pki)
     try:
         yield h
@@ -964,10 +964,10 @@ async def test_bad_configurations_exit_2_naming_the_file_and_the_key(harness: Ha
         *(_run_expecting_config_error(harness, p) for p in (unknown, no_allow, public, missing))
     )
     stderr = dict(zip(("unknown", "no_allow", "public", "missing"), results, strict=True))
-    assert f"{unknown}: tunnel[0].colour: unknown key" in stderr["unknown"]
-    assert f"{no_allow}: tunnel[0].allow:" in stderr["no_allow"]
+    assert f"{unknown}: tunnel.backend.colour: unknown key" in stderr["unknown"]
+    assert f"{no_allow}: tunnel.backend.allow:" in stderr["no_allow"]
     assert "access rule" in stderr["no_allow"]
-    assert f"{public}: tunnel[0].listen:" in stderr["public"]
+    assert f"{public}: tunnel.backend.listen:" in stderr["public"]
     assert "loopback" in stderr["public"]
     assert str(missing) in stderr["missing"]
     assert "No such file" in stderr["missing"]

@@ -373,7 +373,7 @@ def test_metrics_expose_the_account_refusals_and_fallback_reasons() -> None:
     refusing.admit(SERVER_INITIATED)
     collector = StateCollector(
         tunnels=[TunnelState("t", "client", lambda: 0, dict, lambda: {"opened": 0, "rejected": 0,
-                 "fallbacks": 2}, lambda: {"kme_exhausted": 2})],
+                 "fallbacks": 2}, fallback_reasons=lambda: {"kme_exhausted": 2})],
         kmes=[KmeState("k", lambda: True, lambda: None, lambda: 3, lambda: 0.0, lambda: 100,
                        dict, account=account, pool_trend=lambda: -2.0)],
         gates=[("t", refusing)],
@@ -388,4 +388,7 @@ def test_metrics_expose_the_account_refusals_and_fallback_reasons() -> None:
     # Net of refill: 100 keys shrinking by 2 a second.
     assert 'qkdproxy_kme_pool_exhaustion_seconds{kme="k"} 50.0' in text
     assert 'qkdproxy_preauth_refused_total{reason="flow_off",tunnel="t"} 1.0' in text
-    assert 'qkdproxy_policy_fallback_reasons_total{reason="kme_exhausted",tunnel="t"} 2.0' in text
+    assert (
+        'qkdproxy_policy_fallback_reasons_total{reason="kme_exhausted",role="client",tunnel="t"} 2.0'
+        in text
+    )

@@ -24,6 +24,7 @@ from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 DEADLINE = 20.0
 PKI_FILES = {
     "ca.pem",
+    "kme-ca.pem",
     *(f"{name}{suffix}" for name in ("kme-a", "kme-b", "sae-a", "sae-b", "tunnel-server",
                                      "tunnel-client") for suffix in (".pem", "-key.pem")),
 }  # fmt: skip
@@ -53,7 +54,7 @@ def test_certs_writes_the_pki_and_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "pki"
     result = qkdproxy("certs", "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "wrote 13 files" in result.stdout
+    assert "wrote 14 files" in result.stdout
     assert {p.name for p in out.iterdir()} == PKI_FILES
     for path in out.iterdir():
         mode = stat.S_IMODE(path.stat().st_mode)

@@ -75,9 +75,11 @@ def _emit(
     panels: Callable[[], list[BarChart]],
     title: str,
     footer: str = "",
+    *,
+    first: Sequence[str] = (),
 ) -> int:
     # Results first: a plot that cannot be written must not cost a long run's figures.
-    print(render(rows, _format(args), title, footer), flush=True)
+    print(render(rows, _format(args), title, footer, first), flush=True)
     if args.plot:
         _save_plot(panels(), args.plot)
     return EXIT_OK
@@ -119,6 +121,8 @@ def _handshake(args: argparse.Namespace) -> int:
     latencies = _floats(args.kme_latency_ms or ("0,100" if args.tunnels else "0"),
                         "--kme-latency-ms")  # fmt: skip
     if args.tunnels:
+        # A QKD group's ratio_to_pq needs its PQ-only counterpart in the same run.
+        groups = tunnel_handshake.with_counterparts(groups)
         for group in groups:
             resolve(group, default_registry())  # GroupUnavailableError before any process
         return _handshake_tunnels(
@@ -144,7 +148,8 @@ def _in_process_charts(rows: Sequence[Row]) -> list[BarChart]:
     groups = list(dict.fromkeys(str(r["group"]) for r in rows))
     series: dict[str, list[float | None]] = {}
     for row in rows:
-        label = f"{row['flow']} flow, KME {row['kme_latency_ms']} ms, prefetch {row['prefetch']}"
+        ahead = "on" if row["prefetch"] else "off"
+        label = f"{row['flow']} flow, KME {row['kme_latency_ms']} ms, prefetch {ahead}"
         series.setdefault(label, [None] * len(groups))
         series[label][groups.index(str(row["group"]))] = float(row["median_ms"])  # type: ignore[arg-type]
     return [BarChart("TLS 1.3 handshake, in-process endpoints (median)", "ms", groups, series)]
@@ -176,6 +181,7 @@ def _handshake_tunnels(
     return _emit(
         args, [r.as_dict() for r in results], lambda: tunnel_handshake.charts(results),
         "TLS 1.3 handshakes through qkdproxy tunnels (the paper's Table I)", footer,
+        first=tunnel_handshake.TABLE_COLUMNS,
     )  # fmt: skip
 
 

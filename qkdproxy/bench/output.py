@@ -19,6 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 Row = dict[str, object]
+# Tables fit a 100-column terminal; the columns that do not fit are named under the table
+# and are all in --json and --csv.
+TABLE_WIDTH = 100
 
 
 class OutputFormat(Enum):
@@ -29,8 +32,17 @@ class OutputFormat(Enum):
     CSV = "csv"
 
 
-def render(rows: Sequence[Row], fmt: OutputFormat, title: str = "", footer: str = "") -> str:
-    """The results as one string in ``fmt`` (JSON: ``{"results": [...]}``)."""
+def render(
+    rows: Sequence[Row],
+    fmt: OutputFormat,
+    title: str = "",
+    footer: str = "",
+    first: Sequence[str] = (),
+) -> str:
+    """The results as one string in ``fmt`` (JSON: ``{"results": [...]}``).
+
+    A table keeps the columns ``first`` names, then the others in order, as long as it fits
+    :data:`TABLE_WIDTH` columns; JSON and CSV always carry every column."""
     if fmt is OutputFormat.JSON:
         return json.dumps({"results": list(rows)}, indent=2)
     columns = list(rows[0]) if rows else []
@@ -40,7 +52,25 @@ def render(rows: Sequence[Row], fmt: OutputFormat, title: str = "", footer: str 
         writer.writeheader()
         writer.writerows(rows)
         return buffer.getvalue().rstrip("\n")
-    return _table(rows, columns, title, footer)
+    shown = fitting_columns(rows, [*first, *(c for c in columns if c not in first)])
+    left_out = [c for c in columns if c not in shown]
+    if left_out:
+        note = f"not shown (see --json or --csv): {', '.join(left_out)}"
+        footer = f"{footer}\n{note}" if footer else note
+    return _table(rows, shown, title, footer)
+
+
+def fitting_columns(rows: Sequence[Row], ordered: Sequence[str]) -> list[str]:
+    """The longest prefix of ``ordered`` whose table fits :data:`TABLE_WIDTH`."""
+    shown: list[str] = []
+    width = 1  # the left border
+    for column in ordered:
+        cells = [len(_cell(row.get(column))) for row in rows]
+        width += max([len(column), *cells]) + 3  # padding on both sides and a border
+        if width > TABLE_WIDTH and shown:
+            break
+        shown.append(column)
+    return shown
 
 
 def _cell(value: object) -> str:
@@ -54,11 +84,14 @@ def _cell(value: object) -> str:
 def _table(rows: Sequence[Row], columns: list[str], title: str, footer: str) -> str:
     table = Table(title=title or None, caption=footer or None, caption_justify="left")
     for column in columns:
-        numeric = bool(rows) and isinstance(rows[0][column], int | float)
+        numeric = any(
+            isinstance(row.get(column), int | float) and not isinstance(row.get(column), bool)
+            for row in rows
+        )
         table.add_column(column, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*(_cell(row[c]) for c in columns))
-    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console = Console(file=io.StringIO(), width=TABLE_WIDTH, color_system=None)
     console.print(table)
     text: str = console.file.getvalue()  # type: ignore[attr-defined]
     return text.rstrip("\n")

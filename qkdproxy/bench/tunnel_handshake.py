@@ -62,6 +62,26 @@ class TunnelHandshakeResult:
         return asdict(self)
 
 
+# The table's columns, most telling first (every field is in --json and --csv).
+TABLE_COLUMNS = (
+    "group", "flow", "kme_latency_ms", "prefetch", "median_ms", "ratio_to_pq", "p90_ms",
+    "p99_ms", "pq_counterpart",
+)  # fmt: skip
+
+
+def with_counterparts(groups: Sequence[GroupSpec]) -> list[GroupSpec]:
+    """``groups`` with, before each QKD group, its PQ-only counterpart if it runs here."""
+    runnable = [g for g in DEFAULT_GROUPS.all() if _available(g)]
+    out: list[GroupSpec] = []
+    for group in groups:
+        counterpart = pq_counterpart(group, runnable) if group.qkd else None
+        if counterpart is not None and counterpart not in out and counterpart not in groups:
+            out.append(counterpart)
+        if group not in out:
+            out.append(group)
+    return out
+
+
 def table_groups() -> list[GroupSpec]:
     """Every available QKD group and, first, the PQ-only group with the same KEMs."""
     runnable = [g for g in DEFAULT_GROUPS.all() if _available(g)]
@@ -161,7 +181,10 @@ def _summaries(
 ) -> list[TunnelHandshakeResult]:
     results = []
     for group in groups:
-        counterpart = pq_counterpart(group, groups) if group.qkd else None
+        # A PQ-only group is its own baseline (ratio 1): every PQ row has both columns.
+        counterpart = pq_counterpart(group, groups) if group.qkd else group
+        if not counterpart or not counterpart.post_quantum:
+            counterpart = None
         baseline = statistics.median(samples[_name(counterpart, flows[0])]) if counterpart else None
         for flow in flows if group.qkd else flows[:1]:
             ordered = sorted(samples[_name(group, flow)])

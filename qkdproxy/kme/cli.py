@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qkdproxy.certs import KMES, write_dev_pki
+from qkdproxy.cliargs import given, remember_given
 from qkdproxy.kme.faults import FaultScript, FaultScriptError
 from qkdproxy.kme.link import LinkSettings
 from qkdproxy.kme.node import IdentitySource
@@ -40,7 +41,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--config",
         type=Path,
         help="TOML file with a [simulator] table (its keys are the long options below, "
-        "with '_' for '-'); its values replace the command-line ones",
+        "with '_' for '-'); options given on the command line override its values",
     )
     kme.add_argument(
         "--pki",
@@ -76,6 +77,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="cn",
         help="SAE id from the client certificate CN or URI SAN",
     )
+    remember_given(kme)
     kme.set_defaults(handler=kme_command)  # fmt: skip
 
 
@@ -122,17 +124,20 @@ def _apply_config(args: argparse.Namespace) -> None:
         table = tomllib.loads(args.config.read_text()).get("simulator", {})
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{args.config}: {exc}") from None
+    explicit = given(args)
     for key, value in table.items():
         kind = CONFIG_KEYS.get(key)
         if kind is None:
             raise ValueError(f"{args.config}: simulator.{key}: unknown key")
         if kind is Path:
-            setattr(args, key, args.config.parent / str(value))
+            if key not in explicit:
+                setattr(args, key, args.config.parent / str(value))
             continue
         number_ok = kind in (int, float) and isinstance(value, int | float)
         if isinstance(value, bool) or not (isinstance(value, kind) or number_ok):
             raise ValueError(f"{args.config}: simulator.{key}: must be a {kind.__name__}")
-        setattr(args, key, kind(value))
+        if key not in explicit:  # the command line wins
+            setattr(args, key, kind(value))
 
 
 def kme_command(args: argparse.Namespace) -> int:

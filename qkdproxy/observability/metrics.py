@@ -12,7 +12,15 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -47,6 +55,8 @@ class Metrics:
     """The event metrics; state metrics come from a :class:`StateCollector`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # A *_created series per counter doubles the series count and no rule uses them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
         Info("qkdproxy_build", "qkdproxy version", registry=r).info({"version": __version__})
@@ -69,14 +79,6 @@ class Metrics:
             "qkdproxy_connections_closed", "Connections ended, by reason",
             ["tunnel", "role", "reason"], registry=r,
         )  # fmt: skip
-        self.sent_bytes = Counter(
-            "qkdproxy_sent_bytes", "Plaintext bytes sent through the tunnel towards the peer",
-            ["tunnel", "role"], registry=r,
-        )  # fmt: skip
-        self.received_bytes = Counter(
-            "qkdproxy_received_bytes", "Plaintext bytes received through the tunnel",
-            ["tunnel", "role"], registry=r,
-        )  # fmt: skip
         self.key_updates = Counter(
             "qkdproxy_tls_key_updates", "TLS 1.3 KeyUpdates sent on long flows", ["tunnel"],
             registry=r,
@@ -92,13 +94,19 @@ class Metrics:
         self.reloads = Counter(
             "qkdproxy_reloads", "Configuration reloads by result", ["result"], registry=r
         )
+        self.reload_ok = Gauge(
+            "qkdproxy_config_last_reload_successful",
+            "1 if the last reload (or the start) succeeded, 0 if the running settings are "
+            "older than the files", registry=r,
+        )  # fmt: skip
+        self.reload_ok.set(1)
+        # process_* (memory, CPU, descriptors, start time): the daemon's own footprint.
+        ProcessCollector(registry=r)
 
     def observe(self, record: ConnectionRecord) -> None:
         """Account one closed connection."""
         labels = (record.tunnel, record.role)
         self.closed.labels(*labels, close_reason_class(record.reason)).inc()
-        self.sent_bytes.labels(*labels).inc(record.bytes_to_peer)
-        self.received_bytes.labels(*labels).inc(record.bytes_from_peer)
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
         if record.failure is not None:
@@ -151,6 +159,8 @@ class TunnelState:
     ledger: Callable[[], dict[str, int]]
     # opened, rejected (at the connection limit), fallbacks (qkd-preferred)
     counts: Callable[[], dict[str, int]]
+    # Plaintext bytes (to the peer, from the peer), live connections included.
+    traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)
     # qkd-preferred fallbacks by reason (kme_exhausted, kme_unavailable, ...).
     fallback_reasons: Callable[[], dict[str, int]] = dict
 
@@ -197,18 +207,26 @@ class StateCollector(Collector):
         )
         rejected = CounterMetricFamily(
             "qkdproxy_connections_rejected", "Connections refused at the connection limit",
-            labels=["tunnel"],
+            labels=["tunnel", "role"],
         )  # fmt: skip
         fallbacks = CounterMetricFamily(
             "qkdproxy_policy_fallbacks",
             "Connections that fell back from QKD to a PQ group (qkd-preferred policy)",
-            labels=["tunnel"],
+            labels=["tunnel", "role"],
         )
         fallback_reasons = CounterMetricFamily(
             "qkdproxy_policy_fallback_reasons",
             "qkd-preferred fallbacks by why QKD was unavailable (local KME exhausted, down...)",
-            labels=["tunnel", "reason"],
+            labels=["tunnel", "role", "reason"],
         )
+        sent = CounterMetricFamily(
+            "qkdproxy_sent_bytes", "Plaintext bytes sent through the tunnel towards the peer "
+            "(live connections included)", labels=["tunnel", "role"],
+        )  # fmt: skip
+        received = CounterMetricFamily(
+            "qkdproxy_received_bytes", "Plaintext bytes received through the tunnel "
+            "(live connections included)", labels=["tunnel", "role"],
+        )  # fmt: skip
         for tunnel in self.tunnels:
             active.add_metric([tunnel.name, tunnel.role], tunnel.active())
             for fate, count in tunnel.ledger().items():
@@ -216,11 +234,17 @@ class StateCollector(Collector):
                 key_bytes.add_metric([tunnel.name, fate], count * 32)
             counts = tunnel.counts()
             opened.add_metric([tunnel.name, tunnel.role], counts["opened"])
-            rejected.add_metric([tunnel.name], counts["rejected"])
-            fallbacks.add_metric([tunnel.name], counts["fallbacks"])
+            rejected.add_metric([tunnel.name, tunnel.role], counts["rejected"])
+            fallbacks.add_metric([tunnel.name, tunnel.role], counts["fallbacks"])
             for reason, count in tunnel.fallback_reasons().items():
-                fallback_reasons.add_metric([tunnel.name, reason], count)
-        yield from (active, keys, key_bytes, opened, rejected, fallbacks, fallback_reasons)
+                fallback_reasons.add_metric([tunnel.name, tunnel.role, reason], count)
+            to_peer, from_peer = tunnel.traffic()
+            sent.add_metric([tunnel.name, tunnel.role], to_peer)
+            received.add_metric([tunnel.name, tunnel.role], from_peer)
+        yield from (
+            active, keys, key_bytes, opened, rejected, fallbacks, fallback_reasons, sent,
+            received,
+        )  # fmt: skip
 
     def _kme_metrics(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("qkdproxy_kme_up", "1 if the KME answers", labels=["kme"])

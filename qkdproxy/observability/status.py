@@ -10,6 +10,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from qkdproxy.tunnel.addresses import format_sockname
+
 Readiness = Callable[[], tuple[bool, list[str]]]
 StatusDocument = Callable[[], dict[str, Any]]
 
@@ -55,8 +57,7 @@ class StatusServer:
         """Listen (port 0 picks a free port; ``address`` says which)."""
         await self._runner.setup()
         sock = socket.create_server((host, port))
-        name = sock.getsockname()
-        self.address = f"{name[0]}:{name[1]}"
+        self.address = format_sockname(sock.getsockname())
         await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:

@@ -5,7 +5,9 @@
 DATA carries application bytes, FIN ends one direction (TLS has no half-close), KEY_IDS
 announces ETSI 014 key ids the sender's master side will use next, and KSIDS announces ETSI
 004 streams the sender opened ahead, so the receiver can fetch keys before a handshake
-needs them.
+needs them. PROBE (from a client, no payload) asks the server for its VERDICT: a short
+UTF-8 text, ``ok`` once the backend is connected, else why the server gives up (sent
+before it closes, asked or not, so ``qkdproxy probe`` learns why).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ class FrameType(IntEnum):
     FIN = 0x01
     KEY_IDS = 0x10
     KSIDS = 0x11
+    PROBE = 0x20
+    VERDICT = 0x21
+
+
+VERDICT_OK = "ok"
+# A verdict is a reason for an operator, not a payload: bounded well below one frame.
+MAX_VERDICT = 512
 
 
 class FrameError(ValueError):
@@ -71,6 +80,18 @@ def encode_key_ids(key_ids: Sequence[bytes], frame_type: FrameType = FrameType.K
     return encode(frame_type, b"".join(key_ids))
 
 
+def encode_verdict(text: str) -> bytes:
+    """A VERDICT frame: ``text`` as UTF-8, cut to :data:`MAX_VERDICT` bytes."""
+    return encode(FrameType.VERDICT, text.encode()[:MAX_VERDICT])
+
+
+def decode_verdict(payload: bytes) -> str:
+    """The text of a VERDICT frame, safe to print: undecodable bytes and control
+    characters are replaced (the peer is authenticated but still not trusted)."""
+    text = payload.decode("utf-8", errors="replace")
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class FrameDecoder:
     """Turns a byte stream into frames; raises :class:`FrameError` on any violation."""
 
@@ -102,8 +123,10 @@ def _frame(type_byte: int, payload: bytes) -> Frame:
         frame_type = FrameType(type_byte)
     except ValueError:
         raise FrameError(f"unknown frame type {type_byte:#04x}") from None
-    if frame_type is FrameType.FIN and payload:
-        raise FrameError("FIN carries no payload")
+    if frame_type in (FrameType.FIN, FrameType.PROBE) and payload:
+        raise FrameError(f"{frame_type.name} carries no payload")
+    if frame_type is FrameType.VERDICT and not 0 < len(payload) <= MAX_VERDICT:
+        raise FrameError(f"VERDICT carries 1..{MAX_VERDICT} bytes")
     if frame_type in (FrameType.KEY_IDS, FrameType.KSIDS) and (
         not payload or len(payload) % KEY_ID_SIZE
     ):

@@ -15,9 +15,11 @@ from qkdproxy.tls.frames import (
     FrameDecoder,
     FrameError,
     FrameType,
+    decode_verdict,
     encode,
     encode_data,
     encode_key_ids,
+    encode_verdict,
 )
 from qkdproxy.tls.session import TlsStream, TlsStreamError
 
@@ -33,6 +35,11 @@ class PeerChannel:
         self._decoder = FrameDecoder()
         self._pending: list[bytes] = []
         self._peer_finished = False
+        # The server's VERDICT, once one arrived (qkdproxy probe and the client tunnel).
+        self.verdict: str | None = None
+        # Answer a PROBE: set by the server tunnel once its backend is connected.
+        self.probe_answer: str | None = None
+        self._awaiting_verdict = False
 
     async def announce(self) -> int:
         """Tell the peer which keys (ETSI 014) and streams (ETSI 004) we use next."""
@@ -82,7 +89,31 @@ class PeerChannel:
                     self._deliver(self._sources.slave, frame.key_ids())
                 elif frame.type is FrameType.KSIDS:
                     self._deliver(self._sources.stream, frame.key_ids())
+                else:
+                    await self._verdict_frame(frame.type, frame.payload)
+            if self.verdict is not None and self._awaiting_verdict:
+                return b""
         return self._pending.pop(0)
+
+    async def _verdict_frame(self, frame_type: FrameType, payload: bytes) -> None:
+        if frame_type is FrameType.VERDICT:
+            self.verdict = decode_verdict(payload)
+        elif frame_type is FrameType.PROBE:
+            # Only a server with a connected backend answers ok; one without says why
+            # when it gives up (send_verdict), asked or not.
+            await self.send_verdict(self.probe_answer or "not ready")
+
+    async def send_verdict(self, text: str) -> None:
+        """Tell the peer how this connection stands (``ok`` or why it ends)."""
+        await self.stream.write(encode_verdict(text))
+
+    async def probe(self) -> str | None:
+        """Ask the server for its verdict; None if it closed without one."""
+        self._awaiting_verdict = True
+        await self.stream.write(encode(FrameType.PROBE))
+        while self.verdict is None and await self.receive():
+            pass
+        return self.verdict
 
     @staticmethod
     def _deliver(sink: object, ids: list[bytes]) -> None:

@@ -88,3 +88,11 @@ def parse_address(text: str) -> Address:
     if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise AddressError(f"{text!r}: port must be 0-65535 (0: any free port, listen only)")
     return TcpAddress(host, int(port_text))
+
+
+def format_sockname(name: object) -> str:
+    """A socket's address as the configuration writes it: ``[::1]:443``, ``unix:PATH``
+    (``::1:443``, the naive join, is ambiguous and refused by the parser)."""
+    if isinstance(name, tuple):
+        return str(TcpAddress(str(name[0]), int(name[1])))
+    return f"unix:{name!s}"

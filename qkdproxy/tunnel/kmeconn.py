@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from qkdproxy.config import KmeConfig, TunnelConfig
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.observability.logformat import event
 from qkdproxy.qkd.accounting import KeyAccount
 from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.breaker import BreakerState
+from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave
 from qkdproxy.qkd.keys import QkdKeyError
@@ -34,6 +37,7 @@ from qkdproxy.tunnel.addresses import TcpAddress, parse_address
 from qkdproxy.tunnel.ratelimit import TokenBucket
 
 STATUS_POLL_S = 10.0
+log = logging.getLogger("qkdproxy.kme")
 # Most ETSI 004 streams opened ahead, whatever the demand.
 STREAMS_AHEAD = 32
 # The supply key of a server tunnel's master: offered to whichever client connects.
@@ -64,6 +68,10 @@ class KmeConnection:
     pool_trend: float | None = None
     _closers: list[_Closable] = field(default_factory=list)
     _poller: asyncio.Task[None] | None = None
+    # What was last logged: one line per transition, however many calls see the state.
+    _logged_up: bool = True
+    _logged_breaker: BreakerState = BreakerState.CLOSED
+    _down_since: float = 0.0
 
     @classmethod
     def open(cls, config: KmeConfig, observer: KmeCallObserver = no_observer) -> KmeConnection:
@@ -75,9 +83,11 @@ class KmeConnection:
         account = connection.account
         watched = connection._watch(observer)
         if config.api is KeyApi.ETSI_014:
+            breaker = CircuitBreaker(max_backoff_s=config.max_retry_interval_s)
             client = Etsi014Client(
-                config.endpoint, client_context(credentials, anchors), observer=watched
-            )
+                config.endpoint, client_context(credentials, anchors), observer=watched,
+                breaker=breaker,
+            )  # fmt: skip
             slave = AnnouncedSlave(
                 Etsi014Slave(client, config.peer_sae_id, account),
                 max_age_s=config.supply.max_age_s, account=account,
@@ -160,8 +170,34 @@ class KmeConnection:
             # An answer that says "no such key" still shows a working KME.
             self.last_ok = error in (None, "not_found", "exhausted", "refused")
             observer(call, seconds, error)
+            # The client updates its breaker after telling us: look once it has.
+            asyncio.get_running_loop().call_soon(self.log_transitions, error)
 
         return watched
+
+    def log_transitions(self, error: str | None = None) -> None:
+        """Log KME up/down and breaker changes since the last call, once each.
+
+        Called after every KME call and by the daemon's monitor (a breaker moves from open
+        to half-open with time alone)."""
+        breaker, up, name = self.breaker, self.up, self.config.name
+        if breaker is not None and breaker is not self._logged_breaker:
+            level = logging.INFO if breaker is BreakerState.CLOSED else logging.WARNING
+            log.log(level, "KME %s circuit breaker %s -> %s", name,
+                    self._logged_breaker.value, breaker.value,
+                    extra=event("kme_breaker", kme=name, state=breaker.value))  # fmt: skip
+            self._logged_breaker = breaker
+        if up is self._logged_up:
+            return
+        self._logged_up = up
+        if not up:
+            self._down_since = time.monotonic()
+            log.warning("KME %s down (%s)", name, error or "circuit breaker open",
+                        extra=event("kme_down", kme=name, error=error))  # fmt: skip
+            return
+        down_s = round(time.monotonic() - self._down_since, 3)
+        log.info("KME %s up again after %ss", name, down_s,
+                 extra=event("kme_up", kme=name, down_s=down_s))  # fmt: skip
 
     @property
     def up(self) -> bool:

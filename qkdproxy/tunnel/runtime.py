@@ -20,13 +20,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
+from qkdproxy.observability.logformat import record_event
+from qkdproxy.observability.throttle import LogThrottle
 from qkdproxy.qkd.preauth import PEER_SOURCE
 from qkdproxy.qkd.sources import REFUSALS_BEFORE_FLUSH, FlushableSource, KeySources
+from qkdproxy.tls.frames import VERDICT_OK
 from qkdproxy.tls.keyexchange import KeyContext
-from qkdproxy.tls.peer import open_peer_channel
+from qkdproxy.tls.peer import PeerChannel, open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
 from qkdproxy.tls.wire import Alert
-from qkdproxy.tunnel.addresses import Address, SystemdAddress, TcpAddress, UnixAddress
+from qkdproxy.tunnel.addresses import (
+    Address,
+    SystemdAddress,
+    TcpAddress,
+    UnixAddress,
+    format_sockname,
+)
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
 from qkdproxy.tunnel.ratelimit import source_key
@@ -38,6 +47,13 @@ IANA_CIPHERS = {
     "chacha20-poly1305": "TLS_CHACHA20_POLY1305_SHA256",
 }
 _ids = itertools.count(1)
+# Connections that end on these are logged at WARNING, at most once per reason per interval
+# (the line says how many similar ones came since); the others of the interval stay at INFO,
+# so the one-line-per-connection record is complete and a flood is not a flood of warnings.
+PROBLEM_REASONS = (
+    "handshake failed", "rejected", "peer unreachable", "backend unreachable", "error",
+)  # fmt: skip
+WARNING_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -77,6 +93,9 @@ class TunnelStats:
     fallbacks: int = 0
     # qkd-preferred fallbacks by reason (see fallback_reason).
     fallback_reasons: dict[str, int] = field(default_factory=dict)
+    # Plaintext bytes of closed connections (live ones: Tunnel.bytes_moved).
+    bytes_to_peer: int = 0
+    bytes_from_peer: int = 0
     # Recent handshake durations only (for the demo's median): bounded.
     handshake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -106,6 +125,8 @@ class Tunnel:
         self._changed = asyncio.Condition()
         # Why qkd-preferred connections currently fall back (None: QKD works).
         self._fallback_state: str | None = None
+        self._warnings = LogThrottle(WARNING_INTERVAL_S)
+        self._traffic: dict[int, Traffic] = {}
 
     @property
     def active(self) -> int:
@@ -153,8 +174,7 @@ class Tunnel:
         out = []
         for server in self._servers:
             for sock in server.sockets:
-                name = sock.getsockname()
-                out.append(f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"unix:{name}")
+                out.append(format_sockname(sock.getsockname()))
         return out
 
     async def wait_idle(self) -> None:
@@ -167,8 +187,10 @@ class Tunnel:
         for server in self._servers:
             server.close()
 
-    async def drain(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for live connections, then cut the rest."""
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
+        cut."""
+        pending: set[asyncio.Task[None]] = set()
         if self._connections:
             _, pending = await asyncio.wait(set(self._connections), timeout=timeout_s)
             for task in pending:
@@ -176,6 +198,7 @@ class Tunnel:
             await asyncio.gather(*pending, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
+        return len(pending)
 
     # ------------------------------------------------------------ connections
 
@@ -192,7 +215,7 @@ class Tunnel:
             self.stats.rejected_at_limit += 1
             record.reason = "rejected: connection limit"
             await close_transport(writer)
-            self._finish(record, time.monotonic())
+            self._finish(record, time.monotonic(), opened=False)
             return
         self._connections.add(task)
         self.stats.opened += 1
@@ -243,7 +266,7 @@ class Tunnel:
         if not record.fallback:
             self._qkd_back()
         channel = await self._channel(stream, record)
-        traffic = Traffic()
+        traffic = self._live(record)
         reason: str | None = None
         try:
             reason = await pump(
@@ -335,10 +358,17 @@ class Tunnel:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 backend_reader, backend_writer = await _open(self.config.connect)
         except (OSError, TimeoutError) as exc:
+            why = f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            if isinstance(channel, PeerChannel):
+                # The peer is authenticated: tell it why (qkdproxy probe reports it).
+                with contextlib.suppress(ConnectionError):
+                    await channel.send_verdict(why)
             await channel.close()
-            return f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            return why
+        if isinstance(channel, PeerChannel):
+            channel.probe_answer = VERDICT_OK
         _keepalive(backend_writer)
-        traffic = Traffic()
+        traffic = self._live(record)
         reason: str | None = None
         try:
             if self.config.proxy_protocol:
@@ -390,10 +420,27 @@ class Tunnel:
     def _rekey(self) -> RekeyBudget:
         return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
 
-    @staticmethod
-    def _account(record: ConnectionRecord, traffic: Traffic) -> None:
+    def _live(self, record: ConnectionRecord) -> Traffic:
+        """A connection's byte counts, visible to :meth:`bytes_moved` while it lives."""
+        traffic = self._traffic[record.conn_id] = Traffic()
+        return traffic
+
+    def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
         record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
         record.key_updates = traffic.key_updates
+        # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
+        del self._traffic[record.conn_id]
+        self.stats.bytes_to_peer += traffic.to_peer
+        self.stats.bytes_from_peer += traffic.from_peer
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """Plaintext bytes (to the peer, from the peer) so far, live connections included, so
+        a long-lived connection shows in the byte counters before it ends."""
+        live = self._traffic.values()
+        return (
+            self.stats.bytes_to_peer + sum(t.to_peer for t in live),
+            self.stats.bytes_from_peer + sum(t.from_peer for t in live),
+        )
 
     def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
         self.stats.handshake_failures += 1
@@ -403,10 +450,22 @@ class Tunnel:
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
-    def _finish(self, record: ConnectionRecord, started: float) -> None:
+    def _finish(self, record: ConnectionRecord, started: float, opened: bool = True) -> None:
         record.duration_s = round(time.monotonic() - started, 6)
-        self.stats.closed += 1
-        log.info(json.dumps(asdict(record), separators=(",", ":")))
+        # closed counts what opened counted: a connection refused at the limit is neither.
+        if opened:
+            self.stats.closed += 1
+        fields = asdict(record)
+        level = logging.INFO
+        problem = next((p for p in PROBLEM_REASONS if record.reason.startswith(p)), None)
+        if problem is not None:
+            similar = self._warnings.admit(problem, time.monotonic())
+            if similar is not None:
+                level = logging.WARNING
+                if similar:
+                    fields["similar_since_last_warning"] = similar
+        log.log(level, json.dumps(fields, separators=(",", ":")),
+                extra=record_event("connection", fields))  # fmt: skip
         if self._on_close is not None:
             self._on_close(record)
 
