@@ -69,6 +69,26 @@ class DevPki:
             out[f"{name}-key.pem"] = _key_pem(credentials)
         return out
 
+    def write(self, directory: Path, force: bool = False) -> list[Path]:
+        """Write :meth:`files` (keys mode 0600: the daemon refuses keys others can read);
+        refuse to overwrite existing files unless ``force``."""
+        files = self.files()
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = [directory / name for name in files if (directory / name).exists()]
+        if existing and not force:
+            raise FileExistsError(f"{existing[0]} exists (use --force to replace the PKI)")
+        written = []
+        for name, data in files.items():
+            path = directory / name
+            private = name.endswith("-key.pem")
+            mode = 0o600 if private else 0o644
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            os.fchmod(fd, mode)  # an existing file keeps its old mode otherwise
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            written.append(path)
+        return written
+
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
@@ -83,19 +103,4 @@ def _key_pem(credentials: Credentials) -> bytes:
 
 def write_dev_pki(directory: Path, force: bool = False) -> list[Path]:
     """Write a fresh PKI; refuse to overwrite existing files unless ``force``."""
-    files = DevPki.create().files()
-    directory.mkdir(parents=True, exist_ok=True)
-    existing = [directory / name for name in files if (directory / name).exists()]
-    if existing and not force:
-        raise FileExistsError(f"{existing[0]} exists (use --force to replace the PKI)")
-    written = []
-    for name, data in files.items():
-        path = directory / name
-        private = name.endswith("-key.pem")
-        mode = 0o600 if private else 0o644
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        os.fchmod(fd, mode)  # an existing file keeps its old mode otherwise
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        written.append(path)
-    return written
+    return DevPki.create().write(directory, force)

@@ -12,12 +12,13 @@ import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from qkdproxy.qkd.preauth import CLIENT_INITIATED, SERVER_INITIATED, Budget, PreAuthSettings
 from qkdproxy.qkd.supply import SupplySettings
+from qkdproxy.tls.certpolicy import CertificatePolicy
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import Address, AddressError, TcpAddress, parse_address
@@ -53,6 +54,12 @@ class KmeConfig:
     # Issue 12: the key supply held ahead, and the link's pre-authentication budget.
     supply: SupplySettings = field(default_factory=SupplySettings)
     preauth_link: Budget = field(default_factory=lambda: Budget(10.0, 20.0))
+    # What the KME's certificate must meet (docs/SECURITY.md says what is enforced where).
+    cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
+    # ETSI 004 responder: KME work for KSIDs named in unauthenticated hellos (qkd/responder.py).
+    peer_streams_per_source: int = 2
+    peer_streams_max: int = 4
+    peer_stream_wait_s: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,17 @@ class TunnelConfig:
     proxy_protocol: bool = False
     # Server tunnels: the QKD flows served and what an unauthenticated hello may cost.
     preauth: PreAuthSettings = field(default_factory=PreAuthSettings)
+    # Admission control (docs/CONFIGURATION.md, "Admission control"); 0 turns one off.
+    max_connections_per_source: int = 0
+    max_handshakes: int = 128
+    max_handshakes_per_source: int = 64
+    handshake_rate_per_source: float = 100.0
+    handshake_burst_per_source: float = 200.0
+    first_byte_timeout_s: float = 2.0
+    hello_timeout_s: float = 5.0
+    refusal_log_interval_s: float = 10.0
+    # What the peer's certificate must meet beyond a valid chain (tls/certpolicy.py).
+    cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +114,10 @@ class DaemonConfig:
     log_format: str = "text"
     # The status listener (/metrics, /healthz, /readyz, /status); None: not served.
     status_listen: TcpAddress | None = None
+    # Refuse every risky setting instead of warning (qkdproxy/risk.py; also --strict).
+    strict: bool = False
+    # Accept private key files that group or others can access (warned about).
+    allow_readable_keys: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +274,8 @@ def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
         status_listen=_status(
             _Reader(status or {}, "status", problems), "status" in data and status is not None
         ),
+        strict=bool(daemon.get("strict", bool, False)),
+        allow_readable_keys=bool(daemon.get("allow_readable_keys", bool, False)),
     )
     if daemon_config.log_level not in ("debug", "info", "warning", "error"):
         daemon.fail("log_level", "must be debug, info, warning or error")
@@ -321,6 +345,10 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         preauth_link=Budget(
             r.positive("preauth_keys_per_s", 10.0), r.positive("preauth_keys_burst", 20.0)
         ),
+        cert_policy=_cert_policy(r),
+        peer_streams_per_source=int(r.positive("peer_streams_per_source", 2)),
+        peer_streams_max=int(r.positive("peer_streams_max", 4)),
+        peer_stream_wait_s=r.positive("peer_stream_wait_s", 0.5),
     )
     r.check_unknown()
     return config
@@ -435,9 +463,45 @@ def _tunnel(
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
         preauth=_preauth(r, role),
+        **_admission(r),
+        cert_policy=_cert_policy(r),
     )  # fmt: skip
     r.check_unknown()
     return config
+
+
+def _cert_policy(r: _Reader) -> CertificatePolicy:
+    """The certificate-policy keys of a tunnel or a KME section (they can only tighten)."""
+    floor = CertificatePolicy()
+    rsa_bits = int(r.positive("cert_min_rsa_bits", floor.min_rsa_bits))
+    ec_bits = int(r.positive("cert_min_ec_bits", floor.min_ec_bits))
+    if rsa_bits < floor.min_rsa_bits:
+        r.fail("cert_min_rsa_bits", f"must be at least {floor.min_rsa_bits}")
+    if ec_bits < floor.min_ec_bits:
+        r.fail("cert_min_ec_bits", f"must be at least {floor.min_ec_bits}")
+    return CertificatePolicy(
+        min_rsa_bits=max(rsa_bits, floor.min_rsa_bits),
+        min_ec_bits=max(ec_bits, floor.min_ec_bits),
+        require_key_usage=bool(r.get("cert_require_key_usage", bool, False)),
+        require_eku=bool(r.get("cert_require_eku", bool, False)),
+    )
+
+
+ADMISSION_COUNTS = ("max_connections_per_source", "max_handshakes", "max_handshakes_per_source")
+ADMISSION_SECONDS = ("handshake_rate_per_source", "first_byte_timeout_s", "hello_timeout_s")
+
+
+def _admission(r: _Reader) -> dict[str, Any]:
+    """The admission-control keys of a tunnel (0 turns a limit or deadline off)."""
+    default: dict[str, Any] = {f.name: f.default for f in fields(TunnelConfig)}
+    values: dict[str, Any] = {
+        key: int(r.positive(key, default[key], allow_zero=True)) for key in ADMISSION_COUNTS
+    }
+    for key in ADMISSION_SECONDS:
+        values[key] = r.positive(key, default[key], allow_zero=True)
+    for key in ("handshake_burst_per_source", "refusal_log_interval_s"):
+        values[key] = r.positive(key, default[key])
+    return values
 
 
 def _addresses(r: _Reader, role: str) -> tuple[Address | None, Address | None, bool]:

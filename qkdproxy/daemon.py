@@ -28,6 +28,7 @@ from qkdproxy.qkd.accounting import KeyLedger
 from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.preauth import SpendGate
 from qkdproxy.qkd.sources import KeySources
+from qkdproxy.risk import assess
 from qkdproxy.sdnotify import Notifier, inherited_sockets, watchdog_interval_s
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.identity import AllowList
@@ -52,7 +53,7 @@ def build_endpoint(
     rules = AllowList.of(config.allow).rules
     # A client that names its server checks that name; an allow-list narrows it further.
     any_peer = config.allow_any_peer or (config.role == "client" and not rules)
-    peer = PeerPolicy(anchors, AllowList(rules, any_peer), config.server_name)
+    peer = PeerPolicy(anchors, AllowList(rules, any_peer), config.server_name, config.cert_policy)
     registry = default_registry()
     hybrids = [resolve(g, registry) for g in groups]
     return TlsEndpoint(
@@ -88,7 +89,9 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
         lambda: {"taken": ledger.taken, "consumed": ledger.consumed, "wasted": ledger.wasted},
         lambda: {"opened": tunnel.stats.opened, "rejected": tunnel.stats.rejected_at_limit,
                  "fallbacks": tunnel.stats.fallbacks},
-        tunnel.bytes_moved, lambda: dict(tunnel.stats.fallback_reasons),
+        tunnel.bytes_moved,
+        lambda: dict(tunnel.admission.refused),
+        lambda: dict(tunnel.stats.fallback_reasons),
     )  # fmt: skip
 
 
@@ -142,6 +145,7 @@ def _tunnel_status(tunnel: Tunnel) -> dict[str, Any]:
         "handshake_failures": stats.handshake_failures, "fallbacks": stats.fallbacks,
         "qkd_keys_consumed": tunnel.keys.ledger.consumed,
         "qkd_keys_wasted": tunnel.keys.ledger.wasted,
+        "refused": dict(tunnel.admission.refused),
     }  # fmt: skip
 
 
@@ -178,6 +182,8 @@ class Daemon:
         self._stopping = False
         self._reload_pending = False
         self.healthy = False
+        # Set by `run --strict`: a reload refuses risky settings too.
+        self.strict = False
 
     async def start(self) -> None:
         """Open KME clients and listeners; raise on anything that prevents serving."""
@@ -319,6 +325,11 @@ class Daemon:
         try:
             fresh = load_config(self.config.path)
             problems += self._restart_only_changes(fresh)
+            # The same checks as at start: key files others can read, risky settings.
+            assessment = assess(fresh)
+            problems += assessment.refusals(self.strict or fresh.daemon.strict)
+            for risk in assessment.warnings:
+                log.warning("WARNING: risky setting: %s", risk)
             if not problems:
                 # Every running tunnel is in ``fresh``: _restart_only_changes checked that.
                 by_name = {t.name: t for t in fresh.tunnels}

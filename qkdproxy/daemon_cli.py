@@ -6,14 +6,17 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from qkdproxy.aio import run
 from qkdproxy.config import Config, ConfigError, load_config
 from qkdproxy.daemon import EXIT_CONFIG, EXIT_OK, EXIT_START_FAILED, Daemon, build_endpoint
+from qkdproxy.observability import logsafe
 from qkdproxy.observability.logformat import LOG_FORMATS, configure_logging, event
 from qkdproxy.probe import format_result, probe
 from qkdproxy.qkd.sources import KeySources
+from qkdproxy.risk import assess
 from qkdproxy.tls.credentials import CredentialError, Credentials, load_trust_anchors
 from qkdproxy.tls.keyexchange import KeyContext
 
@@ -34,12 +37,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--log-level", choices=("debug", "info", "warning", "error"),
         help="overrides [daemon] log_level",
     )  # fmt: skip
+    run_parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
     run_parser.set_defaults(handler=run_command)
 
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("--config", type=Path, help="TOML file")
     check.add_argument("file", type=Path, nargs="?", help="the same, positionally (older form)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument("--strict", action="store_true", help=STRICT_HELP)
     check.set_defaults(handler=check_command)
 
     probe = commands.add_parser(
@@ -49,6 +54,21 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     probe.add_argument("--tunnel", help="client tunnel name (default: the first)")
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.set_defaults(handler=probe_command)
+
+
+STRICT_HELP = "refuse risky settings instead of warning (also [daemon] strict = true)"
+
+
+def _assess(config: Config, command: str, strict: bool, warn: Callable[[str], None]) -> list[str]:
+    """Report risky settings through ``warn``; the problems that forbid using the
+    configuration: private key files others can read, or any warning in strict mode."""
+    assessment = assess(config)
+    for risk in assessment.warnings:
+        warn(f"WARNING: risky setting: {risk}")
+    return [
+        f"{config.path}: {problem}"
+        for problem in assessment.refusals(strict or config.daemon.strict)
+    ]
 
 
 def _load(path: Path, command: str, logger: logging.Logger | None = None) -> Config | None:
@@ -79,7 +99,7 @@ def check_command(args: argparse.Namespace) -> int:
             load_trust_anchors(kme.ca)
         for tunnel in config.tunnels:
             build_endpoint(tunnel, KeyContext(KeySources()), tunnel.plan.groups)
-        problems: list[str] = []
+        problems: list[str] = _assess(config, "check-config", args.strict, _stderr)
     except ConfigError as exc:
         problems = exc.problems
     except (CredentialError, ValueError) as exc:
@@ -106,7 +126,14 @@ def run_command(args: argparse.Namespace) -> int:
     configure_logging(
         args.log_level or config.daemon.log_level, args.log_format or config.daemon.log_format
     )
-    return _exit(run(_run(config)))
+    # Peer and KME text in any record stays on its line (observability/logsafe.py).
+    logsafe.install()
+    refusals = _assess(config, "run", args.strict, log.warning)
+    for problem in refusals:
+        log.error(problem, extra=event("config_error", problem=problem))
+    if refusals:
+        return _exit(EXIT_CONFIG)
+    return _exit(run(_run(config, args.strict)))
 
 
 def _exit(code: int) -> int:
@@ -114,8 +141,9 @@ def _exit(code: int) -> int:
     return code
 
 
-async def _run(config: Config) -> int:
+async def _run(config: Config, strict: bool = False) -> int:
     daemon = Daemon(config)
+    daemon.strict = strict
     daemon.handle_signals()
     try:
         await daemon.start()
@@ -152,3 +180,7 @@ def probe_command(args: argparse.Namespace) -> int:
     result = run(probe(config, chosen[0]))
     print(json.dumps(result) if args.json else format_result(result))
     return EXIT_OK if result["ok"] else EXIT_START_FAILED
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)

@@ -433,8 +433,7 @@ def fault_pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, D
     """The development PKI (the file names of ``qkdproxy certs``), CA key kept in memory."""
     directory = tmp_path_factory.mktemp("pki")
     dev = DevPki.create()
-    for name, data in dev.files().items():
-        (directory / name).write_bytes(data)
+    dev.write(directory)
     return directory, dev
 
 

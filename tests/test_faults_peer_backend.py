@@ -389,6 +389,7 @@ def write_credentials(faults: FaultHarness, name: str, server: bool, offset: tim
     )  # fmt: skip
     cert, key = faults.tmp / f"{name}.pem", faults.tmp / f"{name}-key.pem"
     cert.write_bytes(issued.chain[0].public_bytes(serialization.Encoding.PEM))
+    key.touch(mode=0o600)  # the daemon refuses key files others can read
     key.write_bytes(issued.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),

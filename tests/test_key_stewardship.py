@@ -21,13 +21,13 @@ from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
 from qkdproxy.qkd.preauth import (
     CLIENT_INITIATED,
-    PEER_SOURCE,
     SERVER_INITIATED,
     Budget,
     GatedSlave,
     PreAuthSettings,
     SpendGate,
 )
+from qkdproxy.qkd.responder import HELLO_SOURCE
 from qkdproxy.qkd.sources import KeySources, RefusalStreak
 from qkdproxy.qkd.supply import SupplySettings, SupplySizer
 from qkdproxy.tls.keyexchange import HandshakeRejectedError, KeyContext, ServerKeyExchange
@@ -51,7 +51,7 @@ def gate(flows: set[str], link: TokenBucket | None = None, clock: Clock | None =
 
 
 def as_source(host: str) -> None:
-    PEER_SOURCE.set(source_key(host))
+    HELLO_SOURCE.set(source_key(host))
 
 
 # ------------------------------------------------------------------ the gate

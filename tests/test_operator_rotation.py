@@ -59,6 +59,7 @@ def replace_file(path: Path, data: bytes) -> None:
     """What docs/OPERATIONS.md asks for: write a new file, then rename it over the old one."""
     fresh = path.with_name(path.name + ".new")
     fresh.write_bytes(data)
+    fresh.chmod(0o600)  # a key readable by others is refused at start and on reload
     os.replace(fresh, path)
 
 

@@ -146,8 +146,7 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     path = tmp_path_factory.mktemp("pki")
     dev = DevPki.create()
-    for name, data in dev.files().items():
-        (path / name).write_bytes(data)
+    dev.write(path)
     return Pki(path, dev)
 
 
@@ -1316,6 +1315,9 @@ async def test_client_tunnel_refuses_bad_server_certificates_with_the_right_aler
 # ====================== 6. floods, slow clients, the connection limit, and churn
 
 
+NO_ADMISSION = {"max_handshakes_per_source": 0, "first_byte_timeout_s": 0, "hello_timeout_s": 0}
+
+
 def tunnel_sockets(ports: set[int]) -> list[str]:
     """TCP connections (not listeners) this process still holds from or to ``ports``."""
     inodes = set()
@@ -1405,7 +1407,10 @@ async def test_a_flood_of_half_open_and_slow_clients_does_not_stop_a_good_client
         backend, backend_port = await r.harness.backend()
         server = await r.daemon(
             "server", "b",
-            server_tunnel(pki, backend_port, handshake_timeout_s=3.0, max_connections=100),
+            # Per-source caps and hello deadlines off: this is about handshake_timeout and
+            # the connection limit (tests/test_admission.py covers admission control).
+            server_tunnel(pki, backend_port, handshake_timeout_s=3.0, max_connections=100,
+                          **NO_ADMISSION),
         )  # fmt: skip
         client = await r.daemon("client", "a", client_tunnel(pki, port(server)))
         hello = await capture(client_endpoint(pki, keys=KeyContext(await r.sources("a", True))))
@@ -1445,7 +1450,8 @@ async def test_the_connection_limit_recovers_once_half_open_clients_time_out(
         backend, backend_port = await r.harness.backend()
         server = await r.daemon(
             "server", "b",
-            server_tunnel(pki, backend_port, handshake_timeout_s=2.0, max_connections=limit),
+            server_tunnel(pki, backend_port, handshake_timeout_s=2.0, max_connections=limit,
+                          **NO_ADMISSION),
         )  # fmt: skip
         client = await r.daemon("client", "a", client_tunnel(pki, port(server)))
         opened = Arrivals()

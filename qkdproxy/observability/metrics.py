@@ -161,6 +161,8 @@ class TunnelState:
     counts: Callable[[], dict[str, int]]
     # Plaintext bytes (to the peer, from the peer), live connections included.
     traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    # Connections refused or cut by admission control, by reason.
+    refusals: Callable[[], dict[str, int]] = dict
     # qkd-preferred fallbacks by reason (kme_exhausted, kme_unavailable, ...).
     fallback_reasons: Callable[[], dict[str, int]] = dict
 
@@ -227,8 +229,15 @@ class StateCollector(Collector):
             "qkdproxy_received_bytes", "Plaintext bytes received through the tunnel "
             "(live connections included)", labels=["tunnel", "role"],
         )  # fmt: skip
+        refusals = CounterMetricFamily(
+            "qkdproxy_admission_refusals",
+            "Connections refused at accept, or cut for a late hello, by admission control",
+            labels=["tunnel", "role", "reason"],
+        )
         for tunnel in self.tunnels:
             active.add_metric([tunnel.name, tunnel.role], tunnel.active())
+            for reason, count in tunnel.refusals().items():
+                refusals.add_metric([tunnel.name, tunnel.role, reason], count)
             for fate, count in tunnel.ledger().items():
                 keys.add_metric([tunnel.name, fate], count)
                 key_bytes.add_metric([tunnel.name, fate], count * 32)
@@ -243,7 +252,7 @@ class StateCollector(Collector):
             received.add_metric([tunnel.name, tunnel.role], from_peer)
         yield from (
             active, keys, key_bytes, opened, rejected, fallbacks, fallback_reasons, sent,
-            received,
+            received, refusals,
         )  # fmt: skip
 
     def _kme_metrics(self) -> Iterator[Metric]:

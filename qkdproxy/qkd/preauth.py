@@ -7,24 +7,22 @@ call for whatever id the hello names. :class:`SpendGate` decides, before any KME
 whether this hello may cost that: the flow must be served by the tunnel, and the source
 address (an IPv6 /64 counts as one source) and the KME link as a whole must have budget left.
 
-The source of the hello being answered is read from :data:`PEER_SOURCE`, which the tunnel
-sets in the task that serves each accepted connection.
+The source of the hello being answered is read from ``qkd.responder.HELLO_SOURCE``, which
+the tunnel sets in the task that serves each accepted connection until the peer is
+authenticated.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from qkdproxy.qkd.announce import AnnouncementSink
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
+from qkdproxy.qkd.responder import HELLO_SOURCE
 from qkdproxy.qkd.sources import SlaveKeySource
 from qkdproxy.tunnel.ratelimit import SourceBuckets, TokenBucket
-
-# The budget key (ratelimit.source_key) of the peer whose handshake the current task serves.
-PEER_SOURCE: ContextVar[str | None] = ContextVar("qkdproxy_peer_source", default=None)
 
 SERVER_INITIATED = "server-initiated"
 CLIENT_INITIATED = "client-initiated"
@@ -89,7 +87,7 @@ class SpendGate:
         """None if a hello of ``flow`` from the current source may cost a KME call now;
         otherwise why not (safe to log). A server-initiated admission spends budget."""
         now = self._clock()
-        source = PEER_SOURCE.get() or "unknown"
+        source = HELLO_SOURCE.get() or "unknown"
         if flow not in self.settings.flows:
             return self._refuse("flow_off", f"the {flow} QKD flow is off on this tunnel")
         if flow == CLIENT_INITIATED:
@@ -106,7 +104,7 @@ class SpendGate:
 
     def note_unknown_id(self) -> None:
         """The KME did not know an id the current source named: charge that source."""
-        self._unknown.take(PEER_SOURCE.get() or "unknown", self._clock())
+        self._unknown.take(HELLO_SOURCE.get() or "unknown", self._clock())
 
     def _refuse(self, reason: str, text: str) -> str:
         self.counters.count(reason)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from qkdproxy.tls.certpolicy import CertificatePolicy, CertificatePolicyError, Role
 from qkdproxy.tls.identity import AllowList, PeerIdentity
 from qkdproxy.tls.wire import Alert
 
@@ -23,10 +24,12 @@ MAX_CHAIN_DEPTH = 8
 class PeerRejectedError(Exception):
     """The peer's certificate or identity is not acceptable."""
 
-    def __init__(self, alert: Alert, reason: str) -> None:
+    def __init__(self, alert: Alert, reason: str, rule: str | None = None) -> None:
         super().__init__(reason)
         self.alert = alert
         self.reason = reason
+        # The certificate-policy rule that failed, if that is why (tls/certpolicy.py).
+        self.rule = rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +39,14 @@ class PeerPolicy:
     trust_anchors: tuple[x509.Certificate, ...]
     allow: AllowList
     server_name: str | None = None
+    certificates: CertificatePolicy = field(default_factory=CertificatePolicy)
 
     def verify_server(self, chain: Sequence[bytes], now: datetime) -> PeerIdentity:
         """Validate a server chain for ``server_name``, then the allow-list."""
         if not self.server_name:
             raise PeerRejectedError(Alert.INTERNAL_ERROR, "no server name configured to check")
         leaf, intermediates = _load(chain, now)
+        self._check_policy(leaf, intermediates, "server")
         try:
             verifier = self._builder(now).build_server_verifier(_subject(self.server_name))
         except ValueError:
@@ -54,9 +59,18 @@ class PeerPolicy:
     def verify_client(self, chain: Sequence[bytes], now: datetime) -> PeerIdentity:
         """Validate a client chain (clientAuth), then the allow-list."""
         leaf, intermediates = _load(chain, now)
+        self._check_policy(leaf, intermediates, "client")
         verifier = self._builder(now).build_client_verifier()
         _run(lambda: verifier.verify(leaf, intermediates))
         return self._admit(leaf)
+
+    def _check_policy(
+        self, leaf: x509.Certificate, intermediates: list[x509.Certificate], role: Role
+    ) -> None:
+        try:
+            self.certificates.check([leaf, *intermediates], role)
+        except CertificatePolicyError as exc:
+            raise PeerRejectedError(Alert.BAD_CERTIFICATE, str(exc), exc.rule) from None
 
     def _builder(self, now: datetime) -> PolicyBuilder:
         if not self.trust_anchors:

@@ -29,6 +29,7 @@ from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave
 from qkdproxy.qkd.keys import QkdKeyError
 from qkdproxy.qkd.preauth import SERVER_INITIATED, GatedSlave, SpendGate
+from qkdproxy.qkd.responder import GuardedStreams, ResponderLimits
 from qkdproxy.qkd.sources import KeySources, KmeCallObserver, no_observer
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
@@ -85,7 +86,9 @@ class KmeConnection:
         if config.api is KeyApi.ETSI_014:
             breaker = CircuitBreaker(max_backoff_s=config.max_retry_interval_s)
             client = Etsi014Client(
-                config.endpoint, client_context(credentials, anchors), observer=watched,
+                config.endpoint,
+                client_context(credentials, anchors, policy=config.cert_policy),
+                observer=watched,
                 breaker=breaker,
             )  # fmt: skip
             slave = AnnouncedSlave(
@@ -99,12 +102,15 @@ class KmeConnection:
         address = parse_address(config.endpoint)
         if not isinstance(address, TcpAddress):
             raise ValueError(f"kme.{config.name}.address must be host:port")
-        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3)
+        context = client_context(credentials, anchors, ssl.TLSVersion.TLSv1_3, config.cert_policy)
         factory = functools.partial(
             Etsi004Client, address.host, address.port, context,
             source=config.sae_id, destination=config.peer_sae_id, observer=watched,
         )  # fmt: skip
-        pool = Etsi004ClientPool(factory)
+        limits = ResponderLimits(
+            config.peer_streams_per_source, config.peer_streams_max, config.peer_stream_wait_s
+        )
+        pool = GuardedStreams(Etsi004ClientPool(factory), limits)
         # Without prefetch no stream is opened ahead (pool 0), but the keys are still counted.
         stream = PrefetchingStreams(
             pool, pool=STREAMS_AHEAD if config.prefetch else 0,

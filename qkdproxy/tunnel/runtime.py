@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,14 +20,16 @@ from dataclasses import asdict, dataclass, field
 
 from qkdproxy.config import TunnelConfig
 from qkdproxy.observability.logformat import record_event
+from qkdproxy.observability.logsafe import escape
 from qkdproxy.observability.throttle import LogThrottle
-from qkdproxy.qkd.preauth import PEER_SOURCE
+from qkdproxy.qkd.responder import HELLO_SOURCE
 from qkdproxy.qkd.sources import REFUSALS_BEFORE_FLUSH, FlushableSource, KeySources
 from qkdproxy.tls.frames import VERDICT_OK
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import PeerChannel, open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, close_transport
 from qkdproxy.tls.wire import Alert
+from qkdproxy.tunnel import gate
 from qkdproxy.tunnel.addresses import (
     Address,
     SystemdAddress,
@@ -36,6 +37,8 @@ from qkdproxy.tunnel.addresses import (
     UnixAddress,
     format_sockname,
 )
+from qkdproxy.tunnel.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
+from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
 from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
 from qkdproxy.tunnel.ratelimit import source_key
@@ -127,6 +130,11 @@ class Tunnel:
         self._fallback_state: str | None = None
         self._warnings = LogThrottle(WARNING_INTERVAL_S)
         self._traffic: dict[int, Traffic] = {}
+        # Admission control: counts survive a reload, limits follow the configuration.
+        self.admission = Admission(admission_limits(config))
+        self._admitted_config = config
+        self._tickets: dict[int, Ticket] = {}
+        self._refusal_log = LogThrottle(config.refusal_log_interval_s)
 
     @property
     def active(self) -> int:
@@ -145,18 +153,20 @@ class Tunnel:
         address = self.config.listen
         handler = self._accept
         if isinstance(address, TcpAddress):
-            self._servers.append(await asyncio.start_server(handler, address.host, address.port))
+            self._servers.append(
+                await gate.start_server(handler, host=address.host, port=address.port)
+            )
         elif isinstance(address, UnixAddress):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address.path)
-            self._servers.append(await asyncio.start_unix_server(handler, address.path))
+            self._servers.append(await gate.start_unix_server(handler, address.path))
         else:
             sockets = (inherited or {}).get(address.name)
             if not sockets:
                 raise OSError(f"no socket named {address.name!r} was passed by systemd")
             for sock in sockets:
                 self._check_inherited(sock)
-                self._servers.append(await asyncio.start_server(handler, sock=sock))
+                self._servers.append(await gate.start_server(handler, sock=sock))
 
     def _check_inherited(self, sock: socket.socket) -> None:
         # The configuration could not see where systemd bound the socket: check now.
@@ -208,15 +218,11 @@ class Tunnel:
         record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
         peername = writer.get_extra_info("peername")
         record.client = str(peername[0]) if isinstance(peername, tuple) else "unix"
-        # The pre-authentication key budget (qkd.preauth) charges this source.
-        PEER_SOURCE.set(source_key(record.client))
         _keepalive(writer)
-        if len(self._connections) >= self.config.max_connections:
-            self.stats.rejected_at_limit += 1
-            record.reason = "rejected: connection limit"
-            await close_transport(writer)
-            self._finish(record, time.monotonic(), opened=False)
+        ticket = self._admit(record, writer)
+        if ticket is None:
             return
+        self._tickets[record.conn_id] = ticket
         self._connections.add(task)
         self.stats.opened += 1
         started = time.monotonic()
@@ -235,10 +241,40 @@ class Tunnel:
             record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
         finally:
             self._connections.discard(task)
+            self.admission.release(self._tickets.pop(record.conn_id))
             await close_transport(writer)
-            self._finish(record, started)
+            self._finish(record, started, quiet_as=self._quiet_as(record, reader))
             async with self._changed:
                 self._changed.notify_all()
+
+    def _admit(self, record: ConnectionRecord, writer: asyncio.StreamWriter) -> Ticket | None:
+        """Admission control: a ticket, or None once the connection was reset (no TLS
+        work, no KME call) and the refusal counted and (throttled) logged."""
+        if self.config is not self._admitted_config:  # reloaded
+            self._admitted_config = self.config
+            self.admission.update(admission_limits(self.config))
+            self._refusal_log.interval_s = self.config.refusal_log_interval_s
+        now = time.monotonic()
+        verdict = self.admission.admit(source_key(record.client), now)
+        if isinstance(verdict, Ticket):
+            return verdict
+        if verdict is Refusal.CONNECTION_LIMIT:
+            self.stats.rejected_at_limit += 1
+            record.reason = "rejected: connection limit"
+        else:
+            record.reason = f"rejected: {verdict.value}"
+        gate.reset(writer)
+        self._finish(record, now, opened=False, quiet_as=verdict.value)
+        return None
+
+    def _quiet_as(self, record: ConnectionRecord, reader: asyncio.StreamReader) -> str | None:
+        """The throttle reason of a server connection that failed before its ClientHello
+        was complete (an unauthenticated source can produce those at will); None when the
+        connection deserves its own log line."""
+        if self.config.role != "server" or record.failure is None:
+            return None
+        hello = reader.hello.state if isinstance(reader, gate.WatchedReader) else None
+        return f"before_hello:{record.failure}" if hello is not HelloState.COMPLETE else None
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
@@ -298,7 +334,7 @@ class Tunnel:
             log.warning(
                 "tunnel %s: the peer refused our QKD keys %d times in a row (%s); the peer "
                 "or a KME may have restarted: key supply flushed, retrying once",
-                self.config.name, REFUSALS_BEFORE_FLUSH, exc.reason,
+                self.config.name, REFUSALS_BEFORE_FLUSH, escape(exc.reason),
             )  # fmt: skip
             dialled = await self._dial_peer(self.endpoint, record)
         if held is not None and dialled[0].record.offered_key_id is not None:
@@ -343,8 +379,18 @@ class Tunnel:
     async def _serve_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
     ) -> str:
+        # Until the client is authenticated, KME work for the KSID it names is bounded.
+        HELLO_SOURCE.set(source_key(record.client))
         try:
-            stream = await self.endpoint.accept(reader, writer)
+            stream = await gate.within_hello_deadlines(
+                reader, self.endpoint.accept(reader, writer),
+                self.config.first_byte_timeout_s, self.config.hello_timeout_s,
+            )  # fmt: skip
+        except gate.HelloDeadlineError as exc:
+            self.admission.count(exc.refusal)
+            self.stats.handshake_failures += 1
+            record.failure = exc.refusal.value
+            return f"handshake failed (peer): {exc.refusal.value}"
         except HandshakeError as exc:
             master = self.sources.master
             if isinstance(master, FlushableSource) and _refused(exc, master):
@@ -386,6 +432,8 @@ class Tunnel:
             await close_transport(backend_writer)
 
     async def _channel(self, stream: TlsStream, record: ConnectionRecord) -> Channel:
+        HELLO_SOURCE.set(None)  # authenticated: its announcements are not a hello's
+        self.admission.handshake_done(self._tickets[record.conn_id])
         self.stats.handshake_seconds.append(stream.handshake_seconds)
         record.handshake_ms = round(stream.handshake_seconds * 1000, 3)
         record.peer = stream.peer.describe()
@@ -394,6 +442,12 @@ class Tunnel:
         record.api = stream.record.api.value if stream.record.api else None
         record.qkd_key_id = stream.record.qkd_key_id
         record.hello_retry = stream.record.hello_retry
+        server = self.config.role == "server"
+        if server and self.config.policy is Policy.QKD_PREFERRED and stream.record.api is None:
+            # No QKD key in this connection: on a qkd-preferred server that is the client's
+            # fallback, and the line must say so (the server never falls back by itself).
+            record.fallback = True
+            self.stats.fallbacks += 1
         if self._on_handshake is not None:
             self._on_handshake(record)
         channel = await open_peer_channel(stream, self.sources)
@@ -450,24 +504,50 @@ class Tunnel:
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
-    def _finish(self, record: ConnectionRecord, started: float, opened: bool = True) -> None:
-        record.duration_s = round(time.monotonic() - started, 6)
-        # closed counts what opened counted: a connection refused at the limit is neither.
+    def _finish(
+        self,
+        record: ConnectionRecord,
+        started: float,
+        *,
+        opened: bool = True,
+        quiet_as: str | None = None,
+    ) -> None:
+        now = time.monotonic()
+        record.duration_s = round(now - started, 6)
+        # closed counts what opened counted: a connection refused at accept is neither.
         if opened:
             self.stats.closed += 1
-        fields = asdict(record)
-        level = logging.INFO
-        problem = next((p for p in PROBLEM_REASONS if record.reason.startswith(p)), None)
-        if problem is not None:
-            similar = self._warnings.admit(problem, time.monotonic())
+        fields: dict[str, object] = asdict(record)
+        level: int | None = logging.INFO
+        if quiet_as is not None:
+            # A flood of refusals must not become a flood of lines: one per interval per
+            # reason, carrying how many were not logged since the previous one.
+            suppressed = self._refusal_log.admit(quiet_as, now)
+            level = None if suppressed is None else logging.WARNING
+            fields["suppressed"] = suppressed
+        elif problem := next((p for p in PROBLEM_REASONS if record.reason.startswith(p)), None):
+            similar = self._warnings.admit(problem, now)
             if similar is not None:
                 level = logging.WARNING
                 if similar:
                     fields["similar_since_last_warning"] = similar
-        log.log(level, json.dumps(fields, separators=(",", ":")),
-                extra=record_event("connection", fields))  # fmt: skip
+        if level is not None:
+            log.log(level, json.dumps(fields, separators=(",", ":")),
+                    extra=record_event("connection", fields))  # fmt: skip
         if self._on_close is not None:
             self._on_close(record)
+
+
+def admission_limits(config: TunnelConfig) -> AdmissionLimits:
+    """The admission limits a tunnel's configuration sets."""
+    return AdmissionLimits(
+        max_connections=config.max_connections,
+        max_connections_per_source=config.max_connections_per_source,
+        max_handshakes=config.max_handshakes,
+        max_handshakes_per_source=config.max_handshakes_per_source,
+        handshake_rate_per_source=config.handshake_rate_per_source,
+        handshake_burst_per_source=config.handshake_burst_per_source,
+    )
 
 
 def failure_class(exc: HandshakeError) -> str:
@@ -531,21 +611,11 @@ async def _close_after_pump(
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
     broken = reason is None or reason.startswith("error")
     if broken and traffic.to_peer:
-        _reset(tls)  # no close_notify
+        gate.reset(tls)  # no close_notify
     else:
         await channel.close()
     if broken and traffic.from_peer:
-        _reset(plaintext)
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST (SO_LINGER 0) and no TLS close_notify."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        # ValueError: the transport is closed already (fd -1); nothing is left to reset.
-        with contextlib.suppress(OSError, ValueError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+        gate.reset(plaintext)
 
 
 def _keepalive(writer: asyncio.StreamWriter) -> None:
