@@ -16,7 +16,7 @@ import hmac
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from qkdproxy.hybrid import (
     ZERO_KEY_ID,
@@ -62,6 +62,13 @@ class QkdOptions:
     accept_unechoed_key_id: bool = False
 
 
+class SpendGate(Protocol):
+    """Hook (issue 12): consulted by a server before any KME call a ClientHello would cost;
+    see qkdproxy.qkd.preauth. Returns None to go ahead, else the reason to refuse."""
+
+    def admit(self, flow: str) -> str | None: ...
+
+
 @dataclass(slots=True)
 class KeyContext:
     """What all handshakes of one endpoint share: key sources, accounting, replay guard."""
@@ -72,6 +79,8 @@ class KeyContext:
     guard: KeyIdGuard = field(default_factory=KeyIdGuard)
     # Clean-up calls (ETSI 004 CLOSE) running after their handshake ended.
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Server only: what an unauthenticated hello may cost (None: no limit).
+    gate: SpendGate | None = None
 
     async def drain(self) -> None:
         """Wait for the clean-up calls still running (each bounded by its own timeout)."""
@@ -410,8 +419,15 @@ class ServerKeyExchange(_KeyExchangeBase):
         self._share = ciphertext
         self._secret = (hybrid.group.code_point, client_share, secret)
 
+    def _admit(self, flow: Flow) -> None:
+        gate = self._ctx.gate
+        if gate is not None and (refusal := gate.admit(flow.value)) is not None:
+            raise HandshakeRejectedError(Alert.HANDSHAKE_FAILURE, refusal)
+
     async def _qkd_key(self, client_key_id: bytes) -> tuple[bytes, bytes]:
-        if key_ids_equal(client_key_id, ZERO_KEY_ID):
+        server_initiated = key_ids_equal(client_key_id, ZERO_KEY_ID)
+        self._admit(Flow.SERVER_INITIATED if server_initiated else Flow.CLIENT_INITIATED)
+        if server_initiated:
             key = await _fetch(self._master.take_key(), "ETSI 014 enc_keys")
             held = self._hold(_HeldKey(key.key_id, key.material))
             self._use(held, Flow.SERVER_INITIATED)
