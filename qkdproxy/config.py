@@ -20,6 +20,8 @@ from qkdproxy.errors import SettingError
 from qkdproxy.etsi004.qos import NEGOTIABLE, QosPolicy
 from qkdproxy.etsi014.models import MAX_SAE_ID_LENGTH
 from qkdproxy.kmeidentity import ExpectedKme
+from qkdproxy.qkd.preauth import CLIENT_INITIATED, SERVER_INITIATED, Budget, PreAuthSettings
+from qkdproxy.qkd.supply import SupplySettings
 from qkdproxy.tls.certpolicy import CertificatePolicy
 from qkdproxy.tls.identity import AllowRule
 from qkdproxy.tls.keyexchange import Flow, KeyApi
@@ -55,6 +57,9 @@ class KmeConfig:
     # breaker's backoff cap), so the longest a recovered KME waits to be used again.
     max_retry_interval_s: float = 30.0
     prefetch: bool = True
+    # Issue 12: the key supply held ahead, and the link's pre-authentication budget.
+    supply: SupplySettings = field(default_factory=SupplySettings)
+    preauth_link: Budget = field(default_factory=lambda: Budget(10.0, 20.0))
     # What the KME's certificate must meet (docs/SECURITY.md says what is enforced where).
     cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
     # ETSI 004 responder: KME work for KSIDs named in unauthenticated hellos (qkd/responder.py).
@@ -108,6 +113,8 @@ class TunnelConfig:
     rekey_bytes: int = 1 << 30
     rekey_interval_s: float = 3600.0
     proxy_protocol: bool = False
+    # Server tunnels: the QKD flows served and what an unauthenticated hello may cost.
+    preauth: PreAuthSettings = field(default_factory=PreAuthSettings)
     # Admission control (docs/CONFIGURATION.md, "Admission control"); 0 turns one off.
     max_connections_per_source: int = 0
     max_handshakes: int = 128
@@ -362,6 +369,10 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
         ca=r.path("ca", base),
         max_retry_interval_s=r.positive("max_retry_interval_s", 30.0),
         prefetch=r.get("prefetch", bool, True),
+        supply=_supply(r),
+        preauth_link=Budget(
+            r.positive("preauth_keys_per_s", 10.0), r.positive("preauth_keys_burst", 20.0)
+        ),
         cert_policy=_cert_policy(r),
         peer_streams_per_source=int(r.positive("peer_streams_per_source", 2)),
         peer_streams_max=int(r.positive("peer_streams_max", 4)),
@@ -423,6 +434,52 @@ def _kme_identity(r: _Reader) -> tuple[str, ...]:
     except ValueError as exc:
         r.fail("kme_identity", str(exc))
         return ()
+
+
+def _supply(r: _Reader) -> SupplySettings:
+    # A bad value is reported by ``r``; a usable one stands in so that parsing goes on.
+    floor = max(0, int(r.positive("supply_floor", 4, allow_zero=True)))
+    ceiling = max(1, int(r.positive("supply_ceiling", 128)))
+    if ceiling < floor:
+        r.fail("supply_ceiling", "must be at least supply_floor")
+        ceiling = floor
+    margin = r.positive("supply_margin", 6.0)
+    if margin < 1:
+        r.fail("supply_margin", "must be at least 1")
+    max_age = r.positive("max_key_age_s", 120.0)
+    return SupplySettings(
+        floor=floor, ceiling=ceiling, max_age_s=max_age if max_age > 0 else 120.0,
+        margin=max(1.0, margin),
+    )  # fmt: skip
+
+
+FLOW_NAMES = {
+    "client": CLIENT_INITIATED, CLIENT_INITIATED: CLIENT_INITIATED,
+    "server": SERVER_INITIATED, SERVER_INITIATED: SERVER_INITIATED,
+}  # fmt: skip
+
+
+def _preauth(r: _Reader, role: str) -> PreAuthSettings:
+    flows_given = r.get("flows", list, None)
+    flows = {CLIENT_INITIATED}
+    if flows_given is not None:
+        if role == "client":
+            r.fail("flows", "is for server tunnels (a client tunnel uses flow)")
+        unknown = [f for f in flows_given if not isinstance(f, str) or f not in FLOW_NAMES]
+        if unknown or not flows_given:
+            r.fail("flows", 'must be a non-empty list of "client" and "server"')
+        flows = {FLOW_NAMES[f] for f in flows_given if isinstance(f, str) and f in FLOW_NAMES}
+    return PreAuthSettings(
+        flows=frozenset(flows),
+        per_source=Budget(
+            r.positive("preauth_keys_per_source_per_s", 1.0),
+            max(1.0, r.positive("preauth_keys_per_source_burst", 10.0)),
+        ),
+        unknown_ids=Budget(
+            r.positive("unknown_key_ids_per_source_per_s", 1.0),
+            max(1.0, r.positive("unknown_key_ids_per_source_burst", 10.0)),
+        ),
+    )
 
 
 def _tunnel(
@@ -488,6 +545,7 @@ def _tunnel(
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
         accept_unechoed_key_id=bool(r.get("accept_unechoed_key_id", bool, False)),
+        preauth=_preauth(r, role),
         **_admission(r),
         cert_policy=_cert_policy(r),
         mux=_mux(r),

@@ -24,9 +24,9 @@ from qkdproxy.kem import default_registry
 from qkdproxy.observability.logformat import event
 from qkdproxy.observability.metrics import KmeState, Metrics, StateCollector, TunnelState
 from qkdproxy.observability.status import StatusServer, create_app
+from qkdproxy.qkd.accounting import KeyLedger
 from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
-from qkdproxy.qkd.etsi014_sources import Etsi014Master
+from qkdproxy.qkd.preauth import SpendGate
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.risk import assess
 from qkdproxy.sdnotify import Notifier, inherited_sockets, watchdog_interval_s
@@ -105,37 +105,47 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
                  "fallbacks": tunnel.stats.fallbacks},
         tunnel.bytes_moved,
         lambda: dict(tunnel.admission.refused),
+        lambda: dict(tunnel.stats.fallback_reasons),
     )  # fmt: skip
+
+
+def tunnel_keys(
+    kme: KmeConnection, config: TunnelConfig, options: QkdOptions
+) -> tuple[KeyContext, SpendGate | None]:
+    """A tunnel's key context: its own sources (see KmeConnection.sources_for), the KME's
+    key account, and for a server the pre-authentication gate (returned too)."""
+    sources = kme.sources_for(config)
+    ledger = KeyLedger(account=kme.account)
+    if config.role != "server":
+        return KeyContext(sources, options, ledger), None
+    gate = kme.gate_for(config)
+    return KeyContext(kme.gated(sources, gate), options, ledger, gate=gate), gate
 
 
 def kme_state(kme: KmeConnection) -> KmeState:
     """How the metrics collector reads a KME connection."""
-    master, stream = kme.sources.master, kme.sources.stream
-
-    def depth() -> int | None:
-        if isinstance(master, Etsi014Master):
-            return master.depth
-        return stream.depth if isinstance(stream, PrefetchingStreams) else None
 
     def counters() -> dict[str, int]:
         out: dict[str, int] = {}
-        if isinstance(master, Etsi014Master):
-            c = master.counters
-            out |= {"prefetched": c.prefetched, "served_from_buffer": c.served_from_buffer,
-                    "fetched_on_demand": c.fetched_on_demand, "expired": c.expired,
-                    "flushed": c.flushed}  # fmt: skip
+        if kme.masters:
+            cs = [m.counters for m in kme.masters.values()]
+            out |= {
+                "prefetched": sum(c.prefetched for c in cs),
+                "served_from_buffer": sum(c.served_from_buffer for c in cs),
+                "fetched_on_demand": sum(c.fetched_on_demand for c in cs),
+                "expired": sum(c.expired for c in cs),
+                "flushed": sum(c.flushed for c in cs),
+            }
         if isinstance(kme.sources.slave, AnnouncedSlave):
             a = kme.sources.slave.counters
             out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
                     "announced_expired": a.expired}  # fmt: skip
         return out
 
-    def rate() -> float:
-        return master.consumption_per_s() if isinstance(master, Etsi014Master) else 0.0
-
     return KmeState(
-        kme.config.name, lambda: kme.up, lambda: kme.breaker, depth, rate,
-        lambda: kme.pool_keys, counters,
+        kme.config.name, lambda: kme.up, lambda: kme.breaker, lambda: kme.depth,
+        kme.consumption_per_s, lambda: kme.pool_keys, counters,
+        account=kme.account, pool_trend=lambda: kme.pool_trend,
     )  # fmt: skip
 
 
@@ -159,6 +169,8 @@ def _kme_status(kme: KmeConnection) -> dict[str, Any]:
         "name": kme.config.name, "api": kme.config.api.value, "endpoint": kme.config.endpoint,
         "up": kme.up, "breaker": kme.breaker.value if kme.breaker else None,
         "buffer_depth": state.buffer_depth(), "pool_keys": kme.pool_keys,
+        "keys_drawn": kme.account.drawn, "keys_held": kme.account.held,
+        "key_fates": dict(kme.account.fates),
     }  # fmt: skip
 
 
@@ -287,7 +299,11 @@ class Daemon:
         kme = self.kmes.get(config.kme) if config.kme else None
         # accept_unechoed_key_id is a risky setting: warned at start-up (qkdproxy.risk).
         options = tunnel_qkd_options(config, kme.config if kme else None)
-        keys = KeyContext(kme.sources if kme else KeySources(), options)
+        keys = KeyContext(KeySources(), options)
+        if kme is not None:
+            keys, gate = tunnel_keys(kme, config, options)
+            if gate is not None:
+                self.collector.gates.append((config.name, gate))
         endpoint, fallback = self._endpoints(config, keys)
         return Tunnel(
             config,
@@ -381,6 +397,11 @@ class Daemon:
                 problems.append(f"tunnel {old.name}: listen/role/kme/flow changes need a restart")
             elif config.accept_unechoed_key_id != old.accept_unechoed_key_id:
                 problems.append(f"tunnel {old.name}: accept_unechoed_key_id needs a restart")
+            elif config.preauth != old.preauth:
+                # The spend gate and the master supplies are built at start.
+                problems.append(
+                    f"tunnel {old.name}: flows and pre-authentication budget changes need a restart"
+                )
         return problems
 
     def status_line(self) -> str:

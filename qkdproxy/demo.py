@@ -98,6 +98,7 @@ allow = ["uri:spiffe://qkdproxy.test/tunnel/client"]
 kme = "local"
 policy = "{_policy(group)}"
 groups = ["{group}"]
+flows = ["client", "server"]
 """
     )
 

@@ -48,7 +48,7 @@ async def probe(config: Config, tunnel: TunnelConfig) -> dict[str, Any]:
     kme = KmeConnection.open(config.kmes[tunnel.kme]) if tunnel.kme else None
     try:
         options = tunnel_qkd_options(tunnel, kme.config if kme else None)
-        keys = KeyContext(kme.sources if kme else KeySources(), options)
+        keys = KeyContext(kme.sources_for(tunnel) if kme else KeySources(), options)
         endpoint = build_endpoint(tunnel, keys, tunnel.plan.groups)
         peer = tunnel.connect
         assert isinstance(peer, TcpAddress)

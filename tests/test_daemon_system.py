@@ -551,13 +551,17 @@ async def test_data_integrity_both_ways_and_matching_connection_records(
     assert len(key_ids) == 3 and len(set(key_ids)) == 3, "a QKD key was used twice"
     for proc in (client.proc, server.proc):
         for record in proc.records():
-            # Only the key *id* and a KeyUpdate counter may mention keys.
-            assert {k for k in record if "key" in k.lower()} <= {"qkd_key_id", "key_updates"}
+            # Only key *ids* (used, or spent by a failed handshake) and a KeyUpdate counter
+            # may mention keys.
+            assert {k for k in record if "key" in k.lower()} <= {
+                "qkd_key_id", "spent_key_id", "key_updates",
+            }  # fmt: skip
             assert isinstance(record.get("key_updates", 0), int)
             assert not any(w in k.lower() for k in record for w in ("secret", "psk"))
         for line in proc.lines:
             if CONNECTION_MARK in line:
                 rest = line.lower().replace('"qkd_key_id"', "").replace('"key_updates"', "")
+                rest = rest.replace('"spent_key_id"', "")
                 assert "key" not in rest, line
             assert not HEX64.search(line), f"64 hex digits in a log line: {line}"
             assert not BASE64_32.search(line), f"base64 of 32 bytes in a log line: {line}"
@@ -817,6 +821,12 @@ async def test_qkd_preferred_falls_back_to_pq_when_the_kme_is_unreachable(
     assert s["group"] == "X25519MLKEM768", server.proc.records()
     warning = await client.proc.wait_line(lambda line: "falling back" in line)
     assert "WARNING" in warning and "X25519MLKEM768" in warning
+    assert "kme_unavailable" in warning
+    # Logged once per transition, not once per connection.
+    for _ in range(2):
+        assert await exchange(client.port, b"again", within=30.0) == b"again"
+    await client.proc.wait_line(records_at_least(client.proc, 3))
+    assert sum("falling back" in line for line in client.proc.lines) == 1
 
 
 # --------------------------------------------------------------------------- 7. reload

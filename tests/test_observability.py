@@ -150,7 +150,7 @@ def test_alert_rules_pass_promtool() -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "9 rules found" in result.stdout
+    assert "12 rules found" in result.stdout
 
 
 async def test_dashboard_and_rules_only_name_exported_metrics(tmp_path: Path) -> None:

@@ -17,9 +17,10 @@ from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.etsi014.models import Status
 from qkdproxy.loopback import LoopbackPair, loopback_pair
 from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, PrefetchSettings
+from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.qkd.supply import SupplySettings
 from qkdproxy.tls.frames import (
     MAX_ANNOUNCED_IDS,
     MAX_PAYLOAD,
@@ -101,6 +102,9 @@ class FakeKme:
             self.max_key_per_request, 256, 256, 0,
         )  # fmt: skip
 
+    async def max_keys_per_request(self, peer_sae: str) -> int:
+        return self.max_key_per_request
+
     async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
         if number > self.max_key_per_request:
             raise QkdKeyError("KME answered 400: number too large")
@@ -113,7 +117,7 @@ class FakeKme:
 
 async def filled_master(kme: FakeKme, high: int = 8) -> Etsi014Master:
     master = Etsi014Master(
-        cast(Etsi014Client, kme), "sae-b", PrefetchSettings(low=2, high=high, batch=4)
+        cast(Etsi014Client, kme), "sae-b", SupplySettings(floor=high, ceiling=high)
     )
     master.ensure_refill()
     await asyncio.wait_for(master.wait_refilled(), 5)

@@ -216,7 +216,9 @@ def server_tunnel(pki: Pki, backend_port: int, **values: TomlValue | None) -> di
         "name": "server", "role": "server", "listen": "127.0.0.1:0",
         "connect": f"127.0.0.1:{backend_port}", **tunnel_files(pki, "server"),
         "allow": [CLIENT_ID], "kme": "local", "policy": "qkd-pq-required", "groups": [QKD],
-        **values,
+        # These properties are checked in both flows (a server serves only the
+        # client-initiated one by default).
+        "flows": ["client", "server"], **values,
     }  # fmt: skip
 
 

@@ -293,6 +293,10 @@ async def test_reload_refuses_changes_that_need_a_restart(tmp_path: Path) -> Non
         problems = server.reload()
         assert problems == ["tunnel t: listen/role/kme/flow changes need a restart"]
         assert server.tunnels[0].endpoint is before
+        (tmp_path / "server.toml").write_text(s.server_toml('flows = ["client", "server"]'))
+        assert server.reload() == [
+            "tunnel t: flows and pre-authentication budget changes need a restart"
+        ]
         (tmp_path / "server.toml").write_text(s.server_toml().replace('name = "t"', 'name = "u"'))
         assert "tunnel t: removing a tunnel needs a restart" in server.reload()
 

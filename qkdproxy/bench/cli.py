@@ -15,6 +15,7 @@ from typing import Any
 
 from qkdproxy.aio import run
 from qkdproxy.bench import kem as kem_bench
+from qkdproxy.bench import keys as key_bench
 from qkdproxy.bench import tunnel_handshake
 from qkdproxy.bench.handshake import KeySourceChoice, run_handshake_bench
 from qkdproxy.bench.kme import run_kme_bench
@@ -301,6 +302,41 @@ def _kme(args: argparse.Namespace) -> int:
     return _emit(args, [row], lambda: [chart], "KME simulator, single-key enc_keys")
 
 
+def _keys(args: argparse.Namespace) -> int:
+    links = [v for v in args.links.split(",") if v]
+    patterns = [v for v in args.patterns.split(",") if v]
+    if not links or any(v not in key_bench.LINKS for v in links):
+        raise UsageError(f"--links takes {','.join(key_bench.LINKS)}")
+    if not patterns or any(v not in key_bench.PATTERNS for v in patterns):
+        raise UsageError(f"--patterns takes {','.join(key_bench.PATTERNS)}")
+    if args.seconds <= 0:
+        raise UsageError("--seconds must be positive")
+    latencies = _floats(args.kme_latency_ms, "--kme-latency-ms")
+    chosen = key_bench.scenarios(links, latencies, patterns, args.seconds)
+    with progress("keys", len(chosen)) as advance:
+        results = run(key_bench.run_key_bench(chosen, advance))
+    rows = [r.as_dict() for r in results]
+
+    def charts() -> list[BarChart]:
+        labels = [f"{r['link']} {r['kme_latency_ms']:g} ms {r['pattern']}" for r in rows]
+        return [
+            BarChart("Key yield (consumed / settled)", "yield", labels,
+                     {"yield": [_number(r["yield"]) for r in rows]}),
+            BarChart("Handshakes served from memory", "share", labels,
+                     {"from memory": [_number(r["from_memory"]) for r in rows]}),
+        ]  # fmt: skip
+
+    return _emit(
+        args, rows, charts, "Key economy: keys drawn by the client daemon and their use",
+        "yield = consumed / (drawn - held at the end); from_memory = handshakes whose key was "
+        "in the client's supply",
+    )  # fmt: skip
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -324,6 +360,19 @@ def add_commands(commands: Any) -> None:
     kme.add_argument("--concurrency", type=int, default=16, help="concurrent callers")
     _output_options(kme)
     kme.set_defaults(handler=_guarded("kme", _kme))
+    keys = benches.add_parser(
+        "keys", help="key economy of a daemon pair: keys drawn and used, yield, from memory",
+        description="A KME simulator with a realistic (10 keys/s, pool 500) or fast link, at "
+        "each KME latency; a client and a server daemon; connections at steady rates, as fast "
+        "as they go (max), a burst then idleness, or none (idle).",
+    )  # fmt: skip
+    keys.add_argument("--links", default="realistic,fast", help="realistic, fast")
+    keys.add_argument("--kme-latency-ms", default="0,100", help="comma-separated")
+    keys.add_argument("--patterns", default=",".join(key_bench.PATTERNS),
+                      help="comma-separated: " + ", ".join(key_bench.PATTERNS))  # fmt: skip
+    keys.add_argument("--seconds", type=float, default=20.0, help="per scenario")
+    _output_options(keys)
+    keys.set_defaults(handler=_guarded("keys", _keys))
     throughput = benches.add_parser(
         "throughput", help="bulk transfer through a tunnel pair, direct loopback and stunnel",
         description="Each path measured in the same run: direct loopback (ceiling), a qkdproxy "

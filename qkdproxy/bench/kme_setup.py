@@ -16,8 +16,9 @@ from qkdproxy.kme.faults import FaultScript
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
+from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave
 from qkdproxy.qkd.sources import KeySources, StreamKeySource
+from qkdproxy.qkd.supply import SupplySettings
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.keyexchange import KeyApi
 
@@ -47,7 +48,7 @@ async def simulated_kme_sources(
     await pair.start()
     async with AsyncExitStack() as stack:
         stack.push_async_callback(pair.stop)
-        settings = PrefetchSettings() if prefetch else None
+        settings = SupplySettings() if prefetch else None
         sides = []
         warm: list[Coroutine[Any, Any, None]] = []
         for url, sae, peer in (

@@ -159,7 +159,16 @@ cert = "pki/{sae}.pem"
 key = "pki/{sae}-key.pem"
 ca = "pki/ca.pem"
 prefetch = {prefetch}
+# One trusted loopback client measures the server-initiated flow: no pre-auth limit.
+preauth_keys_per_s = 1e6
+preauth_keys_burst = 1e6
 """
+
+# The benchmarks' one loopback client is trusted: budgets it never reaches.
+BENCH_BUDGET = (
+    "preauth_keys_per_source_per_s = 1e6\npreauth_keys_per_source_burst = 1e6\n"
+    "unknown_key_ids_per_source_per_s = 1e6\nunknown_key_ids_per_source_burst = 1e6"
+)
 
 _TUNNEL = """
 [[tunnel]]
@@ -223,7 +232,11 @@ async def start_daemon_pair(
     urls = await start_kme(stack, base / "pki", kme_latency_ms)
     kme = {"prefetch": "true" if prefetch else "false"}
     server_port, *client_ports = free_ports(1 + len(clients))
-    server_extra = f'allow = ["uri:{CLIENT_URI}"]\nmultiplex = true'
+    # The benchmarks measure both flows (the server serves both) and both modes.
+    server_extra = (
+        f'allow = ["uri:{CLIENT_URI}"]\nflows = ["client", "server"]\nmultiplex = true\n'
+        + BENCH_BUDGET
+    )
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
     server = _KME_SECTION.format(url=urls["kme-b"], sae="sae-b", peer="sae-a", **kme)

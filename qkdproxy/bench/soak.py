@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from qkdproxy.bench.kme_setup import SAE_CLIENT, SAE_SERVER
+from qkdproxy.bench.processes import BENCH_BUDGET
 from qkdproxy.certs import KMES, TRUST_DOMAIN, TUNNEL_SERVER_NAME, write_dev_pki
 from qkdproxy.config import load_config
 from qkdproxy.daemon import Daemon
@@ -621,6 +622,8 @@ def _kme_table(url: str, sae: str, peer: str) -> str:
     return (
         f'[kme.local]\nurl = "{url}"\nsae_id = "{sae}"\npeer_sae_id = "{peer}"\n'
         f'cert = "pki/{sae}.pem"\nkey = "pki/{sae}-key.pem"\nca = "pki/ca.pem"\n'
+        # The soak's loopback clients are trusted: no pre-authentication limit.
+        "preauth_keys_per_s = 1e6\npreauth_keys_burst = 1e6\n"
     )
 
 
@@ -721,7 +724,8 @@ async def _cycle(s: SoakSettings, progress: Callable[[SoakProgress], None] | Non
                 stack, base / "server.toml",
                 _kme_table(pair.urls_014[1], SAE_SERVER, SAE_CLIENT)
                 + _tunnel_table("server", backend_port, s,
-                                f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n'),
+                                f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n'
+                                f'flows = ["client", "server"]\n{BENCH_BUDGET}\n'),
                 t,
             )  # fmt: skip
             client = await _daemon(

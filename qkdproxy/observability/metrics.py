@@ -25,7 +25,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from qkdproxy import __version__
+from qkdproxy.qkd.accounting import FATES, KeyAccount
 from qkdproxy.qkd.breaker import BreakerState
+from qkdproxy.qkd.preauth import SpendGate
 from qkdproxy.qkd.sources import KmeCallObserver
 from qkdproxy.tunnel.runtime import ConnectionRecord
 
@@ -173,6 +175,10 @@ class KmeState:
     consumption_per_s: Callable[[], float]
     pool_keys: Callable[[], int | None]
     counters: Callable[[], dict[str, int]]
+    # Every key drawn from this KME, by fate (issue 12).
+    account: KeyAccount | None = None
+    # Net change of the KME pool per second (link refill minus every consumer), if known.
+    pool_trend: Callable[[], float | None] = lambda: None
 
 
 @dataclass(slots=True)
@@ -189,6 +195,8 @@ class TunnelState:
     traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)
     # Connections refused or cut by admission control, by reason.
     refusals: Callable[[], dict[str, int]] = dict
+    # qkd-preferred fallbacks by reason (kme_exhausted, kme_unavailable, ...).
+    fallback_reasons: Callable[[], dict[str, int]] = dict
 
 
 @dataclass(slots=True, eq=False)  # the registry keys collectors by identity
@@ -198,11 +206,15 @@ class StateCollector(Collector):
     tunnels: list[TunnelState] = field(default_factory=list)
     kmes: list[KmeState] = field(default_factory=list)
     certificates: list[tuple[str, str, Callable[[], float]]] = field(default_factory=list)
+    # Pre-authentication gates of server tunnels, by tunnel name.
+    gates: list[tuple[str, SpendGate]] = field(default_factory=list)
 
     def collect(self) -> Iterator[Metric]:
         """Yield the state metric families."""
         yield from self._tunnel_metrics()
         yield from self._kme_metrics()
+        yield from self._key_account_metrics()
+        yield from self._preauth_metrics()
         expiry = GaugeMetricFamily(
             "qkdproxy_certificate_expiration_timestamp_seconds",
             "notAfter of each loaded certificate, seconds since the epoch",
@@ -236,6 +248,11 @@ class StateCollector(Collector):
             "Connections that fell back from QKD to a PQ group (qkd-preferred policy)",
             labels=["tunnel", "role"],
         )
+        fallback_reasons = CounterMetricFamily(
+            "qkdproxy_policy_fallback_reasons",
+            "qkd-preferred fallbacks by why QKD was unavailable (local KME exhausted, down...)",
+            labels=["tunnel", "role", "reason"],
+        )
         sent = CounterMetricFamily(
             "qkdproxy_sent_bytes", "Plaintext bytes sent through the tunnel towards the peer "
             "(live connections included)", labels=["tunnel", "role"],
@@ -260,10 +277,15 @@ class StateCollector(Collector):
             opened.add_metric([tunnel.name, tunnel.role], counts["opened"])
             rejected.add_metric([tunnel.name, tunnel.role], counts["rejected"])
             fallbacks.add_metric([tunnel.name, tunnel.role], counts["fallbacks"])
+            for reason, count in tunnel.fallback_reasons().items():
+                fallback_reasons.add_metric([tunnel.name, tunnel.role, reason], count)
             to_peer, from_peer = tunnel.traffic()
             sent.add_metric([tunnel.name, tunnel.role], to_peer)
             received.add_metric([tunnel.name, tunnel.role], from_peer)
-        yield from (active, keys, key_bytes, opened, rejected, fallbacks, sent, received, refusals)
+        yield from (
+            active, keys, key_bytes, opened, rejected, fallbacks, fallback_reasons, sent,
+            received, refusals,
+        )  # fmt: skip
 
     def _kme_metrics(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("qkdproxy_kme_up", "1 if the KME answers", labels=["kme"])
@@ -283,7 +305,7 @@ class StateCollector(Collector):
         )
         pool_left = GaugeMetricFamily(
             "qkdproxy_kme_pool_exhaustion_seconds",
-            "Seconds until the KME pool runs out at the current rate (+Inf if idle)",
+            "Seconds until the KME pool runs out, net of the link's refill (+Inf if not shrinking)",
             labels=["kme"],
         )
         prefetch = CounterMetricFamily(
@@ -300,7 +322,58 @@ class StateCollector(Collector):
                 buffer_left.add_metric([kme.name], level / rate if rate else math.inf)
             if (stored := kme.pool_keys()) is not None:
                 pool.add_metric([kme.name], stored)
-                pool_left.add_metric([kme.name], stored / rate if rate else math.inf)
+                pool_left.add_metric([kme.name], _pool_left(stored, kme.pool_trend(), rate))
             for outcome, count in kme.counters().items():
                 prefetch.add_metric([kme.name, outcome], count)
         yield from (up, breaker, depth, pool, buffer_left, pool_left, prefetch)
+
+    def _key_account_metrics(self) -> Iterator[Metric]:
+        drawn = CounterMetricFamily(
+            "qkdproxy_qkd_keys_drawn", "QKD keys drawn from the KME (enc_keys, dec_keys, "
+            "GET_KEY), by any supply, cache or handshake", labels=["kme"],
+        )  # fmt: skip
+        fates = CounterMetricFamily(
+            "qkdproxy_qkd_key_fates", "Drawn QKD keys by fate; drawn = sum of fates + held",
+            labels=["kme", "fate"],
+        )  # fmt: skip
+        held = GaugeMetricFamily(
+            "qkdproxy_qkd_keys_held", "Drawn QKD keys without a fate yet (in a supply, a "
+            "cache or a handshake)", labels=["kme"],
+        )  # fmt: skip
+        key_yield = GaugeMetricFamily(
+            "qkdproxy_qkd_key_yield", "Consumed over settled drawn keys since start",
+            labels=["kme"],
+        )  # fmt: skip
+        for kme in self.kmes:
+            account = kme.account
+            if account is None:
+                continue
+            # One consistent reading: every fate and ``held`` from the same moment.
+            snapshot = dict(account.fates)
+            total = account.drawn
+            drawn.add_metric([kme.name], total)
+            for fate in FATES:
+                fates.add_metric([kme.name, fate], snapshot[fate])
+            held.add_metric([kme.name], total - sum(snapshot.values()))
+            if (value := account.key_yield) is not None:
+                key_yield.add_metric([kme.name], value)
+        yield from (drawn, fates, held, key_yield)
+
+    def _preauth_metrics(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "qkdproxy_preauth_refused", "ClientHellos refused before any KME call (flow off, "
+            "source or link budget spent, too many unknown key ids)",
+            labels=["tunnel", "reason"],
+        )  # fmt: skip
+        for name, gate in self.gates:
+            for reason, count in gate.counters.refused.items():
+                refused.add_metric([name, reason], count)
+        yield refused
+
+
+def _pool_left(stored: int, trend: float | None, rate: float) -> float:
+    """Seconds until the pool is empty: from the measured net trend when there is one (the
+    link's refill included), else at our own take rate alone."""
+    if trend is not None:
+        return stored / -trend if trend < 0 else math.inf
+    return stored / rate if rate else math.inf

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from qkdproxy.qkd.accounting import KeyAccount
 from qkdproxy.qkd.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.qkd.sources import SlaveKeySource
 
@@ -60,8 +61,11 @@ class AnnouncedSlave:
         max_keys: int = 256,
         max_age_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
+        account: KeyAccount | None = None,
     ) -> None:
         self._inner = inner
+        # Told of keys dropped here; the inner source counts the keys drawn.
+        self._account = account or KeyAccount()
         self._max_keys = max_keys
         self._max_age_s = max_age_s
         self._clock = clock
@@ -130,10 +134,12 @@ class AnnouncedSlave:
         for key_id in [k for k, c in self._cache.items() if c.fetched_at < horizon]:
             del self._cache[key_id]
             self.counters.expired += 1
+            self._account.settle("expired")
 
     async def aclose(self) -> None:
         """Cancel fetches and forget cached keys."""
         for task in list(self._inflight.values()):
             task.cancel()
         await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        self._account.settle("stranded", len(self._cache))
         self._cache.clear()

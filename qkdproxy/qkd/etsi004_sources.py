@@ -20,8 +20,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qkdproxy.qkd.accounting import KeyAccount
 from qkdproxy.qkd.keys import QkdKeyError
-from qkdproxy.qkd.sources import FLUSH_INTERVAL_S, StreamKeySource
+from qkdproxy.qkd.sources import RefusalStreak, StreamKeySource
+from qkdproxy.qkd.supply import SupplySettings, SupplySizer
 
 KEY_INDEX = 0
 
@@ -41,7 +43,11 @@ class StreamPrefetchCounters:
 
 
 class PrefetchingStreams:
-    """StreamKeySource that keeps ``pool`` streams open ahead and caches key 0."""
+    """StreamKeySource that keeps streams open ahead and caches key 0.
+
+    Without ``supply`` it keeps ``pool`` streams open; with it, as many as the demand needs
+    (see :mod:`qkdproxy.qkd.supply`), at most ``pool``, refilled only when one is taken.
+    """
 
     # A responder that cannot open or fetch our stream fails on its KME call: internal_error
     # (e.g. "KSID already in use" after a restart); illegal_parameter for an unknown key.
@@ -54,9 +60,14 @@ class PrefetchingStreams:
         max_age_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         concurrency: int = 16,
+        *,
+        supply: SupplySettings | None = None,
+        account: KeyAccount | None = None,
     ) -> None:
         self._inner = inner
-        self._pool_size = pool
+        self._pool_max = pool
+        self._supply = SupplySizer(supply) if supply is not None else None
+        self._account = account or KeyAccount()
         self._concurrency = concurrency
         self._max_age_s = max_age_s
         self._clock = clock
@@ -71,12 +82,18 @@ class PrefetchingStreams:
         self.counters = StreamPrefetchCounters()
         # Bumped by each flush: a handshake that began before it used a suspect stream.
         self.buffer_epoch = 0
-        self._last_flush = -FLUSH_INTERVAL_S
+        self._streak = RefusalStreak()
 
     @property
     def depth(self) -> int:
         """Streams open ahead, ready for a handshake."""
         return len(self._ready)
+
+    @property
+    def _pool_size(self) -> int:
+        if self._supply is None:
+            return self._pool_max
+        return min(self._pool_max, self._supply.target(self._clock()))
 
     # ----------------------------------------------------------- initiator side
 
@@ -89,9 +106,12 @@ class PrefetchingStreams:
         # ETSI 004 opens one stream per call: with a remote KME only concurrency keeps up.
         while (missing := self._pool_size - len(self._ready)) > 0:
             wave = min(missing, self._concurrency)
+            started = self._clock()
             results = await asyncio.gather(
                 *(self._inner.open(None) for _ in range(wave)), return_exceptions=True
             )
+            if self._supply is not None:
+                self._supply.round_trip(self._clock() - started)
             for result in results:
                 if isinstance(result, bytes):
                     self._ready.append((result, self._clock()))
@@ -122,7 +142,7 @@ class PrefetchingStreams:
         for ksid in map(bytes, ksids):
             if ksid in self._tasks or ksid in self._keys or ksid in self._responder_open:
                 continue
-            if len(self._tasks) + len(self._keys) >= 4 * self._pool_size:
+            if len(self._tasks) + len(self._keys) >= 4 * self._pool_max:
                 return
             if ksid in self._mine:
                 self._start(ksid, self._fetch_key(ksid))
@@ -150,11 +170,14 @@ class PrefetchingStreams:
 
     async def _fetch_key(self, ksid: bytes) -> None:
         self._keys[ksid] = await self._inner.get_key(ksid, KEY_INDEX)
+        self._account.draw()
         self.counters.keys_ahead += 1
 
     async def open(self, ksid: bytes | None) -> bytes:
         """An open stream: from the pool (initiator) or opened ahead (responder) if possible."""
         if ksid is None:
+            if self._supply is not None:
+                self._supply.took(self._clock())
             self._drop_stale()
             if self._ready:
                 ksid, _ = self._ready.popleft()
@@ -186,38 +209,46 @@ class PrefetchingStreams:
         if key is not None:
             self.counters.keys_served_from_cache += 1
             return key
-        return await self._inner.get_key(ksid, index)
+        key = await self._inner.get_key(ksid, index)
+        self._account.draw()
+        return key
 
     async def close(self, ksid: bytes) -> None:
         """Close the stream and forget anything cached for it."""
-        self._keys.pop(bytes(ksid), None)
+        self._forget_key(bytes(ksid), "expired")
         self._mine.discard(bytes(ksid))
         await self._inner.close(ksid)
 
     def flush_after_refusal(self) -> bool:
-        """The peer refused a stream we opened ahead: close them all and open new ones.
-        Return True, or False if there was none or a flush happened less than
-        ``FLUSH_INTERVAL_S`` ago.
+        """The peer refused a stream we opened ahead. After ``REFUSALS_BEFORE_FLUSH``
+        refusals in a row (at most once per ``FLUSH_INTERVAL_S``) close them all, open new
+        ones and return True.
 
         A responder that restarted cannot join the streams its previous process had opened
         (the KME answers "KSID already in use" for the same application): without this, every
-        stream announced before the restart would cost a failed connection. Rate limited,
-        since the refusal is an unauthenticated alert.
+        stream announced before the restart would cost a failed connection. But the refusal
+        is an unauthenticated alert: one alone costs only the stream it named.
         """
-        now = self._clock()
-        if not self._ready or now - self._last_flush < FLUSH_INTERVAL_S:
+        if not self._streak.refused(self._clock()):
             return False
-        self._last_flush = now
         self.counters.flushed += len(self._ready)
         while self._ready:
             ksid, _ = self._ready.popleft()
             self._mine.discard(ksid)
-            self._keys.pop(ksid, None)
+            self._forget_key(ksid, "flushed")
             self._start(ksid, self._inner.close(ksid))
         self._announced = 0
         self.buffer_epoch += 1
         self.ensure_refill()
         return True
+
+    def note_accepted(self) -> None:
+        """A handshake with one of our streams completed: the refusal streak is broken."""
+        self._streak.accepted()
+
+    def _forget_key(self, ksid: bytes, fate: str) -> None:
+        if self._keys.pop(ksid, None) is not None:
+            self._account.settle(fate)
 
     def _drop_stale(self) -> None:
         horizon = self._clock() - self._max_age_s
@@ -225,7 +256,7 @@ class PrefetchingStreams:
             ksid, _ = self._ready.popleft()
             self._announced = max(0, self._announced - 1)
             self._mine.discard(ksid)
-            self._keys.pop(ksid, None)
+            self._forget_key(ksid, "expired")
             self._start(ksid, self._inner.close(ksid))
 
     async def wait_idle(self) -> None:
@@ -243,4 +274,5 @@ class PrefetchingStreams:
             with contextlib.suppress(QkdKeyError):
                 await self._inner.close(ksid)
         self._ready.clear()
+        self._account.settle("stranded", len(self._keys))
         self._keys.clear()

@@ -1,7 +1,8 @@
-"""Key sources on an ETSI 014 client: a prefetching master and a coalescing slave.
+"""Key sources on an ETSI 014 client: a demand-sized master supply and a coalescing slave.
 
-Master: a buffer of ready keys per slave SAE, refilled in the background in batches between
-a low and a high watermark, so a handshake takes its key from memory. A key older than
+Master: a supply of ready keys for one (slave SAE, peer), sized by :mod:`qkdproxy.qkd.supply`
+from the measured take rate and KME round trip and refilled when a key is taken, so a
+handshake takes its key from memory without keys being drawn for nobody. A key older than
 ``max_age_s`` is dropped unused (counted as expired), never handed out.
 Slave: concurrent ``get_key`` calls made in the same event-loop turn become one ``dec_keys``
 request with several key IDs (at most the KME's ``max_key_per_request``); after a refusal of
@@ -18,26 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qkdproxy.etsi014.client import Etsi014Client
+from qkdproxy.qkd.accounting import KeyAccount
 from qkdproxy.qkd.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
-from qkdproxy.qkd.sources import FLUSH_INTERVAL_S
+from qkdproxy.qkd.sources import RefusalStreak
+from qkdproxy.qkd.supply import SupplySettings, SupplySizer
 
 MAX_COALESCED_IDS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class PrefetchSettings:
-    """Buffer watermarks; ``high == 0`` turns prefetching off."""
-
-    # Sized for a remote KME (100 ms per call) and a few hundred handshakes per second: one
-    # batch arrives before the buffer drains from ``low``.
-    low: int = 48
-    high: int = 128
-    batch: int = 64
-    max_age_s: float = 120.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.low <= self.high or self.batch < 1 or self.max_age_s <= 0:
-            raise ValueError("need 0 <= low <= high, batch >= 1 and max_age_s > 0")
 
 
 @dataclass(slots=True)
@@ -49,12 +36,20 @@ class PrefetchCounters:
     fetched_on_demand: int = 0
     expired: int = 0
     refill_errors: int = 0
-    # Dropped after the peer refused a buffered key (see Etsi014Master.flush_after_refusal).
+    # Dropped after the peer refused buffered keys (see Etsi014Master.flush_after_refusal).
     flushed: int = 0
+    # Dropped when the daemon stopped.
+    stranded: int = 0
 
 
 class Etsi014Master:
-    """MasterKeySource: ``enc_keys`` towards one slave SAE, from a prefetch buffer if enabled."""
+    """MasterKeySource: ``enc_keys`` towards one slave SAE, for one peer, from a supply held
+    ahead when ``supply`` is given (else every key is fetched on demand).
+
+    ``announces``: whether the supply's ids may be named to the peer ahead of use. Only a
+    supply dedicated to one verified peer may (a client tunnel's); a server's supply is
+    offered to whichever client connects, so naming its ids to one would give them away.
+    """
 
     # The peer's dec_keys answered "not found": it sends illegal_parameter.
     refusal_alerts = frozenset({"illegal_parameter"})
@@ -63,51 +58,64 @@ class Etsi014Master:
         self,
         client: Etsi014Client,
         slave_sae: str,
-        prefetch: PrefetchSettings | None = None,
+        supply: SupplySettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        account: KeyAccount | None = None,
+        announces: bool = True,
     ) -> None:
         self._client = client
         self._slave = slave_sae
-        self._prefetch = prefetch or PrefetchSettings(low=0, high=0)
+        self._supply = SupplySizer(supply) if supply is not None else None
         self._clock = clock
+        self._account = account or KeyAccount()
+        self._announces = announces
         self._buffer: deque[HeldKey] = deque()
         self._refill: asyncio.Task[None] | None = None
         # The first ``_announced`` keys of the buffer were named to the peer already.
         self._announced = 0
-        self._max_per_request: int | None = None
-        self._takes: deque[float] = deque()
+        self._streak = RefusalStreak()
+        self._rate = SupplySizer(SupplySettings())
         self.counters = PrefetchCounters()
         # Bumped by each flush: a handshake that began before it took a suspect key.
         self.buffer_epoch = 0
-        self._last_flush = -FLUSH_INTERVAL_S
 
     @property
     def depth(self) -> int:
-        """Keys ready in the buffer."""
+        """Keys ready in the buffer (stale ones are dropped first)."""
+        self._drop_stale()
         return len(self._buffer)
 
-    def consumption_per_s(self, window_s: float = 60.0) -> float:
-        """Keys taken per second over the last ``window_s`` seconds."""
-        horizon = self._clock() - window_s
-        while self._takes and self._takes[0] < horizon:
-            self._takes.popleft()
-        return len(self._takes) / window_s
+    @property
+    def target(self) -> int:
+        """Keys the supply aims to hold now (0 without a supply)."""
+        return self._supply.target(self._clock()) if self._supply else 0
+
+    def consumption_per_s(self) -> float:
+        """Keys taken per second over the last minute."""
+        return self._rate.rate(self._clock())
 
     async def take_key(self) -> QkdKey:
         """A fresh key: from the buffer when one is there, else straight from the KME."""
-        self._takes.append(self._clock())
+        now = self._clock()
+        self._rate.took(now)
+        if self._supply is not None:
+            self._supply.took(now)
         self._drop_stale()
         if self._buffer:
             key = self._pop().key
             self.counters.served_from_buffer += 1
         else:
             [key] = await self._client.enc_keys(self._slave, 1)
+            self._account.draw()
             self.counters.fetched_on_demand += 1
         self.ensure_refill()
         return key
 
     def announce(self, limit: int) -> list[bytes]:
         """Ids of up to ``limit`` buffered keys not yet announced, in the order of use."""
+        if not self._announces:
+            return []
         ids = [
             entry.key.key_id
             for entry in list(self._buffer)[self._announced : self._announced + limit]
@@ -116,55 +124,52 @@ class Etsi014Master:
         return ids
 
     def flush_after_refusal(self) -> bool:
-        """The peer refused a key from this buffer (its KME does not know it): drop every
-        buffered key and return True, or False if there was nothing to drop or a flush
-        happened less than ``FLUSH_INTERVAL_S`` ago.
+        """The peer refused a key from this supply (its KME does not know it). After
+        ``REFUSALS_BEFORE_FLUSH`` refusals in a row, at most once per ``FLUSH_INTERVAL_S``,
+        drop every buffered key and return True.
 
         Keys go missing at the peer's end when the peer daemon restarts (it fetched each key
         announced to it at once, and a KME delivers a key only once) or when the KMEs lose or
-        expire keys (a KME restart). The other buffered keys are then suspect too; without
-        this, each of them (up to the whole buffer) would cost a failed connection. The
-        refusal is an unauthenticated alert, hence the rate limit: a forged one must not be
-        able to drain the KME pool.
+        expire keys (a KME restart). The other buffered keys are then suspect too. But the
+        refusal is an unauthenticated alert: one of them alone costs only the key it named.
+        True even when nothing was held: the caller retries once with a key drawn now.
         """
-        now = self._clock()
-        if not self._buffer or now - self._last_flush < FLUSH_INTERVAL_S:
+        if not self._streak.refused(self._clock()):
             return False
-        self._last_flush = now
         self.counters.flushed += len(self._buffer)
+        self._account.settle("flushed", len(self._buffer))
         self._buffer.clear()
         self._announced = 0
         self.buffer_epoch += 1
         self.ensure_refill()
         return True
 
+    def note_accepted(self) -> None:
+        """A handshake with one of our keys completed: the refusal streak is broken."""
+        self._streak.accepted()
+
     def _pop(self) -> HeldKey:
         self._announced = max(0, self._announced - 1)
         return self._buffer.popleft()
 
     def ensure_refill(self) -> None:
-        """Start a background refill if the buffer is at or below its low watermark."""
+        """Start a background refill if the supply holds fewer keys than it should."""
         if (
-            self._prefetch.high
-            and len(self._buffer) <= self._prefetch.low
+            self._supply is not None
+            and len(self._buffer) < self.target
             and (self._refill is None or self._refill.done())
         ):
             self._refill = asyncio.create_task(self._fill())
 
     async def _batch_limit(self) -> int:
-        # Real KMEs differ (some give one key per request): ask once, remember.
-        if self._max_per_request is None:
-            try:
-                status = await self._client.status(self._slave)
-            except QkdKeyError:
-                return 1
-            self._max_per_request = status.max_key_per_request
-        return self._max_per_request
+        # Real KMEs differ (some give one key per request): the client asks status once.
+        return await self._client.max_keys_per_request(self._slave)
 
     async def _fill(self) -> None:
-        while len(self._buffer) < self._prefetch.high:
-            limit = await self._batch_limit()
-            number = min(self._prefetch.batch, self._prefetch.high - len(self._buffer), limit)
+        assert self._supply is not None
+        while (missing := self.target - len(self._buffer)) > 0:
+            number = min(missing, await self._batch_limit())
+            started = self._clock()
             try:
                 keys = await self._client.enc_keys(self._slave, number)
             except QkdKeyError:
@@ -172,6 +177,8 @@ class Etsi014Master:
                 self.counters.refill_errors += 1
                 return
             now = self._clock()
+            self._supply.round_trip(now - started)
+            self._account.draw(len(keys))
             self._buffer.extend(HeldKey(k, now) for k in keys)
             self.counters.prefetched += len(keys)
 
@@ -181,17 +188,23 @@ class Etsi014Master:
             await asyncio.shield(self._refill)
 
     def _drop_stale(self) -> None:
-        horizon = self._clock() - self._prefetch.max_age_s
+        max_age = self._supply.settings.max_age_s if self._supply else 0.0
+        horizon = self._clock() - max_age
         while self._buffer and self._buffer[0].fetched_at < horizon:
             self._pop()
             self.counters.expired += 1
+            self._account.settle("expired")
+            if self._supply is not None:
+                self._supply.aged_out()
 
     async def aclose(self) -> None:
-        """Stop refilling and forget the buffered keys."""
+        """Stop refilling and forget the buffered keys (counted as stranded)."""
         if self._refill is not None:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill
+        self.counters.stranded += len(self._buffer)
+        self._account.settle("stranded", len(self._buffer))
         self._buffer.clear()
         self._announced = 0
 
@@ -199,9 +212,12 @@ class Etsi014Master:
 class Etsi014Slave:
     """SlaveKeySource: ``dec_keys`` from one master SAE, coalescing concurrent lookups."""
 
-    def __init__(self, client: Etsi014Client, master_sae: str) -> None:
+    def __init__(
+        self, client: Etsi014Client, master_sae: str, account: KeyAccount | None = None
+    ) -> None:
         self._client = client
         self._master = master_sae
+        self._account = account or KeyAccount()
         self._waiting: dict[bytes, asyncio.Future[QkdKey]] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -253,6 +269,7 @@ class Etsi014Slave:
         except Exception as exc:
             _settle(batch, error=exc)
             return
+        self._account.draw(len(keys))
         for key in keys:
             future = batch[key.key_id]
             if not future.done():

@@ -7,6 +7,7 @@ the stateful ETSI 004 application interface.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +16,31 @@ from qkdproxy.qkd.keys import QkdKey
 # A source that holds keys or streams ahead of use drops them at most this often when the
 # peer refuses one (FlushableSource.flush_after_refusal).
 FLUSH_INTERVAL_S = 10.0
+# ... and only after this many refusals in a row: a refusal is an unauthenticated alert, so
+# one of them must cost at most the key it named, never the whole supply.
+REFUSALS_BEFORE_FLUSH = 3
+
+
+@dataclass(slots=True)
+class RefusalStreak:
+    """Decides when refusals by the peer justify dropping everything held ahead (pure)."""
+
+    threshold: int = REFUSALS_BEFORE_FLUSH
+    interval_s: float = FLUSH_INTERVAL_S
+    count: int = 0
+    last_flush: float = -math.inf
+
+    def refused(self, now: float) -> bool:
+        """One more refusal in a row; True if the held supply should be dropped now."""
+        self.count += 1
+        if self.count < self.threshold or now - self.last_flush < self.interval_s:
+            return False
+        self.count, self.last_flush = 0, now
+        return True
+
+    def accepted(self) -> None:
+        """A handshake with a key of this supply completed: the streak is broken."""
+        self.count = 0
 
 
 class MasterKeySource(Protocol):
@@ -35,7 +61,12 @@ class FlushableSource(Protocol):
     refusal_alerts: frozenset[str]
 
     def flush_after_refusal(self) -> bool:
-        """Drop what is held ahead (rate limited); True if that happened now."""
+        """Count a refusal; drop what is held ahead after several in a row (rate limited).
+        True if that happened now."""
+        ...
+
+    def note_accepted(self) -> None:
+        """A handshake that used a key (or stream) of this source completed."""
         ...
 
 

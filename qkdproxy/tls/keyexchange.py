@@ -18,7 +18,7 @@ import hmac
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from qkdproxy.errors import ProtocolError
 from qkdproxy.hybrid import (
@@ -64,6 +64,13 @@ class QkdOptions:
     accept_unechoed_key_id: bool = False
 
 
+class SpendGate(Protocol):
+    """Hook (issue 12): consulted by a server before any KME call a ClientHello would cost;
+    see qkdproxy.qkd.preauth. Returns None to go ahead, else the reason to refuse."""
+
+    def admit(self, flow: str) -> str | None: ...
+
+
 @dataclass(slots=True)
 class KeyContext:
     """What all handshakes of one endpoint share: key sources, accounting, replay guard."""
@@ -74,6 +81,8 @@ class KeyContext:
     guard: KeyIdGuard = field(default_factory=KeyIdGuard)
     # Clean-up calls (ETSI 004 CLOSE) running after their handshake ended.
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Server only: what an unauthenticated hello may cost (None: no limit).
+    gate: SpendGate | None = None
 
     async def drain(self) -> None:
         """Wait for the clean-up calls still running (each bounded by its own timeout)."""
@@ -488,8 +497,15 @@ class ServerKeyExchange(_KeyExchangeBase):
         self._share = ciphertext
         self._secret = (hybrid.group.code_point, client_share, secret)
 
+    def _admit(self, flow: Flow) -> None:
+        gate = self._ctx.gate
+        if gate is not None and (refusal := gate.admit(flow.value)) is not None:
+            raise HandshakeRejectedError(Alert.HANDSHAKE_FAILURE, refusal)
+
     def _qkd_key(self, client_key_id: bytes) -> Steps[tuple[bytes, bytes]]:
-        if key_ids_equal(client_key_id, ZERO_KEY_ID):
+        server_initiated = key_ids_equal(client_key_id, ZERO_KEY_ID)
+        self._admit(Flow.SERVER_INITIATED if server_initiated else Flow.CLIENT_INITIATED)
+        if server_initiated:
             key = yield from self._take_key()
             held = self._hold(_HeldKey(key.key_id, key.material))
             self._use(held, Flow.SERVER_INITIATED)

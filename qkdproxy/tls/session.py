@@ -310,7 +310,7 @@ class TlsEndpoint:
             raise
         if complete is None:
             _close_streams(conn.next_events(), keys)  # settled after a timeout, say
-            with contextlib.suppress(ConnectionError, TimeoutError):
+            with contextlib.suppress(OSError):  # TimeoutError included
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await _flush(conn, transport.writer)  # our alert, if any
             await close_transport(transport.writer)
@@ -377,7 +377,7 @@ async def _exchange(
                 conn.answer_key(await supply(request, keys), loop.time())
                 continue
             data = await transport.reader.read(READ_CHUNK)
-        except ConnectionError:
+        except OSError:  # the transport broke (reset, broken pipe, host unreachable...)
             conn.transport_failed()
             continue
         if data:

@@ -1,5 +1,11 @@
-"""Key sources for a ``[kme.NAME]`` section: ETSI 014 or 004 clients with prefetching,
-plus the health the daemon reports (last call outcome, breaker, pool level)."""
+"""Key sources for a ``[kme.NAME]`` section: ETSI 014 or 004 clients with demand-sized
+supplies, plus the health the daemon reports (last call outcome, breaker, pool level).
+
+Keys belong to one peer: every client tunnel gets its own master supply, keyed by the peer it
+dials (a KME section shared by tunnels to different servers keeps one supply per (slave SAE,
+peer)), so ids announced to one server are never offered to another. A server tunnel gets a
+master supply only if it serves the server-initiated flow, and that supply never announces.
+"""
 
 from __future__ import annotations
 
@@ -12,26 +18,33 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qkdproxy.config import KmeConfig
+from qkdproxy.config import KmeConfig, TunnelConfig
 from qkdproxy.errors import SettingError
 from qkdproxy.etsi004.client import Etsi004Client, Etsi004ClientPool
 from qkdproxy.etsi014.client import KME_DOWN_CLASSES, Etsi014Client
 from qkdproxy.kmeidentity import ExpectedKme
 from qkdproxy.observability.logformat import event
+from qkdproxy.qkd.accounting import KeyAccount
 from qkdproxy.qkd.announce import AnnouncedSlave
 from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
 from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
+from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave
 from qkdproxy.qkd.keys import QkdKeyError
+from qkdproxy.qkd.preauth import SERVER_INITIATED, GatedSlave, SpendGate
 from qkdproxy.qkd.responder import GuardedStreams, ResponderLimits
 from qkdproxy.qkd.sources import KeySources, KmeCallObserver, no_observer
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
-from qkdproxy.tls.keyexchange import KeyApi
+from qkdproxy.tls.keyexchange import Flow, KeyApi
 from qkdproxy.tunnel.addresses import TcpAddress, parse_address
+from qkdproxy.tunnel.ratelimit import TokenBucket
 
 STATUS_POLL_S = 10.0
 log = logging.getLogger("qkdproxy.kme")
+# Most ETSI 004 streams opened ahead, whatever the demand.
+STREAMS_AHEAD = 32
+# The supply key of a server tunnel's master: offered to whichever client connects.
+SERVER_SUPPLY = "(server-initiated)"
 
 
 class _Closable(Protocol):
@@ -48,6 +61,14 @@ class KmeConnection:
     client014: Etsi014Client | None = None
     last_ok: bool | None = None
     pool_keys: int | None = None
+    # Every key drawn from this KME, by fate.
+    account: KeyAccount = field(default_factory=KeyAccount)
+    # One master supply per peer (ETSI 014), created as tunnels ask for them.
+    masters: dict[str, Etsi014Master] = field(default_factory=dict)
+    # Pre-authentication budget of the whole link (server-initiated fresh keys).
+    link_budget: TokenBucket | None = None
+    # Net change of the KME pool per second between the last two status polls.
+    pool_trend: float | None = None
     _closers: list[_Closable] = field(default_factory=list)
     _poller: asyncio.Task[None] | None = None
     # What was last logged: one line per transition, however many calls see the state.
@@ -61,6 +82,8 @@ class KmeConnection:
         credentials = Credentials.load(config.cert, config.key)
         anchors = load_trust_anchors(config.ca)
         connection = cls(config, KeySources(), credentials)
+        connection.link_budget = TokenBucket(config.preauth_link.rate, config.preauth_link.burst)
+        account = connection.account
         watched = connection._watch(observer)
         expected = ExpectedKme.parse(config.kme_identity) if config.kme_identity else None
         if config.api is KeyApi.ETSI_014:
@@ -71,14 +94,14 @@ class KmeConnection:
                 observer=watched,
                 breaker=breaker,
                 expected_kme=expected,
-            )
-            master = Etsi014Master(
-                client, config.peer_sae_id, PrefetchSettings() if config.prefetch else None
-            )
-            slave = AnnouncedSlave(Etsi014Slave(client, config.peer_sae_id))
-            connection.sources = KeySources(master=master, slave=slave)
+            )  # fmt: skip
+            slave = AnnouncedSlave(
+                Etsi014Slave(client, config.peer_sae_id, account),
+                max_age_s=config.supply.max_age_s, account=account,
+            )  # fmt: skip
+            connection.sources = KeySources(slave=slave)
             connection.client014 = client
-            connection._closers = [master, slave, client]
+            connection._closers = [slave, client]
             return connection
         address = parse_address(config.endpoint)
         if not isinstance(address, TcpAddress):
@@ -93,13 +116,65 @@ class KmeConnection:
             config.peer_streams_per_source, config.peer_streams_max, config.peer_stream_wait_s
         )
         pool = GuardedStreams(Etsi004ClientPool(factory), limits)
-        stream: GuardedStreams | PrefetchingStreams = pool
-        connection._closers = [pool]
-        if config.prefetch:
-            stream = PrefetchingStreams(pool)
-            connection._closers.insert(0, stream)
+        # Without prefetch no stream is opened ahead (pool 0), but the keys are still counted.
+        stream = PrefetchingStreams(
+            pool, pool=STREAMS_AHEAD if config.prefetch else 0,
+            max_age_s=config.supply.max_age_s, supply=config.supply, account=account,
+        )  # fmt: skip
+        connection._closers = [stream, pool]
         connection.sources = KeySources(stream=stream)
         return connection
+
+    def master_for(self, peer: str, announces: bool = True) -> Etsi014Master | None:
+        """The master supply dedicated to ``peer`` (None for ETSI 004)."""
+        if self.client014 is None:
+            return None
+        master = self.masters.get(peer)
+        if master is None:
+            supply = self.config.supply if self.config.prefetch else None
+            master = Etsi014Master(
+                self.client014, self.config.peer_sae_id, supply,
+                account=self.account, announces=announces,
+            )  # fmt: skip
+            self.masters[peer] = master
+            self._closers.insert(0, master)
+        return master
+
+    def sources_for(self, tunnel: TunnelConfig) -> KeySources:
+        """The key sources of one tunnel: a master only where it originates keys."""
+        if tunnel.role == "client":
+            master = None
+            if tunnel.flow is Flow.CLIENT_INITIATED:
+                master = self.master_for(f"{tunnel.server_name}@{tunnel.connect}")
+            return KeySources(master, self.sources.slave, self.sources.stream)
+        served = SERVER_INITIATED in tunnel.preauth.flows
+        master = self.master_for(SERVER_SUPPLY, announces=False) if served else None
+        return KeySources(master, self.sources.slave, self.sources.stream)
+
+    def gate_for(self, tunnel: TunnelConfig) -> SpendGate:
+        """A server tunnel's pre-authentication gate (the link budget is shared)."""
+        assert self.link_budget is not None
+        return SpendGate(tunnel.preauth, self.link_budget)
+
+    @staticmethod
+    def gated(sources: KeySources, gate: SpendGate) -> KeySources:
+        """``sources`` whose slave charges unknown ids to the source that named them."""
+        slave = GatedSlave(sources.slave, gate) if sources.slave is not None else None
+        return KeySources(sources.master, slave, sources.stream)
+
+    @property
+    def depth(self) -> int | None:
+        """Keys (or streams) held ahead, over every supply."""
+        stream = self.sources.stream
+        if isinstance(stream, PrefetchingStreams):
+            return stream.depth
+        if self.client014 is None:
+            return None
+        return sum(m.depth for m in self.masters.values())
+
+    def consumption_per_s(self) -> float:
+        """Keys taken from every master supply per second (last minute)."""
+        return sum(m.consumption_per_s() for m in self.masters.values())
 
     def _watch(self, observer: KmeCallObserver) -> KmeCallObserver:
         def watched(call: str, seconds: float, error: str | None) -> None:
@@ -148,8 +223,8 @@ class KmeConnection:
         return self.client014.breaker.state if self.client014 else None
 
     def start(self) -> None:
-        """Start background prefetching and, for ETSI 014, status polling."""
-        for source in (self.sources.master, self.sources.stream):
+        """Fill every supply to its floor; for ETSI 014, start status polling."""
+        for source in (*self.masters.values(), self.sources.stream):
             refill = getattr(source, "ensure_refill", None)
             if refill is not None:
                 refill()
@@ -157,11 +232,18 @@ class KmeConnection:
             self._poller = asyncio.create_task(self._poll_status(self.client014))
 
     async def _poll_status(self, client: Etsi014Client) -> None:
+        previous: tuple[float, int] | None = None
         reported: str | None = None
+        loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(QkdKeyError):
                 status = await client.status(self.config.peer_sae_id)
-                self.pool_keys = status.stored_key_count
+                now, stored = loop.time(), status.stored_key_count
+                if previous is not None and now > previous[0]:
+                    # Refill by the link minus every consumer's draw: the net trend.
+                    self.pool_trend = (stored - previous[1]) / (now - previous[0])
+                previous = (now, stored)
+                self.pool_keys = stored
                 if client.key_size_problem != reported:
                     reported = client.key_size_problem
                     if reported is not None:

@@ -89,6 +89,12 @@ class SourceBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def peek(self, source: str, now: float) -> float:
+        """Tokens ``source`` could spend now, without spending or tracking anything (an
+        untracked source has a full bucket)."""
+        bucket = self._buckets.get(source)
+        return self.burst if bucket is None else bucket.available(now)
+
     def _make_room(self, now: float) -> None:
         if len(self._buckets) < self.max_sources:
             return

@@ -24,7 +24,7 @@ from qkdproxy.observability.logformat import record_event
 from qkdproxy.observability.logsafe import escape
 from qkdproxy.observability.throttle import LogThrottle
 from qkdproxy.qkd.responder import HELLO_SOURCE
-from qkdproxy.qkd.sources import FlushableSource, KeySources
+from qkdproxy.qkd.sources import REFUSALS_BEFORE_FLUSH, FlushableSource, KeySources
 from qkdproxy.tls.frames import VERDICT_OK
 from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import PeerChannel, open_peer_channel
@@ -82,6 +82,8 @@ class ConnectionRecord:
     flow: str | None = None
     api: str | None = None
     qkd_key_id: str | None = None
+    # A failed handshake: the QKD key id it took (and so wasted), if any.
+    spent_key_id: str | None = None
     hello_retry: bool = False
     fallback: bool = False
     failure: str | None = None
@@ -110,6 +112,8 @@ class TunnelStats:
     rejected_at_limit: int = 0
     handshake_failures: int = 0
     fallbacks: int = 0
+    # qkd-preferred fallbacks by reason (see fallback_reason).
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
     # Plaintext bytes of closed connections (live ones: Tunnel.bytes_moved).
     bytes_to_peer: int = 0
     bytes_from_peer: int = 0
@@ -140,6 +144,8 @@ class Tunnel:
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
+        # Why qkd-preferred connections currently fall back (None: QKD works).
+        self._fallback_state: str | None = None
         self._warnings = LogThrottle(WARNING_INTERVAL_S)
         self._traffic: dict[int, Traffic] = {}
         # Admission control: counts survive a reload, limits follow the configuration.
@@ -321,10 +327,10 @@ class Tunnel:
                 got = await self.pool.open()
             except HandshakeError as exc:
                 return self._handshake_failed(exc, record)
+            except TimeoutError:  # an OSError too: first
+                return "rejected: no stream available in time"
             except OSError as exc:
                 return f"peer unreachable: {exc.strerror or type(exc).__name__}"
-            except TimeoutError:
-                return "rejected: no stream available in time"
             except MuxStreamError as exc:
                 return f"rejected: {exc}"[:300]
             if isinstance(got, MuxStream):
@@ -337,19 +343,16 @@ class Tunnel:
         except HandshakeError as exc:
             if self.fallback is None or not exc.may_be_kme:
                 return self._handshake_failed(exc, record)
-            log.warning(
-                "tunnel %s: QKD unavailable (%s); falling back to %s",
-                self.config.name, escape(exc.reason),
-                "/".join(g.name for g in self.config.plan.fallback),
-            )  # fmt: skip
+            self._fall_back(exc)
             record.fallback = True
-            self.stats.fallbacks += 1
             try:
                 stream, peer_writer = await self._dial_peer(self.fallback, record)
             except HandshakeError as again:
                 return self._handshake_failed(again, record)
         except OSError as exc:
             return f"peer unreachable: {exc.strerror or type(exc).__name__}"
+        if not record.fallback:
+            self._qkd_back()
         self._established(stream, record)
         return await self._pump_client(reader, writer, record, stream, peer_writer)
 
@@ -383,21 +386,41 @@ class Tunnel:
         held = self._held_ahead()
         epoch = held.buffer_epoch if held is not None else 0
         try:
-            return await self._dial_peer(self.endpoint, record)
+            dialled = await self._dial_peer(self.endpoint, record)
         except HandshakeError as exc:
-            if not (
-                held is not None
-                and _refused(exc, held)
-                # Flushed now, or by a concurrent handshake since this one began.
-                and (held.flush_after_refusal() or held.buffer_epoch != epoch)
-            ):
+            if held is None or not _refused(exc, held):
+                raise
+            self.keys.ledger.reclassify_refused()
+            # Flushed now, or by a concurrent handshake since this one began.
+            if not (held.flush_after_refusal() or held.buffer_epoch != epoch):
                 raise
             log.warning(
-                "tunnel %s: the peer refused our QKD key (%s); the peer or a KME may have "
-                "restarted: key buffer flushed, retrying once",
-                self.config.name, escape(exc.reason),
+                "tunnel %s: the peer refused our QKD keys %d times in a row (%s); the peer "
+                "or a KME may have restarted: key supply flushed, retrying once",
+                self.config.name, REFUSALS_BEFORE_FLUSH, escape(exc.reason),
             )  # fmt: skip
-        return await self._dial_peer(self.endpoint, record)
+            dialled = await self._dial_peer(self.endpoint, record)
+        if held is not None and dialled[0].record.offered_key_id is not None:
+            held.note_accepted()
+        return dialled
+
+    def _fall_back(self, exc: HandshakeError) -> None:
+        """Count a qkd-preferred fallback; log at WARNING only when the reason changes."""
+        reason = fallback_reason(exc)
+        self.stats.fallbacks += 1
+        self.stats.fallback_reasons[reason] = self.stats.fallback_reasons.get(reason, 0) + 1
+        if self._fallback_state != reason:
+            self._fallback_state = reason
+            log.warning(
+                "tunnel %s: QKD unavailable (%s: %s); falling back to %s until it works again",
+                self.config.name, reason, exc.reason,
+                "/".join(g.name for g in self.config.plan.fallback),
+            )  # fmt: skip
+
+    def _qkd_back(self) -> None:
+        if self._fallback_state is not None:
+            self._fallback_state = None
+            log.warning("tunnel %s: QKD available again; no more fallback", self.config.name)
 
     def _held_ahead(self) -> FlushableSource | None:
         """The source whose keys or streams this side originates ahead of use, if any."""
@@ -434,9 +457,10 @@ class Tunnel:
         except HandshakeError as exc:
             master = self.sources.master
             if isinstance(master, FlushableSource) and _refused(exc, master):
-                # Server-initiated flow: the client refused our key (it or a KME may have
-                # restarted); the next connection must not offer the suspect ones.
-                master.flush_after_refusal()
+                # Server-initiated flow: the client refused our key. The server's supply is
+                # never announced (no peer restart can make it suspect) and the refusal is
+                # unauthenticated: it costs this one key, never a flush.
+                self.keys.ledger.reclassify_refused()
             return self._handshake_failed(exc, record)
         self._established(stream, record)
         if stream.alpn == MUX_ALPN and self.config.mux.enabled:
@@ -727,6 +751,8 @@ class Tunnel:
     def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
         self.stats.handshake_failures += 1
         record.failure = failure_class(exc)
+        # The key this failed handshake spent (ours or the peer's): every spent key is logged.
+        record.spent_key_id = exc.record.qkd_key_id or exc.record.offered_key_id
         side = "peer" if exc.remote else "local"
         return f"handshake failed ({side}): {exc.reason}"[:300]
 
@@ -789,6 +815,16 @@ def failure_class(exc: HandshakeError) -> str:
     if exc.outcome is Outcome.PEER_CLOSED:
         return "peer_closed"
     return "other"
+
+
+def fallback_reason(exc: HandshakeError) -> str:
+    """Why a qkd-preferred handshake fell back, from a small fixed set."""
+    text = exc.reason.lower()
+    if "insufficient" in text or "exhausted" in text:
+        return "kme_exhausted"
+    if "key source configured" in text:
+        return "no_key_source"
+    return "kme_unavailable"
 
 
 async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
