@@ -36,6 +36,8 @@ from qkdproxy.tunnel.mux import (
 from qkdproxy.tunnel.pump import RekeyBudget, Traffic
 
 log = logging.getLogger("qkdproxy.mux")
+# Everything already opened, in one protocol call: fewer event-loop rounds per byte.
+READ_BATCH = 1 << 20
 
 
 class MuxStreamError(Exception):
@@ -277,7 +279,7 @@ class MuxTunnel:
     async def _read(self) -> None:
         try:
             while True:
-                data = await self.tls.read()
+                data = await self.tls.read(READ_BATCH)
                 if not data:
                     # close_notify: an orderly end only if no stream was still open.
                     self._end("peer closed", broken=bool(self.streams))
