@@ -402,6 +402,9 @@ class Daemon:
                 problems.append(
                     f"tunnel {old.name}: flows and pre-authentication budget changes need a restart"
                 )
+            elif config.mux != old.mux:
+                # The pool, its ALPN offer and its limits are built at start.
+                problems.append(f"tunnel {old.name}: multiplex and mux_* changes need a restart")
         return problems
 
     def status_line(self) -> str:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from qkdproxy.config import MuxSettings, load_config
 from qkdproxy.tunnel import gate
 from qkdproxy.tunnel.proxyv2 import PP2_TYPE_QKDPROXY_PEER
+from tests.test_config import CLIENT, KME, problems, write
 from tests.test_tunnel_runtime import Backend, parse_tlvs, port, setup, transfer
 
 MUX = "multiplex = true\nmux_keepalive_s = 5"
@@ -156,6 +158,12 @@ async def test_allow_list_applies_to_each_stream(tmp_path: Path) -> None:
     assert any(r.role == "client" and "status 403" in r.reason for r in s.records)
 
 
+async def test_multiplexing_changes_need_a_restart(tmp_path: Path) -> None:
+    async with setup(tmp_path) as s, s.daemon("server", s.server_toml()) as server:
+        (tmp_path / "server.toml").write_text(s.server_toml(MUX))
+        assert server.reload() == ["tunnel t: multiplex and mux_* changes need a restart"]
+
+
 async def test_a_peer_without_the_mux_protocol_gets_one_connection_per_connection(
     tmp_path: Path,
 ) -> None:
@@ -261,3 +269,19 @@ async def test_a_dead_peer_is_found_by_keepalives(tmp_path: Path) -> None:
     assert found_after < 3.0
     dead = [r for r in s.records if r.mux == "tunnel" and r.role == "client"]
     assert any("dead peer" in r.reason for r in dead), [r.reason for r in dead]
+
+
+def test_multiplexing_keys_load_and_are_checked(tmp_path: Path) -> None:
+    text = KME + CLIENT + "multiplex = true\nmux_pool_min = 2\nmux_pool_max = 3\n"
+    [tunnel] = load_config(write(tmp_path, text)).tunnels
+    assert tunnel.mux == MuxSettings(enabled=True, pool_min=2, pool_max=3)
+    assert load_config(write(tmp_path, KME + CLIENT)).tunnels[0].mux.enabled is False
+    found = problems(
+        tmp_path,
+        KME + CLIENT + "mux_pool_min = 5\nmux_pool_max = 2\nmux_max_streams = 100000\n"
+        "mux_keepalive_s = -1\nmux_rotate_second = 3\n",
+    )
+    assert any("mux_pool_min: must not exceed mux_pool_max (2)" in p for p in found)
+    assert any("mux_max_streams: must be at most 1000" in p for p in found)
+    assert any("mux_keepalive_s: must be positive or 0 (off)" in p for p in found)
+    assert any("mux_rotate_second: unknown key" in p for p in found)

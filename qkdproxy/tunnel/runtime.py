@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 
@@ -157,11 +157,12 @@ class Tunnel:
         self.pool: MuxPool | None = None
         self._mux_tunnels: set[MuxTunnel] = set()
         self._pool_tasks: set[asyncio.Future[None]] = set()
+        self._live_streams = 0
 
     @property
     def active(self) -> int:
-        """Connections in progress."""
-        return len(self._connections)
+        """Connections in progress (a server's streams of multiplexed tunnels included)."""
+        return len(self._connections) + self._live_streams
 
     @property
     def sources(self) -> KeySources:
@@ -261,18 +262,7 @@ class Tunnel:
         self.stats.opened += 1
         started = time.monotonic()
         try:
-            lifetime = self.config.max_lifetime_s or None
-            async with asyncio.timeout(lifetime):
-                record.reason = await self._serve(reader, writer, record)
-        except TimeoutError:
-            record.reason = "max_lifetime"
-        except asyncio.CancelledError:
-            # Cut by the drain deadline: end quietly (re-raising only makes asyncio log a
-            # traceback for every connection).
-            record.reason = "drained"
-        except Exception as exc:
-            # Whatever one connection hits ends that connection only.
-            record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
+            record.reason = await self._within_lifetime(self._serve(reader, writer, record))
         finally:
             self._connections.discard(task)
             self.admission.release(self._tickets.pop(record.conn_id))
@@ -280,6 +270,21 @@ class Tunnel:
             self._finish(record, started, quiet_as=self._quiet_as(record, reader))
             async with self._changed:
                 self._changed.notify_all()
+
+    async def _within_lifetime(self, work: Coroutine[object, object, str]) -> str:
+        """Run one connection's work; why it ended (its lifetime, a drain, an error too)."""
+        try:
+            async with asyncio.timeout(self.config.max_lifetime_s or None):
+                return await work
+        except TimeoutError:
+            return "max_lifetime"
+        except asyncio.CancelledError:
+            # Cut by the drain deadline: end quietly (re-raising only makes asyncio log a
+            # traceback for every connection).
+            return "drained"
+        except Exception as exc:
+            # Whatever one connection hits ends that connection only.
+            return f"error: {type(exc).__name__}: {exc}"[:300]
 
     def _admit(self, record: ConnectionRecord, writer: asyncio.StreamWriter) -> Ticket | None:
         """Admission control: a ticket, or None once the connection was reset (no TLS
@@ -290,7 +295,7 @@ class Tunnel:
             self._refusal_log.interval_s = self.config.refusal_log_interval_s
         now = time.monotonic()
         # A multiplexing client's connections ride established tunnels: no handshake each.
-        pooled = self.config.role == "client" and self.config.mux.enabled
+        pooled = self.pool is not None
         verdict = self.admission.admit(source_key(record.client), now, handshake=not pooled)
         if isinstance(verdict, Ticket):
             return verdict
@@ -585,17 +590,13 @@ class Tunnel:
         """Server: one application connection inside a tunnel, with its own line."""
         record = self._stream_record(carrier)
         self.stats.opened += 1
+        self._live_streams += 1
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.config.max_lifetime_s or None):
-                record.reason = await self._stream_to_backend(mux, stream, writer, record)
-        except TimeoutError:
-            record.reason = "max_lifetime"
-        except asyncio.CancelledError:
-            record.reason = "drained"
-        except Exception as exc:
-            record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
+            work = self._stream_to_backend(mux, stream, writer, record)
+            record.reason = await self._within_lifetime(work)
         finally:
+            self._live_streams -= 1
             if not mux.done:
                 await mux.reset()
             self._finish(record, started)
