@@ -111,10 +111,15 @@ class MuxStream:
                 return b""
             self._wake.clear()
             await self._wake.wait()
-        data, flow = self._inbound.popleft()
+        # Everything queued in one piece: one write (and drain) on the plaintext side.
+        chunks, flow = [], 0
+        while self._inbound:
+            data, size = self._inbound.popleft()
+            chunks.append(data)
+            flow += size
         self.tunnel.conn.consumed(self.stream_id, flow)
         await self.tunnel.flush()
-        return data
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def update_keys(self) -> None:
         """Nothing per stream: the tunnel renews its traffic keys on its own budget."""
@@ -322,7 +327,11 @@ class MuxTunnel:
                 self.conn.consumed(event.stream_id, event.flow)
             return
         if isinstance(event, StreamData):
-            target._deliver(event.data, event.flow)
+            if event.data:
+                target._deliver(event.data, event.flow)
+            else:
+                # An empty DATA frame (padding only) is no end: b"" means FIN to the pump.
+                self.conn.consumed(event.stream_id, event.flow)
         elif isinstance(event, StreamFinished):
             target.peer_finished = True
             target._wake.set()
