@@ -287,7 +287,8 @@ class MuxTunnel:
                 data = await self.tls.read(READ_BATCH)
                 if not data:
                     # close_notify: an orderly end only if no stream was still open.
-                    self._end("peer closed", broken=bool(self.streams))
+                    cut = bool(self.streams)
+                    self._end("peer closed with streams open" if cut else "closed", broken=cut)
                     return
                 self.last_received = self._clock()
                 for event in self.conn.receive(data):

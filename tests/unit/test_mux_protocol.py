@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
 
+from qkdproxy.observability.metrics import Metrics, mux_tunnel_reason
 from qkdproxy.tunnel.mux import (
     STREAM_WINDOW,
     MuxConnection,
@@ -20,6 +23,7 @@ from qkdproxy.tunnel.mux import (
     StreamRefused,
     TunnelEnded,
 )
+from qkdproxy.tunnel.runtime import ConnectionRecord
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -136,3 +140,21 @@ def test_too_many_streams_end_the_tunnel() -> None:
         raw.send_headers(sid, [(":method", "CONNECT"), (":authority", "x:0")])
     events = server.receive(raw.data_to_send())
     assert isinstance(events[-1], TunnelEnded) and events[-1].error
+
+
+def test_stream_and_tunnel_lines_feed_their_own_metrics() -> None:
+    metrics = Metrics()
+    stream = ConnectionRecord(1, "t", "server", reason="closed", mux="stream", mux_tunnel=2)
+    tunnel = ConnectionRecord(2, "t", "server", reason="error: dead peer: 5.0s", mux="tunnel")
+    for record in (stream, tunnel, replace(tunnel, reason="rotated")):
+        metrics.observe(record)
+    value = metrics.registry.get_sample_value
+    assert value("qkdproxy_mux_streams_closed_total", {"tunnel": "t", "role": "server",
+                                                        "reason": "closed"}) == 1  # fmt: skip
+    assert value("qkdproxy_connections_closed_total", {"tunnel": "t", "role": "server",
+                                                       "reason": "closed"}) == 1  # fmt: skip
+    for reason in ("dead_peer", "rotated"):
+        assert value("qkdproxy_mux_tunnels_closed_total",
+                     {"tunnel": "t", "role": "server", "reason": reason}) == 1  # fmt: skip
+    assert mux_tunnel_reason("handshake failed (peer): access_denied") == "handshake_failed"
+    assert mux_tunnel_reason("peer closed with streams open") == "error"
