@@ -327,22 +327,26 @@ class Tunnel:
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
     ) -> str:
+        got: MuxStream | PlainTunnel | None = None
         if self.pool is not None:
             try:
                 got = await self.pool.open()
             except HandshakeError as exc:
-                return self._handshake_failed(exc, record)
+                if self.fallback is None or not exc.may_be_kme:
+                    return self._handshake_failed(exc, record)
+                # qkd-preferred and our KME failed: this connection falls back on its own
+                # (the per-connection path below), the pool retries with backoff.
             except TimeoutError:  # an OSError too: first
                 return "rejected: no stream available in time"
             except OSError as exc:
                 return f"peer unreachable: {exc.strerror or type(exc).__name__}"
             except MuxStreamError as exc:
                 return f"rejected: {exc}"[:300]
-            if isinstance(got, MuxStream):
-                return await self._pump_stream(reader, writer, got, record)
-            if got is not None:
-                self._established(got.stream, record)
-                return await self._pump_client(reader, writer, record, got.stream, got.writer)
+        if isinstance(got, MuxStream):
+            return await self._pump_stream(reader, writer, got, record)
+        if got is not None:
+            self._established(got.stream, record)
+            return await self._pump_client(reader, writer, record, got.stream, got.writer)
         try:
             stream, peer_writer = await self._dial_with_fresh_key(record)
         except HandshakeError as exc:
