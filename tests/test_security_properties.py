@@ -249,7 +249,9 @@ class Rig:
         endpoint: dict[str, TomlValue | None] = (
             {"url": self.pair.urls_014[index]}
             if api == "014"
-            else {"address": f"127.0.0.1:{self.pair.ports_004[index]}"}
+            # Debug-mode asyncio on a loaded machine can be slower than the responder's
+            # 0.5 s default wait for a KSID (that guard has its own tests).
+            else {"address": f"127.0.0.1:{self.pair.ports_004[index]}", "peer_stream_wait_s": 5.0}
         )
         return {
             "api": api, **endpoint, "sae_id": sae, "peer_sae_id": peer,
