@@ -26,9 +26,9 @@ with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
     from qkdproxy.tls.keyexchange import (
         ClientKeyExchange,
         HandshakeRejectedError,
-        KeyContext,
         ServerKeyExchange,
     )
+from qkdproxy.qkd.context import KeyContext
 
 KNOWN_ID = b"\x42" * KEY_ID_SIZE
 GROUPS = resolve_groups(["qkd_mlkem768", "X25519MLKEM768", "x25519"])

@@ -26,13 +26,14 @@ from qkdproxy.observability.metrics import KmeState, Metrics, StateCollector, Tu
 from qkdproxy.observability.status import StatusServer, create_app
 from qkdproxy.qkd.accounting import KeyLedger
 from qkdproxy.qkd.announce import AnnouncedSlave
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.preauth import SpendGate
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.risk import assess
 from qkdproxy.sdnotify import Notifier, inherited_sockets, watchdog_interval_s
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
+from qkdproxy.tls.keyexchange import QkdOptions
 from qkdproxy.tls.session import EndpointSettings, TlsEndpoint
 from qkdproxy.tls.verify import PeerPolicy
 from qkdproxy.tunnel.kmeconn import KmeConnection

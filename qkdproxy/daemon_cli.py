@@ -16,10 +16,10 @@ from qkdproxy.errors import SettingError
 from qkdproxy.observability import logsafe
 from qkdproxy.observability.logformat import LOG_FORMATS, configure_logging, event
 from qkdproxy.probe import format_result, probe
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.risk import assess
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
-from qkdproxy.tls.keyexchange import KeyContext
 
 log = logging.getLogger("qkdproxy.daemon")
 

@@ -14,10 +14,11 @@ from qkdproxy.groups import DEFAULT_GROUPS
 from qkdproxy.hybrid import HybridKem, resolve
 from qkdproxy.kem import default_registry
 from qkdproxy.pki import CertificateAuthority, KeyType
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext, QkdOptions
+from qkdproxy.tls.keyexchange import QkdOptions
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream, TlsStreamError
 from qkdproxy.tls.verify import PeerPolicy

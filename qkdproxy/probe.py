@@ -15,9 +15,9 @@ from typing import Any
 
 from qkdproxy.config import Config, TunnelConfig
 from qkdproxy.daemon import build_endpoint, tunnel_qkd_options
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.frames import VERDICT_OK
-from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import HandshakeError, TlsStreamError
 from qkdproxy.tls.wire import Alert

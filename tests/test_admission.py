@@ -16,10 +16,10 @@ from qkdproxy.groups import DEFAULT_GROUPS
 from qkdproxy.hybrid import resolve
 from qkdproxy.kem import default_registry
 from qkdproxy.observability.metrics import Metrics, StateCollector, TunnelState
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.session import EndpointSettings, HandshakeError, TlsEndpoint
 from qkdproxy.tls.verify import PeerPolicy
 from qkdproxy.tunnel import gate

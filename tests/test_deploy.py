@@ -16,8 +16,8 @@ from qkdproxy.certs import write_dev_pki
 from qkdproxy.config import load_config
 from qkdproxy.daemon import build_endpoint
 from qkdproxy.kme.cli import CONFIG_KEYS
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.keyexchange import KeyContext
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"

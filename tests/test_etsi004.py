@@ -59,6 +59,7 @@ from qkdproxy.kme.node import IdentitySource, KmeNode
 from qkdproxy.kme.server004 import Etsi004Server
 from qkdproxy.loopback import CLIENT_URI, SERVER_NAME
 from qkdproxy.pki import CertificateAuthority
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.keys import (
     KeyExhaustedError,
     KeySourceUnavailableError,
@@ -68,7 +69,7 @@ from qkdproxy.qkd.keys import (
 from qkdproxy.qkd.sources import KeySources, StreamKeySource
 from qkdproxy.sslctx import client_context, server_context
 from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import Flow, HandshakeRecord, KeyApi, KeyContext, QkdOptions
+from qkdproxy.tls.keyexchange import Flow, HandshakeRecord, KeyApi, QkdOptions
 from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream
 from qkdproxy.tls.verify import PeerPolicy
 from tests.conftest import groups

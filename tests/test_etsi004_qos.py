@@ -19,16 +19,11 @@ from qkdproxy.kme.cli import _settings as simulator_settings
 from qkdproxy.kme.cli import parse_qos_demands
 from qkdproxy.kme.quirks import Quirk
 from qkdproxy.pki import CertificateAuthority
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.keys import KsidInUseError
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import (
-    ClientKeyExchange,
-    HandshakeRejectedError,
-    KeyApi,
-    KeyContext,
-    QkdOptions,
-)
+from qkdproxy.tls.keyexchange import ClientKeyExchange, HandshakeRejectedError, KeyApi, QkdOptions
 from tests.conftest import groups
 from tests.kme_helpers import kme_config_file
 from tests.test_etsi004 import Kmes, running_kmes

@@ -73,6 +73,7 @@ from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem, detach_key_id
 from qkdproxy.kem.base import KemError
 from qkdproxy.loopback import resolve_groups
 from qkdproxy.qkd.announce import AnnouncedSlave
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.qkd.sources import KeySources
@@ -101,12 +102,7 @@ from qkdproxy.tls.hello import (
     parse_server_hello,
 )
 from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import (
-    ClientKeyExchange,
-    HandshakeRejectedError,
-    KeyContext,
-    ServerKeyExchange,
-)
+from qkdproxy.tls.keyexchange import ClientKeyExchange, HandshakeRejectedError, ServerKeyExchange
 from qkdproxy.tls.peer import PeerChannel
 from qkdproxy.tls.records import HEADER, TrafficKeys, open_records, seal
 from qkdproxy.tls.session import TlsStream, TlsStreamError

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem
 from qkdproxy.loopback import LoopbackPair, loopback_pair, resolve_groups
 from qkdproxy.qkd.accounting import KeyLedger
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.keys import QkdKey
 from qkdproxy.qkd.sources import KeySources, MasterKeySource, SlaveKeySource
@@ -41,7 +42,6 @@ from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
     Flow,
     HandshakeRejectedError,
-    KeyContext,
     QkdOptions,
     ServerKeyExchange,
 )

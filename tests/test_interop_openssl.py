@@ -29,9 +29,9 @@ from OpenSSL._util import ffi, lib
 from tlslite.constants import KeyUpdateMessageType
 
 from qkdproxy.pki import CertificateAuthority
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.session import EndpointSettings, HandshakeError, TlsEndpoint, TlsStream
 from qkdproxy.tls.verify import PeerPolicy
 from tests.conftest import available_group_names, groups

@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from qkdproxy.pki import CertificateAuthority, KeyType
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.tls.credentials import Credentials
 from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.session import EndpointSettings, HandshakeError, TlsEndpoint, TlsStream
 from qkdproxy.tls.verify import PeerPolicy
 from qkdproxy.tls.wire import Alert

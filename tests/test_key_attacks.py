@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.keyexchange import Flow, KeyContext, QkdOptions
+from qkdproxy.tls.keyexchange import Flow, QkdOptions
 from qkdproxy.tls.wire import Alert, plaintext_alert
 from tests.system_helpers import (
     FaultHarness,

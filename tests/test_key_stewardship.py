@@ -17,6 +17,7 @@ from qkdproxy.etsi014.client import Etsi014Client
 from qkdproxy.observability.metrics import KmeState, StateCollector, TunnelState
 from qkdproxy.qkd.accounting import FATES, KeyAccount, KeyLedger
 from qkdproxy.qkd.announce import AnnouncementSink
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.etsi014_sources import Etsi014Master
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
 from qkdproxy.qkd.preauth import (
@@ -31,7 +32,7 @@ from qkdproxy.qkd.responder import HELLO_SOURCE
 from qkdproxy.qkd.sources import KeySources, RefusalStreak
 from qkdproxy.qkd.supply import SupplySettings, SupplySizer
 from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import HandshakeRejectedError, KeyContext, ServerKeyExchange
+from qkdproxy.tls.keyexchange import HandshakeRejectedError, ServerKeyExchange
 from qkdproxy.tls.wire import Alert
 from qkdproxy.tunnel.ratelimit import TokenBucket, source_key
 from tests.test_keyexchange import MLKEM768, client_hello

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.inprocess import InProcessQkdLink
 from qkdproxy.qkd.keys import KeySourceUnavailableError, QkdKey
 from qkdproxy.qkd.sources import KeySources
@@ -20,7 +21,6 @@ from qkdproxy.tls.keyexchange import (
     Flow,
     HandshakeRejectedError,
     KeyApi,
-    KeyContext,
     QkdOptions,
     ServerKeyExchange,
 )

@@ -71,12 +71,12 @@ from qkdproxy.kme.link import KeyUnknownError
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.loopback import resolve_groups
 from qkdproxy.pki import CertificateAuthority
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.sslctx import client_context
 from qkdproxy.tls.credentials import Credentials
 from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import open_peer_channel
 from qkdproxy.tls.session import (
     EndpointSettings,

@@ -29,10 +29,10 @@ from qkdproxy.tls.hello import HelloParseError, parse_client_hello, parse_server
 from qkdproxy.tls.identity import PeerIdentity
 from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
+    ExchangeContext,
     HandshakeRecord,
     HandshakeRejectedError,
     KeyAnswer,
-    KeyContext,
     KeyRequest,
     KeySteps,
     ServerKeyExchange,
@@ -195,7 +195,12 @@ class TlsConnection:
     """A client or server handshake, then its record layer (see the module docstring)."""
 
     def __init__(
-        self, config: ConnectionConfig, keys: KeyContext, *, is_client: bool, wall_time: datetime
+        self,
+        config: ConnectionConfig,
+        keys: ExchangeContext,
+        *,
+        is_client: bool,
+        wall_time: datetime,
     ) -> None:
         self.config = config
         self.is_client = is_client

@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 from typing import TypeVar
 
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.keys import KeySourceUnavailableError
 from qkdproxy.qkd.sources import KeySources, StreamKeySource
 from qkdproxy.tls.keyexchange import (
     CloseStream,
     FetchKey,
     KeyAnswer,
-    KeyContext,
     KeyFailure,
     KeyRequest,
     KeySteps,
@@ -38,6 +38,8 @@ async def run(steps: KeySteps[T]) -> T:
             request = steps.steps.send(answer)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+        # The driver always gives the key exchange a KeyContext (the core sees a protocol).
+        assert isinstance(steps.context, KeyContext)
         answer = await supply(request, steps.context)
 
 

@@ -13,7 +13,6 @@ wasted (anything else), and no key id is accepted twice by the same endpoint.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from qkdproxy.hybrid import (
 from qkdproxy.kem.base import KemError
 from qkdproxy.qkd.accounting import KeyIdGuard, KeyLedger
 from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError, key_id_to_text
-from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.hello import ClientHello, ServerHello
 from qkdproxy.tls.wire import Alert
 
@@ -71,23 +69,38 @@ class SpendGate(Protocol):
     def admit(self, flow: str) -> str | None: ...
 
 
-@dataclass(slots=True)
-class KeyContext:
-    """What all handshakes of one endpoint share: key sources, accounting, replay guard."""
+class KeySourcesPresent(Protocol):
+    """Which key sources an endpoint has (the key exchange never calls them)."""
 
-    sources: KeySources
-    options: QkdOptions = field(default_factory=QkdOptions)
-    ledger: KeyLedger = field(default_factory=KeyLedger)
-    guard: KeyIdGuard = field(default_factory=KeyIdGuard)
-    # Clean-up calls (ETSI 004 CLOSE) running after their handshake ended.
-    background: set[asyncio.Task[None]] = field(default_factory=set)
-    # Server only: what an unauthenticated hello may cost (None: no limit).
-    gate: SpendGate | None = None
+    @property
+    def master(self) -> object | None: ...
 
-    async def drain(self) -> None:
-        """Wait for the clean-up calls still running (each bounded by its own timeout)."""
-        while self.background:
-            await asyncio.gather(*self.background, return_exceptions=True)
+    @property
+    def slave(self) -> object | None: ...
+
+    @property
+    def stream(self) -> object | None: ...
+
+
+class ExchangeContext(Protocol):
+    """What all handshakes of one endpoint share, as the key exchange sees it: options,
+    accounting, replay guard, spend gate and which key sources exist. The calls are made
+    by :mod:`qkdproxy.tls.key_supply` from a :class:`qkdproxy.qkd.context.ExchangeContext`."""
+
+    @property
+    def sources(self) -> KeySourcesPresent: ...
+
+    @property
+    def options(self) -> QkdOptions: ...
+
+    @property
+    def ledger(self) -> KeyLedger: ...
+
+    @property
+    def guard(self) -> KeyIdGuard: ...
+
+    @property
+    def gate(self) -> SpendGate | None: ...
 
 
 class HandshakeRejectedError(ProtocolError):
@@ -167,7 +180,7 @@ class KeySteps(Generic[T]):
     """One step of a key exchange: run ``steps`` answering its requests from ``context``."""
 
     steps: Steps[T]
-    context: KeyContext
+    context: ExchangeContext
 
 
 @dataclass(slots=True)
@@ -225,7 +238,7 @@ def _need(configured: object | None, what: str) -> None:
 class _KeyExchangeBase:
     """Key bookkeeping shared by both roles."""
 
-    def __init__(self, context: KeyContext) -> None:
+    def __init__(self, context: ExchangeContext) -> None:
         self._ctx = context
         self._held: list[_HeldKey] = []
         self._used: _HeldKey | None = None
@@ -323,7 +336,7 @@ class _Offer:
 class ClientKeyExchange(_KeyExchangeBase):
     """The client's side: offers one key share, answers HelloRetryRequest, decapsulates."""
 
-    def __init__(self, groups: Sequence[HybridKem], context: KeyContext) -> None:
+    def __init__(self, groups: Sequence[HybridKem], context: ExchangeContext) -> None:
         super().__init__(context)
         self._groups = {g.group.code_point: g for g in groups}
         self._offers: dict[int, _Offer] = {}
@@ -426,7 +439,7 @@ class ClientKeyExchange(_KeyExchangeBase):
 class ServerKeyExchange(_KeyExchangeBase):
     """The server's side: chooses the group, fetches or originates the QKD key, encapsulates."""
 
-    def __init__(self, groups: Sequence[HybridKem], context: KeyContext) -> None:
+    def __init__(self, groups: Sequence[HybridKem], context: ExchangeContext) -> None:
         super().__init__(context)
         self._preference = list(groups)
         self._chosen: HybridKem | None = None

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from qkdproxy.errors import LocalProtocolError, QkdproxyError, SettingError
 from qkdproxy.hybrid import HybridKem
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.tls.connection import (
     ConnectionConfig,
     HandshakeComplete,
@@ -40,7 +41,7 @@ from qkdproxy.tls.events import (
 from qkdproxy.tls.frames import ALPN_PROTOCOL
 from qkdproxy.tls.identity import PeerIdentity
 from qkdproxy.tls.key_supply import close_later, supply
-from qkdproxy.tls.keyexchange import CloseStream, HandshakeRecord, KeyContext
+from qkdproxy.tls.keyexchange import CloseStream, HandshakeRecord
 from qkdproxy.tls.record_layer import RecordLayer
 from qkdproxy.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
 from qkdproxy.tls.verify import PeerPolicy

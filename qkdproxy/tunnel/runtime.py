@@ -22,10 +22,10 @@ from qkdproxy.config import TunnelConfig
 from qkdproxy.observability.logformat import record_event
 from qkdproxy.observability.logsafe import escape
 from qkdproxy.observability.throttle import LogThrottle
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.responder import HELLO_SOURCE
 from qkdproxy.qkd.sources import REFUSALS_BEFORE_FLUSH, FlushableSource, KeySources
 from qkdproxy.tls.frames import VERDICT_OK
-from qkdproxy.tls.keyexchange import KeyContext
 from qkdproxy.tls.peer import PeerChannel, open_peer_channel
 from qkdproxy.tls.session import (
     HandshakeError,

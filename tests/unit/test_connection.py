@@ -13,6 +13,7 @@ from qkdproxy.errors import LocalProtocolError
 from qkdproxy.hybrid import HybridKem
 from qkdproxy.loopback import CLIENT_URI, SERVER_NAME
 from qkdproxy.pki import CertificateAuthority
+from qkdproxy.qkd.context import KeyContext
 from qkdproxy.qkd.keys import KeyNotFoundError, KeySourceUnavailableError, QkdKey
 from qkdproxy.qkd.sources import KeySources
 from qkdproxy.tls.connection import (
@@ -32,7 +33,6 @@ from qkdproxy.tls.keyexchange import (
     Flow,
     KeyAnswer,
     KeyApi,
-    KeyContext,
     KeyFailure,
     KeyRequest,
     OpenStream,
