@@ -31,10 +31,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from qkdproxy.certs import DevPki
-from qkdproxy.qkd.sources import REFUSALS_BEFORE_FLUSH
-from qkdproxy.sslctx import client_context, server_context
-from qkdproxy.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH
+from qkdproxy.keys.sslctx import client_context, server_context
+from qkdproxy.tools.certs import DevPki
 from tests.test_daemon_system import (
     CLIENT_ID,
     DEADLINE,

@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-from qkdproxy.certs import write_dev_pki
-from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey
+from qkdproxy.keys.announce import AnnouncedSlave
+from qkdproxy.tools.certs import write_dev_pki
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 15.0

@@ -26,15 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.bench.kme_setup import simulated_kme_sources
-from qkdproxy.certs import DevPki
-from qkdproxy.etsi014.client import (
-    Etsi014Client,
-    KmeProtocolError,
-    KmeRefusedError,
-    KmeUnauthorisedError,
-)
-from qkdproxy.etsi014.models import (
+from qkdproxy.core.breaker import BreakerState, CircuitBreaker
+from qkdproxy.core.etsi014.models import (
     ErrorBody,
     Etsi014FormatError,
     KeyContainer,
@@ -42,22 +35,29 @@ from qkdproxy.etsi014.models import (
     KeyRequest,
     Status,
 )
-from qkdproxy.kme.faults import Burst, FaultScript, Window
-from qkdproxy.kme.link import LinkSettings
-from qkdproxy.kme.node import IdentitySource
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave
-from qkdproxy.qkd.keys import (
+from qkdproxy.core.keys import (
     KeyNotFoundError,
     KeySourceUnavailableError,
     QkdKey,
 )
-from qkdproxy.qkd.supply import SupplySettings
-from qkdproxy.sslctx import client_context, server_context
-from qkdproxy.tls.credentials import Credentials
-from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.keys.etsi014_client import (
+    Etsi014Client,
+    KmeProtocolError,
+    KmeRefusedError,
+    KmeUnauthorisedError,
+)
+from qkdproxy.keys.etsi014_supply import Etsi014Master, Etsi014Slave
+from qkdproxy.keys.sslctx import client_context, server_context
+from qkdproxy.keys.supply import SupplySettings
+from qkdproxy.sim.faults import Burst, FaultScript, Window
+from qkdproxy.sim.link import LinkSettings
+from qkdproxy.sim.node import IdentitySource
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
+from qkdproxy.tools.certs import DevPki
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
 
 DEADLINE = 10.0

@@ -408,7 +408,7 @@ async def test_peer_certificate_expired_or_not_yet_valid(faults: FaultHarness) -
     validity" (failure certificate_expired); the other side logs the alert it received (a
     client refused after its handshake may log the reset of its first write instead);
     nothing reaches the backend; good certificates keep working. There is no skew
-    tolerance in the check itself (qkdproxy/tls/verify.py compares notBefore <= now <=
+    tolerance in the check itself (qkdproxy/core/tls/verify.py compares notBefore <= now <=
     notAfter exactly); the development CA backdates notBefore by 5 minutes."""
     kme = await faults.start_kme()
     backend, backend_port = await faults.recording_backend()

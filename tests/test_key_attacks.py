@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from qkdproxy.qkd.context import KeyContext
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.keyexchange import Flow, QkdOptions
-from qkdproxy.tls.wire import Alert, plaintext_alert
+from qkdproxy.core.tls.keyexchange import Flow, QkdOptions
+from qkdproxy.core.tls.wire import Alert, plaintext_alert
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.sources import KeySources
 from tests.system_helpers import (
     FaultHarness,
     Node,

@@ -12,15 +12,19 @@ from typing import cast
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from qkdproxy.config import ConfigError, load_config
-from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.observability.metrics import KmeState, StateCollector, TunnelState
-from qkdproxy.qkd.accounting import FATES, KeyAccount, KeyLedger
-from qkdproxy.qkd.announce import AnnouncementSink
-from qkdproxy.qkd.context import KeyContext
-from qkdproxy.qkd.etsi014_sources import Etsi014Master
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
-from qkdproxy.qkd.preauth import (
+from qkdproxy.core.accounting import FATES, KeyAccount, KeyLedger
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey
+from qkdproxy.core.ratelimit import TokenBucket, source_key
+from qkdproxy.core.tls.keyexchange import HandshakeRejectedError, ServerKeyExchange
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.daemon.config import ConfigError, load_config
+from qkdproxy.daemon.metrics import KmeState, StateCollector, TunnelState
+from qkdproxy.keys.announce import AnnouncementSink
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.key_supply import run
+from qkdproxy.keys.preauth import (
     CLIENT_INITIATED,
     SERVER_INITIATED,
     Budget,
@@ -28,13 +32,9 @@ from qkdproxy.qkd.preauth import (
     PreAuthSettings,
     SpendGate,
 )
-from qkdproxy.qkd.responder import HELLO_SOURCE
-from qkdproxy.qkd.sources import KeySources, RefusalStreak
-from qkdproxy.qkd.supply import SupplySettings, SupplySizer
-from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import HandshakeRejectedError, ServerKeyExchange
-from qkdproxy.tls.wire import Alert
-from qkdproxy.tunnel.ratelimit import TokenBucket, source_key
+from qkdproxy.keys.responder import HELLO_SOURCE
+from qkdproxy.keys.sources import KeySources, RefusalStreak
+from qkdproxy.keys.supply import SupplySettings, SupplySizer
 from tests.test_keyexchange import MLKEM768, client_hello
 from tests.test_peer_channel import FakeKme
 

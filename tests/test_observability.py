@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from qkdproxy.daemon import Daemon
+from qkdproxy.daemon.app import Daemon
 from tests.test_tunnel_runtime import Setup, port, setup, transfer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,16 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.bench.kme_setup import simulated_kme_sources
-from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.etsi014.models import Status
-from qkdproxy.loopback import LoopbackPair, loopback_pair
-from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.etsi014_sources import Etsi014Master
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
-from qkdproxy.qkd.supply import SupplySettings
-from qkdproxy.tls.frames import (
+from qkdproxy.core.etsi014.models import Status
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.core.peer.frames import (
     MAX_ANNOUNCED_IDS,
     MAX_PAYLOAD,
     FrameDecoder,
@@ -31,9 +24,16 @@ from qkdproxy.tls.frames import (
     encode_data,
     encode_key_ids,
 )
-from qkdproxy.tls.keyexchange import QkdOptions
-from qkdproxy.tls.peer import PeerChannel, open_peer_channel
-from qkdproxy.tls.session import TlsStreamError
+from qkdproxy.core.tls.keyexchange import QkdOptions
+from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
+from qkdproxy.io.tls_stream import TlsStreamError
+from qkdproxy.keys.announce import AnnouncedSlave
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.supply import SupplySettings
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
+from qkdproxy.tools.loopback import LoopbackPair, loopback_pair
 from tests.conftest import groups
 
 
