@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""PROXY protocol v2 headers (qkdproxy/tunnel/proxyv2.py), which qkdproxy only writes.
+"""PROXY protocol v2 headers (qkdproxy/core/proxyv2.py), which qkdproxy only writes.
 
 The input drives the header's fields (addresses, ports, identity strings); the header
-must decode, with the strict test-side decoder from tests/test_fuzz_parsers.py, to exactly
+must decode, with the strict test-side decoder from tests/unit/test_fuzz_parsers.py, to exactly
 those fields, or encoding must refuse with ValueError (a header over 64 KiB).
 """
 
@@ -14,7 +14,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.tunnel.proxyv2 import (
+    from qkdproxy.core.proxyv2 import (
         PP2_SUBTYPE_SSL_CN,
         PP2_TYPE_QKDPROXY_GROUP,
         PP2_TYPE_QKDPROXY_PEER,
@@ -22,7 +22,7 @@ with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
         encode_proxy_v2,
     )
 
-from tests.test_fuzz_parsers import decode_proxy_v2
+from tests.unit.test_fuzz_parsers import decode_proxy_v2
 
 
 def address(fdp: atheris.FuzzedDataProvider) -> tuple[str, int] | None:

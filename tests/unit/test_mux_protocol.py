@@ -9,8 +9,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
 
-from qkdproxy.observability.metrics import Metrics, mux_tunnel_reason
-from qkdproxy.tunnel.mux import (
+from qkdproxy.core.mux import (
     STREAM_WINDOW,
     MuxConnection,
     MuxError,
@@ -23,7 +22,8 @@ from qkdproxy.tunnel.mux import (
     StreamRefused,
     TunnelEnded,
 )
-from qkdproxy.tunnel.runtime import ConnectionRecord
+from qkdproxy.daemon.metrics import Metrics, mux_tunnel_reason
+from qkdproxy.daemon.tunnel import ConnectionRecord
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

@@ -1,0 +1,254 @@
+"""qkdproxy/1 framing, key-id announcements and the announced-key slave cache."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkdproxy.core.etsi014.models import Status
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.core.peer.frames import (
+    MAX_ANNOUNCED_IDS,
+    MAX_PAYLOAD,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    encode,
+    encode_data,
+    encode_key_ids,
+)
+from qkdproxy.core.tls.keyexchange import QkdOptions
+from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
+from qkdproxy.io.tls_stream import TlsStreamError
+from qkdproxy.keys.announce import AnnouncedSlave
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.supply import SupplySettings
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
+from qkdproxy.tools.loopback import LoopbackPair, loopback_pair
+from tests.conftest import groups
+
+
+@settings(max_examples=60)
+@given(st.binary(max_size=70_000), st.lists(st.integers(1, 5000), max_size=30))
+def test_data_frames_survive_any_chunking(data: bytes, cuts: list[int]) -> None:
+    wire = b"".join(encode_data(data)) + encode(FrameType.FIN)
+    decoder, frames, offset = FrameDecoder(), [], 0
+    for cut in [*cuts, len(wire)]:
+        frames += decoder.feed(wire[offset : offset + cut])
+        offset += cut
+    frames += decoder.feed(wire[offset:])
+    assert b"".join(f.payload for f in frames if f.type is FrameType.DATA) == data
+    assert frames[-1].type is FrameType.FIN
+    assert decoder.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (b"\x7f\x00\x00\x00", "unknown frame type"),
+        (b"\x01\x00\x00\x01x", "FIN carries no payload"),
+        (b"\x10\x00\x00\x0f" + bytes(15), "KEY_IDS payload"),
+        (b"\x10\x00\x00\x00", "KEY_IDS payload"),
+        (b"\x00\xff\xff\xff", "longer than allowed"),
+    ],
+)
+def test_frame_violations(wire: bytes, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        FrameDecoder().feed(wire)
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=200))
+def test_random_bytes_only_raise_frame_error(data: bytes) -> None:
+    with contextlib.suppress(FrameError):
+        FrameDecoder().feed(data)
+
+
+def test_key_ids_frame_limits() -> None:
+    ids = [os.urandom(16) for _ in range(3)]
+    [frame] = FrameDecoder().feed(encode_key_ids(ids))
+    assert frame.key_ids() == ids
+    with pytest.raises(ValueError, match="announce"):
+        encode_key_ids([])
+    with pytest.raises(ValueError, match="announce"):
+        encode_key_ids([bytes(16)] * (MAX_ANNOUNCED_IDS + 1))
+    with pytest.raises(ValueError, match="16 bytes"):
+        encode_key_ids([b"short"])
+    with pytest.raises(ValueError, match="payload"):
+        encode(FrameType.DATA, bytes(MAX_PAYLOAD + 1))
+
+
+@dataclass
+class FakeKme:
+    """Just enough of Etsi014Client for the master: hands out distinct keys."""
+
+    calls: int = 0
+    handed_out: list[bytes] = field(default_factory=list)
+    max_key_per_request: int = 128
+    sizes_asked: list[int] = field(default_factory=list)
+
+    async def status(self, slave_sae: str) -> Status:
+        return Status(
+            "kme-a", "kme-b", "sae-a", slave_sae, 256, 1000, 1000,
+            self.max_key_per_request, 256, 256, 0,
+        )  # fmt: skip
+
+    async def max_keys_per_request(self, peer_sae: str) -> int:
+        return self.max_key_per_request
+
+    async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
+        if number > self.max_key_per_request:
+            raise QkdKeyError("KME answered 400: number too large")
+        self.calls += 1
+        self.sizes_asked.append(number)
+        keys = [QkdKey(os.urandom(16), os.urandom(32)) for _ in range(number)]
+        self.handed_out += [k.key_id for k in keys]
+        return keys
+
+
+async def filled_master(kme: FakeKme, high: int = 8) -> Etsi014Master:
+    master = Etsi014Master(
+        cast(Etsi014Client, kme), "sae-b", SupplySettings(floor=high, ceiling=high)
+    )
+    master.ensure_refill()
+    await asyncio.wait_for(master.wait_refilled(), 5)
+    assert master.depth == high
+    return master
+
+
+async def test_master_respects_a_kme_that_gives_one_key_per_request() -> None:
+    kme = FakeKme(max_key_per_request=1)
+    master = await filled_master(kme, high=5)
+    assert kme.sizes_asked == [1] * 5
+    assert master.counters.refill_errors == 0
+    await master.aclose()
+
+
+async def test_master_announces_in_order_of_use_and_never_twice() -> None:
+    kme = FakeKme()
+    master = await filled_master(kme)
+    first = master.announce(3)
+    second = master.announce(3)
+    assert len(first) == len(second) == 3 and not set(first) & set(second)
+    used = [(await master.take_key()).key_id for _ in range(6)]
+    assert used == first + second
+    assert set(master.announce(100)).isdisjoint(used)
+    await master.aclose()
+
+
+async def test_announced_slave_serves_from_cache_once() -> None:
+    link = InProcessQkdLink()
+    a, b = link.sources("a"), link.sources("b")
+    assert a.master and b.slave
+    keys = [await a.master.take_key() for _ in range(4)]
+    slave = AnnouncedSlave(b.slave)
+    slave.announced([k.key_id for k in keys[:3]])
+    got = await slave.get_key(keys[0].key_id)
+    assert got.material == keys[0].material
+    await asyncio.wait_for(slave.wait_fetched(), 5)
+    assert (await slave.get_key(keys[1].key_id)).material == keys[1].material
+    assert slave.counters.served_from_cache == 2
+    # Not announced: straight from the KME; already served: nowhere.
+    assert (await slave.get_key(keys[3].key_id)).material == keys[3].material
+    with pytest.raises(KeyNotFoundError):
+        await slave.get_key(keys[0].key_id)
+    await slave.aclose()
+
+
+async def test_announced_slave_is_bounded_and_expires() -> None:
+    link = InProcessQkdLink()
+    a, b = link.sources("a"), link.sources("b")
+    assert a.master and b.slave
+    now = [0.0]
+    slave = AnnouncedSlave(b.slave, max_keys=2, max_age_s=10, clock=lambda: now[0])
+    keys = [await a.master.take_key() for _ in range(3)]
+    slave.announced([k.key_id for k in keys])
+    assert slave.counters.dropped_full == 1
+    await asyncio.wait_for(slave.wait_fetched(), 5)
+    assert slave.depth == 2
+    now[0] = 11.0
+    with pytest.raises(KeyNotFoundError):
+        await slave.get_key(keys[0].key_id)  # expired and already taken from the KME
+    assert slave.counters.expired == 2
+
+
+async def test_announcing_an_unknown_key_fails_only_that_handshake() -> None:
+    link = InProcessQkdLink()
+    b = link.sources("b")
+    assert b.slave
+    slave = AnnouncedSlave(b.slave)
+    slave.announced([bytes(16)])
+    with pytest.raises(KeyNotFoundError):
+        await slave.get_key(bytes(16))
+    assert slave.counters.fetch_failed == 1
+
+
+async def exchange(pair: LoopbackPair, payload: bytes) -> tuple[bytes, PeerChannel]:
+    hybrids = groups("qkd_mlkem768")
+    stream = await asyncio.wait_for(pair.handshake(pair.client(hybrids, QkdOptions())), 20)
+    channel = await open_peer_channel(stream, pair.client_keys.sources)
+    assert channel is not None
+    await channel.send(payload)
+    await channel.send_fin()
+    echoed = bytearray()
+    while data := await asyncio.wait_for(channel.receive(), 10):
+        echoed += data
+    await channel.close()
+    return bytes(echoed), channel
+
+
+async def test_tunnel_framing_and_announcements_between_peers() -> None:
+    """The second handshake's key was announced by the first connection: no KME wait."""
+    async with (
+        simulated_kme_sources() as sources,
+        loopback_pair(groups("qkd_mlkem768"), sources=sources, peer_protocol=True) as pair,
+    ):
+        payload = os.urandom(40_000)
+        echoed, channel = await exchange(pair, payload)
+        assert echoed == payload
+        assert channel.stream.alpn == "qkdproxy/1"
+        server_slave = sources[1].slave
+        assert isinstance(server_slave, AnnouncedSlave)
+        await asyncio.wait_for(server_slave.wait_fetched(), 10)
+        assert server_slave.depth > 0
+        await exchange(pair, b"second")
+        assert server_slave.counters.served_from_cache >= 1
+
+
+async def test_broken_framing_ends_the_connection_not_the_server() -> None:
+    failures: list[BaseException] = []
+    async with loopback_pair(
+        groups("x25519"), peer_protocol=True, server_failures=failures
+    ) as pair:
+        stream = await pair.handshake(pair.client(groups("x25519"), QkdOptions()))
+        assert stream.alpn == "qkdproxy/1"
+        await stream.write(b"\x7f\x00\x00\x00")
+        assert await asyncio.wait_for(stream.read(), 10) == b""  # the server hung up
+        await stream.close()
+        async with asyncio.timeout(10):
+            await pair.wait_for_server(lambda: bool(failures))
+        echoed, _ = await exchange_x25519(pair)
+        assert echoed == b"still serving"
+    assert isinstance(failures[0], TlsStreamError)
+
+
+async def exchange_x25519(pair: LoopbackPair) -> tuple[bytes, PeerChannel]:
+    stream = await pair.handshake(pair.client(groups("x25519"), QkdOptions()))
+    channel = await open_peer_channel(stream, pair.client_keys.sources)
+    assert channel is not None
+    await channel.send(b"still serving")
+    await channel.send_fin()
+    echoed = bytearray()
+    while data := await asyncio.wait_for(channel.receive(), 10):
+        echoed += data
+    await channel.close()
+    return bytes(echoed), channel
