@@ -387,7 +387,7 @@ class Tunnel:
             await _close_after_pump(reason, traffic, channel, tls=peer_writer, plaintext=writer)
 
     async def _dial_with_fresh_key(
-        self, record: ConnectionRecord
+        self, record: ConnectionRecord, *, mux: bool = False
     ) -> tuple[TlsStream, asyncio.StreamWriter]:
         """Dial with the main endpoint. If the peer refuses the QKD key (or ETSI 004 stream)
         we offered because its end does not know it (the peer or a KME restarted), flush
@@ -395,7 +395,7 @@ class Tunnel:
         held = self._held_ahead()
         epoch = held.buffer_epoch if held is not None else 0
         try:
-            dialled = await self._dial_peer(self.endpoint, record)
+            dialled = await self._dial_peer(self.endpoint, record, mux=mux)
         except HandshakeError as exc:
             if held is None or not _refused(exc, held):
                 raise
@@ -408,7 +408,7 @@ class Tunnel:
                 "or a KME may have restarted: key supply flushed, retrying once",
                 self.config.name, REFUSALS_BEFORE_FLUSH, escape(exc.reason),
             )  # fmt: skip
-            dialled = await self._dial_peer(self.endpoint, record)
+            dialled = await self._dial_peer(self.endpoint, record, mux=mux)
         if held is not None and dialled[0].record.offered_key_id is not None:
             held.note_accepted()
         return dialled
@@ -439,14 +439,14 @@ class Tunnel:
         return None
 
     async def _dial_peer(
-        self, endpoint: TlsEndpoint, record: ConnectionRecord
+        self, endpoint: TlsEndpoint, record: ConnectionRecord, *, mux: bool = False
     ) -> tuple[TlsStream, asyncio.StreamWriter]:
         peer = self.config.connect
         assert isinstance(peer, TcpAddress)
         async with asyncio.timeout(self.config.connect_timeout_s):
             peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
         _keepalive(peer_writer)
-        return await endpoint.connect(peer_reader, peer_writer), peer_writer
+        return await endpoint.connect(peer_reader, peer_writer, mux=mux), peer_writer
 
     async def _serve_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
@@ -512,7 +512,7 @@ class Tunnel:
         record.client = "pool"
         started = time.monotonic()
         try:
-            stream, peer_writer = await self._dial_with_fresh_key(record)
+            stream, peer_writer = await self._dial_with_fresh_key(record, mux=True)
         except (HandshakeError, OSError) as exc:
             if isinstance(exc, HandshakeError):
                 record.reason = self._handshake_failed(exc, record)

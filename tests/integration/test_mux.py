@@ -285,3 +285,22 @@ def test_multiplexing_keys_load_and_are_checked(tmp_path: Path) -> None:
     assert any("mux_max_streams: must be at most 1000" in p for p in found)
     assert any("mux_keepalive_s: must be positive or 0 (off)" in p for p in found)
     assert any("mux_rotate_second: unknown key" in p for p in found)
+
+
+async def test_qkd_preferred_connections_fall_back_while_the_pool_cannot_establish(
+    tmp_path: Path,
+) -> None:
+    preferred = 'policy = "qkd-preferred"\ngroups = ["qkd_mlkem768", "X25519MLKEM768"]\n' + MUX
+    async with setup(tmp_path) as s, s.daemon("server", s.server_toml(preferred)) as server:
+        # Our KME is unreachable: the pool cannot establish a tunnel with a QKD key.
+        text = s.client_toml(port(server), preferred).replace(
+            s.pair.urls_014[0], "https://127.0.0.1:1"
+        )
+        async with s.daemon("client", text) as client:
+            for i in range(2):
+                assert await transfer(port(client), b"pq only %d" % i) == b"pq only %d" % i
+    lines = [r for r in s.records if r.role == "client" and r.reason == "closed"]
+    assert len(lines) == 2
+    assert all(r.fallback and r.group == "X25519MLKEM768" and r.mux is None for r in lines)
+    # Per-connection dials never offer the mux protocol: the server ran qkdproxy/1.
+    assert all(r.mux is None for r in s.records if r.role == "server")
