@@ -67,7 +67,13 @@ def build_endpoint(
     hybrids = [resolve(g, registry) for g in groups]
     return TlsEndpoint(
         EndpointSettings(
-            credentials, peer, hybrids, keys, handshake_timeout=config.handshake_timeout_s
+            credentials,
+            peer,
+            hybrids,
+            keys,
+            handshake_timeout=config.handshake_timeout_s,
+            fresh_key_update=config.fresh_key_update or config.require_fresh_key_update,
+            require_fresh_key_update=config.require_fresh_key_update,
         )
     )
 
@@ -100,6 +106,7 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
                  "fallbacks": tunnel.stats.fallbacks},
         tunnel.bytes_moved,
         lambda: dict(tunnel.admission.refused),
+        tunnel.fresh_key_age,
     )  # fmt: skip
 
 

@@ -82,9 +82,7 @@ def parse(body: bytes) -> EkuMessage:
             raise RemoteProtocolError("malformed new_key_update", Alert.DECODE_ERROR)
         return EkuMessage(subtype)
     if subtype not in (KEY_UPDATE_REQUEST, KEY_UPDATE_RESPONSE):
-        raise RemoteProtocolError(
-            f"ExtendedKeyUpdate subtype {subtype}", Alert.UNEXPECTED_MESSAGE
-        )
+        raise RemoteProtocolError(f"ExtendedKeyUpdate subtype {subtype}", Alert.UNEXPECTED_MESSAGE)
     if len(body) < 5:
         raise RemoteProtocolError("truncated ExtendedKeyUpdate", Alert.DECODE_ERROR)
     group = int.from_bytes(body[1:3], "big")
@@ -94,7 +92,9 @@ def parse(body: bytes) -> EkuMessage:
     return EkuMessage(subtype, group, bytes(body[5:]))
 
 
-def _expand_label(secret: bytes, label: bytes, context: bytes, length: int, hash_name: str) -> bytes:
+def _expand_label(
+    secret: bytes, label: bytes, context: bytes, length: int, hash_name: str
+) -> bytes:
     """HKDF-Expand-Label (RFC 8446 7.1) with a context."""
     full = b"tls13 " + label
     info = length.to_bytes(2, "big") + bytes([len(full)]) + full + bytes([len(context)]) + context
@@ -125,9 +125,7 @@ class KeySchedule:
         empty = hashlib.new(self.hash_name).digest()
         salt = _expand_label(self.main_secret, b"derived", empty, size, self.hash_name)
         main = hmac.digest(salt, shared_secret, self.hash_name)
-        transcript = hashlib.new(
-            self.hash_name, self.transcript_hash + request + response
-        ).digest()
+        transcript = hashlib.new(self.hash_name, self.transcript_hash + request + response).digest()
         client = _expand_label(main, b"c ap traffic", transcript, size, self.hash_name)
         server = _expand_label(main, b"s ap traffic", transcript, size, self.hash_name)
         self.main_secret, self.transcript_hash = main, transcript

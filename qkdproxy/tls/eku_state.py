@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from qkdproxy.errors import RemoteProtocolError
 from qkdproxy.hybrid import HybridKem
@@ -80,16 +80,14 @@ class UpdateStats:
     last_completed: float | None = None
 
 
-class Installer:
+class Installer(Protocol):
     """What the state machine needs from its record layer (kept narrow on purpose)."""
 
-    def send_handshake(self, message: bytes) -> None:  # pragma: no cover - protocol
+    def send_handshake(self, message: bytes) -> None:
         """Queue a handshake message under the current write keys."""
-        raise NotImplementedError
 
     def install(self, read_secret: bytes | None, write_secret: bytes | None) -> None:
         """Switch one or both directions to new application traffic secrets."""
-        raise NotImplementedError  # pragma: no cover
 
 
 class FreshKeyUpdates:
@@ -185,7 +183,9 @@ class FreshKeyUpdates:
         if self.state is State.AWAIT_RESPONSE:
             ours = self._kex.key_share(self.group)[0] if self._kex else b""
             if share == ours:
-                raise RemoteProtocolError("crossing requests with equal shares", Alert.UNEXPECTED_MESSAGE)
+                raise RemoteProtocolError(
+                    "crossing requests with equal shares", Alert.UNEXPECTED_MESSAGE
+                )
             if share < ours:
                 self.stats.ignored_crossing += 1
                 return []  # the peer drops its request too: ours stands
@@ -262,7 +262,9 @@ class FreshKeyUpdates:
 
     # ------------------------------------------------------------------- key steps
 
-    def _run(self, steps: KeySteps[Any], then: Callable[[], list[RecordEvent]]) -> list[RecordEvent]:
+    def _run(
+        self, steps: KeySteps[Any], then: Callable[[], list[RecordEvent]]
+    ) -> list[RecordEvent]:
         self._steps, self._then = steps.steps, then
         return self.answer(None)
 
@@ -306,4 +308,3 @@ class FreshKeyUpdates:
                 request = steps.send(None)
         except StopIteration:
             return events
-

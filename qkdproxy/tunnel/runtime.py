@@ -46,7 +46,14 @@ from qkdproxy.tunnel.addresses import (
 from qkdproxy.tunnel.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
 from qkdproxy.tunnel.policy import Policy
 from qkdproxy.tunnel.proxyv2 import ProxyInfo, encode_proxy_v2
-from qkdproxy.tunnel.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
+from qkdproxy.tunnel.pump import (
+    Channel,
+    FreshKeyBudget,
+    RawTlsChannel,
+    RekeyBudget,
+    Traffic,
+    pump,
+)
 from qkdproxy.tunnel.ratelimit import source_key
 
 log = logging.getLogger("qkdproxy.connection")
@@ -85,6 +92,10 @@ class ConnectionRecord:
     bytes_to_peer: int = 0
     bytes_from_peer: int = 0
     key_updates: int = 0
+    # Extended Key Updates: completed, failed, and the QKD key ids they spent (never keys).
+    fresh_key_updates: int = 0
+    fresh_key_update_failures: int = 0
+    fresh_key_ids: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     reason: str = ""
 
@@ -311,6 +322,7 @@ class Tunnel:
             reason = await pump(
                 reader, writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+                fresh=self._fresh, stream=stream,
             )  # fmt: skip
             return reason
         finally:
@@ -406,6 +418,7 @@ class Tunnel:
             reason = await pump(
                 backend_reader, backend_writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+                fresh=self._fresh, stream=stream,
             )  # fmt: skip
             return reason
         finally:
@@ -456,6 +469,17 @@ class Tunnel:
     def _rekey(self) -> RekeyBudget:
         return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
 
+    @property
+    def _fresh(self) -> FreshKeyBudget:
+        return FreshKeyBudget(self.config.fresh_key_bytes, self.config.fresh_key_interval_s)
+
+    def fresh_key_age(self) -> float | None:
+        """Seconds since the oldest live connection with Extended Key Update got its last
+        fresh key (None if there is none)."""
+        now = time.monotonic()
+        ages = [now - t.fresh_keys_at for t in self._traffic.values() if t.fresh_keys_at]
+        return max(ages, default=None)
+
     def _live(self, record: ConnectionRecord) -> Traffic:
         """A connection's byte counts, visible to :meth:`bytes_moved` while it lives."""
         traffic = self._traffic[record.conn_id] = Traffic()
@@ -464,6 +488,9 @@ class Tunnel:
     def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
         record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
         record.key_updates = traffic.key_updates
+        record.fresh_key_updates = traffic.fresh_key_updates
+        record.fresh_key_update_failures = traffic.fresh_key_update_failures
+        record.fresh_key_ids = traffic.fresh_key_ids
         # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
         del self._traffic[record.conn_id]
         self.stats.bytes_to_peer += traffic.to_peer
