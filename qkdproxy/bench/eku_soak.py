@@ -31,8 +31,10 @@ from qkdproxy.bench.soak import LedgerLink, _kme_table, _port, install_ledger
 from qkdproxy.certs import KMES, TRUST_DOMAIN, TUNNEL_SERVER_NAME, write_dev_pki
 from qkdproxy.config import load_config
 from qkdproxy.daemon import Daemon
+from qkdproxy.kme.faults import FaultScript
 from qkdproxy.kme.simulator import KmePair, SimulatorSettings
 from qkdproxy.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.tls.keyexchange import Flow
 from qkdproxy.tunnel.runtime import ConnectionRecord
 
 CHUNK = 16 * 1024
@@ -48,6 +50,9 @@ class EkuSoakSettings:
     bytes_per_s: int = 2 * 1024 * 1024
     group: str = "qkd_mlkem768"
     seed: int = 17
+    # Added to every KME call by the simulator (the KME round trip an update may wait for).
+    kme_delay_ms: float = 0.0
+    flow: Flow = Flow.CLIENT_INITIATED
 
 
 @dataclass(slots=True)
@@ -120,10 +125,10 @@ async def _traffic(port: int, s: EkuSoakSettings, result: EkuSoakResult) -> None
         writer.write_eof()
 
     async def read() -> None:
-        last = time.monotonic()
+        last: float | None = None  # from the first echo on: the handshake is not a gap
         while data := await reader.read(65536):
             now = time.monotonic()
-            if writing:
+            if writing and last is not None:
                 result.max_gap_s = max(result.max_gap_s, now - last)
             last = now
             echoed.update(data)
@@ -145,7 +150,8 @@ async def run_eku_soak(s: EkuSoakSettings) -> EkuSoakResult:
         write_dev_pki(pki)
         anchors = load_trust_anchors(pki / "ca.pem")
         credentials = [Credentials.load(pki / f"{k}.pem", pki / f"{k}-key.pem") for k in KMES]
-        pair = KmePair(SimulatorSettings(), credentials, anchors)
+        simulator = SimulatorSettings(faults=FaultScript(fixed_ms=s.kme_delay_ms))
+        pair = KmePair(simulator, credentials, anchors)
         link = install_ledger(pair, LedgerLink)
         async with AsyncExitStack() as stack:
             await pair.start()
@@ -165,7 +171,8 @@ async def run_eku_soak(s: EkuSoakSettings) -> EkuSoakResult:
                 stack, base / "client.toml",
                 _kme_table(pair.urls_014[0], SAE_CLIENT, SAE_SERVER)
                 + _tunnel(s, "client", _port(server),
-                          f'server_name = "{TUNNEL_SERVER_NAME}"\n' + extra),
+                          f'server_name = "{TUNNEL_SERVER_NAME}"\nflow = "{s.flow.value}"\n'
+                          + extra),
                 records,
             )  # fmt: skip
             started = time.monotonic()

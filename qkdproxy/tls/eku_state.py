@@ -41,6 +41,7 @@ from qkdproxy.tls.keyexchange import (
     ClientKeyExchange,
     Flow,
     KeyAnswer,
+    KeyApi,
     KeyContext,
     KeySteps,
     ServerKeyExchange,
@@ -127,6 +128,17 @@ class FreshKeyUpdates:
     def group(self) -> int:
         """The connection's group code point: the only group an update may use."""
         return self._hybrid.group.code_point
+
+    @property
+    def originator(self) -> bool:
+        """True if this side originates the QKD key ids (as it did in the handshake)."""
+        return self._originator
+
+    @property
+    def can_initiate(self) -> bool:
+        """False for the non-originating side of an ETSI 004 connection: its peer would
+        have to originate a key through ETSI 014, which an ETSI 004 endpoint lacks."""
+        return self._originator or self._keys.options.api is not KeyApi.ETSI_004
 
     @property
     def waiting(self) -> bool:

@@ -399,9 +399,12 @@ class RecordLayer:
         """Start an Extended Key Update of our own: the key exchange and the step that
         prepares its share (run it with the key sources, then :meth:`begin_fresh_update`).
         None when EKU was not negotiated, the stream ended or an update is in progress."""
-        if self.eku is None or self.phase is not Phase.OPEN or self.eku.state.value != "idle":
+        eku = self.eku
+        if eku is None or self.phase is not Phase.OPEN or eku.state.value != "idle":
             return None
-        return self.eku.prepare()
+        if not eku.can_initiate:
+            return None
+        return eku.prepare()
 
     def begin_fresh_update(self, kex: ClientKeyExchange) -> list[RecordEvent]:
         """Send the request ``kex`` prepared (its key is wasted if the stream ended or the

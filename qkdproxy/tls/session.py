@@ -246,6 +246,12 @@ class TlsStream:
         """True if both sides negotiated Extended Key Update."""
         return self._layer.eku is not None
 
+    @property
+    def fresh_key_originator(self) -> bool:
+        """True if this side originates the updates' QKD key ids (see
+        :class:`~qkdproxy.tls.eku_state.FreshKeyUpdates`)."""
+        return self._layer.eku is not None and self._layer.eku.originator
+
     def fresh_key_stats(self) -> tuple[int, int, list[str]]:
         """Extended Key Updates completed and failed on this stream, and the QKD key ids
         the completed ones spent."""

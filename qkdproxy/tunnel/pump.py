@@ -84,6 +84,10 @@ class FreshKeyBudget:
 
 # How often the fresh-key task looks at the byte budget (the time budget wakes it exactly).
 FRESH_KEY_POLL_S = 1.0
+# The side that does not originate key ids waits this much longer than its budget says:
+# with equal budgets the originator's update comes first, so two peers do not start
+# crossing updates (one of which would waste a key) every time.
+NON_ORIGINATOR_SLACK = 1.5
 
 
 @dataclass(slots=True)
@@ -173,15 +177,19 @@ async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudg
     do not both update."""
     bytes_mark = traffic.to_peer + traffic.from_peer
     started = 0.0
+    slack = 1.0 if stream.fresh_key_originator else NON_ORIGINATOR_SLACK
+    max_seconds, max_bytes = budget.max_seconds * slack, int(budget.max_bytes * slack)
     while True:
         now = time.monotonic()
-        traffic.fresh_keys_at = stream.fresh_keys_at
+        if traffic.fresh_keys_at != stream.fresh_keys_at:  # an update completed (either side)
+            traffic.fresh_keys_at = stream.fresh_keys_at
+            bytes_mark = traffic.to_peer + traffic.from_peer
         since = max(stream.fresh_keys_at, started)
         moved = traffic.to_peer + traffic.from_peer - bytes_mark
         wait = FRESH_KEY_POLL_S
-        if budget.max_seconds:
-            wait = min(wait, since + budget.max_seconds - now)
-        if wait <= 0 or (budget.max_bytes and moved >= budget.max_bytes):
+        if max_seconds:
+            wait = min(wait, since + max_seconds - now)
+        if wait <= 0 or (max_bytes and moved >= max_bytes):
             try:
                 await stream.fresh_key_update()
             except TlsStreamError:
