@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkdproxy.bench.kme_setup import SAE_CLIENT, SAE_SERVER
-from qkdproxy.bench.soak import LedgerLink, _kme_table, _port, install_ledger
-from qkdproxy.certs import KMES, TRUST_DOMAIN, TUNNEL_SERVER_NAME, write_dev_pki
+from qkdproxy.bench.soak import _kme_table, _port, _write, recording_kme_pair
+from qkdproxy.certs import TRUST_DOMAIN, TUNNEL_SERVER_NAME
 from qkdproxy.config import load_config
 from qkdproxy.daemon import Daemon
 from qkdproxy.kme.faults import FaultScript
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
-from qkdproxy.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.kme.simulator import SimulatorSettings
 from qkdproxy.tls.keyexchange import Flow
 from qkdproxy.tunnel.runtime import ConnectionRecord
 
@@ -146,13 +145,8 @@ async def run_eku_soak(s: EkuSoakSettings) -> EkuSoakResult:
     extra = f"fresh_key_interval_s = {s.interval_s}\nrequire_fresh_key_update = true\n"
     with tempfile.TemporaryDirectory(prefix="qkdproxy-eku-soak-") as tmp:
         base = Path(tmp)
-        pki = base / "pki"
-        write_dev_pki(pki)
-        anchors = load_trust_anchors(pki / "ca.pem")
-        credentials = [Credentials.load(pki / f"{k}.pem", pki / f"{k}-key.pem") for k in KMES]
         simulator = SimulatorSettings(faults=FaultScript(fixed_ms=s.kme_delay_ms))
-        pair = KmePair(simulator, credentials, anchors)
-        link = install_ledger(pair, LedgerLink)
+        pair, link = recording_kme_pair(base / "pki", simulator)
         async with AsyncExitStack() as stack:
             await pair.start()
             stack.push_async_callback(pair.stop)
@@ -207,8 +201,7 @@ def _tunnel(s: EkuSoakSettings, role: str, connect: int, extra: str) -> str:
 async def _daemon(
     stack: AsyncExitStack, path: Path, text: str, records: list[ConnectionRecord]
 ) -> Daemon:
-    path.write_text(text)
-    daemon = Daemon(load_config(path), on_close=records.append)
+    daemon = Daemon(load_config(_write(path, text)), on_close=records.append)
     stack.push_async_callback(daemon.close)
     await daemon.start()
     return daemon

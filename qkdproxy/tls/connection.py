@@ -230,7 +230,7 @@ class TlsConnection:
             self.kex = ServerKeyExchange(config.groups, keys)
             self._gate = HelloGate(HandshakeType.CLIENT_HELLO)
             self._tls = HookedTLSConnection(self._sock, self.kex, lambda chain: None)
-        self._keys = keys
+        self.keys = keys  # the endpoint's key context (Extended Key Updates draw from it)
         self._tls.eku_offer = config.fresh_key_update
 
     # ----------------------------------------------------------------- inputs
@@ -573,7 +573,7 @@ class TlsConnection:
             layer=records,
             schedule=self._tls.key_schedule(),
             hybrid=hybrid,
-            keys=self._keys,
+            keys=self.keys,
             is_client=self.is_client,
             originator=originator,
         )

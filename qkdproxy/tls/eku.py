@@ -26,6 +26,7 @@ import hmac
 from dataclasses import dataclass
 
 from qkdproxy.errors import RemoteProtocolError
+from qkdproxy.tls.records import hkdf_expand_label
 from qkdproxy.tls.wire import Alert
 
 # Provisional code points (the draft's TBD1/TBD2), private to qkdproxy peers.
@@ -92,22 +93,6 @@ def parse(body: bytes) -> EkuMessage:
     return EkuMessage(subtype, group, bytes(body[5:]))
 
 
-def _expand_label(
-    secret: bytes, label: bytes, context: bytes, length: int, hash_name: str
-) -> bytes:
-    """HKDF-Expand-Label (RFC 8446 7.1) with a context."""
-    full = b"tls13 " + label
-    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + bytes([len(context)]) + context
-    out = b""
-    block = b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.digest(secret, block + info + bytes([counter]), hash_name)
-        out += block
-        counter += 1
-    return out[:length]
-
-
 @dataclass(slots=True)
 class KeySchedule:
     """The chain the draft keeps across updates: the main secret and the transcript hash of
@@ -123,10 +108,10 @@ class KeySchedule:
         secrets. ``request``/``response`` are the two whole EKU messages exchanged."""
         size = hashlib.new(self.hash_name).digest_size
         empty = hashlib.new(self.hash_name).digest()
-        salt = _expand_label(self.main_secret, b"derived", empty, size, self.hash_name)
+        salt = hkdf_expand_label(self.main_secret, b"derived", size, self.hash_name, empty)
         main = hmac.digest(salt, shared_secret, self.hash_name)
         transcript = hashlib.new(self.hash_name, self.transcript_hash + request + response).digest()
-        client = _expand_label(main, b"c ap traffic", transcript, size, self.hash_name)
-        server = _expand_label(main, b"s ap traffic", transcript, size, self.hash_name)
+        client = hkdf_expand_label(main, b"c ap traffic", size, self.hash_name, transcript)
+        server = hkdf_expand_label(main, b"s ap traffic", size, self.hash_name, transcript)
         self.main_secret, self.transcript_hash = main, transcript
         return client, server

@@ -15,7 +15,6 @@ Rules this layer holds that tlslite did not:
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -38,6 +37,7 @@ from qkdproxy.tls.keyexchange import ClientKeyExchange, KeyAnswer, KeySteps
 from qkdproxy.tls.records import (
     MAX_PLAINTEXT,
     TrafficKeys,
+    hkdf_expand_label,
     open_record,
     open_records,
     seal,
@@ -80,24 +80,6 @@ CIPHER_SUITES = {
     0x1302: CipherSuite(0x1302, "sha384", 48, 32),
     0x1303: CipherSuite(0x1303, "sha256", 32, 32, chacha=True),
 }
-
-
-def hkdf_expand_label(secret: bytes, label: bytes, length: int, hash_name: str) -> bytes:
-    """HKDF-Expand-Label with an empty context (RFC 8446 7.1, RFC 5869 2.3).
-
-    Written on :func:`hmac.digest` because a peer's KeyUpdate costs three of these: at a
-    few microseconds each a flood of KeyUpdates stays cheap.
-    """
-    full = b"tls13 " + label
-    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
-    out = b""
-    block = b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.digest(secret, block + info + bytes([counter]), hash_name)
-        out += block
-        counter += 1
-    return out[:length]
 
 
 class Direction:

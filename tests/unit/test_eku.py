@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from qkdproxy.pki import CertificateAuthority
 from qkdproxy.qkd.keys import KeySourceUnavailableError
 from qkdproxy.tls import eku
-from qkdproxy.tls.connection import HandshakeComplete, Phase, TlsConnection
+from qkdproxy.tls.connection import ConnectionConfig, HandshakeComplete, Phase
 from qkdproxy.tls.eku_state import State
 from qkdproxy.tls.events import (
     DataReceived,
@@ -38,7 +38,7 @@ from qkdproxy.tls.record_layer import RecordLayer
 from qkdproxy.tls.records import seal_inner
 from qkdproxy.tls.wire import Alert, ContentType
 from tests.conftest import groups
-from tests.unit.test_connection import Kme, Pair, endpoint, wall_time
+from tests.unit.test_connection import Kme, Pair, pair
 
 QKD_GROUP = "qkd_mlkem768"
 
@@ -56,26 +56,15 @@ def connected(
     server_offers: bool = True,
     options: QkdOptions | None = None,
     require: bool = False,
-    kme: Kme | None = None,
 ) -> tuple[Pair, KeyContext, KeyContext]:
-    hybrids = groups(group)
-    client_config, client_keys = endpoint(ca, hybrids, client=True, options=options)
-    server_config, server_keys = endpoint(ca, hybrids, client=False, options=options)
-    client_config = dataclasses.replace(
-        client_config, fresh_key_update=client_offers, require_fresh_key_update=require
-    )
-    server_config = dataclasses.replace(
-        server_config, fresh_key_update=server_offers, require_fresh_key_update=require
-    )
-    p = Pair(
-        TlsConnection(client_config, client_keys, is_client=True, wall_time=wall_time()),
-        TlsConnection(server_config, server_keys, is_client=False, wall_time=wall_time()),
-        kme or Kme(),
-    )
-    p.server.start(p.now)
-    p.client.start(p.now)
-    p.run()
-    return p, client_keys, server_keys
+    def configure(config: ConnectionConfig, client: bool) -> ConnectionConfig:
+        offers = client_offers if client else server_offers
+        return dataclasses.replace(
+            config, fresh_key_update=offers, require_fresh_key_update=require
+        )
+
+    p = pair(ca, groups(group), options=options, server_options=options, configure=configure)
+    return p, p.client.keys, p.server.keys
 
 
 @dataclass
