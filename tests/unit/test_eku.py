@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qkdproxy.hybrid import attach_key_id
 from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.keys import KeySourceUnavailableError
+from qkdproxy.qkd.keys import KeySourceUnavailableError, key_id_from_text
 from qkdproxy.tls import eku
 from qkdproxy.tls.connection import ConnectionConfig, HandshakeComplete, Phase
 from qkdproxy.tls.eku_state import State
@@ -343,6 +344,29 @@ def test_a_request_with_a_bad_share_fails_before_any_kme_call(ca: CertificateAut
     asked = len(p.kme.asked)
     bad = eku.encode(eku.KEY_UPDATE_REQUEST, lnk.server.eku.group, b"\x01" * 10)
     assert refused_with(inject(lnk, "client", bad)) == Alert.ILLEGAL_PARAMETER
+    assert len(p.kme.asked) == asked
+    assert server_keys.ledger.outstanding == 0
+
+
+def test_an_eku_message_without_negotiation_is_unexpected(ca: CertificateAuthority) -> None:
+    p, _, _ = connected(ca, server_offers=False)
+    lnk = link(p)
+    message = eku.encode(eku.KEY_UPDATE_REQUEST, 0x0201, b"\x01" * 32)
+    assert refused_with(inject(lnk, "client", message)) == Alert.UNEXPECTED_MESSAGE
+
+
+def test_a_request_replaying_the_handshake_key_id_costs_no_kme_call(
+    ca: CertificateAuthority,
+) -> None:
+    p, _, server_keys = connected(ca)
+    lnk = link(p)
+    assert lnk.server.eku is not None
+    (done,) = p.of("server", HandshakeComplete)
+    used = key_id_from_text(done.record.qkd_key_id)  # type: ignore[attr-defined]
+    _, public = groups(QKD_GROUP)[0].generate()
+    replay = eku.encode(eku.KEY_UPDATE_REQUEST, lnk.server.eku.group, attach_key_id(public, used))
+    asked = len(p.kme.asked)
+    assert refused_with(inject(lnk, "client", replay)) == Alert.ILLEGAL_PARAMETER
     assert len(p.kme.asked) == asked
     assert server_keys.ledger.outstanding == 0
 
