@@ -77,6 +77,7 @@ class UpdateStats:
     failed: int = 0
     initiated: int = 0
     ignored_crossing: int = 0
+    superseded: int = 0  # prepared, then not sent (the peer's update came first)
     key_ids: list[str] = field(default_factory=list)
     last_completed: float | None = None
 
@@ -170,10 +171,14 @@ class FreshKeyUpdates:
         self.stats.initiated += 1
         return []
 
-    def discard(self, kex: ClientKeyExchange) -> list[RecordEvent]:
-        """A prepared update that will not be sent: its key is wasted (and counted)."""
-        self.stats.failed += 1
-        return self._settle(kex, False, "update_failed")
+    def discard(self, kex: ClientKeyExchange, failed: bool = False) -> list[RecordEvent]:
+        """A prepared update that will not be sent (the peer's update came first, the stream
+        ended, or ``failed``: preparing it failed): its key is wasted and counted."""
+        if failed:
+            self.stats.failed += 1
+            return self._settle(kex, False, "update_failed")
+        self.stats.superseded += 1
+        return self._settle(kex, False, "update_superseded")
 
     # ------------------------------------------------------------------- receiving
 

@@ -272,7 +272,7 @@ class TlsStream:
         try:
             await run(steps)
         except QkdproxyError as exc:
-            events = self._layer.eku.discard(kex) if self._layer.eku else []
+            events = self._layer.eku.discard(kex, failed=True) if self._layer.eku else []
             alert = getattr(exc, "alert", Alert.INTERNAL_ERROR)
             events.append(self._layer.fail(Alert(alert), f"fresh key update: {exc}"))
             await self._handle(events)
