@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Key announcements end to end: qkdproxy/1 frames through PeerChannel.receive
-(qkdproxy/tls/peer.py) into AnnouncedSlave (qkdproxy/qkd/announce.py).
+(qkdproxy/io/peer_channel.py) into AnnouncedSlave (qkdproxy/keys/announce.py).
 
 Byte 0 is the read size; the rest is what the peer sends inside the tunnel. The channel
 must return DATA only, raise nothing but TlsStreamError, and the announced-key cache must
@@ -18,12 +18,12 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.qkd.announce import AnnouncedSlave
-    from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
-    from qkdproxy.qkd.sources import KeySources
-    from qkdproxy.tls.frames import FrameType, encode, encode_key_ids
-    from qkdproxy.tls.peer import PeerChannel
-    from qkdproxy.tls.session import TlsStream, TlsStreamError
+    from qkdproxy.core.keys import KeyNotFoundError, QkdKey, QkdKeyError
+    from qkdproxy.core.peer.frames import FrameType, encode, encode_key_ids
+    from qkdproxy.io.peer_channel import PeerChannel
+    from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
+    from qkdproxy.keys.announce import AnnouncedSlave
+    from qkdproxy.keys.sources import KeySources
 
 KNOWN = [bytes([i]) * 16 for i in range(1, 6)]
 LOOP = asyncio.new_event_loop()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The daemon's TOML configuration (qkdproxy/config.py load_config).
+"""The daemon's TOML configuration (qkdproxy/daemon/config.py load_config).
 
 The input is the file. load_config must return a Config or raise ConfigError whose every
 problem names the file; any other exception (a traceback for the operator) is a crash.
@@ -14,7 +14,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.config import ConfigError, load_config
+    from qkdproxy.daemon.config import ConfigError, load_config
 
 # Seeds: the configurations the tests use (imported after the code under test).
 from tests.test_config import CLIENT, KME, SERVER

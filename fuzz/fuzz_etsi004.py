@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ETSI GS QKD 004 frames (qkdproxy/etsi004/codec.py: decode and FrameDecoder).
+"""ETSI GS QKD 004 frames (qkdproxy/core/etsi004/codec.py: decode and FrameDecoder).
 
 Byte 0 is the chunk size; the rest one stream of frames. Anything decoded must re-encode
 to exactly the bytes it came from (strict, canonical), the decoder must buffer at most one
@@ -15,7 +15,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.etsi004.codec import (
+    from qkdproxy.core.etsi004.codec import (
         HEADER_SIZE,
         CloseRequest,
         CloseResponse,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""ETSI GS QKD 014 JSON (qkdproxy/etsi014/models.py) and what the client makes of a KME's
-answer (qkdproxy/etsi014/client.py: _decode, _container, error_for).
+"""ETSI GS QKD 014 JSON (qkdproxy/core/etsi014/models.py) and what the client makes of a KME's
+answer (qkdproxy/keys/etsi014_client.py: _decode, _container, error_for).
 
 Byte 0 picks the HTTP status the "KME" answered with (200 most of the time); the rest is
 the response body. Only KmeProtocolError / QkdKeyError / Etsi014FormatError may come out.
@@ -17,8 +17,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.etsi014.client import KmeProtocolError, _container, _decode, error_for
-    from qkdproxy.etsi014.models import (
+    from qkdproxy.core.etsi014.models import (
         ErrorBody,
         Etsi014FormatError,
         KeyContainer,
@@ -26,7 +25,8 @@ with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
         KeyRequest,
         Status,
     )
-    from qkdproxy.qkd.keys import QkdKeyError
+    from qkdproxy.core.keys import QkdKeyError
+    from qkdproxy.keys.etsi014_client import KmeProtocolError, _container, _decode, error_for
 
 STATUSES = [200, 200, 200, 200, 400, 401, 404, 500, 503]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""qkdproxy/1 framing (qkdproxy/tls/frames.py FrameDecoder, KEY_IDS/KSIDS payloads).
+"""qkdproxy/1 framing (qkdproxy/core/peer/frames.py FrameDecoder, KEY_IDS/KSIDS payloads).
 
 Byte 0 is the chunk size; the rest the stream. Decoding in chunks must give the frames a
 byte-by-byte decode gives, fail exactly when it fails, never buffer past one frame, and
@@ -12,7 +12,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.tls.frames import (
+    from qkdproxy.core.peer.frames import (
         HEADER_SIZE,
         MAX_PAYLOAD,
         Frame,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The hello gate (qkdproxy/tls/wire.py HelloGate) and the parse of what it holds.
+"""The hello gate (qkdproxy/core/tls/wire.py HelloGate) and the parse of what it holds.
 
 Input: byte 0 picks the expected hello (bit 0) and whether a second one is allowed
 (bit 1), byte 1 the chunk size bytes arrive in, the rest is the inbound stream. The gate
@@ -15,8 +15,8 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
-    from qkdproxy.tls.wire import (
+    from qkdproxy.core.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
+    from qkdproxy.core.tls.wire import (
         MAX_HELD_BYTES,
         MAX_HELLO_SIZE,
         MAX_PLAINTEXT_RECORD,

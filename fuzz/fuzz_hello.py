@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ClientHello / ServerHello parsers (qkdproxy/tls/hello.py).
+"""ClientHello / ServerHello parsers (qkdproxy/core/tls/hello.py).
 
 First input byte: odd parses a ClientHello body, even a ServerHello body; the rest is the
 body. Anything but a ClientHello/ServerHello or HelloParseError is a crash, and so is a
@@ -12,7 +12,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.tls.hello import (
+    from qkdproxy.core.tls.hello import (
         ClientHello,
         HelloParseError,
         parse_client_hello,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Key shares and key ids, server and client side (qkdproxy/tls/keyexchange.py, the hybrid
-share splitting in qkdproxy/hybrid.py), driven by parsed hostile hellos.
+"""Key shares and key ids, server and client side (qkdproxy/core/tls/keyexchange.py, the hybrid
+share splitting in qkdproxy/core/hybrid.py), driven by parsed hostile hellos.
 
 Byte 0 even: the rest is a ClientHello body for a server preferring qkd_mlkem768,
 X25519MLKEM768, x25519. Odd: the rest is a ServerHello body for a client that offered
@@ -18,17 +18,17 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.hybrid import KEY_ID_SIZE
-    from qkdproxy.loopback import resolve_groups
-    from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
-    from qkdproxy.qkd.sources import KeySources
-    from qkdproxy.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
-    from qkdproxy.tls.keyexchange import (
+    from qkdproxy.core.hybrid import KEY_ID_SIZE
+    from qkdproxy.core.keys import KeyNotFoundError, QkdKey
+    from qkdproxy.core.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
+    from qkdproxy.core.tls.keyexchange import (
         ClientKeyExchange,
         HandshakeRejectedError,
-        KeyContext,
         ServerKeyExchange,
     )
+    from qkdproxy.keys.sources import KeySources
+    from qkdproxy.tools.loopback import resolve_groups
+from qkdproxy.keys.context import KeyContext
 
 KNOWN_ID = b"\x42" * KEY_ID_SIZE
 GROUPS = resolve_groups(["qkd_mlkem768", "X25519MLKEM768", "x25519"])

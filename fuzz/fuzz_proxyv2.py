@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PROXY protocol v2 headers (qkdproxy/tunnel/proxyv2.py), which qkdproxy only writes.
+"""PROXY protocol v2 headers (qkdproxy/core/proxyv2.py), which qkdproxy only writes.
 
 The input drives the header's fields (addresses, ports, identity strings); the header
 must decode, with the strict test-side decoder from tests/test_fuzz_parsers.py, to exactly
@@ -14,7 +14,7 @@ import fuzzlib
 from fuzzlib import atheris
 
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
-    from qkdproxy.tunnel.proxyv2 import (
+    from qkdproxy.core.proxyv2 import (
         PP2_SUBTYPE_SSL_CN,
         PP2_TYPE_QKDPROXY_GROUP,
         PP2_TYPE_QKDPROXY_PEER,

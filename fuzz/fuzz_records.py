@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The application-data record path (qkdproxy/tls/records.py open_records).
+"""The application-data record path (qkdproxy/core/tls/records.py open_records).
 
 The input is what arrives after the handshake, opened with fixed traffic keys (byte 0 odd:
 ChaCha20-Poly1305, else AES-GCM). Whatever is opened must be whole records from the start
@@ -16,7 +16,7 @@ from fuzzlib import atheris
 with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-    from qkdproxy.tls.records import HEADER, MAX_PLAINTEXT, TrafficKeys, open_records, seal
+    from qkdproxy.core.tls.records import HEADER, MAX_PLAINTEXT, TrafficKeys, open_records, seal
 
 KEY, IV = bytes(range(32)), int.from_bytes(bytes(range(100, 112)), "big")
 

@@ -1,3 +1,3 @@
-from qkdproxy.cli import main
+from qkdproxy.cli.main import main
 
 raise SystemExit(main())

@@ -6,12 +6,12 @@ import importlib.util
 
 import pytest
 
-from qkdproxy.groups import DEFAULT_GROUPS
-from qkdproxy.hybrid import GroupUnavailableError, HybridKem, resolve
-from qkdproxy.kem import default_registry
-from qkdproxy.kem.liboqs import probe_liboqs
-from qkdproxy.loopback import resolve_groups
-from qkdproxy.pki import CertificateAuthority
+from qkdproxy.core.groups import DEFAULT_GROUPS
+from qkdproxy.core.hybrid import GroupUnavailableError, HybridKem, resolve
+from qkdproxy.core.kem import default_registry
+from qkdproxy.core.kem.liboqs import probe_liboqs
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.tools.loopback import resolve_groups
 
 LIBOQS = probe_liboqs()
 requires_liboqs = pytest.mark.skipif(

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from qkdproxy.certs import DevPki
-from qkdproxy.kme.quirks import Quirk, cn_only_kme_credentials
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
+from qkdproxy.sim.quirks import Quirk, cn_only_kme_credentials
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.certs import DevPki
 
 DEADLINE = 30.0
 SERVER_TUNNEL = """

@@ -31,9 +31,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from qkdproxy.certs import DevPki
-from qkdproxy.sslctx import client_context, server_context
-from qkdproxy.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH
+from qkdproxy.keys.sslctx import client_context, server_context
+from qkdproxy.tools.certs import DevPki
 from tests.test_daemon_system import (
     CLIENT_ID,
     DEADLINE,
@@ -70,6 +71,7 @@ __all__ = [
     "eventually",
     "free_port",
     "metric",
+    "recovers_after_refusals",
     "refused",
     "works",
 ]
@@ -111,6 +113,20 @@ async def refused(port: int) -> bytes:
         return await read_until_eof(reader)
     finally:
         writer.close()
+
+
+async def recovers_after_refusals(client: Node, tunnel: str) -> str | None:
+    """Connections through ``tunnel`` fail at most REFUSALS_BEFORE_FLUSH - 1 times (each
+    refusal costs one key), then all work. The flush warning, if the streak got that far."""
+    outcomes = [await works(client.ports[tunnel]) for _ in range(REFUSALS_BEFORE_FLUSH + 2)]
+    assert True in outcomes, client.proc.records()
+    first = outcomes.index(True)
+    assert first <= REFUSALS_BEFORE_FLUSH - 1 and all(outcomes[first:]), outcomes
+    # A flush happened if the supply held REFUSALS_BEFORE_FLUSH suspect keys or more.
+    await client.settled()
+    warnings = [line for line in client.proc.lines if "key supply flushed" in line]
+    assert all(f"tunnel {tunnel}: the peer refused our QKD keys" in w for w in warnings)
+    return warnings[0] if warnings else None
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -12,18 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from qkdproxy.groups import DEFAULT_GROUPS
-from qkdproxy.hybrid import resolve
-from qkdproxy.kem import default_registry
-from qkdproxy.observability.metrics import Metrics, StateCollector, TunnelState
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.credentials import Credentials, load_trust_anchors
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
-from qkdproxy.tls.session import EndpointSettings, HandshakeError, TlsEndpoint
-from qkdproxy.tls.verify import PeerPolicy
-from qkdproxy.tunnel import gate
-from qkdproxy.tunnel.admission import (
+from qkdproxy.core.admission import (
     Admission,
     AdmissionLimits,
     HelloProgress,
@@ -31,6 +20,17 @@ from qkdproxy.tunnel.admission import (
     Refusal,
     Ticket,
 )
+from qkdproxy.core.groups import DEFAULT_GROUPS
+from qkdproxy.core.hybrid import resolve
+from qkdproxy.core.kem import default_registry
+from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.daemon import gate
+from qkdproxy.daemon.metrics import Metrics, StateCollector, TunnelState
+from qkdproxy.io.tls_stream import EndpointSettings, HandshakeError, TlsEndpoint
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.sources import KeySources
 from tests.test_daemon_system import (
     CONNECTION_MARK,
     SERVER_NAME,

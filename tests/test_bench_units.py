@@ -7,10 +7,10 @@ import io
 import json
 from pathlib import Path
 
-from qkdproxy.bench.output import OutputFormat, render
-from qkdproxy.bench.plot import BarChart, save
-from qkdproxy.bench.tunnel_handshake import pq_counterpart, table_groups
-from qkdproxy.groups import DEFAULT_GROUPS
+from qkdproxy.core.groups import DEFAULT_GROUPS
+from qkdproxy.tools.bench.output import OutputFormat, render
+from qkdproxy.tools.bench.plot import BarChart, save
+from qkdproxy.tools.bench.tunnel_handshake import pq_counterpart, table_groups
 from tests.conftest import requires_matplotlib
 
 ROWS: list[dict[str, object]] = [

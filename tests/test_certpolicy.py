@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.sslctx import client_context
-from qkdproxy.tls.certpolicy import CertificatePolicy, CertificatePolicyError
-from qkdproxy.tls.credentials import PrivateKey
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.verify import PeerPolicy, PeerRejectedError
+from qkdproxy.core.tls.certpolicy import CertificatePolicy, CertificatePolicyError
+from qkdproxy.core.tls.credentials import PrivateKey
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.verify import PeerPolicy, PeerRejectedError
+from qkdproxy.keys.sslctx import client_context
+from qkdproxy.sim.pki import CertificateAuthority
 
 NAME = "peer.qkdproxy.test"
 CLIENT_AUTH, SERVER_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH

@@ -173,3 +173,24 @@ def test_results_are_printed_even_when_the_plot_cannot_be_written(tmp_path: Path
     assert result.returncode == 2
     assert json.loads(result.stdout)["results"][0]["requests"] == 20
     assert "cannot write the plot" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_keys_reports_the_key_economy_of_a_short_run() -> None:
+    result = qkdproxy(
+        "bench", "keys", "--links", "fast", "--kme-latency-ms", "0", "--patterns", "10/s,idle",
+        "--seconds", "1", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    steady, idle = json.loads(result.stdout)["results"]
+    assert steady["connections"] == 10 and steady["failed"] == 0
+    assert steady["keys_consumed"] == 10
+    assert steady["keys_drawn"] == steady["keys_consumed"] + steady["keys_held_at_end"]
+    assert 0 < steady["from_memory"] <= 1 and steady["handshake_p50_ms"] > 0
+    # Idle: the floor and nothing more.
+    assert (idle["connections"], idle["keys_drawn"], idle["keys_consumed"]) == (0, 4, 0)
+
+
+def test_bench_keys_bad_input() -> None:
+    result = qkdproxy("bench", "keys", "--patterns", "2/min")
+    assert result.returncode == 2
+    assert "--patterns takes" in result.stderr and "Traceback" not in result.stderr

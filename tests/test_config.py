@@ -9,16 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkdproxy.config import ConfigError, load_config
-from qkdproxy.tls.keyexchange import Flow, KeyApi
-from qkdproxy.tunnel.addresses import (
+from qkdproxy.core.addresses import (
     AddressError,
     SystemdAddress,
     TcpAddress,
     UnixAddress,
     parse_address,
 )
-from qkdproxy.tunnel.policy import Policy, plan_groups
+from qkdproxy.core.policy import Policy, plan_groups
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi
+from qkdproxy.daemon.config import ConfigError, load_config
 
 KME = """
 [kme.local]

@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-from qkdproxy.certs import write_dev_pki
-from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey
+from qkdproxy.keys.announce import AnnouncedSlave
+from qkdproxy.tools.certs import write_dev_pki
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 15.0
@@ -521,8 +521,8 @@ async def harness_fixture(tmp_path: Path, pki: Path) -> AsyncIterator[Harness]:
 HEX64 = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
 # The connection record's fields that may name keys: ids and counters, never key bytes.
 KEY_FIELDS = {
-    "qkd_key_id", "key_updates", "fresh_key_updates", "fresh_key_update_failures",
-    "fresh_key_ids",
+    "qkd_key_id", "spent_key_id", "key_updates", "fresh_key_updates",
+    "fresh_key_update_failures", "fresh_key_ids",
 }  # fmt: skip
 BASE64_32 = re.compile(r"[A-Za-z0-9+/]{43}=")
 
@@ -824,6 +824,12 @@ async def test_qkd_preferred_falls_back_to_pq_when_the_kme_is_unreachable(
     assert s["group"] == "X25519MLKEM768", server.proc.records()
     warning = await client.proc.wait_line(lambda line: "falling back" in line)
     assert "WARNING" in warning and "X25519MLKEM768" in warning
+    assert "kme_unavailable" in warning
+    # Logged once per transition, not once per connection.
+    for _ in range(2):
+        assert await exchange(client.port, b"again", within=30.0) == b"again"
+    await client.proc.wait_line(records_at_least(client.proc, 3))
+    assert sum("falling back" in line for line in client.proc.lines) == 1
 
 
 # --------------------------------------------------------------------------- 7. reload

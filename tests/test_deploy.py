@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from qkdproxy.certs import write_dev_pki
-from qkdproxy.config import load_config
-from qkdproxy.daemon import build_endpoint
-from qkdproxy.kme.cli import CONFIG_KEYS
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.keyexchange import KeyContext
+from qkdproxy.cli.kme import CONFIG_KEYS
+from qkdproxy.daemon.app import build_endpoint
+from qkdproxy.daemon.config import load_config
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.sources import KeySources
+from qkdproxy.tools.certs import write_dev_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"

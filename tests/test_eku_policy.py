@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.config import load_config
-from qkdproxy.tunnel import pump
-from qkdproxy.tunnel.pump import FreshKeyBudget, Traffic, refresh_keys
+from qkdproxy.daemon import pump
+from qkdproxy.daemon.config import load_config
+from qkdproxy.daemon.pump import FreshKeyBudget, Traffic, refresh_keys
 from tests.test_config import CLIENT, KME, problems, write
 
 

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from qkdproxy.bench.eku_soak import EkuSoakSettings, run_eku_soak
+from qkdproxy.tools.bench.eku_soak import EkuSoakSettings, run_eku_soak
 
 SECONDS = float(os.environ.get("QKDPROXY_EKU_SOAK_SECONDS", "6"))
 INTERVAL = float(os.environ.get("QKDPROXY_EKU_SOAK_INTERVAL", "1"))

@@ -7,22 +7,22 @@ import asyncio
 
 import pytest
 
-from qkdproxy.config import ConfigError
-from qkdproxy.errors import QkdproxyError, SettingError
-from qkdproxy.etsi014.models import Etsi014FormatError
-from qkdproxy.groups import GroupError
-from qkdproxy.hybrid import GroupUnavailableError
-from qkdproxy.kem.base import KemError
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.qkd.keys import QkdKeyError
-from qkdproxy.tls.credentials import CredentialError
-from qkdproxy.tls.frames import FrameError
-from qkdproxy.tls.hello import ClientHello, HelloParseError
-from qkdproxy.tls.keyexchange import KeySteps, QkdOptions, ServerKeyExchange
-from qkdproxy.tls.session import HandshakeError, Outcome, TlsStreamError
-from qkdproxy.tls.wire import Alert
-from qkdproxy.tunnel.addresses import AddressError
-from qkdproxy.tunnel.runtime import failure_class
+from qkdproxy.core.addresses import AddressError
+from qkdproxy.core.errors import QkdproxyError, SettingError
+from qkdproxy.core.etsi014.models import Etsi014FormatError
+from qkdproxy.core.groups import GroupError
+from qkdproxy.core.hybrid import GroupUnavailableError
+from qkdproxy.core.kem.base import KemError
+from qkdproxy.core.keys import QkdKeyError
+from qkdproxy.core.peer.frames import FrameError
+from qkdproxy.core.tls.credentials import CredentialError
+from qkdproxy.core.tls.hello import ClientHello, HelloParseError
+from qkdproxy.core.tls.keyexchange import KeySteps, QkdOptions, ServerKeyExchange
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.daemon.config import ConfigError
+from qkdproxy.daemon.tunnel import failure_class
+from qkdproxy.io.tls_stream import HandshakeError, Outcome, TlsStreamError
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
 
 

@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.etsi004.client import Etsi004Client, QosNotMetError, RequestRefusedError
-from qkdproxy.etsi004.codec import (
+from qkdproxy.core.etsi004.codec import (
     HEADER_SIZE,
     KSID_SIZE,
     MAX_PAYLOAD,
@@ -47,30 +46,32 @@ from qkdproxy.etsi004.codec import (
     decode,
     encode,
 )
-from qkdproxy.kme.faults import (
+from qkdproxy.core.keys import (
+    KeyExhaustedError,
+    KeySourceUnavailableError,
+    KsidInUseError,
+    PeerNotConnectedError,
+)
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.keyexchange import Flow, HandshakeRecord, KeyApi, QkdOptions
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.io.tls_stream import EndpointSettings, TlsEndpoint, TlsStream
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi004_client import Etsi004Client, QosNotMetError, RequestRefusedError
+from qkdproxy.keys.sources import KeySources, StreamKeySource
+from qkdproxy.keys.sslctx import client_context, server_context
+from qkdproxy.sim.faults import (
     Burst,
     Decision,
     FaultInjector,
     FaultScript,
     Window,
 )
-from qkdproxy.kme.link import LinkSettings, QkdLinkModel
-from qkdproxy.kme.node import IdentitySource, KmeNode
-from qkdproxy.kme.server004 import Etsi004Server
-from qkdproxy.loopback import CLIENT_URI, SERVER_NAME
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.keys import (
-    KeyExhaustedError,
-    KeySourceUnavailableError,
-    KsidInUseError,
-    PeerNotConnectedError,
-)
-from qkdproxy.qkd.sources import KeySources, StreamKeySource
-from qkdproxy.sslctx import client_context, server_context
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import Flow, HandshakeRecord, KeyApi, KeyContext, QkdOptions
-from qkdproxy.tls.session import EndpointSettings, TlsEndpoint, TlsStream
-from qkdproxy.tls.verify import PeerPolicy
+from qkdproxy.sim.link import LinkSettings, QkdLinkModel
+from qkdproxy.sim.node import IdentitySource, KmeNode
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.sim.server004 import Etsi004Server
+from qkdproxy.tools.loopback import CLIENT_URI, SERVER_NAME
 from tests.conftest import groups
 
 DEADLINE = 10.0

@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 
-from qkdproxy.bench.kme_setup import simulated_kme_sources
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.qkd.etsi004_sources import PrefetchingStreams
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import KeyNotFoundError
-from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
-from qkdproxy.tls.peer import open_peer_channel
+from qkdproxy.core.keys import KeyNotFoundError
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.io.peer_channel import open_peer_channel
+from qkdproxy.keys.etsi004_supply import PrefetchingStreams
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
 
 

@@ -10,25 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.cli import build_parser
-from qkdproxy.config import ConfigError, load_config
-from qkdproxy.etsi004.client import QosNotMetError
-from qkdproxy.etsi004.codec import QoS
-from qkdproxy.etsi004.qos import QosPolicy, describe_status
-from qkdproxy.kme.cli import _settings as simulator_settings
-from qkdproxy.kme.cli import parse_qos_demands
-from qkdproxy.kme.quirks import Quirk
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.keys import KsidInUseError
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import (
+from qkdproxy.cli.kme import _settings as simulator_settings
+from qkdproxy.cli.kme import parse_qos_demands
+from qkdproxy.cli.main import build_parser
+from qkdproxy.core.etsi004.codec import QoS
+from qkdproxy.core.etsi004.qos import QosPolicy, describe_status
+from qkdproxy.core.keys import KsidInUseError
+from qkdproxy.core.tls.keyexchange import (
     ClientKeyExchange,
     HandshakeRejectedError,
     KeyApi,
-    KeyContext,
     QkdOptions,
 )
+from qkdproxy.daemon.config import ConfigError, load_config
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi004_client import QosNotMetError
+from qkdproxy.keys.key_supply import run
+from qkdproxy.keys.sources import KeySources
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.sim.quirks import Quirk
 from tests.conftest import groups
 from tests.kme_helpers import kme_config_file
 from tests.test_etsi004 import Kmes, running_kmes

@@ -26,15 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.bench.kme_setup import simulated_kme_sources
-from qkdproxy.certs import DevPki
-from qkdproxy.etsi014.client import (
-    Etsi014Client,
-    KmeProtocolError,
-    KmeRefusedError,
-    KmeUnauthorisedError,
-)
-from qkdproxy.etsi014.models import (
+from qkdproxy.core.breaker import BreakerState, CircuitBreaker
+from qkdproxy.core.etsi014.models import (
     ErrorBody,
     Etsi014FormatError,
     KeyContainer,
@@ -42,21 +35,29 @@ from qkdproxy.etsi014.models import (
     KeyRequest,
     Status,
 )
-from qkdproxy.kme.faults import Burst, FaultScript, Window
-from qkdproxy.kme.link import LinkSettings
-from qkdproxy.kme.node import IdentitySource
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave, PrefetchSettings
-from qkdproxy.qkd.keys import (
+from qkdproxy.core.keys import (
     KeyNotFoundError,
     KeySourceUnavailableError,
     QkdKey,
 )
-from qkdproxy.sslctx import client_context, server_context
-from qkdproxy.tls.credentials import Credentials
-from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.keys.etsi014_client import (
+    Etsi014Client,
+    KmeProtocolError,
+    KmeRefusedError,
+    KmeUnauthorisedError,
+)
+from qkdproxy.keys.etsi014_supply import Etsi014Master, Etsi014Slave
+from qkdproxy.keys.sslctx import client_context, server_context
+from qkdproxy.keys.supply import SupplySettings
+from qkdproxy.sim.faults import Burst, FaultScript, Window
+from qkdproxy.sim.link import LinkSettings
+from qkdproxy.sim.node import IdentitySource
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
+from qkdproxy.tools.certs import DevPki
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
 
 DEADLINE = 10.0
@@ -1048,19 +1049,21 @@ async def test_master_serves_from_its_prefetch_buffer(pki: DevPki, pair: KmePair
         etsi_client(pki, kme_a, "sae-a") as client_a,
         etsi_client(pki, kme_b, "sae-b") as client_b,
     ):
-        master = Etsi014Master(client_a, "sae-b", PrefetchSettings(low=2, high=6, batch=3))
+        # A one-second window at a frozen clock: the takes below are a high rate.
+        supply = SupplySettings(floor=6, ceiling=6, window_s=1.0)
+        master = Etsi014Master(client_a, "sae-b", supply, clock=lambda: 0.0)
         try:
             master.ensure_refill()
             await wait_for_depth(master, 6)
             assert master.counters.prefetched == 6
             assert pair.link.pending_keys == 6
-            master.ensure_refill()  # above the low watermark: nothing to do
-            taken = [await master.take_key() for _ in range(3)]
-            assert master.depth == 3
-            assert master.counters.served_from_buffer == 3
+            master.ensure_refill()  # at its target: nothing to do
+            assert master._refill is not None and master._refill.done()
+            taken = [await master.take_key() for _ in range(4)]
+            assert master.depth == 2
+            assert master.counters.served_from_buffer == 4
             assert master.counters.fetched_on_demand == 0
-            taken.append(await master.take_key())  # depth 2 = low: a refill starts
-            await wait_for_depth(master, 6)
+            await wait_for_depth(master, 6)  # the first take started a refill
             assert master.counters.prefetched == 10
             assert len({k.key_id for k in taken}) == 4
             slave = Etsi014Slave(client_b, "sae-a")
@@ -1077,7 +1080,7 @@ async def test_master_drops_stale_keys(pki: DevPki, pair: KmePair) -> None:
     now = [0.0]
     async with etsi_client(pki, pair.urls_014[0], "sae-a") as client:
         master = Etsi014Master(
-            client, "sae-b", PrefetchSettings(low=0, high=4, batch=4, max_age_s=10.0),
+            client, "sae-b", SupplySettings(floor=4, ceiling=4, max_age_s=10.0),
             clock=lambda: now[0],
         )  # fmt: skip
         try:
@@ -1108,7 +1111,7 @@ async def test_master_without_prefetch_fetches_on_demand(pki: DevPki, pair: KmeP
 async def test_master_refill_errors_are_counted(pki: DevPki) -> None:
     async with fake_kme(pki) as fake, etsi_client(pki, fake.url, "sae-a") as client:
         fake.handler = reply(503, {"message": "insufficient key material"})
-        master = Etsi014Master(client, "sae-b", PrefetchSettings(low=1, high=4, batch=2))
+        master = Etsi014Master(client, "sae-b", SupplySettings(floor=4))
         master.ensure_refill()
         assert master._refill is not None
         await asyncio.wait_for(master._refill, DEADLINE)

@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from qkdproxy.certs import DevPki
-from qkdproxy.config import ConfigError, KmeConfig, load_config
-from qkdproxy.etsi014.client import Etsi014Client, KmeProtocolError, KmeRefusedError
-from qkdproxy.qkd.etsi014_sources import Etsi014Slave
-from qkdproxy.sslctx import client_context
-from qkdproxy.tls.credentials import Credentials
-from qkdproxy.tls.keyexchange import KeyApi
-from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.keyexchange import KeyApi
+from qkdproxy.daemon.config import ConfigError, KmeConfig, load_config
+from qkdproxy.daemon.kme_binding import KmeConnection
+from qkdproxy.keys.etsi014_client import Etsi014Client, KmeProtocolError, KmeRefusedError
+from qkdproxy.keys.etsi014_supply import Etsi014Slave
+from qkdproxy.keys.sslctx import client_context
+from qkdproxy.tools.certs import DevPki
 from tests.kme_helpers import kme_config_file
 from tests.test_etsi014 import (
     DEADLINE,
@@ -267,9 +267,9 @@ async def test_the_status_poll_logs_a_key_size_mismatch(
         connection = KmeConnection.open(config)
         logged = asyncio.Event()
         signal = EventHandler(logged)
-        logger = logging.getLogger("qkdproxy.kme")
+        logger = logging.getLogger("qkdproxy.sim")
         logger.addHandler(signal)
-        with caplog.at_level(logging.ERROR, logger="qkdproxy.kme"):
+        with caplog.at_level(logging.ERROR, logger="qkdproxy.sim"):
             connection.start()
             try:
                 await asyncio.wait_for(logged.wait(), DEADLINE)

@@ -35,9 +35,7 @@ import yarl
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from qkdproxy.certs import DevPki
-from qkdproxy.etsi004.client import Etsi004Client
-from qkdproxy.etsi004.codec import (
+from qkdproxy.core.etsi004.codec import (
     HEADER_SIZE,
     CloseRequest,
     CloseResponse,
@@ -52,17 +50,19 @@ from qkdproxy.etsi004.codec import (
     Status,
     encode,
 )
-from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.etsi014.models import ErrorBody, KeyContainer
-from qkdproxy.kme.link import LinkSettings
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
-from qkdproxy.loopback import LoopbackPair, loopback_pair
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
-from qkdproxy.sslctx import client_context, server_context
-from qkdproxy.tls.keyexchange import QkdOptions
-from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStreamError
-from qkdproxy.tls.wire import Alert, HandshakeType
+from qkdproxy.core.etsi014.models import ErrorBody, KeyContainer
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.core.tls.keyexchange import QkdOptions
+from qkdproxy.core.tls.wire import Alert, HandshakeType
+from qkdproxy.io.tls_stream import HandshakeError, TlsEndpoint, TlsStreamError
+from qkdproxy.keys.etsi004_client import Etsi004Client
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.sslctx import client_context, server_context
+from qkdproxy.sim.link import LinkSettings
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.certs import DevPki
+from qkdproxy.tools.loopback import LoopbackPair, loopback_pair
 from tests.test_etsi004 import Kmes, running_kmes
 from tests.test_fuzz_parsers import (
     Mutation,

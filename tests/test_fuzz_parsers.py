@@ -34,11 +34,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.config import Config, ConfigError, load_config
-from qkdproxy.etsi004.codec import (
+from qkdproxy.core.etsi004.codec import (
     HEADER_SIZE as ETSI004_HEADER_SIZE,
 )
-from qkdproxy.etsi004.codec import (
+from qkdproxy.core.etsi004.codec import (
     KSID_SIZE,
     MIMETYPE_SIZE,
     CloseRequest,
@@ -53,15 +52,14 @@ from qkdproxy.etsi004.codec import (
     QoS,
     decode,
 )
-from qkdproxy.etsi004.codec import (
+from qkdproxy.core.etsi004.codec import (
     FrameDecoder as Etsi004Decoder,
 )
-from qkdproxy.etsi004.codec import (
+from qkdproxy.core.etsi004.codec import (
     Status as Etsi004Status,
 )
-from qkdproxy.etsi004.codec import encode as etsi004_encode
-from qkdproxy.etsi014.client import KmeProtocolError, _container, _decode, error_for
-from qkdproxy.etsi014.models import (
+from qkdproxy.core.etsi004.codec import encode as etsi004_encode
+from qkdproxy.core.etsi014.models import (
     ErrorBody,
     Etsi014FormatError,
     KeyContainer,
@@ -69,60 +67,22 @@ from qkdproxy.etsi014.models import (
     KeyRequest,
     Status,
 )
-from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem, detach_key_id
-from qkdproxy.kem.base import KemError
-from qkdproxy.loopback import resolve_groups
-from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.frames import (
+from qkdproxy.core.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem, detach_key_id
+from qkdproxy.core.kem.base import KemError
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.core.peer.frames import (
     MAX_PAYLOAD as FRAME_MAX_PAYLOAD,
 )
-from qkdproxy.tls.frames import (
+from qkdproxy.core.peer.frames import (
     Frame,
     FrameDecoder,
     FrameError,
     FrameType,
 )
-from qkdproxy.tls.frames import (
+from qkdproxy.core.peer.frames import (
     encode as frame_encode,
 )
-from qkdproxy.tls.hello import (
-    EXT_KEY_SHARE,
-    EXT_SUPPORTED_GROUPS,
-    EXT_SUPPORTED_VERSIONS,
-    HELLO_RETRY_RANDOM,
-    ClientHello,
-    HelloParseError,
-    KeyShareEntry,
-    ServerHello,
-    parse_client_hello,
-    parse_server_hello,
-)
-from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import (
-    ClientKeyExchange,
-    HandshakeRejectedError,
-    KeyContext,
-    ServerKeyExchange,
-)
-from qkdproxy.tls.peer import PeerChannel
-from qkdproxy.tls.records import HEADER, TrafficKeys, open_records, seal
-from qkdproxy.tls.session import TlsStream, TlsStreamError
-from qkdproxy.tls.wire import (
-    MAX_HELD_BYTES,
-    MAX_HELLO_SIZE,
-    MAX_PLAINTEXT_RECORD,
-    RECORD_HEADER_SIZE,
-    Alert,
-    GateEvent,
-    HandshakeType,
-    HeldHello,
-    HelloGate,
-    Release,
-)
-from qkdproxy.tunnel.proxyv2 import (
+from qkdproxy.core.proxyv2 import (
     FAMILY_TCP4,
     FAMILY_TCP6,
     FAMILY_UNSPEC,
@@ -137,6 +97,46 @@ from qkdproxy.tunnel.proxyv2 import (
     ProxyInfo,
     encode_proxy_v2,
 )
+from qkdproxy.core.tls.hello import (
+    EXT_KEY_SHARE,
+    EXT_SUPPORTED_GROUPS,
+    EXT_SUPPORTED_VERSIONS,
+    HELLO_RETRY_RANDOM,
+    ClientHello,
+    HelloParseError,
+    KeyShareEntry,
+    ServerHello,
+    parse_client_hello,
+    parse_server_hello,
+)
+from qkdproxy.core.tls.keyexchange import (
+    ClientKeyExchange,
+    HandshakeRejectedError,
+    ServerKeyExchange,
+)
+from qkdproxy.core.tls.records import HEADER, TrafficKeys, open_records, seal
+from qkdproxy.core.tls.wire import (
+    MAX_HELD_BYTES,
+    MAX_HELLO_SIZE,
+    MAX_PLAINTEXT_RECORD,
+    RECORD_HEADER_SIZE,
+    Alert,
+    GateEvent,
+    HandshakeType,
+    HeldHello,
+    HelloGate,
+    Release,
+)
+from qkdproxy.daemon.config import Config, ConfigError, load_config
+from qkdproxy.io.peer_channel import PeerChannel
+from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
+from qkdproxy.keys.announce import AnnouncedSlave
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi014_client import KmeProtocolError, _container, _decode, error_for
+from qkdproxy.keys.key_supply import run
+from qkdproxy.keys.sources import KeySources
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.tools.loopback import resolve_groups
 from tests.test_wire_hello import Captured, _capture
 
 # ================================================================== budget and mutation

@@ -7,8 +7,8 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from qkdproxy.groups import DEFAULT_GROUPS, TRIPLE_HYBRID, GroupError, GroupKind, GroupTable
-from qkdproxy.hybrid import (
+from qkdproxy.core.groups import DEFAULT_GROUPS, TRIPLE_HYBRID, GroupError, GroupKind, GroupTable
+from qkdproxy.core.hybrid import (
     KEY_ID_SIZE,
     GroupUnavailableError,
     HybridKem,
@@ -17,9 +17,9 @@ from qkdproxy.hybrid import (
     resolve,
     with_qkd_key,
 )
-from qkdproxy.kem import KemError, KemRegistry, default_registry
-from qkdproxy.kem.base import KemSizes
-from qkdproxy.kem.cryptography_backend import MlKem, X25519Kem
+from qkdproxy.core.kem import KemError, KemRegistry, default_registry
+from qkdproxy.core.kem.base import KemSizes
+from qkdproxy.core.kem.cryptography_backend import MlKem, X25519Kem
 
 # From ../shared/reference/qkd-kem-wire-format.md (the reference OpenSSL provider).
 REFERENCE_CODE_POINTS = {

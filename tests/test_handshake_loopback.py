@@ -9,19 +9,19 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from qkdproxy.loopback import CLIENT_URI, SERVER_NAME, LoopbackPair, loopback_pair
-from qkdproxy.pki import CertificateAuthority, KeyType
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
-from qkdproxy.tls.session import (
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.io.tls_stream import (
     EndpointSettings,
     HandshakeError,
     TlsEndpoint,
     TlsStream,
     TlsStreamError,
 )
-from qkdproxy.tls.verify import PeerPolicy
-from qkdproxy.tls.wire import Alert
+from qkdproxy.sim.pki import CertificateAuthority, KeyType
+from qkdproxy.tools.loopback import CLIENT_URI, SERVER_NAME, LoopbackPair, loopback_pair
 from tests.conftest import available_group_names, groups
 
 ALL_GROUPS = available_group_names()

@@ -22,13 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem
-from qkdproxy.loopback import LoopbackPair, loopback_pair, resolve_groups
-from qkdproxy.qkd.accounting import KeyLedger
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import QkdKey
-from qkdproxy.qkd.sources import KeySources, MasterKeySource, SlaveKeySource
-from qkdproxy.tls.hello import (
+from qkdproxy.core.accounting import KeyLedger
+from qkdproxy.core.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem
+from qkdproxy.core.keys import QkdKey
+from qkdproxy.core.tls.hello import (
     EXT_KEY_SHARE,
     ClientHello,
     KeyShareEntry,
@@ -36,17 +33,20 @@ from qkdproxy.tls.hello import (
     parse_client_hello,
     parse_server_hello,
 )
-from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import (
+from qkdproxy.core.tls.keyexchange import (
     ClientKeyExchange,
     Flow,
     HandshakeRejectedError,
-    KeyContext,
     QkdOptions,
     ServerKeyExchange,
 )
-from qkdproxy.tls.session import HandshakeError, TlsEndpoint, TlsStream, TlsStreamError
-from qkdproxy.tls.wire import Alert, HandshakeType, plaintext_alert
+from qkdproxy.core.tls.wire import Alert, HandshakeType, plaintext_alert
+from qkdproxy.io.tls_stream import HandshakeError, TlsEndpoint, TlsStream, TlsStreamError
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.key_supply import run
+from qkdproxy.keys.sources import KeySources, MasterKeySource, SlaveKeySource
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.tools.loopback import LoopbackPair, loopback_pair, resolve_groups
 from tests.test_wire_hello import (
     CCS_RECORD,
     IO_DEADLINE,

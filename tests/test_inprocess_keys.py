@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qkdproxy.qkd.accounting import KeyIdGuard, KeyLedger
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import (
+from qkdproxy.core.accounting import KeyIdGuard, KeyLedger
+from qkdproxy.core.keys import (
     KeyExhaustedError,
     KeyNotFoundError,
     KsidInUseError,
@@ -15,6 +14,7 @@ from qkdproxy.qkd.keys import (
     key_id_from_text,
     key_id_to_text,
 )
+from qkdproxy.sim.inprocess import InProcessQkdLink
 
 
 async def test_014_key_is_delivered_once_to_the_peer_only() -> None:

@@ -28,12 +28,12 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 from tlslite.constants import KeyUpdateMessageType
 
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
-from qkdproxy.tls.session import EndpointSettings, HandshakeError, TlsEndpoint, TlsStream
-from qkdproxy.tls.verify import PeerPolicy
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.io.tls_stream import EndpointSettings, HandshakeError, TlsEndpoint, TlsStream
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.sim.pki import CertificateAuthority
 from tests.conftest import available_group_names, groups
 from tests.test_interop_stdlib import (
     CLIENT_URI,

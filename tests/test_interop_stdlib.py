@@ -20,14 +20,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from qkdproxy.pki import CertificateAuthority, KeyType
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.tls.credentials import Credentials
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
-from qkdproxy.tls.session import EndpointSettings, HandshakeError, TlsEndpoint, TlsStream
-from qkdproxy.tls.verify import PeerPolicy
-from qkdproxy.tls.wire import Alert
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.io.tls_stream import EndpointSettings, HandshakeError, TlsEndpoint, TlsStream
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.sim.pki import CertificateAuthority, KeyType
 from tests.conftest import groups
 
 SERVER_NAME = "server.qkdproxy.test"

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.kem import KemError, KemRegistry, UnavailableKem, default_registry
-from qkdproxy.kem.cryptography_backend import cryptography_kems
-from qkdproxy.kem.liboqs import probe_liboqs
+from qkdproxy.core.kem import KemError, KemRegistry, UnavailableKem, default_registry
+from qkdproxy.core.kem.cryptography_backend import cryptography_kems
+from qkdproxy.core.kem.liboqs import probe_liboqs
 from tests.conftest import LIBOQS, requires_liboqs
 
 CRYPTO_KEMS = {kem.name: kem for kem in cryptography_kems()}

@@ -9,22 +9,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import KeySourceUnavailableError, QkdKey
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.hello import ClientHello, KeyShareEntry, ServerHello
-from qkdproxy.tls.key_supply import run
-from qkdproxy.tls.keyexchange import (
+from qkdproxy.core.hybrid import KEY_ID_SIZE, ZERO_KEY_ID, HybridKem
+from qkdproxy.core.keys import KeySourceUnavailableError, QkdKey
+from qkdproxy.core.tls.hello import ClientHello, KeyShareEntry, ServerHello
+from qkdproxy.core.tls.keyexchange import (
     ClientKeyExchange,
     Flow,
     HandshakeRejectedError,
     KeyApi,
-    KeyContext,
     QkdOptions,
     ServerKeyExchange,
 )
-from qkdproxy.tls.wire import Alert
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.key_supply import run
+from qkdproxy.keys.sources import KeySources
+from qkdproxy.sim.inprocess import InProcessQkdLink
 from tests.conftest import groups
 
 MLKEM768 = groups("qkd_mlkem768")[0]
@@ -367,7 +367,7 @@ class HangingStream:
 async def test_a_hanging_stream_close_cannot_hang_the_handshake(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("qkdproxy.tls.key_supply.STREAM_CLOSE_TIMEOUT", 0.05)
+    monkeypatch.setattr("qkdproxy.keys.key_supply.STREAM_CLOSE_TIMEOUT", 0.05)
     link = InProcessQkdLink()
     context = KeyContext(
         KeySources(stream=HangingStream(link.sources("a").stream)),

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.certs import DevPki
-from qkdproxy.cli import main
-from qkdproxy.etsi014.conformance import KEY_BUDGET, Verdict
-from qkdproxy.etsi014.kmecheck import KeyBudget, Side, run_checks, verdicts
-from qkdproxy.kme.quirks import parse_quirks
-from qkdproxy.kme.simulator import KmePair
-from qkdproxy.kmeidentity import ExpectedKme
+from qkdproxy.cli.main import main
+from qkdproxy.core.etsi014.conformance import KEY_BUDGET, Verdict
+from qkdproxy.keys.kme_identity import ExpectedKme
+from qkdproxy.sim.quirks import parse_quirks
+from qkdproxy.sim.simulator import KmePair
+from qkdproxy.tools.certs import DevPki
+from qkdproxy.tools.kme_check import KeyBudget, Side, run_checks, verdicts
 from tests.kme_helpers import quirky_pair
 
 DEADLINE = 30.0

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.certs import write_dev_pki
-from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.qkd.keys import KeySourceUnavailableError
-from qkdproxy.sslctx import client_context
-from qkdproxy.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.core.keys import KeySourceUnavailableError
+from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.sslctx import client_context
+from qkdproxy.tools.certs import write_dev_pki
 
 DEADLINE = 20.0
 PKI_FILES = {

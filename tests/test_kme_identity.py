@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.certs import DevPki
-from qkdproxy.config import ConfigError, load_config
-from qkdproxy.etsi004.client import Etsi004Client
-from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
-from qkdproxy.kmeidentity import ExpectedKme
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.probe import probe
-from qkdproxy.qkd.keys import KeySourceUnavailableError
-from qkdproxy.sslctx import client_context
-from qkdproxy.tls.credentials import Credentials
+from qkdproxy.core.keys import KeySourceUnavailableError
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.daemon.config import ConfigError, load_config
+from qkdproxy.keys.etsi004_client import Etsi004Client
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.kme_identity import ExpectedKme
+from qkdproxy.keys.sslctx import client_context
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.certs import DevPki
+from qkdproxy.tools.probe import probe
 from tests.kme_helpers import kme_config_file
 
 DEADLINE = 10.0

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.kme.faults import Burst, FaultInjector, FaultScript, FaultScriptError, Window
-from qkdproxy.kme.link import (
+from qkdproxy.core.breaker import BreakerState, CircuitBreaker
+from qkdproxy.sim.faults import Burst, FaultInjector, FaultScript, FaultScriptError, Window
+from qkdproxy.sim.link import (
     CHUNK_BYTES,
     KeyNotForCallerError,
     KeyUnknownError,
@@ -23,7 +24,6 @@ from qkdproxy.kme.link import (
     PoolExhaustedError,
     QkdLinkModel,
 )
-from qkdproxy.qkd.breaker import BreakerState, CircuitBreaker
 
 CHUNK_BITS = CHUNK_BYTES * 8
 SLAVE_B = frozenset({"sae-b"})

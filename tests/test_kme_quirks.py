@@ -1,4 +1,4 @@
-"""qkdproxy against each quirk profile of the KME simulator (qkdproxy.kme.quirks).
+"""qkdproxy against each quirk profile of the KME simulator (qkdproxy.sim.quirks).
 
 For every profile, the daemon's own KME connections (KmeConnection: ETSI 014 client, prefetching
 master, coalescing slave, kme_identity) feed a client and a server endpoint over loopback;
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.certs import DevPki
-from qkdproxy.config import KmeConfig
-from qkdproxy.kme.quirks import ETSI_014_QUIRKS, Quirk, parse_quirks
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.tls.keyexchange import Flow, KeyApi, QkdOptions
-from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.daemon.config import KmeConfig
+from qkdproxy.daemon.kme_binding import KmeConnection
+from qkdproxy.keys.sources import KeySources
+from qkdproxy.sim.quirks import ETSI_014_QUIRKS, Quirk, parse_quirks
+from qkdproxy.tools.certs import DevPki
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
 from tests.kme_helpers import quirky_pair
 
@@ -83,7 +84,10 @@ async def test_tunnel_pair_moves_data_in_both_flows_against_each_quirk(
             stack.push_async_callback(connection.aclose)
             connection.start()
             connections.append(connection)
-        client_sources, server_sources = (c.sources for c in connections)
+        # Each end originates keys in one of the two flows: both get a master supply.
+        client_sources, server_sources = (
+            KeySources(c.master_for("peer"), c.sources.slave, c.sources.stream) for c in connections
+        )
         async with loopback_pair(QKD, sources=(client_sources, server_sources)) as pair:
             key_ids: list[str | None] = []
             for flow in (Flow.CLIENT_INITIATED, Flow.SERVER_INITIATED):

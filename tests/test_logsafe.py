@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from qkdproxy.observability.logsafe import SingleLineFilter, escape
+from qkdproxy.core.logsafe import SingleLineFilter, escape
 from tests.system_helpers import (
     FaultHarness,
     fault_pki_fixture,  # noqa: F401 - fixture

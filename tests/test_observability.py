@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from qkdproxy.daemon import Daemon
+from qkdproxy.daemon.app import Daemon
 from tests.test_tunnel_runtime import Setup, port, setup, transfer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ def test_alert_rules_pass_promtool() -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "9 rules found" in result.stdout
+    assert "12 rules found" in result.stdout
 
 
 async def test_dashboard_and_rules_only_name_exported_metrics(tmp_path: Path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from qkdproxy.bench import tunnel_handshake
-from qkdproxy.bench.cli import _in_process_charts
-from qkdproxy.bench.output import TABLE_WIDTH, OutputFormat, render
-from qkdproxy.bench.tunnel_handshake import Scenario, _summaries, with_counterparts
-from qkdproxy.cli import format_groups
-from qkdproxy.groups import DEFAULT_GROUPS
+from qkdproxy.cli.bench import _in_process_charts
+from qkdproxy.cli.main import format_groups
+from qkdproxy.core.groups import DEFAULT_GROUPS
+from qkdproxy.tools.bench import tunnel_handshake
+from qkdproxy.tools.bench.output import TABLE_WIDTH, OutputFormat, render
+from qkdproxy.tools.bench.tunnel_handshake import Scenario, _summaries, with_counterparts
 
 WIDE_ROW: dict[str, object] = {
     "group": "qkd_frodo1344shake", "flow": "server", "qkd": True, "median_ms": 12.345,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy import cli
-from qkdproxy.certs import write_dev_pki
-from qkdproxy.config import load_config
-from qkdproxy.demo import DemoSummary, run_demo
-from qkdproxy.kme.cli import _apply_config
-from qkdproxy.tls.keyexchange import Flow, KeyApi
-from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.cli import main as cli
+from qkdproxy.cli.kme import _apply_config
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi
+from qkdproxy.daemon.config import load_config
+from qkdproxy.daemon.kme_binding import KmeConnection
+from qkdproxy.tools.certs import write_dev_pki
+from qkdproxy.tools.demo import DemoSummary, run_demo
 from tests.test_config import CLIENT, KME, problems
 
 ROOT = Path(__file__).resolve().parent.parent

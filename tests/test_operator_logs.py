@@ -16,19 +16,19 @@ from typing import Any, cast
 
 import pytest
 
-from qkdproxy.config import KmeConfig
-from qkdproxy.observability.logformat import (
+from qkdproxy.core.addresses import format_sockname
+from qkdproxy.core.breaker import CircuitBreaker
+from qkdproxy.core.tls.keyexchange import KeyApi
+from qkdproxy.daemon.config import KmeConfig
+from qkdproxy.daemon.kme_binding import KmeConnection
+from qkdproxy.daemon.logformat import (
     JsonFormatter,
     TextFormatter,
     configure_logging,
     event,
     record_event,
 )
-from qkdproxy.qkd.breaker import CircuitBreaker
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.keyexchange import KeyApi
-from qkdproxy.tunnel.addresses import format_sockname
-from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.keys.sources import KeySources
 from tests.system_helpers import (
     FaultHarness,
     eventually,
@@ -113,7 +113,7 @@ def test_kme_and_breaker_transitions_are_logged_once_each(
     kme = KmeConnection(config, KeySources(), cast(Any, None))
     breaker = CircuitBreaker(threshold=2, base_backoff_s=1.0)
     kme.client014 = cast(Any, SimpleNamespace(breaker=breaker))
-    caplog.set_level(logging.INFO, "qkdproxy.kme")
+    caplog.set_level(logging.INFO, "qkdproxy.sim")
 
     def lines() -> list[tuple[int, str]]:
         return [(r.levelno, r.getMessage()) for r in caplog.records]

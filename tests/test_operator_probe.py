@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.certs import write_dev_pki
-from qkdproxy.config import load_config
-from qkdproxy.probe import probe
-from qkdproxy.tls.frames import (
+from qkdproxy.core.peer.frames import (
     MAX_VERDICT,
     FrameDecoder,
     FrameError,
@@ -23,6 +20,9 @@ from qkdproxy.tls.frames import (
     encode,
     encode_verdict,
 )
+from qkdproxy.daemon.config import load_config
+from qkdproxy.tools.certs import write_dev_pki
+from qkdproxy.tools.probe import probe
 from tests.test_daemon_system import (
     Harness,
     TomlValue,

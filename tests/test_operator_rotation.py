@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from qkdproxy.certs import TUNNEL_SERVER_NAME, DevPki, _cert_pem, _key_pem
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.tls.credentials import Credentials
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.tools.certs import TUNNEL_SERVER_NAME, DevPki, _cert_pem, _key_pem
 from tests.system_helpers import metric
 from tests.test_daemon_system import (
     DEADLINE,

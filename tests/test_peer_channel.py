@@ -12,15 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.bench.kme_setup import simulated_kme_sources
-from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.etsi014.models import Status
-from qkdproxy.loopback import LoopbackPair, loopback_pair
-from qkdproxy.qkd.announce import AnnouncedSlave
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, PrefetchSettings
-from qkdproxy.qkd.inprocess import InProcessQkdLink
-from qkdproxy.qkd.keys import KeyNotFoundError, QkdKey, QkdKeyError
-from qkdproxy.tls.frames import (
+from qkdproxy.core.etsi014.models import Status
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.core.peer.frames import (
     MAX_ANNOUNCED_IDS,
     MAX_PAYLOAD,
     FrameDecoder,
@@ -30,9 +24,16 @@ from qkdproxy.tls.frames import (
     encode_data,
     encode_key_ids,
 )
-from qkdproxy.tls.keyexchange import QkdOptions
-from qkdproxy.tls.peer import PeerChannel, open_peer_channel
-from qkdproxy.tls.session import TlsStreamError
+from qkdproxy.core.tls.keyexchange import QkdOptions
+from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
+from qkdproxy.io.tls_stream import TlsStreamError
+from qkdproxy.keys.announce import AnnouncedSlave
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.supply import SupplySettings
+from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
+from qkdproxy.tools.loopback import LoopbackPair, loopback_pair
 from tests.conftest import groups
 
 
@@ -101,6 +102,9 @@ class FakeKme:
             self.max_key_per_request, 256, 256, 0,
         )  # fmt: skip
 
+    async def max_keys_per_request(self, peer_sae: str) -> int:
+        return self.max_key_per_request
+
     async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
         if number > self.max_key_per_request:
             raise QkdKeyError("KME answered 400: number too large")
@@ -113,7 +117,7 @@ class FakeKme:
 
 async def filled_master(kme: FakeKme, high: int = 8) -> Etsi014Master:
     master = Etsi014Master(
-        cast(Etsi014Client, kme), "sae-b", PrefetchSettings(low=2, high=high, batch=4)
+        cast(Etsi014Client, kme), "sae-b", SupplySettings(floor=high, ceiling=high)
     )
     master.ensure_refill()
     await asyncio.wait_for(master.wait_refilled(), 5)

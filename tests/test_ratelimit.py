@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qkdproxy.observability.throttle import LogThrottle
-from qkdproxy.tunnel.ratelimit import SourceBuckets, TokenBucket, source_key
+from qkdproxy.core.ratelimit import SourceBuckets, TokenBucket, source_key
+from qkdproxy.core.throttle import LogThrottle
 
 
 @pytest.mark.parametrize(

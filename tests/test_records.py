@@ -11,9 +11,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.tls.keyexchange import QkdOptions
-from qkdproxy.tls.records import (
+from qkdproxy.core.tls.keyexchange import QkdOptions
+from qkdproxy.core.tls.records import (
     HEADER,
     MAX_CIPHERTEXT,
     MAX_PLAINTEXT,
@@ -21,7 +20,8 @@ from qkdproxy.tls.records import (
     open_records,
     seal,
 )
-from qkdproxy.tls.session import TlsStream, TlsStreamError
+from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
 
 KEY = bytes(range(32))

@@ -17,16 +17,16 @@ from typing import Any
 
 import pytest
 
-from qkdproxy.certs import DevPki
-from qkdproxy.config import ConfigError, load_config
-from qkdproxy.daemon import Daemon, tunnel_qkd_options
-from qkdproxy.hybrid import KEY_ID_SIZE, ZERO_KEY_ID
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.risk import assess
-from qkdproxy.tls.keyexchange import Flow, KeyApi, ServerKeyExchange
-from qkdproxy.tls.session import HandshakeError
-from qkdproxy.tls.wire import Alert
-from qkdproxy.tunnel.kmeconn import KmeConnection
+from qkdproxy.core.hybrid import KEY_ID_SIZE, ZERO_KEY_ID
+from qkdproxy.core.tls.keyexchange import Flow, KeyApi, ServerKeyExchange
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.daemon.app import Daemon, tunnel_qkd_options
+from qkdproxy.daemon.config import ConfigError, load_config
+from qkdproxy.daemon.kme_binding import KmeConnection
+from qkdproxy.daemon.risk import assess
+from qkdproxy.io.tls_stream import HandshakeError
+from qkdproxy.tools.certs import DevPki
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
 
 QKD = groups("qkd_mlkem768")

@@ -11,10 +11,10 @@ from typing import TypeVar
 
 import pytest
 
-from qkdproxy.etsi004.client import Etsi004ClientPool
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.keys import KeySourceUnavailableError, PeerNotConnectedError, QkdKeyError
-from qkdproxy.qkd.responder import HELLO_SOURCE, GuardedStreams, ResponderLimits
+from qkdproxy.core.keys import KeySourceUnavailableError, PeerNotConnectedError, QkdKeyError
+from qkdproxy.keys.etsi004_client import Etsi004ClientPool
+from qkdproxy.keys.responder import HELLO_SOURCE, GuardedStreams, ResponderLimits
+from qkdproxy.sim.pki import CertificateAuthority
 from tests.test_etsi004 import Kmes, running_kmes
 
 T = TypeVar("T")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from qkdproxy.certs import write_dev_pki
-from qkdproxy.config import load_config
-from qkdproxy.daemon_cli import check_command
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.risk import assess, risky_settings
+from qkdproxy.cli.daemon import check_command
+from qkdproxy.daemon.config import load_config
+from qkdproxy.daemon.risk import assess, risky_settings
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.tools.certs import write_dev_pki
 from tests.test_daemon_system import (
     CLIENT_ID,
     SERVER_NAME,

@@ -2,9 +2,9 @@
 
 Where tests/test_hostile.py attacks a bare TLS endpoint and tests/test_daemon_system.py
 drives daemon processes through their happy paths, these tests run the daemon
-(:class:`qkdproxy.daemon.Daemon`, built from configuration files) in this process next to the
+(:class:`qkdproxy.daemon.app.Daemon`, built from configuration files) in this process next to the
 KME simulator, whose link model is swapped for a recording one
-(:class:`qkdproxy.bench.soak.LedgerLink`): every QKD key it makes and delivers, its bytes
+(:class:`qkdproxy.tools.bench.soak.LedgerLink`): every QKD key it makes and delivers, its bytes
 when a test needs them, and faults on demand (failed calls, lost replies, lying keys). The
 properties:
 
@@ -15,7 +15,7 @@ properties:
 3. a ``qkd-pq-required`` tunnel never completes a handshake without a QKD key;
 4. a peer outside the allow-list never gets a byte through;
 5. expired, wrong-CA and wrong-name certificates are refused with the alert
-   ``qkdproxy/tls/verify.py`` maps them to, on both tunnel roles;
+   ``qkdproxy/core/tls/verify.py`` maps them to, on both tunnel roles;
 6. floods of half-open and slow clients do not stop a good client, the connection limit
    recovers once they time out, and connection churn leaves no descriptor or task behind.
 
@@ -52,42 +52,42 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
-import qkdproxy.hybrid
-import qkdproxy.tls.keyexchange
-from qkdproxy.bench.soak import (
-    LedgerLink,
-    fd_kinds,
-    install_ledger,
-    settle_resources,
-    snapshot_resources,
-)
-from qkdproxy.certs import KMES, DevPki
-from qkdproxy.config import load_config
-from qkdproxy.daemon import Daemon
-from qkdproxy.etsi014.client import Etsi014Client
-from qkdproxy.hybrid import KEY_ID_SIZE, HybridKem
-from qkdproxy.kme.faults import Burst, FaultInjector, FaultScript
-from qkdproxy.kme.link import KeyUnknownError
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
-from qkdproxy.loopback import resolve_groups
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.etsi014_sources import Etsi014Master, Etsi014Slave
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.sslctx import client_context
-from qkdproxy.tls.credentials import Credentials
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import KeyContext
-from qkdproxy.tls.peer import open_peer_channel
-from qkdproxy.tls.session import (
+import qkdproxy.core.hybrid
+import qkdproxy.core.tls.keyexchange
+from qkdproxy.core.hybrid import KEY_ID_SIZE, HybridKem
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.core.tls.wire import Alert, HandshakeType
+from qkdproxy.daemon.app import Daemon
+from qkdproxy.daemon.config import load_config
+from qkdproxy.daemon.tunnel import ConnectionRecord
+from qkdproxy.io.peer_channel import open_peer_channel
+from qkdproxy.io.tls_stream import (
     EndpointSettings,
     HandshakeError,
     TlsEndpoint,
     TlsStream,
     TlsStreamError,
 )
-from qkdproxy.tls.verify import PeerPolicy
-from qkdproxy.tls.wire import Alert, HandshakeType
-from qkdproxy.tunnel.runtime import ConnectionRecord
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.etsi014_supply import Etsi014Master, Etsi014Slave
+from qkdproxy.keys.sources import KeySources
+from qkdproxy.keys.sslctx import client_context
+from qkdproxy.sim.faults import Burst, FaultInjector, FaultScript
+from qkdproxy.sim.link import KeyUnknownError
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.bench.soak import (
+    LedgerLink,
+    fd_kinds,
+    install_ledger,
+    settle_resources,
+    snapshot_resources,
+)
+from qkdproxy.tools.certs import KMES, DevPki
+from qkdproxy.tools.loopback import resolve_groups
 from tests.test_daemon_system import (
     CLIENT_ID,
     DEADLINE,
@@ -216,7 +216,9 @@ def server_tunnel(pki: Pki, backend_port: int, **values: TomlValue | None) -> di
         "name": "server", "role": "server", "listen": "127.0.0.1:0",
         "connect": f"127.0.0.1:{backend_port}", **tunnel_files(pki, "server"),
         "allow": [CLIENT_ID], "kme": "local", "policy": "qkd-pq-required", "groups": [QKD],
-        **values,
+        # These properties are checked in both flows (a server serves only the
+        # client-initiated one by default).
+        "flows": ["client", "server"], **values,
     }  # fmt: skip
 
 
@@ -247,7 +249,9 @@ class Rig:
         endpoint: dict[str, TomlValue | None] = (
             {"url": self.pair.urls_014[index]}
             if api == "014"
-            else {"address": f"127.0.0.1:{self.pair.ports_004[index]}"}
+            # Debug-mode asyncio on a loaded machine can be slower than the responder's
+            # 0.5 s default wait for a KSID (that guard has its own tests).
+            else {"address": f"127.0.0.1:{self.pair.ports_004[index]}", "peer_stream_wait_s": 5.0}
         )
         return {
             "api": api, **endpoint, "sae_id": sae, "peer_sae_id": peer,
@@ -757,7 +761,7 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> Secrets:
         (tlslite.recordlayer, "HKDF_expand_label", "TLS 1.3 traffic key or IV"),
     ):
         monkeypatch.setattr(module, name, found.recorder(label, getattr(module, name)))
-    combine = qkdproxy.hybrid.with_qkd_key
+    combine = qkdproxy.core.hybrid.with_qkd_key
 
     def with_qkd_key(pq_secret: bytes, qkd_key: bytes) -> bytes:
         found.add("QKD key (handshake)", qkd_key)
@@ -766,7 +770,7 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> Secrets:
         found.add("hybrid shared secret", out)
         return out
 
-    monkeypatch.setattr(qkdproxy.tls.keyexchange, "with_qkd_key", with_qkd_key)
+    monkeypatch.setattr(qkdproxy.core.tls.keyexchange, "with_qkd_key", with_qkd_key)
     return found
 
 

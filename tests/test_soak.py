@@ -1,4 +1,4 @@
-"""The soak run (``qkdproxy.bench.soak``): integrity, key accounting and leaks under load.
+"""The soak run (``qkdproxy.tools.bench.soak``): integrity, key accounting and leaks under load.
 
 Brief by default; ``QKDPROXY_SOAK_SECONDS=120`` runs it longer. The two small tests below it
 show that the soak's own checks can fail: a corrupted byte is seen in either direction, and
@@ -15,8 +15,8 @@ import random
 
 import pytest
 
-from qkdproxy.bench import soak
-from qkdproxy.bench.soak import (
+from qkdproxy.tools.bench import soak
+from qkdproxy.tools.bench.soak import (
     TRAILER,
     KeyReport,
     SoakProgress,

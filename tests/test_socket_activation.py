@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from qkdproxy.certs import write_dev_pki
+from qkdproxy.tools.certs import write_dev_pki
 
 CONFIG = """
 [[tunnel]]

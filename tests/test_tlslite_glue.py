@@ -12,13 +12,13 @@ from tlslite.api import TLSConnection
 from tlslite.constants import GroupName
 from tlslite.handshakesettings import TLS13_PERMITTED_GROUPS
 
-from qkdproxy.groups import DEFAULT_GROUPS
-from qkdproxy.hybrid import resolve
-from qkdproxy.kem import default_registry
-from qkdproxy.loopback import loopback_pair
-from qkdproxy.tls import tlslite_glue
-from qkdproxy.tls.keyexchange import QkdOptions
-from qkdproxy.tls.session import HandshakeError
+from qkdproxy.core.groups import DEFAULT_GROUPS
+from qkdproxy.core.hybrid import resolve
+from qkdproxy.core.kem import default_registry
+from qkdproxy.core.tls import tlslite_glue
+from qkdproxy.core.tls.keyexchange import QkdOptions
+from qkdproxy.io.tls_stream import HandshakeError
+from qkdproxy.tools.loopback import loopback_pair
 
 
 def test_self_test_passes_on_the_pinned_tlslite() -> None:

@@ -14,15 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qkdproxy.certs import KMES, write_dev_pki
-from qkdproxy.config import load_config
-from qkdproxy.daemon import Daemon
-from qkdproxy.kme.simulator import KmePair, SimulatorSettings
-from qkdproxy.tls.credentials import Credentials, load_trust_anchors
-from qkdproxy.tls.session import HandshakeError
-from qkdproxy.tls.wire import Alert
-from qkdproxy.tunnel import runtime
-from qkdproxy.tunnel.proxyv2 import (
+from qkdproxy.core.proxyv2 import (
     PP2_TYPE_QKDPROXY_GROUP,
     PP2_TYPE_QKDPROXY_PEER,
     PP2_TYPE_SSL,
@@ -30,7 +22,15 @@ from qkdproxy.tunnel.proxyv2 import (
     ProxyInfo,
     encode_proxy_v2,
 )
-from qkdproxy.tunnel.runtime import ConnectionRecord
+from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.daemon import tunnel as runtime
+from qkdproxy.daemon.app import Daemon
+from qkdproxy.daemon.config import load_config
+from qkdproxy.daemon.tunnel import ConnectionRecord
+from qkdproxy.io.tls_stream import HandshakeError
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.certs import KMES, write_dev_pki
 
 
 @dataclass
@@ -293,6 +293,10 @@ async def test_reload_refuses_changes_that_need_a_restart(tmp_path: Path) -> Non
         problems = server.reload()
         assert problems == ["tunnel t: listen/role/kme/flow changes need a restart"]
         assert server.tunnels[0].endpoint is before
+        (tmp_path / "server.toml").write_text(s.server_toml('flows = ["client", "server"]'))
+        assert server.reload() == [
+            "tunnel t: flows and pre-authentication budget changes need a restart"
+        ]
         (tmp_path / "server.toml").write_text(s.server_toml().replace('name = "t"', 'name = "u"'))
         assert "tunnel t: removing a tunnel needs a restart" in server.reload()
 

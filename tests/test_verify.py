@@ -15,16 +15,16 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkdproxy.pki import CertificateAuthority, KeyType, new_key
-from qkdproxy.tls.credentials import (
+from qkdproxy.core.tls.credentials import (
     CredentialError,
     Credentials,
     PrivateKey,
     load_trust_anchors,
 )
-from qkdproxy.tls.identity import AllowList, AllowRule, PeerIdentity, RuleKind
-from qkdproxy.tls.verify import MAX_CHAIN_DEPTH, PeerPolicy, PeerRejectedError
-from qkdproxy.tls.wire import Alert
+from qkdproxy.core.tls.identity import AllowList, AllowRule, PeerIdentity, RuleKind
+from qkdproxy.core.tls.verify import MAX_CHAIN_DEPTH, PeerPolicy, PeerRejectedError
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.sim.pki import CertificateAuthority, KeyType, new_key
 
 SERVER = "server.qkdproxy.test"
 CLIENT_URI = "spiffe://qkdproxy.test/client"

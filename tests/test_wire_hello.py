@@ -17,9 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.hybrid import KEY_ID_SIZE, HybridKem
-from qkdproxy.loopback import SERVER_NAME, loopback_pair, resolve_groups
-from qkdproxy.tls.hello import (
+from qkdproxy.core.hybrid import KEY_ID_SIZE, HybridKem
+from qkdproxy.core.tls.hello import (
     EXT_KEY_SHARE,
     EXT_SUPPORTED_GROUPS,
     HELLO_RETRY_RANDOM,
@@ -30,9 +29,8 @@ from qkdproxy.tls.hello import (
     parse_client_hello,
     parse_server_hello,
 )
-from qkdproxy.tls.keyexchange import QkdOptions
-from qkdproxy.tls.session import HandshakeError, TlsEndpoint
-from qkdproxy.tls.wire import (
+from qkdproxy.core.tls.keyexchange import QkdOptions
+from qkdproxy.core.tls.wire import (
     MAX_HELLO_SIZE,
     MAX_PLAINTEXT_RECORD,
     ContentType,
@@ -42,6 +40,8 @@ from qkdproxy.tls.wire import (
     HelloGate,
     Release,
 )
+from qkdproxy.io.tls_stream import HandshakeError, TlsEndpoint
+from qkdproxy.tools.loopback import SERVER_NAME, loopback_pair, resolve_groups
 
 CCS_RECORD = bytes([ContentType.CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1])
 EXT_SERVER_NAME = 0

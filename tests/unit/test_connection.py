@@ -10,13 +10,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from qkdproxy.errors import LocalProtocolError
-from qkdproxy.hybrid import HybridKem
-from qkdproxy.loopback import CLIENT_URI, SERVER_NAME
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.keys import KeyNotFoundError, KeySourceUnavailableError, QkdKey
-from qkdproxy.qkd.sources import KeySources
-from qkdproxy.tls.connection import (
+from qkdproxy.core.errors import LocalProtocolError
+from qkdproxy.core.hybrid import HybridKem
+from qkdproxy.core.keys import KeyNotFoundError, KeySourceUnavailableError, QkdKey
+from qkdproxy.core.tls.connection import (
     ConnectionConfig,
     Event,
     HandshakeComplete,
@@ -25,15 +22,14 @@ from qkdproxy.tls.connection import (
     Phase,
     TlsConnection,
 )
-from qkdproxy.tls.events import DataReceived, Failed, Side
-from qkdproxy.tls.identity import AllowList
-from qkdproxy.tls.keyexchange import (
+from qkdproxy.core.tls.events import DataReceived, Failed, Side
+from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.keyexchange import (
     CloseStream,
     FetchKey,
     Flow,
     KeyAnswer,
     KeyApi,
-    KeyContext,
     KeyFailure,
     KeyRequest,
     OpenStream,
@@ -41,9 +37,13 @@ from qkdproxy.tls.keyexchange import (
     StreamKey,
     TakeKey,
 )
-from qkdproxy.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
-from qkdproxy.tls.verify import PeerPolicy
-from qkdproxy.tls.wire import Alert
+from qkdproxy.core.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.sources import KeySources
+from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.tools.loopback import CLIENT_URI, SERVER_NAME
 from tests.conftest import groups
 
 

@@ -13,13 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkdproxy.hybrid import attach_key_id
-from qkdproxy.pki import CertificateAuthority
-from qkdproxy.qkd.keys import KeySourceUnavailableError, key_id_from_text
-from qkdproxy.tls import eku
-from qkdproxy.tls.connection import ConnectionConfig, HandshakeComplete, Phase
-from qkdproxy.tls.eku_state import State
-from qkdproxy.tls.events import (
+from qkdproxy.core.hybrid import attach_key_id
+from qkdproxy.core.keys import KeySourceUnavailableError, key_id_from_text
+from qkdproxy.core.tls import eku
+from qkdproxy.core.tls.connection import ConnectionConfig, HandshakeComplete, Phase
+from qkdproxy.core.tls.eku_state import State
+from qkdproxy.core.tls.events import (
     DataReceived,
     Failed,
     FreshKeysInstalled,
@@ -27,17 +26,18 @@ from qkdproxy.tls.events import (
     Side,
     UpdateKeyNeeded,
 )
-from qkdproxy.tls.keyexchange import (
+from qkdproxy.core.tls.keyexchange import (
     CloseStream,
+    ExchangeContext,
     Flow,
     KeyApi,
-    KeyContext,
     KeySteps,
     QkdOptions,
 )
-from qkdproxy.tls.record_layer import RecordLayer
-from qkdproxy.tls.records import seal_inner
-from qkdproxy.tls.wire import Alert, ContentType
+from qkdproxy.core.tls.record_layer import RecordLayer
+from qkdproxy.core.tls.records import seal_inner
+from qkdproxy.core.tls.wire import Alert, ContentType
+from qkdproxy.sim.pki import CertificateAuthority
 from tests.conftest import groups
 from tests.unit.test_connection import Kme, Pair, pair
 
@@ -57,7 +57,7 @@ def connected(
     server_offers: bool = True,
     options: QkdOptions | None = None,
     require: bool = False,
-) -> tuple[Pair, KeyContext, KeyContext]:
+) -> tuple[Pair, ExchangeContext, ExchangeContext]:
     def configure(config: ConnectionConfig, client: bool) -> ConnectionConfig:
         offers = client_offers if client else server_offers
         return dataclasses.replace(

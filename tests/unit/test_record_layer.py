@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from tlslite.utils.cryptomath import HKDF_expand_label  # the reference implementation
 
-from qkdproxy.errors import LocalProtocolError
-from qkdproxy.tls.events import (
+from qkdproxy.core.errors import LocalProtocolError
+from qkdproxy.core.tls.events import (
     DataReceived,
     Failed,
     KeysUpdated,
@@ -16,15 +16,15 @@ from qkdproxy.tls.events import (
     Side,
     Truncated,
 )
-from qkdproxy.tls.record_layer import (
+from qkdproxy.core.tls.record_layer import (
     CIPHER_SUITES,
     Direction,
     KeyUpdatePolicy,
     Phase,
     RecordLayer,
 )
-from qkdproxy.tls.records import HEADER, open_record, seal_inner
-from qkdproxy.tls.wire import Alert, ContentType
+from qkdproxy.core.tls.records import HEADER, open_record, seal_inner
+from qkdproxy.core.tls.wire import Alert, ContentType
 
 CLIENT_SECRET = bytes(range(48))
 SERVER_SECRET = bytes(range(100, 148))

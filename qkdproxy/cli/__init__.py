@@ -1,0 +1,1 @@
+"""Thin command-line parsing for every qkdproxy command."""

@@ -1,0 +1,1 @@
+"""ETSI GS QKD 014 documents."""

@@ -1,0 +1,1 @@
+"""The qkdproxy/1 framing between two qkdproxy daemons."""

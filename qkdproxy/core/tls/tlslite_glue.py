@@ -1,0 +1,700 @@
+"""Everything that touches tlslite-ng 0.8.2, in one place.
+
+tlslite supplies the TLS 1.3 state machine; this module
+- registers the qkdproxy groups in tlslite's group tables,
+- routes key exchange through per-connection hooks (prepared by :mod:`keyexchange`),
+- replaces tlslite's pure-Python AEADs and RSA/ECDSA arithmetic with `cryptography`,
+- validates peer certificate chains (tlslite does not).
+The hook points are private tlslite names, so :func:`self_test` checks them at start-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import tlslite
+import tlslite.handshakesettings as tl_settings
+import tlslite.recordlayer as tl_recordlayer
+import tlslite.x509 as tl_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
+from tlslite.constants import ExtensionType, GroupName, KeyUpdateMessageType
+from tlslite.errors import (
+    TLSAbruptCloseError,
+    TLSBadRecordMAC,
+    TLSError,
+    TLSIllegalParameterException,
+    TLSLocalAlert,
+    TLSProtocolException,
+    TLSRemoteAlert,
+)
+from tlslite.extensions import TLSExtension
+from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
+from tlslite.utils.ecdsakey import ECDSAKey
+from tlslite.utils.rsakey import RSAKey
+
+from qkdproxy.core.groups import GroupKind, GroupSpec
+from qkdproxy.core.tls.credentials import Credentials, PrivateKey
+from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, KeySchedule, has_flag, tls_flags_data
+from qkdproxy.core.tls.events import DataReceived, KeysUpdated
+from qkdproxy.core.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
+
+__all__ = [
+    "NO_ALPN_PLACEHOLDER",
+    "PRIVATE_NAMES",
+    "HookedTLSConnection",
+    "SelfTestError",
+    # tlslite's exceptions, re-exported so that no other module imports tlslite
+    "TLSAbruptCloseError",
+    "TLSError",
+    "TLSLocalAlert",
+    "TLSRemoteAlert",
+    "install",
+    "make_settings",
+    "self_test",
+    "tlslite_chain",
+    "tlslite_group_name",
+    "tlslite_private_key",
+]
+
+TLSLITE_VERSION = "0.8.2"
+ByteLike = bytes | bytearray | memoryview
+CIPHER_NAMES = ["aes256gcm", "aes128gcm", "chacha20-poly1305"]
+# tlslite 0.8.2 servers without an ALPN list crash (TypeError) on a client that offers ALPN;
+# a name no client offers makes them answer without ALPN instead.
+NO_ALPN_PLACEHOLDER = bytearray(b"\x00qkdproxy-none")
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+    "sha1": hashes.SHA1,
+    "sha224": hashes.SHA224,
+}
+_DIGEST_BY_SIZE: dict[int, hashes.HashAlgorithm] = {
+    32: hashes.SHA256(),
+    48: hashes.SHA384(),
+    64: hashes.SHA512(),
+}
+_CURVE_NAMES = {"secp256r1": "NIST256p", "secp384r1": "NIST384p", "secp521r1": "NIST521p"}
+
+
+class SelfTestError(RuntimeError):
+    """tlslite does not offer the hook points qkdproxy relies on."""
+
+
+class KeyExchangeHooks(Protocol):
+    """What a connection asks its key exchange for (see :mod:`qkdproxy.core.tls.keyexchange`)."""
+
+    def key_share(self, group: int) -> tuple[bytes, object]: ...
+
+    def shared_secret(self, group: int, peer_share: bytes) -> bytes: ...
+
+
+# ---------------------------------------------------------------------------- records
+
+
+class _Aead:
+    """An AEAD with the interface tlslite's record layer calls."""
+
+    isBlockCipher = False  # noqa: N815 - tlslite's attribute names
+    isAEAD = True  # noqa: N815
+    nonceLength = 12  # noqa: N815
+    tagLength = 16  # noqa: N815
+    implementation = "cryptography"
+
+    def __init__(self, name: str, cipher: AESGCM | ChaCha20Poly1305) -> None:
+        self.name = name
+        self.cipher = cipher
+
+    def seal(self, nonce: ByteLike, plaintext: ByteLike, data: ByteLike) -> bytearray:
+        return bytearray(self.cipher.encrypt(bytes(nonce), bytes(plaintext), bytes(data)))
+
+    def open(self, nonce: ByteLike, ciphertext: ByteLike, data: ByteLike) -> bytearray | None:
+        try:
+            return bytearray(self.cipher.decrypt(bytes(nonce), bytes(ciphertext), bytes(data)))
+        except InvalidTag:
+            return None
+
+    def decrypt(self, ciphertext: ByteLike) -> bytearray:
+        """tlslite's SSLv2 record path: any bytes with the top bit set reach it, so an
+        on-path attacker can; SSLv2 has no place in TLS 1.3, and the answer is an alert."""
+        raise TLSBadRecordMAC("SSLv2-style record refused")
+
+
+def _create_aes_gcm(key: bytes, impl_list: object = None) -> _Aead:
+    return _Aead(f"aes{len(key) * 8}gcm", AESGCM(bytes(key)))
+
+
+def _create_chacha20(key: bytes, impl_list: object = None) -> _Aead:
+    return _Aead("chacha20-poly1305", ChaCha20Poly1305(bytes(key)))
+
+
+# ------------------------------------------------------------------------------ keys
+
+
+def _hash(name: str | None) -> hashes.HashAlgorithm:
+    if name is None or name.lower() not in _HASHES:
+        raise ValueError(f"unsupported hash {name!r}")
+    return _HASHES[name.lower()]()
+
+
+class CryptographyRSAKey(RSAKey):  # type: ignore[misc]
+    """tlslite RSA key backed by `cryptography` (signatures over pre-hashed digests)."""
+
+    def __init__(self, key: rsa.RSAPrivateKey | rsa.RSAPublicKey, key_type: str = "rsa") -> None:
+        # RSAKey.__init__ raises NotImplementedError by design; set its fields directly.
+        self._private = key if isinstance(key, rsa.RSAPrivateKey) else None
+        self._public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+        numbers = self._public.public_numbers()
+        self.n, self.e, self.key_type, self._key_hash = numbers.n, numbers.e, key_type, None
+
+    def hasPrivateKey(self) -> bool:  # noqa: N802
+        return self._private is not None
+
+    # tlslite passes ``padding``, ``hashAlg`` and ``saltLen`` by keyword, so the names stay.
+    def sign(
+        self,
+        data: bytes,
+        padding: str = "pkcs1",
+        hashAlg: str | None = None,  # noqa: N803
+        saltLen: int | None = None,  # noqa: N803
+    ) -> bytearray:
+        """Sign a pre-hashed digest (RSASSA-PSS or PKCS#1 v1.5)."""
+        if self._private is None:
+            raise ValueError("public key cannot sign")
+        hash_alg = _hash(hashAlg)
+        scheme = _rsa_padding(padding, hash_alg, saltLen)
+        return bytearray(self._private.sign(bytes_(data), scheme, Prehashed(hash_alg)))
+
+    def verify(
+        self,
+        signature: bytes,
+        data: bytes,
+        padding: str = "pkcs1",
+        hashAlg: str | None = None,  # noqa: N803
+        saltLen: int | None = None,  # noqa: N803
+    ) -> bool:
+        """Check a signature over a pre-hashed digest."""
+        if padding == "pkcs1" and self.key_type == "rsa-pss":
+            return False
+        try:
+            hash_alg = _hash(hashAlg)
+            scheme = _rsa_padding(padding, hash_alg, saltLen)
+            self._public.verify(bytes_(signature), bytes_(data), scheme, Prehashed(hash_alg))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def _rsa_padding(name: str, hash_alg: hashes.HashAlgorithm, salt: int | None) -> Any:
+    if name.lower() == "pss":
+        length = hash_alg.digest_size if salt is None else salt
+        return asym_padding.PSS(mgf=asym_padding.MGF1(hash_alg), salt_length=length)
+    return asym_padding.PKCS1v15()
+
+
+class CryptographyECDSAKey(ECDSAKey):  # type: ignore[misc]
+    """tlslite ECDSA key backed by `cryptography`."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> None:
+        self._private = key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+        self._public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+        self.curve_name = _CURVE_NAMES[self._public.curve.name]
+        self.key_type = "ecdsa"
+
+    def __len__(self) -> int:
+        return int(self._public.curve.key_size)
+
+    def hasPrivateKey(self) -> bool:  # noqa: N802
+        return self._private is not None
+
+    def _sign(self, data: bytes, hash_alg: str) -> bytearray:
+        if self._private is None:
+            raise ValueError("public key cannot sign")
+        algorithm = ec.ECDSA(Prehashed(_hash(hash_alg)))
+        return bytearray(self._private.sign(bytes_(data), algorithm))
+
+    def _verify(self, signature: bytes, hash_bytes: bytes) -> bool:
+        digest = _DIGEST_BY_SIZE.get(len(hash_bytes))
+        if digest is None:
+            return False
+        try:
+            self._public.verify(bytes_(signature), bytes_(hash_bytes), ec.ECDSA(Prehashed(digest)))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def bytes_(value: ByteLike) -> bytes:
+    """tlslite hands around bytearrays; `cryptography` wants immutable bytes in places."""
+    return value if isinstance(value, bytes) else bytes(value)
+
+
+def tlslite_private_key(key: PrivateKey) -> RSAKey | ECDSAKey:
+    """Wrap a `cryptography` private key for tlslite."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return CryptographyRSAKey(key)
+    return CryptographyECDSAKey(key)
+
+
+def tlslite_chain(credentials: Credentials) -> X509CertChain:
+    """The certificate chain in tlslite's form (parsed once per credential load)."""
+    chain = X509CertChain()
+    chain.parsePemList(
+        "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in credentials.chain)
+    )
+    return chain
+
+
+def _public_rsa_key(n: int, e: int, key_type: str, *_: object) -> CryptographyRSAKey:
+    return CryptographyRSAKey(rsa.RSAPublicNumbers(e, n).public_key(), key_type)
+
+
+def _ecdsa_pubkey_parsing(self: Any, subject_public_key_info: bytes) -> None:
+    try:
+        key = serialization.load_der_public_key(bytes_(subject_public_key_info))
+    except (ValueError, TypeError):
+        raise SyntaxError("Malformed or unsupported public key in certificate") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _CURVE_NAMES:
+        raise SyntaxError("Unsupported elliptic curve in certificate")
+    self.publicKey = CryptographyECDSAKey(key)
+
+
+# ------------------------------------------------------------------------ connection
+
+
+class PeerChainCheck(Protocol):
+    """Validates the peer's DER chain; returns None, or (alert, reason) to refuse it."""
+
+    def __call__(self, chain: list[bytes]) -> tuple[int, str] | None: ...
+
+
+class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
+    """A TLSConnection whose key exchange and peer-chain check are delegated per connection."""
+
+    def __init__(self, sock: object, hooks: KeyExchangeHooks, chain_check: PeerChainCheck) -> None:
+        super().__init__(sock)
+        self._qkd_hooks = hooks
+        self._qkd_chain_check = chain_check
+        # qkdproxy does not resume sessions; tlslite would keep every NewSessionTicket a peer
+        # sends (and accepts them even from clients), so they are dropped on arrival.
+        self.tickets = _Discard()
+        # Extended Key Update: offered by us (set before the handshake), offered by the peer.
+        self.eku_offer = False
+        self.eku_peer = False
+
+    @property
+    def eku_negotiated(self) -> bool:
+        """Both sides offered Extended Key Update (the server acknowledged it in EE)."""
+        return self.eku_offer and self.eku_peer
+
+    def _sendMsg(self, msg: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+        if isinstance(msg, ClientHello) and self.eku_offer:
+            _add_eku_flag(msg)
+        return super()._sendMsg(msg, *args, **kwargs)
+
+    def _getMsg(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # noqa: N802
+        for result in super()._getMsg(*args, **kwargs):
+            if isinstance(result, ClientHello | EncryptedExtensions):
+                ext = result.getExtension(TLS_FLAGS_EXTENSION)
+                self.eku_peer = ext is not None and has_flag(bytes(ext.extData))
+            yield result
+
+    def key_schedule(self) -> KeySchedule:
+        """The main secret and handshake transcript hash the first Extended Key Update
+        chains from (valid once the handshake completed)."""
+        suite = CIPHER_SUITES[self.session.cipherSuite]
+        return KeySchedule(
+            suite.hash_name,
+            bytes(self.session.masterSecret),
+            bytes(self._first_handshake_hashes.digest(suite.hash_name)),
+        )
+
+    def _genKeyShareEntry(self, group: int, version: object) -> KeyShareEntry:  # noqa: N802
+        share, private = self._prepared(lambda: self._qkd_hooks.key_share(group))
+        return KeyShareEntry().create(group, bytearray(share), private)
+
+    def _getKEX(self, group: int, version: object) -> _PreparedKex:  # noqa: N802
+        return _PreparedKex(self, group)
+
+    def _KEMEncaps(self, group: int, public: bytes) -> tuple[bytearray, KeyShareEntry]:  # noqa: N802
+        secret = self._prepared(lambda: self._qkd_hooks.shared_secret(group, bytes_(public)))
+        share, _ = self._prepared(lambda: self._qkd_hooks.key_share(group))
+        return bytearray(secret), KeyShareEntry().create(group, bytearray(share), None)
+
+    @staticmethod
+    def _prepared(call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (LookupError, ValueError) as exc:
+            raise TLSIllegalParameterException(str(exc)) from None
+
+    def _check_certchain_with_settings(self, cert_chain: Any, settings: Any) -> Iterator[Any]:
+        # tlslite's generator yields 0/1 for I/O and then the peer's public key as its result.
+        result = None
+        for result in super()._check_certchain_with_settings(cert_chain, settings):
+            if isinstance(result, int):
+                yield result
+            else:
+                break
+        refusal = self._qkd_chain_check([bytes(c.bytes) for c in cert_chain.x509List])
+        if refusal is not None:
+            yield from self._sendError(refusal[0], refusal[1])
+        yield result
+
+    def _queue_message(self, msg: Any) -> Any:
+        if isinstance(msg, EncryptedExtensions) and self.eku_negotiated:
+            _add_eku_flag(msg)
+        return super()._queue_message(without_empty_compress_certificate(msg))
+
+    def request_key_update(self) -> Iterator[Any]:
+        """Send KeyUpdate(update_not_requested): fresh keys for what we send.
+
+        Each side renews its own sending keys on its own budget. Asking the peer to answer
+        (update_requested) would make its reading side write, possibly after we closed.
+        """
+        return self.send_keyupdate_request(  # type: ignore[no-any-return]
+            KeyUpdateMessageType.update_not_requested
+        )
+
+    def send_alert(self, alert: int, reason: str) -> Iterator[Any]:
+        """Send a fatal alert (encrypted if keys are set) and close; raises TLSLocalAlert."""
+        return self._sendError(alert, reason)  # type: ignore[no-any-return]
+
+    def hand_over(self, policy: KeyUpdatePolicy | None = None) -> tuple[RecordLayer, bytes]:
+        """The established connection's record layer, and inbound bytes tlslite read ahead.
+
+        From here on tlslite touches no record: the traffic secrets and sequence numbers
+        move to a :class:`RecordLayer`. Raises :class:`TLSProtocolException` if tlslite
+        holds anything the record layer could not take over (a partial handshake message
+        or decrypted data), which only a peer breaking the protocol causes.
+        """
+        session = self.session
+        suite = CIPHER_SUITES.get(session.cipherSuite) if session else None
+        if self.closed or self.version != (3, 4) or suite is None:
+            raise TLSProtocolException("no TLS 1.3 session to hand over")
+        if self._readBuffer or any(self._defragmenter.buffers.values()):
+            raise TLSProtocolException("handshake data left over after Finished")
+        layer = self._recordLayer
+        client_secret = Direction(suite, bytes(session.cl_app_secret))
+        server_secret = Direction(suite, bytes(session.sr_app_secret))
+        read, write = (
+            (server_secret, client_secret) if self._client else (client_secret, server_secret)
+        )
+        read.seqnum = layer._readState.seqnum
+        write.seqnum = layer._writeState.seqnum
+        records = RecordLayer(
+            read,
+            write,
+            is_client=self._client,
+            send_limit=self._send_record_limit,
+            policy=policy,
+        )
+        # tlslite reads its socket in 4 KiB chunks: bytes past its last record go first.
+        buffered: bytearray = self.sock._read_buffer
+        leftover = bytes(buffered)
+        buffered.clear()
+        return records, leftover
+
+
+def without_empty_compress_certificate(msg: Any) -> Any:
+    """``msg``, minus a compress_certificate extension with no algorithm in it.
+
+    tlslite 0.8.2 servers put compress_certificate in every TLS 1.3 CertificateRequest, with
+    the algorithms they accept; qkdproxy accepts none, and an empty list is malformed
+    (RFC 8879 requires 1..127 entries). OpenSSL 3.2+ built with a compression algorithm
+    aborts with ``tls_parse_compress_certificate:bad extension``. Leaving the extension out
+    says the same thing (no compression) correctly.
+    """
+    if isinstance(msg, CertificateRequest) and msg.extensions:
+        msg.extensions = [
+            ext
+            for ext in msg.extensions
+            if ext.extType != ExtensionType.compress_certificate or ext.algorithms
+        ]
+    return msg
+
+
+def _add_eku_flag(msg: Any) -> None:
+    """Put the Extended Key Update flag (tls_flags) in a ClientHello or EncryptedExtensions."""
+    if msg.extensions is None:
+        msg.extensions = []
+    if msg.getExtension(TLS_FLAGS_EXTENSION) is None:
+        msg.extensions.append(
+            TLSExtension(extType=TLS_FLAGS_EXTENSION).create(bytearray(tls_flags_data()))
+        )
+
+
+class _Discard(list[Any]):
+    """A list that stays empty."""
+
+    def append(self, item: Any) -> None:
+        """Drop the item."""
+
+
+class _PreparedKex:
+    """The duck-typed key-exchange object tlslite expects, answering from the hooks."""
+
+    def __init__(self, conn: HookedTLSConnection, group: int) -> None:
+        self._conn = conn
+        self._group = group
+
+    def calc_shared_key(self, private: object, peer_share: bytes) -> bytearray:
+        hooks = self._conn._qkd_hooks
+        secret = self._conn._prepared(lambda: hooks.shared_secret(self._group, bytes_(peer_share)))
+        return bytearray(secret)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def make_settings(groups: Iterable[GroupSpec], share_group: GroupSpec | None) -> HandshakeSettings:
+    """TLS 1.3-only settings offering ``groups`` in order, with one key share."""
+    settings = HandshakeSettings()
+    settings.minVersion = (3, 4)
+    settings.maxVersion = (3, 4)
+    settings.versions = [(3, 4)]
+    settings.cipherNames = list(CIPHER_NAMES)
+    settings.eccCurves = [tlslite_group_name(g) for g in groups]
+    settings.keyShares = [tlslite_group_name(share_group)] if share_group else []
+    settings.dhGroups = []
+    settings.ticketKeys = []
+    settings.ticket_count = 0
+    settings.use_heartbeat_extension = False
+    # tlslite 0.8.2 compresses the client certificate whenever its own ClientHello offered
+    # compression, even if the server never asked: stacks without RFC 8879 then abort.
+    settings.certificate_compression_send = []
+    settings.certificate_compression_receive = []
+    return settings
+
+
+# tlslite names groups through class attributes of GroupName and module-level lists: state
+# shared by the whole process. Each (name, code point) pair gets a name of its own, set
+# once and never rebound, so endpoints with different code-point overrides cannot see
+# each other's (an override used to rebind the shared name for every endpoint).
+_tlslite_names: dict[tuple[str, int], str] = {}
+
+
+def tlslite_group_name(group: GroupSpec) -> str:
+    """The name tlslite knows ``group`` by at its code point (registered on first use)."""
+    key = (group.tlslite_name, group.code_point)
+    name = _tlslite_names.get(key)
+    if name is None:
+        name = _register(group)
+        _tlslite_names[key] = name
+    return name
+
+
+def _register(group: GroupSpec) -> str:
+    stock = getattr(GroupName, group.tlslite_name, None)
+    name = group.tlslite_name
+    if stock is not None and stock != group.code_point:
+        name = f"{group.tlslite_name}_{group.code_point:04x}"
+    setattr(GroupName, name, group.code_point)
+    if group.code_point not in GroupName.all:
+        GroupName.all.append(group.code_point)
+    # KEM-style groups take tlslite's encapsulation path on the server.
+    if group.post_quantum and group.code_point not in GroupName.allKEM:
+        GroupName.allKEM.append(group.code_point)
+    for names in (
+        tl_settings.CURVE_NAMES,
+        tl_settings.ALL_CURVE_NAMES,
+        tl_settings.TLS13_PERMITTED_GROUPS,
+    ):
+        if name not in names:
+            names.append(name)
+    return name
+
+
+_installed = False
+
+
+def install(groups: Iterable[GroupSpec]) -> None:
+    """Patch tlslite once per process (crypto back-ends); register ``groups`` (once each)."""
+    global _installed  # noqa: PLW0603 - tlslite's tables are process-wide by nature
+    if not _installed:
+        tl_recordlayer.createAESGCM = _create_aes_gcm
+        tl_recordlayer.createCHACHA20 = _create_chacha20
+        tl_x509._createPublicRSAKey = _public_rsa_key
+        tl_x509.X509._ecdsa_pubkey_parsing = _ecdsa_pubkey_parsing
+        self_test()  # with the back-ends above in place: what the daemon will run
+        _installed = True
+    for group in groups:
+        tlslite_group_name(group)
+
+
+# Every private tlslite name qkdproxy relies on: (owner, name, what for). The self-test
+# checks each exists, then runs a handshake, a KeyUpdate and records to pin behaviour.
+_SAMPLE = TLSConnection(None)
+PRIVATE_NAMES: list[tuple[object, str, str]] = [
+    (TLSConnection, "_getKEX", "per-connection key exchange (overridden)"),
+    (TLSConnection, "_genKeyShareEntry", "per-connection key share (overridden)"),
+    (TLSConnection, "_KEMEncaps", "server-side KEM encapsulation (overridden)"),
+    (TLSConnection, "_check_certchain_with_settings", "peer chain validation (overridden)"),
+    (TLSConnection, "_sendError", "fatal alerts during the handshake"),
+    (TLSConnection, "_queue_message", "drops an empty compress_certificate (overridden)"),
+    (TLSConnection, "_send_record_limit", "the peer's record_size_limit, for our records"),
+    (TLSConnection, "_sendMsg", "adds the Extended Key Update flag to ClientHello (overridden)"),
+    (TLSConnection, "_getMsg", "sees the peer's Extended Key Update flag (overridden)"),
+    (tl_recordlayer, "createAESGCM", "AES-GCM from cryptography (rebound)"),
+    (tl_recordlayer, "createCHACHA20", "ChaCha20-Poly1305 from cryptography (rebound)"),
+    (tl_x509, "_createPublicRSAKey", "RSA peer keys from cryptography (rebound)"),
+    (tl_x509.X509, "_ecdsa_pubkey_parsing", "ECDSA peer keys from cryptography (rebound)"),
+    (GroupName, "allKEM", "groups on the server's encapsulation path"),
+    (tl_settings, "TLS13_PERMITTED_GROUPS", "group names tlslite accepts"),
+    # Read once, at the hand-over to our record layer.
+    (_SAMPLE, "_client", "which traffic secret is ours"),
+    (_SAMPLE, "_readBuffer", "no decrypted data left behind at the hand-over"),
+    (_SAMPLE, "_defragmenter", "no handshake message left behind at the hand-over"),
+    (_SAMPLE.sock, "_read_buffer", "bytes read ahead past the last handshake record"),
+    (_SAMPLE._recordLayer, "_readState", "the read sequence number at the hand-over"),
+    (_SAMPLE._recordLayer, "_writeState", "the write sequence number at the hand-over"),
+]
+
+
+def self_test() -> None:
+    """Fail fast unless this tlslite has the private names qkdproxy relies on and still
+    behaves as they expect: an in-memory handshake through the hooks, the hand-over to
+    our record layer, a KeyUpdate both ways and records through the fast path."""
+    if tlslite.__version__ != TLSLITE_VERSION:
+        raise SelfTestError(f"tlslite-ng {TLSLITE_VERSION} required, found {tlslite.__version__}")
+    missing = [name for owner, name, _ in PRIVATE_NAMES if not hasattr(owner, name)]
+    if missing:
+        raise SelfTestError(f"tlslite-ng lacks hook points: {', '.join(missing)}")
+    digest = hashlib.sha256(b"self-test").digest()
+    probe = CryptographyECDSAKey(ec.generate_private_key(ec.SECP256R1()))
+    if not probe.verify(probe.sign(digest, hashAlg="sha256"), digest):
+        raise SelfTestError("ECDSA sign/verify round trip failed")
+    try:
+        _self_test_connection()
+    except SelfTestError:
+        raise
+    except Exception as exc:
+        raise SelfTestError(f"tlslite-ng misbehaves: {type(exc).__name__}: {exc}") from exc
+
+
+class _Pipe:
+    """One end of an in-memory connection, as tlslite's socket."""
+
+    def __init__(self) -> None:
+        self.inbound = bytearray()
+        self.peer: _Pipe | None = None
+
+    def recv(self, size: int) -> bytes:
+        if not self.inbound:
+            raise BlockingIOError(errno.EAGAIN, "no data buffered")
+        chunk = bytes(self.inbound[:size])
+        del self.inbound[:size]
+        return chunk
+
+    def send(self, data: bytes) -> int:
+        assert self.peer is not None
+        self.peer.inbound += data
+        return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        self.send(data)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def shutdown(self, how: int) -> None:
+        """Nothing to release."""
+
+
+class _X25519Hooks:
+    """A plain X25519 key exchange through the per-connection hooks."""
+
+    def __init__(self) -> None:
+        self._private = x25519.X25519PrivateKey.generate()
+
+    def key_share(self, group: int) -> tuple[bytes, object]:
+        return self._private.public_key().public_bytes_raw(), None
+
+    def shared_secret(self, group: int, peer_share: bytes) -> bytes:
+        return self._private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_share))
+
+
+def _self_test_connection() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "qkdproxy self-test")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(minutes=5))
+        .sign(key, hashes.SHA256())
+    )
+    credentials = Credentials((cert,), key)
+    chain, private = tlslite_chain(credentials), tlslite_private_key(key)
+    group = GroupSpec("x25519", 0x001D, ("X25519",), GroupKind.CLASSICAL, "x25519")
+    client_pipe, server_pipe = _Pipe(), _Pipe()
+    client_pipe.peer, server_pipe.peer = server_pipe, client_pipe
+    client = HookedTLSConnection(client_pipe, _X25519Hooks(), lambda chain: None)
+    server = HookedTLSConnection(server_pipe, _X25519Hooks(), lambda chain: None)
+    steps = [
+        client.handshakeClientCert(
+            chain, private, settings=make_settings([group], group), async_=True
+        ),
+        server.handshakeServerAsync(
+            certChain=chain, privateKey=private, settings=make_settings([group], group),
+            reqCert=True, alpn=[NO_ALPN_PLACEHOLDER],
+        ),
+    ]  # fmt: skip
+    running = [True, True]
+    for _ in range(64):
+        for i, generator in enumerate(steps):
+            while running[i]:
+                try:
+                    if next(generator) == 0:
+                        break  # waits for the other side
+                except StopIteration:
+                    running[i] = False
+        if not any(running):
+            break
+    else:
+        raise SelfTestError("in-memory handshake did not complete")
+    ours, ours_left = client.hand_over()
+    theirs, theirs_left = server.hand_over()
+    if ours_left or theirs_left or client_pipe.inbound or server_pipe.inbound:
+        raise SelfTestError("bytes left over after the handshake")
+    for conn, layer in ((client, ours), (server, theirs)):
+        records = conn._recordLayer
+        for state, direction in (
+            (records._writeState, layer.write),
+            (records._readState, layer.read),
+        ):
+            # The keys we derive must be the ones tlslite installed for the handshake's end.
+            theirs_probe = bytes(state.encContext.seal(bytes(12), b"probe", b""))
+            ours_probe = direction.keys.aead.encrypt(bytes(12), b"probe", b"")
+            iv = direction.keys.iv.to_bytes(12, "big")
+            if theirs_probe != ours_probe or bytes(state.fixedNonce) != iv:
+                raise SelfTestError("our traffic keys differ from tlslite's")
+    ours.send_data(b"ping")
+    ours.update_keys(request_peer=True)
+    ours.send_data(b"after the update")
+    heard = theirs.receive(ours.data_to_send(), 0.0)
+    theirs.send_data(b"pong")
+    answered = ours.receive(theirs.data_to_send(), 0.0)
+    expected = (
+        [DataReceived(b"ping"), KeysUpdated("read", True), DataReceived(b"after the update"),
+         KeysUpdated("write")],
+        [KeysUpdated("read", False), DataReceived(b"pong")],
+    )  # fmt: skip
+    if (heard, answered) != expected:
+        raise SelfTestError(f"records after the handshake: {heard} / {answered}")

@@ -1,0 +1,1 @@
+"""The daemon: the one place that wires tunnels, key supplies and observability."""

@@ -1,0 +1,112 @@
+"""The asyncio side of admission control: listeners whose readers watch the hello arrive,
+the hello deadlines, and refusals that cost no more than a reset.
+
+The decisions live in :mod:`qkdproxy.core.admission`; this module only measures time and
+bytes on real sockets, and never touches the TLS code: the deadlines wrap the handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, SupportsIndex, TypeVar
+
+from qkdproxy.core.admission import HelloProgress, HelloState, Refusal
+
+T = TypeVar("T")
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class WatchedReader(asyncio.StreamReader):
+    """A stream reader that also follows the first TLS handshake message as it arrives."""
+
+    def __init__(self, limit: int = 2**16) -> None:
+        super().__init__(limit=limit)
+        self.hello = HelloProgress()
+        self.on_progress: Callable[[HelloState], None] | None = None
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        """Pass ``data`` on, noting the hello's progress first."""
+        if self.hello.state is not HelloState.COMPLETE:
+            before = self.hello.state
+            after = self.hello.feed(bytes(data))
+            if after is not before and self.on_progress is not None:
+                self.on_progress(after)
+        super().feed_data(data)
+
+
+def _factory(handler: Handler) -> Callable[[], asyncio.StreamReaderProtocol]:
+    def protocol() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(WatchedReader(), handler)
+
+    return protocol
+
+
+async def start_server(handler: Handler, **kwargs: Any) -> asyncio.Server:
+    """:func:`asyncio.start_server`, with :class:`WatchedReader` readers."""
+    return await asyncio.get_running_loop().create_server(_factory(handler), **kwargs)
+
+
+async def start_unix_server(handler: Handler, path: str) -> asyncio.Server:
+    """:func:`asyncio.start_unix_server`, with :class:`WatchedReader` readers."""
+    return await asyncio.get_running_loop().create_unix_server(_factory(handler), path)
+
+
+class HelloDeadlineError(Exception):
+    """The client was too slow to start or finish its hello."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.value)
+        self.refusal = refusal
+
+
+async def within_hello_deadlines(
+    reader: asyncio.StreamReader, handshake: Awaitable[T], first_byte_s: float, hello_s: float
+) -> T:
+    """Await ``handshake``, cut (:class:`HelloDeadlineError`) if no byte arrives within
+    ``first_byte_s`` or the whole first handshake message within ``hello_s`` of now.
+
+    Once the hello is complete the handshake has only its own timeout (KME calls may be
+    slow, and they are not the client's fault). 0 turns a deadline off.
+    """
+    if not isinstance(reader, WatchedReader) or (first_byte_s <= 0 and hello_s <= 0):
+        return await handshake
+    start = asyncio.get_running_loop().time()
+    hello_at = start + hello_s if hello_s > 0 else None
+    first_at = start + first_byte_s if first_byte_s > 0 else hello_at
+    state = reader.hello.state
+    deadline = asyncio.timeout_at(
+        {HelloState.NOTHING: first_at, HelloState.STARTED: hello_at}.get(state)
+    )
+
+    def progress(now: HelloState) -> None:
+        nonlocal state
+        state = now
+        # Bytes may still arrive between expiry and the handshake's cancellation.
+        if not deadline.expired():
+            deadline.reschedule(None if now is HelloState.COMPLETE else hello_at)
+
+    reader.on_progress = progress
+    try:
+        async with deadline:
+            return await handshake
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        slow = Refusal.FIRST_BYTE_TIMEOUT if state is HelloState.NOTHING else None
+        raise HelloDeadlineError(slow or Refusal.HELLO_TIMEOUT) from None
+    finally:
+        reader.on_progress = None
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close at once with a TCP RST (SO_LINGER 0): no FIN handshake, no TIME_WAIT here."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # ValueError: the transport is closed already (fd -1); nothing is left to reset.
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

@@ -1,0 +1,220 @@
+"""Move bytes both ways between a plaintext stream and a TLS channel, with half-close.
+
+Backpressure comes from awaiting each write's drain before reading more; buffers are bounded
+by the read size. Half-close: EOF on the plaintext side becomes FIN inside the tunnel, and FIN
+from the peer becomes a TCP half-close (write_eof) on the plaintext side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
+
+READ_SIZE = 64 * 1024
+
+
+class Channel(Protocol):
+    """The tunnel side: a ``qkdproxy/1`` PeerChannel, or raw TLS for other stacks."""
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def send_fin(self) -> None: ...
+
+    async def receive(self) -> bytes: ...
+
+    async def update_keys(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class RawTlsChannel:
+    """A plain TLS stream (the peer is not a qkdproxy daemon): no framing, no half-close."""
+
+    def __init__(self, stream: TlsStream) -> None:
+        self.stream = stream
+
+    async def send(self, data: bytes) -> None:
+        """Write application bytes."""
+        await self.stream.write(data)
+
+    async def send_fin(self) -> None:
+        """Nothing to send: tlslite has no TLS half-close, and closing here would drop the
+        peer's answer. The stream ends when the peer closes (or the idle timeout)."""
+
+    async def receive(self) -> bytes:
+        """Read application bytes (b"" at the end)."""
+        return await self.stream.read()
+
+    async def update_keys(self) -> None:
+        """TLS 1.3 KeyUpdate."""
+        await self.stream.update_keys()
+
+    async def close(self) -> None:
+        """Close the stream."""
+        await self.stream.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyBudget:
+    """Send a KeyUpdate after this many bytes or seconds (0 turns a limit off)."""
+
+    max_bytes: int = 1 << 30
+    max_seconds: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class FreshKeyBudget:
+    """Run an Extended Key Update (a fresh key exchange: on a QKD group a fresh QKD key)
+    after this many bytes (both directions) or seconds since the last fresh key (0 turns a
+    limit off). Independent of :class:`RekeyBudget`."""
+
+    max_bytes: int = 64 << 30
+    max_seconds: float = 600.0
+
+    @property
+    def active(self) -> bool:
+        """True if either limit is on."""
+        return bool(self.max_bytes or self.max_seconds)
+
+
+# How often the fresh-key task looks at the byte budget (the time budget wakes it exactly).
+FRESH_KEY_POLL_S = 1.0
+# The side that does not originate key ids waits this much longer than its budget says:
+# with equal budgets the originator's update comes first, so two peers do not start
+# crossing updates (one of which would waste a key) every time.
+NON_ORIGINATOR_SLACK = 1.5
+
+
+@dataclass(slots=True)
+class Traffic:
+    """Bytes moved: ``to_peer`` from the plaintext side, ``from_peer`` to it."""
+
+    to_peer: int = 0
+    from_peer: int = 0
+    key_updates: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    last_rekey: float = field(default_factory=time.monotonic)
+    bytes_since_rekey: int = 0
+    # Extended Key Updates completed (either side initiating) and the QKD key ids they spent.
+    fresh_key_updates: int = 0
+    fresh_key_update_failures: int = 0
+    fresh_key_ids: list[str] = field(default_factory=list)
+    # When the stream last got fresh keys (monotonic; None: no Extended Key Update).
+    fresh_keys_at: float | None = None
+
+    def rekey_due(self, budget: RekeyBudget, now: float) -> bool:
+        """True when the current traffic keys have carried enough."""
+        return bool(budget.max_bytes and self.bytes_since_rekey >= budget.max_bytes) or bool(
+            budget.max_seconds and now - self.last_rekey >= budget.max_seconds
+        )
+
+
+async def pump(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    channel: Channel,
+    traffic: Traffic,
+    *,
+    idle_timeout_s: float,
+    rekey: RekeyBudget | None = None,
+    fresh: FreshKeyBudget | None = None,
+    stream: TlsStream | None = None,
+) -> str:
+    """Run both directions until both ended; returns why the connection ended.
+
+    With ``fresh`` and a ``stream`` that negotiated Extended Key Update, a third task runs
+    fresh key exchanges on that budget, off the data path: neither direction waits for
+    its KME call.
+    """
+    budget = rekey or RekeyBudget()
+
+    async def outbound() -> None:
+        while data := await reader.read(READ_SIZE):
+            traffic.to_peer += len(data)
+            traffic.bytes_since_rekey += len(data)
+            traffic.last_activity = now = time.monotonic()
+            await channel.send(data)
+            if traffic.rekey_due(budget, now):
+                await channel.update_keys()
+                traffic.key_updates += 1
+                traffic.bytes_since_rekey, traffic.last_rekey = 0, now
+        await channel.send_fin()
+
+    async def inbound() -> None:
+        while data := await channel.receive():
+            traffic.from_peer += len(data)
+            traffic.last_activity = time.monotonic()
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+
+    tasks = {asyncio.create_task(outbound()), asyncio.create_task(inbound())}
+    helpers: set[asyncio.Task[None]] = set()
+    if fresh is not None and fresh.active and stream is not None and stream.fresh_key_updates:
+        helpers.add(asyncio.create_task(refresh_keys(stream, traffic, fresh)))
+    try:
+        return await _until_done(tasks, traffic, idle_timeout_s)
+    finally:
+        for task in tasks | helpers:
+            task.cancel()
+        await asyncio.gather(*tasks, *helpers, return_exceptions=True)
+        if stream is not None:
+            stats = stream.fresh_key_stats()
+            traffic.fresh_key_updates, traffic.fresh_key_update_failures = stats[:2]
+            traffic.fresh_key_ids = stats[2]
+
+
+async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudget) -> None:
+    """Start an Extended Key Update whenever ``budget`` is spent; the clock restarts at
+    every completed update, whichever side started it, so two peers with the same budget
+    do not both update."""
+    bytes_mark = traffic.to_peer + traffic.from_peer
+    started = 0.0
+    slack = 1.0 if stream.fresh_key_originator else NON_ORIGINATOR_SLACK
+    max_seconds, max_bytes = budget.max_seconds * slack, int(budget.max_bytes * slack)
+    while True:
+        now = time.monotonic()
+        if traffic.fresh_keys_at != stream.fresh_keys_at:  # an update completed (either side)
+            traffic.fresh_keys_at = stream.fresh_keys_at
+            bytes_mark = traffic.to_peer + traffic.from_peer
+        since = max(stream.fresh_keys_at, started)
+        moved = traffic.to_peer + traffic.from_peer - bytes_mark
+        wait = FRESH_KEY_POLL_S
+        if max_seconds:
+            wait = min(wait, since + max_seconds - now)
+        if wait <= 0 or (max_bytes and moved >= max_bytes):
+            try:
+                await stream.fresh_key_update()
+            except TlsStreamError:
+                return  # the stream failed closed; the data tasks see it too
+            started = time.monotonic()
+            bytes_mark = traffic.to_peer + traffic.from_peer
+            continue
+        await asyncio.sleep(wait)
+
+
+async def _until_done(
+    tasks: set[asyncio.Task[None]], traffic: Traffic, idle_timeout_s: float
+) -> str:
+    pending = set(tasks)
+    while pending:
+        timeout = None
+        if idle_timeout_s:
+            timeout = max(0.0, traffic.last_activity + idle_timeout_s - time.monotonic())
+        done, pending = await asyncio.wait(
+            pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done and time.monotonic() - traffic.last_activity >= idle_timeout_s:
+            return "idle_timeout"
+        for task in done:
+            error = task.exception()
+            if error is not None:
+                return f"error: {type(error).__name__}: {error}"[:200]
+    return "closed"

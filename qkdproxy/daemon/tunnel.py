@@ -1,0 +1,666 @@
+"""A running tunnel: listeners, connection limit, handshakes, the pump, one log line each.
+
+Client role: plaintext in, TLS to the peer daemon. Server role: TLS in, plaintext to the
+backend. The TLS endpoint can be swapped (reload) without touching live connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from qkdproxy.core.addresses import (
+    Address,
+    SystemdAddress,
+    TcpAddress,
+    UnixAddress,
+    format_sockname,
+)
+from qkdproxy.core.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
+from qkdproxy.core.logsafe import escape
+from qkdproxy.core.peer.frames import VERDICT_OK
+from qkdproxy.core.policy import Policy
+from qkdproxy.core.proxyv2 import ProxyInfo, encode_proxy_v2
+from qkdproxy.core.ratelimit import source_key
+from qkdproxy.core.throttle import LogThrottle
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.daemon import gate
+from qkdproxy.daemon.config import TunnelConfig
+from qkdproxy.daemon.logformat import record_event
+from qkdproxy.daemon.pump import (
+    Channel,
+    FreshKeyBudget,
+    RawTlsChannel,
+    RekeyBudget,
+    Traffic,
+    pump,
+)
+from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
+from qkdproxy.io.tls_stream import (
+    HandshakeError,
+    Outcome,
+    TlsEndpoint,
+    TlsStream,
+    close_transport,
+)
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.responder import HELLO_SOURCE
+from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH, FlushableSource, KeySources
+
+log = logging.getLogger("qkdproxy.connection")
+IANA_CIPHERS = {
+    "aes128gcm": "TLS_AES_128_GCM_SHA256",
+    "aes256gcm": "TLS_AES_256_GCM_SHA384",
+    "chacha20-poly1305": "TLS_CHACHA20_POLY1305_SHA256",
+}
+_ids = itertools.count(1)
+# Connections that end on these are logged at WARNING, at most once per reason per interval
+# (the line says how many similar ones came since); the others of the interval stay at INFO,
+# so the one-line-per-connection record is complete and a flood is not a flood of warnings.
+PROBLEM_REASONS = (
+    "handshake failed", "rejected", "peer unreachable", "backend unreachable", "error",
+)  # fmt: skip
+WARNING_INTERVAL_S = 10.0
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """The one structured log line written when a connection closes (never key material)."""
+
+    conn_id: int
+    tunnel: str
+    role: str
+    client: str = ""
+    peer: str | None = None
+    group: str | None = None
+    flow: str | None = None
+    api: str | None = None
+    qkd_key_id: str | None = None
+    # A failed handshake: the QKD key id it took (and so wasted), if any.
+    spent_key_id: str | None = None
+    hello_retry: bool = False
+    fallback: bool = False
+    failure: str | None = None
+    handshake_ms: float | None = None
+    bytes_to_peer: int = 0
+    bytes_from_peer: int = 0
+    key_updates: int = 0
+    # Extended Key Updates: completed, failed, and the QKD key ids they spent (never keys).
+    fresh_key_updates: int = 0
+    fresh_key_update_failures: int = 0
+    fresh_key_ids: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class TunnelStats:
+    """Counters read by the status endpoint and the demo."""
+
+    opened: int = 0
+    closed: int = 0
+    rejected_at_limit: int = 0
+    handshake_failures: int = 0
+    fallbacks: int = 0
+    # qkd-preferred fallbacks by reason (see fallback_reason).
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
+    # Plaintext bytes of closed connections (live ones: Tunnel.bytes_moved).
+    bytes_to_peer: int = 0
+    bytes_from_peer: int = 0
+    # Recent handshake durations only (for the demo's median): bounded.
+    handshake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class Tunnel:
+    """One configured tunnel; ``endpoint`` (and ``fallback``) are replaceable on reload."""
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        endpoint: TlsEndpoint,
+        keys: KeyContext,
+        fallback: TlsEndpoint | None = None,
+        *,
+        on_close: Callable[[ConnectionRecord], None] | None = None,
+        on_handshake: Callable[[ConnectionRecord], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.fallback = fallback
+        self.keys = keys
+        self.stats = TunnelStats()
+        self._on_close = on_close
+        self._on_handshake = on_handshake
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Condition()
+        # Why qkd-preferred connections currently fall back (None: QKD works).
+        self._fallback_state: str | None = None
+        self._warnings = LogThrottle(WARNING_INTERVAL_S)
+        self._traffic: dict[int, Traffic] = {}
+        # Admission control: counts survive a reload, limits follow the configuration.
+        self.admission = Admission(admission_limits(config))
+        self._admitted_config = config
+        self._tickets: dict[int, Ticket] = {}
+        self._refusal_log = LogThrottle(config.refusal_log_interval_s)
+
+    @property
+    def active(self) -> int:
+        """Connections in progress."""
+        return len(self._connections)
+
+    @property
+    def sources(self) -> KeySources:
+        """The key sources of this tunnel."""
+        return self.keys.sources
+
+    # ------------------------------------------------------------- listening
+
+    async def start(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
+        """Open the listener(s)."""
+        address = self.config.listen
+        handler = self._accept
+        if isinstance(address, TcpAddress):
+            self._servers.append(
+                await gate.start_server(handler, host=address.host, port=address.port)
+            )
+        elif isinstance(address, UnixAddress):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(address.path)
+            self._servers.append(await gate.start_unix_server(handler, address.path))
+        else:
+            sockets = (inherited or {}).get(address.name)
+            if not sockets:
+                raise OSError(f"no socket named {address.name!r} was passed by systemd")
+            for sock in sockets:
+                self._check_inherited(sock)
+                self._servers.append(await gate.start_server(handler, sock=sock))
+
+    def _check_inherited(self, sock: socket.socket) -> None:
+        # The configuration could not see where systemd bound the socket: check now.
+        if self.config.role != "client" or self.config.allow_public_plaintext:
+            return
+        name = sock.getsockname()
+        if isinstance(name, tuple) and not TcpAddress(str(name[0]), int(name[1])).loopback:
+            raise OSError(
+                f"tunnel {self.config.name}: the inherited plaintext socket {name[0]} is not "
+                "loopback (set allow_public_plaintext)"
+            )
+
+    def bound(self) -> list[str]:
+        """Where the tunnel listens (resolved ports), for logs and tests."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                out.append(format_sockname(sock.getsockname()))
+        return out
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is in progress."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._connections)
+
+    def stop_accepting(self) -> None:
+        """Close the listeners; live connections continue."""
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
+        cut."""
+        pending: set[asyncio.Task[None]] = set()
+        if self._connections:
+            _, pending = await asyncio.wait(set(self._connections), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        return len(pending)
+
+    # ------------------------------------------------------------ connections
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
+        peername = writer.get_extra_info("peername")
+        record.client = str(peername[0]) if isinstance(peername, tuple) else "unix"
+        _keepalive(writer)
+        ticket = self._admit(record, writer)
+        if ticket is None:
+            return
+        self._tickets[record.conn_id] = ticket
+        self._connections.add(task)
+        self.stats.opened += 1
+        started = time.monotonic()
+        try:
+            lifetime = self.config.max_lifetime_s or None
+            async with asyncio.timeout(lifetime):
+                record.reason = await self._serve(reader, writer, record)
+        except TimeoutError:
+            record.reason = "max_lifetime"
+        except asyncio.CancelledError:
+            # Cut by the drain deadline: end quietly (re-raising only makes asyncio log a
+            # traceback for every connection).
+            record.reason = "drained"
+        except Exception as exc:
+            # Whatever one connection hits ends that connection only.
+            record.reason = f"error: {type(exc).__name__}: {exc}"[:300]
+        finally:
+            self._connections.discard(task)
+            self.admission.release(self._tickets.pop(record.conn_id))
+            await close_transport(writer)
+            self._finish(record, started, quiet_as=self._quiet_as(record, reader))
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _admit(self, record: ConnectionRecord, writer: asyncio.StreamWriter) -> Ticket | None:
+        """Admission control: a ticket, or None once the connection was reset (no TLS
+        work, no KME call) and the refusal counted and (throttled) logged."""
+        if self.config is not self._admitted_config:  # reloaded
+            self._admitted_config = self.config
+            self.admission.update(admission_limits(self.config))
+            self._refusal_log.interval_s = self.config.refusal_log_interval_s
+        now = time.monotonic()
+        verdict = self.admission.admit(source_key(record.client), now)
+        if isinstance(verdict, Ticket):
+            return verdict
+        if verdict is Refusal.CONNECTION_LIMIT:
+            self.stats.rejected_at_limit += 1
+            record.reason = "rejected: connection limit"
+        else:
+            record.reason = f"rejected: {verdict.value}"
+        gate.reset(writer)
+        self._finish(record, now, opened=False, quiet_as=verdict.value)
+        return None
+
+    def _quiet_as(self, record: ConnectionRecord, reader: asyncio.StreamReader) -> str | None:
+        """The throttle reason of a server connection that failed before its ClientHello
+        was complete (an unauthenticated source can produce those at will); None when the
+        connection deserves its own log line."""
+        if self.config.role != "server" or record.failure is None:
+            return None
+        hello = reader.hello.state if isinstance(reader, gate.WatchedReader) else None
+        return f"before_hello:{record.failure}" if hello is not HelloState.COMPLETE else None
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+    ) -> str:
+        if self.config.role == "server":
+            return await self._serve_server(reader, writer, record)
+        return await self._serve_client(reader, writer, record)
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+    ) -> str:
+        try:
+            stream, peer_writer = await self._dial_with_fresh_key(record)
+        except HandshakeError as exc:
+            if self.fallback is None or not exc.may_be_kme:
+                return self._handshake_failed(exc, record)
+            self._fall_back(exc)
+            record.fallback = True
+            try:
+                stream, peer_writer = await self._dial_peer(self.fallback, record)
+            except HandshakeError as again:
+                return self._handshake_failed(again, record)
+        except OSError as exc:
+            return f"peer unreachable: {exc.strerror or type(exc).__name__}"
+        if not record.fallback:
+            self._qkd_back()
+        channel = await self._channel(stream, record)
+        traffic = self._live(record)
+        reason: str | None = None
+        try:
+            reason = await pump(
+                reader, writer, channel, traffic,
+                idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+                fresh=self._fresh, stream=stream,
+            )  # fmt: skip
+            return reason
+        finally:
+            self._account(record, traffic)
+            await _close_after_pump(reason, traffic, channel, tls=peer_writer, plaintext=writer)
+
+    async def _dial_with_fresh_key(
+        self, record: ConnectionRecord
+    ) -> tuple[TlsStream, asyncio.StreamWriter]:
+        """Dial with the main endpoint. If the peer refuses the QKD key (or ETSI 004 stream)
+        we offered because its end does not know it (the peer or a KME restarted), flush
+        what we hold ahead and dial once more with a key taken now."""
+        held = self._held_ahead()
+        epoch = held.buffer_epoch if held is not None else 0
+        try:
+            dialled = await self._dial_peer(self.endpoint, record)
+        except HandshakeError as exc:
+            if held is None or not _refused(exc, held):
+                raise
+            self.keys.ledger.reclassify_refused()
+            # Flushed now, or by a concurrent handshake since this one began.
+            if not (held.flush_after_refusal() or held.buffer_epoch != epoch):
+                raise
+            log.warning(
+                "tunnel %s: the peer refused our QKD keys %d times in a row (%s); the peer "
+                "or a KME may have restarted: key supply flushed, retrying once",
+                self.config.name, REFUSALS_BEFORE_FLUSH, escape(exc.reason),
+            )  # fmt: skip
+            dialled = await self._dial_peer(self.endpoint, record)
+        if held is not None and dialled[0].record.offered_key_id is not None:
+            held.note_accepted()
+        return dialled
+
+    def _fall_back(self, exc: HandshakeError) -> None:
+        """Count a qkd-preferred fallback; log at WARNING only when the reason changes."""
+        reason = fallback_reason(exc)
+        self.stats.fallbacks += 1
+        self.stats.fallback_reasons[reason] = self.stats.fallback_reasons.get(reason, 0) + 1
+        if self._fallback_state != reason:
+            self._fallback_state = reason
+            log.warning(
+                "tunnel %s: QKD unavailable (%s: %s); falling back to %s until it works again",
+                self.config.name, reason, exc.reason,
+                "/".join(g.name for g in self.config.plan.fallback),
+            )  # fmt: skip
+
+    def _qkd_back(self) -> None:
+        if self._fallback_state is not None:
+            self._fallback_state = None
+            log.warning("tunnel %s: QKD available again; no more fallback", self.config.name)
+
+    def _held_ahead(self) -> FlushableSource | None:
+        """The source whose keys or streams this side originates ahead of use, if any."""
+        for source in (self.sources.master, self.sources.stream):
+            if isinstance(source, FlushableSource):
+                return source
+        return None
+
+    async def _dial_peer(
+        self, endpoint: TlsEndpoint, record: ConnectionRecord
+    ) -> tuple[TlsStream, asyncio.StreamWriter]:
+        peer = self.config.connect
+        assert isinstance(peer, TcpAddress)
+        async with asyncio.timeout(self.config.connect_timeout_s):
+            peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
+        _keepalive(peer_writer)
+        return await endpoint.connect(peer_reader, peer_writer), peer_writer
+
+    async def _serve_server(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+    ) -> str:
+        # Until the client is authenticated, KME work for the KSID it names is bounded.
+        HELLO_SOURCE.set(source_key(record.client))
+        try:
+            stream = await gate.within_hello_deadlines(
+                reader, self.endpoint.accept(reader, writer),
+                self.config.first_byte_timeout_s, self.config.hello_timeout_s,
+            )  # fmt: skip
+        except gate.HelloDeadlineError as exc:
+            self.admission.count(exc.refusal)
+            self.stats.handshake_failures += 1
+            record.failure = exc.refusal.value
+            return f"handshake failed (peer): {exc.refusal.value}"
+        except HandshakeError as exc:
+            master = self.sources.master
+            if isinstance(master, FlushableSource) and _refused(exc, master):
+                # Server-initiated flow: the client refused our key. The server's supply is
+                # never announced (no peer restart can make it suspect) and the refusal is
+                # unauthenticated: it costs this one key, never a flush.
+                self.keys.ledger.reclassify_refused()
+            return self._handshake_failed(exc, record)
+        channel = await self._channel(stream, record)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                backend_reader, backend_writer = await _open(self.config.connect)
+        except (OSError, TimeoutError) as exc:
+            why = f"backend unreachable: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+            if isinstance(channel, PeerChannel):
+                # The peer is authenticated: tell it why (qkdproxy probe reports it).
+                with contextlib.suppress(ConnectionError):
+                    await channel.send_verdict(why)
+            await channel.close()
+            return why
+        if isinstance(channel, PeerChannel):
+            channel.probe_answer = VERDICT_OK
+        _keepalive(backend_writer)
+        traffic = self._live(record)
+        reason: str | None = None
+        try:
+            if self.config.proxy_protocol:
+                # Inside the try: a header that cannot be encoded must not leak the backend.
+                backend_writer.write(encode_proxy_v2(self._proxy_info(writer, stream, record)))
+            # Seen from the server tunnel, the backend is the plaintext side.
+            reason = await pump(
+                backend_reader, backend_writer, channel, traffic,
+                idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+                fresh=self._fresh, stream=stream,
+            )  # fmt: skip
+            return reason
+        finally:
+            self._account(record, traffic)
+            await _close_after_pump(reason, traffic, channel, tls=writer, plaintext=backend_writer)
+            await close_transport(backend_writer)
+
+    async def _channel(self, stream: TlsStream, record: ConnectionRecord) -> Channel:
+        HELLO_SOURCE.set(None)  # authenticated: its announcements are not a hello's
+        self.admission.handshake_done(self._tickets[record.conn_id])
+        self.stats.handshake_seconds.append(stream.handshake_seconds)
+        record.handshake_ms = round(stream.handshake_seconds * 1000, 3)
+        record.peer = stream.peer.describe()
+        record.group = stream.record.group
+        record.flow = stream.record.flow.value if stream.record.flow else None
+        record.api = stream.record.api.value if stream.record.api else None
+        record.qkd_key_id = stream.record.qkd_key_id
+        record.hello_retry = stream.record.hello_retry
+        server = self.config.role == "server"
+        if server and self.config.policy is Policy.QKD_PREFERRED and stream.record.api is None:
+            # No QKD key in this connection: on a qkd-preferred server that is the client's
+            # fallback, and the line must say so (the server never falls back by itself).
+            record.fallback = True
+            self.stats.fallbacks += 1
+        if self._on_handshake is not None:
+            self._on_handshake(record)
+        channel = await open_peer_channel(stream, self.sources)
+        return channel if channel is not None else RawTlsChannel(stream)
+
+    @staticmethod
+    def _proxy_info(
+        writer: asyncio.StreamWriter, stream: TlsStream, record: ConnectionRecord
+    ) -> ProxyInfo:
+        def address(name: object) -> tuple[str, int] | None:
+            return (str(name[0]), int(name[1])) if isinstance(name, tuple) else None
+
+        return ProxyInfo(
+            source=address(writer.get_extra_info("peername")),
+            destination=address(writer.get_extra_info("sockname")),
+            connection_id=record.conn_id,
+            peer_identity=stream.peer.describe(),
+            peer_cn=stream.peer.common_name,
+            cipher=IANA_CIPHERS.get(stream.cipher, stream.cipher),
+            group=stream.record.group,
+        )
+
+    @property
+    def _rekey(self) -> RekeyBudget:
+        return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
+
+    @property
+    def _fresh(self) -> FreshKeyBudget:
+        return FreshKeyBudget(self.config.fresh_key_bytes, self.config.fresh_key_interval_s)
+
+    def fresh_key_age(self) -> float | None:
+        """Seconds since the oldest live connection with Extended Key Update got its last
+        fresh key (None if there is none)."""
+        now = time.monotonic()
+        ages = [now - t.fresh_keys_at for t in self._traffic.values() if t.fresh_keys_at]
+        return max(ages, default=None)
+
+    def _live(self, record: ConnectionRecord) -> Traffic:
+        """A connection's byte counts, visible to :meth:`bytes_moved` while it lives."""
+        traffic = self._traffic[record.conn_id] = Traffic()
+        return traffic
+
+    def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
+        record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
+        record.key_updates = traffic.key_updates
+        record.fresh_key_updates = traffic.fresh_key_updates
+        record.fresh_key_update_failures = traffic.fresh_key_update_failures
+        record.fresh_key_ids = traffic.fresh_key_ids
+        # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
+        del self._traffic[record.conn_id]
+        self.stats.bytes_to_peer += traffic.to_peer
+        self.stats.bytes_from_peer += traffic.from_peer
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """Plaintext bytes (to the peer, from the peer) so far, live connections included, so
+        a long-lived connection shows in the byte counters before it ends."""
+        live = self._traffic.values()
+        return (
+            self.stats.bytes_to_peer + sum(t.to_peer for t in live),
+            self.stats.bytes_from_peer + sum(t.from_peer for t in live),
+        )
+
+    def _handshake_failed(self, exc: HandshakeError, record: ConnectionRecord) -> str:
+        self.stats.handshake_failures += 1
+        record.failure = failure_class(exc)
+        # The key this failed handshake spent (ours or the peer's): every spent key is logged.
+        record.spent_key_id = exc.record.qkd_key_id or exc.record.offered_key_id
+        side = "peer" if exc.remote else "local"
+        return f"handshake failed ({side}): {exc.reason}"[:300]
+
+    def _finish(
+        self,
+        record: ConnectionRecord,
+        started: float,
+        *,
+        opened: bool = True,
+        quiet_as: str | None = None,
+    ) -> None:
+        now = time.monotonic()
+        record.duration_s = round(now - started, 6)
+        # closed counts what opened counted: a connection refused at accept is neither.
+        if opened:
+            self.stats.closed += 1
+        fields: dict[str, object] = asdict(record)
+        level: int | None = logging.INFO
+        if quiet_as is not None:
+            # A flood of refusals must not become a flood of lines: one per interval per
+            # reason, carrying how many were not logged since the previous one.
+            suppressed = self._refusal_log.admit(quiet_as, now)
+            level = None if suppressed is None else logging.WARNING
+            fields["suppressed"] = suppressed
+        elif problem := next((p for p in PROBLEM_REASONS if record.reason.startswith(p)), None):
+            similar = self._warnings.admit(problem, now)
+            if similar is not None:
+                level = logging.WARNING
+                if similar:
+                    fields["similar_since_last_warning"] = similar
+        if level is not None:
+            log.log(level, json.dumps(fields, separators=(",", ":")),
+                    extra=record_event("connection", fields))  # fmt: skip
+        if self._on_close is not None:
+            self._on_close(record)
+
+
+def admission_limits(config: TunnelConfig) -> AdmissionLimits:
+    """The admission limits a tunnel's configuration sets."""
+    return AdmissionLimits(
+        max_connections=config.max_connections,
+        max_connections_per_source=config.max_connections_per_source,
+        max_handshakes=config.max_handshakes,
+        max_handshakes_per_source=config.max_handshakes_per_source,
+        handshake_rate_per_source=config.handshake_rate_per_source,
+        handshake_burst_per_source=config.handshake_burst_per_source,
+    )
+
+
+def failure_class(exc: HandshakeError) -> str:
+    """A bounded label for why a handshake failed: the alert's name, or what happened."""
+    if exc.alert is not None:
+        try:
+            return Alert(exc.alert).name.lower()
+        except ValueError:
+            return "other_alert"
+    if exc.outcome is Outcome.TIMEOUT:
+        return "timeout"
+    if exc.outcome is Outcome.PEER_CLOSED:
+        return "peer_closed"
+    return "other"
+
+
+def fallback_reason(exc: HandshakeError) -> str:
+    """Why a qkd-preferred handshake fell back, from a small fixed set."""
+    text = exc.reason.lower()
+    if "insufficient" in text or "exhausted" in text:
+        return "kme_exhausted"
+    if "key source configured" in text:
+        return "no_key_source"
+    return "kme_unavailable"
+
+
+async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if isinstance(address, UnixAddress):
+        return await asyncio.open_unix_connection(address.path)
+    if isinstance(address, SystemdAddress):
+        raise OSError("systemd: addresses can only listen")
+    return await asyncio.open_connection(address.host, address.port)
+
+
+def _refused(exc: HandshakeError, source: FlushableSource) -> bool:
+    """The peer refused, by the alert it sent, a key this handshake took from ``source``.
+
+    The alert is unauthenticated: without a key of ours on the wire (a hello that never
+    got that far, or a flow in which the peer originates the key) it proves nothing, and a
+    flush on its word alone would let anyone drain the KME.
+    """
+    offered_ours = exc.record.offered_key_id is not None
+    return offered_ours and exc.remote and failure_class(exc) in source.refusal_alerts
+
+
+async def _close_after_pump(
+    reason: str | None,
+    traffic: Traffic,
+    channel: Channel,
+    *,
+    tls: asyncio.StreamWriter,
+    plaintext: asyncio.StreamWriter,
+) -> None:
+    """Close both sides once the pump ended (the plaintext side is closed by the caller).
+
+    If it broke (one side failed mid-stream: a reset, a TLS error, the peer gone), a side
+    that already passed bytes on is reset instead: a close_notify would reach the peer as
+    the end of our data, and a FIN would tell the application that a truncated stream was
+    complete. The plaintext side is reset too once it sent anything (its upload may have
+    been cut, and an empty answer with FIN would pass for success), unless the peer only
+    refused our certificate. A side that got nothing is closed as after a failed handshake.
+    """
+    # None: the pump itself was cut (max lifetime, drain deadline, an exception).
+    broken = reason is None or reason.startswith("error")
+    if broken and traffic.to_peer:
+        gate.reset(tls)  # no close_notify
+    else:
+        await channel.close()
+    stream = getattr(channel, "stream", None)
+    refused = (
+        isinstance(stream, TlsStream)
+        and stream.failure is not None
+        and (stream.failure.identity_refused)
+    )
+    if broken and (traffic.from_peer or (traffic.to_peer and not refused)):
+        gate.reset(plaintext)
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -1,1 +1,0 @@
-"""ETSI GS QKD 014: data models (pure) and the async client."""

@@ -1,0 +1,1 @@
+"""asyncio drivers that connect core objects to transports."""

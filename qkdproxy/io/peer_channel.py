@@ -1,0 +1,159 @@
+"""The ``qkdproxy/1`` channel between two qkdproxy peers over an established TLS stream.
+
+Application bytes travel in DATA frames; FIN ends one direction; KEY_IDS and KSIDS
+announcements are consumed here and handed to the endpoint's slave and stream key sources,
+so they never reach the application. Right after the handshake each side announces the
+keys and streams it will use next.
+"""
+
+from __future__ import annotations
+
+from qkdproxy.core.peer.frames import (
+    ALPN_PROTOCOL,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    decode_verdict,
+    encode,
+    encode_data,
+    encode_key_ids,
+    encode_verdict,
+)
+from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
+from qkdproxy.keys.announce import AnnouncementSink, Announcer
+from qkdproxy.keys.sources import KeySources
+
+ANNOUNCE_BATCH = 64
+
+
+class PeerChannel:
+    """Frames over one TLS stream; ``receive`` returns application bytes only."""
+
+    def __init__(self, stream: TlsStream, sources: KeySources) -> None:
+        self.stream = stream
+        self._sources = sources
+        self._decoder = FrameDecoder()
+        self._pending: list[bytes] = []
+        self._peer_finished = False
+        self._finished = False
+        # The server's VERDICT, once one arrived (qkdproxy probe and the client tunnel).
+        self.verdict: str | None = None
+        # Answer a PROBE: set by the server tunnel once its backend is connected.
+        self.probe_answer: str | None = None
+        self._awaiting_verdict = False
+
+    async def announce(self) -> int:
+        """Tell the peer which keys (ETSI 014) and streams (ETSI 004) we use next."""
+        sent = 0
+        for source, frame_type in (
+            (self._sources.master, FrameType.KEY_IDS),
+            (self._sources.stream, FrameType.KSIDS),
+        ):
+            if isinstance(source, Announcer) and (ids := source.announce(ANNOUNCE_BATCH)):
+                await self.stream.write(encode_key_ids(ids, frame_type))
+                sent += len(ids)
+        return sent
+
+    async def send(self, data: bytes) -> None:
+        """Send application bytes."""
+        await self.stream.write(b"".join(encode_data(data)))
+
+    async def send_fin(self) -> None:
+        """No more application bytes from us (the peer may still send)."""
+        await self.stream.write(encode(FrameType.FIN))
+        self._finished = True
+
+    async def receive(self) -> bytes:
+        """The next application bytes; b"" once the peer sent FIN.
+
+        A close_notify without FIN raises a truncated :class:`TlsStreamError`: the peer's
+        side of the stream did not end, so our plaintext side must see a reset, not an end.
+        """
+        while not self._pending:
+            if self._peer_finished:
+                return b""
+            data = await self.stream.read()
+            if not data:
+                await self.stream.close()
+                raise TlsStreamError("peer closed qkdproxy/1 without FIN", truncated=True)
+            try:
+                frames = self._decoder.feed(data)
+            except FrameError as exc:
+                await self.stream.close()
+                raise TlsStreamError(f"peer broke qkdproxy/1 framing: {exc}") from None
+            for frame in frames:
+                if frame.type is FrameType.DATA and frame.payload and self._peer_finished:
+                    # DATA behind FIN in the same read used to be delivered, while in a later
+                    # read it never was: either way the peer broke the framing.
+                    await self.stream.close()
+                    raise TlsStreamError("peer broke qkdproxy/1 framing: DATA after FIN")
+                if frame.type is FrameType.DATA and frame.payload:
+                    self._pending.append(frame.payload)
+                elif frame.type is FrameType.FIN:
+                    self._peer_finished = True
+                elif frame.type is FrameType.KEY_IDS:
+                    self._deliver(self._sources.slave, frame.key_ids())
+                elif frame.type is FrameType.KSIDS:
+                    self._deliver(self._sources.stream, frame.key_ids())
+                else:
+                    await self._verdict_frame(frame.type, frame.payload)
+            if self.verdict is not None and self._awaiting_verdict:
+                return b""
+        return self._pending.pop(0)
+
+    async def _verdict_frame(self, frame_type: FrameType, payload: bytes) -> None:
+        if frame_type is FrameType.VERDICT:
+            self.verdict = decode_verdict(payload)
+        elif frame_type is FrameType.PROBE:
+            # Only a server with a connected backend answers ok; one without says why
+            # when it gives up (send_verdict), asked or not.
+            await self.send_verdict(self.probe_answer or "not ready")
+
+    async def send_verdict(self, text: str) -> None:
+        """Tell the peer how this connection stands (``ok`` or why it ends)."""
+        await self.stream.write(encode_verdict(text))
+
+    async def probe(self) -> str | None:
+        """Ask the server for its verdict; None if it closed without one."""
+        self._awaiting_verdict = True
+        await self.stream.write(encode(FrameType.PROBE))
+        try:
+            while self.verdict is None and await self.receive():
+                pass
+        except TlsStreamError as exc:
+            if not exc.truncated:
+                raise
+            # Closed without FIN (an older qkdproxy, or it dropped us): no verdict.
+        return self.verdict
+
+    @staticmethod
+    def _deliver(sink: object, ids: list[bytes]) -> None:
+        if isinstance(sink, AnnouncementSink):
+            sink.announced(ids)
+
+    async def update_keys(self) -> None:
+        """Fresh traffic keys (TLS 1.3 KeyUpdate)."""
+        await self.stream.update_keys()
+
+    async def close(self) -> None:
+        """End our direction with FIN (if not yet sent), then close the TLS stream.
+
+        A deliberate close (idle timeout, drain, lifetime) thus reaches the peer as the end
+        of our data; a close_notify alone would be a truncation.
+        """
+        try:
+            if not self._finished:
+                await self.send_fin()
+        except TlsStreamError:
+            pass  # the stream is broken already; close releases it
+        finally:
+            await self.stream.close()
+
+
+async def open_peer_channel(stream: TlsStream, sources: KeySources) -> PeerChannel | None:
+    """A channel if the peer speaks ``qkdproxy/1`` (announcing our next keys), else None."""
+    if stream.alpn != ALPN_PROTOCOL:
+        return None
+    channel = PeerChannel(stream, sources)
+    await channel.announce()
+    return channel

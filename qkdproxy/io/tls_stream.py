@@ -1,0 +1,494 @@
+"""The asyncio driver of :class:`~qkdproxy.core.tls.connection.TlsConnection`: handshakes over
+asyncio streams with key requests answered from the key sources, then a byte stream.
+
+All protocol decisions live in the sans-I/O connection and record layer; this module only
+moves bytes, answers :class:`KeyNeeded` through :mod:`qkdproxy.keys.key_supply` and turns
+the deadline into :meth:`TlsConnection.handle_timer` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from qkdproxy.core.errors import LocalProtocolError, QkdproxyError, SettingError
+from qkdproxy.core.hybrid import HybridKem
+from qkdproxy.core.peer.frames import ALPN_PROTOCOL
+from qkdproxy.core.tls.connection import (
+    ConnectionConfig,
+    HandshakeComplete,
+    HandshakeError,
+    KeyNeeded,
+    Outcome,
+    Phase,
+    TlsConnection,
+)
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.events import (
+    DataReceived,
+    Failed,
+    FreshKeysInstalled,
+    PeerClosed,
+    RecordEvent,
+    Side,
+    Truncated,
+    UpdateKeyNeeded,
+)
+from qkdproxy.core.tls.identity import PeerIdentity
+from qkdproxy.core.tls.keyexchange import CloseStream, HandshakeRecord, KeyAnswer, KeySteps
+from qkdproxy.core.tls.record_layer import RecordLayer
+from qkdproxy.core.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
+from qkdproxy.core.tls.verify import PeerPolicy
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.key_supply import close_later, supply
+
+__all__ = [
+    "EndpointSettings",
+    "HandshakeError",
+    "Outcome",
+    "TlsEndpoint",
+    "TlsStream",
+    "TlsStreamError",
+    "close_transport",
+]
+
+log = logging.getLogger(__name__)
+
+IDENTITY_ALERTS = frozenset(
+    {
+        Alert.BAD_CERTIFICATE,
+        Alert.UNSUPPORTED_CERTIFICATE,
+        Alert.CERTIFICATE_REVOKED,
+        Alert.CERTIFICATE_EXPIRED,
+        Alert.CERTIFICATE_UNKNOWN,
+        Alert.UNKNOWN_CA,
+        Alert.ACCESS_DENIED,
+        Alert.CERTIFICATE_REQUIRED,
+    }
+)
+
+READ_CHUNK = 65536
+CLOSE_TIMEOUT = 5.0
+
+
+class TlsStreamError(ConnectionError, QkdproxyError):
+    """An established stream ended abnormally (fatal alert, bad record, transport error).
+
+    ``side`` says who sent ``alert``: we did (the peer broke the protocol) or the peer.
+    ``truncated``: the stream ended without a protected close_notify (or, on
+    ``qkdproxy/1``, without FIN), so the data may have been cut short and the plaintext
+    side must never see a clean end.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        alert: int | None = None,
+        side: Side | None = None,
+        *,
+        truncated: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.alert = alert
+        self.side = side
+        self.truncated = truncated
+
+    @property
+    def identity_refused(self) -> bool:
+        """The peer refused our certificate right after the handshake (a server checks the
+        client's then): to the application this is a failed handshake, not a cut stream."""
+        return self.side is Side.REMOTE and self.alert in IDENTITY_ALERTS
+
+
+def _sni_name(server_name: str | None) -> str | None:
+    """SNI carries DNS names only (RFC 6066 3); IP addresses are checked, not sent."""
+    if not server_name:
+        return None
+    try:
+        ipaddress.ip_address(server_name)
+    except ValueError:
+        return server_name
+    return None
+
+
+def utc_now() -> datetime:
+    """The default clock for certificate validation."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSettings:
+    """One TLS endpoint: identity, whom it accepts, groups in preference order, key context."""
+
+    credentials: Credentials
+    peer: PeerPolicy
+    groups: Sequence[HybridKem]
+    keys: KeyContext
+    handshake_timeout: float = 10.0
+    clock: Callable[[], datetime] = utc_now
+    # Offer ALPN qkdproxy/1, the framed protocol only qkdproxy peers speak.
+    peer_protocol: bool = True
+    # Offer Extended Key Update (negotiated with qkdproxy peers only: other stacks ignore the
+    # flag); refuse a peer that does not offer it.
+    fresh_key_update: bool = True
+    require_fresh_key_update: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Transport:
+    """The asyncio stream pair a connection runs over."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@dataclass(slots=True)
+class TlsStream:
+    """An established TLS 1.3 connection: ``read``/``write`` plaintext, then ``close``.
+
+    Every record goes through our :class:`RecordLayer`; each call that makes it produce
+    bytes hands them to the transport before yielding to the event loop, so records
+    written by concurrent reads (a KeyUpdate answer) and writes keep their order.
+    """
+
+    _driver: Transport = field(repr=False)
+    _layer: RecordLayer = field(repr=False)
+    record: HandshakeRecord
+    peer: PeerIdentity
+    handshake_seconds: float
+    cipher: str
+    alpn: str | None
+    # Plaintext opened but not yet returned (a read asked for less than a record held).
+    _plaintext: bytearray = field(default_factory=bytearray, repr=False)
+    _peer_closed: bool = field(default=False, repr=False)
+    # Events from bytes that arrived with the end of the handshake, handled on first read.
+    _backlog: list[RecordEvent] = field(default_factory=list, repr=False)
+    # How the stream broke, once it did.
+    failure: TlsStreamError | None = field(default=None, repr=False)
+    # The key sources Extended Key Updates draw from, and when the last one completed
+    # (monotonic; the handshake's end until then).
+    _keys: KeyContext | None = field(default=None, repr=False)
+    fresh_keys_at: float = field(default_factory=time.monotonic)
+
+    async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
+        """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
+
+        A fatal alert, a protocol violation or a transport closed without close_notify
+        closes the transport and raises :class:`TlsStreamError` (``truncated`` for the
+        last).
+        """
+        if self._backlog:
+            events, self._backlog = self._backlog, []
+            await self._handle(events)
+        while not self._plaintext and not self._peer_closed:
+            try:
+                data = await self._driver.reader.read(READ_CHUNK)
+            except ConnectionError as exc:
+                raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
+            try:
+                if data:
+                    events = self._layer.receive(data, time.monotonic())
+                else:
+                    events = self._layer.receive_eof()
+            except Exception as exc:
+                # A bug of ours, never the peer's fault: keep the traceback, say internal_error.
+                log.error("internal error in the record layer", exc_info=exc)
+                reason = f"internal error ({type(exc).__name__})"
+                events = [self._layer.fail(Alert.INTERNAL_ERROR, reason)]
+            await self._handle(events)
+        data = bytes(self._plaintext[:max_bytes])
+        del self._plaintext[:max_bytes]
+        return data
+
+    async def _handle(self, events: list[RecordEvent]) -> None:
+        """Apply what the record layer reported; raise if the stream ended badly.
+
+        An Extended Key Update's key request is answered here, like a handshake's: the
+        inbound side waits for it (records after a key_update_response may need the new
+        keys), the outbound side goes on writing.
+        """
+        self._transmit()
+        pending = list(events)
+        while pending:
+            event = pending.pop(0)
+            if isinstance(event, UpdateKeyNeeded):
+                pending[:0] = await self._answer_update(event)
+            elif isinstance(event, FreshKeysInstalled):
+                self.fresh_keys_at = time.monotonic()
+            elif isinstance(event, DataReceived):
+                self._plaintext += event.data
+            elif isinstance(event, PeerClosed):
+                self._peer_closed = True
+            elif isinstance(event, Truncated):
+                raise await self._fail(TlsStreamError(event.reason, truncated=True))
+            elif isinstance(event, Failed):
+                raise await self._fail(TlsStreamError(event.reason, event.alert, event.side))
+
+    async def _answer_update(self, event: UpdateKeyNeeded) -> list[RecordEvent]:
+        assert self._keys is not None
+        if isinstance(event.request, CloseStream):
+            close_later(self._keys, event.request.ksid)
+            return []
+        answer = await supply(event.request, self._keys)
+        events = self._layer.answer_update_key(answer, time.monotonic())
+        self._transmit()
+        return events
+
+    @property
+    def fresh_key_updates(self) -> bool:
+        """True if both sides negotiated Extended Key Update."""
+        return self._layer.eku is not None
+
+    @property
+    def fresh_key_originator(self) -> bool:
+        """True if this side originates the updates' QKD key ids (see
+        :class:`~qkdproxy.core.tls.eku_state.FreshKeyUpdates`)."""
+        return self._layer.eku is not None and self._layer.eku.originator
+
+    def fresh_key_stats(self) -> tuple[int, int, list[str]]:
+        """Extended Key Updates completed and failed on this stream, and the QKD key ids
+        the completed ones spent."""
+        eku = self._layer.eku
+        if eku is None:
+            return 0, 0, []
+        return eku.stats.completed, eku.stats.failed, list(eku.stats.key_ids)
+
+    async def fresh_key_update(self) -> bool:
+        """Start an Extended Key Update (a fresh key exchange, on a QKD group a fresh QKD key):
+        the key is taken first, then the request goes out; data keeps flowing meanwhile.
+        False if not negotiated, the stream ended or an update is already running. A key
+        source failure fails the stream (closed) and raises :class:`TlsStreamError`."""
+        prepared = self._layer.prepare_fresh_update()
+        if prepared is None:
+            return False
+        kex, steps = prepared
+        try:
+            await self._run_update_steps(steps)
+        except QkdproxyError as exc:
+            events = self._layer.eku.discard(kex, failed=True) if self._layer.eku else []
+            alert = getattr(exc, "alert", Alert.INTERNAL_ERROR)
+            events.append(self._layer.fail(Alert(alert), f"fresh key update: {exc}"))
+            await self._handle(events)
+            return False  # pragma: no cover - _handle raised
+        await self._handle(self._layer.begin_fresh_update(kex))
+        return True
+
+    async def _run_update_steps(self, steps: KeySteps[None]) -> None:
+        """Run an update's preparing step, answering from this stream's key sources."""
+        assert self._keys is not None
+        answer: KeyAnswer = None
+        while True:
+            try:
+                request = steps.steps.send(answer)
+            except StopIteration:
+                return
+            answer = await supply(request, self._keys)
+
+    def _transmit(self) -> None:
+        """Hand what the record layer queued to the transport (without yielding)."""
+        if out := self._layer.data_to_send():
+            writer = self._driver.writer
+            if writer.is_closing():
+                # uvloop raises RuntimeError on a write to a closed transport.
+                raise TlsStreamError("transport already closed")
+            writer.write(out)
+
+    async def write(self, data: bytes) -> None:
+        """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""
+        await self._send(lambda: self._layer.send_data(data))
+
+    async def update_keys(self, request_peer: bool = False) -> None:
+        """TLS 1.3 KeyUpdate of our sending keys (long-lived flows).
+
+        Each side renews its own sending keys on its own budget: qkdproxy never asks the
+        peer to answer unless ``request_peer`` says so.
+        """
+        await self._send(lambda: self._layer.update_keys(request_peer))
+
+    async def _send(self, queue: Callable[[], None]) -> None:
+        """Queue records with ``queue``, hand them to the transport, wait for its buffer."""
+        try:
+            queue()
+            self._transmit()
+            await self._driver.writer.drain()
+        except LocalProtocolError as exc:
+            raise await self._fail(TlsStreamError(exc.reason, exc.alert)) from None
+        except ConnectionError as exc:
+            raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
+
+    async def _fail(self, error: TlsStreamError) -> TlsStreamError:
+        self.failure = error
+        with contextlib.suppress(TlsStreamError):
+            self._transmit()  # our alert, if the record layer queued one
+        await close_transport(self._driver.writer)
+        return error
+
+    async def close(self) -> None:
+        """Send close_notify (best effort) and close the transport."""
+        try:
+            self._layer.close()
+            with contextlib.suppress(TlsStreamError, ConnectionError, TimeoutError):
+                self._transmit()
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._driver.writer.drain()
+        finally:
+            await close_transport(self._driver.writer)
+
+
+class TlsEndpoint:
+    """Runs client or server handshakes with one set of endpoint settings."""
+
+    def __init__(self, settings: EndpointSettings) -> None:
+        if not settings.groups:
+            raise SettingError("an endpoint needs at least one key-exchange group")
+        install(g.group for g in settings.groups)
+        self.settings = settings
+        alpn = [bytearray(ALPN_PROTOCOL.encode())] if settings.peer_protocol else None
+        self._config = ConnectionConfig(
+            groups=settings.groups,
+            peer=settings.peer,
+            chain=tlslite_chain(settings.credentials),
+            private_key=tlslite_private_key(settings.credentials.private_key),
+            server_name=_sni_name(settings.peer.server_name),
+            alpn=alpn,
+            handshake_timeout=settings.handshake_timeout,
+            fresh_key_update=settings.fresh_key_update,
+            require_fresh_key_update=settings.require_fresh_key_update,
+        )
+
+    async def connect(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> TlsStream:
+        """Client handshake over an open stream; raises :class:`HandshakeError`."""
+        return await self._run(True, Transport(reader, writer))
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TlsStream:
+        """Server handshake over an accepted stream; raises :class:`HandshakeError`."""
+        return await self._run(False, Transport(reader, writer))
+
+    async def _run(self, is_client: bool, transport: Transport) -> TlsStream:
+        keys = self.settings.keys
+        conn = TlsConnection(
+            self._config, keys, is_client=is_client, wall_time=self.settings.clock()
+        )
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            complete = await _drive(conn, transport, keys, loop)
+        except BaseException:
+            conn.abort()
+            _close_streams(conn.next_events(), keys)
+            await close_transport(transport.writer)
+            raise
+        if complete is None:
+            _close_streams(conn.next_events(), keys)  # settled after a timeout, say
+            with contextlib.suppress(OSError):  # TimeoutError included
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await _flush(conn, transport.writer)  # our alert, if any
+            await close_transport(transport.writer)
+            assert conn.error is not None
+            raise conn.error
+        assert conn.records is not None
+        stream = TlsStream(
+            transport,
+            conn.records,
+            complete.record,
+            complete.peer,
+            time.perf_counter() - started,
+            complete.cipher,
+            complete.alpn,
+            _keys=keys,
+        )
+        if leftover := conn.take_leftover():
+            stream._backlog = conn.records.receive(leftover, loop.time())
+        return stream
+
+
+async def _drive(
+    conn: TlsConnection,
+    transport: Transport,
+    keys: KeyContext,
+    loop: asyncio.AbstractEventLoop,
+) -> HandshakeComplete | None:
+    """Run ``conn`` until its handshake completed (returned) or failed (None)."""
+    conn.start(loop.time())
+    deadline = conn.get_timer()
+    assert deadline is not None
+    try:
+        # One timeout for the whole handshake: the connection's deadline, in loop time.
+        async with asyncio.timeout_at(deadline):
+            return await _exchange(conn, transport, keys, loop)
+    except TimeoutError:
+        conn.handle_timer(deadline)
+        return None
+
+
+async def _exchange(
+    conn: TlsConnection,
+    transport: Transport,
+    keys: KeyContext,
+    loop: asyncio.AbstractEventLoop,
+) -> HandshakeComplete | None:
+    while True:
+        request = None
+        complete = None
+        for event in conn.next_events():
+            if isinstance(event, KeyNeeded):
+                if isinstance(event.request, CloseStream):
+                    close_later(keys, event.request.ksid)
+                else:
+                    request = event.request
+            elif isinstance(event, HandshakeComplete):
+                complete = event
+        if conn.phase is Phase.FAILED:
+            return None
+        try:
+            await _flush(conn, transport.writer)
+            if complete is not None:
+                return complete
+            if request is not None:
+                conn.answer_key(await supply(request, keys), loop.time())
+                continue
+            data = await transport.reader.read(READ_CHUNK)
+        except OSError:  # the transport broke (reset, broken pipe, host unreachable...)
+            conn.transport_failed()
+            continue
+        if data:
+            conn.receive_data(data, loop.time())
+        else:
+            conn.receive_eof(loop.time())
+
+
+async def _flush(conn: TlsConnection, writer: asyncio.StreamWriter) -> None:
+    if out := conn.data_to_send():
+        if writer.is_closing():
+            # uvloop raises RuntimeError on a write to a closed transport.
+            raise ConnectionResetError("transport already closed")
+        writer.write(out)
+        await writer.drain()
+
+
+def _close_streams(events: Sequence[object], keys: KeyContext) -> None:
+    for event in events:
+        if isinstance(event, KeyNeeded) and isinstance(event.request, CloseStream):
+            close_later(keys, event.request.ksid)
+
+
+async def close_transport(writer: asyncio.StreamWriter) -> None:
+    """Close an asyncio stream and wait (bounded) until its socket is released."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    except TimeoutError:
+        # A peer that stops reading must not keep the socket (and its descriptor) alive.
+        writer.transport.abort()
+    except Exception:  # noqa: S110 - the transport is being closed anyway
+        pass

@@ -1,0 +1,1 @@
+"""The asyncio key supply: KME clients and the supplies built on them."""

@@ -1,0 +1,98 @@
+"""How many QKD keys (or ETSI 004 streams) to hold ahead of use (pure: time is passed in).
+
+Little's law: the keys taken while one refill is on its way to the KME and back are
+``take rate x round trip``. The supply holds that many (times a margin) on top of a small
+floor, so a handshake finds its key in memory; it holds no more than the demand can use
+before the keys age out, so a sparse tunnel does not draw keys only to expire them; and it
+refills only when a key is taken, so an idle tunnel costs at most what it already holds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass
+
+# Round-trip smoothing: recent calls dominate, one slow call does not.
+RTT_WEIGHT = 0.3
+# A rise in demand shows over this short window long before it does over the full one; a
+# take or two there is no trend yet (sparse demand would look like a burst).
+SHORT_WINDOW_S = 5.0
+SHORT_WINDOW_MIN_TAKES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SupplySettings:
+    """Bounds of a demand-sized supply (see docs/CONFIGURATION.md, ``[kme]``)."""
+
+    floor: int = 4
+    ceiling: int = 128
+    max_age_s: float = 120.0
+    # Our refill's round trip, the announcement riding on a later handshake, the peer's
+    # fetch of the announced ids, and the handshakes in flight meanwhile: measured, 3 left
+    # half the handshakes at 100 ms KME latency waiting on a fetch, 6 left a few percent.
+    margin: float = 6.0
+    # Take rate measured over this window.
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.floor <= self.ceiling or self.ceiling < 1:
+            raise ValueError("need 0 <= floor <= ceiling and ceiling >= 1")
+        if self.max_age_s <= 0 or self.margin < 1 or self.window_s <= 0:
+            raise ValueError("need max_age_s > 0, margin >= 1 and window_s > 0")
+
+
+class SupplySizer:
+    """Measures take rate and KME round trip; says how many keys to hold."""
+
+    def __init__(self, settings: SupplySettings) -> None:
+        self.settings = settings
+        self._takes: deque[float] = deque()
+        self._rtt: float | None = None
+        self._aged_out = False
+
+    def took(self, now: float) -> None:
+        """A key (or stream) was handed to a handshake."""
+        self._takes.append(now)
+        self._aged_out = False
+
+    def aged_out(self) -> None:
+        """Held keys grew too old unused: until the next take, hold nothing new (an idle
+        tunnel must not draw a fresh floor every ``max_age_s``)."""
+        self._aged_out = True
+
+    def round_trip(self, seconds: float) -> None:
+        """A refill call to the KME took ``seconds``."""
+        self._rtt = seconds if self._rtt is None else (
+            RTT_WEIGHT * seconds + (1 - RTT_WEIGHT) * self._rtt
+        )  # fmt: skip
+
+    @property
+    def rtt_s(self) -> float:
+        """The smoothed KME round trip (0 before the first call)."""
+        return self._rtt or 0.0
+
+    def rate(self, now: float) -> float:
+        """Keys taken per second: the higher of the rates over the last few seconds and over
+        the measuring window (growth is seen at once, sparse demand is not forgotten)."""
+        window = self.settings.window_s
+        while self._takes and self._takes[0] < now - window:
+            self._takes.popleft()
+        short = min(SHORT_WINDOW_S, window)
+        recent = len(self._takes) - bisect.bisect_left(self._takes, now - short)
+        if recent < SHORT_WINDOW_MIN_TAKES:
+            recent = 0
+        return max(len(self._takes) / window, recent / short)
+
+    def target(self, now: float) -> int:
+        """Keys to hold now: the floor when idle (nothing once the floor aged out), else the
+        demand over a round trip (with margin) on top of the floor, capped by what the demand
+        uses within half the maximum key age, and by the ceiling."""
+        s = self.settings
+        rate = self.rate(now)
+        if rate == 0:
+            return 0 if self._aged_out else s.floor
+        in_flight = math.ceil(rate * self.rtt_s * s.margin)
+        usable = max(1, math.floor(rate * s.max_age_s / 2))
+        return max(1, min(s.ceiling, s.floor + in_flight, usable))

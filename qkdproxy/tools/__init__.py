@@ -1,0 +1,1 @@
+"""Tools the daemon never imports: benchmarks, the demo, the development PKI."""

@@ -1,0 +1,396 @@
+"""Key stewardship, pure parts and key sources with a fake KME (no sockets, hand-driven clock):
+the pre-authentication gate, demand-sized supplies, the refusal streak, the key account."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from qkdproxy.core.accounting import FATES, KeyAccount, KeyLedger
+from qkdproxy.core.keys import KeyNotFoundError, QkdKey
+from qkdproxy.core.ratelimit import TokenBucket, source_key
+from qkdproxy.core.tls.keyexchange import HandshakeRejectedError, ServerKeyExchange
+from qkdproxy.core.tls.wire import Alert
+from qkdproxy.daemon.config import ConfigError, load_config
+from qkdproxy.daemon.metrics import KmeState, StateCollector, TunnelState
+from qkdproxy.keys.announce import AnnouncementSink
+from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.key_supply import run
+from qkdproxy.keys.preauth import (
+    CLIENT_INITIATED,
+    SERVER_INITIATED,
+    Budget,
+    GatedSlave,
+    PreAuthSettings,
+    SpendGate,
+)
+from qkdproxy.keys.responder import HELLO_SOURCE
+from qkdproxy.keys.sources import KeySources, RefusalStreak
+from qkdproxy.keys.supply import SupplySettings, SupplySizer
+from tests.test_keyexchange import MLKEM768, client_hello
+from tests.test_peer_channel import FakeKme
+
+
+@dataclass
+class Clock:
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gate(flows: set[str], link: TokenBucket | None = None, clock: Clock | None = None) -> SpendGate:
+    settings = PreAuthSettings(frozenset(flows), Budget(1.0, 10.0), Budget(1.0, 10.0))
+    return SpendGate(settings, link or TokenBucket(100.0, 100.0), clock or Clock())
+
+
+def as_source(host: str) -> None:
+    HELLO_SOURCE.set(source_key(host))
+
+
+# ------------------------------------------------------------------ the gate
+
+
+def test_a_flow_that_is_off_is_refused_and_counted() -> None:
+    only_client = gate({CLIENT_INITIATED})
+    as_source("192.0.2.1")
+    assert only_client.admit(SERVER_INITIATED) is not None
+    assert only_client.admit(CLIENT_INITIATED) is None
+    assert only_client.counters.refused == {"flow_off": 1}
+
+
+def test_one_source_gets_its_burst_then_its_rate_and_others_are_unaffected() -> None:
+    clock = Clock()
+    both = gate({CLIENT_INITIATED, SERVER_INITIATED}, clock=clock)
+    as_source("2001:db8::1")
+    admitted = sum(both.admit(SERVER_INITIATED) is None for _ in range(50))
+    assert admitted == 10
+    # Another address of the same /64 is the same source.
+    as_source("2001:db8::ffff:2")
+    assert both.admit(SERVER_INITIATED) is not None
+    as_source("2001:db8:1::1")
+    assert both.admit(SERVER_INITIATED) is None
+    clock.now = 3.0
+    as_source("2001:db8::7")
+    assert sum(both.admit(SERVER_INITIATED) is None for _ in range(10)) == 3
+    assert both.counters.refused["source_budget"] == 40 + 1 + 7
+
+
+def test_the_link_budget_is_shared_by_every_tunnel_of_a_kme() -> None:
+    link = TokenBucket(0.0, 5.0)
+    first, second = (gate({SERVER_INITIATED}, link) for _ in range(2))
+    results = []
+    for index in range(8):
+        as_source(f"198.51.100.{index}")
+        results.append((first if index % 2 else second).admit(SERVER_INITIATED) is None)
+    assert results.count(True) == 5
+    assert (
+        first.counters.refused.get("link_budget", 0) + second.counters.refused.get("link_budget", 0)
+        == 3
+    )
+
+
+async def test_unknown_key_ids_are_bounded_per_source() -> None:
+    class Unknown:
+        calls = 0
+
+        async def get_key(self, key_id: bytes) -> QkdKey:
+            self.calls += 1
+            raise KeyNotFoundError("unknown")
+
+    inner = Unknown()
+    the_gate = gate({CLIENT_INITIATED})
+    slave = GatedSlave(inner, the_gate)
+    as_source("203.0.113.9")
+    for _ in range(10):
+        assert the_gate.admit(CLIENT_INITIATED) is None
+        with pytest.raises(KeyNotFoundError):
+            await slave.get_key(bytes(16))
+    assert the_gate.admit(CLIENT_INITIATED) is not None
+    assert inner.calls == 10
+    as_source("203.0.113.10")
+    assert the_gate.admit(CLIENT_INITIATED) is None
+
+
+def test_the_gated_slave_passes_announcements_on_to_the_cache() -> None:
+    class Cache:
+        def __init__(self) -> None:
+            self.ids: list[bytes] = []
+
+        def announced(self, key_ids: Sequence[bytes]) -> None:
+            self.ids += key_ids
+
+        async def get_key(self, key_id: bytes) -> QkdKey:
+            raise KeyNotFoundError("unused")
+
+    cache = Cache()
+    slave = GatedSlave(cache, gate({CLIENT_INITIATED}))
+    assert isinstance(slave, AnnouncementSink)
+    slave.announced([b"\x01" * 16])
+    assert cache.ids == [b"\x01" * 16]
+
+
+async def test_server_consults_the_gate_before_any_kme_call() -> None:
+    kme = FakeKme()
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-a")
+    context = KeyContext(KeySources(master=master), gate=gate({CLIENT_INITIATED}))
+    code = MLKEM768.group.code_point
+    _, public = MLKEM768.generate()
+    hello = client_hello([MLKEM768], {code: public + bytes(16)})  # zero id: server-initiated
+    with pytest.raises(HandshakeRejectedError, match="flow is off") as info:
+        await run(ServerKeyExchange([MLKEM768], context).on_client_hello(hello))
+    assert info.value.alert is Alert.HANDSHAKE_FAILURE
+    assert kme.calls == 0
+    assert context.ledger.taken == 0
+
+
+# ----------------------------------------------------------------- the supply
+
+
+def test_supply_is_the_floor_when_idle_and_follows_rate_times_round_trip() -> None:
+    sizer = SupplySizer(SupplySettings(floor=4, ceiling=64, margin=2.0, window_s=10.0))
+    assert sizer.target(0.0) == 4
+    sizer.round_trip(0.1)
+    for tick in range(1000):  # 100 takes/s for 10 s
+        sizer.took(tick / 100)
+    assert sizer.target(10.0) == 4 + 20
+    assert sizer.target(100.0) == 4  # idle again
+
+
+def test_sparse_demand_holds_only_what_it_uses_before_keys_age_out() -> None:
+    sizer = SupplySizer(SupplySettings(floor=4, max_age_s=120.0, window_s=60.0))
+    sizer.took(0.0)  # one a minute: 60 s x 1/60 = 1 key is all that stays fresh enough
+    assert sizer.target(1.0) == 1
+
+
+def test_a_rise_in_demand_is_seen_within_seconds() -> None:
+    sizer = SupplySizer(SupplySettings(floor=4, margin=2.0, window_s=60.0))
+    sizer.round_trip(0.1)
+    for tick in range(250):  # 50 takes/s for 5 s, after a quiet minute
+        sizer.took(60.0 + tick / 50)
+    # 50/s x 0.1 s x 2 on top of the floor (the minute's average would say 4 + 3).
+    assert sizer.target(65.0) == 4 + 10
+
+
+def test_supply_never_exceeds_its_ceiling() -> None:
+    sizer = SupplySizer(SupplySettings(floor=2, ceiling=8, window_s=1.0))
+    sizer.round_trip(1.0)
+    for _ in range(500):
+        sizer.took(0.0)
+    assert sizer.target(0.5) == 8
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"floor": 5, "ceiling": 4}, {"max_age_s": 0}, {"margin": 0.5}, {"ceiling": 0, "floor": 0}],
+)
+def test_supply_settings_are_checked(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="need"):
+        SupplySettings(**bad)  # type: ignore[arg-type]
+
+
+async def test_ten_idle_minutes_cost_at_most_the_floor() -> None:
+    clock, kme = Clock(), FakeKme()
+    account = KeyAccount()
+    master = Etsi014Master(
+        cast(Etsi014Client, kme), "sae-b", SupplySettings(), clock, account=account
+    )
+    master.ensure_refill()
+    await master.wait_refilled()
+    assert master.depth == 4
+    for minute in range(1, 11):
+        clock.now = minute * 60.0
+        master.ensure_refill()  # what a scrape or a restart of polling would do: nothing
+        await master.wait_refilled()
+        assert master.depth in (0, 4)
+    assert account.drawn == 4
+    assert account.fates["expired"] == 4
+    await master.aclose()
+
+
+async def test_master_honours_max_key_per_request() -> None:
+    kme = FakeKme(max_key_per_request=2)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", SupplySettings(floor=5))
+    master.ensure_refill()
+    await master.wait_refilled()
+    assert kme.sizes_asked == [2, 2, 1]
+    await master.aclose()
+
+
+async def test_a_server_supply_never_announces() -> None:
+    master = Etsi014Master(
+        cast(Etsi014Client, FakeKme()), "sae-a", SupplySettings(floor=4), announces=False
+    )
+    master.ensure_refill()
+    await master.wait_refilled()
+    assert master.announce(64) == []
+    await master.aclose()
+
+
+# --------------------------------------------------- refusals and the account
+
+
+def test_refusal_streak_flushes_only_after_several_in_a_row() -> None:
+    streak = RefusalStreak(threshold=3, interval_s=10.0)
+    assert not streak.refused(0.0)
+    assert not streak.refused(0.0)
+    streak.accepted()
+    assert not streak.refused(1.0)
+    assert not streak.refused(1.0)
+    assert streak.refused(1.0)
+    # Rate limited too: three more right away do not flush again.
+    assert [streak.refused(2.0) for _ in range(3)] == [False] * 3
+    assert streak.refused(11.5)
+
+
+async def test_one_refusal_costs_one_key_not_the_supply() -> None:
+    account = KeyAccount()
+    master = Etsi014Master(
+        cast(Etsi014Client, FakeKme()), "sae-b", SupplySettings(floor=8, ceiling=8),
+        account=account,
+    )  # fmt: skip
+    master.ensure_refill()
+    await master.wait_refilled()
+    await master.take_key()
+    assert not master.flush_after_refusal()
+    assert master.depth == 7
+    assert not master.flush_after_refusal()
+    assert master.flush_after_refusal()
+    assert master.depth == 0
+    assert account.fates["flushed"] == 7
+    await master.wait_refilled()
+    await master.aclose()
+    assert account.drawn == sum(account.fates.values()) + account.held
+
+
+async def test_account_balances_at_every_step() -> None:
+    account = KeyAccount()
+    ledger = KeyLedger(account=account)
+    master = Etsi014Master(
+        cast(Etsi014Client, FakeKme()), "sae-b", SupplySettings(floor=4), account=account
+    )
+    master.ensure_refill()
+    await master.wait_refilled()
+    assert (account.drawn, account.held) == (4, 4)
+    for fate in ("consumed", "handshake_failed", "hello_retry"):
+        await master.take_key()
+        ledger.record_taken()
+        if fate == "consumed":
+            ledger.record_consumed()
+        else:
+            ledger.record_wasted(fate)
+    ledger.reclassify_refused()
+    await master.wait_refilled()
+    await master.aclose()
+    assert account.held == 0
+    assert account.drawn == sum(account.fates.values())
+    assert account.fates["consumed"] == 1
+    assert account.fates["refused"] == 1
+    assert account.fates["hello_retry"] == 1
+    assert account.fates["stranded"] > 0
+    assert set(account.fates) == set(FATES)
+    assert account.key_yield == pytest.approx(1 / account.drawn)
+
+
+# ------------------------------------------------------------------ config
+
+
+def write(tmp_path: Path, tunnel: str, kme: str = "") -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[kme.k]\nurl = "https://127.0.0.1:1"\nsae_id = "a"\npeer_sae_id = "b"\n'
+        'cert = "c"\nkey = "k"\nca = "ca"\n' + kme + '\n[[tunnel]]\nrole = "server"\n'
+        'listen = "127.0.0.1:1"\nconnect = "127.0.0.1:2"\ncert = "c"\nkey = "k"\nca = "ca"\n'
+        'allow_any_peer = true\nkme = "k"\n' + tunnel
+    )
+    return path
+
+
+def test_config_flows_default_to_client_initiated_and_accept_short_names(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).tunnels[0].preauth.flows == {CLIENT_INITIATED}
+    config = load_config(write(tmp_path, 'flows = ["client", "server-initiated"]\n'))
+    assert config.tunnels[0].preauth.flows == {CLIENT_INITIATED, SERVER_INITIATED}
+
+
+def test_config_supply_and_budgets(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "preauth_keys_per_source_per_s = 0.5\npreauth_keys_per_source_burst = 3\n",
+            "supply_floor = 2\nsupply_ceiling = 16\nmax_key_age_s = 30\npreauth_keys_per_s = 4\n",
+        )
+    )
+    kme, tunnel = config.kmes["k"], config.tunnels[0]
+    assert (kme.supply.floor, kme.supply.ceiling, kme.supply.max_age_s) == (2, 16, 30.0)
+    assert kme.preauth_link == Budget(4.0, 20.0)
+    assert tunnel.preauth.per_source == Budget(0.5, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "kme", "fragment"),
+    [
+        ('flows = ["sideways"]\n', "", "flows"),
+        ("flows = []\n", "", "flows"),
+        ("", "supply_floor = 9\nsupply_ceiling = 4\n", "supply_ceiling"),
+        ("preauth_keys_per_source_per_s = -1\n", "", "preauth_keys_per_source_per_s"),
+        ("", "supply_margin = 0.5\n", "supply_margin"),
+        ("", "max_key_age_s = 0\n", "max_key_age_s"),
+    ],
+)
+def test_config_refuses_bad_stewardship_settings(
+    tmp_path: Path, tunnel: str, kme: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(write(tmp_path, tunnel, kme))
+
+
+async def test_gate_reads_the_source_of_its_own_task() -> None:
+    both = gate({SERVER_INITIATED})
+
+    async def one(host: str) -> bool:
+        as_source(host)
+        await asyncio.sleep(0)
+        return both.admit(SERVER_INITIATED) is None
+
+    # Tasks copy the context: each sees its own source, however they interleave.
+    results = await asyncio.gather(*(one(f"192.0.2.{i % 2}") for i in range(30)))
+    assert results.count(True) == 20
+
+
+def test_metrics_expose_the_account_refusals_and_fallback_reasons() -> None:
+    account = KeyAccount()
+    account.draw(10)
+    account.settle("consumed", 6)
+    account.settle("expired", 1)
+    refusing = gate({CLIENT_INITIATED})
+    as_source("192.0.2.7")
+    refusing.admit(SERVER_INITIATED)
+    collector = StateCollector(
+        tunnels=[TunnelState("t", "client", lambda: 0, dict, lambda: {"opened": 0, "rejected": 0,
+                 "fallbacks": 2}, fallback_reasons=lambda: {"kme_exhausted": 2})],
+        kmes=[KmeState("k", lambda: True, lambda: None, lambda: 3, lambda: 0.0, lambda: 100,
+                       dict, account=account, pool_trend=lambda: -2.0)],
+        gates=[("t", refusing)],
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    assert 'qkdproxy_qkd_keys_drawn_total{kme="k"} 10.0' in text
+    assert 'qkdproxy_qkd_key_fates_total{fate="consumed",kme="k"} 6.0' in text
+    assert 'qkdproxy_qkd_keys_held{kme="k"} 3.0' in text
+    assert 'qkdproxy_qkd_key_yield{kme="k"} 0.857' in text
+    # Net of refill: 100 keys shrinking by 2 a second.
+    assert 'qkdproxy_kme_pool_exhaustion_seconds{kme="k"} 50.0' in text
+    assert 'qkdproxy_preauth_refused_total{reason="flow_off",tunnel="t"} 1.0' in text
+    assert (
+        'qkdproxy_policy_fallback_reasons_total{reason="kme_exhausted",role="client",tunnel="t"} 2.0'
+        in text
+    )
