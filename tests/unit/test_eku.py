@@ -245,6 +245,7 @@ def test_crossing_requests_resolve_to_one_update(ca: CertificateAuthority) -> No
     # counted as wasted, never used.
     total_wasted = sum(k.ledger.wasted for k in (client_keys, server_keys))
     assert total_wasted == len(p.kme.keys) - 2
+    assert set(client_keys.ledger.wasted_by_reason) <= {"update_crossed"}
     for keys in (client_keys, server_keys):
         assert keys.ledger.outstanding == 0
     # And the connection goes on updating.

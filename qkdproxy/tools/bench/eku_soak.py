@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkdproxy.core.tls.keyexchange import Flow
-from qkdproxy.daemon.app import Daemon
-from qkdproxy.daemon.config import load_config
 from qkdproxy.daemon.tunnel import ConnectionRecord
 from qkdproxy.sim.faults import FaultScript
 from qkdproxy.sim.simulator import SimulatorSettings
+from qkdproxy.tools.bench.keys import _daemon
 from qkdproxy.tools.bench.kme_setup import SAE_CLIENT, SAE_SERVER
-from qkdproxy.tools.bench.soak import _kme_table, _port, _write, recording_kme_pair
+from qkdproxy.tools.bench.soak import _kme_table, _port, recording_kme_pair
 from qkdproxy.tools.certs import TRUST_DOMAIN, TUNNEL_SERVER_NAME
 
 CHUNK = 16 * 1024
@@ -196,12 +195,3 @@ def _tunnel(s: EkuSoakSettings, role: str, connect: int, extra: str) -> str:
         f'key = "pki/tunnel-{role}-key.pem"\nca = "pki/ca.pem"\nkme = "local"\n'
         f'policy = "qkd-pq-required"\ngroups = ["{s.group}"]\n{extra}'
     )
-
-
-async def _daemon(
-    stack: AsyncExitStack, path: Path, text: str, records: list[ConnectionRecord]
-) -> Daemon:
-    daemon = Daemon(load_config(_write(path, text)), on_close=records.append)
-    stack.push_async_callback(daemon.close)
-    await daemon.start()
-    return daemon
