@@ -17,8 +17,8 @@ with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
     from qkdproxy.daemon.config import ConfigError, load_config
 
 # Seeds: the configurations the tests use (imported after the code under test).
-from tests.test_config import CLIENT, KME, SERVER
-from tests.test_fuzz_parsers import GOOD_CONFIG, toml_document
+from tests.unit.test_config import CLIENT, KME, SERVER
+from tests.unit.test_fuzz_parsers import GOOD_CONFIG, toml_document
 
 PATH = Path(tempfile.mkdtemp(prefix="qkdproxy-fuzz-config-")) / "qkdproxy.toml"
 

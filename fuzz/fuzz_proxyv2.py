@@ -2,7 +2,7 @@
 """PROXY protocol v2 headers (qkdproxy/core/proxyv2.py), which qkdproxy only writes.
 
 The input drives the header's fields (addresses, ports, identity strings); the header
-must decode, with the strict test-side decoder from tests/test_fuzz_parsers.py, to exactly
+must decode, with the strict test-side decoder from tests/unit/test_fuzz_parsers.py, to exactly
 those fields, or encoding must refuse with ValueError (a header over 64 KiB).
 """
 
@@ -22,7 +22,7 @@ with atheris.instrument_imports(include=fuzzlib.INSTRUMENTED):
         encode_proxy_v2,
     )
 
-from tests.test_fuzz_parsers import decode_proxy_v2
+from tests.unit.test_fuzz_parsers import decode_proxy_v2
 
 
 def address(fdp: atheris.FuzzedDataProvider) -> tuple[str, int] | None:

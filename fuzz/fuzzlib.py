@@ -43,7 +43,7 @@ def run(test_one_input: Callable[[bytes], None], seeds: Iterable[bytes]) -> None
 def real_hellos() -> list[tuple[bytes, bytes]]:
     """(ClientHello body, ServerHello body) pairs captured from a real client and server."""
     # Imported late: after the harness imported (and instrumented) the code under test.
-    from tests.test_wire_hello import _capture  # noqa: PLC0415
+    from tests.integration.test_wire_hello import _capture  # noqa: PLC0415
 
     groups = [("qkd_mlkem768", "X25519MLKEM768"), ("qkd_x25519mlkem768",), ("x25519",)]
     with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:

@@ -1,6 +1,6 @@
 """Helpers for the fault-matrix system tests (tests/test_faults_*.py).
 
-They build on tests/test_daemon_system.py (its ``Proc``, ``Backend`` and ``Harness``) and add
+They build on tests/system/test_daemon_system.py (its ``Proc``, ``Backend`` and ``Harness``) and add
 what fault injection needs: KME simulators started with their own options and fixed ports
 (so one can be killed and started again where the daemons expect it), daemons with several
 tunnels and a status listener, the daemon's /status, /readyz and /metrics, a development PKI
@@ -35,7 +35,7 @@ from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH
 from qkdproxy.keys.sslctx import client_context, server_context
 from qkdproxy.tools.certs import DevPki
-from tests.test_daemon_system import (
+from tests.system.test_daemon_system import (
     CLIENT_ID,
     DEADLINE,
     LISTENING,

@@ -1,0 +1,1 @@
+"""Pure logic, in memory: no sockets, no processes, time driven by hand."""

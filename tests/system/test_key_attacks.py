@@ -20,6 +20,8 @@ from qkdproxy.core.tls.keyexchange import Flow, QkdOptions
 from qkdproxy.core.tls.wire import Alert, plaintext_alert
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.sources import KeySources
+from tests.integration.test_security_properties import Pki, capture, client_endpoint, first_answer
+from tests.integration.test_wire_hello import close_writer, read_first_message
 from tests.system_helpers import (
     FaultHarness,
     Node,
@@ -29,8 +31,6 @@ from tests.system_helpers import (
     metric,
     works,
 )
-from tests.test_security_properties import Pki, capture, client_endpoint, first_answer
-from tests.test_wire_hello import close_writer, read_first_message
 
 FLOOD_S = 2.0
 BOTH = ["client", "server"]

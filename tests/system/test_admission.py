@@ -31,7 +31,7 @@ from qkdproxy.daemon.metrics import Metrics, StateCollector, TunnelState
 from qkdproxy.io.tls_stream import EndpointSettings, HandshakeError, TlsEndpoint
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.sources import KeySources
-from tests.test_daemon_system import (
+from tests.system.test_daemon_system import (
     CONNECTION_MARK,
     SERVER_NAME,
     Harness,

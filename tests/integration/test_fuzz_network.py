@@ -12,7 +12,7 @@ completes a real call, and no key is ever handed out twice. Servers and clients 
 - the TLS server endpoint: mutated real ClientHellos (plaintext alert or close, settled
   key ledger), and the TLS client endpoint behind a relay that mutates the ServerHello.
 
-The budget comes from ``tests/test_fuzz_parsers.py`` (``QKDPROXY_FUZZ_EXAMPLES``).
+The budget comes from ``tests/unit/test_fuzz_parsers.py`` (``QKDPROXY_FUZZ_EXAMPLES``).
 """
 
 from __future__ import annotations
@@ -63,8 +63,17 @@ from qkdproxy.sim.pki import CertificateAuthority
 from qkdproxy.sim.simulator import KmePair, SimulatorSettings
 from qkdproxy.tools.certs import DevPki
 from qkdproxy.tools.loopback import LoopbackPair, loopback_pair
-from tests.test_etsi004 import Kmes, running_kmes
-from tests.test_fuzz_parsers import (
+from tests.integration.test_etsi004 import Kmes, running_kmes
+from tests.integration.test_hostile import echo, kems, log_sources
+from tests.integration.test_wire_hello import (
+    IO_DEADLINE,
+    FailureLog,
+    capture_client_hello,
+    first_message,
+    settle,
+    split_first_message,
+)
+from tests.unit.test_fuzz_parsers import (
     Mutation,
     apply_mutations,
     client_hello_fields,
@@ -76,15 +85,6 @@ from tests.test_fuzz_parsers import (
     mutation_plans,
     record_pieces,
     server_hello_fields,
-)
-from tests.test_hostile import echo, kems, log_sources
-from tests.test_wire_hello import (
-    IO_DEADLINE,
-    FailureLog,
-    capture_client_hello,
-    first_message,
-    settle,
-    split_first_message,
 )
 
 QKD = "qkd_mlkem768"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_daemon_system import (
+from tests.system.test_daemon_system import (
     LISTENING,
     Daemon,
     Harness,

@@ -47,7 +47,7 @@ from qkdproxy.keys.key_supply import run
 from qkdproxy.keys.sources import KeySources, MasterKeySource, SlaveKeySource
 from qkdproxy.sim.inprocess import InProcessQkdLink
 from qkdproxy.tools.loopback import LoopbackPair, loopback_pair, resolve_groups
-from tests.test_wire_hello import (
+from tests.integration.test_wire_hello import (
     CCS_RECORD,
     IO_DEADLINE,
     FailureLog,

@@ -19,7 +19,7 @@ from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.sources import KeySources
 from qkdproxy.tools.certs import write_dev_pki
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 MANIFESTS = sorted((ROOT / "deploy/kubernetes").glob("*.yaml"))
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -80,7 +80,7 @@ def test_units_say_what_the_daemon_needs() -> None:
         text = (UNITS / unit).read_text()
         # Copies made at start would make a reload re-read the old files.
         assert not re.search(r"^(LoadCredential|DynamicUser)=", text, re.MULTILINE)
-        # The header says how to rotate, and it is true (tests/test_operator_rotation.py).
+        # The header says how to rotate, and it is true (tests/system/test_operator_rotation.py).
         assert "systemctl reload" in text.split("[Unit]")[0]
         assert "kme-ca.pem" in text.split("[Unit]")[0]
         documentation = re.search(r"^Documentation=(\S+)", text, re.MULTILINE)

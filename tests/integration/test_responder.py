@@ -15,7 +15,7 @@ from qkdproxy.core.keys import KeySourceUnavailableError, PeerNotConnectedError,
 from qkdproxy.keys.etsi004_client import Etsi004ClientPool
 from qkdproxy.keys.responder import HELLO_SOURCE, GuardedStreams, ResponderLimits
 from qkdproxy.sim.pki import CertificateAuthority
-from tests.test_etsi004 import Kmes, running_kmes
+from tests.integration.test_etsi004 import Kmes, running_kmes
 
 T = TypeVar("T")
 

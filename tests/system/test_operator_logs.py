@@ -29,6 +29,12 @@ from qkdproxy.daemon.logformat import (
     record_event,
 )
 from qkdproxy.keys.sources import KeySources
+from tests.system.test_daemon_system import (
+    DEADLINE,
+    Harness,
+    harness_fixture,  # noqa: F401 - fixture
+    pki_fixture,  # noqa: F401 - fixture
+)
 from tests.system_helpers import (
     FaultHarness,
     eventually,
@@ -37,12 +43,6 @@ from tests.system_helpers import (
     free_port,
     refused,
     works,
-)
-from tests.test_daemon_system import (
-    DEADLINE,
-    Harness,
-    harness_fixture,  # noqa: F401 - fixture
-    pki_fixture,  # noqa: F401 - fixture
 )
 
 UTC_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

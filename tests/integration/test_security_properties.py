@@ -1,6 +1,6 @@
 """Security properties, each tested directly against running tunnels.
 
-Where tests/test_hostile.py attacks a bare TLS endpoint and tests/test_daemon_system.py
+Where tests/integration/test_hostile.py attacks a bare TLS endpoint and tests/system/test_daemon_system.py
 drives daemon processes through their happy paths, these tests run the daemon
 (:class:`qkdproxy.daemon.app.Daemon`, built from configuration files) in this process next to the
 KME simulator, whose link model is swapped for a recording one
@@ -88,19 +88,8 @@ from qkdproxy.tools.bench.soak import (
 )
 from qkdproxy.tools.certs import KMES, DevPki
 from qkdproxy.tools.loopback import resolve_groups
-from tests.test_daemon_system import (
-    CLIENT_ID,
-    DEADLINE,
-    SERVER_ID,
-    SERVER_NAME,
-    Harness,
-    TomlValue,
-    exchange,
-    free_port,
-    toml_table,
-)
-from tests.test_hostile import client_share, quiet_loop, with_key_id, with_share
-from tests.test_wire_hello import (
+from tests.integration.test_hostile import client_share, quiet_loop, with_key_id, with_share
+from tests.integration.test_wire_hello import (
     FailureLog,
     close_writer,
     ext,
@@ -110,6 +99,17 @@ from tests.test_wire_hello import (
     server_hello_body,
     split_first_message,
     u16,
+)
+from tests.system.test_daemon_system import (
+    CLIENT_ID,
+    DEADLINE,
+    SERVER_ID,
+    SERVER_NAME,
+    Harness,
+    TomlValue,
+    exchange,
+    free_port,
+    toml_table,
 )
 
 __all__ = ["quiet_loop"]  # an autouse fixture: nothing may reach the loop's error handler
@@ -1410,7 +1410,7 @@ async def test_a_flood_of_half_open_and_slow_clients_does_not_stop_a_good_client
         server = await r.daemon(
             "server", "b",
             # Per-source caps and hello deadlines off: this is about handshake_timeout and
-            # the connection limit (tests/test_admission.py covers admission control).
+            # the connection limit (tests/system/test_admission.py covers admission control).
             server_tunnel(pki, backend_port, handshake_timeout_s=3.0, max_connections=100,
                           **NO_ADMISSION),
         )  # fmt: skip

@@ -18,9 +18,9 @@ from qkdproxy.daemon.config import load_config
 from qkdproxy.daemon.kme_binding import KmeConnection
 from qkdproxy.tools.certs import write_dev_pki
 from qkdproxy.tools.demo import DemoSummary, run_demo
-from tests.test_config import CLIENT, KME, problems
+from tests.unit.test_config import CLIENT, KME, problems
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from qkdproxy.core.keys import KeyNotFoundError, QkdKey
 from qkdproxy.keys.announce import AnnouncedSlave
 from qkdproxy.tools.certs import write_dev_pki
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 15.0
 LISTENING = re.compile(r"tunnel (\S+) \((client|server)\) listening on (\S+):(\d+)")
 CONNECTION_MARK = "qkdproxy.connection: {"

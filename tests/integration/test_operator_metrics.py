@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_observability import ROOT, STATUS, get, sample
-from tests.test_tunnel_runtime import port, setup
+from tests.integration.test_observability import ROOT, STATUS, get, sample
+from tests.integration.test_tunnel_runtime import port, setup
 
 KEY_ALERTS = re.compile(r"Qkdproxy(Key|KmePool)")
 ALERTS = ROOT / "etc/prometheus-alerts.yml"

@@ -25,8 +25,7 @@ from pathlib import Path
 from qkdproxy.core.tls.credentials import Credentials
 from qkdproxy.sim.pki import CertificateAuthority
 from qkdproxy.tools.certs import TUNNEL_SERVER_NAME, DevPki, _cert_pem, _key_pem
-from tests.system_helpers import metric
-from tests.test_daemon_system import (
+from tests.system.test_daemon_system import (
     DEADLINE,
     LISTENING,
     SERVER_ID,
@@ -37,9 +36,10 @@ from tests.test_daemon_system import (
     pki_fixture,  # noqa: F401 - fixture
     toml_table,
 )
-from tests.test_socket_activation import LAUNCHER
+from tests.system.test_socket_activation import LAUNCHER
+from tests.system_helpers import metric
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd/qkdproxy.service"
 STATUS = re.compile(r"status on http://127\.0\.0\.1:(\d+) ")
 PAYLOAD = os.urandom(4096)

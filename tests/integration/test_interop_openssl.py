@@ -35,7 +35,7 @@ from qkdproxy.keys.context import KeyContext
 from qkdproxy.sim.inprocess import InProcessQkdLink
 from qkdproxy.sim.pki import CertificateAuthority
 from tests.conftest import available_group_names, groups
-from tests.test_interop_stdlib import (
+from tests.integration.test_interop_stdlib import (
     CLIENT_URI,
     SERVER_NAME,
     ca_file,

@@ -2,7 +2,7 @@
 
 The tests are pure (no sockets); only the module fixture talks to a real client and server,
 once, to capture genuine ClientHello / ServerHello bytes. The capture helpers below are also
-used by ``tests/test_hostile.py``.
+used by ``tests/integration/test_hostile.py``.
 """
 
 from __future__ import annotations

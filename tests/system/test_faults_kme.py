@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from tests.system.test_daemon_system import exchange, sha256
 from tests.system_helpers import (
     FaultHarness,
     eventually,
@@ -24,7 +25,6 @@ from tests.system_helpers import (
     refused,
     works,
 )
-from tests.test_daemon_system import exchange, sha256
 
 
 def answered(tunnel: str, status: int) -> Callable[[dict[str, Any]], bool]:

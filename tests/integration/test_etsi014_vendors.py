@@ -27,8 +27,7 @@ from qkdproxy.keys.etsi014_client import Etsi014Client, KmeProtocolError, KmeRef
 from qkdproxy.keys.etsi014_supply import Etsi014Slave
 from qkdproxy.keys.sslctx import client_context
 from qkdproxy.tools.certs import DevPki
-from tests.kme_helpers import kme_config_file
-from tests.test_etsi014 import (
+from tests.integration.test_etsi014 import (
     DEADLINE,
     container,
     etsi_client,
@@ -38,6 +37,7 @@ from tests.test_etsi014 import (
     running_pair,
     status_document,
 )
+from tests.kme_helpers import kme_config_file
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from qkdproxy.core.logsafe import SingleLineFilter, escape
+from tests.system.test_admission import legit_endpoint, legit_exchange
 from tests.system_helpers import (
     FaultHarness,
     fault_pki_fixture,  # noqa: F401 - fixture
     faults_fixture,  # noqa: F401 - fixture
     refused,
 )
-from tests.test_admission import legit_endpoint, legit_exchange
 
 FORGED = '2026-01-01 00:00:00,000 INFO qkdproxy.connection: {"forged":true}'
 HOSTILE = [

@@ -16,7 +16,7 @@ from qkdproxy.daemon.config import load_config
 from qkdproxy.daemon.risk import assess, risky_settings
 from qkdproxy.sim.pki import CertificateAuthority
 from qkdproxy.tools.certs import write_dev_pki
-from tests.test_daemon_system import (
+from tests.system.test_daemon_system import (
     CLIENT_ID,
     SERVER_NAME,
     Harness,

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 
 from qkdproxy.daemon.app import Daemon
-from tests.test_tunnel_runtime import Setup, port, setup, transfer
+from tests.integration.test_tunnel_runtime import Setup, port, setup, transfer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool")
 requires_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (Debian package: prometheus)"

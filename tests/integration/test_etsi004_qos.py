@@ -30,8 +30,8 @@ from qkdproxy.keys.sources import KeySources
 from qkdproxy.sim.pki import CertificateAuthority
 from qkdproxy.sim.quirks import Quirk
 from tests.conftest import groups
+from tests.integration.test_etsi004 import Kmes, running_kmes
 from tests.kme_helpers import kme_config_file
-from tests.test_etsi004 import Kmes, running_kmes
 
 # What the QUBIP etsi-qkd-004 server's default check insists on (Min_bps and Jitter).
 DEMANDS = (("min_bps", 1000), ("jitter", 10))

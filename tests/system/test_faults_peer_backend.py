@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from tests.system.test_daemon_system import sha256
 from tests.system_helpers import (
     DEADLINE,
     FaultHarness,
@@ -32,7 +33,6 @@ from tests.system_helpers import (
     refused,
     works,
 )
-from tests.test_daemon_system import sha256
 
 MB = 1024 * 1024
 

@@ -23,7 +23,7 @@ from qkdproxy.core.peer.frames import (
 from qkdproxy.daemon.config import load_config
 from qkdproxy.tools.certs import write_dev_pki
 from qkdproxy.tools.probe import probe
-from tests.test_daemon_system import (
+from tests.system.test_daemon_system import (
     Harness,
     TomlValue,
     free_port,

@@ -35,8 +35,8 @@ from qkdproxy.keys.preauth import (
 from qkdproxy.keys.responder import HELLO_SOURCE
 from qkdproxy.keys.sources import KeySources, RefusalStreak
 from qkdproxy.keys.supply import SupplySettings, SupplySizer
-from tests.test_keyexchange import MLKEM768, client_hello
-from tests.test_peer_channel import FakeKme
+from tests.integration.test_peer_channel import FakeKme
+from tests.unit.test_keyexchange import MLKEM768, client_hello
 
 
 @dataclass

@@ -137,7 +137,7 @@ from qkdproxy.keys.key_supply import run
 from qkdproxy.keys.sources import KeySources
 from qkdproxy.sim.inprocess import InProcessQkdLink
 from qkdproxy.tools.loopback import resolve_groups
-from tests.test_wire_hello import Captured, _capture
+from tests.integration.test_wire_hello import Captured, _capture
 
 # ================================================================== budget and mutation
 

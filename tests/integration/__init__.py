@@ -1,0 +1,1 @@
+"""In-process components over real sockets: TLS peers, KME servers, tunnels."""

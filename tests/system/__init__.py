@@ -1,0 +1,1 @@
+"""Real daemon and KME processes, driven from outside as an operator would."""
