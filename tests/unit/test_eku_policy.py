@@ -1,5 +1,5 @@
 """The per-tunnel Extended Key Update policy: configuration keys and the fresh-key task
-(driven with a fake stream; the real thing runs in tests/test_eku_soak.py)."""
+(driven with a fake stream; the real thing runs in tests/integration/test_eku_soak.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from qkdproxy.daemon import pump
 from qkdproxy.daemon.config import load_config
 from qkdproxy.daemon.pump import FreshKeyBudget, Traffic, refresh_keys
-from tests.test_config import CLIENT, KME, problems, write
+from tests.unit.test_config import CLIENT, KME, problems, write
 
 
 def test_fresh_key_settings_default_and_parse(tmp_path: Path) -> None:
