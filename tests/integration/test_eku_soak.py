@@ -27,3 +27,11 @@ async def test_a_long_connection_updates_with_fresh_qkd_keys_and_loses_no_byte()
     assert expected * 0.6 <= updates <= expected + 1, result
     assert len(result.kme_deliveries) == updates
     assert result.bytes_sent > 0
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(60)
+async def test_etsi_004_connections_update_with_a_fresh_stream_each() -> None:
+    result = await run_eku_soak(EkuSoakSettings(seconds=3, interval_s=1, api="004"))
+    assert result.problems() == []
+    assert result.updates["client"] == result.updates["server"] >= 1

@@ -29,7 +29,7 @@ from pathlib import Path
 from qkdproxy.core.tls.keyexchange import Flow
 from qkdproxy.daemon.tunnel import ConnectionRecord
 from qkdproxy.sim.faults import FaultScript
-from qkdproxy.sim.simulator import SimulatorSettings
+from qkdproxy.sim.simulator import KmePair, SimulatorSettings
 from qkdproxy.tools.bench.keys import _daemon
 from qkdproxy.tools.bench.kme_setup import SAE_CLIENT, SAE_SERVER
 from qkdproxy.tools.bench.soak import _kme_table, _port, recording_kme_pair
@@ -51,6 +51,7 @@ class EkuSoakSettings:
     # Added to every KME call by the simulator (the KME round trip an update may wait for).
     kme_delay_ms: float = 0.0
     flow: Flow = Flow.CLIENT_INITIATED
+    api: str = "014"  # or "004" (the KME check of each delivery is for ETSI 014 only)
 
 
 @dataclass(slots=True)
@@ -155,14 +156,14 @@ async def run_eku_soak(s: EkuSoakSettings) -> EkuSoakResult:
             backend = listener.sockets[0].getsockname()[1]
             server = await _daemon(
                 stack, base / "server.toml",
-                _kme_table(pair.urls_014[1], SAE_SERVER, SAE_CLIENT)
+                _kme(s, pair, 1, SAE_SERVER, SAE_CLIENT)
                 + _tunnel(s, "server", backend,
                           f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n' + extra),
                 records,
             )  # fmt: skip
             client = await _daemon(
                 stack, base / "client.toml",
-                _kme_table(pair.urls_014[0], SAE_CLIENT, SAE_SERVER)
+                _kme(s, pair, 0, SAE_CLIENT, SAE_SERVER)
                 + _tunnel(s, "client", _port(server),
                           f'server_name = "{TUNNEL_SERVER_NAME}"\nflow = "{s.flow.value}"\n'
                           + extra),
@@ -181,11 +182,19 @@ async def run_eku_soak(s: EkuSoakSettings) -> EkuSoakResult:
             result.update_failures[record.role] = record.fresh_key_update_failures
             result.key_ids[record.role] = list(record.fresh_key_ids)
             result.handshake_key_id = record.qkd_key_id
-        for key_id in result.key_ids.get("client", []):
+        for key_id in result.key_ids.get("client", []) if s.api == "014" else []:
             raw = bytes.fromhex(key_id.replace("-", ""))
             result.kme_deliveries[key_id] = link.delivered[raw]
         link.forget()
     return result
+
+
+def _kme(s: EkuSoakSettings, pair: KmePair, index: int, sae: str, peer: str) -> str:
+    table = _kme_table(pair.urls_014[index], sae, peer)
+    if s.api == "014":
+        return table
+    address = f'address = "127.0.0.1:{pair.ports_004[index]}"\npeer_stream_wait_s = 5.0\n'
+    return table.replace(f'url = "{pair.urls_014[index]}"\n', f'api = "004"\n{address}')
 
 
 def _tunnel(s: EkuSoakSettings, role: str, connect: int, extra: str) -> str:
