@@ -26,6 +26,7 @@ from qkdproxy.sim.faults import FaultScript
 from qkdproxy.sim.link import LinkSettings
 from qkdproxy.sim.simulator import KmePair, SimulatorSettings
 from qkdproxy.tools.bench.kme_setup import SAE_CLIENT, SAE_SERVER
+from qkdproxy.tools.bench.processes import BENCH_ADMISSION
 from qkdproxy.tools.bench.soak import SoakSettings, _kme_table, _tunnel_table, _write
 from qkdproxy.tools.certs import KMES, TRUST_DOMAIN, TUNNEL_SERVER_NAME, write_dev_pki
 
@@ -190,14 +191,15 @@ async def run_scenario(scenario: KeyScenario, base: Path) -> KeyResult:
             stack, base / "server.toml",
             _kme_table(pair.urls_014[1], SAE_SERVER, SAE_CLIENT)
             + _tunnel_table("server", backend.sockets[0].getsockname()[1], shape,
-                            f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n'),
+                            f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n'
+                            f"{BENCH_ADMISSION}\n"),
             records,
         )  # fmt: skip
         client = await _daemon(
             stack, base / "client.toml",
             _kme_table(pair.urls_014[0], SAE_CLIENT, SAE_SERVER)
             + _tunnel_table("client", _port(server), shape,
-                            f'server_name = "{TUNNEL_SERVER_NAME}"\n'),
+                            f'server_name = "{TUNNEL_SERVER_NAME}"\n{BENCH_ADMISSION}\n'),
             records,
         )  # fmt: skip
         outcomes = await _drive(scenario.pattern, _port(client), scenario.seconds)

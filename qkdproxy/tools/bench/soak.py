@@ -48,7 +48,7 @@ from qkdproxy.daemon.tunnel import ConnectionRecord
 from qkdproxy.sim.link import QkdLinkModel
 from qkdproxy.sim.simulator import KmePair, SimulatorSettings
 from qkdproxy.tools.bench.kme_setup import SAE_CLIENT, SAE_SERVER
-from qkdproxy.tools.bench.processes import BENCH_BUDGET
+from qkdproxy.tools.bench.processes import BENCH_ADMISSION, BENCH_BUDGET
 from qkdproxy.tools.certs import KMES, TRUST_DOMAIN, TUNNEL_SERVER_NAME, write_dev_pki
 
 TRAILER = struct.Struct("!32sQ")  # SHA-256 of what the backend received, and its length
@@ -739,7 +739,8 @@ async def _cycle(s: SoakSettings, progress: Callable[[SoakProgress], None] | Non
                 stack, base / "client.toml",
                 _kme_table(pair.urls_014[0], SAE_CLIENT, SAE_SERVER)
                 + _tunnel_table("client", _port(server), s,
-                                f'server_name = "{TUNNEL_SERVER_NAME}"\nflow = "{s.flow.value}"\n'),
+                                f'server_name = "{TUNNEL_SERVER_NAME}"\nflow = "{s.flow.value}"\n'
+                                f"{BENCH_ADMISSION}\n"),
                 t,
             )  # fmt: skip
             started = time.monotonic()
