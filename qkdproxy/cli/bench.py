@@ -311,14 +311,19 @@ def _keys(args: argparse.Namespace) -> int:
         raise UsageError(f"--patterns takes {','.join(key_bench.PATTERNS)}")
     if args.seconds <= 0:
         raise UsageError("--seconds must be positive")
+    modes = [v for v in args.modes.split(",") if v]
+    if not modes or any(v not in key_bench.MODES for v in modes):
+        raise UsageError(f"--modes takes {','.join(key_bench.MODES)}")
     latencies = _floats(args.kme_latency_ms, "--kme-latency-ms")
-    chosen = key_bench.scenarios(links, latencies, patterns, args.seconds)
+    chosen = key_bench.scenarios(links, latencies, patterns, args.seconds, modes)
     with progress("keys", len(chosen)) as advance:
         results = run(key_bench.run_key_bench(chosen, advance))
     rows = [r.as_dict() for r in results]
 
     def charts() -> list[BarChart]:
-        labels = [f"{r['link']} {r['kme_latency_ms']:g} ms {r['pattern']}" for r in rows]
+        labels = [
+            f"{r['link']} {r['kme_latency_ms']:g} ms {r['pattern']} {r['mode']}" for r in rows
+        ]
         return [
             BarChart("Key yield (consumed / settled)", "yield", labels,
                      {"yield": [_number(r["yield"]) for r in rows]}),
@@ -371,6 +376,10 @@ def add_commands(commands: Any) -> None:
     keys.add_argument("--patterns", default=",".join(key_bench.PATTERNS),
                       help="comma-separated: " + ", ".join(key_bench.PATTERNS))  # fmt: skip
     keys.add_argument("--seconds", type=float, default=20.0, help="per scenario")
+    keys.add_argument(
+        "--modes", default="per-connection",
+        help="comma-separated: per-connection, mux (streams of pooled tunnels)",
+    )  # fmt: skip
     _output_options(keys)
     keys.set_defaults(handler=_guarded("keys", _keys))
     throughput = benches.add_parser(

@@ -99,11 +99,12 @@ class Admission:
         """Admitted connections still handshaking."""
         return self._handshaking
 
-    def admit(self, source: str, now: float) -> Ticket | Refusal:
+    def admit(self, source: str, now: float, *, handshake: bool = True) -> Ticket | Refusal:
         """A ticket, or the first limit the connection would break (counted, nothing held).
 
         Checks run cheapest and broadest first; the rate bucket is spent only when every
         cap has room, so refused attempts do not also drain the source's rate budget.
+        ``handshake`` False (a stream of a multiplexed tunnel) skips the handshake caps.
         """
         limits = self.limits
         refusal: Refusal | None = None
@@ -111,6 +112,8 @@ class Admission:
             refusal = Refusal.CONNECTION_LIMIT
         elif _full(self._connections.get(source, 0), limits.max_connections_per_source):
             refusal = Refusal.SOURCE_CONNECTIONS
+        elif not handshake:
+            pass
         elif _full(self._handshaking, limits.max_handshakes):
             refusal = Refusal.HANDSHAKE_LIMIT
         elif _full(self._handshakes.get(source, 0), limits.max_handshakes_per_source):
@@ -121,10 +124,14 @@ class Admission:
             self.count(refusal)
             return refusal
         self._total += 1
-        self._handshaking += 1
         _add(self._connections, source, 1)
-        _add(self._handshakes, source, 1)
-        return Ticket(source)
+        ticket = Ticket(source)
+        if handshake:
+            self._handshaking += 1
+            _add(self._handshakes, source, 1)
+        else:
+            ticket.handshaking = False
+        return ticket
 
     def count(self, refusal: Refusal) -> None:
         """Count a refusal decided elsewhere (a hello deadline)."""

@@ -75,6 +75,7 @@ def build_endpoint(
             handshake_timeout=config.handshake_timeout_s,
             fresh_key_update=config.fresh_key_update or config.require_fresh_key_update,
             require_fresh_key_update=config.require_fresh_key_update,
+            mux_protocol=config.mux.enabled,
         )
     )
 
@@ -233,6 +234,9 @@ class Daemon:
 
     def _observe_tunnel(self, tunnel: Tunnel) -> None:
         self.collector.tunnels.append(tunnel_state(tunnel))
+        if tunnel.pool is not None:
+            pool = tunnel.pool
+            self.metrics.mux_open.labels(tunnel.config.name).set_function(lambda: len(pool.tunnels))
         self.collector.certificates.append(
             (f"tunnel:{tunnel.config.name}", "server" if tunnel.config.role == "server"
              else "client", _expiry(functools.partial(_endpoint_credentials, tunnel))),
@@ -402,6 +406,9 @@ class Daemon:
                 problems.append(
                     f"tunnel {old.name}: flows and pre-authentication budget changes need a restart"
                 )
+            elif config.mux != old.mux:
+                # The pool, its ALPN offer and its limits are built at start.
+                problems.append(f"tunnel {old.name}: multiplex and mux_* changes need a restart")
         return problems
 
     def status_line(self) -> str:

@@ -29,6 +29,8 @@ from qkdproxy.keys.preauth import CLIENT_INITIATED, SERVER_INITIATED, Budget, Pr
 from qkdproxy.keys.supply import SupplySettings
 
 SECTIONS = ("daemon", "kme", "tunnel", "status")
+# HTTP/2 streams one multiplexed tunnel may carry at once (each holds a receive window).
+MAX_MUX_STREAMS = 1000
 
 
 class ConfigError(SettingError):
@@ -68,6 +70,20 @@ class KmeConfig:
     kme_identity: tuple[str, ...] = ()
     # ETSI 004: the QoS asked for and the bounds a counter-proposal must stay within.
     qos: QosPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MuxSettings:
+    """Application connections as HTTP/2 CONNECT streams inside pooled tunnels."""
+
+    enabled: bool = False
+    max_streams: int = 100
+    pool_min: int = 1
+    pool_max: int = 4
+    rotate_s: float = 3600.0
+    rotate_bytes: int = 1 << 34
+    keepalive_s: float = 15.0
+    idle_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +133,8 @@ class TunnelConfig:
     cert_policy: CertificatePolicy = field(default_factory=CertificatePolicy)
     # Paper-era reference (0.1.x) servers do not echo the key id (client-initiated flow).
     accept_unechoed_key_id: bool = False
+    # Multiplexed tunnels between qkdproxy peers (docs/CONFIGURATION.md, "Multiplexing").
+    mux: MuxSettings = field(default_factory=MuxSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +557,7 @@ def _tunnel(
         preauth=_preauth(r, role),
         **_admission(r),
         cert_policy=_cert_policy(r),
+        mux=_mux(r),
     )  # fmt: skip
     if config.accept_unechoed_key_id and (
         role != "client" or flow is not Flow.CLIENT_INITIATED or kme is None
@@ -549,6 +568,31 @@ def _tunnel(
         )
     r.check_unknown()
     return config
+
+
+def _mux(r: _Reader) -> MuxSettings:
+    """The multiplexing keys of a tunnel (``multiplex`` and ``mux_*``)."""
+    default = MuxSettings()
+    pool_min = r.get("mux_pool_min", int, default.pool_min)
+    if isinstance(pool_min, int) and pool_min < 0:
+        r.fail("mux_pool_min", "must be 0 or more")
+    settings = MuxSettings(
+        enabled=bool(r.get("multiplex", bool, False)),
+        max_streams=r.count("mux_max_streams", default.max_streams),
+        pool_min=max(0, int(pool_min)),
+        pool_max=r.count("mux_pool_max", default.pool_max),
+        rotate_s=r.positive("mux_rotate_s", default.rotate_s, allow_zero=True),
+        rotate_bytes=int(
+            r.positive("mux_rotate_bytes", float(default.rotate_bytes), allow_zero=True)
+        ),
+        keepalive_s=r.positive("mux_keepalive_s", default.keepalive_s, allow_zero=True),
+        idle_s=r.positive("mux_idle_s", default.idle_s),
+    )
+    if settings.pool_min > settings.pool_max:
+        r.fail("mux_pool_min", f"must not exceed mux_pool_max ({settings.pool_max})")
+    if settings.max_streams > MAX_MUX_STREAMS:
+        r.fail("mux_max_streams", f"must be at most {MAX_MUX_STREAMS}")
+    return settings
 
 
 def _cert_policy(r: _Reader) -> CertificatePolicy:

@@ -51,6 +51,18 @@ def close_reason_class(reason: str) -> str:
     return reason if reason in CLOSE_REASONS else "error"
 
 
+MUX_TUNNEL_REASONS = ("closed", "rotated", "idle", "dead_peer", "handshake_failed", "error")
+
+
+def mux_tunnel_reason(reason: str) -> str:
+    """Map a carrying tunnel's end onto a bounded label set."""
+    if "dead peer" in reason:
+        return "dead_peer"
+    if reason in MUX_TUNNEL_REASONS:
+        return reason
+    return "handshake_failed" if reason.startswith("handshake failed") else "error"
+
+
 class Metrics:
     """The event metrics; state metrics come from a :class:`StateCollector`."""
 
@@ -108,13 +120,33 @@ class Metrics:
             "older than the files", registry=r,
         )  # fmt: skip
         self.reload_ok.set(1)
+        # Multiplexing (docs/OBSERVABILITY.md): streams are application connections and
+        # count in qkdproxy_connections_closed too; carrying tunnels count only here.
+        self.mux_streams = Counter(
+            "qkdproxy_mux_streams_closed", "Streams of multiplexed tunnels ended, by reason",
+            ["tunnel", "role", "reason"], registry=r,
+        )  # fmt: skip
+        self.mux_tunnels = Counter(
+            "qkdproxy_mux_tunnels_closed",
+            "Multiplexed (carrying) tunnels ended, by reason (rotated, idle, dead_peer...)",
+            ["tunnel", "role", "reason"], registry=r,
+        )  # fmt: skip
+        self.mux_open = Gauge(
+            "qkdproxy_mux_tunnels_open", "Established tunnels in a client's multiplexing pool",
+            ["tunnel"], registry=r,
+        )  # fmt: skip
         # process_* (memory, CPU, descriptors, start time): the daemon's own footprint.
         ProcessCollector(registry=r)
 
     def observe(self, record: ConnectionRecord) -> None:
         """Account one closed connection."""
         labels = (record.tunnel, record.role)
-        self.closed.labels(*labels, close_reason_class(record.reason)).inc()
+        if record.mux == "tunnel":
+            self.mux_tunnels.labels(*labels, mux_tunnel_reason(record.reason)).inc()
+        else:
+            self.closed.labels(*labels, close_reason_class(record.reason)).inc()
+        if record.mux == "stream":
+            self.mux_streams.labels(*labels, close_reason_class(record.reason)).inc()
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
         if record.fresh_key_updates:

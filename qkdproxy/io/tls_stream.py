@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 
 from qkdproxy.core.errors import LocalProtocolError, QkdproxyError, SettingError
 from qkdproxy.core.hybrid import HybridKem
-from qkdproxy.core.peer.frames import ALPN_PROTOCOL
+from qkdproxy.core.peer.frames import ALPN_PROTOCOL, MUX_ALPN_PROTOCOL
 from qkdproxy.core.tls.connection import (
     ConnectionConfig,
     HandshakeComplete,
@@ -140,6 +141,8 @@ class EndpointSettings:
     # flag); refuse a peer that does not offer it.
     fresh_key_update: bool = True
     require_fresh_key_update: bool = False
+    # Also offer (first) ALPN qkdproxy-mux/1: multiplexed tunnels (tunnel/mux.py).
+    mux_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,22 +366,30 @@ class TlsEndpoint:
             fresh_key_update=settings.fresh_key_update,
             require_fresh_key_update=settings.require_fresh_key_update,
         )
+        # Multiplexing: servers accept qkdproxy-mux/1; clients offer it (first) only for
+        # the tunnels of their pool, so a per-connection dial never gets it.
+        self._mux_config = self._config
+        if alpn is not None and settings.mux_protocol:
+            mux_alpn = [bytearray(MUX_ALPN_PROTOCOL.encode()), *alpn]
+            self._mux_config = dataclasses.replace(self._config, alpn=mux_alpn)
 
     async def connect(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, mux: bool = False
     ) -> TlsStream:
-        """Client handshake over an open stream; raises :class:`HandshakeError`."""
-        return await self._run(True, Transport(reader, writer))
+        """Client handshake over an open stream; raises :class:`HandshakeError`. ``mux``
+        also offers qkdproxy-mux/1 (if the settings allow it)."""
+        config = self._mux_config if mux else self._config
+        return await self._run(True, Transport(reader, writer), config)
 
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TlsStream:
         """Server handshake over an accepted stream; raises :class:`HandshakeError`."""
-        return await self._run(False, Transport(reader, writer))
+        return await self._run(False, Transport(reader, writer), self._mux_config)
 
-    async def _run(self, is_client: bool, transport: Transport) -> TlsStream:
+    async def _run(
+        self, is_client: bool, transport: Transport, config: ConnectionConfig
+    ) -> TlsStream:
         keys = self.settings.keys
-        conn = TlsConnection(
-            self._config, keys, is_client=is_client, wall_time=self.settings.clock()
-        )
+        conn = TlsConnection(config, keys, is_client=is_client, wall_time=self.settings.clock())
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 ALPN_PROTOCOL = "qkdproxy/1"
+# Application connections as HTTP/2 CONNECT streams in one tunnel (tunnel/mux.py).
+MUX_ALPN_PROTOCOL = "qkdproxy-mux/1"
 HEADER_SIZE = 4
 MAX_PAYLOAD = 16384 - HEADER_SIZE
 KEY_ID_SIZE = 16

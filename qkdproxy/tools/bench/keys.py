@@ -36,6 +36,8 @@ LINKS = {
     "fast": LinkSettings(),
 }
 PATTERNS = ("1/s", "10/s", "50/s", "max", "burst", "idle")
+# One handshake and key per connection, or connections as streams of pooled tunnels.
+MODES = ("per-connection", "mux")
 BURST = 40
 MAX_CONCURRENCY = 4
 
@@ -48,6 +50,7 @@ class KeyScenario:
     latency_ms: float
     pattern: str
     seconds: float
+    mode: str = "per-connection"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +73,9 @@ class KeyResult:
         settled = self.drawn - self.held_at_end
         return {
             "link": s.link, "kme_latency_ms": s.latency_ms, "pattern": s.pattern,
-            "seconds": s.seconds, "connections": self.connections, "failed": self.failed,
-            "keys_drawn": self.drawn, "keys_consumed": self.consumed,
+            "mode": s.mode, "seconds": s.seconds, "connections": self.connections,
+            "failed": self.failed, "keys_drawn": self.drawn, "keys_consumed": self.consumed,
+            "keys_per_hour": round(self.consumed * 3600 / s.seconds) if s.seconds else None,
             "keys_held_at_end": self.held_at_end,
             # Held keys are still usable: the yield counts what has a fate.
             "yield": round(self.consumed / settled, 3) if settled else None,
@@ -81,14 +85,19 @@ class KeyResult:
 
 
 def scenarios(
-    links: Sequence[str], latencies: Sequence[float], patterns: Sequence[str], seconds: float
+    links: Sequence[str],
+    latencies: Sequence[float],
+    patterns: Sequence[str],
+    seconds: float,
+    modes: Sequence[str] = MODES[:1],
 ) -> list[KeyScenario]:
     """Every combination, in a stable order."""
     return [
-        KeyScenario(link, latency, pattern, seconds)
+        KeyScenario(link, latency, pattern, seconds, mode)
         for link in links
         for latency in latencies
         for pattern in patterns
+        for mode in modes
     ]
 
 
@@ -182,6 +191,7 @@ async def run_scenario(scenario: KeyScenario, base: Path) -> KeyResult:
     # The soak's tunnel tables; a connection limit (4 x 250) no steady pattern reaches, so
     # that a saturated machine shows as slow handshakes, not as refused connections.
     shape = SoakSettings(concurrency=250)
+    mux = "multiplex = true\n" if scenario.mode == "mux" else ""
     async with AsyncExitStack() as stack:
         await pair.start()
         stack.push_async_callback(pair.stop)
@@ -192,14 +202,14 @@ async def run_scenario(scenario: KeyScenario, base: Path) -> KeyResult:
             _kme_table(pair.urls_014[1], SAE_SERVER, SAE_CLIENT)
             + _tunnel_table("server", backend.sockets[0].getsockname()[1], shape,
                             f'allow = ["uri:spiffe://{TRUST_DOMAIN}/tunnel/client"]\n'
-                            f"{BENCH_ADMISSION}\n"),
+                            f"{BENCH_ADMISSION}\n" + mux),
             records,
         )  # fmt: skip
         client = await _daemon(
             stack, base / "client.toml",
             _kme_table(pair.urls_014[0], SAE_CLIENT, SAE_SERVER)
             + _tunnel_table("client", _port(server), shape,
-                            f'server_name = "{TUNNEL_SERVER_NAME}"\n{BENCH_ADMISSION}\n'),
+                            f'server_name = "{TUNNEL_SERVER_NAME}"\n{BENCH_ADMISSION}\n' + mux),
             records,
         )  # fmt: skip
         outcomes = await _drive(scenario.pattern, _port(client), scenario.seconds)

@@ -137,6 +137,8 @@ class ClientTunnel:
     groups: Sequence[str] = ()
     flow: str = "client-initiated"
     policy: str | None = None
+    # Carry connections as streams of pooled tunnels (the server accepts both modes).
+    multiplex: bool = False
 
 
 @dataclass(slots=True)
@@ -196,6 +198,8 @@ def _client_extra(tunnel: ClientTunnel) -> str:
         lines.append(f"groups = {_toml_list(tunnel.groups)}")
     if tunnel.policy:
         lines.append(f'policy = "{tunnel.policy}"')
+    if tunnel.multiplex:
+        lines.append("multiplex = true")
     return "\n".join(lines)
 
 
@@ -232,8 +236,11 @@ async def start_daemon_pair(
     urls = await start_kme(stack, base / "pki", kme_latency_ms)
     kme = {"prefetch": "true" if prefetch else "false"}
     server_port, *client_ports = free_ports(1 + len(clients))
-    # The benchmarks measure both flows: the server serves both.
-    server_extra = f'allow = ["uri:{CLIENT_URI}"]\nflows = ["client", "server"]\n' + BENCH_BUDGET
+    # The benchmarks measure both flows (the server serves both) and both modes.
+    server_extra = (
+        f'allow = ["uri:{CLIENT_URI}"]\nflows = ["client", "server"]\nmultiplex = true\n'
+        + BENCH_BUDGET
+    )
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
     server = _KME_SECTION.format(url=urls["kme-b"], sae="sae-b", peer="sae-a", **kme)

@@ -1,0 +1,222 @@
+"""A client tunnel's pool of multiplexed tunnels to its peer.
+
+Each application connection gets a stream on the oldest tunnel with room, so load packs
+onto few tunnels and the others can go idle. The pool grows (one establishment at a time)
+when every tunnel is full, keeps ``mux_pool_min`` established ahead of need, closes idle
+tunnels beyond that, and rotates make-before-break: a tunnel past its time or byte budget
+is replaced by one with a fresh QKD key first, then drains. A failed establishment backs
+off (doubling up to a cap) before the next; meanwhile new connections fail at once rather
+than queue behind a peer that is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from qkdproxy.daemon.config import MuxSettings
+from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel
+from qkdproxy.io.tls_stream import TlsStream
+
+log = logging.getLogger("qkdproxy.mux")
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 30.0
+# After a peer answered without the mux protocol, ask again only after this long.
+UNSUPPORTED_RETRY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlainTunnel:
+    """An established tunnel whose peer did not choose ``qkdproxy-mux/1``: it carries the
+    one connection that asked for it, the per-connection way."""
+
+    stream: TlsStream
+    writer: asyncio.StreamWriter
+
+
+Dial = Callable[[], Awaitable[MuxTunnel | PlainTunnel]]
+
+
+def rotation_due(tunnel: MuxTunnel, settings: MuxSettings, now: float) -> bool:
+    """The tunnel has carried enough (time or bytes) to be replaced."""
+    aged = bool(settings.rotate_s) and now - tunnel.started >= settings.rotate_s
+    used = bool(settings.rotate_bytes) and tunnel.bytes_moved >= settings.rotate_bytes
+    return aged or used
+
+
+class MuxPool:
+    """Streams to one peer over a bounded, self-renewing set of tunnels."""
+
+    def __init__(
+        self,
+        settings: MuxSettings,
+        dial: Dial,
+        *,
+        wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._dial = dial
+        self._wait_s = wait_s
+        self._clock = clock
+        self.tunnels: list[MuxTunnel] = []
+        self.draining: set[MuxTunnel] = set()
+        self.rotations = 0
+        self.establish_failures = 0
+        self._growing: asyncio.Future[None] | None = None
+        self._changed = asyncio.Event()
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+        self._last_error: BaseException | None = None
+        self._unsupported_until = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._maintainer: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ streams
+
+    async def open(self) -> MuxStream | PlainTunnel | None:
+        """A stream for one application connection; a :class:`PlainTunnel` (or None: dial
+        one yourself) when the peer does not multiplex. Raises what establishing raised
+        (HandshakeError, OSError) or TimeoutError when every tunnel stayed full."""
+        async with asyncio.timeout(self._wait_s):
+            while True:
+                if self._clock() < self._unsupported_until:
+                    return None
+                tunnel = self._with_room()
+                if tunnel is not None:
+                    try:
+                        return await tunnel.open_stream()
+                    except MuxStreamError:
+                        if tunnel.alive:
+                            raise  # refused by the peer (its status says why)
+                    continue  # it broke meanwhile: another one
+                if len(self.tunnels) < self.settings.pool_max:
+                    plain = await self._grow()
+                    if plain is not None:
+                        return plain
+                    continue
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _with_room(self) -> MuxTunnel | None:
+        self.tunnels = [t for t in self.tunnels if t.alive]
+        for tunnel in self.tunnels:
+            if not tunnel.draining and tunnel.conn.capacity > 0:
+                return tunnel
+        return None
+
+    async def _grow(self) -> PlainTunnel | None:
+        """Establish one more tunnel (or wait for the one being established)."""
+        if self._growing is not None:
+            await asyncio.shield(self._growing)
+            return None
+        now = self._clock()
+        if now < self._retry_at and self._last_error is not None:
+            raise self._last_error
+        self._growing = asyncio.get_running_loop().create_future()
+        try:
+            return await self._establish()
+        finally:
+            self._growing.set_result(None)
+            self._growing = None
+
+    async def _establish(self) -> PlainTunnel | None:
+        try:
+            made = await self._dial()
+        except (OSError, Exception) as exc:
+            self.establish_failures += 1
+            self._last_error = exc
+            self._backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, self._backoff_s * 2))
+            self._retry_at = self._clock() + self._backoff_s
+            raise
+        self._backoff_s, self._last_error = 0.0, None
+        if isinstance(made, PlainTunnel):
+            self._unsupported_until = self._clock() + UNSUPPORTED_RETRY_S
+            return made
+        made.on_change = self._changed.set
+        self.tunnels.append(made)
+        self._changed.set()
+        return None
+
+    # -------------------------------------------------------------- maintenance
+
+    def start(self) -> None:
+        """Keep the pool within its limits in the background."""
+        self._maintainer = asyncio.create_task(self._maintain())
+
+    @property
+    def tick_s(self) -> float:
+        """How often the pool looks at its tunnels."""
+        budgets = [1.0, self.settings.idle_s / 10]
+        if self.settings.rotate_s:
+            budgets.append(self.settings.rotate_s / 10)
+        return max(0.05, min(budgets))
+
+    async def _maintain(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.maintain()
+            await asyncio.sleep(self.tick_s)
+
+    async def maintain(self) -> None:
+        """One round: rotate, shrink, refill to the minimum (errors back off)."""
+        now = self._clock()
+        self.tunnels = [t for t in self.tunnels if t.alive]
+        for tunnel in list(self.tunnels):
+            if rotation_due(tunnel, self.settings, now):
+                await self._rotate(tunnel)
+            elif (
+                not tunnel.streams
+                and now - tunnel.last_busy >= self.settings.idle_s
+                and len(self.tunnels) > self.settings.pool_min
+            ):
+                self._retire(tunnel, "idle")
+        while (
+            len(self.tunnels) < self.settings.pool_min
+            and self._clock() >= self._retry_at
+            and self._clock() >= self._unsupported_until
+        ):
+            plain = await self._grow()
+            if plain is not None:
+                # Asked ahead of need: nobody waits for this connection.
+                await plain.stream.close()
+
+    async def _rotate(self, old: MuxTunnel) -> None:
+        """Make before break: the new tunnel first, then the old one drains."""
+        if self._clock() < self._retry_at:
+            return
+        plain = await self._grow()
+        if plain is not None:
+            await plain.stream.close()
+            return
+        self.rotations += 1
+        self._retire(old, "rotated")
+
+    def _retire(self, tunnel: MuxTunnel, why: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.tunnels.remove(tunnel)
+        self.draining.add(tunnel)
+        task = asyncio.create_task(tunnel.drain(why))
+        self._tasks.add(task)
+
+        def done(_: object) -> None:
+            self._tasks.discard(task)
+            self.draining.discard(tunnel)
+
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        """Stop maintenance and close every tunnel (open streams are reset)."""
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            await asyncio.gather(self._maintainer, return_exceptions=True)
+        for tunnel in [*self.tunnels, *self.draining]:
+            await tunnel.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.tunnels.clear()
