@@ -46,3 +46,20 @@ async def test_real_daemons_renew_keys_with_fresh_qkd_keys(harness: Harness) -> 
     assert s["fresh_key_ids"] == ids
     assert c["qkd_key_id"] not in ids
     assert c["fresh_key_update_failures"] == s["fresh_key_update_failures"] == 0
+
+
+async def test_a_multiplexed_tunnel_renews_its_keys_too(harness: Harness) -> None:
+    _, backend_port = await harness.backend()
+    settings = {"fresh_key_interval_s": 0.5, "multiplex": True}
+    server, client = await harness.pair(backend_port, server=settings, client=settings)
+    for _ in range(3):  # streams over the pooled tunnel, spread over about 2 s
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"x" * 1000)
+        writer.write_eof()
+        assert len(await asyncio.wait_for(reader.read(), 30)) == 1000
+        writer.close()
+        await asyncio.sleep(0.7)
+    await client.proc.terminate()  # the pooled tunnel's line is written as it ends
+    record = next(r for r in client.proc.records() if r.get("mux_streams"))
+    assert record["fresh_key_updates"] >= 2
+    assert len(set(record["fresh_key_ids"])) == len(record["fresh_key_ids"])
