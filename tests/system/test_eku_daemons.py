@@ -51,7 +51,7 @@ async def test_real_daemons_renew_keys_with_fresh_qkd_keys(harness: Harness) -> 
 async def test_a_multiplexed_tunnel_renews_its_keys_too(harness: Harness) -> None:
     _, backend_port = await harness.backend()
     settings = {"fresh_key_interval_s": 0.5, "multiplex": True}
-    server, client = await harness.pair(backend_port, server=settings, client=settings)
+    _, client = await harness.pair(backend_port, server=settings, client=settings)
     for _ in range(3):  # streams over the pooled tunnel, spread over about 2 s
         reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
         writer.write(b"x" * 1000)
