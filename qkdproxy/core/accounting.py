@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 # Every fate a drawn key can end in (the label values of qkdproxy_qkd_key_fates).
 FATES = (
     "consumed", "failed_handshake", "hello_retry", "expired", "flushed", "stranded",
-    "refused",
+    "refused", "failed_update",
 )  # fmt: skip
-# KeyLedger's waste reasons as KeyAccount fates.
-_LEDGER_FATES = {"handshake_failed": "failed_handshake", "hello_retry": "hello_retry"}
+# KeyLedger's waste reasons as KeyAccount fates (an Extended Key Update's keys: failed_update).
+_LEDGER_FATES = {
+    "handshake_failed": "failed_handshake", "hello_retry": "hello_retry",
+    "update_failed": "failed_update", "update_crossed": "failed_update",
+    "update_superseded": "failed_update",
+}  # fmt: skip
 
 
 @dataclass(slots=True)

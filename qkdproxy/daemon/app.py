@@ -73,6 +73,8 @@ def build_endpoint(
             hybrids,
             keys,
             handshake_timeout=config.handshake_timeout_s,
+            fresh_key_update=config.fresh_key_update or config.require_fresh_key_update,
+            require_fresh_key_update=config.require_fresh_key_update,
             mux_protocol=config.mux.enabled,
         )
     )
@@ -107,6 +109,7 @@ def tunnel_state(tunnel: Tunnel) -> TunnelState:
         tunnel.bytes_moved,
         lambda: dict(tunnel.admission.refused),
         lambda: dict(tunnel.stats.fallback_reasons),
+        tunnel.fresh_key_age,
     )  # fmt: skip
 
 

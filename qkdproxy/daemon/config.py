@@ -112,6 +112,11 @@ class TunnelConfig:
     allow_public_plaintext: bool = False
     rekey_bytes: int = 1 << 30
     rekey_interval_s: float = 3600.0
+    # Extended Key Update (fresh key exchanges, qkdproxy peers only; docs/CONFIGURATION.md).
+    fresh_key_update: bool = True
+    require_fresh_key_update: bool = False
+    fresh_key_interval_s: float = 600.0
+    fresh_key_bytes: int = 64 << 30
     proxy_protocol: bool = False
     # Server tunnels: the QKD flows served and what an unauthenticated hello may cost.
     preauth: PreAuthSettings = field(default_factory=PreAuthSettings)
@@ -543,6 +548,10 @@ def _tunnel(
         allow_public_plaintext=public_ok,
         rekey_bytes=int(r.positive("rekey_bytes", float(1 << 30), allow_zero=True)),
         rekey_interval_s=r.positive("rekey_interval_s", 3600.0, allow_zero=True),
+        fresh_key_update=bool(r.get("fresh_key_update", bool, True)),
+        require_fresh_key_update=bool(r.get("require_fresh_key_update", bool, False)),
+        fresh_key_interval_s=r.positive("fresh_key_interval_s", 600.0, allow_zero=True),
+        fresh_key_bytes=int(r.positive("fresh_key_bytes", float(64 << 30), allow_zero=True)),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
         accept_unechoed_key_id=bool(r.get("accept_unechoed_key_id", bool, False)),
         preauth=_preauth(r, role),

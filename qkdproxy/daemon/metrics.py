@@ -95,6 +95,14 @@ class Metrics:
             "qkdproxy_tls_key_updates", "TLS 1.3 KeyUpdates sent on long flows", ["tunnel"],
             registry=r,
         )  # fmt: skip
+        self.fresh_key_updates = Counter(
+            "qkdproxy_fresh_key_updates", "Extended Key Updates (fresh key exchanges) by result",
+            ["tunnel", "result"], registry=r,
+        )  # fmt: skip
+        self.fresh_key_update_keys = Counter(
+            "qkdproxy_fresh_key_update_qkd_keys", "QKD keys spent by completed Extended Key "
+            "Updates", ["tunnel"], registry=r,
+        )  # fmt: skip
         self.kme_seconds = Histogram(
             "qkdproxy_kme_request_duration_seconds", "KME call duration",
             ["kme", "call"], buckets=LATENCY_BUCKETS, registry=r,
@@ -141,6 +149,14 @@ class Metrics:
             self.mux_streams.labels(*labels, close_reason_class(record.reason)).inc()
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
+        if record.fresh_key_updates:
+            self.fresh_key_updates.labels(record.tunnel, "ok").inc(record.fresh_key_updates)
+        if record.fresh_key_update_failures:
+            self.fresh_key_updates.labels(record.tunnel, "failed").inc(
+                record.fresh_key_update_failures
+            )
+        if record.fresh_key_ids:
+            self.fresh_key_update_keys.labels(record.tunnel).inc(len(record.fresh_key_ids))
         if record.failure is not None:
             group, flow = record.group or "none", record.flow or "none"
             self.handshakes.labels(*labels, group, flow, "failure").inc()
@@ -197,6 +213,8 @@ class TunnelState:
     refusals: Callable[[], dict[str, int]] = dict
     # qkd-preferred fallbacks by reason (kme_exhausted, kme_unavailable, ...).
     fallback_reasons: Callable[[], dict[str, int]] = dict
+    # Seconds since the stalest live connection with Extended Key Update got fresh keys.
+    fresh_key_age: Callable[[], float | None] = lambda: None
 
 
 @dataclass(slots=True, eq=False)  # the registry keys collectors by identity
@@ -266,8 +284,16 @@ class StateCollector(Collector):
             "Connections refused at accept, or cut for a late hello, by admission control",
             labels=["tunnel", "role", "reason"],
         )
+        fresh_age = GaugeMetricFamily(
+            "qkdproxy_fresh_key_age_seconds",
+            "Seconds since the live connection that waited longest got its last fresh key "
+            "(handshake or Extended Key Update); absent without such connections",
+            labels=["tunnel", "role"],
+        )
         for tunnel in self.tunnels:
             active.add_metric([tunnel.name, tunnel.role], tunnel.active())
+            if (age := tunnel.fresh_key_age()) is not None:
+                fresh_age.add_metric([tunnel.name, tunnel.role], age)
             for reason, count in tunnel.refusals().items():
                 refusals.add_metric([tunnel.name, tunnel.role, reason], count)
             for fate, count in tunnel.ledger().items():
@@ -286,6 +312,7 @@ class StateCollector(Collector):
             active, keys, key_bytes, opened, rejected, fallbacks, fallback_reasons, sent,
             received, refusals,
         )  # fmt: skip
+        yield fresh_age
 
     def _kme_metrics(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("qkdproxy_kme_up", "1 if the KME answers", labels=["kme"])

@@ -32,7 +32,7 @@ from qkdproxy.core.mux import (
     WindowOpened,
 )
 from qkdproxy.daemon import gate
-from qkdproxy.daemon.pump import RekeyBudget, Traffic
+from qkdproxy.daemon.pump import FreshKeyBudget, RekeyBudget, Traffic, refresh_keys
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError, close_transport
 
 log = logging.getLogger("qkdproxy.mux")
@@ -164,6 +164,7 @@ class MuxTunnel:
         *,
         keepalive_s: float,
         rekey: RekeyBudget,
+        fresh: FreshKeyBudget | None = None,
         on_stream: Callable[[MuxStream], None] | None = None,
         on_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
@@ -173,6 +174,7 @@ class MuxTunnel:
         self.conn = conn
         self.keepalive_s = keepalive_s
         self._rekey = rekey
+        self._fresh = fresh
         self._traffic = Traffic()
         self._on_stream = on_stream
         # Told whenever capacity may have changed (a stream ended, the tunnel ended).
@@ -211,6 +213,9 @@ class MuxTunnel:
         self._spawn(self._read())
         if self.keepalive_s:
             self._spawn(self._keepalive())
+        # Extended Key Update on the tunnel's budget (time; bytes count what this side sends).
+        if self._fresh is not None and self._fresh.active and self.tls.fresh_key_updates:
+            self._spawn(refresh_keys(self.tls, self._traffic, self._fresh))
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -230,6 +235,7 @@ class MuxTunnel:
             self._break(f"tunnel broke: {exc}")
             raise
         self._traffic.bytes_since_rekey += len(data)
+        self._traffic.to_peer += len(data)
         now = self._clock()
         if self._traffic.rekey_due(self._rekey, now):
             self._traffic.bytes_since_rekey, self._traffic.last_rekey = 0, now

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qkdproxy.io.tls_stream import TlsStream
+from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
 
 READ_SIZE = 64 * 1024
 
@@ -67,6 +67,29 @@ class RekeyBudget:
     max_seconds: float = 3600.0
 
 
+@dataclass(frozen=True, slots=True)
+class FreshKeyBudget:
+    """Run an Extended Key Update (a fresh key exchange: on a QKD group a fresh QKD key)
+    after this many bytes (both directions) or seconds since the last fresh key (0 turns a
+    limit off). Independent of :class:`RekeyBudget`."""
+
+    max_bytes: int = 64 << 30
+    max_seconds: float = 600.0
+
+    @property
+    def active(self) -> bool:
+        """True if either limit is on."""
+        return bool(self.max_bytes or self.max_seconds)
+
+
+# How often the fresh-key task looks at the byte budget (the time budget wakes it exactly).
+FRESH_KEY_POLL_S = 1.0
+# The side that does not originate key ids waits this much longer than its budget says:
+# with equal budgets the originator's update comes first, so two peers do not start
+# crossing updates (one of which would waste a key) every time.
+NON_ORIGINATOR_SLACK = 1.5
+
+
 @dataclass(slots=True)
 class Traffic:
     """Bytes moved: ``to_peer`` from the plaintext side, ``from_peer`` to it."""
@@ -77,6 +100,12 @@ class Traffic:
     last_activity: float = field(default_factory=time.monotonic)
     last_rekey: float = field(default_factory=time.monotonic)
     bytes_since_rekey: int = 0
+    # Extended Key Updates completed (either side initiating) and the QKD key ids they spent.
+    fresh_key_updates: int = 0
+    fresh_key_update_failures: int = 0
+    fresh_key_ids: list[str] = field(default_factory=list)
+    # When the stream last got fresh keys (monotonic; None: no Extended Key Update).
+    fresh_keys_at: float | None = None
 
     def rekey_due(self, budget: RekeyBudget, now: float) -> bool:
         """True when the current traffic keys have carried enough."""
@@ -93,8 +122,15 @@ async def pump(
     *,
     idle_timeout_s: float,
     rekey: RekeyBudget | None = None,
+    fresh: FreshKeyBudget | None = None,
+    stream: TlsStream | None = None,
 ) -> str:
-    """Run both directions until both ended; returns why the connection ended."""
+    """Run both directions until both ended; returns why the connection ended.
+
+    With ``fresh`` and a ``stream`` that negotiated Extended Key Update, a third task runs
+    fresh key exchanges on that budget, off the data path: neither direction waits for
+    its KME call.
+    """
     budget = rekey or RekeyBudget()
 
     async def outbound() -> None:
@@ -120,12 +156,48 @@ async def pump(
                 writer.write_eof()
 
     tasks = {asyncio.create_task(outbound()), asyncio.create_task(inbound())}
+    helpers: set[asyncio.Task[None]] = set()
+    if fresh is not None and fresh.active and stream is not None and stream.fresh_key_updates:
+        helpers.add(asyncio.create_task(refresh_keys(stream, traffic, fresh)))
     try:
         return await _until_done(tasks, traffic, idle_timeout_s)
     finally:
-        for task in tasks:
+        for task in tasks | helpers:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *helpers, return_exceptions=True)
+        if stream is not None:
+            stats = stream.fresh_key_stats()
+            traffic.fresh_key_updates, traffic.fresh_key_update_failures = stats[:2]
+            traffic.fresh_key_ids = stats[2]
+
+
+async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudget) -> None:
+    """Start an Extended Key Update whenever ``budget`` is spent; the clock restarts at
+    every completed update, whichever side started it, so two peers with the same budget
+    do not both update."""
+    bytes_mark = traffic.to_peer + traffic.from_peer
+    started = 0.0
+    slack = 1.0 if stream.fresh_key_originator else NON_ORIGINATOR_SLACK
+    max_seconds, max_bytes = budget.max_seconds * slack, int(budget.max_bytes * slack)
+    while True:
+        now = time.monotonic()
+        if traffic.fresh_keys_at != stream.fresh_keys_at:  # an update completed (either side)
+            traffic.fresh_keys_at = stream.fresh_keys_at
+            bytes_mark = traffic.to_peer + traffic.from_peer
+        since = max(stream.fresh_keys_at, started)
+        moved = traffic.to_peer + traffic.from_peer - bytes_mark
+        wait = FRESH_KEY_POLL_S
+        if max_seconds:
+            wait = min(wait, since + max_seconds - now)
+        if wait <= 0 or (max_bytes and moved >= max_bytes):
+            try:
+                await stream.fresh_key_update()
+            except TlsStreamError:
+                return  # the stream failed closed; the data tasks see it too
+            started = time.monotonic()
+            bytes_mark = traffic.to_peer + traffic.from_peer
+            continue
+        await asyncio.sleep(wait)
 
 
 async def _until_done(

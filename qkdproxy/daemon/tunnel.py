@@ -40,7 +40,14 @@ from qkdproxy.daemon.config import TunnelConfig
 from qkdproxy.daemon.logformat import record_event
 from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel
 from qkdproxy.daemon.muxpool import MuxPool, PlainTunnel
-from qkdproxy.daemon.pump import Channel, RawTlsChannel, RekeyBudget, Traffic, pump
+from qkdproxy.daemon.pump import (
+    Channel,
+    FreshKeyBudget,
+    RawTlsChannel,
+    RekeyBudget,
+    Traffic,
+    pump,
+)
 from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
 from qkdproxy.io.tls_stream import (
     HandshakeError,
@@ -91,6 +98,10 @@ class ConnectionRecord:
     bytes_to_peer: int = 0
     bytes_from_peer: int = 0
     key_updates: int = 0
+    # Extended Key Updates: completed, failed, and the QKD key ids they spent (never keys).
+    fresh_key_updates: int = 0
+    fresh_key_update_failures: int = 0
+    fresh_key_ids: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     reason: str = ""
     # Multiplexing: "tunnel" (a carrying tunnel's line) or "stream" (an application
@@ -380,6 +391,7 @@ class Tunnel:
             reason = await pump(
                 reader, writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+                fresh=self._fresh, stream=stream,
             )  # fmt: skip
             return reason
         finally:
@@ -497,6 +509,7 @@ class Tunnel:
             reason = await pump(
                 backend_reader, backend_writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
+                fresh=self._fresh, stream=stream,
             )  # fmt: skip
             return reason
         finally:
@@ -542,7 +555,7 @@ class Tunnel:
         conn = MuxConnection(client=on_stream is None, max_streams=mux.max_streams)
         tunnel = MuxTunnel(
             stream, writer, conn, keepalive_s=mux.keepalive_s, rekey=self._rekey,
-            on_stream=on_stream,
+            fresh=self._fresh, on_stream=on_stream,
         )  # fmt: skip
         tunnel.conn_id = record.conn_id
         tunnel.start()
@@ -559,6 +572,9 @@ class Tunnel:
     def _tunnel_ended(self, tunnel: MuxTunnel, record: ConnectionRecord) -> None:
         record.mux_streams = tunnel.streams_carried
         record.key_updates = tunnel.key_updates
+        stats = tunnel.tls.fresh_key_stats()
+        record.fresh_key_updates, record.fresh_key_update_failures = stats[:2]
+        record.fresh_key_ids = stats[2]
         if tunnel.broken and record.reason and not record.reason.startswith("error"):
             record.reason = f"error: {record.reason}"[:300]
 
@@ -731,6 +747,17 @@ class Tunnel:
     def _rekey(self) -> RekeyBudget:
         return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
 
+    @property
+    def _fresh(self) -> FreshKeyBudget:
+        return FreshKeyBudget(self.config.fresh_key_bytes, self.config.fresh_key_interval_s)
+
+    def fresh_key_age(self) -> float | None:
+        """Seconds since the oldest live connection with Extended Key Update got its last
+        fresh key (None if there is none)."""
+        now = time.monotonic()
+        ages = [now - t.fresh_keys_at for t in self._traffic.values() if t.fresh_keys_at]
+        return max(ages, default=None)
+
     def _live(self, record: ConnectionRecord) -> Traffic:
         """A connection's byte counts, visible to :meth:`bytes_moved` while it lives."""
         traffic = self._traffic[record.conn_id] = Traffic()
@@ -739,6 +766,9 @@ class Tunnel:
     def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
         record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
         record.key_updates = traffic.key_updates
+        record.fresh_key_updates = traffic.fresh_key_updates
+        record.fresh_key_update_failures = traffic.fresh_key_update_failures
+        record.fresh_key_ids = traffic.fresh_key_ids
         # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
         del self._traffic[record.conn_id]
         self.stats.bytes_to_peer += traffic.to_peer

@@ -34,13 +34,15 @@ from qkdproxy.core.tls.credentials import Credentials
 from qkdproxy.core.tls.events import (
     DataReceived,
     Failed,
+    FreshKeysInstalled,
     PeerClosed,
     RecordEvent,
     Side,
     Truncated,
+    UpdateKeyNeeded,
 )
 from qkdproxy.core.tls.identity import PeerIdentity
-from qkdproxy.core.tls.keyexchange import CloseStream, HandshakeRecord
+from qkdproxy.core.tls.keyexchange import CloseStream, HandshakeRecord, KeyAnswer, KeySteps
 from qkdproxy.core.tls.record_layer import RecordLayer
 from qkdproxy.core.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
 from qkdproxy.core.tls.verify import PeerPolicy
@@ -135,6 +137,10 @@ class EndpointSettings:
     clock: Callable[[], datetime] = utc_now
     # Offer ALPN qkdproxy/1, the framed protocol only qkdproxy peers speak.
     peer_protocol: bool = True
+    # Offer Extended Key Update (negotiated with qkdproxy peers only: other stacks ignore the
+    # flag); refuse a peer that does not offer it.
+    fresh_key_update: bool = True
+    require_fresh_key_update: bool = False
     # Also offer (first) ALPN qkdproxy-mux/1: multiplexed tunnels (tunnel/mux.py).
     mux_protocol: bool = False
 
@@ -170,6 +176,10 @@ class TlsStream:
     _backlog: list[RecordEvent] = field(default_factory=list, repr=False)
     # How the stream broke, once it did.
     failure: TlsStreamError | None = field(default=None, repr=False)
+    # The key sources Extended Key Updates draw from, and when the last one completed
+    # (monotonic; the handshake's end until then).
+    _keys: KeyContext | None = field(default=None, repr=False)
+    fresh_keys_at: float = field(default_factory=time.monotonic)
 
     async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
@@ -202,10 +212,21 @@ class TlsStream:
         return data
 
     async def _handle(self, events: list[RecordEvent]) -> None:
-        """Apply what the record layer reported; raise if the stream ended badly."""
+        """Apply what the record layer reported; raise if the stream ended badly.
+
+        An Extended Key Update's key request is answered here, like a handshake's: the
+        inbound side waits for it (records after a key_update_response may need the new
+        keys), the outbound side goes on writing.
+        """
         self._transmit()
-        for event in events:
-            if isinstance(event, DataReceived):
+        pending = list(events)
+        while pending:
+            event = pending.pop(0)
+            if isinstance(event, UpdateKeyNeeded):
+                pending[:0] = await self._answer_update(event)
+            elif isinstance(event, FreshKeysInstalled):
+                self.fresh_keys_at = time.monotonic()
+            elif isinstance(event, DataReceived):
                 self._plaintext += event.data
             elif isinstance(event, PeerClosed):
                 self._peer_closed = True
@@ -213,6 +234,66 @@ class TlsStream:
                 raise await self._fail(TlsStreamError(event.reason, truncated=True))
             elif isinstance(event, Failed):
                 raise await self._fail(TlsStreamError(event.reason, event.alert, event.side))
+
+    async def _answer_update(self, event: UpdateKeyNeeded) -> list[RecordEvent]:
+        assert self._keys is not None
+        if isinstance(event.request, CloseStream):
+            close_later(self._keys, event.request.ksid)
+            return []
+        answer = await supply(event.request, self._keys)
+        events = self._layer.answer_update_key(answer, time.monotonic())
+        self._transmit()
+        return events
+
+    @property
+    def fresh_key_updates(self) -> bool:
+        """True if both sides negotiated Extended Key Update."""
+        return self._layer.eku is not None
+
+    @property
+    def fresh_key_originator(self) -> bool:
+        """True if this side originates the updates' QKD key ids (see
+        :class:`~qkdproxy.core.tls.eku_state.FreshKeyUpdates`)."""
+        return self._layer.eku is not None and self._layer.eku.originator
+
+    def fresh_key_stats(self) -> tuple[int, int, list[str]]:
+        """Extended Key Updates completed and failed on this stream, and the QKD key ids
+        the completed ones spent."""
+        eku = self._layer.eku
+        if eku is None:
+            return 0, 0, []
+        return eku.stats.completed, eku.stats.failed, list(eku.stats.key_ids)
+
+    async def fresh_key_update(self) -> bool:
+        """Start an Extended Key Update (a fresh key exchange, on a QKD group a fresh QKD key):
+        the key is taken first, then the request goes out; data keeps flowing meanwhile.
+        False if not negotiated, the stream ended or an update is already running. A key
+        source failure fails the stream (closed) and raises :class:`TlsStreamError`."""
+        prepared = self._layer.prepare_fresh_update()
+        if prepared is None:
+            return False
+        kex, steps = prepared
+        try:
+            await self._run_update_steps(steps)
+        except QkdproxyError as exc:
+            events = self._layer.eku.discard(kex, failed=True) if self._layer.eku else []
+            alert = getattr(exc, "alert", Alert.INTERNAL_ERROR)
+            events.append(self._layer.fail(Alert(alert), f"fresh key update: {exc}"))
+            await self._handle(events)
+            return False  # pragma: no cover - _handle raised
+        await self._handle(self._layer.begin_fresh_update(kex))
+        return True
+
+    async def _run_update_steps(self, steps: KeySteps[None]) -> None:
+        """Run an update's preparing step, answering from this stream's key sources."""
+        assert self._keys is not None
+        answer: KeyAnswer = None
+        while True:
+            try:
+                request = steps.steps.send(answer)
+            except StopIteration:
+                return
+            answer = await supply(request, self._keys)
 
     def _transmit(self) -> None:
         """Hand what the record layer queued to the transport (without yielding)."""
@@ -282,6 +363,8 @@ class TlsEndpoint:
             server_name=_sni_name(settings.peer.server_name),
             alpn=alpn,
             handshake_timeout=settings.handshake_timeout,
+            fresh_key_update=settings.fresh_key_update,
+            require_fresh_key_update=settings.require_fresh_key_update,
         )
         # Multiplexing: servers accept qkdproxy-mux/1; clients offer it (first) only for
         # the tunnels of their pool, so a per-connection dial never gets it.
@@ -333,6 +416,7 @@ class TlsEndpoint:
             time.perf_counter() - started,
             complete.cipher,
             complete.alpn,
+            _keys=keys,
         )
         if leftover := conn.take_leftover():
             stream._backlog = conn.records.receive(leftover, loop.time())

@@ -4,6 +4,7 @@ hand-driven clock, key requests answered by a KME kept in a dict."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -185,6 +186,7 @@ def pair(
     server_options: QkdOptions | None = None,
     client_allow: str | None = None,
     server_allow: str | None = None,
+    configure: Callable[[ConnectionConfig, bool], ConnectionConfig] | None = None,
 ) -> Pair:
     client_config, client_keys = endpoint(
         ca, client_groups, client=True, allow=client_allow, options=options
@@ -192,6 +194,11 @@ def pair(
     server_config, server_keys = endpoint(
         ca, server_groups or client_groups, client=False, allow=server_allow, options=server_options
     )
+    if configure is not None:
+        client_config, server_config = (
+            configure(client_config, True),
+            configure(server_config, False),
+        )
     p = Pair(
         TlsConnection(client_config, client_keys, is_client=True, wall_time=wall_time()),
         TlsConnection(server_config, server_keys, is_client=False, wall_time=wall_time()),

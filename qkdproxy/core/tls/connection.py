@@ -24,12 +24,14 @@ from typing import Any
 
 from qkdproxy.core.errors import LocalProtocolError, QkdproxyError
 from qkdproxy.core.hybrid import HybridKem
+from qkdproxy.core.tls.eku_state import FreshKeyUpdates
 from qkdproxy.core.tls.events import Failed, RecordEvent, Side
 from qkdproxy.core.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
 from qkdproxy.core.tls.identity import PeerIdentity
 from qkdproxy.core.tls.keyexchange import (
     ClientKeyExchange,
     ExchangeContext,
+    Flow,
     HandshakeRecord,
     HandshakeRejectedError,
     KeyAnswer,
@@ -157,6 +159,9 @@ class ConnectionConfig:
     server_name: str | None
     alpn: list[bytearray] | None
     handshake_timeout: float
+    # Extended Key Update: offer it; refuse a peer that does not offer it too.
+    fresh_key_update: bool = False
+    require_fresh_key_update: bool = False
 
 
 class MemorySocket:
@@ -230,6 +235,8 @@ class TlsConnection:
             self.kex = ServerKeyExchange(config.groups, keys)
             self._gate = HelloGate(HandshakeType.CLIENT_HELLO)
             self._tls = HookedTLSConnection(self._sock, self.kex, lambda chain: None)
+        self.keys = keys  # the endpoint's key context (Extended Key Updates draw from it)
+        self._tls.eku_offer = config.fresh_key_update
 
     # ----------------------------------------------------------------- inputs
 
@@ -531,12 +538,19 @@ class TlsConnection:
                     pass
         if self.verified is None:
             raise HandshakeError("peer identity was not verified", outcome=Outcome.UNVERIFIED)
+        if self.config.require_fresh_key_update and not self._tls.eku_negotiated:
+            for _ in self._tls.send_alert(
+                int(Alert.HANDSHAKE_FAILURE), "peer does not offer Extended Key Update"
+            ):
+                pass
         try:
             records, leftover = self._tls.hand_over()
         except TLSError as exc:
             raise HandshakeError(f"handshake did not end cleanly: {exc}", remote=True) from None
         self._move(Phase.ESTABLISHED)
         self._settle(True)
+        if self._tls.eku_negotiated:
+            records.eku = self._fresh_key_updates(records)
         self.records = records
         app_protocol = self._tls.session.appProto if self._tls.session else None
         self._events.append(
@@ -549,6 +563,25 @@ class TlsConnection:
         )
         self._leftover = leftover + bytes(self._sock.inbound)
         self._sock.inbound.clear()
+
+    def _fresh_key_updates(self, records: RecordLayer) -> FreshKeyUpdates:
+        """The Extended Key Update state of the new record layer, in the handshake's group,
+        with the handshake's key-originating side originating the updates' keys too."""
+        group = self.kex.record.group
+        hybrid = next(g for g in self.config.groups if g.group.name == group)
+        flow = self.kex.record.flow
+        if flow is None:  # a PQ-only group: no QKD key, nobody originates one
+            originator = self.is_client
+        else:
+            originator = self.is_client == (flow is Flow.CLIENT_INITIATED)
+        return FreshKeyUpdates(
+            layer=records,
+            schedule=self._tls.key_schedule(),
+            hybrid=hybrid,
+            keys=self.keys,
+            is_client=self.is_client,
+            originator=originator,
+        )
 
     def take_leftover(self) -> bytes:
         """Bytes that arrived with the end of the handshake, for the record layer."""

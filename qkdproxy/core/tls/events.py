@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qkdproxy.core.tls.keyexchange import KeyRequest
 
 
 class Side(Enum):
@@ -50,4 +54,30 @@ class Failed:
     reason: str
 
 
-RecordEvent = DataReceived | KeysUpdated | PeerClosed | Truncated | Failed
+@dataclass(frozen=True, slots=True)
+class UpdateKeyNeeded:
+    """An Extended Key Update needs this key-source call answered
+    (:meth:`RecordLayer.answer_update_key`; an ETSI 004 close needs no answer)."""
+
+    request: KeyRequest
+
+
+@dataclass(frozen=True, slots=True)
+class FreshKeysInstalled:
+    """An Extended Key Update completed: both directions run on keys from a fresh key
+    exchange (``key_id``: the QKD key it spent, None on a PQ-only group)."""
+
+    generation: int
+    initiator: bool
+    key_id: str | None
+
+
+RecordEvent = (
+    DataReceived
+    | KeysUpdated
+    | PeerClosed
+    | Truncated
+    | Failed
+    | UpdateKeyNeeded
+    | FreshKeysInstalled
+)

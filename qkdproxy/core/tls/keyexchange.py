@@ -291,18 +291,19 @@ class _KeyExchangeBase:
             # stream when its TTL ends.
             yield CloseStream(held.key_id)
 
-    def finish(self, success: bool) -> KeySteps[None]:
-        """Settle every held key: consumed if it fed a completed handshake, else wasted."""
-        return KeySteps(self._finish(success), self._ctx)
+    def finish(self, success: bool, reason: str = "handshake_failed") -> KeySteps[None]:
+        """Settle every held key: consumed if it fed a completed handshake (or key update),
+        else wasted with ``reason``."""
+        return KeySteps(self._finish(success, reason), self._ctx)
 
-    def _finish(self, success: bool) -> Steps[None]:
+    def _finish(self, success: bool, reason: str = "handshake_failed") -> Steps[None]:
         if self._finished:
             return
         self._finished = True
         used = self._used if success else None
         if used is not None and used.material is not None:
             self._ctx.ledger.record_consumed()
-        yield from self._drop("handshake_failed", keep=used)
+        yield from self._drop(reason, keep=used)
         if used is not None:
             used.material = None
             yield from self._close_stream(used)
@@ -480,6 +481,13 @@ class ServerKeyExchange(_KeyExchangeBase):
             return True
         yield from self._answer(hybrid, share.key_exchange)
         return False
+
+    def on_update_request(self, hybrid: HybridKem, client_share: bytes) -> KeySteps[None]:
+        """Answer an Extended Key Update request in the connection's group exactly as a
+        ClientHello share: PQ first, then the QKD key (claimed, fetched or originated)."""
+        self._chosen = hybrid
+        self.record.group = hybrid.group.name
+        return KeySteps(self._answer(hybrid, client_share), self._ctx)
 
     def _choose(self, hello: ClientHello) -> HybridKem | None:
         """The server's most preferred group the client sent a share for, else the most

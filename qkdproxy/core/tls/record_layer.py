@@ -15,14 +15,16 @@ Rules this layer holds that tlslite did not:
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from qkdproxy.core.errors import LocalProtocolError, RemoteProtocolError
+from qkdproxy.core.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from qkdproxy.core.ratelimit import TokenBucket
+from qkdproxy.core.tls.eku import EXTENDED_KEY_UPDATE
+from qkdproxy.core.tls.eku import parse as parse_eku
 from qkdproxy.core.tls.events import (
     DataReceived,
     Failed,
@@ -32,15 +34,20 @@ from qkdproxy.core.tls.events import (
     Side,
     Truncated,
 )
+from qkdproxy.core.tls.keyexchange import ClientKeyExchange, KeyAnswer, KeySteps
 from qkdproxy.core.tls.records import (
     MAX_PLAINTEXT,
     TrafficKeys,
+    hkdf_expand_label,
     open_record,
     open_records,
     seal,
     seal_inner,
 )
 from qkdproxy.core.tls.wire import Alert, ContentType, alert_name
+
+if TYPE_CHECKING:
+    from qkdproxy.core.tls.eku_state import FreshKeyUpdates
 
 KEY_UPDATE = 24
 NEW_SESSION_TICKET = 4
@@ -73,24 +80,6 @@ CIPHER_SUITES = {
     0x1302: CipherSuite(0x1302, "sha384", 48, 32),
     0x1303: CipherSuite(0x1303, "sha256", 32, 32, chacha=True),
 }
-
-
-def hkdf_expand_label(secret: bytes, label: bytes, length: int, hash_name: str) -> bytes:
-    """HKDF-Expand-Label with an empty context (RFC 8446 7.1, RFC 5869 2.3).
-
-    Written on :func:`hmac.digest` because a peer's KeyUpdate costs three of these: at a
-    few microseconds each a flood of KeyUpdates stays cheap.
-    """
-    full = b"tls13 " + label
-    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
-    out = b""
-    block = b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.digest(secret, block + info + bytes([counter]), hash_name)
-        out += block
-        counter += 1
-    return out[:length]
 
 
 class Direction:
@@ -171,6 +160,8 @@ class RecordLayer:
         # Counters for tests and metrics: KeyUpdates received and answers sent.
         self.key_updates_received = 0
         self.key_updates_answered = 0
+        # Extended Key Update, when both peers negotiated it (set by the hand-over).
+        self.eku: FreshKeyUpdates | None = None
 
     # ------------------------------------------------------------------ receiving
 
@@ -186,7 +177,7 @@ class RecordLayer:
         view = memoryview(self._inbound)
         pos = 0
         try:
-            while self.phase is Phase.OPEN:
+            while self.phase is Phase.OPEN and not self.update_waiting:
                 opened = open_records(self.read.keys, view[pos:])
                 if opened.consumed:
                     if self._handshake:
@@ -205,6 +196,8 @@ class RecordLayer:
                 self._on_record(record.content_type, record.content, now, events)
         except RemoteProtocolError as exc:
             events.append(self._refuse(exc))
+        except ProtocolError as exc:  # an update's key step failed (KME, key id)
+            events.append(self.fail(Alert(exc.alert), exc.reason))
         finally:
             view.release()
             del self._inbound[:pos]
@@ -219,6 +212,7 @@ class RecordLayer:
         if self.phase is not Phase.OPEN:
             return []
         self.phase = Phase.FAILED
+        self._abandon_update()
         return [Truncated("peer closed the transport without close_notify")]
 
     def _on_record(
@@ -260,11 +254,13 @@ class RecordLayer:
             # signal: the peer's close_notify ends the connection both ways.
             self._send_alert(Alert.CLOSE_NOTIFY, ALERT_LEVEL_WARNING)
             self.phase = Phase.CLOSED
+            self._abandon_update()
             events.append(PeerClosed())
         elif description == Alert.USER_CANCELED and level == ALERT_LEVEL_WARNING:
             return  # followed by close_notify (RFC 8446 6.1)
         else:
             self.phase = Phase.FAILED
+            self._abandon_update()
             name = alert_name(description)
             events.append(Failed(description, Side.REMOTE, f"peer sent alert {name}"))
 
@@ -282,6 +278,14 @@ class RecordLayer:
             del self._handshake[: 4 + length]
             if msg_type == KEY_UPDATE:
                 self._on_key_update(body, now, events)
+            elif msg_type == EXTENDED_KEY_UPDATE and self.eku is not None:
+                if self._handshake:
+                    # Keys may change after it: it must end its record (RFC 8446 5.1).
+                    raise RemoteProtocolError(
+                        "ExtendedKeyUpdate not at the end of its record", Alert.UNEXPECTED_MESSAGE
+                    )
+                message = bytes([msg_type]) + length.to_bytes(3, "big") + body
+                events.extend(self.eku.on_message(message, parse_eku(body), now))
             elif msg_type == NEW_SESSION_TICKET and self.is_client:
                 continue  # qkdproxy never resumes: a ticket is dropped unread
             else:
@@ -315,6 +319,7 @@ class RecordLayer:
         """The peer broke the protocol: tell it why (protected) and stop."""
         self._send_alert(exc.alert, ALERT_LEVEL_FATAL)
         self.phase = Phase.FAILED
+        self._abandon_update()
         return Failed(exc.alert, Side.LOCAL, exc.reason)
 
     # -------------------------------------------------------------------- sending
@@ -335,12 +340,14 @@ class RecordLayer:
         if self.phase is Phase.OPEN:
             self._send_alert(Alert.CLOSE_NOTIFY, ALERT_LEVEL_WARNING)
             self.phase = Phase.CLOSED
+            self._abandon_update()
 
     def fail(self, alert: Alert, reason: str) -> Failed:
         """End the connection with a fatal alert of ours (queued if still open)."""
         if self.phase is Phase.OPEN:
             self._send_alert(alert, ALERT_LEVEL_FATAL)
         self.phase = Phase.FAILED
+        self._abandon_update()
         return Failed(alert, Side.LOCAL, reason)
 
     def data_to_send(self) -> bytes:
@@ -362,3 +369,60 @@ class RecordLayer:
 
     def _send_alert(self, alert: int, level: int) -> None:
         self._out.append(seal_inner(self.write.keys, bytes([level, alert]), ContentType.ALERT))
+
+    # ------------------------------------------------------- extended key update
+
+    @property
+    def update_waiting(self) -> bool:
+        """True while an Extended Key Update waits for a key: inbound records wait too."""
+        return self.eku is not None and self.eku.waiting
+
+    def prepare_fresh_update(self) -> tuple[ClientKeyExchange, KeySteps[None]] | None:
+        """Start an Extended Key Update of our own: the key exchange and the step that
+        prepares its share (run it with the key sources, then :meth:`begin_fresh_update`).
+        None when EKU was not negotiated, the stream ended or an update is in progress."""
+        eku = self.eku
+        if eku is None or self.phase is not Phase.OPEN or eku.state.value != "idle":
+            return None
+        if not eku.can_initiate:
+            return None
+        return eku.prepare()
+
+    def begin_fresh_update(self, kex: ClientKeyExchange) -> list[RecordEvent]:
+        """Send the request ``kex`` prepared (its key is wasted if the stream ended or the
+        peer's update started meanwhile)."""
+        assert self.eku is not None
+        if self.phase is not Phase.OPEN:
+            return self.eku.discard(kex)
+        return self.eku.begin(kex)
+
+    def answer_update_key(self, answer: KeyAnswer, now: float) -> list[RecordEvent]:
+        """The answer to an :class:`UpdateKeyNeeded`; continues with the bytes that waited."""
+        if self.eku is None or not self.eku.waiting or self.phase is not Phase.OPEN:
+            return []
+        try:
+            events = self.eku.answer(answer)
+        except RemoteProtocolError as exc:
+            return [self._refuse(exc)]
+        except ProtocolError as exc:
+            return [self.fail(Alert(exc.alert), exc.reason)]
+        if self.phase is Phase.OPEN and not self.update_waiting and self._inbound:
+            events += self.receive(b"", now)
+        return events
+
+    def send_handshake(self, message: bytes) -> None:
+        """Queue a post-handshake message under the current write keys (EKU)."""
+        self._out.append(seal_inner(self.write.keys, message, ContentType.HANDSHAKE))
+
+    def install(self, read_secret: bytes | None, write_secret: bytes | None) -> None:
+        """Switch directions to new application traffic secrets, from sequence number 0."""
+        if read_secret is not None:
+            self.read = Direction(self.read.suite, read_secret)
+        if write_secret is not None:
+            self.write = Direction(self.write.suite, write_secret)
+
+    def _abandon_update(self) -> None:
+        # The keys of an unfinished update are counted as wasted; an ETSI 004 stream it held
+        # is reclaimed by the KME when its TTL ends.
+        if self.eku is not None:
+            self.eku.abandon()

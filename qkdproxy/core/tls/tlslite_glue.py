@@ -38,12 +38,14 @@ from tlslite.errors import (
     TLSProtocolException,
     TLSRemoteAlert,
 )
-from tlslite.messages import CertificateRequest, KeyShareEntry
+from tlslite.extensions import TLSExtension
+from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
 
 from qkdproxy.core.groups import GroupKind, GroupSpec
 from qkdproxy.core.tls.credentials import Credentials, PrivateKey
+from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, KeySchedule, has_flag, tls_flags_data
 from qkdproxy.core.tls.events import DataReceived, KeysUpdated
 from qkdproxy.core.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
 
@@ -288,6 +290,36 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         # qkdproxy does not resume sessions; tlslite would keep every NewSessionTicket a peer
         # sends (and accepts them even from clients), so they are dropped on arrival.
         self.tickets = _Discard()
+        # Extended Key Update: offered by us (set before the handshake), offered by the peer.
+        self.eku_offer = False
+        self.eku_peer = False
+
+    @property
+    def eku_negotiated(self) -> bool:
+        """Both sides offered Extended Key Update (the server acknowledged it in EE)."""
+        return self.eku_offer and self.eku_peer
+
+    def _sendMsg(self, msg: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+        if isinstance(msg, ClientHello) and self.eku_offer:
+            _add_eku_flag(msg)
+        return super()._sendMsg(msg, *args, **kwargs)
+
+    def _getMsg(self, *args: Any, **kwargs: Any) -> Iterator[Any]:  # noqa: N802
+        for result in super()._getMsg(*args, **kwargs):
+            if isinstance(result, ClientHello | EncryptedExtensions):
+                ext = result.getExtension(TLS_FLAGS_EXTENSION)
+                self.eku_peer = ext is not None and has_flag(bytes(ext.extData))
+            yield result
+
+    def key_schedule(self) -> KeySchedule:
+        """The main secret and handshake transcript hash the first Extended Key Update
+        chains from (valid once the handshake completed)."""
+        suite = CIPHER_SUITES[self.session.cipherSuite]
+        return KeySchedule(
+            suite.hash_name,
+            bytes(self.session.masterSecret),
+            bytes(self._first_handshake_hashes.digest(suite.hash_name)),
+        )
 
     def _genKeyShareEntry(self, group: int, version: object) -> KeyShareEntry:  # noqa: N802
         share, private = self._prepared(lambda: self._qkd_hooks.key_share(group))
@@ -322,6 +354,8 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         yield result
 
     def _queue_message(self, msg: Any) -> Any:
+        if isinstance(msg, EncryptedExtensions) and self.eku_negotiated:
+            _add_eku_flag(msg)
         return super()._queue_message(without_empty_compress_certificate(msg))
 
     def request_key_update(self) -> Iterator[Any]:
@@ -390,6 +424,16 @@ def without_empty_compress_certificate(msg: Any) -> Any:
             if ext.extType != ExtensionType.compress_certificate or ext.algorithms
         ]
     return msg
+
+
+def _add_eku_flag(msg: Any) -> None:
+    """Put the Extended Key Update flag (tls_flags) in a ClientHello or EncryptedExtensions."""
+    if msg.extensions is None:
+        msg.extensions = []
+    if msg.getExtension(TLS_FLAGS_EXTENSION) is None:
+        msg.extensions.append(
+            TLSExtension(extType=TLS_FLAGS_EXTENSION).create(bytearray(tls_flags_data()))
+        )
 
 
 class _Discard(list[Any]):
@@ -501,6 +545,8 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (TLSConnection, "_sendError", "fatal alerts during the handshake"),
     (TLSConnection, "_queue_message", "drops an empty compress_certificate (overridden)"),
     (TLSConnection, "_send_record_limit", "the peer's record_size_limit, for our records"),
+    (TLSConnection, "_sendMsg", "adds the Extended Key Update flag to ClientHello (overridden)"),
+    (TLSConnection, "_getMsg", "sees the peer's Extended Key Update flag (overridden)"),
     (tl_recordlayer, "createAESGCM", "AES-GCM from cryptography (rebound)"),
     (tl_recordlayer, "createCHACHA20", "ChaCha20-Poly1305 from cryptography (rebound)"),
     (tl_x509, "_createPublicRSAKey", "RSA peer keys from cryptography (rebound)"),

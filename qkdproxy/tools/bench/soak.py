@@ -437,6 +437,18 @@ class LedgerLink(QkdLinkModel):
         self.material_digests.clear()
 
 
+def recording_kme_pair(
+    pki: Path, settings: SimulatorSettings | None = None
+) -> tuple[KmePair, LedgerLink]:
+    """A development PKI written to ``pki`` and a KME simulator pair (not started) whose
+    link model records every key it makes and delivers."""
+    write_dev_pki(pki)
+    anchors = load_trust_anchors(pki / "ca.pem")
+    credentials = [Credentials.load(pki / f"{k}.pem", pki / f"{k}-key.pem") for k in KMES]
+    pair = KmePair(settings or SimulatorSettings(), credentials, anchors)
+    return pair, install_ledger(pair, LedgerLink)
+
+
 def install_ledger(pair: KmePair, link_type: type[L]) -> L:
     """Swap a not yet started pair's link model for a recording one with the same settings."""
     link = link_type(pair.settings.link, time.monotonic())
@@ -706,12 +718,7 @@ async def _cycle(s: SoakSettings, progress: Callable[[SoakProgress], None] | Non
     backend = ChecksumEcho()
     with tempfile.TemporaryDirectory(prefix="qkdproxy-soak-") as tmp:
         base = Path(tmp)
-        pki = base / "pki"
-        write_dev_pki(pki)
-        anchors = load_trust_anchors(pki / "ca.pem")
-        credentials = [Credentials.load(pki / f"{k}.pem", pki / f"{k}-key.pem") for k in KMES]
-        pair = KmePair(SimulatorSettings(), credentials, anchors)
-        link = install_ledger(pair, LedgerLink)
+        pair, link = recording_kme_pair(base / "pki")
         async with AsyncExitStack() as stack:
             await pair.start()
             stack.push_async_callback(pair.stop)
