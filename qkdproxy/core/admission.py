@@ -112,14 +112,8 @@ class Admission:
             refusal = Refusal.CONNECTION_LIMIT
         elif _full(self._connections.get(source, 0), limits.max_connections_per_source):
             refusal = Refusal.SOURCE_CONNECTIONS
-        elif not handshake:
-            pass
-        elif _full(self._handshaking, limits.max_handshakes):
-            refusal = Refusal.HANDSHAKE_LIMIT
-        elif _full(self._handshakes.get(source, 0), limits.max_handshakes_per_source):
-            refusal = Refusal.SOURCE_HANDSHAKES
-        elif self._rate is not None and not self._rate.take(source, now):
-            refusal = Refusal.SOURCE_RATE
+        elif handshake:
+            refusal = self._handshake_refusal(source, now)
         if refusal is not None:
             self.count(refusal)
             return refusal
@@ -132,6 +126,16 @@ class Admission:
         else:
             ticket.handshaking = False
         return ticket
+
+    def _handshake_refusal(self, source: str, now: float) -> Refusal | None:
+        limits = self.limits
+        if _full(self._handshaking, limits.max_handshakes):
+            return Refusal.HANDSHAKE_LIMIT
+        if _full(self._handshakes.get(source, 0), limits.max_handshakes_per_source):
+            return Refusal.SOURCE_HANDSHAKES
+        if self._rate is not None and not self._rate.take(source, now):
+            return Refusal.SOURCE_RATE
+        return None
 
     def count(self, refusal: Refusal) -> None:
         """Count a refusal decided elsewhere (a hello deadline)."""
