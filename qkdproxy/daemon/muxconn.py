@@ -311,7 +311,14 @@ class MuxTunnel:
     def _dispatch(self, event: MuxEvent) -> None:
         if isinstance(event, StreamOpened):
             stream = self._add(event.stream_id)
-            if self._on_stream is None or self.draining:
+            # h2 frees a stream's slot as soon as the peer resets it, but its handler may
+            # still be dialling the backend: cap the handlers, not h2's open streams, or
+            # open-then-reset ("Rapid Reset") would bypass mux_max_streams.
+            if (
+                self._on_stream is None
+                or self.draining
+                or len(self.streams) > self.conn.max_streams
+            ):
                 stream._fail("refused")
                 self.conn.reset(event.stream_id, ResetCode.REFUSED_STREAM)
                 stream._release()

@@ -640,6 +640,9 @@ class Tunnel:
         if not self.endpoint.settings.peer.allow.permits(stream.peer):
             await mux.tunnel.refuse(mux, 403)
             return "rejected: peer not allowed"
+        if mux.error is not None:
+            # Reset by the peer before we got to it (open-then-reset): no backend dial.
+            return f"error: {mux.error}"
         try:
             backend_reader, backend_writer = await self._open_backend()
         except (OSError, TimeoutError) as exc:

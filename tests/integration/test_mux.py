@@ -304,3 +304,64 @@ async def test_qkd_preferred_connections_fall_back_while_the_pool_cannot_establi
     assert all(r.fallback and r.group == "X25519MLKEM768" and r.mux is None for r in lines)
     # Per-connection dials never offer the mux protocol: the server ran qkdproxy/1.
     assert all(r.mux is None for r in s.records if r.role == "server")
+
+
+class HoldingBackend(Backend):
+    """Answers the first connection, then holds every later one open until released,
+    counting how many it holds at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.held = 0
+        self.peak = 0
+        self.release = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.total += 1
+        if self.total == 1:
+            await Backend.handle(self, reader, writer)
+            return
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        try:
+            # Held until released, or until the daemon closes its side.
+            closed = asyncio.ensure_future(reader.read(-1))
+            released = asyncio.ensure_future(self.release.wait())
+            await asyncio.wait({closed, released}, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (closed, released):
+                waiter.cancel()
+        finally:
+            self.held -= 1
+            writer.close()
+
+
+async def test_open_then_reset_streams_cannot_exceed_the_stream_limit(tmp_path: Path) -> None:
+    """An authenticated but hostile client daemon opens CONNECT streams and resets each at
+    once ("Rapid Reset"): h2 frees the slot, but the server's handlers still dial the
+    backend. They are capped at mux_max_streams; the rest are refused without a dial."""
+    backend = HoldingBackend()
+    limited = "multiplex = true\nmux_keepalive_s = 5\nmux_max_streams = 10"
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(limited)) as server,
+        s.daemon("client", s.client_toml(port(server), limited)) as client,
+    ):
+        assert await transfer(port(client), b"hello") == b"hello"
+        pool = client.tunnels[0].pool
+        assert pool is not None
+        tunnel = pool.tunnels[0]
+        h2 = tunnel.conn._h2
+        for _ in range(4):
+            for _ in range(50):
+                stream_id = h2.get_next_available_stream_id()
+                h2.send_headers(
+                    stream_id, [(":method", "CONNECT"), (":authority", "qkdproxy-backend:0")]
+                )
+                h2.reset_stream(stream_id, 8)  # CANCEL
+            await tunnel.flush()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # let the server act on every frame it was sent
+        assert backend.peak <= 10, (backend.peak, backend.total)
+        assert backend.total <= 11, backend.total
+        backend.release.set()
