@@ -177,7 +177,7 @@ class MuxConnection:
 
     # ------------------------------------------------------------------ inbound
 
-    def receive(self, data: bytes) -> list[MuxEvent]:
+    def receive(self, data: bytes | bytearray) -> list[MuxEvent]:
         """Feed the peer's bytes; a protocol violation ends the tunnel (TunnelEnded)."""
         if self.ended is not None and self.ended.error:
             return []

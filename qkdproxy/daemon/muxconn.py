@@ -75,7 +75,7 @@ class MuxStream:
 
     # Channel
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
         """Send application bytes, waiting for window as the peer consumes."""
         view = memoryview(data)
         while view:

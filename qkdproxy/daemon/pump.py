@@ -21,11 +21,11 @@ READ_SIZE = 64 * 1024
 class Channel(Protocol):
     """The tunnel side: a ``qkdproxy/1`` PeerChannel, or raw TLS for other stacks."""
 
-    async def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes | bytearray) -> None: ...
 
     async def send_fin(self) -> None: ...
 
-    async def receive(self) -> bytes: ...
+    async def receive(self) -> bytes | bytearray: ...
 
     async def update_keys(self) -> None: ...
 
@@ -38,7 +38,7 @@ class RawTlsChannel:
     def __init__(self, stream: TlsStream) -> None:
         self.stream = stream
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
         """Write application bytes."""
         await self.stream.write(data)
 
@@ -46,7 +46,7 @@ class RawTlsChannel:
         """Nothing to send: tlslite has no TLS half-close, and closing here would drop the
         peer's answer. The stream ends when the peer closes (or the idle timeout)."""
 
-    async def receive(self) -> bytes:
+    async def receive(self) -> bytes | bytearray:
         """Read application bytes (b"" at the end)."""
         return await self.stream.read()
 

@@ -54,9 +54,9 @@ class PeerChannel:
                 sent += len(ids)
         return sent
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
         """Send application bytes."""
-        await self.stream.write(b"".join(encode_data(data)))
+        await self.stream.write(encode_data(data))
 
     async def send_fin(self) -> None:
         """No more application bytes from us (the peer may still send)."""
@@ -64,7 +64,8 @@ class PeerChannel:
         self._finished = True
 
     async def receive(self) -> bytes:
-        """The next application bytes; b"" once the peer sent FIN.
+        """The application bytes received so far (every frame of what arrived, in one
+        piece: one write downstream); b"" once the peer sent FIN.
 
         A close_notify without FIN raises a truncated :class:`TlsStreamError`: the peer's
         side of the stream did not end, so our plaintext side must see a reset, not an end.
@@ -99,7 +100,8 @@ class PeerChannel:
                     await self._verdict_frame(frame.type, frame.payload)
             if self.verdict is not None and self._awaiting_verdict:
                 return b""
-        return self._pending.pop(0)
+        pending, self._pending = self._pending, []
+        return pending[0] if len(pending) == 1 else b"".join(pending)
 
     async def _verdict_frame(self, frame_type: FrameType, payload: bytes) -> None:
         if frame_type is FrameType.VERDICT:

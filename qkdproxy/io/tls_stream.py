@@ -181,7 +181,7 @@ class TlsStream:
     _keys: KeyContext | None = field(default=None, repr=False)
     fresh_keys_at: float = field(default_factory=time.monotonic)
 
-    async def read(self, max_bytes: int = READ_CHUNK) -> bytes:
+    async def read(self, max_bytes: int = READ_CHUNK) -> bytes | bytearray:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
 
         A fatal alert, a protocol violation or a transport closed without close_notify
@@ -207,9 +207,13 @@ class TlsStream:
                 reason = f"internal error ({type(exc).__name__})"
                 events = [self._layer.fail(Alert.INTERNAL_ERROR, reason)]
             await self._handle(events)
-        data = bytes(self._plaintext[:max_bytes])
+        if len(self._plaintext) <= max_bytes:
+            # Everything opened so far, handed over as it is: no copy.
+            plaintext, self._plaintext = self._plaintext, bytearray()
+            return plaintext
+        plaintext = self._plaintext[:max_bytes]
         del self._plaintext[:max_bytes]
-        return data
+        return plaintext
 
     async def _handle(self, events: list[RecordEvent]) -> None:
         """Apply what the record layer reported; raise if the stream ended badly.
@@ -227,7 +231,10 @@ class TlsStream:
             elif isinstance(event, FreshKeysInstalled):
                 self.fresh_keys_at = time.monotonic()
             elif isinstance(event, DataReceived):
-                self._plaintext += event.data
+                if not self._plaintext and isinstance(event.data, bytearray):
+                    self._plaintext = event.data  # the record layer's buffer, not shared
+                else:
+                    self._plaintext += event.data
             elif isinstance(event, PeerClosed):
                 self._peer_closed = True
             elif isinstance(event, Truncated):
@@ -304,7 +311,7 @@ class TlsStream:
                 raise TlsStreamError("transport already closed")
             writer.write(out)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""
         await self._send(lambda: self._layer.send_data(data))
 

@@ -40,7 +40,12 @@ from tests.conftest import groups
 @settings(max_examples=60)
 @given(st.binary(max_size=70_000), st.lists(st.integers(1, 5000), max_size=30))
 def test_data_frames_survive_any_chunking(data: bytes, cuts: list[int]) -> None:
-    wire = b"".join(encode_data(data)) + encode(FrameType.FIN)
+    framed = encode_data(data)
+    # The wire format is one DATA frame per MAX_PAYLOAD bytes, as encode() writes them.
+    assert framed == b"".join(
+        encode(FrameType.DATA, data[i : i + MAX_PAYLOAD]) for i in range(0, len(data), MAX_PAYLOAD)
+    )
+    wire = bytes(framed) + encode(FrameType.FIN)
     decoder, frames, offset = FrameDecoder(), [], 0
     for cut in [*cuts, len(wire)]:
         frames += decoder.feed(wire[offset : offset + cut])

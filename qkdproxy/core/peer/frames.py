@@ -64,13 +64,20 @@ def encode(frame_type: FrameType, payload: bytes = b"") -> bytes:
     return bytes([frame_type]) + len(payload).to_bytes(3, "big") + payload
 
 
-def encode_data(data: bytes) -> list[bytes]:
-    """DATA frames for ``data``, at most one TLS record each."""
+def encode_data(data: bytes | bytearray | memoryview) -> bytearray:
+    """DATA frames for ``data``, at most one TLS record each, in one buffer (each byte of
+    ``data`` copied once)."""
     view = memoryview(data)
-    return [
-        encode(FrameType.DATA, bytes(view[i : i + MAX_PAYLOAD]))
-        for i in range(0, len(view), MAX_PAYLOAD)
-    ]
+    size = len(view)
+    out = bytearray(size + -(-size // MAX_PAYLOAD) * HEADER_SIZE)
+    pos = 0
+    for start in range(0, size, MAX_PAYLOAD):
+        chunk = view[start : start + MAX_PAYLOAD]
+        out[pos : pos + HEADER_SIZE] = _DATA_TYPE + len(chunk).to_bytes(3, "big")
+        pos += HEADER_SIZE
+        out[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return out
 
 
 def encode_key_ids(key_ids: Sequence[bytes], frame_type: FrameType = FrameType.KEY_IDS) -> bytes:
@@ -100,18 +107,37 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add bytes; return the frames completed by them."""
-        self._buffer += data
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Add bytes; return the frames completed by them.
+
+        Frames are cut straight out of ``data`` when no partial frame waits (the usual
+        case): each payload is copied once, and only an incomplete tail is kept.
+        """
+        if self._buffer:
+            self._buffer += data
+            data, self._buffer = self._buffer, bytearray()
+        view = memoryview(data)
         frames = []
-        while len(self._buffer) >= HEADER_SIZE:
-            length = int.from_bytes(self._buffer[1:4], "big")
-            if length > MAX_PAYLOAD:
-                raise FrameError("frame longer than allowed")
-            if len(self._buffer) < HEADER_SIZE + length:
-                break
-            frames.append(_frame(self._buffer[0], bytes(self._buffer[4 : 4 + length])))
-            del self._buffer[: HEADER_SIZE + length]
+        pos, size = 0, len(view)
+        try:
+            while size - pos >= HEADER_SIZE:
+                length = int.from_bytes(view[pos + 1 : pos + 4], "big")
+                if length > MAX_PAYLOAD:
+                    raise FrameError("frame longer than allowed")
+                end = pos + HEADER_SIZE + length
+                if end > size:
+                    break
+                payload = bytes(view[pos + HEADER_SIZE : end])
+                type_byte = view[pos]
+                # DATA is nearly every frame: skip the checks only other types need.
+                if type_byte == FrameType.DATA:
+                    frames.append(Frame(FrameType.DATA, payload))
+                else:
+                    frames.append(_frame(type_byte, payload))
+                pos = end
+            self._buffer += view[pos:]
+        finally:
+            view.release()
         return frames
 
     @property
@@ -134,3 +160,6 @@ def _frame(type_byte: int, payload: bytes) -> Frame:
     ):
         raise FrameError(f"{frame_type.name} payload must be a non-empty list of 16-byte ids")
     return Frame(frame_type, payload)
+
+
+_DATA_TYPE = bytes([FrameType.DATA])

@@ -217,7 +217,7 @@ class TlsConnection:
         self.verified: PeerIdentity | None = None
         self._deadline: float | None = None
         self._events: list[Event] = []
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._sock = MemorySocket()
         self._backlog: deque[GateEvent] = deque()
         self._tls_steps: Iterator[Any] | None = None

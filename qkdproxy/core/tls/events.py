@@ -19,9 +19,10 @@ class Side(Enum):
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Application bytes from the peer (never empty)."""
+    """Application bytes from the peer (never empty; a bytearray when several records
+    were opened into one buffer, so no copy joins them)."""
 
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,7 +155,7 @@ class RecordLayer:
         self.phase = Phase.OPEN
         self._inbound = bytearray()
         self._handshake = bytearray()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._answer_due = False  # a KeyUpdate answer is owed for the current batch
         # Counters for tests and metrics: KeyUpdates received and answers sent.
         self.key_updates_received = 0
@@ -165,7 +165,7 @@ class RecordLayer:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive(self, data: bytes, now: float) -> list[RecordEvent]:
+    def receive(self, data: bytes | bytearray, now: float) -> list[RecordEvent]:
         """Take bytes from the transport; returns what they meant, in order."""
         if self.phase is not Phase.OPEN:
             return []  # bytes after the end are nobody's business
@@ -186,7 +186,8 @@ class RecordLayer:
                             Alert.UNEXPECTED_MESSAGE,
                         )
                     pos += opened.consumed
-                    events.extend(DataReceived(d) for d in opened.data if d)
+                    if opened.data:
+                        events.append(DataReceived(opened.data))
                 if not opened.handoff:
                     break
                 record = open_record(self.read.keys, view[pos:])
@@ -324,7 +325,7 @@ class RecordLayer:
 
     # -------------------------------------------------------------------- sending
 
-    def send_data(self, data: bytes | memoryview) -> None:
+    def send_data(self, data: bytes | bytearray | memoryview) -> None:
         """Queue application bytes, one record per ``send_limit`` bytes."""
         self._require_open("send data")
         if data:
@@ -350,8 +351,10 @@ class RecordLayer:
         self._abandon_update()
         return Failed(alert, Side.LOCAL, reason)
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self) -> bytes | bytearray:
         """Everything queued for the peer since the last call, in order."""
+        if len(self._out) == 1:
+            return self._out.pop()  # the common case, one write's records: no copy
         out = b"".join(self._out)
         self._out.clear()
         return out

@@ -27,6 +27,8 @@ MAX_PLAINTEXT = 1 << 14
 # RFC 8446 5.2: the encrypted record may exceed the plaintext limit by at most 256 bytes.
 MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
 TAG_LENGTH = 16
+# Header, inner content type and tag: what a record adds to its application bytes.
+RECORD_OVERHEAD = HEADER.size + 1 + TAG_LENGTH
 _INNER_TYPE = bytes([APPLICATION_DATA])
 
 
@@ -50,27 +52,43 @@ class TrafficKeys:
 
 
 def seal(
-    keys: TrafficKeys, plaintext: bytes | memoryview, max_plaintext: int = MAX_PLAINTEXT
-) -> bytes:
+    keys: TrafficKeys, plaintext: bytes | bytearray | memoryview, max_plaintext: int = MAX_PLAINTEXT
+) -> bytearray:
     """Protect ``plaintext`` as application-data records of at most ``max_plaintext`` bytes
-    each (16 KiB unless the peer asked for less with record_size_limit, RFC 8449)."""
+    each (16 KiB unless the peer asked for less with record_size_limit, RFC 8449).
+
+    Every record is encrypted straight into its place in one buffer sized up front: the
+    only copy of the plaintext is the one that appends the inner content type.
+    """
     view = memoryview(plaintext)
-    out = bytearray()
-    for start in range(0, len(view), max_plaintext):
-        inner = bytes(view[start : start + max_plaintext]) + _INNER_TYPE
-        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, len(inner) + TAG_LENGTH)
-        out += header
-        out += keys.aead.encrypt(keys.nonce(), inner, header)
-        keys.state.seqnum += 1
-    return bytes(out)
+    size = len(view)
+    records = -(-size // max_plaintext)
+    out = bytearray(size + records * RECORD_OVERHEAD)
+    target = memoryview(out)
+    aead, iv, state = keys.aead, keys.iv, keys.state
+    pos = 0
+    for start in range(0, size, max_plaintext):
+        chunk = view[start : start + max_plaintext]
+        length = len(chunk) + 1 + TAG_LENGTH
+        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, length)
+        target[pos : pos + HEADER.size] = header
+        pos += HEADER.size
+        nonce = (iv ^ state.seqnum).to_bytes(12, "big")
+        aead.encrypt_into(nonce, b"".join((chunk, _INNER_TYPE)), header, target[pos : pos + length])
+        state.seqnum += 1
+        pos += length
+    target.release()
+    return out
 
 
 @dataclass(slots=True)
 class Opened:
     """What :func:`open_records` found at the front of a buffer."""
 
-    data: list[bytes] = field(default_factory=list)
-    # Bytes of the buffer that held the records in ``data``.
+    # The application bytes of the opened records, contiguous (empty records add nothing).
+    data: bytearray = field(default_factory=bytearray)
+    # How many records were opened, and the bytes of the buffer that held them.
+    records: int = 0
     consumed: int = 0
     # The next record is not plain application data: :func:`open_record` must read it.
     handoff: bool = False
@@ -81,11 +99,15 @@ def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> O
 
     Stops at an incomplete record (more bytes needed) or at the first record that is
     anything but well-formed application data (``handoff``), leaving it and its sequence
-    number to :func:`open_record`.
+    number to :func:`open_record`. Each record is decrypted straight into one output
+    buffer, where the next record's bytes overwrite its content type and padding.
     """
     view = memoryview(buffer)
-    opened = Opened()
-    pos = 0
+    out = bytearray(len(view))
+    target = memoryview(out)
+    aead, iv, state = keys.aead, keys.iv, keys.state
+    opened = Opened(out)
+    pos = written = 0
     while len(view) - pos >= HEADER.size:
         kind, version, length = HEADER.unpack_from(view, pos)
         if (
@@ -98,30 +120,45 @@ def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> O
         end = pos + HEADER.size + length
         if end > len(view):
             break
-        content = _open_one(keys, view[pos : pos + HEADER.size], view[pos + HEADER.size : end])
+        inner = length - TAG_LENGTH
+        # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
+        if inner > MAX_PLAINTEXT + 1:
+            opened.handoff = True
+            break
+        try:
+            aead.decrypt_into(
+                (iv ^ state.seqnum).to_bytes(12, "big"),
+                view[pos + HEADER.size : end],
+                view[pos : pos + HEADER.size],
+                target[written : written + inner],
+            )
+        except InvalidTag:
+            opened.handoff = True
+            break
+        content = _content_length(target[written : written + inner])
         if content is None:
             opened.handoff = True
             break
-        opened.data.append(content)
-        keys.state.seqnum += 1
+        written += content
+        state.seqnum += 1
+        opened.records += 1
         pos = end
+    target.release()
+    view.release()
+    del out[written:]
     opened.consumed = pos
     return opened
 
 
-def _open_one(keys: TrafficKeys, header: memoryview, body: memoryview) -> bytes | None:
-    """The content of one application-data record; None for anything else."""
-    try:
-        inner = keys.aead.decrypt(keys.nonce(), body, header)
-    except InvalidTag:
+def _content_length(inner: memoryview) -> int | None:
+    """The application bytes of an opened TLSInnerPlaintext; None if its content type is
+    not application data (or it is all padding)."""
+    end = len(inner)
+    if inner[end - 1] == 0:  # padding: rare, so a copy is fine
+        end = len(bytes(inner).rstrip(b"\0"))
+    if not end or inner[end - 1] != APPLICATION_DATA:
         return None
-    # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
-    if len(inner) > MAX_PLAINTEXT + 1:
-        return None
-    content = inner.rstrip(b"\0")
-    if not content or content[-1] != APPLICATION_DATA:
-        return None
-    return content[:-1]
+    return end - 1
 
 
 def seal_inner(keys: TrafficKeys, content: bytes, content_type: int) -> bytes:
