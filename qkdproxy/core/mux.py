@@ -47,16 +47,18 @@ FRAME_SIZE = 64 * 1024
 MAX_HEADER_LIST = 4096
 
 
-def _short_hex(data: bytes | None) -> str:
-    """What hyperframe shows of a frame body: the first bytes only."""
-    return f"<hex:{bytes(data[:10]).hex()}...>" if data else "None"
+def _data_frame_repr(frame: _hyperframe.DataFrame) -> str:
+    """What a DATA frame's repr shows of its body: the length, not the bytes."""
+    return f"<{len(frame.data)} bytes>"
 
 
-# h2 formats repr(frame) of every received frame for a trace log it then drops, and
-# hyperframe's helper hexlifies the whole body first (64 KiB per DATA frame: about a tenth
-# of the receive path's CPU). The helper only feeds __repr__; this one stops at 10 bytes.
-if hasattr(_hyperframe, "_raw_data_repr"):
-    _hyperframe._raw_data_repr = _short_hex
+# h2 formats repr(frame) of every frame it receives, for a trace log it then drops
+# (h2/connection.py, ``_receive_frame``). hyperframe's DataFrame has no body repr of its own,
+# so the generic one serialises the whole body (a copy of up to FRAME_SIZE bytes) and
+# hexlifies it: about a tenth of the receive path's CPU. DataFrame's own ``_body_repr``
+# (the hook Frame.__repr__ calls for the body, defined by most other frame types) changes
+# nothing but that text; if hyperframe ever stops calling it, it is simply unused.
+_hyperframe.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign,assignment]
 
 
 class ResetCode(IntEnum):
@@ -127,6 +129,11 @@ class WindowOpened:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerSettled:
+    """The peer's first SETTINGS arrived: its stream limit is known from here on."""
+
+
+@dataclass(frozen=True, slots=True)
 class PingAnswered:
     """The peer answered our keepalive PING."""
 
@@ -141,7 +148,7 @@ class TunnelEnded:
 
 MuxEvent = (
     StreamOpened | StreamAccepted | StreamRefused | StreamData | StreamFinished | StreamBroken
-    | WindowOpened | PingAnswered | TunnelEnded
+    | WindowOpened | PeerSettled | PingAnswered | TunnelEnded
 )  # fmt: skip
 
 
@@ -155,6 +162,10 @@ class MuxConnection:
             H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True)
         )
         self.ended: TunnelEnded | None = None
+        # Until the peer's SETTINGS arrive, h2 assumes no stream limit at all: a client that
+        # opened streams by that would exceed a server with a lower limit, which h2 there
+        # answers by ending the whole tunnel (TooManyStreams).
+        self.peer_settled = False
 
     def start(self) -> None:
         """Queue the preface and our settings (stream limit, windows, no server push)."""
@@ -206,7 +217,10 @@ class MuxConnection:
         if isinstance(event, WindowUpdated):
             return [WindowOpened(event.stream_id or 0)]
         if isinstance(event, RemoteSettingsChanged):
-            return [WindowOpened(0)]
+            if self.peer_settled:
+                return [WindowOpened(0)]
+            self.peer_settled = True
+            return [PeerSettled(), WindowOpened(0)]
         if isinstance(event, RequestReceived) and event.stream_id is not None:
             return self._request(event.stream_id, dict(event.headers or []))
         if isinstance(event, ResponseReceived) and event.stream_id is not None:
@@ -240,7 +254,10 @@ class MuxConnection:
     # ----------------------------------------------------------------- outbound
 
     def open_stream(self) -> int:
-        """Client: ask for a new stream (its CONNECT request); its id."""
+        """Client: ask for a new stream (its CONNECT request); its id. :class:`MuxError` if
+        :attr:`capacity` is 0 (the peer's limit is unknown yet, or reached)."""
+        if not self.capacity:
+            raise MuxError("no room for another stream in this tunnel")
         stream_id: int = self._h2.get_next_available_stream_id()
         self._h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", AUTHORITY)])
         return stream_id
@@ -309,6 +326,9 @@ class MuxConnection:
 
     @property
     def capacity(self) -> int:
-        """Client: how many more streams the peer and our limit allow now."""
+        """Client: how many more streams the peer and our limit allow now (0 until the
+        peer's SETTINGS said what its limit is)."""
+        if not self.peer_settled:
+            return 0
         limit = min(self.max_streams, self._h2.remote_settings.max_concurrent_streams)
         return max(0, limit - self._h2.open_outbound_streams)

@@ -20,6 +20,7 @@ from qkdproxy.core.mux import (
     MuxConnection,
     MuxError,
     MuxEvent,
+    PeerSettled,
     PingAnswered,
     ResetCode,
     StreamAccepted,
@@ -42,6 +43,11 @@ READ_BATCH = 1 << 20
 
 class MuxStreamError(Exception):
     """A stream ended badly: reset by the peer, refused, or its tunnel broke."""
+
+
+class TunnelFullError(MuxStreamError):
+    """No stream was opened: the tunnel is at the peer's stream limit (or does not know it
+    yet). Nothing was sent; another tunnel may take the connection."""
 
 
 class MuxStream:
@@ -193,6 +199,8 @@ class MuxTunnel:
         self.broken = False
         self.draining = False
         self.ended = asyncio.Event()
+        # Set once the peer's SETTINGS arrived (its stream limit is known).
+        self.settled = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -250,7 +258,11 @@ class MuxTunnel:
         the stream's error, with :attr:`MuxStream.refused` set."""
         if not self.alive or self.draining:
             raise MuxStreamError("tunnel not accepting streams")
-        stream = self._add(self.conn.open_stream())
+        try:
+            stream_id = self.conn.open_stream()
+        except MuxError as exc:
+            raise TunnelFullError(str(exc)) from None
+        stream = self._add(stream_id)
         try:
             await self.flush()
         except BaseException:
@@ -324,6 +336,10 @@ class MuxTunnel:
                 stream._release()
             else:
                 self._on_stream(stream)
+            return
+        if isinstance(event, PeerSettled):
+            self.settled.set()
+            self.on_change()
             return
         if isinstance(event, PingAnswered):
             return
@@ -423,6 +439,17 @@ class MuxTunnel:
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await close_transport(self._writer)
+
+    async def wait_settled(self) -> bool:
+        """Wait until the peer's SETTINGS arrived (True) or the tunnel ended (False)."""
+        settled = asyncio.ensure_future(self.settled.wait())
+        ended = asyncio.ensure_future(self.ended.wait())
+        try:
+            await asyncio.wait({settled, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            settled.cancel()
+            ended.cancel()
+        return self.settled.is_set() and self.alive
 
     async def wait(self) -> str:
         """Run until the tunnel ended; why it ended."""

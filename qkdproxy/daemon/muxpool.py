@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from qkdproxy.daemon.config import MuxSettings
-from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel
+from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel, TunnelFullError
 from qkdproxy.io.tls_stream import TlsStream
 
 log = logging.getLogger("qkdproxy.mux")
@@ -90,6 +90,8 @@ class MuxPool:
                 if tunnel is not None:
                     try:
                         return await tunnel.open_stream()
+                    except TunnelFullError:
+                        continue  # nothing was sent: look again
                     except MuxStreamError:
                         if tunnel.alive:
                             raise  # refused by the peer (its status says why)
@@ -127,6 +129,8 @@ class MuxPool:
     async def _establish(self) -> PlainTunnel | None:
         try:
             made = await self._dial()
+            if isinstance(made, MuxTunnel):
+                await self._settle(made)
         except (OSError, Exception) as exc:
             self.establish_failures += 1
             self._last_error = exc
@@ -141,6 +145,18 @@ class MuxPool:
         self.tunnels.append(made)
         self._changed.set()
         return None
+
+    async def _settle(self, tunnel: MuxTunnel) -> None:
+        """Wait for the peer's SETTINGS before the tunnel takes streams: its stream limit
+        may be lower than ours, and opening past it would end the tunnel."""
+        try:
+            async with asyncio.timeout(self._wait_s):
+                if await tunnel.wait_settled():
+                    return
+        except TimeoutError:
+            await tunnel.close("no SETTINGS from the peer")
+            raise
+        raise ConnectionError(f"tunnel ended before the peer's SETTINGS: {tunnel.reason}")
 
     # -------------------------------------------------------------- maintenance
 

@@ -365,3 +365,51 @@ async def test_open_then_reset_streams_cannot_exceed_the_stream_limit(tmp_path: 
         assert backend.peak <= 10, (backend.peak, backend.total)
         assert backend.total <= 11, backend.total
         backend.release.set()
+
+
+class GatheringBackend(Backend):
+    """Echoes only once ``wanted`` connections are open at the same time."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__()
+        self.wanted = wanted
+        self.open = 0
+        self.all_open = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        if self.open >= self.wanted:
+            self.all_open.set()
+        await asyncio.wait_for(self.all_open.wait(), 20)
+        await Backend.handle(self, reader, writer)
+
+
+@pytest.mark.parametrize("pool_max", [4, 1])
+async def test_a_client_above_the_server_stream_limit_opens_tunnels_or_queues(
+    tmp_path: Path, pool_max: int
+) -> None:
+    """The client allows 100 streams per tunnel, the server 4: the client keeps to the
+    server's limit (it waits for its SETTINGS), so no tunnel ends in TooManyStreams and no
+    stream fails. With room for more tunnels it opens them; without, connections queue."""
+    connections = 10
+    backend = GatheringBackend(connections if pool_max == 4 else 1)
+    server_side = "multiplex = true\nmux_keepalive_s = 5\nmux_max_streams = 4"
+    client_side = f"multiplex = true\nmux_max_streams = 100\nmux_pool_max = {pool_max}"
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(server_side)) as server,
+        s.daemon("client", s.client_toml(port(server), client_side)) as client,
+    ):
+        payloads = [os.urandom(20_000 + i) for i in range(connections)]
+        got = await asyncio.gather(*(transfer(port(client), p) for p in payloads))
+        assert got == payloads
+        pool = client.tunnels[0].pool
+        assert pool is not None
+        carriers = [*pool.tunnels, *pool.draining]
+        assert len(carriers) == (3 if pool_max == 4 else 1)
+        assert all(t.conn.capacity <= 4 for t in carriers)
+    streams = [r for r in s.records if r.mux == "stream"]
+    assert len(streams) == 2 * connections
+    assert all(r.reason == "closed" for r in streams), {r.reason for r in streams}
+    tunnels = [r for r in s.records if r.mux == "tunnel"]
+    assert not any("TooManyStreams" in str(r.reason) for r in tunnels), tunnels

@@ -8,12 +8,14 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame
 
 from qkdproxy.core.mux import (
     STREAM_WINDOW,
     MuxConnection,
     MuxError,
     MuxEvent,
+    PeerSettled,
     StreamAccepted,
     StreamBroken,
     StreamData,
@@ -140,6 +142,41 @@ def test_too_many_streams_end_the_tunnel() -> None:
         raw.send_headers(sid, [(":method", "CONNECT"), (":authority", "x:0")])
     events = server.receive(raw.data_to_send())
     assert isinstance(events[-1], TunnelEnded) and events[-1].error
+
+
+def test_a_client_opens_no_more_streams_than_the_server_allows() -> None:
+    client = MuxConnection(client=True, max_streams=100)
+    server = MuxConnection(client=False, max_streams=4)
+    client.start()
+    server.start()
+    # Before the server's SETTINGS, h2 would assume no limit: we assume no room.
+    assert client.capacity == 0
+    with pytest.raises(MuxError, match="no room"):
+        client.open_stream()
+    events = exchange(client, server)
+    assert events.count(PeerSettled()) == 2  # each side heard the other's settings once
+    assert client.capacity == 4
+    opened = [client.open_stream() for _ in range(4)]
+    assert client.capacity == 0
+    with pytest.raises(MuxError, match="no room"):
+        client.open_stream()
+    events = exchange(client, server)
+    assert [e for e in events if isinstance(e, StreamOpened)] == [StreamOpened(i) for i in opened]
+    assert not any(isinstance(e, TunnelEnded) for e in events)
+    # A stream that ends makes room for the next.
+    client.reset(opened[0])
+    exchange(client, server)
+    assert client.capacity == 1
+    client.open_stream()
+    assert not any(isinstance(e, TunnelEnded) for e in exchange(client, server))
+
+
+def test_a_data_frame_repr_shows_its_length_not_its_bytes() -> None:
+    # h2 formats repr(frame) of every received frame: it must not copy or hexlify the body.
+    frame = DataFrame(1, b"\xab" * 65536)
+    text = repr(frame)
+    assert "65536 bytes" in text and "ab" not in text.split(":", 1)[1]
+    assert len(text) < 100
 
 
 def test_stream_and_tunnel_lines_feed_their_own_metrics() -> None:
