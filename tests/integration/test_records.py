@@ -56,8 +56,7 @@ def test_sealed_records_open_to_the_same_bytes(payload: bytes, chacha: bool) -> 
     assert sender.state.seqnum == receiver.state.seqnum == opened.records == records
     assert len(wire) == len(payload) + records * RECORD_OVERHEAD
     assert all(
-        HEADER.unpack_from(wire, i * (MAX_PLAINTEXT + RECORD_OVERHEAD))[2]
-        <= MAX_PLAINTEXT + 1 + 16
+        HEADER.unpack_from(wire, i * (MAX_PLAINTEXT + RECORD_OVERHEAD))[2] <= MAX_PLAINTEXT + 1 + 16
         for i in range(records)
     )
 
