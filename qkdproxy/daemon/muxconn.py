@@ -83,14 +83,14 @@ class MuxStream:
 
     async def send(self, data: bytes | bytearray) -> None:
         """Send application bytes, waiting for window as the peer consumes."""
-        view = memoryview(data)
+        view: bytes | bytearray | memoryview = data
         while view:
             self._check()
             try:
                 sent = self.tunnel.conn.send(self.stream_id, view)
             except MuxError as exc:
                 raise MuxStreamError(str(exc)) from None
-            view = view[sent:]
+            view = memoryview(view)[sent:] if sent < len(view) else b""
             self.tunnel.bytes_moved += sent
             if sent:
                 await self.tunnel.flush()
@@ -301,6 +301,9 @@ class MuxTunnel:
 
     async def _read(self) -> None:
         try:
+            # Our preface and SETTINGS at once: a client opens no stream before it has the
+            # server's (its stream limit), so neither side may wait for the other to speak.
+            await self.flush()
             while True:
                 data = await self.tls.read(READ_BATCH)
                 if not data:

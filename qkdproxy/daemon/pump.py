@@ -15,7 +15,7 @@ from typing import Protocol
 
 from qkdproxy.io.tls_stream import FreshKeyStats, TlsStream, TlsStreamError
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 128 * 1024
 
 
 class Channel(Protocol):
