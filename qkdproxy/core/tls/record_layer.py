@@ -169,12 +169,17 @@ class RecordLayer:
         """Take bytes from the transport; returns what they meant, in order."""
         if self.phase is not Phase.OPEN:
             return []  # bytes after the end are nobody's business
-        self._inbound += data
+        # Records are opened straight from the transport's bytes when nothing waits from
+        # before (the usual case); only an incomplete tail is kept.
+        buffer: bytes | bytearray = data
+        if self._inbound:
+            self._inbound += data
+            buffer = self._inbound
         events: list[RecordEvent] = []
         self._answer_due = False
         # One cursor and one deletion per batch: deleting record by record from the front
         # of a large buffer would cost a copy of the rest each time.
-        view = memoryview(self._inbound)
+        view = memoryview(buffer)
         pos = 0
         try:
             while self.phase is Phase.OPEN and not self.update_waiting:
@@ -200,8 +205,12 @@ class RecordLayer:
         except ProtocolError as exc:  # an update's key step failed (KME, key id)
             events.append(self.fail(Alert(exc.alert), exc.reason))
         finally:
-            view.release()
-            del self._inbound[:pos]
+            if buffer is self._inbound:
+                view.release()
+                del self._inbound[:pos]
+            else:
+                self._inbound += view[pos:]
+                view.release()
         if self._answer_due and self.phase is Phase.OPEN:
             self._send_key_update(requested=False)
             self.key_updates_answered += 1
