@@ -537,7 +537,9 @@ async def close_transport(writer: asyncio.StreamWriter) -> None:
     """Close an asyncio stream and wait (bounded) until its socket is released."""
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        # A timeout scope, not wait_for: no task per close (Python 3.11 made one).
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await writer.wait_closed()
     except TimeoutError:
         # A peer that stops reading must not keep the socket (and its descriptor) alive.
         writer.transport.abort()
