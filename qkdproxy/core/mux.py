@@ -161,7 +161,15 @@ class MuxConnection:
         self.client = client
         self.max_streams = max_streams
         self._h2 = H2Connection(
-            H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True)
+            H2Configuration(
+                client_side=client,
+                header_encoding=None,
+                # The peer's headers are checked; ours are constants of this module, so
+                # checking and normalising them again per stream is pure cost.
+                validate_inbound_headers=True,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self.ended: TunnelEnded | None = None
         # Until the peer's SETTINGS arrive, h2 assumes no stream limit at all: a client that
