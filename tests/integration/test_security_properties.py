@@ -476,7 +476,7 @@ async def rogue(
             failures.append(exc)
             return
         try:
-            heard.append(await asyncio.wait_for(stream.read(), DEADLINE))
+            heard.append(bytes(await asyncio.wait_for(stream.read(), DEADLINE)))
         except TlsStreamError:
             heard.append(b"")
         finally:
