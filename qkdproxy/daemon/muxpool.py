@@ -153,8 +153,10 @@ class MuxPool:
             async with asyncio.timeout(self._wait_s):
                 if await tunnel.wait_settled():
                     return
-        except TimeoutError:
-            await tunnel.close("no SETTINGS from the peer")
+        except BaseException:
+            # Timed out, or cancelled (the connection that asked gave up): the tunnel never
+            # joined the pool, so nothing else would ever close it.
+            self._retire(tunnel, "no SETTINGS from the peer")
             raise
         raise ConnectionError(f"tunnel ended before the peer's SETTINGS: {tunnel.reason}")
 

@@ -131,8 +131,11 @@ async def pump(
     """
     budget = rekey or RekeyBudget()
 
+    # A read never carries more than the rekey budget: keys protect at most that much.
+    read_size = min(READ_SIZE, budget.max_bytes or READ_SIZE)
+
     async def outbound() -> None:
-        while data := await reader.read(READ_SIZE):
+        while data := await reader.read(read_size):
             traffic.to_peer += len(data)
             traffic.bytes_since_rekey += len(data)
             traffic.last_activity = now = time.monotonic()
