@@ -75,7 +75,7 @@ IDENTITY_ALERTS = frozenset(
     }
 )
 
-READ_CHUNK = 128 * 1024
+READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 5.0
 
 
