@@ -360,7 +360,15 @@ class TlsStream:
         except ConnectionError as exc:
             raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
 
+    def abort(self, reason: str) -> None:
+        """The transport is being reset under the stream (no close_notify): an unfinished
+        Extended Key Update failed and its key is settled; reads raise from now on."""
+        self._layer.abort()
+        if self.failure is None:
+            self.failure = TlsStreamError(reason, truncated=True)
+
     async def _fail(self, error: TlsStreamError) -> TlsStreamError:
+        self._layer.abort()  # a transport error leaves the record layer open otherwise
         self.failure = error
         with contextlib.suppress(TlsStreamError):
             self._transmit()  # our alert, if the record layer queued one

@@ -350,6 +350,14 @@ class RecordLayer:
         self._abandon_update()
         return Failed(alert, Side.LOCAL, reason)
 
+    def abort(self) -> None:
+        """The transport broke under the connection (a reset, a failed write): nothing more
+        moves either way, and an unfinished update failed (its keys are settled now, not
+        left outstanding, and not counted as a clean end)."""
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.FAILED
+            self._abandon_update()
+
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call, in order."""
         out = b"".join(self._out)
