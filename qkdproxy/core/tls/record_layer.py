@@ -415,7 +415,10 @@ class RecordLayer:
 
     def answer_update_key(self, answer: KeyAnswer, now: float) -> list[RecordEvent]:
         """The answer to an :class:`UpdateKeyNeeded`; continues with the bytes that waited."""
-        if self.eku is None or not self.eku.waiting or self.phase is not Phase.OPEN:
+        if self.eku is None:
+            return []
+        if not self.eku.waiting or self.phase is not Phase.OPEN:
+            self.eku.late_answer(answer)
             return []
         try:
             events = self.eku.answer(answer)
