@@ -369,11 +369,13 @@ class TlsStream:
 
     async def _fail(self, error: TlsStreamError) -> TlsStreamError:
         self._layer.abort()  # a transport error leaves the record layer open otherwise
-        self.failure = error
+        # The first failure is the cause (an update's deadline, an alert); what other tasks
+        # run into afterwards (a closed transport, a failed layer) is only its consequence.
+        self.failure = self.failure or error
         with contextlib.suppress(TlsStreamError):
             self._transmit()  # our alert, if the record layer queued one
         await close_transport(self._driver.writer)
-        return error
+        return self.failure
 
     async def close(self) -> None:
         """Send close_notify (best effort) and close the transport."""

@@ -189,3 +189,9 @@ async def test_a_deadline_past_a_stuck_peer_still_fails_closed(
         assert caught.value.alert == Alert.HANDSHAKE_FAILURE
         assert s.client.fresh_key_stats().failed == 1
         assert s.client_keys.ledger.outstanding == 0
+        # The data tasks see why (it becomes the connection line's reason), not a
+        # consequence such as "cannot send data: the connection is failed".
+        with pytest.raises(TlsStreamError, match="not finished within"):
+            await s.client.write(b"after")
+        with pytest.raises(TlsStreamError, match="not finished within"):
+            await s.client.read()
