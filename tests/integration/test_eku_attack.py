@@ -13,20 +13,14 @@ from dataclasses import dataclass
 import pytest
 
 from qkdproxy.core.tls.eku_state import State
-from qkdproxy.core.tls.identity import AllowList
 from qkdproxy.core.tls.keyexchange import QkdOptions
-from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert
 from qkdproxy.daemon import gate
 from qkdproxy.io import tls_stream
-from qkdproxy.io.tls_stream import EndpointSettings, TlsEndpoint, TlsStream, TlsStreamError
+from qkdproxy.io.tls_stream import TlsEndpoint, TlsStream, TlsStreamError
 from qkdproxy.keys.context import KeyContext
-from qkdproxy.sim.inprocess import InProcessQkdLink
-from qkdproxy.sim.pki import CertificateAuthority
+from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
-
-SERVER = "server.qkdproxy.test"
-CLIENT = "spiffe://qkdproxy.test/client"
 
 
 @dataclass
@@ -39,28 +33,28 @@ class Streams:
 
 @asynccontextmanager
 async def stream_pair() -> AsyncIterator[Streams]:
-    """A client and a server TlsStream over loopback that negotiated EKU on a QKD group."""
-    ca = CertificateAuthority.create()
-    link = InProcessQkdLink()
-    client_keys, server_keys = KeyContext(link.sources("a")), KeyContext(link.sources("b"))
-    client_keys.options = server_keys.options = QkdOptions()
+    """A client and a server TlsStream over loopback that negotiated EKU on a QKD group
+    (the endpoints of :func:`loopback_pair`; the server stream is the test's, not echoed)."""
     hybrids = groups("qkd_mlkem768")
-    server = TlsEndpoint(
-        EndpointSettings(
-            ca.issue("server", [SERVER], client=False),
-            PeerPolicy((ca.certificate,), AllowList.of([f"uri:{CLIENT}"])),
-            hybrids,
-            server_keys,
-        )
-    )
-    client = TlsEndpoint(
-        EndpointSettings(
-            ca.issue("client", [CLIENT], server=False),
-            PeerPolicy((ca.certificate,), AllowList.of([f"dns:{SERVER}"]), SERVER),
-            hybrids,
-            client_keys,
-        )
-    )
+    async with loopback_pair(hybrids) as pair:
+        client = pair.client(hybrids, QkdOptions())
+        async with _accepting(pair.server) as (port, accepted):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(20):
+                ours = await client.connect(reader, writer)
+                theirs = await accepted.get()
+            try:
+                assert ours.fresh_key_updates and theirs.fresh_key_updates
+                yield Streams(ours, theirs, pair.client_keys, pair.server_keys)
+            finally:
+                await ours.close()
+                await theirs.close()
+
+
+@asynccontextmanager
+async def _accepting(
+    server: TlsEndpoint,
+) -> AsyncIterator[tuple[int, asyncio.Queue[TlsStream]]]:
     accepted: asyncio.Queue[TlsStream] = asyncio.Queue()
     handlers: list[asyncio.Task[None]] = []
 
@@ -71,19 +65,10 @@ async def stream_pair() -> AsyncIterator[Streams]:
         await accepted.put(await server.accept(reader, writer))
 
     listener = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    opened: list[TlsStream] = []
     try:
-        async with asyncio.timeout(20):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            opened.append(await client.connect(reader, writer))
-            opened.append(await accepted.get())
-        assert all(stream.fresh_key_updates for stream in opened)
-        yield Streams(opened[0], opened[1], client_keys, server_keys)
+        yield listener.sockets[0].getsockname()[1], accepted
     finally:
         listener.close()
-        for stream in opened:
-            await stream.close()
         await asyncio.gather(*handlers, return_exceptions=True)
         await listener.wait_closed()
 
