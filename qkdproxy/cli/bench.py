@@ -430,8 +430,9 @@ def add_commands(commands: Any) -> None:
     throughput.add_argument("--no-stunnel", action="store_true", help="skip stunnel")
     throughput.add_argument(
         "--generator", choices=[g.value for g in Generator], default="auto",
-        help="load generator and backend (default auto: iperf3, else our C programs, else "
-        "Python in this process, which limits the baselines and says so)",
+        help="load generator and backend (default auto: our C programs, else Python in this "
+        "process, which limits the baselines and says so; iperf3 only on request: its "
+        "receiver does not count the bytes still in a tunnel when the sender is done)",
     )  # fmt: skip
     _output_options(throughput)
     throughput.set_defaults(handler=_guarded("throughput", _throughput))
