@@ -97,7 +97,7 @@ PARENT = (
 
 
 def test_cpu_time_of_a_process_tree_includes_its_children() -> None:
-    with subprocess.Popen(  # noqa: S603
+    with subprocess.Popen(
         [sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     ) as parent:
         assert parent.stdout is not None
