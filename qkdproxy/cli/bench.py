@@ -38,6 +38,8 @@ from qkdproxy.tools.bench.tunnels import PathReport, R, run_connrate, run_throug
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# The bench daemons' max_connections (processes.BENCH_MAX_CONNECTIONS), less headroom.
+MAX_IDLE = 4000
 
 
 class UsageError(Exception):
@@ -232,8 +234,8 @@ def _throughput(args: argparse.Namespace) -> int:
 def _connrate(args: argparse.Namespace) -> int:
     levels = _counts(args.concurrency, "--concurrency")
     connections = _at_least_one(args.connections, "--connections")
-    if args.idle < 0:
-        raise UsageError("--idle must not be negative")
+    if not 0 <= args.idle <= MAX_IDLE:
+        raise UsageError(f"--idle takes 0 to {MAX_IDLE} (the bench tunnels' connection limit)")
     report = _run_paths(
         run_connrate(connections, levels, not args.no_stunnel, _generator(args), args.idle)
     )

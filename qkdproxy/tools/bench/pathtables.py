@@ -7,9 +7,10 @@ caller prints the warnings on stderr).
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
-from qkdproxy.tools.bench.output import OutputFormat, Row, render
+from qkdproxy.tools.bench.output import TABLE_WIDTH, OutputFormat, Row, render
 from qkdproxy.tools.bench.pathstats import DIRECT
 from qkdproxy.tools.bench.tunnels import PathReport, R
 
@@ -74,4 +75,5 @@ def report_text(report: PathReport[R], fmt: OutputFormat, tables: Sequence[Table
     lines.append(
         "--json and --csv carry every column, under the keys documented in docs/BENCHMARKS.md"
     )
-    return "\n\n".join(parts) + "\n\n" + "\n".join(lines)
+    wrapped = (textwrap.fill(line, TABLE_WIDTH, subsequent_indent="  ") for line in lines)
+    return "\n\n".join(parts) + "\n\n" + "\n".join(wrapped)

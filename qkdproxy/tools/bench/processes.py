@@ -181,6 +181,8 @@ preauth_keys_burst = 1e6
 # The benchmarks' one loopback load generator is trusted: no per-source handshake limits
 # (admission control would otherwise cap a fast bench at 100 handshakes/s from one source).
 BENCH_ADMISSION = "handshake_rate_per_source = 0\nmax_handshakes_per_source = 0"
+# Room for the connections `bench connrate --idle` holds open (the default limit is 100).
+BENCH_MAX_CONNECTIONS = 5000
 # ... and, on servers, pre-authentication key budgets it never reaches.
 BENCH_BUDGET = (
     "preauth_keys_per_source_per_s = 1e6\npreauth_keys_per_source_burst = 1e6\n"
@@ -207,7 +209,10 @@ def _toml_list(values: Sequence[str]) -> str:
 
 
 def _client_extra(tunnel: ClientTunnel) -> str:
-    lines = [f'server_name = "{SERVER_NAME}"', f'flow = "{tunnel.flow}"', BENCH_ADMISSION]
+    lines = [
+        f'server_name = "{SERVER_NAME}"', f'flow = "{tunnel.flow}"', BENCH_ADMISSION,
+        f"max_connections = {BENCH_MAX_CONNECTIONS}",
+    ]  # fmt: skip
     if tunnel.groups:
         lines.append(f"groups = {_toml_list(tunnel.groups)}")
     if tunnel.policy:
@@ -253,7 +258,7 @@ async def start_daemon_pair(
     # The benchmarks measure both flows (the server serves both) and both modes.
     server_extra = (
         f'allow = ["uri:{CLIENT_URI}"]\nflows = ["client", "server"]\nmultiplex = true\n'
-        + BENCH_BUDGET
+        f"max_connections = {BENCH_MAX_CONNECTIONS}\n" + BENCH_BUDGET
     )
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'

@@ -263,6 +263,8 @@ async def run_connrate(
         kind = paths.load.kind.value
         for path, port in paths.ports.items():
             await paths.load.connections(port, WARM_UP_CONNECTIONS, 1)
+            if path in PATH_TUNNELS:
+                await asyncio.sleep(LOG_SETTLE_S)  # the warm-up's lines are not counted
             path_rows = []
             for concurrency in concurrencies:
                 logged = len(paths.records)
