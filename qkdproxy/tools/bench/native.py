@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 PROGRAMS = ("loadgen", "backend")
+HEADERS = ("common.h",)
 COMPILERS = ("cc", "gcc", "clang")
 CFLAGS = ("-O2", "-pthread")
 BUILD_TIMEOUT_S = 120.0
@@ -47,8 +48,8 @@ def find_compiler() -> str | None:
     return next((found for name in COMPILERS if (found := shutil.which(name))), None)
 
 
-def _source(name: str) -> bytes:
-    return resources.files("qkdproxy.tools.bench").joinpath(f"native/{name}.c").read_bytes()
+def _source(file: str) -> bytes:
+    return resources.files("qkdproxy.tools.bench").joinpath(f"native/{file}").read_bytes()
 
 
 def build(cache: Path | None = None) -> NativeTools:
@@ -60,8 +61,8 @@ def build(cache: Path | None = None) -> NativeTools:
     if compiler is None:
         raise NativeUnavailableError("no C compiler (cc, gcc or clang; or $CC) on this machine")
     digest = hashlib.sha256(compiler.encode() + b"\0" + " ".join(CFLAGS).encode())
-    for name in PROGRAMS:
-        digest.update(_source(name))
+    for file in (*HEADERS, *(f"{name}.c" for name in PROGRAMS)):
+        digest.update(_source(file))
     folder = (cache or default_cache()) / digest.hexdigest()[:16]
     built = {name: folder / name for name in PROGRAMS}
     if not all(path.is_file() for path in built.values()):
@@ -73,8 +74,10 @@ def build(cache: Path | None = None) -> NativeTools:
 
 def _compile(compiler: str, name: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="qkdproxy-bench-build-") as tmp:
+        for header in HEADERS:
+            (Path(tmp) / header).write_bytes(_source(header))
         source = Path(tmp) / f"{name}.c"
-        source.write_bytes(_source(name))
+        source.write_bytes(_source(f"{name}.c"))
         # Built next to its final place: the rename below must not cross file systems.
         output = target.with_name(f".{name}.{os.getpid()}.tmp")
         try:

@@ -22,21 +22,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define BUFFER (64 * 1024)
 #define STACK (256 * 1024)
 
 static int sink;
-
-static int send_all(int fd, const char *data, size_t size) {
-    while (size > 0) {
-        ssize_t sent = send(fd, data, size, MSG_NOSIGNAL);
-        if (sent < 0 && errno == EINTR) continue;
-        if (sent <= 0) return -1;
-        data += sent;
-        size -= (size_t)sent;
-    }
-    return 0;
-}
 
 static void *serve(void *arg) {
     int fd = (int)(intptr_t)arg;
@@ -62,17 +53,13 @@ int main(int argc, char **argv) {
     struct sockaddr_in addr;
     socklen_t length = sizeof addr;
     pthread_attr_t attr;
-    struct rlimit limit;
     int one = 1;
     if (argc != 2 || (strcmp(argv[1], "echo") != 0 && strcmp(argv[1], "sink") != 0)) {
         fprintf(stderr, "usage: backend echo|sink\n");
         return 2;
     }
     sink = strcmp(argv[1], "sink") == 0;
-    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
-        limit.rlim_cur = limit.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &limit);
-    }
+    raise_fd_limit();
     int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     memset(&addr, 0, sizeof addr);
     addr.sin_family = AF_INET;

@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define BULK_CHUNK (256 * 1024)
 
 static int port;
@@ -63,17 +65,6 @@ static int dial(void) {
         return -1;
     }
     return fd;
-}
-
-static int send_all(int fd, const char *data, size_t size) {
-    while (size > 0) {
-        ssize_t sent = send(fd, data, size, MSG_NOSIGNAL);
-        if (sent < 0 && errno == EINTR) continue;
-        if (sent <= 0) return -1;
-        data += sent;
-        size -= (size_t)sent;
-    }
-    return 0;
 }
 
 static int recv_exactly(int fd, char *data, size_t size) {
@@ -170,12 +161,8 @@ static int conn_mode(long count, long concurrency) {
 static int hold_mode(long count) {
     int *fds = malloc(sizeof(int) * (size_t)(count + 1));
     char line[64];
-    struct rlimit limit;
     if (fds == NULL) return 1;
-    if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
-        limit.rlim_cur = limit.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &limit);
-    }
+    raise_fd_limit();
     for (long i = 0; i < count; i++) {
         fds[i] = dial();
         if (fds[i] < 0 || ping(fds[i]) < 0) {
