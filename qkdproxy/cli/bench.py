@@ -234,6 +234,8 @@ def _throughput(args: argparse.Namespace) -> int:
 def _connrate(args: argparse.Namespace) -> int:
     levels = _counts(args.concurrency, "--concurrency")
     connections = _at_least_one(args.connections, "--connections")
+    if connections < max(levels):
+        raise UsageError("--connections must be at least the highest --concurrency")
     if not 0 <= args.idle <= MAX_IDLE:
         raise UsageError(f"--idle takes 0 to {MAX_IDLE} (the bench tunnels' connection limit)")
     report = _run_paths(

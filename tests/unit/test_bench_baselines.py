@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qkdproxy.cli.main import main
 from qkdproxy.tools.bench import loadgen, native
 from qkdproxy.tools.bench.loadgen import Generator, LoadUnavailableError, Purpose, choose
 from qkdproxy.tools.bench.output import TABLE_WIDTH, OutputFormat
@@ -148,3 +149,24 @@ def test_the_report_has_ratios_memory_notes_and_loud_warnings() -> None:
     assert document["results"][1]["cpu_vs_stunnel"] == pytest.approx(4.6)
     csv_text = report_text(report, OutputFormat.CSV, CONNRATE_TABLES)
     assert csv_text.splitlines()[0].startswith("path,concurrency,conn_per_s")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--connections", "4", "--concurrency", "8"], "at least the highest"),
+        (["--idle", "-1"], "--idle takes 0 to 4000"),
+        (["--idle", "4001"], "--idle takes 0 to 4000"),
+    ],
+)
+def test_path_benches_refuse_bad_input_before_starting_anything(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "connrate", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_iperf3_is_not_a_connection_generator(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "connrate", "--generator", "iperf3"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -165,7 +165,8 @@ def connrate_warnings(results: Sequence[ConnrateResult]) -> list[str]:
         ):
             warnings.append(
                 f"stunnel's sequential p99 ({stunnel.p99_ms:.1f} ms) is far above its p50 "
-                f"({stunnel.p50_ms:.1f} ms): multi-millisecond stalls in the baseline"
+                f"({stunnel.p50_ms:.1f} ms): multi-millisecond stalls in the baseline (or an "
+                "overloaded machine)"
             )
     warnings += _load_busy(
         [r for r in results if r.concurrency == 1],
