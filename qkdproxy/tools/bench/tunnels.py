@@ -219,6 +219,11 @@ async def run_throughput(
             for count in streams:
                 size = megabytes * 1024 * 1024
                 run, cost = await _metered(paths, path, paths.load.bulk(port, size, count))
+                if not run.bytes:
+                    raise RuntimeError(
+                        "iperf3's receiver counted no bytes (it stops when the sender is "
+                        "done, and the data was still in the tunnel): use more --megabytes"
+                    )
                 if run.sent > run.bytes:
                     tails.append(1 - run.bytes / run.sent)
                 results.append(ThroughputResult(
