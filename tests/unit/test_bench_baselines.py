@@ -4,12 +4,13 @@ baseline, the choice of load generator and its fallback, and the printed report.
 from __future__ import annotations
 
 import json
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
 
 from qkdproxy.cli.main import main
-from qkdproxy.tools.bench import loadgen, native
+from qkdproxy.tools.bench import loadgen, native, tunnels
 from qkdproxy.tools.bench.loadgen import Generator, LoadUnavailableError, Purpose, choose
 from qkdproxy.tools.bench.output import TABLE_WIDTH, OutputFormat
 from qkdproxy.tools.bench.pathstats import (
@@ -170,3 +171,13 @@ def test_iperf3_is_not_a_connection_generator(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["bench", "connrate", "--generator", "iperf3"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+async def test_without_stunnel_the_path_is_skipped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(tunnels.shutil, "which", lambda _name: None)
+    async with AsyncExitStack() as stack:
+        assert await tunnels._stunnel(stack, tmp_path, 9) is None
+    assert not list(tmp_path.iterdir())  # noqa: ASYNC240 - nothing written, nothing started
+    assert "stunnel not installed" in tunnels.STUNNEL_MISSING
