@@ -176,7 +176,7 @@ def test_iperf3_is_not_a_connection_generator(capsys: pytest.CaptureFixture[str]
 async def test_without_stunnel_the_path_is_skipped(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(tunnels.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("shutil.which", lambda _name: None)
     async with AsyncExitStack() as stack:
         assert await tunnels._stunnel(stack, tmp_path, 9) is None
     assert not list(tmp_path.iterdir())  # noqa: ASYNC240 - nothing written, nothing started
