@@ -62,8 +62,8 @@ from qkdproxy.tools.bench.proctime import ProcessGroup
 # The client daemon's tunnel behind each qkdproxy path.
 PATH_TUNNELS = {"qkdproxy": "bench", "qkdproxy-mux": "mux"}
 LOG_SETTLE_S = 0.5
-# Idle connections settle (handshake lines logged, buffers trimmed) before memory is read.
-IDLE_SETTLE_S = 0.5
+# Idle connections settle (their lines logged) before memory is read.
+IDLE_SETTLE_S = 0.25
 WARM_UP_CONNECTIONS = 5
 WARM_UP_BYTES = 256 * 1024
 STUNNEL_MISSING = "stunnel not installed: the stunnel path is skipped (no ratios to stunnel)"
@@ -246,7 +246,6 @@ async def run_throughput(
 async def _idle_kib(paths: Paths, path: str, count: int) -> float:
     """Resident memory of the path's tunnel processes per idle open connection."""
     tunnel = paths.tunnels[path]
-    await asyncio.sleep(IDLE_SETTLE_S)
     before = tunnel.rss_kib()
     async with paths.load.hold(paths.ports[path], count):
         await asyncio.sleep(IDLE_SETTLE_S)
