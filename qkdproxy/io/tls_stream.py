@@ -367,12 +367,22 @@ class TlsStream:
         except ConnectionError as exc:
             raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
 
+    def abort(self, reason: str) -> None:
+        """The transport is being reset under the stream (no close_notify): an unfinished
+        Extended Key Update failed and its key is settled; reads raise from now on."""
+        self._layer.abort()
+        if self.failure is None:
+            self.failure = TlsStreamError(reason, truncated=True)
+
     async def _fail(self, error: TlsStreamError) -> TlsStreamError:
-        self.failure = error
+        self._layer.abort()  # a transport error leaves the record layer open otherwise
+        # The first failure is the cause (an update's deadline, an alert); what other tasks
+        # run into afterwards (a closed transport, a failed layer) is only its consequence.
+        self.failure = self.failure or error
         with contextlib.suppress(TlsStreamError):
             self._transmit()  # our alert, if the record layer queued one
         await close_transport(self._driver.writer)
-        return error
+        return self.failure
 
     async def close(self) -> None:
         """Send close_notify (best effort) and close the transport."""

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from qkdproxy.core.accounting import KeyIdGuard, KeyLedger
 from qkdproxy.core.errors import RemoteProtocolError
 from qkdproxy.core.hybrid import HybridKem
+from qkdproxy.core.keys import QkdKey
 from qkdproxy.core.ratelimit import TokenBucket
 from qkdproxy.core.tls.eku import (
     KEY_UPDATE_REQUEST,
@@ -309,6 +310,14 @@ class FreshKeyUpdates:
             self._steps = self._then = None
             raise
         return [UpdateKeyNeeded(request)]
+
+    def late_answer(self, answer: KeyAnswer) -> None:
+        """A key that arrived after its update ended (its deadline, the stream's failure):
+        the KME delivered it all the same, so it is counted, as wasted. (A late ETSI 004
+        stream is reclaimed by the KME when its TTL ends.)"""
+        if isinstance(answer, QkdKey):
+            self._keys.ledger.record_taken()
+            self._keys.ledger.record_wasted("update_failed")
 
     def overdue(self, now: float) -> bool:
         """True if the running update has not finished within the policy's deadline."""

@@ -360,6 +360,14 @@ class RecordLayer:
         self._abandon_update()
         return Failed(alert, Side.LOCAL, reason)
 
+    def abort(self) -> None:
+        """The transport broke under the connection (a reset, a failed write): nothing more
+        moves either way, and an unfinished update failed (its keys are settled now, not
+        left outstanding, and not counted as a clean end)."""
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.FAILED
+            self._abandon_update()
+
     def data_to_send(self) -> bytes | bytearray:
         """Everything queued for the peer since the last call, in order."""
         if len(self._out) == 1:
@@ -419,7 +427,10 @@ class RecordLayer:
 
     def answer_update_key(self, answer: KeyAnswer, now: float) -> list[RecordEvent]:
         """The answer to an :class:`UpdateKeyNeeded`; continues with the bytes that waited."""
-        if self.eku is None or not self.eku.waiting or self.phase is not Phase.OPEN:
+        if self.eku is None:
+            return []
+        if not self.eku.waiting or self.phase is not Phase.OPEN:
+            self.eku.late_answer(answer)
             return []
         try:
             events = self.eku.answer(answer)
