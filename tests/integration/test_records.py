@@ -61,6 +61,14 @@ def test_sealed_records_open_to_the_same_bytes(payload: bytes, chacha: bool) -> 
     )
 
 
+def test_many_records_open_into_one_growing_buffer() -> None:
+    # More records than the first output buffer holds: it grows, nothing is lost.
+    payload = os.urandom(20 * MAX_PLAINTEXT + 5)
+    sender, receiver = keys(), keys()
+    opened = open_records(receiver, seal(sender, payload))
+    assert opened.data == payload and opened.records == 21 and not opened.handoff
+
+
 def test_nonce_is_the_iv_xor_the_sequence_number() -> None:
     k = keys()
     k.state.seqnum = 0x0102

@@ -29,6 +29,8 @@ MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
 TAG_LENGTH = 16
 # Header, inner content type and tag: what a record adds to its application bytes.
 RECORD_OVERHEAD = HEADER.size + 1 + TAG_LENGTH
+# open_records' first output buffer: the records of a transport read (64 KiB) and more.
+OPEN_BATCH = 8 * (MAX_PLAINTEXT + 1)
 _INNER_TYPE = bytes([APPLICATION_DATA])
 
 
@@ -103,8 +105,10 @@ def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> O
     buffer, where the next record's bytes overwrite its content type and padding.
     """
     view = memoryview(buffer)
-    out = bytearray(len(view))
-    target = memoryview(out)
+    # Sized for a few records, then doubled as records open: never by the whole buffer,
+    # or a peer interleaving other records (each a hand-off and a new call here) would
+    # make every call zero a buffer as large as what is left.
+    out = bytearray(min(len(view), OPEN_BATCH))
     aead, iv, state = keys.aead, keys.iv, keys.state
     opened = Opened(out)
     pos = written = 0
@@ -120,43 +124,44 @@ def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> O
         end = pos + HEADER.size + length
         if end > len(view):
             break
-        inner = length - TAG_LENGTH
+        need = written + length - TAG_LENGTH
         # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
-        if inner > MAX_PLAINTEXT + 1:
+        if need - written > MAX_PLAINTEXT + 1:
             opened.handoff = True
             break
+        if len(out) < need:
+            out.extend(bytes(max(need, 2 * len(out)) - len(out)))
         try:
-            aead.decrypt_into(
-                (iv ^ state.seqnum).to_bytes(12, "big"),
-                view[pos + HEADER.size : end],
-                view[pos : pos + HEADER.size],
-                target[written : written + inner],
-            )
+            with memoryview(out) as target:
+                aead.decrypt_into(
+                    (iv ^ state.seqnum).to_bytes(12, "big"),
+                    view[pos + HEADER.size : end],
+                    view[pos : pos + HEADER.size],
+                    target[written:need],
+                )
         except InvalidTag:
             opened.handoff = True
             break
-        content = _content_length(target[written : written + inner])
+        content = _content_end(out, written, need)
         if content is None:
             opened.handoff = True
             break
-        written += content
+        written = content
         state.seqnum += 1
         opened.records += 1
         pos = end
-    target.release()
     view.release()
     del out[written:]
     opened.consumed = pos
     return opened
 
 
-def _content_length(inner: memoryview) -> int | None:
-    """The application bytes of an opened TLSInnerPlaintext; None if its content type is
-    not application data (or it is all padding)."""
-    end = len(inner)
-    if inner[end - 1] == 0:  # padding: rare, so a copy is fine
-        end = len(bytes(inner).rstrip(b"\0"))
-    if not end or inner[end - 1] != APPLICATION_DATA:
+def _content_end(out: bytearray, start: int, end: int) -> int | None:
+    """Where the application bytes of the TLSInnerPlaintext ``out[start:end]`` end; None if
+    its content type is not application data (or it is all padding)."""
+    if out[end - 1] == 0:  # padding: rare, so a copy is fine
+        end = start + len(bytes(out[start:end]).rstrip(b"\0"))
+    if end == start or out[end - 1] != APPLICATION_DATA:
         return None
     return end - 1
 
