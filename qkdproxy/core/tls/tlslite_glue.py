@@ -48,7 +48,7 @@ from tlslite.errors import (
     TLSProtocolException,
     TLSRemoteAlert,
 )
-from tlslite.extensions import TLSExtension
+from tlslite.extensions import CustomNameExtension, SupportedGroupsExtension, TLSExtension
 from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
@@ -389,6 +389,25 @@ def _memo_filter_suites(suites: list[int], settings: Any, version: Any = None) -
     return list(found)
 
 
+# tlslite's extensions keep their payload under a per-class name through __getattr__ and
+# __setattr__; its versions probe with hasattr, so every attribute set while an extension
+# is built raises and formats an AttributeError (some 200 per handshake). Same behaviour,
+# looked up in the instance dictionary instead.
+def _extension_getattr(self: Any, name: str) -> Any:
+    fields = self.__dict__
+    if name != "_field_name" and "_field_name" in fields and name == fields["_field_name"]:
+        return fields["_internal_value"]
+    raise AttributeError(f"type object '{type(self).__name__}' has no attribute '{name}'")
+
+
+def _extension_setattr(self: Any, name: str, value: Any) -> None:
+    fields = self.__dict__
+    if "_field_name" in fields and name == fields["_field_name"]:
+        fields["_internal_value"] = value
+    else:
+        object.__setattr__(self, name, value)
+
+
 # A peer presents the same certificates on every connection: tlslite's pure-Python DER
 # parse (about 90 us each) is done once per distinct certificate. Only parsing is shared;
 # chain validation (verify.py) runs on every handshake.
@@ -703,6 +722,8 @@ def install(groups: Iterable[GroupSpec]) -> None:
         tl_x509.X509.parseBinary = _parse_binary_once
         TLSEnum.toRepr = classmethod(_memo_to_repr)
         CipherSuite._filterSuites = staticmethod(_memo_filter_suites)
+        CustomNameExtension.__getattr__ = _extension_getattr
+        CustomNameExtension.__setattr__ = _extension_setattr
         _check_fast_kdf()
         _rebind_kdf()
         self_test()  # with the back-ends above in place: what the daemon will run
@@ -731,6 +752,8 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (tl_x509.X509, "parseBinary", "certificate parsing, once per certificate (wrapped)"),
     (TLSEnum, "toRepr", "code point names, memoised (wrapped)"),
     (CipherSuite, "_filterSuites", "cipher suites allowed by settings, memoised (wrapped)"),
+    (SupportedGroupsExtension(), "_field_name", "an extension's payload name (read directly)"),
+    (SupportedGroupsExtension(), "_internal_value", "an extension's payload (read directly)"),
     (tl_cryptomath, "secureHMAC", "HMAC on hmac.digest (rebound)"),
     (tl_cryptomath, "HKDF_expand_label", "HKDF-Expand-Label on hmac.digest (rebound)"),
     (tl_cryptomath, "derive_secret", "Derive-Secret on hmac.digest (rebound)"),
