@@ -620,15 +620,19 @@ class _PreparedKex:
 
 class _ValidatedOnce(HandshakeSettings):  # type: ignore[misc]
     """Settings that tlslite validates once: it validates (copies and checks) the settings
-    it is given several times per handshake, and never changes what it was given (only
-    the copies, by rebinding an attribute), so later calls get a shallow copy."""
+    it is given several times per handshake; later calls get a copy of the first result,
+    its lists copied too, so a handshake that changes its copy changes nothing shared."""
 
     _validated: HandshakeSettings | None = None
 
     def validate(self) -> HandshakeSettings:
         if self._validated is None:
             self._validated = super().validate()
-        return copy.copy(self._validated)
+        other = copy.copy(self._validated)
+        for name, value in vars(other).items():
+            if isinstance(value, list):
+                setattr(other, name, list(value))
+        return other
 
 
 _SETTINGS_MAX = 64
