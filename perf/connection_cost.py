@@ -126,6 +126,11 @@ async def daemons(count: int, concurrency: int, callgrind: str | None = None) ->
             total += per
             print(f"{name}: {per:.2f} ms CPU per connection")
         print(f"both: {total:.2f} ms; {count / wall:.0f} conn/s at concurrency {concurrency}")
+        await asyncio.sleep(0.5)  # the client's last connection lines
+        records = pair.client_records[-count:]
+        handshakes = [float(str(r["handshake_ms"])) for r in records if r.get("handshake_ms")]
+        if handshakes:
+            print(f"client handshake_ms p50 {statistics.median(handshakes):.2f}")
 
 
 async def _instructions(pids: dict[str, int], port: int, count: int, out: str) -> None:
