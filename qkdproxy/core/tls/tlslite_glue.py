@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import tlslite
 import tlslite.handshakesettings as tl_settings
 import tlslite.recordlayer as tl_recordlayer
+import tlslite.tlsconnection as tl_connection
+import tlslite.tlsrecordlayer as tl_tlsrecordlayer
 import tlslite.utils.cryptomath as tl_cryptomath
 import tlslite.x509 as tl_x509
 from cryptography import x509
@@ -49,6 +51,7 @@ from tlslite.errors import (
     TLSRemoteAlert,
 )
 from tlslite.extensions import CustomNameExtension, SupportedGroupsExtension, TLSExtension
+from tlslite.handshakehashes import HandshakeHashes
 from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
@@ -350,6 +353,74 @@ def _rebind_kdf() -> None:
         for name, original in originals.items():
             if getattr(module, name, None) is original:
                 setattr(module, name, _FAST_KDF[name])
+
+
+class _TranscriptHashes(HandshakeHashes):  # type: ignore[misc]
+    """tlslite's transcript, hashed as it grows only with the TLS 1.3 suites' hashes.
+
+    tlslite feeds every handshake message to six hash functions (MD5 to SHA-512) for the
+    sake of older versions; TLS 1.3 reads only SHA-256 or SHA-384. The others are computed
+    from the kept transcript when asked for, so every digest has the same value.
+    """
+
+    _RUNNING = ("sha256", "sha384")
+
+    def __init__(self) -> None:  # tlslite's __init__ would start all six
+        self._running = {name: hashlib.new(name) for name in self._RUNNING}
+        self._handshake_buffer = bytearray()
+
+    def update(self, data: ByteLike) -> None:
+        text = bytes_(data)
+        for running in self._running.values():
+            running.update(text)
+        self._handshake_buffer += text
+
+    def digest(self, digest: str | None = None) -> bytes | bytearray:
+        running = self._running.get(digest) if digest else None
+        if running is not None:
+            return running.digest()
+        if digest is None:  # TLS 1.0/1.1
+            return self._lazy_digest("md5") + self._lazy_digest("sha1")
+        if digest == "intrinsic":
+            return self._handshake_buffer
+        if digest not in ("md5", "sha1", "sha224", "sha512"):
+            raise ValueError("Unknown digest name")
+        return self._lazy_digest(digest)
+
+    def _lazy_digest(self, name: str) -> bytes:
+        return hashlib.new(name, bytes(self._handshake_buffer)).digest()
+
+    def _lazy(self, name: str) -> Any:
+        return hashlib.new(name, bytes(self._handshake_buffer))
+
+    @property
+    def _handshakeMD5(self) -> Any:  # noqa: N802 - read by tlslite's SSLv3 code
+        return self._lazy("md5")
+
+    @property
+    def _handshakeSHA(self) -> Any:  # noqa: N802
+        return self._lazy("sha1")
+
+    def copy(self) -> _TranscriptHashes:
+        other = _TranscriptHashes.__new__(_TranscriptHashes)
+        other._running = {name: h.copy() for name, h in self._running.items()}
+        other._handshake_buffer = bytearray(self._handshake_buffer)
+        return other
+
+
+def _check_transcript() -> None:
+    """Our transcript must give tlslite's digests (checked before it replaces tlslite's)."""
+    theirs, ours = HandshakeHashes(), _TranscriptHashes()
+    for part in (b"client hello", bytearray(b"server hello" * 200), b""):
+        theirs.update(part)
+        ours.update(part)
+    names = (None, "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "intrinsic")
+    for copied in (False, True):
+        left, right = (theirs.copy(), ours.copy()) if copied else (theirs, ours)
+        if any(bytes(left.digest(name)) != bytes(right.digest(name)) for name in names):
+            raise SelfTestError("our transcript hashes differ from tlslite's")
+        if left.digestSSL(bytearray(48), b"CLNT") != right.digestSSL(bytearray(48), b"CLNT"):
+            raise SelfTestError("our transcript hashes differ from tlslite's (SSLv3)")
 
 
 # tlslite turns code points into names (SignatureScheme.toRepr...) by scanning every class
@@ -730,6 +801,9 @@ def install(groups: Iterable[GroupSpec]) -> None:
         CustomNameExtension.__setattr__ = _extension_setattr
         _check_fast_kdf()
         _rebind_kdf()
+        _check_transcript()
+        tl_connection.HandshakeHashes = _TranscriptHashes
+        tl_tlsrecordlayer.HandshakeHashes = _TranscriptHashes
         self_test()  # with the back-ends above in place: what the daemon will run
         _installed = True
     for group in groups:
@@ -761,6 +835,8 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (tl_cryptomath, "secureHMAC", "HMAC on hmac.digest (rebound)"),
     (tl_cryptomath, "HKDF_expand_label", "HKDF-Expand-Label on hmac.digest (rebound)"),
     (tl_cryptomath, "derive_secret", "Derive-Secret on hmac.digest (rebound)"),
+    (tl_connection, "HandshakeHashes", "the transcript, SHA-256/384 only as it grows (rebound)"),
+    (tl_tlsrecordlayer, "HandshakeHashes", "the transcript (rebound)"),
     (GroupName, "allKEM", "groups on the server's encapsulation path"),
     (tl_settings, "TLS13_PERMITTED_GROUPS", "group names tlslite accepts"),
     # Read once, at the hand-over to our record layer.
