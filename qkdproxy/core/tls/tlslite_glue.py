@@ -327,16 +327,17 @@ _FAST_KDF: dict[str, Callable[..., bytearray]] = {
 def _check_fast_kdf() -> None:
     """Our key derivations must give tlslite's values (checked before they replace them)."""
     secret, label, context = bytearray(range(48)), bytearray(b"c hs traffic"), bytearray(48)
+    tlslite_kdf = _TLSLITE_KDF
     for name in ("sha256", "sha384"):
         size = hashlib.new(name).digest_size
         pairs = [
-            (tl_cryptomath.secureHMAC(secret, context, name), _secure_hmac(secret, context, name)),
+            (tlslite_kdf["secureHMAC"](secret, context, name), _secure_hmac(secret, context, name)),
             (
-                tl_cryptomath.HKDF_expand_label(secret, label, context, size + 5, name),
+                tlslite_kdf["HKDF_expand_label"](secret, label, context, size + 5, name),
                 _hkdf_expand_label(secret, label, context, size + 5, name),
             ),
             (
-                tl_cryptomath.derive_secret(secret, label, None, name),
+                tlslite_kdf["derive_secret"](secret, label, None, name),
                 _derive_secret(secret, label, None, name),
             ),
         ]
@@ -344,13 +345,16 @@ def _check_fast_kdf() -> None:
             raise SelfTestError("our HKDF differs from tlslite's")
 
 
+# tlslite's own, kept for the comparison (install() rebinds the module's names too).
+_TLSLITE_KDF = {name: getattr(tl_cryptomath, name) for name in _FAST_KDF}
+
+
 def _rebind_kdf() -> None:
     """Point every tlslite module that imported a key-derivation function at ours."""
-    originals = {name: getattr(tl_cryptomath, name) for name in _FAST_KDF}
     for module_name, module in list(sys.modules.items()):
         if module is None or not module_name.startswith("tlslite"):
             continue
-        for name, original in originals.items():
+        for name, original in _TLSLITE_KDF.items():
             if getattr(module, name, None) is original:
                 setattr(module, name, _FAST_KDF[name])
 
