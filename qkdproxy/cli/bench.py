@@ -247,6 +247,7 @@ def _soak(args: argparse.Namespace) -> int:
     settings = SoakSettings(
         seconds=args.seconds, concurrency=_at_least_one(args.concurrency, "--concurrency"),
         seed=args.seed, trace_memory=not args.no_tracemalloc,
+        multiplex=args.multiplex, mux_rotate_s=args.mux_rotate_s,
     )  # fmt: skip
     with progress("soak", max(1, round(args.seconds))) as advance:
         done = [0]
@@ -416,6 +417,13 @@ def add_commands(commands: Any) -> None:
     soak.add_argument(
         "--no-tracemalloc", action="store_true", help="faster, but only RSS for memory"
     )
+    soak.add_argument(
+        "--multiplex", action="store_true", help="carry connections in multiplexed tunnels"
+    )
+    soak.add_argument(
+        "--mux-rotate-s", type=float, default=0.0,
+        help="with --multiplex: rotate tunnels this often (0: the daemon's default)",
+    )  # fmt: skip
     _output_options(soak)
     soak.set_defaults(handler=_guarded("soak", _soak))
 

@@ -20,7 +20,7 @@ FATES = (
 _LEDGER_FATES = {
     "handshake_failed": "failed_handshake", "hello_retry": "hello_retry",
     "update_failed": "failed_update", "update_crossed": "failed_update",
-    "update_superseded": "failed_update",
+    "update_superseded": "failed_update", "update_abandoned": "failed_update",
 }  # fmt: skip
 
 

@@ -149,12 +149,13 @@ class Metrics:
             self.mux_streams.labels(*labels, close_reason_class(record.reason)).inc()
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
-        if record.fresh_key_updates:
-            self.fresh_key_updates.labels(record.tunnel, "ok").inc(record.fresh_key_updates)
-        if record.fresh_key_update_failures:
-            self.fresh_key_updates.labels(record.tunnel, "failed").inc(
-                record.fresh_key_update_failures
-            )
+        for result, count in (
+            ("ok", record.fresh_key_updates),
+            ("failed", record.fresh_key_update_failures),
+            ("abandoned", record.fresh_key_updates_abandoned),
+        ):
+            if count:
+                self.fresh_key_updates.labels(record.tunnel, result).inc(count)
         if record.fresh_key_ids:
             self.fresh_key_update_keys.labels(record.tunnel).inc(len(record.fresh_key_ids))
         if record.failure is not None:

@@ -214,7 +214,7 @@ class MuxTunnel:
         if self.keepalive_s:
             self._spawn(self._keepalive())
         # Extended Key Update on the tunnel's budget (time; bytes count what this side sends).
-        if self._fresh is not None and self._fresh.active and self.tls.fresh_key_updates:
+        if self._fresh is not None and self.tls.fresh_key_updates:  # budget and deadline
             self._spawn(refresh_keys(self.tls, self._traffic, self._fresh))
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
+from qkdproxy.io.tls_stream import FreshKeyStats, TlsStream, TlsStreamError
 
 READ_SIZE = 64 * 1024
 
@@ -100,10 +100,8 @@ class Traffic:
     last_activity: float = field(default_factory=time.monotonic)
     last_rekey: float = field(default_factory=time.monotonic)
     bytes_since_rekey: int = 0
-    # Extended Key Updates completed (either side initiating) and the QKD key ids they spent.
-    fresh_key_updates: int = 0
-    fresh_key_update_failures: int = 0
-    fresh_key_ids: list[str] = field(default_factory=list)
+    # Extended Key Updates (either side initiating) and the QKD key ids they spent.
+    fresh_keys: FreshKeyStats = field(default_factory=FreshKeyStats)
     # When the stream last got fresh keys (monotonic; None: no Extended Key Update).
     fresh_keys_at: float | None = None
 
@@ -157,7 +155,7 @@ async def pump(
 
     tasks = {asyncio.create_task(outbound()), asyncio.create_task(inbound())}
     helpers: set[asyncio.Task[None]] = set()
-    if fresh is not None and fresh.active and stream is not None and stream.fresh_key_updates:
+    if fresh is not None and stream is not None and stream.fresh_key_updates:
         helpers.add(asyncio.create_task(refresh_keys(stream, traffic, fresh)))
     try:
         return await _until_done(tasks, traffic, idle_timeout_s)
@@ -166,20 +164,23 @@ async def pump(
             task.cancel()
         await asyncio.gather(*tasks, *helpers, return_exceptions=True)
         if stream is not None:
-            stats = stream.fresh_key_stats()
-            traffic.fresh_key_updates, traffic.fresh_key_update_failures = stats[:2]
-            traffic.fresh_key_ids = stats[2]
+            traffic.fresh_keys = stream.fresh_key_stats()
 
 
 async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudget) -> None:
     """Start an Extended Key Update whenever ``budget`` is spent; the clock restarts at
     every completed update, whichever side started it, so two peers with the same budget
-    do not both update."""
+    do not both update. Runs even with no budget of its own: an update the peer started
+    or left unfinished past its deadline fails the stream (then this returns)."""
     bytes_mark = traffic.to_peer + traffic.from_peer
     started = 0.0
     slack = 1.0 if stream.fresh_key_originator else NON_ORIGINATOR_SLACK
     max_seconds, max_bytes = budget.max_seconds * slack, int(budget.max_bytes * slack)
     while True:
+        try:
+            await stream.check_fresh_key_deadline()
+        except TlsStreamError:
+            return  # the stream failed closed; the data tasks see it too
         now = time.monotonic()
         if traffic.fresh_keys_at != stream.fresh_keys_at:  # an update completed (either side)
             traffic.fresh_keys_at = stream.fresh_keys_at

@@ -50,6 +50,7 @@ from qkdproxy.daemon.pump import (
 )
 from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
 from qkdproxy.io.tls_stream import (
+    FreshKeyStats,
     HandshakeError,
     Outcome,
     TlsEndpoint,
@@ -103,9 +104,11 @@ class ConnectionRecord:
     bytes_to_peer: int = 0
     bytes_from_peer: int = 0
     key_updates: int = 0
-    # Extended Key Updates: completed, failed, and the QKD key ids they spent (never keys).
+    # Extended Key Updates: completed, failed, cut short by the connection's clean end, and
+    # the QKD key ids the completed ones spent (never keys).
     fresh_key_updates: int = 0
     fresh_key_update_failures: int = 0
+    fresh_key_updates_abandoned: int = 0
     fresh_key_ids: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     reason: str = ""
@@ -114,6 +117,12 @@ class ConnectionRecord:
     mux: str | None = None
     mux_tunnel: int | None = None
     mux_streams: int | None = None
+
+    def take_fresh_keys(self, stats: FreshKeyStats) -> None:
+        """Copy what the connection's Extended Key Updates did into this line."""
+        self.fresh_key_updates, self.fresh_key_update_failures = stats.completed, stats.failed
+        self.fresh_key_updates_abandoned = stats.abandoned
+        self.fresh_key_ids = stats.key_ids
 
 
 RECORD_FIELDS = tuple(f.name for f in dataclass_fields(ConnectionRecord))
@@ -577,9 +586,7 @@ class Tunnel:
     def _tunnel_ended(self, tunnel: MuxTunnel, record: ConnectionRecord) -> None:
         record.mux_streams = tunnel.streams_carried
         record.key_updates = tunnel.key_updates
-        stats = tunnel.tls.fresh_key_stats()
-        record.fresh_key_updates, record.fresh_key_update_failures = stats[:2]
-        record.fresh_key_ids = stats[2]
+        record.take_fresh_keys(tunnel.tls.fresh_key_stats())
         if tunnel.broken and record.reason and not record.reason.startswith("error"):
             record.reason = f"error: {record.reason}"[:300]
 
@@ -774,9 +781,7 @@ class Tunnel:
     def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
         record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
         record.key_updates = traffic.key_updates
-        record.fresh_key_updates = traffic.fresh_key_updates
-        record.fresh_key_update_failures = traffic.fresh_key_update_failures
-        record.fresh_key_ids = traffic.fresh_key_ids
+        record.take_fresh_keys(traffic.fresh_keys)
         # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
         del self._traffic[record.conn_id]
         self.stats.bytes_to_peer += traffic.to_peer

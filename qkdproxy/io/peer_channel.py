@@ -26,6 +26,11 @@ from qkdproxy.keys.sources import KeySources
 ANNOUNCE_BATCH = 64
 
 
+# A prober asks once per connection; answering every PROBE would let a peer make us write a
+# record per 3-byte frame it sends.
+MAX_PROBE_ANSWERS = 4
+
+
 class PeerChannel:
     """Frames over one TLS stream; ``receive`` returns application bytes only."""
 
@@ -40,6 +45,7 @@ class PeerChannel:
         self.verdict: str | None = None
         # Answer a PROBE: set by the server tunnel once its backend is connected.
         self.probe_answer: str | None = None
+        self._probes_answered = 0
         self._awaiting_verdict = False
 
     async def announce(self) -> int:
@@ -104,9 +110,10 @@ class PeerChannel:
     async def _verdict_frame(self, frame_type: FrameType, payload: bytes) -> None:
         if frame_type is FrameType.VERDICT:
             self.verdict = decode_verdict(payload)
-        elif frame_type is FrameType.PROBE:
+        elif frame_type is FrameType.PROBE and self._probes_answered < MAX_PROBE_ANSWERS:
             # Only a server with a connected backend answers ok; one without says why
             # when it gives up (send_verdict), asked or not.
+            self._probes_answered += 1
             await self.send_verdict(self.probe_answer or "not ready")
 
     async def send_verdict(self, text: str) -> None:

@@ -146,6 +146,16 @@ class EndpointSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FreshKeyStats:
+    """What a stream's Extended Key Updates did, for its connection log line."""
+
+    completed: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    key_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class Transport:
     """The asyncio stream pair a connection runs over."""
 
@@ -192,6 +202,10 @@ class TlsStream:
             events, self._backlog = self._backlog, []
             await self._handle(events)
         while not self._plaintext and not self._peer_closed:
+            if self.failure is not None:
+                # Another task (a write, a fresh-key update) failed the stream: the record
+                # layer takes nothing more, so say so rather than read on.
+                raise self.failure
             try:
                 data = await self._driver.reader.read(READ_CHUNK)
             except ConnectionError as exc:
@@ -256,13 +270,14 @@ class TlsStream:
         :class:`~qkdproxy.core.tls.eku_state.FreshKeyUpdates`)."""
         return self._layer.eku is not None and self._layer.eku.originator
 
-    def fresh_key_stats(self) -> tuple[int, int, list[str]]:
-        """Extended Key Updates completed and failed on this stream, and the QKD key ids
-        the completed ones spent."""
+    def fresh_key_stats(self) -> FreshKeyStats:
+        """Extended Key Updates completed, failed and cut short by the end on this stream,
+        and the QKD key ids the completed ones spent."""
         eku = self._layer.eku
         if eku is None:
-            return 0, 0, []
-        return eku.stats.completed, eku.stats.failed, list(eku.stats.key_ids)
+            return FreshKeyStats()
+        stats = eku.stats
+        return FreshKeyStats(stats.completed, stats.failed, stats.abandoned, list(stats.key_ids))
 
     async def fresh_key_update(self) -> bool:
         """Start an Extended Key Update (a fresh key exchange, on a QKD group a fresh QKD key):
@@ -273,16 +288,34 @@ class TlsStream:
         if prepared is None:
             return False
         kex, steps = prepared
+        assert self._layer.eku is not None
         try:
             await self._run_update_steps(steps)
         except QkdproxyError as exc:
-            events = self._layer.eku.discard(kex, failed=True) if self._layer.eku else []
+            events = self._layer.eku.discard(kex, failed=True)
             alert = getattr(exc, "alert", Alert.INTERNAL_ERROR)
             events.append(self._layer.fail(Alert(alert), f"fresh key update: {exc}"))
             await self._handle(events)
             return False  # pragma: no cover - _handle raised
-        await self._handle(self._layer.begin_fresh_update(kex))
+        except asyncio.CancelledError:
+            # The connection is being torn down: whatever key the update holds is wasted
+            # and settled now, not left held forever.
+            self._close_streams_later(self._layer.eku.discard(kex))
+            raise
+        await self._handle(self._layer.begin_fresh_update(kex, time.monotonic()))
         return True
+
+    async def check_fresh_key_deadline(self) -> None:
+        """Fail the stream (:class:`TlsStreamError`) if an Extended Key Update has stayed
+        unfinished past its deadline (the handshake timeout)."""
+        await self._handle(self._layer.check_fresh_update(time.monotonic()))
+
+    def _close_streams_later(self, events: list[RecordEvent]) -> None:
+        """Hand the ETSI 004 stream closes among ``events`` to the background closer."""
+        assert self._keys is not None
+        for event in events:
+            if isinstance(event, UpdateKeyNeeded) and isinstance(event.request, CloseStream):
+                close_later(self._keys, event.request.ksid)
 
     async def _run_update_steps(self, steps: KeySteps[None]) -> None:
         """Run an update's preparing step, answering from this stream's key sources."""

@@ -25,7 +25,7 @@ from qkdproxy.core.peer.frames import (
     encode_key_ids,
 )
 from qkdproxy.core.tls.keyexchange import QkdOptions
-from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
+from qkdproxy.io.peer_channel import MAX_PROBE_ANSWERS, PeerChannel, open_peer_channel
 from qkdproxy.io.tls_stream import TlsStreamError
 from qkdproxy.keys.announce import AnnouncedSlave
 from qkdproxy.keys.etsi014_client import Etsi014Client
@@ -252,3 +252,29 @@ async def exchange_x25519(pair: LoopbackPair) -> tuple[bytes, PeerChannel]:
         echoed += data
     await channel.close()
     return bytes(echoed), channel
+
+
+async def test_a_probe_flood_gets_a_bounded_number_of_answers() -> None:
+    """An authenticated peer sending PROBE frames in bulk gets a few VERDICTs, not one
+    record per 3-byte frame, and the connection still carries data."""
+    async with loopback_pair(groups("x25519"), peer_protocol=True) as pair:
+        stream = await pair.handshake(pair.client(groups("x25519"), QkdOptions()))
+        await stream.write(encode(FrameType.PROBE) * 500)
+        channel = await open_peer_channel(stream, pair.client_keys.sources)
+        assert channel is not None
+        await channel.send(b"after the flood")
+        await channel.send_fin()
+        decoder, verdicts, echoed = FrameDecoder(), 0, bytearray()
+        while data := await asyncio.wait_for(stream.read(), 10):
+            for frame in decoder.feed(data):
+                verdicts += frame.type is FrameType.VERDICT
+                if frame.type is FrameType.DATA:
+                    echoed += frame.payload
+                if frame.type is FrameType.FIN:
+                    break
+            else:
+                continue
+            break
+        await stream.close()
+    assert echoed == b"after the flood"
+    assert 1 <= verdicts <= MAX_PROBE_ANSWERS

@@ -80,6 +80,35 @@ async def test_soak_keeps_every_byte_and_key_and_leaks_nothing() -> None:
     assert table.splitlines()[-1].split() == ["verdict", "OK"]
 
 
+@pytest.mark.soak
+@pytest.mark.timeout(SOAK_SECONDS * 4 + 60)
+async def test_multiplexed_soak_with_rotations_loses_nothing_and_leaks_nothing() -> None:
+    """Issue 18's soak: connections carried as streams of pooled tunnels that rotate every
+    half second; every byte checksummed, keys spent per tunnel only, and descriptors, tasks
+    and traced memory back to their baseline once the daemons stopped."""
+    settings = SoakSettings(
+        seconds=SOAK_SECONDS, concurrency=6, seed=20261202, multiplex=True, mux_rotate_s=0.5,
+        memory_tolerance_bytes=MEMORY_TOLERANCE,
+    )  # fmt: skip
+    result = await run_soak(settings)
+    table = result.format_table()
+
+    assert result.mismatches == 0 and result.errors == {}, table
+    assert result.bytes_up == result.bytes_down > 0, table
+    assert result.server_streams == result.backend_connections == result.connections, table
+    keys = result.keys
+    # Rotations happened, and only tunnels spent keys: one each, never per connection.
+    assert 3 <= keys.client_handshakes == keys.server_handshakes < result.connections, table
+    assert keys.distinct_key_ids == keys.client_handshakes, table
+    assert keys.reused_key_ids == keys.unmatched_key_ids == keys.kme_delivered_twice == 0, table
+    for taken, consumed, wasted, outstanding in (keys.client_ledger, keys.server_ledger):
+        assert (taken, consumed, wasted, outstanding) == (keys.client_handshakes,) * 2 + (0, 0)
+    resources = result.resources
+    assert resources.fd_delta <= 0 and resources.task_delta <= 0, table
+    assert (resources.traced_delta or 0) <= MEMORY_TOLERANCE, table
+    assert result.ok, result.problems
+
+
 class _CorruptingEcho(soak.ChecksumEcho):
     """Flips one bit of what it echoes, or of what it reports having received."""
 

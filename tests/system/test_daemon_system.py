@@ -522,7 +522,7 @@ HEX64 = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
 # The connection record's fields that may name keys: ids and counters, never key bytes.
 KEY_FIELDS = {
     "qkd_key_id", "spent_key_id", "key_updates", "fresh_key_updates",
-    "fresh_key_update_failures", "fresh_key_ids",
+    "fresh_key_update_failures", "fresh_key_updates_abandoned", "fresh_key_ids",
 }  # fmt: skip
 BASE64_32 = re.compile(r"[A-Za-z0-9+/]{43}=")
 

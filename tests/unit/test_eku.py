@@ -135,7 +135,7 @@ class Link:
         assert prepared is not None
         kex, steps = prepared
         run_sync(steps, self.kme)
-        self.handle(name, self.layer(name).begin_fresh_update(kex))
+        self.handle(name, self.layer(name).begin_fresh_update(kex, self.now))
 
     def of(self, name: str, kind: type) -> list[object]:
         return [e for e in self.events[name] if isinstance(e, kind)]
@@ -437,8 +437,73 @@ def test_an_update_is_not_sent_after_the_stream_ended(ca: CertificateAuthority) 
     kex, steps = prepared
     run_sync(steps, p.kme)
     lnk.client.close()
-    assert lnk.client.begin_fresh_update(kex) == []
+    assert lnk.client.begin_fresh_update(kex, lnk.now) == []
     assert client_keys.ledger.outstanding == 0
+
+
+def deadline_failure(layer: RecordLayer, now: float) -> Failed | None:
+    events = layer.check_fresh_update(now)
+    failed = [e for e in events if isinstance(e, Failed)]
+    return failed[0] if failed else None
+
+
+def test_an_update_the_peer_never_answers_fails_the_connection_at_its_deadline(
+    ca: CertificateAuthority,
+) -> None:
+    """A hostile or stuck peer that never sends key_update_response must not leave the
+    connection on its old keys for ever (that would silently defeat the fresh-key policy)."""
+    p, client_keys, _ = connected(ca)
+    lnk = link(p)
+    lnk.initiate("client")
+    lnk.client.data_to_send()  # the request is lost: the peer never sees it
+    eku_ = lnk.client.eku
+    assert eku_ is not None and eku_.state is State.AWAIT_RESPONSE
+    assert deadline_failure(lnk.client, lnk.now + eku_.deadline_s) is None  # still in time
+    failure = deadline_failure(lnk.client, lnk.now + eku_.deadline_s + 0.1)
+    assert failure is not None and failure.alert == Alert.HANDSHAKE_FAILURE
+    assert "not finished within" in failure.reason
+    assert lnk.client.phase.value == "failed"
+    assert (eku_.stats.failed, eku_.stats.completed, eku_.state) == (1, 0, State.IDLE)
+    assert client_keys.ledger.outstanding == 0 and client_keys.ledger.wasted == 1
+    assert lnk.client.check_fresh_update(lnk.now + 100) == []  # once
+
+
+def test_a_peer_that_never_sends_new_key_update_fails_the_responder_at_its_deadline(
+    ca: CertificateAuthority,
+) -> None:
+    p, _, server_keys = connected(ca)
+    lnk = link(p)
+    lnk.initiate("client")
+    lnk.deliver("client")  # the server answers, then waits for new_key_update
+    lnk.server.data_to_send()  # which never comes: its response is lost
+    eku_ = lnk.server.eku
+    assert eku_ is not None and eku_.state is State.AWAIT_NKU
+    failure = deadline_failure(lnk.server, lnk.now + eku_.deadline_s + 0.1)
+    assert failure is not None and eku_.stats.failed == 1
+    assert server_keys.ledger.outstanding == 0
+
+
+def test_no_deadline_runs_between_updates(ca: CertificateAuthority) -> None:
+    p, _, _ = connected(ca)
+    lnk = link(p)
+    lnk.initiate("client")
+    lnk.pump()
+    assert lnk.client.check_fresh_update(lnk.now + 1e6) == []
+    assert lnk.server.check_fresh_update(lnk.now + 1e6) == []
+
+
+def test_a_clean_close_during_an_update_is_not_a_failure(ca: CertificateAuthority) -> None:
+    """An update cut short by close_notify wastes its key (counted) but did not fail."""
+    p, client_keys, _ = connected(ca)
+    lnk = link(p)
+    lnk.initiate("client")
+    lnk.client.data_to_send()  # the request never arrives
+    lnk.server.close()
+    lnk.deliver("server")
+    eku_ = lnk.client.eku
+    assert eku_ is not None
+    assert (eku_.stats.failed, eku_.stats.abandoned) == (0, 1)
+    assert client_keys.ledger.outstanding == 0 and client_keys.ledger.wasted == 1
 
 
 def test_etsi_004_updates_open_a_stream_each(ca: CertificateAuthority) -> None:

@@ -12,6 +12,7 @@ import pytest
 from qkdproxy.daemon import pump
 from qkdproxy.daemon.config import load_config
 from qkdproxy.daemon.pump import FreshKeyBudget, Traffic, refresh_keys
+from qkdproxy.io.tls_stream import TlsStreamError
 from tests.unit.test_config import CLIENT, KME, problems, write
 
 
@@ -60,6 +61,12 @@ class FakeStream:
         self.fresh_keys_at = time.monotonic()
         return True
 
+    async def check_fresh_key_deadline(self) -> None:
+        if self.overdue:
+            raise TlsStreamError("fresh key update not finished within 10 s")
+
+    overdue = False
+
 
 async def run_for(stream: FakeStream, traffic: Traffic, budget: FreshKeyBudget, s: float) -> None:
     task = asyncio.create_task(refresh_keys(stream, traffic, budget))  # type: ignore[arg-type]
@@ -97,3 +104,16 @@ async def test_the_non_originator_leaves_equal_budgets_to_its_peer(
     )
     assert originator.asked == 1  # and its clock restarted
     assert other.asked == 0
+
+
+async def test_an_overdue_update_ends_the_task_even_without_a_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no budget of its own the task still watches the peer's updates' deadline."""
+    monkeypatch.setattr(pump, "FRESH_KEY_POLL_S", 0.01)
+    stream = FakeStream(originator=False)
+    task = asyncio.create_task(refresh_keys(stream, Traffic(), FreshKeyBudget(0, 0)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.03)
+    assert not task.done() and stream.asked == 0
+    stream.overdue = True
+    await asyncio.wait_for(task, 1)  # returned: the stream failed closed

@@ -24,7 +24,7 @@ from typing import Any
 
 from qkdproxy.core.errors import LocalProtocolError, QkdproxyError
 from qkdproxy.core.hybrid import HybridKem
-from qkdproxy.core.tls.eku_state import FreshKeyUpdates
+from qkdproxy.core.tls.eku_state import FreshKeyUpdates, UpdatePolicy
 from qkdproxy.core.tls.events import Failed, RecordEvent, Side
 from qkdproxy.core.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
 from qkdproxy.core.tls.identity import PeerIdentity
@@ -581,6 +581,8 @@ class TlsConnection:
             keys=self.keys,
             is_client=self.is_client,
             originator=originator,
+            # An update is a handshake inside the connection: the same time limit.
+            policy=UpdatePolicy(deadline_s=self.config.handshake_timeout),
         )
 
     def take_leftover(self) -> bytes:

@@ -67,10 +67,13 @@ class State(Enum):
 
 @dataclass(frozen=True, slots=True)
 class UpdatePolicy:
-    """How many update requests a peer may make: ``rate`` per second after ``burst``."""
+    """How many update requests a peer may make (``rate`` per second after ``burst``), and
+    how long one update may stay unfinished (``deadline_s``: a peer that never answers or
+    never sends new_key_update would otherwise hold the connection on its old keys)."""
 
     rate: float = 2.0
     burst: float = 10.0
+    deadline_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -79,6 +82,7 @@ class UpdateStats:
 
     completed: int = 0
     failed: int = 0
+    abandoned: int = 0  # cut short by the connection's clean end (its key is wasted)
     initiated: int = 0
     ignored_crossing: int = 0
     superseded: int = 0  # prepared, then not sent (the peer's update came first)
@@ -120,6 +124,8 @@ class FreshKeyUpdates:
         self._originator = originator
         policy = policy or UpdatePolicy()
         self._requests = TokenBucket(policy.rate, policy.burst)
+        self._deadline_s = policy.deadline_s
+        self._since: float | None = None  # when the running update started
         self.state = State.IDLE
         self.stats = UpdateStats()
         self._kex: ClientKeyExchange | ServerKeyExchange | None = None
@@ -159,11 +165,12 @@ class FreshKeyUpdates:
         kex = ClientKeyExchange([self._hybrid], _UpdateContext(self._keys, flow))
         return kex, kex.offer(self.group)
 
-    def begin(self, kex: ClientKeyExchange) -> list[RecordEvent]:
+    def begin(self, kex: ClientKeyExchange, now: float) -> list[RecordEvent]:
         """Send the request prepared by ``kex``; if an update started meanwhile (the peer's),
         the prepared key is wasted instead."""
         if self.state is not State.IDLE:
             return self.discard(kex)
+        self._since = now
         share, _ = kex.key_share(self.group)
         self._kex = kex
         self._request = encode(KEY_UPDATE_REQUEST, self.group, share)
@@ -221,6 +228,7 @@ class FreshKeyUpdates:
             raise RemoteProtocolError("key update request flood", Alert.UNEXPECTED_MESSAGE)
         kex = ServerKeyExchange([self._hybrid], _UpdateContext(self._keys))
         self._kex = kex
+        self._since = now
         self._request = message
         self._peer_share = share
         self.state = State.RESPONDER_KEYS
@@ -270,7 +278,7 @@ class FreshKeyUpdates:
         kex, self._kex = self._kex, None
         assert kex is not None
         key_id = kex.record.qkd_key_id
-        self.state = State.IDLE
+        self.state, self._since = State.IDLE, None
         self.stats.completed += 1
         if key_id:
             self.stats.key_ids.append(key_id)
@@ -302,14 +310,28 @@ class FreshKeyUpdates:
             raise
         return [UpdateKeyNeeded(request)]
 
-    def abandon(self) -> list[RecordEvent]:
-        """The connection ended: whatever key an unfinished update holds is wasted."""
+    def overdue(self, now: float) -> bool:
+        """True if the running update has not finished within the policy's deadline."""
+        return self._since is not None and now - self._since > self._deadline_s
+
+    @property
+    def deadline_s(self) -> float:
+        """How long one update may stay unfinished."""
+        return self._deadline_s
+
+    def abandon(self, failed: bool = True) -> list[RecordEvent]:
+        """The connection ended: whatever key an unfinished update holds is wasted, counted
+        as failed unless the end was clean (``failed`` false: a close_notify either way)."""
         kex, self._kex = self._kex, None
         self._steps = self._then = None
+        self._since = None
         if kex is None or self.state is State.IDLE:
             self.state = State.IDLE
             return []
         self.state = State.IDLE
+        if not failed:
+            self.stats.abandoned += 1
+            return self._settle(kex, False, "update_abandoned")
         self.stats.failed += 1
         return self._settle(kex, False, "update_failed")
 

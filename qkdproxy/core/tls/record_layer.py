@@ -254,7 +254,7 @@ class RecordLayer:
             # signal: the peer's close_notify ends the connection both ways.
             self._send_alert(Alert.CLOSE_NOTIFY, ALERT_LEVEL_WARNING)
             self.phase = Phase.CLOSED
-            self._abandon_update()
+            self._abandon_update(failed=False)
             events.append(PeerClosed())
         elif description == Alert.USER_CANCELED and level == ALERT_LEVEL_WARNING:
             return  # followed by close_notify (RFC 8446 6.1)
@@ -340,7 +340,7 @@ class RecordLayer:
         if self.phase is Phase.OPEN:
             self._send_alert(Alert.CLOSE_NOTIFY, ALERT_LEVEL_WARNING)
             self.phase = Phase.CLOSED
-            self._abandon_update()
+            self._abandon_update(failed=False)
 
     def fail(self, alert: Alert, reason: str) -> Failed:
         """End the connection with a fatal alert of ours (queued if still open)."""
@@ -388,13 +388,22 @@ class RecordLayer:
             return None
         return eku.prepare()
 
-    def begin_fresh_update(self, kex: ClientKeyExchange) -> list[RecordEvent]:
+    def begin_fresh_update(self, kex: ClientKeyExchange, now: float) -> list[RecordEvent]:
         """Send the request ``kex`` prepared (its key is wasted if the stream ended or the
         peer's update started meanwhile)."""
         assert self.eku is not None
         if self.phase is not Phase.OPEN:
             return self.eku.discard(kex)
-        return self.eku.begin(kex)
+        return self.eku.begin(kex, now)
+
+    def check_fresh_update(self, now: float) -> list[RecordEvent]:
+        """Fail the connection if an Extended Key Update has run past its deadline: a peer
+        that never answers must not keep the connection on old keys, silently defeating a
+        fresh-key policy. Nothing while no update runs or it is in time."""
+        if self.eku is None or self.phase is not Phase.OPEN or not self.eku.overdue(now):
+            return []
+        reason = f"fresh key update not finished within {self.eku.deadline_s:g} s"
+        return [self.fail(Alert.HANDSHAKE_FAILURE, reason)]
 
     def answer_update_key(self, answer: KeyAnswer, now: float) -> list[RecordEvent]:
         """The answer to an :class:`UpdateKeyNeeded`; continues with the bytes that waited."""
@@ -421,8 +430,8 @@ class RecordLayer:
         if write_secret is not None:
             self.write = Direction(self.write.suite, write_secret)
 
-    def _abandon_update(self) -> None:
+    def _abandon_update(self, failed: bool = True) -> None:
         # The keys of an unfinished update are counted as wasted; an ETSI 004 stream it held
         # is reclaimed by the KME when its TTL ends.
         if self.eku is not None:
-            self.eku.abandon()
+            self.eku.abandon(failed)

@@ -54,6 +54,8 @@ from qkdproxy.tools.certs import KMES, TRUST_DOMAIN, TUNNEL_SERVER_NAME, write_d
 TRAILER = struct.Struct("!32sQ")  # SHA-256 of what the backend received, and its length
 READ_CHUNK = 65536
 CLOSED = "closed"
+# How a multiplexed tunnel ends when nothing went wrong.
+TUNNEL_ENDS = (CLOSED, "rotated", "idle")
 PROGRESS_INTERVAL_S = 1.0
 SETTLE_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 30.0
@@ -75,7 +77,8 @@ class SoakSettings:
     ``qkd-pq-required``. ``trace_memory`` runs tracemalloc (about 3x slower, but live
     allocations are then measured, not only RSS). ``warmup`` runs one short cycle before
     the baseline is taken, so one-time start-up costs (imports, caches) are not counted as
-    growth.
+    growth. ``multiplex`` carries the connections as streams of pooled tunnels (issue 18),
+    rotated every ``mux_rotate_s`` seconds (0: the default budget).
     """
 
     seconds: float = 10.0
@@ -95,6 +98,8 @@ class SoakSettings:
     # stopped simulator's applications, tlslite and asyncio a few lists), about 0.15 MB
     # after 200 connections as after 4000.
     memory_tolerance_bytes: int = 2 * 1024 * 1024
+    multiplex: bool = False
+    mux_rotate_s: float = 0.0
 
     def __post_init__(self) -> None:
         low, high = self.long_lived_exchanges
@@ -102,8 +107,8 @@ class SoakSettings:
             raise ValueError("seconds >= 0, concurrency >= 1 and max_message_bytes >= 1")
         if not 0.0 <= self.long_lived_fraction <= 1.0 or not 1 <= low <= high:
             raise ValueError("long_lived_fraction in [0, 1] and 1 <= exchanges low <= high")
-        if self.io_timeout_s <= 0 or self.rekey_bytes < 0:
-            raise ValueError("io_timeout_s > 0 and rekey_bytes >= 0")
+        if self.io_timeout_s <= 0 or self.rekey_bytes < 0 or self.mux_rotate_s < 0:
+            raise ValueError("io_timeout_s > 0, rekey_bytes >= 0 and mux_rotate_s >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +245,14 @@ class SoakResult:
     kme_errors: Mapping[str, int]
     key_updates: int
     resources: ResourceReport
+    # Application connections the server carried as streams of multiplexed tunnels.
+    server_streams: int = 0
+
+    @property
+    def backend_expected(self) -> int:
+        """Backend connections the server should have made: one per handshake, or with
+        multiplexing one per stream."""
+        return self.server_streams if self.settings.multiplex else self.keys.server_handshakes
 
     @property
     def problems(self) -> list[str]:
@@ -252,10 +265,11 @@ class SoakResult:
         if self.connections == 0:
             out.append("no connection completed")
         out += self.keys.problems
-        if self.backend_connections != self.keys.server_handshakes:
+        if self.backend_connections != self.backend_expected:
+            what = "streams" if self.settings.multiplex else "handshakes"
             out.append(
                 f"the backend saw {self.backend_connections} connections for "
-                f"{self.keys.server_handshakes} server handshakes"
+                f"{self.backend_expected} server {what}"
             )
         res = self.resources
         if res.fd_delta > 0:
@@ -297,6 +311,7 @@ class SoakResult:
             "backend_connections": self.backend_connections,
             "kme_errors": dict(self.kme_errors),
             "tls_key_updates": self.key_updates,
+            "server_streams": self.server_streams,
             "keys": {
                 "client_handshakes": self.keys.client_handshakes,
                 "server_handshakes": self.keys.server_handshakes,
@@ -340,7 +355,9 @@ class SoakResult:
             ("mismatches", str(self.mismatches) + _kinds(self.mismatch_kinds)),
             ("errors", str(sum(self.errors.values())) + _kinds(self.errors)),
             ("handshakes", f"client {k.client_handshakes}, server {k.server_handshakes}, "
-                           f"backend connections {self.backend_connections}"),
+                           f"backend connections {self.backend_connections}"
+                           + (f", server streams {self.server_streams}"
+                              if s.multiplex else "")),
             ("QKD keys", f"client taken/consumed/wasted {_ledger(k.client_ledger)}, "
                          f"server {_ledger(k.server_ledger)}"),
             ("key ids", f"{k.distinct_key_ids} distinct, {k.reused_key_ids} reused, "
@@ -521,16 +538,21 @@ class _Tally:
         default_factory=lambda: {"client": Counter(), "server": Counter()}
     )
     handshakes: Counter[str] = field(default_factory=Counter)
+    streams: Counter[str] = field(default_factory=Counter)
     key_updates: int = 0
 
     def record(self, record: ConnectionRecord) -> None:
-        """A connection record from either daemon."""
-        if record.group is not None:
+        """A connection record from either daemon (with multiplexing, a stream's line names
+        its tunnel's key: the tunnel's own line counts the handshake)."""
+        if record.mux == "stream":
+            self.streams[record.role] += 1
+        elif record.group is not None:
             self.handshakes[record.role] += 1
             if record.qkd_key_id is not None:
                 self.key_ids[record.role][record.qkd_key_id] += 1
         self.key_updates += record.key_updates
-        if record.reason != CLOSED:
+        normal = TUNNEL_ENDS if record.mux == "tunnel" else (CLOSED,)
+        if record.reason not in normal:
             self.errors[f"{record.role} tunnel: {_reason_class(record.reason)}"] += 1
 
 
@@ -646,8 +668,15 @@ def _tunnel_table(role: str, connect: int, s: SoakSettings, extra: str) -> str:
         f'key = "pki/tunnel-{role}-key.pem"\nca = "pki/ca.pem"\nkme = "local"\n'
         f'policy = "qkd-pq-required"\ngroups = ["{s.group}"]\n'
         f"max_connections = {max(100, 4 * s.concurrency)}\n"
-        f"rekey_bytes = {s.rekey_bytes}\n{extra}"
+        f"rekey_bytes = {s.rekey_bytes}\n{_mux_settings(s)}{extra}"
     )
+
+
+def _mux_settings(s: SoakSettings) -> str:
+    if not s.multiplex:
+        return ""
+    rotate = f"mux_rotate_s = {s.mux_rotate_s}\n" if s.mux_rotate_s else ""
+    return f"multiplex = true\n{rotate}"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -759,6 +788,11 @@ async def _cycle(s: SoakSettings, progress: Callable[[SoakProgress], None] | Non
                     reporter.cancel()
                     await asyncio.gather(reporter, return_exceptions=True)
             seconds = time.monotonic() - started
+            if s.multiplex:
+                # Pooled tunnels live until their daemon stops: stop both (the client's
+                # first, as in a shutdown), so that every tunnel's line is written too.
+                await client.close()
+                await server.close()
             # Every connection record is written before its task ends.
             for daemon in (client, server):
                 try:
@@ -916,4 +950,5 @@ async def run_soak(
         kme_errors=dict(outcome.kme_errors),
         key_updates=t.key_updates,
         resources=ResourceReport(before, after, leaked, sites),
+        server_streams=t.streams["server"],
     )
