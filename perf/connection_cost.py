@@ -147,7 +147,11 @@ async def _instructions(pids: dict[str, int], port: int, count: int, out: str) -
 
 async def _dump(pid: int) -> None:
     control = await asyncio.create_subprocess_exec(
-        "callgrind_control", "--dump", str(pid), stdout=asyncio.subprocess.DEVNULL
+        "callgrind_control",
+        "--dump",
+        str(pid),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     if await control.wait() != 0:
         raise RuntimeError("callgrind_control failed")
