@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,23 @@ from qkdproxy.tools.bench import keys as key_bench
 from qkdproxy.tools.bench import tunnel_handshake
 from qkdproxy.tools.bench.handshake import KeySourceChoice, run_handshake_bench
 from qkdproxy.tools.bench.kme import run_kme_bench
+from qkdproxy.tools.bench.loadgen import Generator, LoadUnavailableError
 from qkdproxy.tools.bench.output import OutputFormat, Row, progress, render
+from qkdproxy.tools.bench.pathtables import (
+    CONNRATE_TABLES,
+    THROUGHPUT_TABLES,
+    Table,
+    report_text,
+)
 from qkdproxy.tools.bench.plot import BarChart, PlotUnavailableError, require_matplotlib, save
 from qkdproxy.tools.bench.soak import SoakProgress, SoakResult, SoakSettings, run_soak
-from qkdproxy.tools.bench.tunnels import run_connrate, run_throughput
+from qkdproxy.tools.bench.tunnels import PathReport, R, run_connrate, run_throughput
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# The bench daemons' max_connections (processes.BENCH_MAX_CONNECTIONS), less headroom.
+MAX_IDLE = 4000
 
 
 class UsageError(Exception):
@@ -209,34 +218,64 @@ def _kem(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- tunnels, kme
 
 
+def _generator(args: argparse.Namespace) -> Generator:
+    return Generator(args.generator)
+
+
 def _throughput(args: argparse.Namespace) -> int:
     streams = _counts(args.streams, "--streams")
     megabytes = _at_least_one(args.megabytes, "--megabytes")
-    results = run(run_throughput(megabytes, streams, not args.no_stunnel))
-    return _emit_paths(args, [r.as_dict() for r in results], "streams", "gbit_s", "Gbit/s")
+    report = _run_paths(run_throughput(megabytes, streams, not args.no_stunnel, _generator(args)))
+    return _emit_paths(args, report, THROUGHPUT_TABLES, "streams", (
+        ("gbit_s", "Gbit/s"), ("cpu_s_per_gb", "tunnel CPU s per GB"),
+    ))  # fmt: skip
 
 
 def _connrate(args: argparse.Namespace) -> int:
     levels = _counts(args.concurrency, "--concurrency")
     connections = _at_least_one(args.connections, "--connections")
-    results = run(run_connrate(connections, levels, not args.no_stunnel))
-    rows = [r.as_dict() for r in results]
-    return _emit_paths(args, rows, "concurrency", "conn_per_s", "connections/s")
+    if connections < max(levels):
+        raise UsageError("--connections must be at least the highest --concurrency")
+    if not 0 <= args.idle <= MAX_IDLE:
+        raise UsageError(f"--idle takes 0 to {MAX_IDLE} (the bench tunnels' connection limit)")
+    report = _run_paths(
+        run_connrate(connections, levels, not args.no_stunnel, _generator(args), args.idle)
+    )
+    return _emit_paths(args, report, CONNRATE_TABLES, "concurrency", (
+        ("conn_per_s", "connections/s"), ("cpu_ms_per_conn", "tunnel CPU ms per connection"),
+    ))  # fmt: skip
+
+
+def _run_paths(bench: Coroutine[Any, Any, PathReport[R]]) -> PathReport[R]:
+    try:
+        return run(bench)
+    except LoadUnavailableError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _emit_paths(
-    args: argparse.Namespace, rows: list[Row], level: str, value: str, unit: str
+    args: argparse.Namespace,
+    report: PathReport[R],
+    tables: Sequence[Table],
+    level: str,
+    charts: Sequence[tuple[str, str]],
 ) -> int:
-    return _emit(
-        args, rows, lambda: [_path_chart(rows, level, value, unit)],
-        f"{unit} by path and {level} (same run)",
-    )  # fmt: skip
+    fmt = _format(args)
+    print(report_text(report, fmt, tables), flush=True)
+    if fmt is not OutputFormat.TABLE:
+        # Loud even when stdout goes to a tool: a broken baseline must not pass unseen.
+        for warning in report.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
+    if args.plot:
+        rows = [r.as_dict() for r in report.results]
+        _save_plot([_path_chart(rows, level, value, unit) for value, unit in charts], args.plot)
+    return EXIT_OK
 
 
 def _path_chart(rows: Sequence[Row], level: str, value: str, unit: str) -> BarChart:
     levels = list(dict.fromkeys(str(r[level]) for r in rows))
     paths = list(dict.fromkeys(str(r["path"]) for r in rows))
-    by_key = {(str(r["path"]), str(r[level])): float(r[value]) for r in rows}  # type: ignore[arg-type]
+    by_key = {(str(r["path"]), str(r[level])): _number(r[value]) for r in rows}
     series = {path: [by_key.get((path, lv)) for lv in levels] for path in paths}
     return BarChart(f"{unit} by {level}", unit, [f"{level} {lv}" for lv in levels], series)
 
@@ -386,22 +425,43 @@ def add_commands(commands: Any) -> None:
     throughput = benches.add_parser(
         "throughput", help="bulk transfer through a tunnel pair, direct loopback and stunnel",
         description="Each path measured in the same run: direct loopback (ceiling), a qkdproxy "
-        "client+server daemon pair (separate processes), and a TLS 1.3 stunnel pair if "
-        "stunnel is installed.",
+        "client+server daemon pair (separate processes; also multiplexed), and a TLS 1.3 "
+        "stunnel pair (mutual TLS, no resumption) if stunnel is installed. The load runs "
+        "outside the tunnels (iperf3 or our C programs). CPU per GB is the tunnel processes' "
+        "own CPU time (/proc/PID/stat) during the measurement.",
     )  # fmt: skip
     throughput.add_argument("--megabytes", type=int, default=512, help="per measurement")
     throughput.add_argument("--streams", default="1,4", help="comma-separated stream counts")
     throughput.add_argument("--no-stunnel", action="store_true", help="skip stunnel")
+    throughput.add_argument(
+        "--generator", choices=[g.value for g in Generator], default="auto",
+        help="load generator and backend (default auto: our C programs, else Python in this "
+        "process, which limits the baselines and says so; iperf3 only on request: its "
+        "receiver does not count the bytes still in a tunnel when the sender is done)",
+    )  # fmt: skip
     _output_options(throughput)
     throughput.set_defaults(handler=_guarded("throughput", _throughput))
     connrate = benches.add_parser(
         "connrate", help="new connections per second through each path",
         description="Each connection opens, sends one byte, gets it back and closes (a full "
-        "QKD-KEM handshake through the qkdproxy pair; no session resumption).",
+        "QKD-KEM handshake through the qkdproxy pair; no session resumption on any path). "
+        "The load runs outside the tunnels (our C programs). CPU per connection is the "
+        "tunnel processes' own CPU time (/proc/PID/stat) during the measurement; memory per "
+        "idle connection is their RSS growth with --idle connections open.",
     )  # fmt: skip
     connrate.add_argument("--connections", type=int, default=500, help="per measurement")
     connrate.add_argument("--concurrency", default="1,16", help="comma-separated levels")
     connrate.add_argument("--no-stunnel", action="store_true", help="skip stunnel")
+    connrate.add_argument(
+        "--generator", choices=[g.value for g in Generator if g is not Generator.IPERF3],
+        default="auto",
+        help="load generator and backend (default auto: our C programs, else Python in "
+        "this process, which limits the baselines and says so)",
+    )  # fmt: skip
+    connrate.add_argument(
+        "--idle", type=int, default=200,
+        help="idle connections held open per tunnel path to measure memory (0: skip)",
+    )  # fmt: skip
     _output_options(connrate)
     connrate.set_defaults(handler=_guarded("connrate", _connrate))
     soak = benches.add_parser(

@@ -392,6 +392,7 @@ class MuxTunnel:
         if self.reason is None:
             self._end(reason, broken=True)
             gate.reset(self._writer)
+            self.tls.abort(reason)  # settles an unfinished update's key (failed)
             for task in self._tasks:
                 if task is not asyncio.current_task():
                     task.cancel()

@@ -411,6 +411,7 @@ class Tunnel:
         finally:
             self._account(record, traffic)
             await _close_after_pump(reason, traffic, channel, tls=peer_writer, plaintext=writer)
+            record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
 
     async def _dial_with_fresh_key(
         self, record: ConnectionRecord, *, mux: bool = False
@@ -529,6 +530,7 @@ class Tunnel:
         finally:
             self._account(record, traffic)
             await _close_after_pump(reason, traffic, channel, tls=writer, plaintext=backend_writer)
+            record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
             await close_transport(backend_writer)
 
     # ------------------------------------------------------------ multiplexing
@@ -913,11 +915,13 @@ async def _close_after_pump(
     """
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
     broken = reason is None or reason.startswith("error")
+    stream = getattr(channel, "stream", None)
     if broken and traffic.to_peer:
         gate.reset(tls)  # no close_notify
+        if isinstance(stream, TlsStream):
+            stream.abort(f"reset after the pump ended ({reason or 'cut'})")
     else:
         await channel.close()
-    stream = getattr(channel, "stream", None)
     refused = (
         isinstance(stream, TlsStream)
         and stream.failure is not None

@@ -88,19 +88,34 @@ def test_help_everywhere(args: list[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "keys"),
     [
-        (["throughput", "--megabytes", "4", "--streams", "1,2"], {"path", "streams", "gbit_s"}),
-        (["connrate", "--connections", "10", "--concurrency", "1,2"],
-         {"path", "concurrency", "conn_per_s", "p50_ms", "p99_ms"}),
+        # The Python fallback here (the C generator is exercised by connrate below).
+        (["throughput", "--megabytes", "4", "--streams", "1,2", "--generator", "python"],
+         {"path", "streams", "gbit_s", "cpu_s_per_gb", "kme_cpu_s_per_gb", "load_cpu_s_per_gb",
+          "vs_stunnel", "cpu_vs_stunnel", "generator"}),
+        (["connrate", "--connections", "10", "--concurrency", "1,2", "--idle", "4"],
+         {"path", "concurrency", "conn_per_s", "p50_ms", "p99_ms", "cpu_ms_per_conn",
+          "kme_cpu_ms_per_conn", "load_cpu_ms_per_conn", "kib_per_idle_conn", "vs_stunnel",
+          "cpu_vs_stunnel", "kib_vs_stunnel", "generator"}),
     ],
 )  # fmt: skip
 def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> None:
     result = qkdproxy("bench", *args, "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)["results"]
+    document = json.loads(result.stdout)
+    rows = document["results"]
+    assert isinstance(document["notes"], list) and isinstance(document["warnings"], list)
     assert {"direct", "qkdproxy"} <= {r["path"] for r in rows}
     for row in rows:
         assert keys <= set(row)
         assert row.get("gbit_s", 1) > 0 and row.get("conn_per_s", 1) > 0
+        # Every tunnel path's own processes did the work: their CPU time is counted.
+        cost = row.get("cpu_ms_per_conn", row.get("cpu_s_per_gb"))
+        assert (cost is None) == (row["path"] == "direct")
+        assert cost is None or cost > 0
+    python = {r["generator"] for r in rows} == {"python"}
+    limited = [w for w in document["warnings"] if "baselines are Python-limited" in w]
+    assert bool(limited) == python
+    assert python == ("WARNING: the load generator and backend run in" in result.stderr)
 
 
 @requires_matplotlib

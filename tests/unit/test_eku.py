@@ -483,6 +483,46 @@ def test_a_peer_that_never_sends_new_key_update_fails_the_responder_at_its_deadl
     assert server_keys.ledger.outstanding == 0
 
 
+@pytest.mark.parametrize("flow", list(Flow))
+def test_a_key_that_arrives_after_the_deadline_failed_its_update_is_counted(
+    ca: CertificateAuthority, flow: Flow
+) -> None:
+    """The responder's KME call outlives the update's deadline (slow within its own
+    timeout): the key it then delivers was taken all the same (dec_keys, or enc_keys from
+    our supply when the peer does not originate) and must show in the ledger as wasted,
+    not vanish."""
+    p, _, server_keys = connected(ca, options=QkdOptions(flow=flow))
+    lnk = link(p)
+    lnk.answer_keys = False
+    lnk.initiate("client")
+    lnk.pump()
+    assert lnk.held["server"]  # the responder's key call waits
+    eku_ = lnk.server.eku
+    assert eku_ is not None
+    assert deadline_failure(lnk.server, lnk.now + eku_.deadline_s + 1) is not None
+    taken = server_keys.ledger.taken
+    lnk.release()  # the KME answers late: the key was delivered all the same
+    assert server_keys.ledger.taken == taken + 1
+    assert server_keys.ledger.outstanding == 0
+    assert server_keys.ledger.wasted_by_reason == {"update_failed": 1}
+
+
+def test_time_this_side_held_the_update_up_does_not_count(ca: CertificateAuthority) -> None:
+    """Flow control is not a refusal: while our reader is slow or our writes wait for the
+    peer, the deadline's clock stops; it runs on when we are ready again."""
+    p, _, _ = connected(ca)
+    lnk = link(p)
+    lnk.initiate("client")
+    lnk.client.data_to_send()
+    eku_ = lnk.client.eku
+    assert eku_ is not None
+    limit = eku_.deadline_s
+    assert lnk.client.check_fresh_update(lnk.now + 0.5 * limit) == []
+    assert lnk.client.check_fresh_update(lnk.now + 100 * limit, held=True) == []
+    assert lnk.client.check_fresh_update(lnk.now + 100.4 * limit) == []  # 0.9 of it ran
+    assert deadline_failure(lnk.client, lnk.now + 100.6 * limit) is not None
+
+
 def test_no_deadline_runs_between_updates(ca: CertificateAuthority) -> None:
     p, _, _ = connected(ca)
     lnk = link(p)

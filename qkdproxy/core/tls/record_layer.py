@@ -350,6 +350,14 @@ class RecordLayer:
         self._abandon_update()
         return Failed(alert, Side.LOCAL, reason)
 
+    def abort(self) -> None:
+        """The transport broke under the connection (a reset, a failed write): nothing more
+        moves either way, and an unfinished update failed (its keys are settled now, not
+        left outstanding, and not counted as a clean end)."""
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.FAILED
+            self._abandon_update()
+
     def data_to_send(self) -> bytes:
         """Everything queued for the peer since the last call, in order."""
         out = b"".join(self._out)
@@ -396,18 +404,24 @@ class RecordLayer:
             return self.eku.discard(kex)
         return self.eku.begin(kex, now)
 
-    def check_fresh_update(self, now: float) -> list[RecordEvent]:
+    def check_fresh_update(self, now: float, held: bool = False) -> list[RecordEvent]:
         """Fail the connection if an Extended Key Update has run past its deadline: a peer
         that never answers must not keep the connection on old keys, silently defeating a
-        fresh-key policy. Nothing while no update runs or it is in time."""
-        if self.eku is None or self.phase is not Phase.OPEN or not self.eku.overdue(now):
+        fresh-key policy. Nothing while no update runs or it is in time; time in which
+        this side ``held`` the update up itself does not count."""
+        if self.eku is None or self.phase is not Phase.OPEN:
+            return []
+        if not self.eku.overdue(now, held):
             return []
         reason = f"fresh key update not finished within {self.eku.deadline_s:g} s"
         return [self.fail(Alert.HANDSHAKE_FAILURE, reason)]
 
     def answer_update_key(self, answer: KeyAnswer, now: float) -> list[RecordEvent]:
         """The answer to an :class:`UpdateKeyNeeded`; continues with the bytes that waited."""
-        if self.eku is None or not self.eku.waiting or self.phase is not Phase.OPEN:
+        if self.eku is None:
+            return []
+        if not self.eku.waiting or self.phase is not Phase.OPEN:
+            self.eku.late_answer(answer)
             return []
         try:
             events = self.eku.answer(answer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from typing import Protocol
@@ -38,13 +38,16 @@ def render(
     title: str = "",
     footer: str = "",
     first: Sequence[str] = (),
+    *,
+    extra: Mapping[str, object] | None = None,
 ) -> str:
-    """The results as one string in ``fmt`` (JSON: ``{"results": [...]}``).
+    """The results as one string in ``fmt`` (JSON: ``{"results": [...]}``, plus ``extra``'s
+    keys at the top level).
 
     A table keeps the columns ``first`` names, then the others in order, as long as it fits
     :data:`TABLE_WIDTH` columns; JSON and CSV always carry every column."""
     if fmt is OutputFormat.JSON:
-        return json.dumps({"results": list(rows)}, indent=2)
+        return json.dumps({"results": list(rows), **(extra or {})}, indent=2)
     columns = list(rows[0]) if rows else []
     if fmt is OutputFormat.CSV:
         buffer = io.StringIO()

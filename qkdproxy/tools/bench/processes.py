@@ -35,15 +35,24 @@ class Workspace:
 
 
 @asynccontextmanager
-async def workspace(backend: BackendHandler) -> AsyncIterator[Workspace]:
-    """Everything a bench run starts is torn down, and its files removed, on exit."""
+async def scratch() -> AsyncIterator[tuple[Path, AsyncExitStack]]:
+    """A temporary directory with the development PKI in ``pki/``, and an exit stack.
+
+    Everything a bench run starts is torn down, and its files removed, on exit."""
     with tempfile.TemporaryDirectory(prefix="qkdproxy-bench-") as tmp:
         base = Path(tmp)
         write_dev_pki(base / "pki")
         async with AsyncExitStack() as stack:
-            server = await asyncio.start_server(backend, "127.0.0.1", 0)
-            stack.callback(server.close)
-            yield Workspace(base, stack, int(server.sockets[0].getsockname()[1]))
+            yield base, stack
+
+
+@asynccontextmanager
+async def workspace(backend: BackendHandler) -> AsyncIterator[Workspace]:
+    """:func:`scratch` with ``backend`` serving in this process."""
+    async with scratch() as (base, stack):
+        server = await asyncio.start_server(backend, "127.0.0.1", 0)
+        stack.callback(server.close)
+        yield Workspace(base, stack, int(server.sockets[0].getsockname()[1]))
 
 
 async def spawn(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process:
@@ -116,8 +125,10 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
-async def start_kme(stack: AsyncExitStack, pki: Path, latency_ms: float = 0.0) -> dict[str, str]:
-    """The KME simulator pair as a process; returns its ETSI 014 URLs by KME name."""
+async def start_kme(
+    stack: AsyncExitStack, pki: Path, latency_ms: float = 0.0
+) -> tuple[dict[str, str], int]:
+    """The KME simulator pair as a process; its ETSI 014 URLs by KME name, and its pid."""
     kme = await spawn(
         stack, sys.executable, "-m", "qkdproxy", "kme", "--pki", str(pki),
         "--latency-ms", str(latency_ms),
@@ -126,7 +137,7 @@ async def start_kme(stack: AsyncExitStack, pki: Path, latency_ms: float = 0.0) -
     assert kme.stderr is not None
     urls: dict[str, str] = json.loads(await wait_line(kme.stdout, b"{"))["kme"]
     follow(stack, kme.stderr, discard)
-    return urls
+    return urls, kme.pid
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +159,9 @@ class DaemonPair:
     ports: dict[str, int]
     # Connection records (the daemons' JSON log lines) of the client daemon, in order.
     client_records: list[dict[str, object]] = field(default_factory=list)
+    # Process ids, for CPU and memory accounting: the two daemons, and the KME simulator.
+    daemon_pids: list[int] = field(default_factory=list)
+    kme_pid: int = 0
 
 
 _KME_SECTION = """
@@ -167,6 +181,8 @@ preauth_keys_burst = 1e6
 # The benchmarks' one loopback load generator is trusted: no per-source handshake limits
 # (admission control would otherwise cap a fast bench at 100 handshakes/s from one source).
 BENCH_ADMISSION = "handshake_rate_per_source = 0\nmax_handshakes_per_source = 0"
+# Room for the connections `bench connrate --idle` holds open (the default limit is 100).
+BENCH_MAX_CONNECTIONS = 5000
 # ... and, on servers, pre-authentication key budgets it never reaches.
 BENCH_BUDGET = (
     "preauth_keys_per_source_per_s = 1e6\npreauth_keys_per_source_burst = 1e6\n"
@@ -193,7 +209,10 @@ def _toml_list(values: Sequence[str]) -> str:
 
 
 def _client_extra(tunnel: ClientTunnel) -> str:
-    lines = [f'server_name = "{SERVER_NAME}"', f'flow = "{tunnel.flow}"', BENCH_ADMISSION]
+    lines = [
+        f'server_name = "{SERVER_NAME}"', f'flow = "{tunnel.flow}"', BENCH_ADMISSION,
+        f"max_connections = {BENCH_MAX_CONNECTIONS}",
+    ]  # fmt: skip
     if tunnel.groups:
         lines.append(f"groups = {_toml_list(tunnel.groups)}")
     if tunnel.policy:
@@ -233,13 +252,13 @@ async def start_daemon_pair(
     ``base`` must hold the development PKI in ``base/pki``. The server tunnel accepts every
     group in ``server_groups`` (its policy's defaults when empty).
     """
-    urls = await start_kme(stack, base / "pki", kme_latency_ms)
+    urls, kme_pid = await start_kme(stack, base / "pki", kme_latency_ms)
     kme = {"prefetch": "true" if prefetch else "false"}
     server_port, *client_ports = free_ports(1 + len(clients))
     # The benchmarks measure both flows (the server serves both) and both modes.
     server_extra = (
         f'allow = ["uri:{CLIENT_URI}"]\nflows = ["client", "server"]\nmultiplex = true\n'
-        + BENCH_BUDGET
+        f"max_connections = {BENCH_MAX_CONNECTIONS}\n" + BENCH_BUDGET
     )
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
@@ -256,7 +275,7 @@ async def start_daemon_pair(
         )  # fmt: skip
     (base / "server.toml").write_text(server)
     (base / "client.toml").write_text(client)
-    pair = DaemonPair(ports)
+    pair = DaemonPair(ports, kme_pid=kme_pid)
     daemons = (
         ("server", "server", discard),
         ("client", clients[-1].name, _record_collector(pair.client_records)),
@@ -266,6 +285,7 @@ async def start_daemon_pair(
             stack, sys.executable, "-m", "qkdproxy", "run", "--config", str(base / f"{config}.toml")
         )
         assert process.stderr is not None
+        pair.daemon_pids.append(process.pid)
         # Tunnels start in order: the last one listening means all of them are.
         await wait_line(process.stderr, f"tunnel {last_tunnel} (".encode())
         follow(stack, process.stderr, on_line)

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from qkdproxy.core.groups import DEFAULT_GROUPS, GroupSpec
 from qkdproxy.core.hybrid import GroupUnavailableError, resolve
 from qkdproxy.core.kem import default_registry
+from qkdproxy.tools.bench.loadgen import connect_once, echo_backend
 from qkdproxy.tools.bench.output import Advance
 from qkdproxy.tools.bench.plot import BarChart
 from qkdproxy.tools.bench.processes import ClientTunnel, DaemonPair, start_daemon_pair, workspace
-from qkdproxy.tools.bench.tunnels import connect_once, ping_backend
 
 WARMUP = 3
 RECORD_TIMEOUT_S = 30.0
@@ -152,7 +152,7 @@ async def _run_scenario(
     advance: Advance | None,
 ) -> dict[str, list[float]]:
     tunnels = _tunnels(groups, flows)
-    async with workspace(ping_backend) as work:
+    async with workspace(echo_backend) as work:
         pair = await start_daemon_pair(
             work.stack, work.base, work.backend_port, clients=tunnels,
             server_groups=[g.name for g in groups], kme_latency_ms=scenario.kme_latency_ms,

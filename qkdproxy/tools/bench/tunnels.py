@@ -5,8 +5,12 @@ Paths: ``direct`` (loopback, no tunnel: the ceiling), ``qkdproxy`` (a client and
 daemon, each its own process, with the KME simulator as a third: one handshake and one QKD
 key per connection), ``qkdproxy-mux`` (the same daemons, the connection carried as a stream
 of a pooled multiplexed tunnel), and ``stunnel`` (a TLS 1.3 stunnel pair with the same
-certificates, when stunnel is installed). The load generator and
-the backends run in this process.
+certificates, mutual TLS and no resumption, when stunnel is installed).
+
+The load generator and the backend are separate processes (:mod:`loadgen`: iperf3 or our C
+programs; the Python fallback runs in this process and says so). Every path's cost is the
+CPU time its tunnel processes used during the measurement (:mod:`proctime`); the KME
+simulator's and the load's are reported apart.
 """
 
 from __future__ import annotations
@@ -14,97 +18,81 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import statistics
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
+from qkdproxy.tools.bench import proctime
+from qkdproxy.tools.bench.loadgen import (
+    DESCRIPTIONS,
+    PYTHON_LIMITED,
+    Generator,
+    Load,
+    LoadUnavailableError,
+    Purpose,
+    choose,
+    start_load,
+)
+from qkdproxy.tools.bench.pathstats import (
+    DIRECT,
+    GB,
+    STUNNEL,
+    ConnrateResult,
+    ThroughputResult,
+    connrate_ratios,
+    connrate_warnings,
+    machine_note,
+    throughput_ratios,
+    throughput_warnings,
+)
 from qkdproxy.tools.bench.processes import (
-    BackendHandler,
     ClientTunnel,
     discard,
     follow,
     free_port,
+    scratch,
     spawn,
     start_daemon_pair,
     wait_line,
-    workspace,
 )
+from qkdproxy.tools.bench.proctime import ProcessGroup
 
-CHUNK = 256 * 1024
 # The client daemon's tunnel behind each qkdproxy path.
 PATH_TUNNELS = {"qkdproxy": "bench", "qkdproxy-mux": "mux"}
 LOG_SETTLE_S = 0.5
+# Idle connections settle (their lines logged) before memory is read.
+IDLE_SETTLE_S = 0.25
+WARM_UP_CONNECTIONS = 5
+WARM_UP_BYTES = 256 * 1024
+STUNNEL_MISSING = "stunnel not installed: the stunnel path is skipped (no ratios to stunnel)"
+
+T = TypeVar("T")
+R = TypeVar("R", ConnrateResult, ThroughputResult)
 
 
 @dataclass(frozen=True, slots=True)
-class ThroughputResult:
-    """One path, one stream count."""
+class PathReport(Generic[R]):
+    """Results of one run, the notes a reader needs, and what looks wrong."""
 
-    path: str
-    streams: int
-    gbit_s: float
-    bytes: int
-    seconds: float
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class ConnrateResult:
-    """New connections per second through one path."""
-
-    path: str
-    concurrency: int
-    conn_per_s: float
-    p50_ms: float
-    p99_ms: float
-    connections: int
-    # QKD keys the measurement consumed (distinct key ids in the client daemon's lines);
-    # None for paths without QKD.
-    keys: int | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready form."""
-        return asdict(self)
-
-
-async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Throughput backend: count bytes to EOF, answer with the count."""
-    total = 0
-    try:
-        while data := await reader.read(CHUNK):
-            total += len(data)
-        writer.write(total.to_bytes(8, "big"))
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
-async def ping_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Connection-rate backend: echo one byte, close."""
-    try:
-        writer.write(await reader.readexactly(1))
-        await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
+    results: list[R]
+    notes: list[str]
+    warnings: list[str]
 
 
 @dataclass(slots=True)
 class Paths:
-    """Where each path's client side listens, by path name."""
+    """Where each path's client side listens, and its processes, by path name."""
 
     ports: dict[str, int]
+    # The tunnel processes (both ends) of each path; direct has none.
+    tunnels: dict[str, ProcessGroup]
+    kme: ProcessGroup
+    load: Load
     # The client daemon's connection lines (JSON), for key counts.
     records: list[dict[str, object]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def keys_since(self, path: str, start: int) -> int | None:
         """QKD keys used by the path's connections logged after record ``start``."""
@@ -117,7 +105,29 @@ class Paths:
         })  # fmt: skip
 
 
-async def _stunnel(stack: AsyncExitStack, base: Path, backend: int) -> int | None:
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """CPU seconds spent during one measurement (None: the path has no such process)."""
+
+    tunnel: float | None
+    kme: float | None
+
+
+async def _metered(paths: Paths, path: str, run: Awaitable[T]) -> tuple[T, Cost]:
+    """``run``, and the CPU time the path's tunnel processes and the KME spent meanwhile."""
+    groups = (paths.tunnels.get(path), paths.kme if path in PATH_TUNNELS else None)
+    before = [group.cpu_seconds() if group else 0.0 for group in groups]
+    result = await run
+    spent = [
+        group.cpu_seconds() - start if group else None
+        for group, start in zip(groups, before, strict=True)
+    ]
+    return result, Cost(*spent)
+
+
+async def _stunnel(
+    stack: AsyncExitStack, base: Path, backend: int
+) -> tuple[int, ProcessGroup] | None:
     binary = shutil.which("stunnel4") or shutil.which("stunnel")
     if binary is None:
         return None
@@ -141,100 +151,146 @@ async def _stunnel(stack: AsyncExitStack, base: Path, backend: int) -> int | Non
         f"key = {pki}/tunnel-client-key.pem\nCAfile = {pki}/ca.pem\nverifyChain = yes\n"
         "checkHost = server.qkdproxy.test\nsessionResume = no\n"
     )
+    pids = []
     for name, text in (("stunnel-server.conf", server), ("stunnel-client.conf", client)):
         (base / name).write_text(text)
         process = await spawn(stack, binary, str(base / name))
         assert process.stderr is not None
         await wait_line(process.stderr, b"Configuration successful")
         follow(stack, process.stderr, discard)
-    return client_port
+        pids.append(process.pid)
+    return client_port, ProcessGroup(tuple(pids))
+
+
+def _start_notes() -> list[str]:
+    """Checked before anything starts; the load average before our own processes add to it."""
+    if not proctime.available():
+        raise LoadUnavailableError("CPU accounting reads /proc: these benches need Linux")
+    note = machine_note(os.getloadavg()[0], os.cpu_count() or 1)
+    return [note] if note else []
 
 
 @asynccontextmanager
-async def _paths(handler: BackendHandler, with_stunnel: bool) -> AsyncIterator[Paths]:
-    async with workspace(handler) as work:
-        ports = {"direct": work.backend_port}
+async def _paths(
+    generator: Generator, purpose: Purpose, with_stunnel: bool
+) -> AsyncIterator[Paths]:
+    notes = _start_notes()
+    choice = choose(generator, purpose)
+    notes += choice.notes
+    async with scratch() as (base, stack):
+        load = await start_load(stack, choice, purpose)
+        notes.insert(0, DESCRIPTIONS[load.kind])
+        ports = {DIRECT: load.backend_port}
+        tunnels: dict[str, ProcessGroup] = {}
         clients = (ClientTunnel("bench"), ClientTunnel("mux", multiplex=True))
-        pair = await start_daemon_pair(work.stack, work.base, work.backend_port, clients=clients)
-        ports["qkdproxy"] = pair.ports["bench"]
-        ports["qkdproxy-mux"] = pair.ports["mux"]
-        if with_stunnel and (port := await _stunnel(work.stack, work.base, work.backend_port)):
-            ports["stunnel"] = port
-        yield Paths(ports, pair.client_records)
+        pair = await start_daemon_pair(stack, base, load.backend_port, clients=clients)
+        daemons = ProcessGroup(tuple(pair.daemon_pids))
+        for path, tunnel in PATH_TUNNELS.items():
+            ports[path], tunnels[path] = pair.ports[tunnel], daemons
+        if with_stunnel:
+            if found := await _stunnel(stack, base, load.backend_port):
+                ports[STUNNEL], tunnels[STUNNEL] = found
+            else:
+                notes.append(STUNNEL_MISSING)
+        yield Paths(ports, tunnels, ProcessGroup((pair.kme_pid,)), load, pair.client_records, notes)
 
 
-async def _stream(port: int, size: int) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    block = memoryview(os.urandom(CHUNK))
-    sent = 0
-    while sent < size:
-        writer.write(block[: min(CHUNK, size - sent)])
-        sent += min(CHUNK, size - sent)
-        await writer.drain()
-    writer.write_eof()
-    count = int.from_bytes(await reader.readexactly(8), "big")
-    writer.close()
-    if count != size:
-        raise RuntimeError(f"sent {size} bytes, the backend counted {count}")
-    return size
+def _python_limited(paths: Paths) -> list[str]:
+    return [PYTHON_LIMITED] if paths.load.kind is Generator.PYTHON else []
+
+
+def _per(value: float | None, count: float, scale: float) -> float | None:
+    return None if value is None or not count else value / count * scale
 
 
 async def run_throughput(
-    megabytes: int, streams: tuple[int, ...], with_stunnel: bool = True
-) -> list[ThroughputResult]:
+    megabytes: int,
+    streams: tuple[int, ...],
+    with_stunnel: bool = True,
+    generator: Generator = Generator.AUTO,
+) -> PathReport[ThroughputResult]:
     """Bulk one-way transfer per path and stream count (same run, same machine)."""
     results = []
-    async with _paths(_sink, with_stunnel) as paths:
+    tails: list[float] = []
+    async with _paths(generator, Purpose.SINK, with_stunnel) as paths:
+        kind = paths.load.kind.value
         for path, port in paths.ports.items():
-            await _stream(port, CHUNK)  # warm-up: first handshake, caches
+            await paths.load.bulk(port, WARM_UP_BYTES, 1)  # first handshake, caches
             for count in streams:
-                size = megabytes * 1024 * 1024 // count
-                started = time.perf_counter()
-                moved = sum(await asyncio.gather(*(_stream(port, size) for _ in range(count))))
-                seconds = time.perf_counter() - started
-                results.append(
-                    ThroughputResult(path, count, moved * 8 / seconds / 1e9, moved, seconds)
-                )
-    return results
+                size = megabytes * 1024 * 1024
+                run, cost = await _metered(paths, path, paths.load.bulk(port, size, count))
+                if not run.bytes:
+                    raise RuntimeError(
+                        "iperf3's receiver counted no bytes (it stops when the sender is "
+                        "done, and the data was still in the tunnel): use more --megabytes"
+                    )
+                if run.sent > run.bytes:
+                    tails.append(1 - run.bytes / run.sent)
+                results.append(ThroughputResult(
+                    path, count, run.bytes * 8 / run.seconds / 1e9, run.bytes, run.seconds,
+                    cpu_s_per_gb=_per(cost.tunnel, run.bytes, GB),
+                    kme_cpu_s_per_gb=_per(cost.kme, run.bytes, GB),
+                    load_cpu_s_per_gb=run.load_cpu_s / run.bytes * GB, generator=kind,
+                ))  # fmt: skip
+        notes = paths.notes
+    if uncounted := max(tails, default=0.0):
+        notes.append(
+            f"iperf3's receiver stops counting when the sender is done: up to {uncounted:.1%} "
+            "of the bytes sent were still in a tunnel and not counted, so CPU per GB may be "
+            "over-stated by that share (--generator c counts end to end)"
+        )
+    results = throughput_ratios(results)
+    return PathReport(results, notes, _python_limited(paths) + throughput_warnings(results))
 
 
-async def connect_once(port: int) -> float:
-    started = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"x")
-    await writer.drain()
-    await reader.readexactly(1)
-    writer.close()
-    return time.perf_counter() - started
-
-
-async def _connect_many(port: int, count: int) -> list[float]:
-    return [await connect_once(port) for _ in range(count)]
+async def _idle_kib(paths: Paths, path: str, count: int) -> float:
+    """Resident memory of the path's tunnel processes per idle open connection."""
+    tunnel = paths.tunnels[path]
+    before = tunnel.rss_kib()
+    async with paths.load.hold(paths.ports[path], count):
+        await asyncio.sleep(IDLE_SETTLE_S)
+        after = tunnel.rss_kib()
+    return (after - before) / count
 
 
 async def run_connrate(
-    connections: int, concurrencies: tuple[int, ...], with_stunnel: bool = True
-) -> list[ConnrateResult]:
-    """New connections per second (open, one byte each way, close) per path."""
+    connections: int,
+    concurrencies: tuple[int, ...],
+    with_stunnel: bool = True,
+    generator: Generator = Generator.AUTO,
+    idle: int = 200,
+) -> PathReport[ConnrateResult]:
+    """New connections per second (open, one byte each way, close) per path; then, with
+    ``idle`` connections held open, the memory each costs the tunnel processes."""
     results = []
-    async with _paths(ping_backend, with_stunnel) as paths:
+    async with _paths(generator, Purpose.ECHO, with_stunnel) as paths:
+        kind = paths.load.kind.value
         for path, port in paths.ports.items():
-            for _ in range(5):
-                await connect_once(port)
+            await paths.load.connections(port, WARM_UP_CONNECTIONS, 1)
+            if path in PATH_TUNNELS:
+                await asyncio.sleep(LOG_SETTLE_S)  # the warm-up's lines are not counted
+            path_rows = []
             for concurrency in concurrencies:
-                share = connections // concurrency
                 logged = len(paths.records)
-                started = time.perf_counter()
-                batches = await asyncio.gather(
-                    *(_connect_many(port, share) for _ in range(concurrency))
+                batch, cost = await _metered(
+                    paths, path, paths.load.connections(port, connections, concurrency)
                 )
-                seconds = time.perf_counter() - started
-                ordered = sorted(t for batch in batches for t in batch)
                 await asyncio.sleep(LOG_SETTLE_S)  # the last lines reach us
-                results.append(ConnrateResult(
-                    path, concurrency, len(ordered) / seconds,
-                    statistics.median(ordered) * 1000,
-                    ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000,
-                    len(ordered), paths.keys_since(path, logged),
+                n = batch.connections
+                path_rows.append(ConnrateResult(
+                    path, concurrency, n / batch.seconds, batch.p50_ms, batch.p99_ms, n,
+                    paths.keys_since(path, logged),
+                    cpu_ms_per_conn=_per(cost.tunnel, n, 1000),
+                    kme_cpu_ms_per_conn=_per(cost.kme, n, 1000),
+                    load_cpu_ms_per_conn=batch.load_cpu_s / n * 1000, generator=kind,
                 ))  # fmt: skip
-    return results
+            if idle and path in paths.tunnels:
+                kib = await _idle_kib(paths, path, idle)
+                path_rows = [replace(r, kib_per_idle_conn=kib) for r in path_rows]
+            results += path_rows
+        notes = paths.notes
+    if idle:
+        notes.append(f"kib_per_idle_conn: resident memory of both tunnel processes with {idle} "
+                     "idle connections open, less before, per connection")  # fmt: skip
+    results = connrate_ratios(results)
+    return PathReport(results, notes, _python_limited(paths) + connrate_warnings(results))
