@@ -75,6 +75,8 @@ def build_endpoint(
             handshake_timeout=config.handshake_timeout_s,
             fresh_key_update=config.fresh_key_update or config.require_fresh_key_update,
             require_fresh_key_update=config.require_fresh_key_update,
+            # An update may take as long as the period it keeps: keys at most twice as old.
+            fresh_key_deadline=max(config.handshake_timeout_s, config.fresh_key_interval_s),
             mux_protocol=config.mux.enabled,
         )
     )

@@ -59,7 +59,12 @@ from qkdproxy.io.tls_stream import (
 )
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.responder import HELLO_SOURCE
-from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH, FlushableSource, KeySources
+from qkdproxy.keys.sources import (
+    REFUSALS_BEFORE_FLUSH,
+    FlushableSource,
+    KeySources,
+    is_flushable,
+)
 
 log = logging.getLogger("qkdproxy.connection")
 IANA_CIPHERS = {
@@ -456,7 +461,7 @@ class Tunnel:
     def _held_ahead(self) -> FlushableSource | None:
         """The source whose keys or streams this side originates ahead of use, if any."""
         for source in (self.sources.master, self.sources.stream):
-            if isinstance(source, FlushableSource):
+            if is_flushable(source):
                 return source
         return None
 
@@ -487,7 +492,7 @@ class Tunnel:
             return f"handshake failed (peer): {exc.refusal.value}"
         except HandshakeError as exc:
             master = self.sources.master
-            if isinstance(master, FlushableSource) and _refused(exc, master):
+            if is_flushable(master) and _refused(exc, master):
                 # Server-initiated flow: the client refused our key. The server's supply is
                 # never announced (no peer restart can make it suspect) and the refusal is
                 # unauthenticated: it costs this one key, never a flush.

@@ -20,7 +20,7 @@ from qkdproxy.core.peer.frames import (
     encode_verdict,
 )
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
-from qkdproxy.keys.announce import AnnouncementSink, Announcer
+from qkdproxy.keys.announce import is_announcement_sink, is_announcer
 from qkdproxy.keys.sources import KeySources
 
 ANNOUNCE_BATCH = 64
@@ -55,7 +55,7 @@ class PeerChannel:
             (self._sources.master, FrameType.KEY_IDS),
             (self._sources.stream, FrameType.KSIDS),
         ):
-            if isinstance(source, Announcer) and (ids := source.announce(ANNOUNCE_BATCH)):
+            if is_announcer(source) and (ids := source.announce(ANNOUNCE_BATCH)):
                 await self.stream.write(encode_key_ids(ids, frame_type))
                 sent += len(ids)
         return sent
@@ -137,7 +137,7 @@ class PeerChannel:
 
     @staticmethod
     def _deliver(sink: object, ids: list[bytes]) -> None:
-        if isinstance(sink, AnnouncementSink):
+        if is_announcement_sink(sink):
             sink.announced(ids)
 
     async def update_keys(self) -> None:

@@ -141,6 +141,8 @@ class EndpointSettings:
     # flag); refuse a peer that does not offer it.
     fresh_key_update: bool = True
     require_fresh_key_update: bool = False
+    # How long an Extended Key Update may wait for the peer (None: handshake_timeout).
+    fresh_key_deadline: float | None = None
     # Also offer (first) ALPN qkdproxy-mux/1: multiplexed tunnels (tunnel/mux.py).
     mux_protocol: bool = False
 
@@ -182,6 +184,7 @@ class TlsStream:
     # Plaintext opened but not yet returned (a read asked for less than a record held).
     _plaintext: bytearray = field(default_factory=bytearray, repr=False)
     _peer_closed: bool = field(default=False, repr=False)
+    _reading: bool = field(default=False, repr=False)
     # Events from bytes that arrived with the end of the handshake, handled on first read.
     _backlog: list[RecordEvent] = field(default_factory=list, repr=False)
     # How the stream broke, once it did.
@@ -198,6 +201,13 @@ class TlsStream:
         closes the transport and raises :class:`TlsStreamError` (``truncated`` for the
         last).
         """
+        self._reading = True  # see check_fresh_key_deadline
+        try:
+            return await self._read(max_bytes)
+        finally:
+            self._reading = False
+
+    async def _read(self, max_bytes: int) -> bytes:
         if self._backlog:
             events, self._backlog = self._backlog, []
             await self._handle(events)
@@ -314,8 +324,11 @@ class TlsStream:
 
     async def check_fresh_key_deadline(self) -> None:
         """Fail the stream (:class:`TlsStreamError`) if an Extended Key Update has stayed
-        unfinished past its deadline (the handshake timeout)."""
-        await self._handle(self._layer.check_fresh_update(time.monotonic()))
+        unfinished past its deadline. While nobody reads this stream (our consumer is slow)
+        or our writes wait for the peer to read, the clock stops: that is flow control."""
+        writer = self._driver.writer
+        held = not self._reading or writer.transport.get_write_buffer_size() > 0
+        await self._handle(self._layer.check_fresh_update(time.monotonic(), held))
 
     def _close_streams_later(self, events: list[RecordEvent]) -> None:
         """Hand the ETSI 004 stream closes among ``events`` to the background closer."""
@@ -413,6 +426,7 @@ class TlsEndpoint:
             server_name=_sni_name(settings.peer.server_name),
             alpn=alpn,
             handshake_timeout=settings.handshake_timeout,
+            fresh_key_deadline=settings.fresh_key_deadline,
             fresh_key_update=settings.fresh_key_update,
             require_fresh_key_update=settings.require_fresh_key_update,
         )

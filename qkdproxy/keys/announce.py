@@ -13,11 +13,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
-from qkdproxy.keys.sources import SlaveKeySource
+from qkdproxy.keys.sources import SlaveKeySource, conforms
 
 SERVED_MEMORY = 4096
 
@@ -38,6 +38,16 @@ class AnnouncementSink(Protocol):
     def announced(self, key_ids: Sequence[bytes]) -> None:
         """Start fetching these ids ahead of need."""
         ...
+
+
+def is_announcer(source: object) -> TypeGuard[Announcer]:
+    """``source`` can name the keys it hands out next (:class:`Announcer`)."""
+    return conforms(source, Announcer)
+
+
+def is_announcement_sink(source: object) -> TypeGuard[AnnouncementSink]:
+    """``source`` acts on announced key ids (:class:`AnnouncementSink`)."""
+    return conforms(source, AnnouncementSink)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,11 @@ from qkdproxy.keys.sources import RefusalStreak
 from qkdproxy.keys.supply import SupplySettings, SupplySizer
 
 MAX_COALESCED_IDS = 64
+# A refill waits until the supply is this many keys below its target (fewer if the target
+# is smaller), so each enc_keys call, and the peer's dec_keys for the announced ids, carries
+# at least two keys: a KME round trip costs both daemons about as much CPU as a sixth of a
+# handshake (docs/PERFORMANCE.md). The supply runs at most one key below its target.
+REFILL_BATCH = 2
 
 
 @dataclass(slots=True)
@@ -153,10 +158,13 @@ class Etsi014Master:
         return self._buffer.popleft()
 
     def ensure_refill(self) -> None:
-        """Start a background refill if the supply holds fewer keys than it should."""
+        """Start a background refill if the supply holds fewer keys than it should (by
+        ``REFILL_BATCH``, or is empty)."""
+        target = self.target
         if (
             self._supply is not None
-            and len(self._buffer) < self.target
+            and target > 0
+            and len(self._buffer) <= target - min(REFILL_BATCH, target)
             and (self._refill is None or self._refill.done())
         ):
             self._refill = asyncio.create_task(self._fill())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from qkdproxy.core.keys import KeyNotFoundError, QkdKey
 from qkdproxy.core.ratelimit import SourceBuckets, TokenBucket
-from qkdproxy.keys.announce import AnnouncementSink
+from qkdproxy.keys.announce import is_announcement_sink
 from qkdproxy.keys.responder import HELLO_SOURCE
 from qkdproxy.keys.sources import SlaveKeySource
 
@@ -129,5 +129,5 @@ class GatedSlave:
 
     def announced(self, key_ids: Sequence[bytes]) -> None:
         """Ids the authenticated peer announced (inside the tunnel): to the inner cache."""
-        if isinstance(self._inner, AnnouncementSink):
+        if is_announcement_sink(self._inner):
             self._inner.announced(key_ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 from qkdproxy.core.keys import QkdKey
 
@@ -68,6 +68,26 @@ class FlushableSource(Protocol):
     def note_accepted(self) -> None:
         """A handshake that used a key (or stream) of this source completed."""
         ...
+
+
+_CONFORMING: dict[tuple[type, type], bool] = {}
+
+
+def conforms(value: object, protocol: type) -> bool:
+    """``isinstance(value, protocol)`` for a runtime-checkable Protocol, decided once per
+    class: Python 3.11 re-derives a protocol's members on every such check (about 10 us),
+    and the key path asks several times per connection. Sources define their protocol
+    members in their class or ``__init__``, so every instance of a class answers alike."""
+    key = (type(value), protocol)
+    found = _CONFORMING.get(key)
+    if found is None:
+        found = _CONFORMING[key] = isinstance(value, protocol)
+    return found
+
+
+def is_flushable(source: object) -> TypeGuard[FlushableSource]:
+    """``source`` holds keys or streams ahead of use (:class:`FlushableSource`)."""
+    return conforms(source, FlushableSource)
 
 
 class SlaveKeySource(Protocol):

@@ -9,8 +9,6 @@ import asyncio
 import hashlib
 import os
 
-import pytest
-
 from tests.system.test_daemon_system import Harness, harness_fixture, pki_fixture
 
 __all__ = ["harness_fixture", "pki_fixture"]  # the fixtures this module uses
@@ -21,11 +19,6 @@ HANDSHAKE_TIMEOUT_S = 2.0
 STALL_S = 5.0  # the backend reads nothing this long: past the update deadline and a poll
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the update deadline also runs while flow control holds the request "
-    "(review note of issue 17); the tunnel is cut with handshake_failure",
-)
 async def test_a_backend_that_pauses_reading_does_not_cut_an_updating_tunnel(
     harness: Harness,
 ) -> None:

@@ -507,6 +507,22 @@ def test_a_key_that_arrives_after_the_deadline_failed_its_update_is_counted(
     assert server_keys.ledger.wasted_by_reason == {"update_failed": 1}
 
 
+def test_time_this_side_held_the_update_up_does_not_count(ca: CertificateAuthority) -> None:
+    """Flow control is not a refusal: while our reader is slow or our writes wait for the
+    peer, the deadline's clock stops; it runs on when we are ready again."""
+    p, _, _ = connected(ca)
+    lnk = link(p)
+    lnk.initiate("client")
+    lnk.client.data_to_send()
+    eku_ = lnk.client.eku
+    assert eku_ is not None
+    limit = eku_.deadline_s
+    assert lnk.client.check_fresh_update(lnk.now + 0.5 * limit) == []
+    assert lnk.client.check_fresh_update(lnk.now + 100 * limit, held=True) == []
+    assert lnk.client.check_fresh_update(lnk.now + 100.4 * limit) == []  # 0.9 of it ran
+    assert deadline_failure(lnk.client, lnk.now + 100.6 * limit) is not None
+
+
 def test_no_deadline_runs_between_updates(ca: CertificateAuthority) -> None:
     p, _, _ = connected(ca)
     lnk = link(p)

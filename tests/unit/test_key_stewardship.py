@@ -225,6 +225,28 @@ async def test_master_honours_max_key_per_request() -> None:
     await master.aclose()
 
 
+async def test_refills_carry_at_least_two_keys() -> None:
+    # One enc_keys call (and the peer's dec_keys for the announced ids) per two connections,
+    # not per connection; an empty supply still refills at once.
+    kme = FakeKme()
+    # A one-second window at a frozen clock: the takes below are a steady demand.
+    supply = SupplySettings(floor=4, ceiling=4, window_s=1.0)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
+    master.ensure_refill()
+    await master.wait_refilled()
+    await master.take_key()
+    await master.wait_refilled()
+    assert (kme.sizes_asked, master.depth) == ([4], 3)  # one below target: no call yet
+    await master.take_key()
+    await master.wait_refilled()
+    assert (kme.sizes_asked, master.depth) == ([4, 2], 4)
+    for _ in range(4):
+        await master.take_key()
+    await master.wait_refilled()
+    assert kme.sizes_asked == [4, 2, 4] and master.depth == 4
+    await master.aclose()
+
+
 async def test_a_server_supply_never_announces() -> None:
     master = Etsi014Master(
         cast(Etsi014Client, FakeKme()), "sae-a", SupplySettings(floor=4), announces=False

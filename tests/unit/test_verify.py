@@ -166,6 +166,50 @@ def test_bytearray_chain_entries_are_accepted(ca: CertificateAuthority) -> None:
     assert server_policy(ca).verify_server(chain, now()).dns_names == (SERVER,)  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------- remembered validations
+# A validation is remembered per (chain, anchors, policy, name, role) for the span its path
+# is valid in; each test below validates first, so the second answer comes from that memory.
+
+
+def test_remembered_chain_still_expires_with_its_intermediate(ca: CertificateAuthority) -> None:
+    intermediate = intermediate_ca(ca)  # valid 30 days; the leaf 825
+    leaf = intermediate.issue("server", [SERVER], client=False)
+    chain = [*der(leaf), intermediate.certificate.public_bytes(Encoding.DER)]
+    policy = server_policy(ca)
+    assert policy.verify_server(chain, now()).common_name == "server"
+    error = reject(lambda: policy.verify_server(chain, now() + timedelta(days=40)))
+    assert error.alert is Alert.UNKNOWN_CA  # the intermediate, not the leaf, ran out
+    assert "not valid at validation time" in error.reason
+    assert policy.verify_server(chain, now()).common_name == "server"
+
+
+def test_remembered_chain_is_not_trusted_under_other_anchors(ca: CertificateAuthority) -> None:
+    creds = ca.issue("server", [SERVER], client=False)
+    assert server_policy(ca).verify_server(der(creds), now()).common_name == "server"
+    other = CertificateAuthority.create("another CA")
+    error = reject(lambda: server_policy(other).verify_server(der(creds), now()))
+    assert error.alert is Alert.UNKNOWN_CA
+
+
+def test_remembered_chain_meets_each_allow_list(ca: CertificateAuthority) -> None:
+    creds = ca.issue("server", [SERVER], client=False)
+    assert server_policy(ca).verify_server(der(creds), now()).common_name == "server"
+    narrow = AllowList.of(["dns:other.qkdproxy.test"])
+    error = reject(lambda: server_policy(ca, allow=narrow).verify_server(der(creds), now()))
+    assert error.alert is Alert.ACCESS_DENIED
+
+
+def test_remembered_chain_keeps_its_role_and_name(ca: CertificateAuthority) -> None:
+    creds = ca.issue("server", [SERVER], client=False)
+    assert server_policy(ca).verify_server(der(creds), now()).common_name == "server"
+    error = reject(lambda: client_policy(ca).verify_client(der(creds), now()))
+    assert error.alert is Alert.BAD_CERTIFICATE  # no clientAuth
+    error = reject(
+        lambda: server_policy(ca, "other.qkdproxy.test").verify_server(der(creds), now())
+    )
+    assert error.alert is Alert.BAD_CERTIFICATE
+
+
 # ------------------------------------------------------------------------ rejections
 
 

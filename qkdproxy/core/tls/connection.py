@@ -162,6 +162,8 @@ class ConnectionConfig:
     # Extended Key Update: offer it; refuse a peer that does not offer it too.
     fresh_key_update: bool = False
     require_fresh_key_update: bool = False
+    # How long one update may wait for the peer (None: handshake_timeout).
+    fresh_key_deadline: float | None = None
 
 
 class MemorySocket:
@@ -582,7 +584,9 @@ class TlsConnection:
             is_client=self.is_client,
             originator=originator,
             # An update is a handshake inside the connection: the same time limit.
-            policy=UpdatePolicy(deadline_s=self.config.handshake_timeout),
+            policy=UpdatePolicy(
+                deadline_s=self.config.fresh_key_deadline or self.config.handshake_timeout
+            ),
         )
 
     def take_leftover(self) -> bytes:

@@ -127,6 +127,10 @@ class FreshKeyUpdates:
         self._requests = TokenBucket(policy.rate, policy.burst)
         self._deadline_s = policy.deadline_s
         self._since: float | None = None  # when the running update started
+        # Time the running update has waited while this side was not holding it up itself,
+        # and when that was last judged (see overdue).
+        self._waited = 0.0
+        self._judged = 0.0
         self.state = State.IDLE
         self.stats = UpdateStats()
         self._kex: ClientKeyExchange | ServerKeyExchange | None = None
@@ -171,7 +175,7 @@ class FreshKeyUpdates:
         the prepared key is wasted instead."""
         if self.state is not State.IDLE:
             return self.discard(kex)
-        self._since = now
+        self._since, self._waited = now, 0.0
         share, _ = kex.key_share(self.group)
         self._kex = kex
         self._request = encode(KEY_UPDATE_REQUEST, self.group, share)
@@ -229,7 +233,7 @@ class FreshKeyUpdates:
             raise RemoteProtocolError("key update request flood", Alert.UNEXPECTED_MESSAGE)
         kex = ServerKeyExchange([self._hybrid], _UpdateContext(self._keys))
         self._kex = kex
-        self._since = now
+        self._since, self._waited = now, 0.0
         self._request = message
         self._peer_share = share
         self.state = State.RESPONDER_KEYS
@@ -319,9 +323,19 @@ class FreshKeyUpdates:
             self._keys.ledger.record_taken()
             self._keys.ledger.record_wasted("update_failed")
 
-    def overdue(self, now: float) -> bool:
-        """True if the running update has not finished within the policy's deadline."""
-        return self._since is not None and now - self._since > self._deadline_s
+    def overdue(self, now: float, held: bool = False) -> bool:
+        """True if the running update has waited longer than the policy's deadline.
+
+        ``held``: since the last call, this side itself held the update up (its own reader
+        was not reading, or its writes were stuck behind the peer's flow control). That
+        span does not count: a slow consumer is not a peer that refuses to answer."""
+        if self._since is None:
+            return False
+        start = max(self._since, self._judged)
+        if not held:
+            self._waited += max(0.0, now - start)
+        self._judged = now
+        return self._waited > self._deadline_s
 
     @property
     def deadline_s(self) -> float:

@@ -416,11 +416,14 @@ class RecordLayer:
             return self.eku.discard(kex)
         return self.eku.begin(kex, now)
 
-    def check_fresh_update(self, now: float) -> list[RecordEvent]:
+    def check_fresh_update(self, now: float, held: bool = False) -> list[RecordEvent]:
         """Fail the connection if an Extended Key Update has run past its deadline: a peer
         that never answers must not keep the connection on old keys, silently defeating a
-        fresh-key policy. Nothing while no update runs or it is in time."""
-        if self.eku is None or self.phase is not Phase.OPEN or not self.eku.overdue(now):
+        fresh-key policy. Nothing while no update runs or it is in time; time in which
+        this side ``held`` the update up itself does not count."""
+        if self.eku is None or self.phase is not Phase.OPEN:
+            return []
+        if not self.eku.overdue(now, held):
             return []
         reason = f"fresh key update not finished within {self.eku.deadline_s:g} s"
         return [self.fail(Alert.HANDSHAKE_FAILURE, reason)]

@@ -10,8 +10,11 @@ The hook points are private tlslite names, so :func:`self_test` checks them at s
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
+import hmac
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -19,6 +22,9 @@ from typing import Any, Protocol
 import tlslite
 import tlslite.handshakesettings as tl_settings
 import tlslite.recordlayer as tl_recordlayer
+import tlslite.tlsconnection as tl_connection
+import tlslite.tlsrecordlayer as tl_tlsrecordlayer
+import tlslite.utils.cryptomath as tl_cryptomath
 import tlslite.x509 as tl_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -28,7 +34,13 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from tlslite.api import HandshakeSettings, TLSConnection, X509CertChain
-from tlslite.constants import ExtensionType, GroupName, KeyUpdateMessageType
+from tlslite.constants import (
+    CipherSuite,
+    ExtensionType,
+    GroupName,
+    KeyUpdateMessageType,
+    TLSEnum,
+)
 from tlslite.errors import (
     TLSAbruptCloseError,
     TLSBadRecordMAC,
@@ -38,7 +50,8 @@ from tlslite.errors import (
     TLSProtocolException,
     TLSRemoteAlert,
 )
-from tlslite.extensions import TLSExtension
+from tlslite.extensions import CustomNameExtension, SupportedGroupsExtension, TLSExtension
+from tlslite.handshakehashes import HandshakeHashes
 from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
@@ -48,6 +61,7 @@ from qkdproxy.core.tls.credentials import Credentials, PrivateKey
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, KeySchedule, has_flag, tls_flags_data
 from qkdproxy.core.tls.events import DataReceived, KeysUpdated
 from qkdproxy.core.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
+from qkdproxy.core.tls.records import hkdf_expand_label
 
 __all__ = [
     "NO_ALPN_PLACEHOLDER",
@@ -271,6 +285,226 @@ def _ecdsa_pubkey_parsing(self: Any, subject_public_key_info: bytes) -> None:
     self.publicKey = CryptographyECDSAKey(key)
 
 
+# ------------------------------------------------------------------ hot handshake steps
+# Profiles of a tunnelled connection (docs/PERFORMANCE.md) put these tlslite steps among the
+# costliest pure-Python parts of a handshake. The replacements compute the same values.
+
+
+def _secure_hmac(key: ByteLike, data: ByteLike, algorithm: str) -> bytearray:
+    return bytearray(hmac.digest(bytes_(key), bytes_(data), algorithm))
+
+
+def _hkdf_expand_label(
+    secret: ByteLike, label: ByteLike, hash_value: ByteLike, length: int, algorithm: str
+) -> bytearray:
+    # tlslite's own loop computes one HMAC block more than it returns.
+    return bytearray(
+        hkdf_expand_label(bytes_(secret), bytes_(label), length, algorithm, bytes_(hash_value))
+    )
+
+
+_EMPTY_DIGESTS = {name: hashlib.new(name).digest() for name in ("sha256", "sha384", "sha512")}
+
+
+def _derive_secret(
+    secret: ByteLike, label: ByteLike, handshake_hashes: Any, algorithm: str
+) -> bytearray:
+    if handshake_hashes is None:
+        digest = _EMPTY_DIGESTS.get(algorithm) or hashlib.new(algorithm).digest()
+    else:
+        digest = handshake_hashes.digest(algorithm)
+    size = hashlib.new(algorithm).digest_size
+    return _hkdf_expand_label(secret, label, digest, size, algorithm)
+
+
+_FAST_KDF: dict[str, Callable[..., bytearray]] = {
+    "secureHMAC": _secure_hmac,
+    "HKDF_expand_label": _hkdf_expand_label,
+    "derive_secret": _derive_secret,
+}
+
+
+def _check_fast_kdf() -> None:
+    """Our key derivations must give tlslite's values (checked before they replace them)."""
+    secret, label, context = bytearray(range(48)), bytearray(b"c hs traffic"), bytearray(48)
+    tlslite_kdf = _TLSLITE_KDF
+    for name in ("sha256", "sha384"):
+        size = hashlib.new(name).digest_size
+        pairs = [
+            (tlslite_kdf["secureHMAC"](secret, context, name), _secure_hmac(secret, context, name)),
+            (
+                tlslite_kdf["HKDF_expand_label"](secret, label, context, size + 5, name),
+                _hkdf_expand_label(secret, label, context, size + 5, name),
+            ),
+            (
+                tlslite_kdf["derive_secret"](secret, label, None, name),
+                _derive_secret(secret, label, None, name),
+            ),
+        ]
+        if any(theirs != ours for theirs, ours in pairs):
+            raise SelfTestError("our HKDF differs from tlslite's")
+
+
+# tlslite's own, kept for the comparison (install() rebinds the module's names too).
+_TLSLITE_KDF = {name: getattr(tl_cryptomath, name) for name in _FAST_KDF}
+
+
+def _rebind_kdf() -> None:
+    """Point every tlslite module that imported a key-derivation function at ours."""
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith("tlslite"):
+            continue
+        for name, original in _TLSLITE_KDF.items():
+            if getattr(module, name, None) is original:
+                setattr(module, name, _FAST_KDF[name])
+
+
+class _TranscriptHashes(HandshakeHashes):  # type: ignore[misc]
+    """tlslite's transcript, hashed as it grows only with the TLS 1.3 suites' hashes.
+
+    tlslite feeds every handshake message to six hash functions (MD5 to SHA-512) for the
+    sake of older versions; TLS 1.3 reads only SHA-256 or SHA-384. The others are computed
+    from the kept transcript when asked for, so every digest has the same value.
+    """
+
+    _RUNNING = ("sha256", "sha384")
+
+    def __init__(self) -> None:  # tlslite's __init__ would start all six
+        self._running = {name: hashlib.new(name) for name in self._RUNNING}
+        self._handshake_buffer = bytearray()
+
+    def update(self, data: ByteLike) -> None:
+        text = bytes_(data)
+        for running in self._running.values():
+            running.update(text)
+        self._handshake_buffer += text
+
+    def digest(self, digest: str | None = None) -> bytes | bytearray:
+        running = self._running.get(digest) if digest else None
+        if running is not None:
+            return running.digest()
+        if digest is None:  # TLS 1.0/1.1
+            return self._lazy_digest("md5") + self._lazy_digest("sha1")
+        if digest == "intrinsic":
+            return self._handshake_buffer
+        if digest not in ("md5", "sha1", "sha224", "sha512"):
+            raise ValueError("Unknown digest name")
+        return self._lazy_digest(digest)
+
+    def _lazy_digest(self, name: str) -> bytes:
+        return hashlib.new(name, bytes(self._handshake_buffer)).digest()
+
+    def _lazy(self, name: str) -> Any:
+        return hashlib.new(name, bytes(self._handshake_buffer))
+
+    @property
+    def _handshakeMD5(self) -> Any:  # noqa: N802 - read by tlslite's SSLv3 code
+        return self._lazy("md5")
+
+    @property
+    def _handshakeSHA(self) -> Any:  # noqa: N802
+        return self._lazy("sha1")
+
+    def copy(self) -> _TranscriptHashes:
+        other = _TranscriptHashes.__new__(_TranscriptHashes)
+        other._running = {name: h.copy() for name, h in self._running.items()}
+        other._handshake_buffer = bytearray(self._handshake_buffer)
+        return other
+
+
+def _check_transcript() -> None:
+    """Our transcript must give tlslite's digests (checked before it replaces tlslite's)."""
+    theirs, ours = HandshakeHashes(), _TranscriptHashes()
+    for part in (b"client hello", bytearray(b"server hello" * 200), b""):
+        theirs.update(part)
+        ours.update(part)
+    names = (None, "md5", "sha1", "sha224", "sha256", "sha384", "sha512", "intrinsic")
+    for copied in (False, True):
+        left, right = (theirs.copy(), ours.copy()) if copied else (theirs, ours)
+        if any(bytes(left.digest(name)) != bytes(right.digest(name)) for name in names):
+            raise SelfTestError("our transcript hashes differ from tlslite's")
+        if left.digestSSL(bytearray(48), b"CLNT") != right.digestSSL(bytearray(48), b"CLNT"):
+            raise SelfTestError("our transcript hashes differ from tlslite's (SSLv3)")
+
+
+# tlslite turns code points into names (SignatureScheme.toRepr...) by scanning every class
+# attribute on each call, several times per handshake. The answers are memoised; group
+# registration (the only change to these classes) clears the memo.
+_REPR_MEMO: dict[tuple[type, object, tuple[str, ...]], str | None] = {}
+_tlslite_to_repr = TLSEnum.toRepr.__func__
+
+
+def _memo_to_repr(cls: type, value: object, blacklist: list[str] | None = None) -> str | None:
+    try:
+        key = (cls, value, tuple(blacklist or ()))
+        hash(key)
+    except TypeError:
+        return _tlslite_to_repr(cls, value, blacklist)  # type: ignore[no-any-return]
+    if key not in _REPR_MEMO:
+        _REPR_MEMO[key] = _tlslite_to_repr(cls, value, blacklist)
+    return _REPR_MEMO[key]
+
+
+# Cipher-suite filtering by settings runs six times per handshake, on constant tables.
+_SUITES_MEMO: dict[tuple[object, ...], list[int]] = {}
+_tlslite_filter_suites = CipherSuite._filterSuites
+
+
+def _memo_filter_suites(suites: list[int], settings: Any, version: Any = None) -> list[int]:
+    key = (
+        tuple(suites),
+        tuple(settings.macNames),
+        tuple(settings.cipherNames),
+        tuple(settings.keyExchangeNames),
+        settings.maxVersion if version is None else version,
+    )
+    found = _SUITES_MEMO.get(key)
+    if found is None:
+        found = _SUITES_MEMO[key] = _tlslite_filter_suites(suites, settings, version)
+    return list(found)
+
+
+# tlslite's extensions keep their payload under a per-class name through __getattr__ and
+# __setattr__; its versions probe with hasattr, so every attribute set while an extension
+# is built raises and formats an AttributeError (some 200 per handshake). Same behaviour,
+# looked up in the instance dictionary instead.
+def _extension_getattr(self: Any, name: str) -> Any:
+    fields = self.__dict__
+    if name != "_field_name" and "_field_name" in fields and name == fields["_field_name"]:
+        return fields["_internal_value"]
+    raise AttributeError(f"type object '{type(self).__name__}' has no attribute '{name}'")
+
+
+def _extension_setattr(self: Any, name: str, value: Any) -> None:
+    fields = self.__dict__
+    if "_field_name" in fields and name == fields["_field_name"]:
+        fields["_internal_value"] = value
+    else:
+        object.__setattr__(self, name, value)
+
+
+# A peer presents the same certificates on every connection: tlslite's pure-Python DER
+# parse (about 90 us each) is done once per distinct certificate. Only parsing is shared;
+# chain validation (verify.py) runs on every handshake.
+_PARSED_MAX = 256
+_parsed: dict[bytes, dict[str, Any]] = {}
+_tlslite_parse_binary = tl_x509.X509.parseBinary
+
+
+def _parse_binary_once(self: Any, cert_bytes: ByteLike) -> Any:
+    der = bytes_(cert_bytes)
+    fields = _parsed.get(der)
+    if fields is None:
+        _tlslite_parse_binary(self, cert_bytes)
+        if len(_parsed) >= _PARSED_MAX:
+            _parsed.clear()  # bounded: a peer cycling certificates only costs itself parses
+        _parsed[der] = dict(vars(self))
+    else:
+        vars(self).update(fields)
+        self.bytes = bytearray(der)
+    return self
+
+
 # ------------------------------------------------------------------------ connection
 
 
@@ -459,15 +693,50 @@ class _PreparedKex:
 # --------------------------------------------------------------------------- set-up
 
 
+class _ValidatedOnce(HandshakeSettings):  # type: ignore[misc]
+    """Settings that tlslite validates once: it validates (copies and checks) the settings
+    it is given several times per handshake; later calls get a copy of the first result,
+    its lists copied too, so a handshake that changes its copy changes nothing shared."""
+
+    _validated: HandshakeSettings | None = None
+
+    def validate(self) -> HandshakeSettings:
+        if self._validated is None:
+            self._validated = super().validate()
+        other = copy.copy(self._validated)
+        for name, value in vars(other).items():
+            if isinstance(value, list):
+                setattr(other, name, list(value))
+        return other
+
+
+_SETTINGS_MAX = 64
+_settings: dict[tuple[tuple[str, ...], str | None], HandshakeSettings] = {}
+
+
 def make_settings(groups: Iterable[GroupSpec], share_group: GroupSpec | None) -> HandshakeSettings:
-    """TLS 1.3-only settings offering ``groups`` in order, with one key share."""
-    settings = HandshakeSettings()
+    """TLS 1.3-only settings offering ``groups`` in order, with one key share.
+
+    Built once per (groups, share) and shared by every handshake that uses them.
+    """
+    names = tuple(tlslite_group_name(g) for g in groups)
+    share = tlslite_group_name(share_group) if share_group else None
+    found = _settings.get((names, share))
+    if found is None:
+        if len(_settings) >= _SETTINGS_MAX:
+            _settings.clear()
+        found = _settings[(names, share)] = _new_settings(list(names), share)
+    return found
+
+
+def _new_settings(groups: list[str], share: str | None) -> HandshakeSettings:
+    settings = _ValidatedOnce()
     settings.minVersion = (3, 4)
     settings.maxVersion = (3, 4)
     settings.versions = [(3, 4)]
     settings.cipherNames = list(CIPHER_NAMES)
-    settings.eccCurves = [tlslite_group_name(g) for g in groups]
-    settings.keyShares = [tlslite_group_name(share_group)] if share_group else []
+    settings.eccCurves = groups
+    settings.keyShares = [share] if share else []
     settings.dhGroups = []
     settings.ticketKeys = []
     settings.ticket_count = 0
@@ -502,6 +771,7 @@ def _register(group: GroupSpec) -> str:
     if stock is not None and stock != group.code_point:
         name = f"{group.tlslite_name}_{group.code_point:04x}"
     setattr(GroupName, name, group.code_point)
+    _REPR_MEMO.clear()
     if group.code_point not in GroupName.all:
         GroupName.all.append(group.code_point)
     # KEM-style groups take tlslite's encapsulation path on the server.
@@ -528,6 +798,16 @@ def install(groups: Iterable[GroupSpec]) -> None:
         tl_recordlayer.createCHACHA20 = _create_chacha20
         tl_x509._createPublicRSAKey = _public_rsa_key
         tl_x509.X509._ecdsa_pubkey_parsing = _ecdsa_pubkey_parsing
+        tl_x509.X509.parseBinary = _parse_binary_once
+        TLSEnum.toRepr = classmethod(_memo_to_repr)
+        CipherSuite._filterSuites = staticmethod(_memo_filter_suites)
+        CustomNameExtension.__getattr__ = _extension_getattr
+        CustomNameExtension.__setattr__ = _extension_setattr
+        _check_fast_kdf()
+        _rebind_kdf()
+        _check_transcript()
+        tl_connection.HandshakeHashes = _TranscriptHashes
+        tl_tlsrecordlayer.HandshakeHashes = _TranscriptHashes
         self_test()  # with the back-ends above in place: what the daemon will run
         _installed = True
     for group in groups:
@@ -551,6 +831,16 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (tl_recordlayer, "createCHACHA20", "ChaCha20-Poly1305 from cryptography (rebound)"),
     (tl_x509, "_createPublicRSAKey", "RSA peer keys from cryptography (rebound)"),
     (tl_x509.X509, "_ecdsa_pubkey_parsing", "ECDSA peer keys from cryptography (rebound)"),
+    (tl_x509.X509, "parseBinary", "certificate parsing, once per certificate (wrapped)"),
+    (TLSEnum, "toRepr", "code point names, memoised (wrapped)"),
+    (CipherSuite, "_filterSuites", "cipher suites allowed by settings, memoised (wrapped)"),
+    (SupportedGroupsExtension(), "_field_name", "an extension's payload name (read directly)"),
+    (SupportedGroupsExtension(), "_internal_value", "an extension's payload (read directly)"),
+    (tl_cryptomath, "secureHMAC", "HMAC on hmac.digest (rebound)"),
+    (tl_cryptomath, "HKDF_expand_label", "HKDF-Expand-Label on hmac.digest (rebound)"),
+    (tl_cryptomath, "derive_secret", "Derive-Secret on hmac.digest (rebound)"),
+    (tl_connection, "HandshakeHashes", "the transcript, SHA-256/384 only as it grows (rebound)"),
+    (tl_tlsrecordlayer, "HandshakeHashes", "the transcript (rebound)"),
     (GroupName, "allKEM", "groups on the server's encapsulation path"),
     (tl_settings, "TLS13_PERMITTED_GROUPS", "group names tlslite accepts"),
     # Read once, at the hand-over to our record layer.

@@ -45,24 +45,47 @@ class PeerPolicy:
         """Validate a server chain for ``server_name``, then the allow-list."""
         if not self.server_name:
             raise PeerRejectedError(Alert.INTERNAL_ERROR, "no server name configured to check")
-        leaf, intermediates = _load(chain, now)
-        self._check_policy(leaf, intermediates, "server")
-        try:
-            verifier = self._builder(now).build_server_verifier(_subject(self.server_name))
-        except ValueError:
-            raise PeerRejectedError(
-                Alert.INTERNAL_ERROR, "configured server name is not a valid DNS name or IP"
-            ) from None
-        _run(lambda: verifier.verify(leaf, intermediates))
-        return self._admit(leaf)
+        return self._allow(self._verified(chain, now, "server"))
 
     def verify_client(self, chain: Sequence[bytes], now: datetime) -> PeerIdentity:
         """Validate a client chain (clientAuth), then the allow-list."""
+        return self._allow(self._verified(chain, now, "client"))
+
+    def _verified(self, chain: Sequence[bytes], now: datetime, role: Role) -> PeerIdentity:
+        """The identity in ``chain`` if it is valid at ``now`` for ``role`` (else raise).
+
+        A peer presents the same chain on every connection, so a validation is remembered
+        with the time span its verified path is valid in: the same chain, checked against
+        the same anchors, policy, name and role at a time inside that span, would give the
+        same answer. Refusals are never remembered, and the allow-list is applied each time.
+        """
+        key = (self.trust_anchors, self.certificates, self.server_name, role, _frozen(chain))
+        known = _VALIDATED.get(key)
+        if known is not None and known.not_before <= now <= known.not_after:
+            return known.identity
         leaf, intermediates = _load(chain, now)
-        self._check_policy(leaf, intermediates, "client")
-        verifier = self._builder(now).build_client_verifier()
-        _run(lambda: verifier.verify(leaf, intermediates))
-        return self._admit(leaf)
+        self._check_policy(leaf, intermediates, role)
+        if role == "server":
+            assert self.server_name is not None
+            try:
+                verifier = self._builder(now).build_server_verifier(_subject(self.server_name))
+            except ValueError:
+                raise PeerRejectedError(
+                    Alert.INTERNAL_ERROR, "configured server name is not a valid DNS name or IP"
+                ) from None
+            path = _run(lambda: verifier.verify(leaf, intermediates))
+        else:
+            client_verifier = self._builder(now).build_client_verifier()
+            path = _run(lambda: client_verifier.verify(leaf, intermediates).chain)
+        validated = _Validated(
+            max(c.not_valid_before_utc for c in path),
+            min(c.not_valid_after_utc for c in path),
+            PeerIdentity.from_certificate(leaf),
+        )
+        if len(_VALIDATED) >= VALIDATED_MAX:
+            _VALIDATED.clear()  # bounded: a peer cycling chains only costs itself validations
+        _VALIDATED[key] = validated
+        return validated.identity
 
     def _check_policy(
         self, leaf: x509.Certificate, intermediates: list[x509.Certificate], role: Role
@@ -82,11 +105,23 @@ class PeerPolicy:
             .max_chain_depth(MAX_CHAIN_DEPTH)
         )
 
-    def _admit(self, leaf: x509.Certificate) -> PeerIdentity:
-        identity = PeerIdentity.from_certificate(leaf)
+    def _allow(self, identity: PeerIdentity) -> PeerIdentity:
         if not self.allow.permits(identity):
             raise PeerRejectedError(Alert.ACCESS_DENIED, f"peer {identity.describe()} not allowed")
         return identity
+
+
+@dataclass(frozen=True, slots=True)
+class _Validated:
+    """A chain that validated, the span its verified path is valid in, and its identity."""
+
+    not_before: datetime
+    not_after: datetime
+    identity: PeerIdentity
+
+
+VALIDATED_MAX = 256
+_VALIDATED: dict[tuple[object, ...], _Validated] = {}
 
 
 def _subject(name: str) -> x509.DNSName | x509.IPAddress:
@@ -111,10 +146,14 @@ def _load(chain: Sequence[bytes], now: datetime) -> tuple[x509.Certificate, list
     return leaf, certs[1:]
 
 
-def _run(verify: Callable[[], object]) -> None:
+def _run(verify: Callable[[], list[x509.Certificate]]) -> list[x509.Certificate]:
     try:
-        verify()
+        return verify()
     except VerificationError as exc:
         message = str(exc)
         alert = Alert.UNKNOWN_CA if "candidates exhausted" in message else Alert.BAD_CERTIFICATE
         raise PeerRejectedError(alert, f"certificate rejected: {message}") from None
+
+
+def _frozen(chain: Sequence[bytes]) -> tuple[bytes, ...]:
+    return tuple(der if isinstance(der, bytes) else bytes(der) for der in chain)

@@ -1,0 +1,198 @@
+"""What a new tunnelled connection costs: CPU time or instructions per connection.
+
+Figures that survive a loaded machine (docs/PERFORMANCE.md, "Connection cost"):
+
+    python perf/connection_cost.py inproc [N]            # in-process handshakes, both sides
+    python perf/connection_cost.py daemons [N] [C]       # daemon pair, /proc CPU time
+    python perf/connection_cost.py callgrind [N]         # daemon pair under callgrind
+
+``inproc`` runs ``bench handshake``'s loop (handshake, FIN, close) and reports process CPU
+per handshake. ``daemons`` starts the KME simulator and a client/server daemon pair
+(qkd_mlkem768, client flow, prefetch on), makes N connections (connect, one byte echoed,
+close; C at a time) from this process and reads both daemons' utime+stime. ``callgrind``
+runs the daemons under valgrind and counts the user-space instructions of N sequential
+connections (``callgrind_control --dump`` before and after); slow (minutes), but the
+count does not move with the machine's load. The load generator and the echo backend run
+in this process, outside the measured daemons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+
+from qkdproxy.core.tls.keyexchange import Flow
+from qkdproxy.tools.bench import processes
+from qkdproxy.tools.bench.handshake import run_handshake_bench
+
+TICKS = os.sysconf("SC_CLK_TCK")
+WARMUP = 20
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def inproc(count: int) -> None:
+    """CPU ms per in-process handshake (client and server in this process)."""
+    asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, 10))
+    rounds = []
+    for _ in range(5):
+        started = _own_cpu()
+        asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, count))
+        rounds.append(1000 * (_own_cpu() - started) / (count + 5))  # the bench warms up 5
+    print(
+        f"in-process handshake + close, both sides: {min(rounds):.2f} ms CPU "
+        f"(median {statistics.median(rounds):.2f}) over 5 x {count}"
+    )
+
+
+def _daemons() -> dict[str, int]:
+    """Our child daemons by config name (client/server), found through /proc."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = stat.read().rsplit(") ", 1)[1].split()[1]
+            with open(f"/proc/{pid}/cmdline") as cmdline:
+                args = cmdline.read().split("\0")
+        except OSError:
+            continue
+        if parent == str(os.getpid()) and "--config" in args:
+            name = os.path.basename(args[args.index("--config") + 1]).split(".")[0]
+            found[name] = int(pid)
+    return found
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _connection(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"x")
+    await writer.drain()
+    if await reader.readexactly(1) != b"x":
+        raise RuntimeError("the tunnel changed a byte")
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _connections(port: int, count: int, concurrency: int) -> None:
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with slots:
+            await _connection(port)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+
+
+async def daemons(count: int, concurrency: int, callgrind: str | None = None) -> None:
+    """Per-connection CPU (or instructions) of each daemon of a tunnel pair."""
+    async with processes.workspace(_echo) as work:
+        pair = await processes.start_daemon_pair(work.stack, work.base, work.backend_port)
+        port = next(iter(pair.ports.values()))
+        pids = _daemons()
+        for _ in range(WARMUP):
+            await _connection(port)
+        if callgrind is not None:
+            await _instructions(pids, port, count, callgrind)
+            return
+        before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        started = time.perf_counter()
+        await _connections(port, count, concurrency)
+        wall = time.perf_counter() - started
+        total = 0.0
+        for name, pid in sorted(pids.items()):
+            per = 1000 * (_cpu_s(pid) - before[name]) / count
+            total += per
+            print(f"{name}: {per:.2f} ms CPU per connection")
+        print(f"both: {total:.2f} ms; {count / wall:.0f} conn/s at concurrency {concurrency}")
+        await asyncio.sleep(0.5)  # the client's last connection lines
+        records = pair.client_records[-count:]
+        handshakes = [float(str(r["handshake_ms"])) for r in records if r.get("handshake_ms")]
+        if handshakes:
+            print(f"client handshake_ms p50 {statistics.median(handshakes):.2f}")
+
+
+async def _instructions(pids: dict[str, int], port: int, count: int, out: str) -> None:
+    await asyncio.sleep(1)
+    for pid in pids.values():
+        await _dump(pid)  # counting starts from zero after a dump
+    for _ in range(count):
+        await _connection(port)
+    await asyncio.sleep(1)
+    for name, pid in sorted(pids.items()):
+        await _dump(pid)
+        print(f"{name}: {_last_total(out, name, pid) / count / 1e6:.2f} M instructions per conn")
+
+
+async def _dump(pid: int) -> None:
+    control = await asyncio.create_subprocess_exec(
+        "callgrind_control",
+        "--dump",
+        str(pid),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    if await control.wait() != 0:
+        raise RuntimeError("callgrind_control failed")
+
+
+def _last_total(out: str, name: str, pid: int) -> int:
+    """Instructions in the last dump of one daemon."""
+    last = max(glob.glob(f"{out}/{name}.{pid}.*"), key=lambda f: int(f.rsplit(".", 1)[1]))
+    with open(last) as dump:
+        return next(int(line.split()[1]) for line in dump if line.startswith("totals:"))
+
+
+def _under_callgrind(out: str) -> None:
+    """Make the bench helpers start the daemons under callgrind (much slower to start)."""
+    spawn = processes.spawn
+
+    async def traced(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process:
+        if "run" in args:
+            name = os.path.basename(args[-1]).split(".")[0]
+            args = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/{name}.%p", *args)
+        return await spawn(stack, *args)
+
+    processes.spawn = traced
+    processes.STARTUP_TIMEOUT_S = 600.0
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch on the mode (see the module docstring)."""
+    mode = argv[0] if argv else "daemons"
+    count = int(argv[1]) if len(argv) > 1 else 300
+    if mode == "inproc":
+        inproc(count)
+    elif mode == "daemons":
+        asyncio.run(daemons(count, int(argv[2]) if len(argv) > 2 else 1))
+    elif mode == "callgrind":
+        with tempfile.TemporaryDirectory(prefix="qkdproxy-callgrind-") as out:
+            _under_callgrind(out)
+            asyncio.run(daemons(count, 1, callgrind=out))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
