@@ -207,7 +207,7 @@ class TlsStream:
         finally:
             self._reading = False
 
-    async def _read(self, max_bytes: int) -> bytes:
+    async def _read(self, max_bytes: int) -> bytes | bytearray:
         if self._backlog:
             events, self._backlog = self._backlog, []
             await self._handle(events)
