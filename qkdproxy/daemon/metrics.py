@@ -63,6 +63,23 @@ def mux_tunnel_reason(reason: str) -> str:
     return "handshake_failed" if reason.startswith("handshake failed") else "error"
 
 
+class Children:
+    """A labelled metric's children, each looked up once: ``labels()`` checks the values
+    and takes a lock on every call, a measurable share of a multiplexed stream's cost.
+    Bounded because label values are (see the module docstring)."""
+
+    def __init__(self, metric: Counter) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Counter] = {}
+
+    def __call__(self, *values: str) -> Counter:
+        """The child for ``values`` (created on first use, as ``labels()`` would)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class Metrics:
     """The event metrics; state metrics come from a :class:`StateCollector`."""
 
@@ -137,6 +154,9 @@ class Metrics:
         )  # fmt: skip
         # process_* (memory, CPU, descriptors, start time): the daemon's own footprint.
         ProcessCollector(registry=r)
+        # Observed for every connection: their children are cached.
+        self._closed = Children(self.closed)
+        self._mux_streams = Children(self.mux_streams)
 
     def observe(self, record: ConnectionRecord) -> None:
         """Account one closed connection."""
@@ -144,9 +164,9 @@ class Metrics:
         if record.mux == "tunnel":
             self.mux_tunnels.labels(*labels, mux_tunnel_reason(record.reason)).inc()
         else:
-            self.closed.labels(*labels, close_reason_class(record.reason)).inc()
+            self._closed(*labels, close_reason_class(record.reason)).inc()
         if record.mux == "stream":
-            self.mux_streams.labels(*labels, close_reason_class(record.reason)).inc()
+            self._mux_streams(*labels, close_reason_class(record.reason)).inc()
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
         for result, count in (

@@ -183,13 +183,15 @@ def test_stream_and_tunnel_lines_feed_their_own_metrics() -> None:
     metrics = Metrics()
     stream = ConnectionRecord(1, "t", "server", reason="closed", mux="stream", mux_tunnel=2)
     tunnel = ConnectionRecord(2, "t", "server", reason="error: dead peer: 5.0s", mux="tunnel")
-    for record in (stream, tunnel, replace(tunnel, reason="rotated")):
+    idle = replace(stream, reason="idle_timeout")
+    # The same labels twice: a cached child must count both, and only under its labels.
+    for record in (stream, idle, stream, tunnel, replace(tunnel, reason="rotated")):
         metrics.observe(record)
     value = metrics.registry.get_sample_value
-    assert value("qkdproxy_mux_streams_closed_total", {"tunnel": "t", "role": "server",
-                                                        "reason": "closed"}) == 1  # fmt: skip
-    assert value("qkdproxy_connections_closed_total", {"tunnel": "t", "role": "server",
-                                                       "reason": "closed"}) == 1  # fmt: skip
+    for reason, count in (("closed", 2), ("idle_timeout", 1)):
+        labels = {"tunnel": "t", "role": "server", "reason": reason}
+        assert value("qkdproxy_mux_streams_closed_total", labels) == count
+        assert value("qkdproxy_connections_closed_total", labels) == count
     for reason in ("dead_peer", "rotated"):
         assert value("qkdproxy_mux_tunnels_closed_total",
                      {"tunnel": "t", "role": "server", "reason": reason}) == 1  # fmt: skip
