@@ -9,8 +9,10 @@ event. Backslashes are left alone: JSON lines stay valid JSON.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Mapping
 
 # C0 and C1 controls, DEL, and the Unicode line/paragraph separators and bidirectional
 # overrides (which reorder what a terminal shows).
@@ -32,6 +34,21 @@ def escape(value: object, limit: int | None = DEFAULT_LIMIT) -> str:
     return _UNSAFE.sub(_code, text)
 
 
+class JsonLine:
+    """A log message that is ``fields`` as compact JSON, rendered only when a handler shows
+    it: the JSON log format writes the fields as keys of its own line and never needs it.
+    ASCII-only JSON is one safe line by construction (every control, non-ASCII and
+    separator character is escaped), so :class:`SingleLineFilter` passes it as it is."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return json.dumps(self.fields, separators=(",", ":"))
+
+
 class SingleLineFilter(logging.Filter):
     """Make every record one line: the rendered message and any exception text escaped.
 
@@ -41,6 +58,10 @@ class SingleLineFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Escape the record; never drops it."""
+        if isinstance(record.msg, JsonLine) and not (
+            record.args or record.exc_info or record.stack_info
+        ):
+            return True  # already one safe line; left unrendered
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             # The traceback is kept, as one escaped line after the message.

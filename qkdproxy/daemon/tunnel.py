@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import socket
@@ -27,7 +26,7 @@ from qkdproxy.core.addresses import (
     format_sockname,
 )
 from qkdproxy.core.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
-from qkdproxy.core.logsafe import escape
+from qkdproxy.core.logsafe import JsonLine, escape
 from qkdproxy.core.mux import MUX_ALPN, MuxConnection
 from qkdproxy.core.peer.frames import VERDICT_OK
 from qkdproxy.core.policy import Policy
@@ -835,8 +834,7 @@ class Tunnel:
                 if similar:
                     fields["similar_since_last_warning"] = similar
         if level is not None:
-            log.log(level, json.dumps(fields, separators=(",", ":")),
-                    extra=record_event("connection", fields))  # fmt: skip
+            log.log(level, JsonLine(fields), extra=record_event("connection", fields))
         if self._on_close is not None:
             self._on_close(record)
 

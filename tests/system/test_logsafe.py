@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from qkdproxy.core.logsafe import SingleLineFilter, escape
+from qkdproxy.core.logsafe import JsonLine, SingleLineFilter, escape
 from tests.system.test_admission import legit_endpoint, legit_exchange
 from tests.system_helpers import (
     FaultHarness,
@@ -78,6 +78,19 @@ def test_the_filter_makes_every_record_one_line(text: str) -> None:
     lines = emit(log_all)
     assert len(lines) == 4, lines
     assert all(line.startswith(("WARNING ", "ERROR ", "INFO ")) for line in lines)
+
+
+def test_a_json_line_is_left_unrendered_and_renders_to_one_safe_line() -> None:
+    fields = {"reason": HOSTILE[0], "peer": "\u202e\x85", "n": 1}
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, JsonLine(fields), None, None)
+    assert SingleLineFilter().filter(record)
+    assert isinstance(record.msg, JsonLine)  # not rendered: a JSON-format line never needs it
+    text = record.getMessage()
+    assert text == json.dumps(fields, separators=(",", ":"))
+    assert escape(text, limit=None) == text and len(text.splitlines()) == 1
+    assert json.loads(text) == fields
+    lines = emit(lambda logger: logger.info(JsonLine(fields)))
+    assert lines == [f"INFO {lines[0].split()[1]} {text}"]
 
 
 def records(lines: list[str]) -> list[dict[str, object]]:
