@@ -40,6 +40,9 @@ from qkdproxy.core.peer.frames import MUX_ALPN_PROTOCOL
 
 MUX_ALPN = MUX_ALPN_PROTOCOL
 AUTHORITY = "qkdproxy-backend:0"
+# Our headers as bytes, built once: h2 would encode str headers again for every stream.
+CONNECT_REQUEST = ((b":method", b"CONNECT"), (b":authority", AUTHORITY.encode()))
+ACCEPTED = ((b":status", b"200"),)
 # Each stream may have this much unread data in flight towards us; the connection window
 # is this times the stream limit, so a stalled stream never stalls its neighbours.
 STREAM_WINDOW = 1024 * 1024
@@ -269,16 +272,16 @@ class MuxConnection:
         if not self.capacity:
             raise MuxError("no room for another stream in this tunnel")
         stream_id: int = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(stream_id, [(":method", "CONNECT"), (":authority", AUTHORITY)])
+        self._h2.send_headers(stream_id, CONNECT_REQUEST)
         return stream_id
 
     def accept(self, stream_id: int) -> None:
         """Server: the stream is authorised and its backend connected."""
-        self._h2.send_headers(stream_id, [(":status", "200")])
+        self._h2.send_headers(stream_id, ACCEPTED)
 
     def refuse(self, stream_id: int, status: int) -> None:
         """Server: end a stream before it carried anything, saying why by status."""
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        self._h2.send_headers(stream_id, ((b":status", str(status).encode()),), end_stream=True)
 
     def window(self, stream_id: int) -> int:
         """How many bytes may be sent on the stream now."""
