@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qkdproxy.core.ratelimit import SourceBuckets, TokenBucket, source_key
+from qkdproxy.core.ratelimit import SOURCE_KEY_CACHE, SourceBuckets, TokenBucket, source_key
 from qkdproxy.core.throttle import LogThrottle
 
 
@@ -21,6 +21,17 @@ from qkdproxy.core.throttle import LogThrottle
 )
 def test_source_key_groups_ipv6_by_64(host: str, key: str) -> None:
     assert source_key(host) == key
+
+
+def test_source_keys_are_cached_within_a_bound() -> None:
+    # A flood of distinct sources only evicts: the cache never grows past its bound and
+    # every answer stays right.
+    for n in range(1, SOURCE_KEY_CACHE + 100):
+        host = f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}"
+        assert source_key(host) == host
+        assert source_key(f"2001:db8:1:{n:x}::1").endswith(f":{n:x}::/64")
+    assert source_key.cache_info().currsize <= SOURCE_KEY_CACHE
+    assert source_key("192.0.2.7") == source_key("192.0.2.7") == "192.0.2.7"
 
 
 def test_token_bucket_spends_burst_then_refills_at_rate() -> None:
