@@ -5,6 +5,7 @@ after it; no buffer handed in or out is aliased (the data path opens records in 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
@@ -115,13 +116,15 @@ ops = st.one_of(
 )
 
 
-def run(wire: bytes, cuts: list[int], as_bytearray: list[bool]) -> tuple[RecordLayer, list[bytes], list[RecordEvent]]:
+def run(
+    wire: bytes, cuts: list[int], as_bytearray: list[bool]
+) -> tuple[RecordLayer, list[bytes], list[RecordEvent]]:
     """Feed ``wire`` cut at ``cuts``; scribble over every buffer after it changed hands."""
     layer = RecordLayer(Direction(SUITE, SECRET), Direction(SUITE, bytes(48)), is_client=True)
     bounds = [0, *sorted(set(cuts)), len(wire)]
     events: list[RecordEvent] = []
     delivered: list[bytes] = []
-    for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
         chunk: bytes | bytearray = wire[start:end]
         if as_bytearray[i % len(as_bytearray)]:
             chunk = bytearray(chunk)
