@@ -19,7 +19,6 @@ from qkdproxy.core.tls.wire import Alert
 from tests.unit.test_fuzz_parsers import fuzz_settings
 
 SECRET = bytes(range(48))
-SUITE = CIPHER_SUITES[0x1302]
 
 
 @dataclass
@@ -36,8 +35,9 @@ class Outcome:
 class Peer:
     """A sender that builds any record, genuine or not, and the model of what it means."""
 
-    def __init__(self) -> None:
-        self.write = Direction(SUITE, SECRET)
+    def __init__(self, suite: int = 0x1302) -> None:
+        self.suite = CIPHER_SUITES[suite]
+        self.write = Direction(self.suite, SECRET)
         self.wire = bytearray()
         self.outcome = Outcome()
         self.last = b""
@@ -117,10 +117,12 @@ ops = st.one_of(
 
 
 def run(
-    wire: bytes, cuts: list[int], as_bytearray: list[bool]
+    peer: Peer, cuts: list[int], as_bytearray: list[bool]
 ) -> tuple[RecordLayer, list[bytes], list[RecordEvent]]:
-    """Feed ``wire`` cut at ``cuts``; scribble over every buffer after it changed hands."""
-    layer = RecordLayer(Direction(SUITE, SECRET), Direction(SUITE, bytes(48)), is_client=True)
+    """Feed ``peer``'s wire cut at ``cuts``; scribble over every buffer after it changed
+    hands."""
+    suite, wire = peer.suite, bytes(peer.wire)
+    layer = RecordLayer(Direction(suite, SECRET), Direction(suite, bytes(48)), is_client=True)
     bounds = [0, *sorted(set(cuts)), len(wire)]
     events: list[RecordEvent] = []
     delivered: list[bytes] = []
@@ -142,7 +144,7 @@ def run(
 
 
 def check(peer: Peer, cuts: list[int], as_bytearray: list[bool]) -> None:
-    layer, delivered, events = run(bytes(peer.wire), cuts, as_bytearray)
+    layer, delivered, events = run(peer, cuts, as_bytearray)
     expected = peer.outcome
     assert b"".join(delivered) == expected.data
     assert all(delivered), "DataReceived is never empty"
@@ -167,12 +169,13 @@ def check(peer: Peer, cuts: list[int], as_bytearray: list[bool]) -> None:
 @given(
     sequence=st.lists(ops, min_size=1, max_size=12),
     trailer=st.booleans(),
+    suite=st.sampled_from(sorted(CIPHER_SUITES)),
     data=st.data(),
 )
 def test_record_sequences_cut_anywhere_deliver_exactly_the_authenticated_prefix(
-    sequence: list[tuple[object, ...]], trailer: bool, data: st.DataObject
+    sequence: list[tuple[object, ...]], trailer: bool, suite: int, data: st.DataObject
 ) -> None:
-    peer = Peer()
+    peer = Peer(suite)
     for op in sequence:
         peer.add(op)
     if trailer:  # genuine data after whatever ended the stream must never surface
