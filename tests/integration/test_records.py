@@ -21,6 +21,7 @@ from qkdproxy.core.tls.records import (
     open_records,
     seal,
 )
+from qkdproxy.core.tls.wire import Alert
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
 from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
@@ -312,3 +313,51 @@ async def test_a_flood_of_key_update_requests_is_answered_a_few_times_only() -> 
         assert 1 <= answers <= 32, answers
         await stream.close()
     assert not pair.echo.failures
+
+
+def _forged_tail(stream: TlsStream, how: str) -> bytes:
+    """Genuine records from ``stream``'s keys, then what an on-path attacker appends, all
+    meant for one TCP segment."""
+    layer = stream._layer
+    layer.send_data(b"g" * 3000)
+    layer.update_keys()
+    layer.send_data(os.urandom(MAX_PLAINTEXT))
+    wire = bytes(layer.data_to_send())
+    if how == "close-after-update":
+        layer.update_keys()
+        return bytes(layer.data_to_send()) + b"\x15\x03\x03\x00\x02\x01\x00"
+    if how == "bad-tag-then-good":
+        layer.send_data(b"forged")
+        bad = bytearray(layer.data_to_send())
+        bad[-1] ^= 1
+        layer.send_data(b"good after")  # sealed under the next sequence number
+        return wire + bytes(bad) + bytes(layer.data_to_send())
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["close-after-update", "bad-tag-then-good"])
+async def test_a_forged_end_in_the_middle_of_a_batch_never_reads_as_a_clean_end(how: str) -> None:
+    # One TCP segment: data, a KeyUpdate (sequence number 0 again), a 16 KiB record, then a
+    # forged plaintext close_notify or a record with a bad tag followed by genuine data.
+    failures: list[BaseException] = []
+    async with loopback_pair(groups("x25519"), server_failures=failures) as pair:
+        stream = await open_stream(pair)
+        await stream.write(b"ready")
+        assert await read_exactly(stream, 5) == b"ready"
+        stream._driver.writer.write(_forged_tail(stream, how))
+        received, error = await read_until_failure(stream)
+        assert error.alert in (Alert.UNEXPECTED_MESSAGE, Alert.BAD_RECORD_MAC)
+        assert b"good after" not in received and b"forged" not in received
+    assert any(isinstance(f, TlsStreamError) and f.alert == error.alert for f in failures)
+
+
+async def read_until_failure(stream: TlsStream) -> tuple[bytes, TlsStreamError]:
+    """Everything ``stream`` delivers until it fails; a clean end fails the test."""
+    received = bytearray()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.read(), 10)
+        except TlsStreamError as exc:
+            return bytes(received), exc
+        assert chunk, "a clean end after a forged record"
+        received += chunk

@@ -108,10 +108,12 @@ def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> Non
     for row in rows:
         assert keys <= set(row)
         assert row.get("gbit_s", 1) > 0 and row.get("conn_per_s", 1) > 0
-        # Every tunnel path's own processes did the work: their CPU time is counted.
+        # Every tunnel path's own processes are measured (direct has none). CPU time is
+        # counted in clock ticks (10 ms): one path's 4 MB may round to 0, the run cannot.
         cost = row.get("cpu_ms_per_conn", row.get("cpu_s_per_gb"))
         assert (cost is None) == (row["path"] == "direct")
-        assert cost is None or cost > 0
+        assert cost is None or cost >= 0
+    assert sum(r.get("cpu_ms_per_conn", r.get("cpu_s_per_gb")) or 0 for r in rows) > 0
     python = {r["generator"] for r in rows} == {"python"}
     limited = [w for w in document["warnings"] if "baselines are Python-limited" in w]
     assert bool(limited) == python

@@ -15,6 +15,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qkdproxy.core.tls import verify
 from qkdproxy.core.tls.credentials import (
     CredentialError,
     Credentials,
@@ -208,6 +209,36 @@ def test_remembered_chain_keeps_its_role_and_name(ca: CertificateAuthority) -> N
         lambda: server_policy(ca, "other.qkdproxy.test").verify_server(der(creds), now())
     )
     assert error.alert is Alert.BAD_CERTIFICATE
+
+
+def test_a_huge_chain_is_validated_but_not_remembered(ca: CertificateAuthority) -> None:
+    # Extra certificates the path does not use are no reason to refuse a chain, but a client
+    # with any certificate from the CA (allowed or not) must not pin megabytes of them.
+    creds = ca.issue("client", [CLIENT_URI], server=False)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "padding")])
+    padding = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now() - timedelta(days=1))
+        .not_valid_after(now() + timedelta(days=1))
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), bytes(40_000)),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+        .public_bytes(Encoding.DER)
+    )
+    chain = [*der(creds), padding, padding]
+    denied = client_policy(ca, allow=AllowList.of(["dns:nobody.qkdproxy.test"]))
+    assert reject(lambda: denied.verify_client(chain, now())).alert is Alert.ACCESS_DENIED
+    assert not any(key[-1] == tuple(chain) for key in verify._VALIDATED)
+    small = der(creds)
+    reject(lambda: denied.verify_client(small, now()))
+    assert any(key[-1] == tuple(small) for key in verify._VALIDATED)
 
 
 # ------------------------------------------------------------------------ rejections

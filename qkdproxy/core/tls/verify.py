@@ -59,7 +59,8 @@ class PeerPolicy:
         the same anchors, policy, name and role at a time inside that span, would give the
         same answer. Refusals are never remembered, and the allow-list is applied each time.
         """
-        key = (self.trust_anchors, self.certificates, self.server_name, role, _frozen(chain))
+        frozen = _frozen(chain)
+        key = (self.trust_anchors, self.certificates, self.server_name, role, frozen)
         known = _VALIDATED.get(key)
         if known is not None and known.not_before <= now <= known.not_after:
             return known.identity
@@ -82,9 +83,10 @@ class PeerPolicy:
             min(c.not_valid_after_utc for c in path),
             PeerIdentity.from_certificate(leaf),
         )
-        if len(_VALIDATED) >= VALIDATED_MAX:
-            _VALIDATED.clear()  # bounded: a peer cycling chains only costs itself validations
-        _VALIDATED[key] = validated
+        if sum(map(len, frozen)) <= REMEMBERED_CHAIN_BYTES:
+            if len(_VALIDATED) >= VALIDATED_MAX:
+                _VALIDATED.clear()  # bounded: a peer cycling chains only costs itself work
+            _VALIDATED[key] = validated
         return validated.identity
 
     def _check_policy(
@@ -121,6 +123,10 @@ class _Validated:
 
 
 VALIDATED_MAX = 256
+# Only chains up to this size are remembered: a chain may carry extra certificates the
+# path does not use (and a Certificate message may be 16 MB), so without it a client with
+# any certificate from the CA, allowed or not, could pin VALIDATED_MAX huge chains.
+REMEMBERED_CHAIN_BYTES = 64 * 1024
 _VALIDATED: dict[tuple[object, ...], _Validated] = {}
 
 
