@@ -65,6 +65,8 @@ class MuxStream:
         self.finished = False
         self.error: str | None = None
         self.done = False
+        # Client: our request is still queued (see MuxTunnel.open_stream(send=False)).
+        self.request_queued = False
 
     # The tunnel's reader calls these.
 
@@ -92,8 +94,8 @@ class MuxStream:
                 raise MuxStreamError(str(exc)) from None
             view = memoryview(view)[sent:] if sent < len(view) else b""
             self.tunnel.bytes_moved += sent
-            if sent:
-                await self.tunnel.flush()
+            if sent or self.request_queued:
+                await self._flush()
             if view:
                 self._window.clear()
                 await self._window.wait()
@@ -106,7 +108,7 @@ class MuxStream:
         except MuxError as exc:
             raise MuxStreamError(str(exc)) from None
         self.finished = True
-        await self.tunnel.flush()
+        await self._flush()
 
     async def receive(self) -> bytes:
         """The next application bytes; b"" once the peer ended its direction."""
@@ -115,6 +117,8 @@ class MuxStream:
                 raise MuxStreamError(self.error)
             if self.peer_finished:
                 return b""
+            if self.request_queued:
+                await self._flush()  # nothing to wait for until the peer has our request
             self._wake.clear()
             await self._wake.wait()
         # Everything queued in one piece: one write (and drain) on the plaintext side.
@@ -124,7 +128,7 @@ class MuxStream:
             chunks.append(data)
             flow += size
         self.tunnel.conn.consumed(self.stream_id, flow)
-        await self.tunnel.flush()
+        await self._flush()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def update_keys(self) -> None:
@@ -148,6 +152,10 @@ class MuxStream:
                 await self.tunnel.flush()
         self.error = self.error or "reset by us"
         self._release()
+
+    async def _flush(self) -> None:
+        self.request_queued = False
+        await self.tunnel.flush()
 
     def _release(self) -> None:
         if not self.done:
@@ -252,10 +260,15 @@ class MuxTunnel:
 
     # ---------------------------------------------------------------- streams
 
-    async def open_stream(self) -> MuxStream:
+    async def open_stream(self, *, send: bool = True) -> MuxStream:
         """Client: a new stream. Its data may follow the request at once (the server buffers
         it within the stream window until its backend is connected); a refusal arrives as
-        the stream's error, with :attr:`MuxStream.refused` set."""
+        the stream's error, with :attr:`MuxStream.refused` set.
+
+        ``send=False`` leaves the request queued until the stream's first send, receive,
+        end or reset (whichever comes first; the next flush of any stream carries it too):
+        a pump that has the application's first bytes at hand then sends request and data
+        in one record, not two."""
         if not self.alive or self.draining:
             raise MuxStreamError("tunnel not accepting streams")
         try:
@@ -263,6 +276,9 @@ class MuxTunnel:
         except MuxError as exc:
             raise TunnelFullError(str(exc)) from None
         stream = self._add(stream_id)
+        if not send:
+            stream.request_queued = True
+            return stream
         try:
             await self.flush()
         except BaseException:

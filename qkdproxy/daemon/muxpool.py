@@ -89,7 +89,8 @@ class MuxPool:
                 tunnel = self._with_room()
                 if tunnel is not None:
                     try:
-                        return await tunnel.open_stream()
+                        # Its caller pumps it at once: the request leaves with the first data.
+                        return await tunnel.open_stream(send=False)
                     except TunnelFullError:
                         continue  # nothing was sent: look again
                     except MuxStreamError:

@@ -57,6 +57,33 @@ async def test_half_close_reaches_the_backend_and_the_answer_comes_back(tmp_path
         assert await transfer(port(client), payload) == hashlib.sha256(payload).digest()
 
 
+class SpeaksFirst(Backend):
+    """A server-speaks-first protocol: a greeting as soon as the connection is made."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 ready\r\n")
+        await writer.drain()
+        await reader.read(-1)
+        writer.close()
+
+
+async def test_a_silent_application_still_gets_a_speaking_backend(tmp_path: Path) -> None:
+    # The client queues a stream's request to send it with the first data: an application
+    # that sends nothing must still reach the backend (the request leaves when the pump
+    # starts waiting for the peer), not only with a keepalive PING (none comes here).
+    quiet = "multiplex = true\nmux_keepalive_s = 60"
+    async with (
+        setup(tmp_path, SpeaksFirst()) as s,
+        s.daemon("server", s.server_toml(quiet)) as server,
+        s.daemon("client", s.client_toml(port(server), quiet)) as client,
+    ):
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+            assert await asyncio.wait_for(reader.readexactly(11), 5) == b"220 ready\r\n"
+            writer.close()
+            await writer.wait_closed()
+
+
 class ResetAfterFirstBytes(Backend):
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(5)
