@@ -60,7 +60,7 @@ class PeerChannel:
                 sent += len(ids)
         return sent
 
-    async def send(self, data: bytes | bytearray) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send application bytes."""
         await self.stream.write(encode_data(data))
 

@@ -165,13 +165,14 @@ class RecordLayer:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive(self, data: bytes | bytearray, now: float) -> list[RecordEvent]:
-        """Take bytes from the transport; returns what they meant, in order."""
+    def receive(self, data: bytes | bytearray | memoryview, now: float) -> list[RecordEvent]:
+        """Take bytes from the transport; returns what they meant, in order. Nothing keeps
+        a reference to ``data``: the caller may reuse its buffer right after."""
         if self.phase is not Phase.OPEN:
             return []  # bytes after the end are nobody's business
         # Records are opened straight from the transport's bytes when nothing waits from
         # before (the usual case); only an incomplete tail is kept.
-        buffer: bytes | bytearray = data
+        buffer: bytes | bytearray | memoryview = data
         if self._inbound:
             self._inbound += data
             buffer = self._inbound
