@@ -25,6 +25,7 @@ from qkdproxy.core.tls.wire import Alert
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
 from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
+from tests.integration.test_eku_attack import stream_pair
 
 KEY = bytes(range(32))
 IV = int.from_bytes(bytes(range(100, 112)), "big")
@@ -325,7 +326,7 @@ def _forged_tail(stream: TlsStream, how: str) -> bytes:
     wire = bytes(layer.data_to_send())
     if how == "close-after-update":
         layer.update_keys()
-        return bytes(layer.data_to_send()) + b"\x15\x03\x03\x00\x02\x01\x00"
+        return wire + bytes(layer.data_to_send()) + b"\x15\x03\x03\x00\x02\x01\x00"
     if how == "bad-tag-then-good":
         layer.send_data(b"forged")
         bad = bytearray(layer.data_to_send())
@@ -349,6 +350,21 @@ async def test_a_forged_end_in_the_middle_of_a_batch_never_reads_as_a_clean_end(
         assert error.alert in (Alert.UNEXPECTED_MESSAGE, Alert.BAD_RECORD_MAC)
         assert b"good after" not in received and b"forged" not in received
     assert any(isinstance(f, TlsStreamError) and f.alert == error.alert for f in failures)
+
+
+async def test_genuine_data_in_the_batch_before_a_forged_record_is_delivered_then_it_fails() -> (
+    None
+):
+    # The reader gets data, a KeyUpdate, a 16 KiB record and a forged close_notify in one
+    # receive: it delivers the authenticated bytes before the forgery, then fails (how much
+    # one receive holds must not decide what is delivered), never a clean end.
+    async with stream_pair() as s:
+        await s.client.write(b"ready")
+        assert await read_exactly(s.server, 5) == b"ready"
+        s.client._driver.writer.write(_forged_tail(s.client, "close-after-update"))
+        received, error = await read_until_failure(s.server)
+        assert error.alert == Alert.UNEXPECTED_MESSAGE
+        assert len(received) == 3000 + MAX_PLAINTEXT and received.startswith(b"g" * 3000)
 
 
 async def read_until_failure(stream: TlsStream) -> tuple[bytes, TlsStreamError]:
