@@ -80,6 +80,9 @@ READ_CHUNK = 64 * 1024
 # An established stream reads its socket into a buffer of this size: the records of one
 # receive are opened in one batch (RecordLayer.receive copies only an incomplete tail).
 RECEIVE_BUFFER = 128 * 1024
+# What a read returns at most by default: all one receive opened (its records and the one
+# a previous receive left incomplete), handed over without a copy.
+READ_MAX = 2 * RECEIVE_BUFFER
 CLOSE_TIMEOUT = 5.0
 
 
@@ -199,7 +202,7 @@ class TlsStream:
     _keys: KeyContext | None = field(default=None, repr=False)
     fresh_keys_at: float = field(default_factory=time.monotonic)
 
-    async def read(self, max_bytes: int = READ_CHUNK) -> bytes | bytearray:
+    async def read(self, max_bytes: int = READ_MAX) -> bytes | bytearray:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
 
         A fatal alert, a protocol violation or a transport closed without close_notify
@@ -373,9 +376,12 @@ class TlsStream:
                 raise TlsStreamError("transport already closed")
             writer.write(out)
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""
-        await self._send(lambda: self._layer.send_data(data))
+    async def write(
+        self, data: bytes | bytearray | memoryview, *, frame_type: int | None = None
+    ) -> None:
+        """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke.
+        With ``frame_type`` each record carries one ``qkdproxy/1`` frame of ``data``."""
+        await self._send(lambda: self._layer.send_data(data, frame_type))
 
     async def update_keys(self, request_peer: bool = False) -> None:
         """TLS 1.3 KeyUpdate of our sending keys (long-lived flows).

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qkdproxy.core.peer.frames import FrameDecoder, FrameType, encode_data
 from qkdproxy.core.tls.keyexchange import QkdOptions
 from qkdproxy.core.tls.records import (
     HEADER,
@@ -44,6 +45,28 @@ def inner_record(k: TrafficKeys, inner: bytes, kind: int = 0x17, version: int = 
     """A record with an arbitrary TLSInnerPlaintext, sealed like a peer would."""
     header = HEADER.pack(kind, version, len(inner) + 16)
     return header + k.aead.encrypt(k.nonce(), inner, header)
+
+
+@given(st.binary(max_size=3 * MAX_PLAINTEXT + 7), st.integers(64, MAX_PLAINTEXT))
+def test_framed_sealing_is_the_per_frame_encoder_sealed_one_frame_per_record(
+    payload: bytes, limit: int
+) -> None:
+    # qkdproxy/1 DATA frames framed while sealing: at the default record size the very
+    # bytes of encode_data then seal; under a smaller record_size_limit still one whole
+    # frame per record, and the frames decode to the payload.
+    framed = seal(keys(), payload, frame_type=FrameType.DATA)
+    assert framed == seal(keys(), encode_data(payload))
+    wire = seal(keys(), payload, limit, frame_type=FrameType.DATA)
+    receiver, decoder, pos, frames = keys(), FrameDecoder(), 0, []
+    while pos < len(wire):
+        length = HEADER.unpack_from(wire, pos)[2]
+        assert length - 17 <= limit
+        record = open_records(receiver, wire[pos : pos + HEADER.size + length])
+        frames += decoder.feed(record.data)
+        assert decoder.pending == 0  # the record held whole frames only
+        pos += HEADER.size + length
+    assert all(f.type is FrameType.DATA and f.payload for f in frames)
+    assert b"".join(f.payload for f in frames) == payload
 
 
 @given(st.binary(max_size=3 * MAX_PLAINTEXT + 7), st.booleans())

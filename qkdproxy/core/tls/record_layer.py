@@ -362,11 +362,14 @@ class RecordLayer:
 
     # -------------------------------------------------------------------- sending
 
-    def send_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue application bytes, one record per ``send_limit`` bytes."""
+    def send_data(
+        self, data: bytes | bytearray | memoryview, frame_type: int | None = None
+    ) -> None:
+        """Queue application bytes, one record per ``send_limit`` bytes; with
+        ``frame_type`` each record is one peer-protocol frame of them (see :func:`seal`)."""
         self._require_open("send data")
         if data:
-            self._out.append(seal(self.write.keys, data, self.send_limit))
+            self._out.append(seal(self.write.keys, data, self.send_limit, frame_type))
 
     def update_keys(self, request_peer: bool = False) -> None:
         """Queue a KeyUpdate and switch to fresh sending keys."""

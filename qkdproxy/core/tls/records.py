@@ -23,6 +23,8 @@ from qkdproxy.core.tls.wire import Alert
 APPLICATION_DATA = 0x17
 LEGACY_VERSION = 0x0303
 HEADER = struct.Struct("!BHH")
+# A qkdproxy/1 frame header (type byte, 24-bit length) as one big-endian word.
+FRAME_HEADER = struct.Struct("!I")
 MAX_PLAINTEXT = 1 << 14
 # RFC 8446 5.2: the encrypted record may exceed the plaintext limit by at most 256 bytes.
 MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
@@ -54,29 +56,44 @@ class TrafficKeys:
 
 
 def seal(
-    keys: TrafficKeys, plaintext: bytes | bytearray | memoryview, max_plaintext: int = MAX_PLAINTEXT
+    keys: TrafficKeys,
+    plaintext: bytes | bytearray | memoryview,
+    max_plaintext: int = MAX_PLAINTEXT,
+    frame_type: int | None = None,
 ) -> bytearray:
     """Protect ``plaintext`` as application-data records of at most ``max_plaintext`` bytes
     each (16 KiB unless the peer asked for less with record_size_limit, RFC 8449).
 
+    With ``frame_type`` every record's content is one frame of the peer protocol
+    (``qkdproxy/1``): the type byte, the payload length in 3 bytes, then the next
+    ``max_plaintext - 4`` bytes of ``plaintext``; the framing costs no copy of its own.
+
     Every record is encrypted straight into its place in one buffer sized up front: the
-    only copy of the plaintext is the one that appends the inner content type.
+    only copy of the plaintext is the one that adds the frame header and the inner
+    content type.
     """
     view = memoryview(plaintext)
     size = len(view)
-    records = -(-size // max_plaintext)
-    out = bytearray(size + records * RECORD_OVERHEAD)
+    framed = frame_type is not None
+    step = max_plaintext - FRAME_HEADER.size if framed else max_plaintext
+    records = -(-size // step)
+    out = bytearray(size + records * (RECORD_OVERHEAD + (FRAME_HEADER.size if framed else 0)))
     target = memoryview(out)
     aead, iv, state = keys.aead, keys.iv, keys.state
+    frame_bits = (frame_type or 0) << 24
     pos = 0
-    for start in range(0, size, max_plaintext):
-        chunk = view[start : start + max_plaintext]
-        length = len(chunk) + 1 + TAG_LENGTH
+    for start in range(0, size, step):
+        chunk = view[start : start + step]
+        if framed:
+            inner = b"".join((FRAME_HEADER.pack(frame_bits | len(chunk)), chunk, _INNER_TYPE))
+        else:
+            inner = b"".join((chunk, _INNER_TYPE))
+        length = len(inner) + TAG_LENGTH
         header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, length)
         target[pos : pos + HEADER.size] = header
         pos += HEADER.size
         nonce = (iv ^ state.seqnum).to_bytes(12, "big")
-        aead.encrypt_into(nonce, b"".join((chunk, _INNER_TYPE)), header, target[pos : pos + length])
+        aead.encrypt_into(nonce, inner, header, target[pos : pos + length])
         state.seqnum += 1
         pos += length
     target.release()
