@@ -2,7 +2,7 @@
 
 Figures that survive a loaded machine (docs/PERFORMANCE.md, "Cost of a byte"):
 
-    python perf/byte_cost.py daemons [MiB]      # daemon pair, /proc CPU time per GB
+    python perf/byte_cost.py daemons [MiB] [PATH]   # daemon pair, /proc CPU time per GB
     python perf/byte_cost.py callgrind [MiB] [DIR]  # under callgrind, per GiB (DIR keeps dumps)
 
 Both start the KME simulator and a client/server daemon pair (qkd_mlkem768, client flow,
@@ -20,12 +20,19 @@ import os
 import sys
 import tempfile
 
-from connection_cost import _cpu_s, _daemons, _dump, _last_total, _under_callgrind
+from connection_cost import TICKS, _cpu_s, _daemons, _dump, _last_total, _under_callgrind
 
 from qkdproxy.tools.bench import processes
 from qkdproxy.tools.bench.processes import ClientTunnel
 
 CHUNK = 256 * 1024
+
+
+def _user_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(") ", 1)[1].split()[11]) / TICKS
+
+
 PATHS = {"qkdproxy": "bench", "qkdproxy-mux": "mux"}
 
 
@@ -59,7 +66,7 @@ async def _send(port: int, sink: Sink, size: int) -> None:
     await writer.wait_closed()
 
 
-async def run(mib: int, callgrind: str | None = None) -> None:
+async def run(mib: int, callgrind: str | None = None, only: str | None = None) -> None:
     """Per-daemon CPU (or instructions) per byte on both paths."""
     sink = Sink()
     size = mib << 20
@@ -70,6 +77,8 @@ async def run(mib: int, callgrind: str | None = None) -> None:
         )
         pids = _daemons()
         for path, tunnel in PATHS.items():
+            if only and path != only:
+                continue
             port = pair.ports[tunnel]
             await _send(port, sink, 4 * CHUNK)  # warm up: handshake, pool, buffers
             if callgrind is not None:
@@ -77,6 +86,7 @@ async def run(mib: int, callgrind: str | None = None) -> None:
                 for pid in pids.values():
                     await _dump(pid)
             before = {name: _cpu_s(pid) for name, pid in pids.items()}
+            user = {name: _user_s(pid) for name, pid in pids.items()}
             await _send(port, sink, size)
             total = 0.0
             for name, pid in sorted(pids.items()):
@@ -86,7 +96,8 @@ async def run(mib: int, callgrind: str | None = None) -> None:
                     print(f"{path} {name}: {per:.2f} G instructions per GiB")
                 else:
                     per = (_cpu_s(pid) - before[name]) * 1e9 / size
-                    print(f"{path} {name}: {per:.2f} CPU s per GB")
+                    in_user = (_user_s(pid) - user[name]) * 1e9 / size
+                    print(f"{path} {name}: {per:.2f} CPU s per GB ({in_user:.2f} user)")
                 total += per
             print(f"{path} both: {total:.2f}")
 
@@ -95,7 +106,8 @@ def main(argv: list[str]) -> None:
     """Dispatch on the mode (see the module docstring)."""
     mode = argv[0] if argv else "daemons"
     if mode == "daemons":
-        asyncio.run(run(int(argv[1]) if len(argv) > 1 else 256))
+        only = argv[2] if len(argv) > 2 else None  # one path (to profile it alone)
+        asyncio.run(run(int(argv[1]) if len(argv) > 1 else 256, only=only))
     elif mode == "callgrind":
         mib = int(argv[1]) if len(argv) > 1 else 16
         if len(argv) > 2:  # keep the dumps for callgrind_annotate

@@ -224,7 +224,11 @@ class RecordLayer:
         pos = 0
         try:
             while self._can_open():
-                opened = open_records(self.read.keys, view[pos:])
+                # Data right behind data opened in this receive joins its buffer: one
+                # DataReceived per receive, not one per batch of records.
+                last = events[-1].data if events and isinstance(events[-1], DataReceived) else None
+                into = last if isinstance(last, bytearray) else None
+                opened = open_records(self.read.keys, view[pos:], into)
                 if opened.consumed:
                     if self._handshake:
                         raise RemoteProtocolError(
@@ -232,7 +236,7 @@ class RecordLayer:
                             Alert.UNEXPECTED_MESSAGE,
                         )
                     pos += opened.consumed
-                    if opened.data:
+                    if opened.data and into is None:
                         events.append(DataReceived(opened.data))
                 if not opened.handoff:
                     break

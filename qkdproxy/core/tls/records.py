@@ -113,22 +113,29 @@ class Opened:
     handoff: bool = False
 
 
-def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> Opened:
+def open_records(
+    keys: TrafficKeys, buffer: bytes | bytearray | memoryview, into: bytearray | None = None
+) -> Opened:
     """Open the complete application-data records at the front of ``buffer``.
 
     Stops at an incomplete record (more bytes needed) or at the first record that is
     anything but well-formed application data (``handoff``), leaving it and its sequence
     number to :func:`open_record`. Each record is decrypted straight into one output
-    buffer, where the next record's bytes overwrite its content type and padding.
+    buffer, where the next record's bytes overwrite its content type and padding; with
+    ``into`` that buffer is ``into``, appended to (``data`` is then ``into``).
     """
     view = memoryview(buffer)
     # Sized for a few records, then doubled as records open: never by the whole buffer,
     # or a peer interleaving other records (each a hand-off and a new call here) would
     # make every call zero a buffer as large as what is left.
-    out = bytearray(min(len(view), OPEN_BATCH))
+    if into is None:
+        out = bytearray(min(len(view), OPEN_BATCH))
+        written = 0
+    else:
+        out, written = into, len(into)
     aead, iv, state = keys.aead, keys.iv, keys.state
     opened = Opened(out)
-    pos = written = 0
+    pos = 0
     while len(view) - pos >= HEADER.size:
         kind, version, length = HEADER.unpack_from(view, pos)
         if (
@@ -147,7 +154,7 @@ def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> O
             opened.handoff = True
             break
         if len(out) < need:
-            out.extend(bytes(max(need, 2 * len(out)) - len(out)))
+            out.extend(bytes(max(need, 2 * len(out), OPEN_BATCH) - len(out)))
         try:
             with memoryview(out) as target:
                 aead.decrypt_into(
