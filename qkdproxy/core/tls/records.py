@@ -34,6 +34,8 @@ RECORD_OVERHEAD = HEADER.size + 1 + TAG_LENGTH
 # open_records' first output buffer: the records of a transport read (64 KiB) and more.
 OPEN_BATCH = 8 * (MAX_PLAINTEXT + 1)
 _INNER_TYPE = bytes([APPLICATION_DATA])
+# Room for a growing output buffer is copied from here (no zeroing of a new object).
+_ZEROS = memoryview(bytes(OPEN_BATCH))
 
 
 class SequenceState(Protocol):
@@ -154,7 +156,9 @@ def open_records(
             opened.handoff = True
             break
         if len(out) < need:
-            out.extend(bytes(max(need, 2 * len(out), OPEN_BATCH) - len(out)))
+            # Room for what is left of the buffer, at most a batch more at a time.
+            grow = max(need, written + min(len(view) - pos, OPEN_BATCH)) - len(out)
+            out.extend(_ZEROS[:grow] if grow <= OPEN_BATCH else bytes(grow))
         try:
             with memoryview(out) as target:
                 aead.decrypt_into(
