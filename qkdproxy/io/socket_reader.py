@@ -19,6 +19,10 @@ __all__ = ["MIN_FREE", "SocketReader"]
 
 # Never ask the kernel for less than this: reading pauses when less is free.
 MIN_FREE = 16 * 1024
+# A reader starts with a buffer this small and takes its full capacity only once a receive
+# brought more than half of it (a bulk flow): thousands of connections with a few bytes
+# waiting each hold this much, not the capacity.
+SMALL = 2 * MIN_FREE
 # Buffers of consumers that used up what they were lent: an idle connection holds none,
 # a busy one takes and returns one per receive without allocating (or zeroing) it again.
 _SPARE: dict[int, list[bytearray]] = {}
@@ -47,12 +51,13 @@ class SocketReader(asyncio.BufferedProtocol):
     def __init__(
         self, transport: asyncio.Transport, previous: asyncio.BaseProtocol, capacity: int
     ) -> None:
-        if capacity < 2 * MIN_FREE:
-            raise ValueError(f"a socket reader needs at least {2 * MIN_FREE} bytes")
+        if capacity < SMALL:
+            raise ValueError(f"a socket reader needs at least {SMALL} bytes")
         self._transport = transport
         self._previous = previous
-        self._capacity = capacity
-        self._spare_size = capacity  # only buffers of this size go back to the spares
+        self._full_size = capacity
+        self._capacity = SMALL
+        self._bulk = False  # the last buffer held more than half of a small one
         self._buffer: bytearray | None = None
         self._start = 0
         self._end = 0
@@ -75,6 +80,7 @@ class SocketReader(asyncio.BufferedProtocol):
         if leftover:
             self._capacity = max(capacity, len(leftover) + MIN_FREE)
             self._buffer = bytearray(self._capacity)
+            self._bulk = True
             self._buffer[: len(leftover)] = leftover
             self._end = len(leftover)
             leftover.clear()
@@ -113,8 +119,9 @@ class SocketReader(asyncio.BufferedProtocol):
         """``count`` bytes at the front were used (the view :meth:`peek` gave is dead)."""
         self._start += count
         if self._start >= self._end:
+            self._bulk = self._end > SMALL // 2
             self._start = self._end = 0
-            if self._buffer is not None and len(self._buffer) == self._spare_size:
+            if self._buffer is not None and len(self._buffer) in (SMALL, self._full_size):
                 _give_back(self._buffer)
             self._buffer = None
         elif self._capacity - self._end < MIN_FREE:
@@ -132,8 +139,8 @@ class SocketReader(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         """Where the next receive goes: the free end of the buffer."""
         if self._buffer is None:
-            self._buffer = _take(self._spare_size)
-            self._capacity = self._spare_size
+            self._capacity = self._full_size if self._bulk else SMALL
+            self._buffer = _take(self._capacity)
         return memoryview(self._buffer)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:

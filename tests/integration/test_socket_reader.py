@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from qkdproxy.io.socket_reader import MIN_FREE, SocketReader
+from qkdproxy.io.socket_reader import SMALL, SocketReader
 
 CAPACITY = 64 * 1024
 
@@ -121,6 +121,25 @@ async def test_a_reset_raises_and_a_truncated_tail_is_not_lost() -> None:
             await asyncio.wait_for(read_all(source), 5)
 
 
-def test_a_capacity_below_two_minimum_receives_is_refused() -> None:
+def test_a_capacity_below_the_small_buffer_is_refused() -> None:
     with pytest.raises(ValueError, match="needs at least"):
-        SocketReader(None, None, 2 * MIN_FREE - 1)  # type: ignore[arg-type]
+        SocketReader(None, None, SMALL - 1)  # type: ignore[arg-type]
+
+
+async def test_a_few_waiting_bytes_hold_a_small_buffer_a_bulk_flow_the_capacity() -> None:
+    # Thousands of connections with a byte waiting each must not hold the capacity each.
+    async with connected() as (reader, writer, peer):
+        source = SocketReader.attach(reader, writer, CAPACITY)
+        peer.write(b"x")
+        view = await source.peek()
+        assert len(view.obj) == SMALL  # type: ignore[arg-type]
+        source.consume(len(view))
+        sizes = set()
+        peer.write(os.urandom(4 << 20))
+        received = 0
+        while received < 4 << 20:
+            view = await source.peek()
+            sizes.add(len(view.obj))  # type: ignore[arg-type]
+            received += len(view)
+            source.consume(len(view))
+        assert CAPACITY in sizes
