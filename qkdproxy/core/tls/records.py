@@ -83,22 +83,26 @@ def seal(
     target = memoryview(out)
     aead, iv, state = keys.aead, keys.iv, keys.state
     frame_bits = (frame_type or 0) << 24
-    pos = 0
-    for start in range(0, size, step):
-        chunk = view[start : start + step]
-        if framed:
-            inner = b"".join((FRAME_HEADER.pack(frame_bits | len(chunk)), chunk, _INNER_TYPE))
-        else:
-            inner = b"".join((chunk, _INNER_TYPE))
-        length = len(inner) + TAG_LENGTH
-        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, length)
-        target[pos : pos + HEADER.size] = header
-        pos += HEADER.size
-        nonce = (iv ^ state.seqnum).to_bytes(12, "big")
-        aead.encrypt_into(nonce, inner, header, target[pos : pos + length])
-        state.seqnum += 1
-        pos += length
-    target.release()
+    pos, seqnum, header_size = 0, state.seqnum, HEADER.size
+    try:
+        for start in range(0, size, step):
+            chunk = view[start : start + step]
+            if framed:
+                inner = b"".join((FRAME_HEADER.pack(frame_bits | len(chunk)), chunk, _INNER_TYPE))
+            else:
+                inner = b"".join((chunk, _INNER_TYPE))
+            length = len(inner) + TAG_LENGTH
+            header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, length)
+            target[pos : pos + header_size] = header
+            pos += header_size
+            aead.encrypt_into(
+                (iv ^ seqnum).to_bytes(12, "big"), inner, header, target[pos : pos + length]
+            )
+            seqnum += 1
+            pos += length
+    finally:
+        state.seqnum = seqnum  # once, not per record
+        target.release()
     return out
 
 
@@ -137,51 +141,68 @@ def open_records(
         out, written = into, len(into)
     aead, iv, state = keys.aead, keys.iv, keys.state
     opened = Opened(out)
-    pos = 0
-    while len(view) - pos >= HEADER.size:
-        kind, version, length = HEADER.unpack_from(view, pos)
-        if (
-            kind != APPLICATION_DATA
-            or version != LEGACY_VERSION
-            or not TAG_LENGTH < length <= MAX_CIPHERTEXT
-        ):
-            opened.handoff = True
-            break
-        end = pos + HEADER.size + length
-        if end > len(view):
-            break
-        need = written + length - TAG_LENGTH
-        # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
-        if need - written > MAX_PLAINTEXT + 1:
-            opened.handoff = True
-            break
-        if len(out) < need:
-            # Room for what is left of the buffer, at most a batch more at a time.
-            grow = max(need, written + min(len(view) - pos, OPEN_BATCH)) - len(out)
-            out.extend(_ZEROS[:grow] if grow <= OPEN_BATCH else bytes(grow))
-        try:
-            with memoryview(out) as target:
+    # The loop runs once per 16 KiB record: names are local, the output view is made again
+    # only when the buffer grows, and the sequence number is written back once.
+    seqnum, pos, size, header_size = state.seqnum, 0, len(view), HEADER.size
+    target = memoryview(out)
+    try:
+        while size - pos >= header_size:
+            kind, version, length = HEADER.unpack_from(view, pos)
+            if (
+                kind != APPLICATION_DATA
+                or version != LEGACY_VERSION
+                or not TAG_LENGTH < length <= MAX_CIPHERTEXT
+            ):
+                opened.handoff = True
+                break
+            end = pos + header_size + length
+            if end > size:
+                break
+            need = written + length - TAG_LENGTH
+            # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
+            if need - written > MAX_PLAINTEXT + 1:
+                opened.handoff = True
+                break
+            if len(target) < need:
+                # Room for what is left of the buffer, at most a batch more at a time.
+                target = _grow(out, target, max(need, written + min(size - pos, OPEN_BATCH)))
+            try:
                 aead.decrypt_into(
-                    (iv ^ state.seqnum).to_bytes(12, "big"),
-                    view[pos + HEADER.size : end],
-                    view[pos : pos + HEADER.size],
+                    (iv ^ seqnum).to_bytes(12, "big"),
+                    view[pos + header_size : end],
+                    view[pos : end - length],
                     target[written:need],
                 )
-        except InvalidTag:
-            opened.handoff = True
-            break
-        content = _content_end(out, written, need)
-        if content is None:
-            opened.handoff = True
-            break
-        written = content
-        state.seqnum += 1
-        opened.records += 1
-        pos = end
-    view.release()
+            except InvalidTag:
+                opened.handoff = True
+                break
+            if out[need - 1] == APPLICATION_DATA:  # no padding: nearly every record
+                written = need - 1
+            else:
+                content = _content_end(out, written, need)
+                if content is None:
+                    opened.handoff = True
+                    break
+                written = content
+            seqnum += 1
+            opened.records += 1
+            pos = end
+    finally:
+        state.seqnum = seqnum
+        target.release()
+        view.release()
     del out[written:]
     opened.consumed = pos
     return opened
+
+
+def _grow(out: bytearray, target: memoryview, size: int) -> memoryview:
+    """Extend ``out`` to ``size`` bytes (copied from a zero buffer, not zeroed anew); the
+    old view of it is released, a new one returned."""
+    target.release()
+    grow = size - len(out)
+    out.extend(_ZEROS[:grow] if grow <= OPEN_BATCH else bytes(grow))
+    return memoryview(out)
 
 
 def _content_end(out: bytearray, start: int, end: int) -> int | None:
