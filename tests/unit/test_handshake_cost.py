@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 
 import pytest
 import tlslite.recordlayer
@@ -12,6 +13,7 @@ import tlslite.x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from tlslite.constants import GroupName, SignatureScheme
 from tlslite.extensions import SupportedGroupsExtension
+from tlslite.utils.codec import Parser
 
 from qkdproxy.core.groups import DEFAULT_GROUPS, GroupKind, GroupSpec
 from qkdproxy.core.tls import tlslite_glue as glue
@@ -50,6 +52,38 @@ def test_transcript_digests_match_tlslite() -> None:
     assert transcript.digest("intrinsic") == b"hello more"
     with pytest.raises(ValueError, match="Unknown digest"):
         transcript.digest("sha3_256")
+
+
+def test_parser_reads_like_tlslite_on_hostile_input() -> None:
+    glue._check_parser()
+    assert Parser.get is glue._parser_get  # installed
+    rng = random.Random(16)
+    for _ in range(3000):
+        data = bytes(rng.randrange(256) if rng.random() < 0.7 else rng.choice((0, 1, 2, 255))
+                     for _ in range(rng.randrange(0, 12)))  # fmt: skip
+        start = rng.randrange(0, len(data) + 2)
+        for name, args in (
+            ("get", (rng.randrange(0, 5),)),
+            ("getVarBytes", (rng.randrange(1, 4),)),
+            ("getVarList", (rng.randrange(0, 4), rng.randrange(1, 3))),
+        ):
+            outcomes = []
+            for method in (glue._tlslite_parser[name], glue._FAST_PARSER[name]):
+                parser = Parser(bytearray(data))
+                parser.index = start
+                outcomes.append(glue._parser_outcome_from(method, parser, args))
+            assert outcomes[0] == outcomes[1], (name, data, start, args)
+
+
+def test_parser_check_catches_a_difference(monkeypatch: pytest.MonkeyPatch) -> None:
+    def lenient(self: Parser, length: int) -> int:  # no bounds check: reads short
+        value = int.from_bytes(self.bytes[self.index : self.index + length], "big")
+        self.index += length
+        return value
+
+    monkeypatch.setitem(glue._FAST_PARSER, "get", lenient)
+    with pytest.raises(glue.SelfTestError, match=r"Parser\.get "):
+        glue._check_parser()
 
 
 def test_certificates_are_parsed_once_and_stay_separate() -> None:
