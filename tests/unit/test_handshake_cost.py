@@ -11,8 +11,10 @@ import tlslite.recordlayer
 import tlslite.tlsconnection
 import tlslite.x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from tlslite.constants import GroupName, SignatureScheme
-from tlslite.extensions import SupportedGroupsExtension
+from tlslite.constants import ExtensionType, GroupName, SignatureScheme
+from tlslite.extensions import ClientKeyShareExtension, SupportedGroupsExtension
+from tlslite.handshakehelpers import HandshakeHelpers
+from tlslite.messages import ClientHello, KeyShareEntry
 from tlslite.utils.codec import Parser
 
 from qkdproxy.core.groups import DEFAULT_GROUPS, GroupKind, GroupSpec
@@ -84,6 +86,30 @@ def test_parser_check_catches_a_difference(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(glue._FAST_PARSER, "get", lenient)
     with pytest.raises(glue.SelfTestError, match=r"Parser\.get "):
         glue._check_parser()
+
+
+def _hello(share_sizes: list[int]) -> ClientHello:
+    shares = [KeyShareEntry().create(29 + i, bytearray(n)) for i, n in enumerate(share_sizes)]
+    ext = ClientKeyShareExtension().create(shares)
+    return ClientHello().create((3, 3), bytearray(32), bytearray(0), [0x1301], extensions=[ext])
+
+
+@pytest.mark.parametrize(
+    "sizes", [[32], [200], [300], [470], [480], [511], [512], [256, 300], [1184]]
+)
+def test_client_hello_padding_as_tlslite(sizes: list[int]) -> None:
+    assert HandshakeHelpers.alignClientHelloPadding is glue._align_client_hello_padding
+    theirs, ours = _hello(sizes), _hello(sizes)
+    glue._tlslite_align_padding(theirs)
+    glue._align_client_hello_padding(ours)
+    assert ours.write() == theirs.write()
+
+
+def test_a_long_client_hello_is_not_serialised_for_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    hello = _hello([1184])
+    monkeypatch.setattr(hello, "write", lambda: pytest.fail("serialised"))
+    glue._align_client_hello_padding(hello)
+    assert [e.extType for e in hello.extensions] == [ExtensionType.key_share]
 
 
 def test_certificates_are_parsed_once_and_stay_separate() -> None:

@@ -52,6 +52,7 @@ from tlslite.errors import (
 )
 from tlslite.extensions import CustomNameExtension, SupportedGroupsExtension, TLSExtension
 from tlslite.handshakehashes import HandshakeHashes
+from tlslite.handshakehelpers import HandshakeHelpers
 from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
 from tlslite.utils.codec import DecodeError, Parser
 from tlslite.utils.ecdsakey import ECDSAKey
@@ -577,6 +578,20 @@ def _check_parser() -> None:
                         raise SelfTestError(f"our Parser.{name} differs from tlslite's")
 
 
+# tlslite serialises the whole ClientHello once more only to learn whether it is 256 to 511
+# bytes long (then it adds a padding extension). One whose key shares alone are longer than
+# that gets no padding: with an ML-KEM share (1184 bytes) every ClientHello of ours.
+_tlslite_align_padding = HandshakeHelpers.alignClientHelloPadding
+PADDED_HELLO_MAX = 511
+
+
+def _align_client_hello_padding(client_hello: Any) -> None:
+    shares = client_hello.getExtension(ExtensionType.key_share)
+    share_bytes = sum(len(s.key_exchange) for s in shares.client_shares or ()) if shares else 0
+    if share_bytes <= PADDED_HELLO_MAX:
+        _tlslite_align_padding(client_hello)
+
+
 # A peer presents the same certificates on every connection: tlslite's pure-Python DER
 # parse (about 90 us each) is done once per distinct certificate. Only parsing is shared;
 # chain validation (verify.py) runs on every handshake.
@@ -903,6 +918,7 @@ def install(groups: Iterable[GroupSpec]) -> None:
         _check_parser()
         for name, method in _FAST_PARSER.items():
             setattr(Parser, name, method)
+        HandshakeHelpers.alignClientHelloPadding = staticmethod(_align_client_hello_padding)
         tl_connection.HandshakeHashes = _TranscriptHashes
         tl_tlsrecordlayer.HandshakeHashes = _TranscriptHashes
         self_test()  # with the back-ends above in place: what the daemon will run
@@ -931,6 +947,7 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (tl_x509.X509, "parseBinary", "certificate parsing, once per certificate (wrapped)"),
     (TLSEnum, "toRepr", "code point names, memoised (wrapped)"),
     (CipherSuite, "_filterSuites", "cipher suites allowed by settings, memoised (wrapped)"),
+    (HandshakeHelpers, "alignClientHelloPadding", "ClientHello padding (shortcut)"),
     (Parser, "get", "integers of handshake messages, inlined (replaced)"),
     (Parser, "getVarBytes", "byte vectors of handshake messages, inlined (replaced)"),
     (Parser, "getVarList", "integer lists of handshake messages, inlined (replaced)"),
