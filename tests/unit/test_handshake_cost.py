@@ -12,9 +12,10 @@ import tlslite.tlsconnection
 import tlslite.x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from tlslite.constants import ExtensionType, GroupName, SignatureScheme
+from tlslite.errors import TLSInternalError
 from tlslite.extensions import ClientKeyShareExtension, SupportedGroupsExtension
 from tlslite.handshakehelpers import HandshakeHelpers
-from tlslite.messages import ClientHello, KeyShareEntry
+from tlslite.messages import ClientHello, HelloMessage, KeyShareEntry
 from tlslite.utils.codec import Parser
 
 from qkdproxy.core.groups import DEFAULT_GROUPS, GroupKind, GroupSpec
@@ -68,6 +69,7 @@ def test_parser_reads_like_tlslite_on_hostile_input() -> None:
             ("get", (rng.randrange(0, 5),)),
             ("getVarBytes", (rng.randrange(1, 4),)),
             ("getVarList", (rng.randrange(0, 4), rng.randrange(1, 3))),
+            ("getVarTupleList", (rng.randrange(1, 3), rng.randrange(1, 3), rng.randrange(1, 3))),
         ):
             outcomes = []
             for method in (glue._tlslite_parser[name], glue._FAST_PARSER[name]):
@@ -103,6 +105,21 @@ def test_client_hello_padding_as_tlslite(sizes: list[int]) -> None:
     glue._tlslite_align_padding(theirs)
     glue._align_client_hello_padding(ours)
     assert ours.write() == theirs.write()
+
+
+def test_extension_lookup_as_tlslite() -> None:
+    original = glue._tlslite_get_extension
+    assert HelloMessage.getExtension is glue._get_extension
+    one, two = SupportedGroupsExtension().create([29]), ClientKeyShareExtension().create([])
+    for extensions in (None, [], [one], [one, two], [two, one]):
+        hello = _hello([32])
+        hello.extensions = extensions
+        for ext_type in (ExtensionType.supported_groups, ExtensionType.key_share, 0):
+            assert glue._get_extension(hello, ext_type) is original(hello, ext_type)
+    hello.extensions = [one, two, SupportedGroupsExtension().create([23])]
+    for lookup in (original, glue._get_extension):
+        with pytest.raises(TLSInternalError, match="Multiple extensions"):
+            lookup(hello, ExtensionType.supported_groups)
 
 
 def test_a_long_client_hello_is_not_serialised_for_padding(monkeypatch: pytest.MonkeyPatch) -> None:

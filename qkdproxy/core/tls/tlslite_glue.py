@@ -46,6 +46,7 @@ from tlslite.errors import (
     TLSBadRecordMAC,
     TLSError,
     TLSIllegalParameterException,
+    TLSInternalError,
     TLSLocalAlert,
     TLSProtocolException,
     TLSRemoteAlert,
@@ -53,7 +54,13 @@ from tlslite.errors import (
 from tlslite.extensions import CustomNameExtension, SupportedGroupsExtension, TLSExtension
 from tlslite.handshakehashes import HandshakeHashes
 from tlslite.handshakehelpers import HandshakeHelpers
-from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
+from tlslite.messages import (
+    CertificateRequest,
+    ClientHello,
+    EncryptedExtensions,
+    HelloMessage,
+    KeyShareEntry,
+)
 from tlslite.utils.codec import DecodeError, Parser
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
@@ -489,7 +496,9 @@ def _extension_setattr(self: Any, name: str, value: Any) -> None:
 # Parser.get, three Python calls each (some 120 per handshake and side). The versions below
 # inline them: same values, same errors, the same index left behind after an error
 # (_check_parser compares them with tlslite's at start-up).
-_tlslite_parser = {name: getattr(Parser, name) for name in ("get", "getVarBytes", "getVarList")}
+_tlslite_parser = {
+    name: getattr(Parser, name) for name in ("get", "getVarBytes", "getVarList", "getVarTupleList")
+}
 _PAST_END = "Read past end of buffer"
 
 
@@ -532,10 +541,35 @@ def _parser_get_var_list(self: Any, length: int, length_length: int) -> list[int
     return [int.from_bytes(data[i : i + length], "big") for i in range(index, end, length)]
 
 
+def _parser_get_var_tuple_list(
+    self: Any, elem_length: int, elem_num: int, length_length: int
+) -> list[tuple[int, ...]]:
+    size = _parser_get(self, length_length)
+    tuple_size = elem_length * elem_num
+    if size % tuple_size != 0:
+        raise DecodeError("Encoded length not a multiple of element length")
+    index = self.index
+    data = self.bytes
+    end = index + size
+    if end > len(data):
+        # tlslite reads element by element: the whole elements that fit are consumed.
+        self.index = index + (len(data) - index) // elem_length * elem_length
+        raise DecodeError(_PAST_END)
+    self.index = end
+    return [
+        tuple(
+            int.from_bytes(data[i : i + elem_length], "big")
+            for i in range(start, start + tuple_size, elem_length)
+        )
+        for start in range(index, end, tuple_size)
+    ]
+
+
 _FAST_PARSER: dict[str, Callable[..., Any]] = {
     "get": _parser_get,
     "getVarBytes": _parser_get_var_bytes,
     "getVarList": _parser_get_var_list,
+    "getVarTupleList": _parser_get_var_tuple_list,
 }
 
 
@@ -567,6 +601,7 @@ def _check_parser() -> None:
         "get": [(n,) for n in range(5)],
         "getVarBytes": [(n,) for n in range(1, 4)],
         "getVarList": [(e, n) for e in range(0, 4) for n in range(1, 3)],
+        "getVarTupleList": [(e, k, n) for e in range(1, 3) for k in range(1, 3) for n in (1, 2)],
     }
     for name, argument_sets in calls.items():
         for sample in samples:
@@ -576,6 +611,21 @@ def _check_parser() -> None:
                     ours = _parser_outcome(_FAST_PARSER[name], sample[:cut], args)
                     if theirs != ours:
                         raise SelfTestError(f"our Parser.{name} differs from tlslite's")
+
+
+# tlslite looks up a hello's extensions some 70 times per handshake pair, each through a
+# list comprehension (a function call of its own on Python 3.11). Same result, same error.
+_tlslite_get_extension = HelloMessage.getExtension
+
+
+def _get_extension(self: Any, ext_type: int) -> Any:
+    found = None
+    for ext in self.extensions or ():
+        if ext.extType == ext_type:
+            if found is not None:
+                raise TLSInternalError("Multiple extensions of the same type present")
+            found = ext
+    return found
 
 
 # tlslite serialises the whole ClientHello once more only to learn whether it is 256 to 511
@@ -919,6 +969,7 @@ def install(groups: Iterable[GroupSpec]) -> None:
         for name, method in _FAST_PARSER.items():
             setattr(Parser, name, method)
         HandshakeHelpers.alignClientHelloPadding = staticmethod(_align_client_hello_padding)
+        HelloMessage.getExtension = _get_extension
         tl_connection.HandshakeHashes = _TranscriptHashes
         tl_tlsrecordlayer.HandshakeHashes = _TranscriptHashes
         self_test()  # with the back-ends above in place: what the daemon will run
@@ -948,9 +999,11 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (TLSEnum, "toRepr", "code point names, memoised (wrapped)"),
     (CipherSuite, "_filterSuites", "cipher suites allowed by settings, memoised (wrapped)"),
     (HandshakeHelpers, "alignClientHelloPadding", "ClientHello padding (shortcut)"),
+    (HelloMessage, "getExtension", "a hello's extension by type (replaced)"),
     (Parser, "get", "integers of handshake messages, inlined (replaced)"),
     (Parser, "getVarBytes", "byte vectors of handshake messages, inlined (replaced)"),
     (Parser, "getVarList", "integer lists of handshake messages, inlined (replaced)"),
+    (Parser, "getVarTupleList", "tuple lists of handshake messages, inlined (replaced)"),
     (SupportedGroupsExtension(), "_field_name", "an extension's payload name (read directly)"),
     (SupportedGroupsExtension(), "_internal_value", "an extension's payload (read directly)"),
     (tl_cryptomath, "secureHMAC", "HMAC on hmac.digest (rebound)"),
