@@ -78,9 +78,10 @@ class SocketReader(asyncio.BufferedProtocol):
         # StreamReader has no public way to hand over what it buffered.
         leftover: bytearray = reader._buffer  # type: ignore[attr-defined]
         if leftover:
-            self._capacity = max(capacity, len(leftover) + MIN_FREE)
-            self._buffer = bytearray(self._capacity)
-            self._bulk = True
+            # Sized by what waits: a few bytes (a peer's first frames) must not cost the
+            # connection a large buffer.
+            self._capacity = max(SMALL, len(leftover) + MIN_FREE)
+            self._buffer = _take(SMALL) if self._capacity == SMALL else bytearray(self._capacity)
             self._buffer[: len(leftover)] = leftover
             self._end = len(leftover)
             leftover.clear()
