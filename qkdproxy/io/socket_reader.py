@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-__all__ = ["MIN_FREE", "SocketReader"]
+__all__ = ["MIN_FREE", "SMALL", "SocketReader"]
 
 # Never ask the kernel for less than this: reading pauses when less is free.
 MIN_FREE = 16 * 1024
