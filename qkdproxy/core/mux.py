@@ -561,19 +561,22 @@ class MuxConnection:
             self._out += _header(4, RST_STREAM, 0, stream_id) + _U32.pack(code)
             self._close(stream_id)
 
-    def consumed(self, stream_id: int, flow: int) -> None:
-        """``flow`` bytes of the stream were passed on: the peer may send that much more."""
+    def consumed(self, stream_id: int, flow: int) -> bool:
+        """``flow`` bytes of the stream were passed on: the peer may send that much more.
+        True if that queued a WINDOW_UPDATE (to be flushed); windows are returned half
+        at a time, so a short stream needs none at all."""
         if not flow:
-            return
-        self._credit(flow)
+            return False
+        queued = self._credit(flow)
         stream = self._streams.get(stream_id)
         if stream is not None and stream.remote_open:
             stream.unacked += flow
-            # Half the window back at a time: a short stream needs no WINDOW_UPDATE at all.
             if stream.unacked >= STREAM_WINDOW // 2:
                 stream.receive_window += stream.unacked
                 self._window_update(stream_id, stream.unacked)
                 stream.unacked = 0
+                queued = True
+        return queued
 
     def ping(self) -> None:
         """Queue a keepalive PING."""
@@ -622,13 +625,16 @@ class MuxConnection:
         else:
             self._open_inbound -= 1
 
-    def _credit(self, flow: int) -> None:
-        """Return consumed bytes to the tunnel's window (half of it at a time)."""
+    def _credit(self, flow: int) -> bool:
+        """Return consumed bytes to the tunnel's window (half of it at a time); True if
+        that queued a WINDOW_UPDATE."""
         self._unacked += flow
-        if self._unacked >= STREAM_WINDOW * self.max_streams // 2:
-            self._receive_window += self._unacked
-            self._window_update(0, self._unacked)
-            self._unacked = 0
+        if self._unacked < STREAM_WINDOW * self.max_streams // 2:
+            return False
+        self._receive_window += self._unacked
+        self._window_update(0, self._unacked)
+        self._unacked = 0
+        return True
 
     def _window_update(self, stream_id: int, increment: int) -> None:
         if increment > 0:
