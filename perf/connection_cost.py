@@ -195,12 +195,13 @@ def _under_cprofile(out: str) -> None:
     async def profiled(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process:
         if "run" in args:
             name = os.path.basename(args[-1]).split(".")[0]
+            dump = f"{out}/{name}.prof"
             code = (
                 "import cProfile, signal, sys, time; from qkdproxy.cli.main import main; "
                 "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
                 f"sys.argv = {['qkdproxy', *args[3:]]!r}; "
                 "p = cProfile.Profile(time.thread_time); p.enable()\n"
-                f"try: main(sys.argv[1:])\nfinally: p.disable(); p.dump_stats({out + '/' + name + '.prof'!r})"
+                f"try: main(sys.argv[1:])\nfinally: p.disable(); p.dump_stats({dump!r})"
             )
             args = (args[0], "-c", code)
         return await spawn(stack, *args)
