@@ -75,7 +75,7 @@ class MuxStream:
         self.finished = False
         self.error: str | None = None
         self.done = False
-        # Client: our request is still queued (see MuxTunnel.open_stream(send=False)).
+        # Client: our request is still queued (see MuxTunnel.open_stream).
         self.request_queued = False
         # Set by pump_stream: the plaintext side, its counters and the pump's outcome.
         self._sink: asyncio.StreamWriter | None = None
@@ -392,15 +392,15 @@ class MuxTunnel:
 
     # ---------------------------------------------------------------- streams
 
-    async def open_stream(self, *, send: bool = True) -> MuxStream:
+    def open_stream(self) -> MuxStream:
         """Client: a new stream. Its data may follow the request at once (the server buffers
         it within the stream window until its backend is connected); a refusal arrives as
         the stream's error, with :attr:`MuxStream.refused` set.
 
-        ``send=False`` leaves the request queued until the stream's first send, receive,
-        end or reset (whichever comes first; the next flush of any stream carries it too):
-        a pump that has the application's first bytes at hand then sends request and data
-        in one record, not two."""
+        The request stays queued until the stream's first send, end or reset, or the
+        pump's first round (whichever comes first; the next flush of any stream carries
+        it too): a pump that has the application's first bytes at hand then sends
+        request and data in one record, not two."""
         if not self.alive or self.draining:
             raise MuxStreamError("tunnel not accepting streams")
         try:
@@ -408,14 +408,7 @@ class MuxTunnel:
         except MuxError as exc:
             raise TunnelFullError(str(exc)) from None
         stream = self._add(stream_id)
-        if not send:
-            stream.request_queued = True
-            return stream
-        try:
-            await self.flush()
-        except BaseException:
-            await stream.reset()
-            raise
+        stream.request_queued = True
         return stream
 
     def _add(self, stream_id: int) -> MuxStream:
@@ -472,16 +465,26 @@ class MuxTunnel:
         except MuxError as exc:
             self._break(f"tunnel broke: {exc}")
 
+    def _handlers_busy(self) -> int:
+        """Streams whose handlers may still hold (or dial) a backend."""
+        return sum(not (s.finished and s.peer_finished) for s in self.streams.values())
+
     def _dispatch(self, event: MuxEvent) -> None:
         if isinstance(event, StreamOpened):
             stream = self._add(event.stream_id)
-            # h2 frees a stream's slot as soon as the peer resets it, but its handler may
-            # still be dialling the backend: cap the handlers, not h2's open streams, or
-            # open-then-reset ("Rapid Reset") would bypass mux_max_streams.
+            # The protocol frees a stream's slot as soon as the peer resets it, but its
+            # handler may still be dialling the backend: cap the handlers, not the open
+            # streams, or open-then-reset ("Rapid Reset") would bypass mux_max_streams.
+            # A handler whose stream ended cleanly both ways is past its dial (our END_STREAM
+            # follows the backend's end) and only winding up: the peer, which saw the
+            # stream close, may already use its slot, so such handlers do not count.
             if (
                 self._on_stream is None
                 or self.draining
-                or len(self.streams) > self.conn.max_streams
+                or (
+                    len(self.streams) > self.conn.max_streams
+                    and self._handlers_busy() > self.conn.max_streams
+                )
             ):
                 stream._fail("refused")
                 self.conn.reset(event.stream_id, ResetCode.REFUSED_STREAM)
