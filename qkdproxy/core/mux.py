@@ -588,6 +588,11 @@ class MuxConnection:
             self._goaway(ErrorCode.NO_ERROR)
             self._end("closed", False)
 
+    @property
+    def pending(self) -> bool:
+        """Bytes for the peer are queued."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         """Bytes for the peer, queued by every call so far."""
         if not self._out:

@@ -336,6 +336,7 @@ class MuxTunnel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._want_write = asyncio.Event()
 
     @property
     def key_updates(self) -> int:
@@ -351,6 +352,7 @@ class MuxTunnel:
         """Send the preface and start reading (and keepalives)."""
         self.conn.start()
         self._spawn(self._read())
+        self._spawn(self._write_queued())
         if self.keepalive_s:
             self._spawn(self._keepalive())
         # Extended Key Update on the tunnel's budget (time; bytes count what this side sends).
@@ -363,7 +365,32 @@ class MuxTunnel:
         task.add_done_callback(self._tasks.discard)
 
     async def flush(self) -> None:
-        """Hand the protocol's queued bytes to TLS (TlsStreamError if the tunnel broke)."""
+        """Hand the protocol's queued bytes to TLS (TlsStreamError if the tunnel broke).
+
+        With more than one stream open, the write is left to the tunnel's writer task,
+        which runs once the streams ready in this round of the event loop have queued
+        their frames: all of them leave in one TLS record and one socket write. A sender
+        still waits while the transport is backed up. One stream alone writes at once
+        (nothing to coalesce with, and a round of the loop saved)."""
+        if not self.conn.pending:
+            return
+        if self.reason is not None and self.broken:
+            raise TlsStreamError(self.reason)
+        if len(self.streams) < 2:
+            await self._write_now()
+            return
+        self._want_write.set()
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            self._break(f"tunnel broke: {type(exc).__name__}: {exc}")
+            raise TlsStreamError(self.reason or "tunnel broke") from None
+
+    def flush_soon(self) -> None:
+        """Flush from a callback (a stream's WINDOW_UPDATE), by the writer task."""
+        self._want_write.set()
+
+    async def _write_now(self) -> None:
         data = self.conn.data_to_send()
         if not data:
             return
@@ -382,13 +409,15 @@ class MuxTunnel:
             self._traffic.key_updates += 1
             await self.tls.update_keys()
 
-    def flush_soon(self) -> None:
-        """Flush from a callback (a stream's WINDOW_UPDATE): in a task of its own."""
-        self._spawn(self._flush_quietly())
-
-    async def _flush_quietly(self) -> None:
-        with contextlib.suppress(TlsStreamError):
-            await self.flush()  # a broken tunnel fails its streams on its own
+    async def _write_queued(self) -> None:
+        """The writer task: whatever the streams queued, in one write per loop round."""
+        while True:
+            await self._want_write.wait()
+            self._want_write.clear()
+            try:
+                await self._write_now()
+            except TlsStreamError:
+                return  # the tunnel broke: its streams were failed
 
     # ---------------------------------------------------------------- streams
 
@@ -584,7 +613,7 @@ class MuxTunnel:
             self._end(why, broken=False)
             with contextlib.suppress(TlsStreamError, ConnectionError):
                 self.conn.close()
-                await self.flush()
+                await self._write_now()  # before close_notify, not by the writer task
             await self.tls.close()
         await self._finish_tasks()
 
