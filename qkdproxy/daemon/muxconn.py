@@ -85,6 +85,8 @@ class MuxStream:
         # Acknowledgements held back while the plaintext side drains, and who waits.
         self._held = 0
         self._draining: asyncio.Task[None] | None = None
+        # Counted in the tunnel's ``active`` until it ended both ways or was released.
+        self._active = True
 
     # The tunnel's reader calls these.
 
@@ -97,8 +99,15 @@ class MuxStream:
 
     def _peer_end(self) -> None:
         self.peer_finished = True
+        self._settle()
         if self._sink is not None:
             self._write_eof()
+
+    def _settle(self) -> None:
+        """Leave the tunnel's ``active`` count once ended both ways (or released)."""
+        if self._active and (self.done or (self.finished and self.peer_finished)):
+            self._active = False
+            self.tunnel.active -= 1
 
     def _fail(self, why: str) -> None:
         if self.error is None and not (self.finished and self.peer_finished):
@@ -178,6 +187,7 @@ class MuxStream:
         except MuxError as exc:
             raise MuxStreamError(str(exc)) from None
         self.finished = True
+        self._settle()
         await self._flush()
 
     async def _outbound(self, reader: asyncio.StreamReader) -> None:
@@ -227,6 +237,7 @@ class MuxStream:
     def _release(self) -> None:
         if not self.done:
             self.done = True
+            self._settle()
             self.tunnel.stream_done(self)
 
     def _check(self) -> None:
@@ -319,6 +330,9 @@ class MuxTunnel:
         self.on_change = on_change
         self._clock = clock
         self.streams: dict[int, MuxStream] = {}
+        # Streams not yet ended both ways: their handlers may hold (or dial) a backend,
+        # and they may send more.
+        self.active = 0
         # The carrying connection's id in the log (the streams' mux_tunnel).
         self.conn_id = 0
         self.started = clock()
@@ -367,7 +381,7 @@ class MuxTunnel:
     async def flush(self) -> None:
         """Hand the protocol's queued bytes to TLS (TlsStreamError if the tunnel broke).
 
-        With more than one stream open, the write is left to the tunnel's writer task,
+        With more than one stream active, the write is left to the tunnel's writer task,
         which runs once the streams ready in this round of the event loop have queued
         their frames: all of them leave in one TLS record and one socket write. A sender
         still waits while the transport is backed up. One stream alone writes at once
@@ -376,7 +390,7 @@ class MuxTunnel:
             return
         if self.reason is not None and self.broken:
             raise TlsStreamError(self.reason)
-        if len(self.streams) < 2:
+        if self.active < 2:
             await self._write_now()
             return
         self._want_write.set()
@@ -442,6 +456,7 @@ class MuxTunnel:
 
     def _add(self, stream_id: int) -> MuxStream:
         stream = self.streams[stream_id] = MuxStream(self, stream_id)
+        self.active += 1
         self.streams_carried += 1
         self._idle.clear()
         return stream
@@ -494,10 +509,6 @@ class MuxTunnel:
         except MuxError as exc:
             self._break(f"tunnel broke: {exc}")
 
-    def _handlers_busy(self) -> int:
-        """Streams whose handlers may still hold (or dial) a backend."""
-        return sum(not (s.finished and s.peer_finished) for s in self.streams.values())
-
     def _dispatch(self, event: MuxEvent) -> None:
         if isinstance(event, StreamOpened):
             stream = self._add(event.stream_id)
@@ -507,14 +518,7 @@ class MuxTunnel:
             # A handler whose stream ended cleanly both ways is past its dial (our END_STREAM
             # follows the backend's end) and only winding up: the peer, which saw the
             # stream close, may already use its slot, so such handlers do not count.
-            if (
-                self._on_stream is None
-                or self.draining
-                or (
-                    len(self.streams) > self.conn.max_streams
-                    and self._handlers_busy() > self.conn.max_streams
-                )
-            ):
+            if self._on_stream is None or self.draining or self.active > self.conn.max_streams:
                 stream._fail("refused")
                 self.conn.reset(event.stream_id, ResetCode.REFUSED_STREAM)
                 stream._release()

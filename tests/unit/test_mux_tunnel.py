@@ -37,7 +37,8 @@ def test_handlers_of_cleanly_ended_streams_do_not_refuse_the_next() -> None:
     carrier, handled = tunnel(max_streams=1)
     carrier._dispatch(StreamOpened(1))
     first = handled[0]
-    first.finished = first.peer_finished = True
+    first.finished = True
+    first._peer_end()
     carrier._dispatch(StreamOpened(3))
     assert [s.stream_id for s in handled] == [1, 3]
     carrier._dispatch(StreamOpened(5))  # stream 3 still busy: over the limit
