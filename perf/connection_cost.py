@@ -5,6 +5,10 @@ Figures that survive a loaded machine (docs/PERFORMANCE.md, "Connection cost"):
     python perf/connection_cost.py inproc [N]            # in-process handshakes, both sides
     python perf/connection_cost.py daemons [N] [C]       # daemon pair, /proc CPU time
     python perf/connection_cost.py callgrind [N]         # daemon pair under callgrind
+    python perf/connection_cost.py profile [N] [C]       # daemon pair under cProfile (CPU time)
+
+Add ``--mux`` to any daemon mode to carry the connections as streams of a multiplexed
+tunnel (``qkdproxy-mux``) instead of one handshake each.
 
 ``inproc`` runs ``bench handshake``'s loop (handshake, FIN, close) and reports process CPU
 per handshake. ``daemons`` starts the KME simulator and a client/server daemon pair
@@ -105,10 +109,15 @@ async def _connections(port: int, count: int, concurrency: int) -> None:
     await asyncio.gather(*(one() for _ in range(count)))
 
 
-async def daemons(count: int, concurrency: int, callgrind: str | None = None) -> None:
+async def daemons(
+    count: int, concurrency: int, callgrind: str | None = None, *, mux: bool = False
+) -> None:
     """Per-connection CPU (or instructions) of each daemon of a tunnel pair."""
     async with processes.workspace(_echo) as work:
-        pair = await processes.start_daemon_pair(work.stack, work.base, work.backend_port)
+        clients = (processes.ClientTunnel("bench", multiplex=mux),)
+        pair = await processes.start_daemon_pair(
+            work.stack, work.base, work.backend_port, clients=clients
+        )
         port = next(iter(pair.ports.values()))
         pids = _daemons()
         for _ in range(WARMUP):
@@ -178,18 +187,47 @@ def _under_callgrind(out: str) -> None:
     processes.STARTUP_TIMEOUT_S = 600.0
 
 
+def _under_cprofile(out: str) -> None:
+    """Make the bench helpers start the daemons under cProfile, timing CPU (not wall) time;
+    each writes ``out/NAME.prof`` when it is stopped."""
+    spawn = processes.spawn
+
+    async def profiled(stack: AsyncExitStack, *args: str) -> asyncio.subprocess.Process:
+        if "run" in args:
+            name = os.path.basename(args[-1]).split(".")[0]
+            dump = f"{out}/{name}.prof"
+            code = (
+                "import cProfile, signal, sys, time; from qkdproxy.cli.main import main; "
+                "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+                f"sys.argv = {['qkdproxy', *args[3:]]!r}; "
+                "p = cProfile.Profile(time.thread_time); p.enable()\n"
+                f"try: main(sys.argv[1:])\nfinally: p.disable(); p.dump_stats({dump!r})"
+            )
+            args = (args[0], "-c", code)
+        return await spawn(stack, *args)
+
+    processes.spawn = profiled
+
+
 def main(argv: list[str]) -> None:
     """Dispatch on the mode (see the module docstring)."""
+    mux = "--mux" in argv
+    argv = [arg for arg in argv if arg != "--mux"]
     mode = argv[0] if argv else "daemons"
     count = int(argv[1]) if len(argv) > 1 else 300
     if mode == "inproc":
         inproc(count)
     elif mode == "daemons":
-        asyncio.run(daemons(count, int(argv[2]) if len(argv) > 2 else 1))
+        asyncio.run(daemons(count, int(argv[2]) if len(argv) > 2 else 1, mux=mux))
     elif mode == "callgrind":
         with tempfile.TemporaryDirectory(prefix="qkdproxy-callgrind-") as out:
             _under_callgrind(out)
-            asyncio.run(daemons(count, 1, callgrind=out))
+            asyncio.run(daemons(count, 1, callgrind=out, mux=mux))
+    elif mode == "profile":
+        out = tempfile.mkdtemp(prefix="qkdproxy-profile-")
+        _under_cprofile(out)
+        asyncio.run(daemons(count, int(argv[2]) if len(argv) > 2 else 1, mux=mux))
+        print(f"profiles: {out}/client.prof, {out}/server.prof (pstats)")
     else:
         raise SystemExit(__doc__)
 

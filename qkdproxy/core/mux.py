@@ -1,9 +1,19 @@
 """The ``qkdproxy-mux/1`` protocol without I/O: application connections as HTTP/2 CONNECT
-streams inside one established tunnel (the HBONE convention), over the ``h2`` state machine.
+streams inside one established tunnel (the HBONE convention).
 
 :class:`MuxConnection` takes the tunnel's plaintext bytes in and gives events and bytes out;
-the asyncio side (``tunnel/muxconn.py``) moves the bytes and owns time. Only this module
-imports ``h2``, so the rest of qkdproxy sees our own events and error codes.
+the asyncio side (``daemon/muxconn.py``) moves the bytes and owns time.
+
+The frames are HTTP/2 (RFC 9113) on the wire, but this module speaks only the subset that
+``qkdproxy-mux/1`` (our own ALPN protocol) uses: DATA, HEADERS (one frame, END_HEADERS
+set), PRIORITY (ignored), RST_STREAM, SETTINGS, PING, GOAWAY and WINDOW_UPDATE. Anything
+else from the peer (CONTINUATION, PUSH_PROMISE, unknown frame types, trailers, a second
+response) is a connection error: the tunnel ends, failing closed. It replaced the ``h2``
+library on this path because ``h2`` alone cost about a quarter of a stream's CPU in each
+daemon (docs/PERFORMANCE.md, "Cost of a multiplexed stream"). Our own header blocks are
+constants without dynamic-table entries, recognised by comparison; any other block (an
+older qkdproxy's ``h2`` encoder, a hostile peer) goes through the ``hpack`` decoder, which
+keeps the dynamic table right.
 
 The server tunnel's backend is fixed by its configuration: a CONNECT names no destination
 the server would follow (its ``:authority`` is a constant), so a stream can reach nothing a
@@ -12,71 +22,96 @@ per-connection tunnel could not.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    PingAckReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    ResponseReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes
-from hyperframe import frame as _hyperframe
+from hpack import Decoder
+from hpack.exceptions import HPACKError
 
 from qkdproxy.core.peer.frames import MUX_ALPN_PROTOCOL
 
 MUX_ALPN = MUX_ALPN_PROTOCOL
 AUTHORITY = "qkdproxy-backend:0"
-# Our headers as bytes, built once: h2 would encode str headers again for every stream.
-CONNECT_REQUEST = ((b":method", b"CONNECT"), (b":authority", AUTHORITY.encode()))
-ACCEPTED = ((b":status", b"200"),)
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Each stream may have this much unread data in flight towards us; the connection window
 # is this times the stream limit, so a stalled stream never stalls its neighbours.
 STREAM_WINDOW = 1024 * 1024
-# As large as one read of the pump (READ_SIZE): one DATA frame per read, since h2's work is
-# per frame (a 128 KiB frame costs about what a 16 KiB one does).
+# As large as one read of the pump (READ_SIZE): one DATA frame per read.
 FRAME_SIZE = 128 * 1024
 MAX_HEADER_LIST = 4096
 
+# Frame types (RFC 9113 section 6) and flags.
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+# Settings identifiers (RFC 9113 section 6.5.2).
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 1, 2, 3, 4
+MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 5, 6
+DEFAULT_WINDOW = 65535
+DEFAULT_FRAME_SIZE = 16384
+MAX_WINDOW = 2**31 - 1
 
-def _data_frame_repr(frame: _hyperframe.DataFrame) -> str:
-    """What a DATA frame's repr shows of its body: the length, not the bytes."""
-    return f"<{len(frame.data)} bytes>"
+_HEAD = struct.Struct(">HBBBI")  # length (24 bits: 16 + 8), type, flags, stream id
+_U32 = struct.Struct(">I")
+_SETTING = struct.Struct(">HI")
+_GOAWAY = struct.Struct(">2I")
 
 
-# h2 formats repr(frame) of every frame it receives, for a trace log it then drops
-# (h2/connection.py, ``_receive_frame``). hyperframe's DataFrame has no body repr of its own,
-# so the generic one serialises the whole body (a copy of up to FRAME_SIZE bytes) and
-# hexlifies it: about a tenth of the receive path's CPU. DataFrame's own ``_body_repr``
-# (the hook Frame.__repr__ calls for the body, defined by most other frame types) changes
-# nothing but that text; if hyperframe ever stops calling it, it is simply unused.
-_hyperframe.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign,assignment]
+def _header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return _HEAD.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
+
+
+# Our header blocks, HPACK-encoded once: literal fields "without indexing" and one indexed
+# static entry, so they never touch either side's dynamic table (RFC 7541 section 6).
+def _literal(static_index: int, value: bytes) -> bytes:
+    return bytes((static_index, len(value))) + value
+
+
+CONNECT_BLOCK = _literal(2, b"CONNECT") + _literal(1, AUTHORITY.encode())  # :method, :authority
+ACCEPTED_BLOCK = b"\x88"  # ":status: 200", static entry 8
+_STATUS_NAME = 8  # ":status" in the static table
+
+
+class ErrorCode(IntEnum):
+    """HTTP/2 error codes (RFC 9113 section 7)."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    SETTINGS_TIMEOUT = 0x4
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    CONNECT_ERROR = 0xA
+    ENHANCE_YOUR_CALM = 0xB
+    INADEQUATE_SECURITY = 0xC
+    HTTP_1_1_REQUIRED = 0xD
 
 
 class ResetCode(IntEnum):
     """RST_STREAM codes qkdproxy sends (RFC 9113 section 7)."""
 
-    NO_ERROR = ErrorCodes.NO_ERROR
-    CANCEL = ErrorCodes.CANCEL
-    REFUSED_STREAM = ErrorCodes.REFUSED_STREAM
-    CONNECT_ERROR = ErrorCodes.CONNECT_ERROR
+    NO_ERROR = ErrorCode.NO_ERROR
+    CANCEL = ErrorCode.CANCEL
+    REFUSED_STREAM = ErrorCode.REFUSED_STREAM
+    CONNECT_ERROR = ErrorCode.CONNECT_ERROR
 
 
 class MuxError(Exception):
     """An operation on a stream or tunnel that the protocol state does not allow."""
+
+
+class _PeerError(Exception):
+    """The peer broke the protocol: a connection error with this code."""
+
+    def __init__(self, code: ErrorCode, why: str) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,47 +192,68 @@ MuxEvent = (
 )  # fmt: skip
 
 
+class _Stream:
+    """One open stream's state: which directions are open, and both windows."""
+
+    __slots__ = ("answered", "local_open", "receive_window", "remote_open", "send_window",
+                 "unacked")  # fmt: skip
+
+    def __init__(self, send_window: int) -> None:
+        self.local_open = True  # we may still send (no END_STREAM or reset from us)
+        self.remote_open = True  # the peer may still send
+        self.send_window = send_window
+        self.receive_window = STREAM_WINDOW
+        self.unacked = 0  # consumed bytes not yet returned by WINDOW_UPDATE
+        self.answered = False  # client: the response HEADERS arrived
+
+
 class MuxConnection:
     """One multiplexed tunnel's HTTP/2 state (client: opens streams; server: accepts them)."""
 
     def __init__(self, *, client: bool, max_streams: int) -> None:
         self.client = client
         self.max_streams = max_streams
-        self._h2 = H2Connection(
-            H2Configuration(
-                client_side=client,
-                header_encoding=None,
-                # The peer's headers are checked; ours are constants of this module, so
-                # checking and normalising them again per stream is pure cost.
-                validate_inbound_headers=True,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
         self.ended: TunnelEnded | None = None
-        # Until the peer's SETTINGS arrive, h2 assumes no stream limit at all: a client that
-        # opened streams by that would exceed a server with a lower limit, which h2 there
-        # answers by ending the whole tunnel (TooManyStreams).
+        # Until the peer's SETTINGS arrive its stream limit is unknown: a client that
+        # opened streams before would risk exceeding a server with a lower limit.
         self.peer_settled = False
+        self._out = bytearray()
+        self._in = bytearray()
+        self._preface_due = not client  # a server first reads the client's preface
+        self._streams: dict[int, _Stream] = {}
+        self._next_id = 1 if client else 2  # our next stream id (a server opens none)
+        self._last_peer_id = 0  # the highest stream id the peer opened
+        self._open_outbound = 0
+        self._open_inbound = 0
+        # The peer's settings (RFC 9113 defaults until its SETTINGS say otherwise).
+        self._peer_max_streams = MAX_WINDOW
+        self._peer_initial_window = DEFAULT_WINDOW
+        self._peer_frame_size = DEFAULT_FRAME_SIZE
+        self._send_window = DEFAULT_WINDOW  # the connection's, towards the peer
+        self._receive_window = STREAM_WINDOW * max_streams
+        self._unacked = 0  # the connection's consumed bytes not yet returned
+        self._decoder = Decoder()
+        self._decoder.max_header_list_size = MAX_HEADER_LIST
 
     def start(self) -> None:
         """Queue the preface and our settings (stream limit, windows, no server push)."""
-        self._h2.initiate_connection()
-        settings: dict[SettingCodes | int, int] = {
-            SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            SettingCodes.MAX_FRAME_SIZE: FRAME_SIZE,
-            SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-        }
         if self.client:
-            settings[SettingCodes.ENABLE_PUSH] = 0
-        self._h2.update_settings(settings)
-        # h2 applies a frame-size setting only once acknowledged, and checks a whole batch
-        # of received bytes against the size in force when the batch began: a peer's ACK
-        # and its first large frame in one batch would be a FRAME_SIZE_ERROR. Accepting
-        # our announced size from the start is what the peer may assume anyway.
-        self._h2.max_inbound_frame_size = FRAME_SIZE
-        self._h2.increment_flow_control_window(STREAM_WINDOW * self.max_streams - 65535)
+            self._out += PREFACE
+        settings = [
+            (MAX_CONCURRENT_STREAMS, self.max_streams),
+            (INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (MAX_FRAME_SIZE, FRAME_SIZE),
+            (MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
+        ]
+        if self.client:
+            settings.append((ENABLE_PUSH, 0))
+        self._out += _header(6 * len(settings), SETTINGS, 0, 0)
+        for ident, value in settings:
+            self._out += _SETTING.pack(ident, value)
+        # The connection window starts at the default for everyone; open it to ours. The
+        # peer may use our announced frame size and stream window from its first frame:
+        # both only ever grow what it may assume, so we accept them from the start.
+        self._window_update(0, self._receive_window - DEFAULT_WINDOW)
 
     # ------------------------------------------------------------------ inbound
 
@@ -205,60 +261,240 @@ class MuxConnection:
         """Feed the peer's bytes; a protocol violation ends the tunnel (TunnelEnded)."""
         if self.ended is not None and self.ended.error:
             return []
-        try:
-            h2_events = self._h2.receive_data(data)
-        except ProtocolError as exc:
-            return [
-                self._end(
-                    f"peer broke {MUX_ALPN_PROTOCOL}: {type(exc).__name__}: {exc}"[:200], True
-                )
-            ]
+        if self._in or not isinstance(data, bytes):  # the rest of a frame in pieces
+            self._in += data
+            data = bytes(self._in)
+            self._in.clear()
         out: list[MuxEvent] = []
-        for event in h2_events:
-            out.extend(self._translate(event))
+        try:
+            offset, size = 0, len(data)
+            if self._preface_due:
+                if not (
+                    PREFACE.startswith(data) if size < len(PREFACE) else data.startswith(PREFACE)
+                ):
+                    raise _PeerError(ErrorCode.PROTOCOL_ERROR, "no HTTP/2 preface")
+                if size < len(PREFACE):
+                    self._in += data
+                    return out
+                offset, self._preface_due = len(PREFACE), False
+            while size - offset >= 9:
+                high, low, kind, flags, stream_id = _HEAD.unpack_from(data, offset)
+                length = (high << 8) | low
+                if length > FRAME_SIZE:
+                    raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                end = offset + 9 + length
+                if end > size:
+                    break
+                self._frame(kind, flags, stream_id & MAX_WINDOW, data[offset + 9 : end], out)
+                offset = end
+            self._in += data[offset:]
+        except _PeerError as exc:
+            self._goaway(exc.code)
+            out.append(self._end(f"peer broke {MUX_ALPN_PROTOCOL}: {exc}"[:200], True))
         return out
 
-    def _translate(self, event: Event) -> list[MuxEvent]:
-        if isinstance(event, DataReceived) and event.stream_id is not None:
-            return [
-                StreamData(event.stream_id, event.data or b"", event.flow_controlled_length or 0)
-            ]
-        if isinstance(event, StreamEnded) and event.stream_id is not None:
-            return [StreamFinished(event.stream_id)]
-        if isinstance(event, StreamReset) and event.stream_id is not None:
-            return [StreamBroken(event.stream_id, int(event.error_code or 0))]
-        if isinstance(event, WindowUpdated):
-            return [WindowOpened(event.stream_id or 0)]
-        if isinstance(event, RemoteSettingsChanged):
-            if self.peer_settled:
-                return [WindowOpened(0)]
-            self.peer_settled = True
-            return [PeerSettled(), WindowOpened(0)]
-        if isinstance(event, RequestReceived) and event.stream_id is not None:
-            return self._request(event.stream_id, dict(event.headers or []))
-        if isinstance(event, ResponseReceived) and event.stream_id is not None:
-            status = dict(event.headers or []).get(b":status", b"")
-            if status == b"200":
-                return [StreamAccepted(event.stream_id)]
-            code = int(status) if status.isdigit() else 0
-            return [StreamRefused(event.stream_id, code)]
-        if isinstance(event, PingAckReceived):
-            return [PingAnswered()]
-        if isinstance(event, ConnectionTerminated):
-            error = event.error_code not in (None, ErrorCodes.NO_ERROR)
-            name = ErrorCodes(event.error_code).name if event.error_code is not None else "?"
-            return [self._end(f"peer sent GOAWAY ({name})", error)]
-        return []  # settings acknowledgements, priority, informational responses
+    def _frame(
+        self, kind: int, flags: int, stream_id: int, payload: bytes, out: list[MuxEvent]
+    ) -> None:
+        if not self.peer_settled and kind != SETTINGS:
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, "first frame is not SETTINGS")
+        if kind == DATA:
+            self._data(flags, stream_id, payload, out)
+        elif kind == HEADERS:
+            self._headers(flags, stream_id, payload, out)
+        elif kind == WINDOW_UPDATE:
+            self._window_updated(stream_id, payload, out)
+        elif kind == RST_STREAM:
+            self._reset_received(stream_id, payload, out)
+        elif kind == SETTINGS:
+            self._settings(flags, stream_id, payload, out)
+        elif kind == PING:
+            if stream_id or len(payload) != 8:
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed PING")
+            if flags & ACK:
+                out.append(PingAnswered())
+            else:
+                self._out += _header(8, PING, ACK, 0) + payload
+        elif kind == GOAWAY:
+            if stream_id or len(payload) < 8:
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed GOAWAY")
+            code = _GOAWAY.unpack_from(payload)[1]
+            out.append(
+                self._end(f"peer sent GOAWAY ({_code_name(code)})", code != ErrorCode.NO_ERROR)
+            )
+        elif kind == PRIORITY:
+            if not stream_id or len(payload) != 5:
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed PRIORITY")
+        else:  # CONTINUATION, PUSH_PROMISE, extensions: not in qkdproxy-mux/1
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"frame type {kind} not expected")
 
-    def _request(self, stream_id: int, headers: dict[bytes, bytes]) -> list[MuxEvent]:
+    def _known(self, stream_id: int) -> _Stream | None:
+        """An open stream; None for one that closed; a connection error for one that was
+        never opened (RFC 9113 section 5.1: frames on idle streams)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            ours = (stream_id % 2 == 1) == self.client
+            if not stream_id or stream_id >= (self._next_id if ours else self._last_peer_id + 1):
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"frame on idle stream {stream_id}")
+        return stream
+
+    def _data(self, flags: int, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
+        flow = len(payload)
+        stream = self._known(stream_id)
+        if flow > self._receive_window:
+            raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the tunnel's window")
+        self._receive_window -= flow
+        if stream is None:
+            # A stream that closed (we reset it): its bytes must not shrink the window.
+            self._credit(flow)
+            return
+        if not stream.remote_open or (self.client and not stream.answered):
+            raise _PeerError(ErrorCode.STREAM_CLOSED, f"DATA out of place on {stream_id}")
+        if flow > stream.receive_window:
+            raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, f"DATA beyond stream {stream_id}")
+        stream.receive_window -= flow
+        out.append(StreamData(stream_id, _unpad(flags, payload), flow))
+        if flags & END_STREAM:
+            self._remote_ended(stream_id, stream, out)
+
+    def _headers(self, flags: int, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
+        if not flags & END_HEADERS:
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, "header block in more than one frame")
+        block = _unpad(flags, payload)
+        if flags & PRIORITY_FLAG:
+            if len(block) < 5:
+                raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
+            block = block[5:]
         if self.client:
-            # A client never accepts streams: h2 already refuses server pushes.
-            self.reset(stream_id, ResetCode.REFUSED_STREAM)
-            return []
-        if headers.get(b":method") != b"CONNECT":
-            self.refuse(stream_id, 405)
-            return []
-        return [StreamOpened(stream_id)]
+            stream = self._known(stream_id)
+            fast = block == ACCEPTED_BLOCK
+            status = b"200" if fast else self._decode(block).get(b":status", b"")
+            if stream is None:
+                return  # crossed our reset of the stream (decoded: HPACK state stays right)
+            if stream.answered:
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"second HEADERS on {stream_id}")
+            stream.answered = True
+            if fast:
+                out.append(StreamAccepted(stream_id))
+            else:
+                code = int(status) if status.isdigit() and len(status) == 3 else 0
+                if code == 200:
+                    out.append(StreamAccepted(stream_id))
+                elif code >= 200:
+                    out.append(StreamRefused(stream_id, code))
+                else:  # informational answers are not part of qkdproxy-mux/1
+                    raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"status {status!r}")
+        else:
+            if stream_id % 2 == 0 or stream_id <= self._last_peer_id:
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"HEADERS out of place on {stream_id}")
+            if self._open_inbound >= self.max_streams:
+                raise _PeerError(ErrorCode.REFUSED_STREAM, "more streams than our limit")
+            self._last_peer_id = stream_id
+            stream = self._streams[stream_id] = _Stream(self._peer_initial_window)
+            self._open_inbound += 1
+            method = b"CONNECT" if block == CONNECT_BLOCK else self._request_method(block)
+            if method != b"CONNECT":
+                self.refuse(stream_id, 405)
+                self.reset(stream_id, ResetCode.NO_ERROR)  # no upload either: its slot is free
+                return
+            out.append(StreamOpened(stream_id))
+        if flags & END_STREAM:
+            self._remote_ended(stream_id, stream, out)
+
+    def _request_method(self, block: bytes) -> bytes:
+        """The method of a request we did not encode ourselves; a connection error if it
+        is not a well-formed request header list."""
+        headers = self._decode(block)
+        method = headers.get(b":method")
+        if method is None or (method == b"CONNECT") != (b":path" not in headers):
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed request headers")
+        return method
+
+    def _decode(self, block: bytes) -> dict[bytes, bytes]:
+        """A header block through HPACK (its dynamic table stays in step): names must be
+        lower case, pseudo-headers first and once each."""
+        try:
+            fields = self._decoder.decode(block, raw=True)
+        except HPACKError as exc:
+            raise _PeerError(ErrorCode.COMPRESSION_ERROR, f"HPACK: {exc}") from None
+        headers: dict[bytes, bytes] = {}
+        regular = False
+        for name, value in fields:
+            pseudo = name.startswith(b":")
+            if name != name.lower() or (pseudo and (regular or name in headers)):
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed header list")
+            regular = regular or not pseudo
+            headers[name] = value
+        return headers
+
+    def _window_updated(self, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
+        if len(payload) != 4:
+            raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of wrong size")
+        increment = _U32.unpack(payload)[0] & MAX_WINDOW
+        if not increment:
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+        if not stream_id:
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "tunnel window overflow")
+            out.append(WindowOpened(0))
+            return
+        stream = self._known(stream_id)
+        if stream is None:
+            return  # crossed our end of the stream
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} window overflow")
+        out.append(WindowOpened(stream_id))
+
+    def _reset_received(self, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
+        if len(payload) != 4:
+            raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM of wrong size")
+        if self._known(stream_id) is None:
+            return  # both sides ended it at once
+        self._close(stream_id)
+        out.append(StreamBroken(stream_id, _U32.unpack(payload)[0]))
+
+    def _settings(self, flags: int, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
+        if stream_id:
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS of wrong size")
+        for offset in range(0, len(payload), 6):
+            ident, value = _SETTING.unpack_from(payload, offset)
+            if ident == MAX_CONCURRENT_STREAMS:
+                self._peer_max_streams = value
+            elif ident == INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large")
+                delta, self._peer_initial_window = value - self._peer_initial_window, value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
+            elif ident == MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
+                    raise _PeerError(ErrorCode.PROTOCOL_ERROR, "invalid frame size")
+                self._peer_frame_size = value
+            elif ident == ENABLE_PUSH and value > 1:
+                raise _PeerError(ErrorCode.PROTOCOL_ERROR, "invalid ENABLE_PUSH")
+            # The rest (header table and list sizes) bind nothing we send: our header
+            # blocks are constants that use no dynamic table.
+        self._out += _header(0, SETTINGS, ACK, 0)
+        if not self.peer_settled:
+            self.peer_settled = True
+            out.append(PeerSettled())
+        out.append(WindowOpened(0))
+
+    def _remote_ended(self, stream_id: int, stream: _Stream, out: list[MuxEvent]) -> None:
+        stream.remote_open = False
+        out.append(StreamFinished(stream_id))
+        if not stream.local_open:
+            self._close(stream_id)
 
     def _end(self, reason: str, error: bool) -> TunnelEnded:
         self.ended = TunnelEnded(reason, error)
@@ -271,82 +507,157 @@ class MuxConnection:
         :attr:`capacity` is 0 (the peer's limit is unknown yet, or reached)."""
         if not self.capacity:
             raise MuxError("no room for another stream in this tunnel")
-        stream_id: int = self._h2.get_next_available_stream_id()
-        self._h2.send_headers(stream_id, CONNECT_REQUEST)
+        stream_id = self._next_id
+        self._next_id += 2
+        self._streams[stream_id] = _Stream(self._peer_initial_window)
+        self._open_outbound += 1
+        self._out += _header(len(CONNECT_BLOCK), HEADERS, END_HEADERS, stream_id)
+        self._out += CONNECT_BLOCK
         return stream_id
 
     def accept(self, stream_id: int) -> None:
         """Server: the stream is authorised and its backend connected."""
-        self._h2.send_headers(stream_id, ACCEPTED)
+        self._sending(stream_id)
+        self._out += _header(1, HEADERS, END_HEADERS, stream_id) + ACCEPTED_BLOCK
 
     def refuse(self, stream_id: int, status: int) -> None:
         """Server: end a stream before it carried anything, saying why by status."""
-        self._h2.send_headers(stream_id, ((b":status", str(status).encode()),), end_stream=True)
+        stream = self._sending(stream_id)
+        block = _literal(_STATUS_NAME, b"%03d" % status)
+        self._out += _header(len(block), HEADERS, END_HEADERS | END_STREAM, stream_id) + block
+        self._local_ended(stream_id, stream)
 
     def window(self, stream_id: int) -> int:
         """How many bytes may be sent on the stream now."""
-        try:
-            return int(self._h2.local_flow_control_window(stream_id))
-        except H2Error:
-            raise MuxError(f"stream {stream_id} is closed") from None
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise MuxError(f"stream {stream_id} is closed")
+        return max(0, min(stream.send_window, self._send_window))
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue as much of ``data`` as the flow-control windows allow; how much was queued."""
-        sent = 0
-        size = self._h2.max_outbound_frame_size
-        while sent < len(data) and (room := self.window(stream_id)) > 0:
-            step = min(room, size)
-            # Usually one frame takes it all: pass it as it is (no copy of our own).
-            if not sent and len(data) <= step and isinstance(data, bytes):
-                chunk = data
-            else:
-                chunk = bytes(data[sent : sent + step])
-            try:
-                self._h2.send_data(stream_id, chunk)
-            except H2Error as exc:
-                raise MuxError(f"stream {stream_id}: {exc}") from None
-            sent += len(chunk)
-        return sent
+        stream = self._sending(stream_id)
+        room = min(stream.send_window, self._send_window, len(data))
+        if room <= 0:
+            return 0
+        size, out, view = self._peer_frame_size, self._out, memoryview(data)
+        for start in range(0, room, size):
+            step = min(size, room - start)
+            out += _header(step, DATA, 0, stream_id)
+            out += view[start : start + step]  # one copy: into the output buffer
+        stream.send_window -= room
+        self._send_window -= room
+        return room
 
     def finish(self, stream_id: int) -> None:
         """End our direction of the stream (END_STREAM: a half-close)."""
-        try:
-            self._h2.end_stream(stream_id)
-        except H2Error as exc:
-            raise MuxError(f"stream {stream_id}: {exc}") from None
+        stream = self._sending(stream_id)
+        self._out += _header(0, DATA, END_STREAM, stream_id)
+        self._local_ended(stream_id, stream)
 
     def reset(self, stream_id: int, code: ResetCode = ResetCode.CANCEL) -> None:
         """Reset the stream (RST_STREAM); nothing if it is already closed."""
-        # Closed already: the peer learnt the stream's end before.
-        with contextlib.suppress(H2Error):
-            self._h2.reset_stream(stream_id, code)
+        if stream_id in self._streams:
+            self._out += _header(4, RST_STREAM, 0, stream_id) + _U32.pack(code)
+            self._close(stream_id)
 
-    def consumed(self, stream_id: int, flow: int) -> None:
-        """``flow`` bytes of the stream were passed on: the peer may send that much more."""
-        if flow:
-            # The stream may have closed meanwhile; h2 credits the connection window then.
-            with contextlib.suppress(H2Error):
-                self._h2.acknowledge_received_data(flow, stream_id)
+    def consumed(self, stream_id: int, flow: int) -> bool:
+        """``flow`` bytes of the stream were passed on: the peer may send that much more.
+        True if that queued a WINDOW_UPDATE (to be flushed); windows are returned half
+        at a time, so a short stream needs none at all."""
+        if not flow:
+            return False
+        queued = self._credit(flow)
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.remote_open:
+            stream.unacked += flow
+            if stream.unacked >= STREAM_WINDOW // 2:
+                stream.receive_window += stream.unacked
+                self._window_update(stream_id, stream.unacked)
+                stream.unacked = 0
+                queued = True
+        return queued
 
     def ping(self) -> None:
         """Queue a keepalive PING."""
-        self._h2.ping(os.urandom(8))
+        self._out += _header(8, PING, 0, 0) + os.urandom(8)
 
     def close(self) -> None:
         """Queue GOAWAY (no new streams; the tunnel ends once the transport closes)."""
         if self.ended is None:
-            self._h2.close_connection()
+            self._goaway(ErrorCode.NO_ERROR)
             self._end("closed", False)
 
-    def data_to_send(self) -> bytes:
-        """Bytes for the peer, queued by every call so far."""
-        return bytes(self._h2.data_to_send())
+    @property
+    def pending(self) -> bool:
+        """Bytes for the peer are queued."""
+        return bool(self._out)
+
+    def data_to_send(self) -> bytes | bytearray:
+        """Bytes for the peer, queued by every call so far (the buffer itself, handed
+        over: no copy of a 128 KiB frame)."""
+        data, self._out = self._out, bytearray()
+        return data
 
     @property
     def capacity(self) -> int:
         """Client: how many more streams the peer and our limit allow now (0 until the
         peer's SETTINGS said what its limit is)."""
-        if not self.peer_settled:
+        if not self.peer_settled or self.ended is not None:
             return 0
-        limit = min(self.max_streams, self._h2.remote_settings.max_concurrent_streams)
-        return max(0, limit - self._h2.open_outbound_streams)
+        limit = min(self.max_streams, self._peer_max_streams)
+        return max(0, limit - self._open_outbound)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _sending(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.local_open:
+            raise MuxError(f"stream {stream_id} is closed for sending")
+        return stream
+
+    def _local_ended(self, stream_id: int, stream: _Stream) -> None:
+        stream.local_open = False
+        if not stream.remote_open:
+            self._close(stream_id)
+
+    def _close(self, stream_id: int) -> None:
+        del self._streams[stream_id]
+        if (stream_id % 2 == 1) == self.client:
+            self._open_outbound -= 1
+        else:
+            self._open_inbound -= 1
+
+    def _credit(self, flow: int) -> bool:
+        """Return consumed bytes to the tunnel's window (half of it at a time); True if
+        that queued a WINDOW_UPDATE."""
+        self._unacked += flow
+        if self._unacked < STREAM_WINDOW * self.max_streams // 2:
+            return False
+        self._receive_window += self._unacked
+        self._window_update(0, self._unacked)
+        self._unacked = 0
+        return True
+
+    def _window_update(self, stream_id: int, increment: int) -> None:
+        if increment > 0:
+            self._out += _header(4, WINDOW_UPDATE, 0, stream_id) + _U32.pack(increment)
+
+    def _goaway(self, code: ErrorCode) -> None:
+        self._out += _header(8, GOAWAY, 0, 0) + _GOAWAY.pack(self._last_peer_id, code)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
+
+
+def _unpad(flags: int, payload: bytes) -> bytes:
+    """A DATA or HEADERS payload without its padding (a connection error if malformed)."""
+    if not flags & PADDED:
+        return payload
+    if not payload or payload[0] >= len(payload):
+        raise _PeerError(ErrorCode.PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[1 : len(payload) - payload[0]]

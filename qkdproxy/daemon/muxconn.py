@@ -1,10 +1,10 @@
 """The asyncio side of one multiplexed tunnel: a :class:`MuxConnection` over a TLS stream.
 
-One reader task feeds the peer's bytes to the protocol and wakes the streams; every call
-that makes the protocol produce bytes hands them to the TLS stream before it yields, so
-frames keep their order. Each :class:`MuxStream` is a ``Channel`` for the ordinary pump:
-backpressure comes from the HTTP/2 windows (a stream's received bytes are acknowledged
-only once the pump passed them on) and from the TLS stream's drain.
+One reader task feeds the peer's bytes to the protocol and passes each stream's bytes on
+to its plaintext side from there; every call that makes the protocol produce bytes hands
+them to the TLS stream before it yields, so frames keep their order. :func:`pump_stream`
+moves one stream: backpressure comes from the HTTP/2 windows (a stream's received bytes
+are acknowledged only once its plaintext side took them) and from the TLS stream's drain.
 """
 
 from __future__ import annotations
@@ -33,12 +33,15 @@ from qkdproxy.core.mux import (
     WindowOpened,
 )
 from qkdproxy.daemon import gate
-from qkdproxy.daemon.pump import FreshKeyBudget, RekeyBudget, Traffic, refresh_keys
+from qkdproxy.daemon.pump import READ_SIZE, FreshKeyBudget, RekeyBudget, Traffic, refresh_keys
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError, close_transport
 
 log = logging.getLogger("qkdproxy.mux")
 # Everything already opened, in one protocol call: fewer event-loop rounds per byte.
 READ_BATCH = 1 << 20
+# A stream's plaintext side may buffer this much before its window stops being returned
+# (asyncio's default high-water mark, what StreamWriter.drain waits for).
+SINK_HIGH_WATER = 64 * 1024
 
 
 class MuxStreamError(Exception):
@@ -51,13 +54,20 @@ class TunnelFullError(MuxStreamError):
 
 
 class MuxStream:
-    """One application connection inside a tunnel (a ``Channel`` for :func:`pump`)."""
+    """One application connection inside a tunnel.
+
+    Its inbound direction runs on the tunnel reader's callbacks, not a task of its own:
+    once :func:`pump_stream` attached the plaintext side, each DATA frame is written there
+    as it is dispatched and acknowledged at once unless the plaintext side is backed up
+    (then the acknowledgement waits for its drain, so the peer stops at the stream
+    window). Only the outbound direction (plaintext reads) needs a task.
+    """
 
     def __init__(self, tunnel: MuxTunnel, stream_id: int) -> None:
         self.tunnel = tunnel
         self.stream_id = stream_id
+        # What arrived before the pump attached the plaintext side (bounded by the window).
         self._inbound: deque[tuple[bytes, int]] = deque()
-        self._wake = asyncio.Event()
         self._window = asyncio.Event()
         # Client: the status a refusing server gave (403, 502...), once it did.
         self.refused: int | None = None
@@ -65,23 +75,92 @@ class MuxStream:
         self.finished = False
         self.error: str | None = None
         self.done = False
-        # Client: our request is still queued (see MuxTunnel.open_stream(send=False)).
+        # Client: our request is still queued (see MuxTunnel.open_stream).
         self.request_queued = False
+        # Set by pump_stream: the plaintext side, its counters and the pump's outcome.
+        self._sink: asyncio.StreamWriter | None = None
+        self._traffic = Traffic()
+        self._outcome: asyncio.Future[str] | None = None
+        self._sent_all = False
+        # Acknowledgements held back while the plaintext side drains, and who waits.
+        self._held = 0
+        self._draining: asyncio.Task[None] | None = None
+        # Counted in the tunnel's ``active`` until it ended both ways or was released.
+        self._active = True
 
     # The tunnel's reader calls these.
 
     def _deliver(self, data: bytes, flow: int) -> None:
-        self._inbound.append((data, flow))
         self.tunnel.bytes_moved += len(data)
-        self._wake.set()
+        if self._sink is None:
+            self._inbound.append((data, flow))
+        else:
+            self._pass_on(data, flow)
+
+    def _peer_end(self) -> None:
+        self.peer_finished = True
+        self._settle()
+        if self._sink is not None:
+            self._write_eof()
+
+    def _settle(self) -> None:
+        """Leave the tunnel's ``active`` count once ended both ways (or released)."""
+        if self._active and (self.done or (self.finished and self.peer_finished)):
+            self._active = False
+            self.tunnel.active -= 1
 
     def _fail(self, why: str) -> None:
         if self.error is None and not (self.finished and self.peer_finished):
             self.error = why
-        self._wake.set()
         self._window.set()
+        if self.error is not None:
+            self._conclude(f"error: MuxStreamError: {self.error}"[:200])
 
-    # Channel
+    # The inbound direction, once attached.
+
+    def _pass_on(self, data: bytes, flow: int) -> None:
+        sink = self._sink
+        assert sink is not None
+        if sink.is_closing():
+            self._conclude("error: ConnectionResetError: Connection lost")
+            return
+        self._traffic.from_peer += len(data)
+        self._traffic.last_activity = time.monotonic()
+        sink.write(data)
+        if self._held or sink.transport.get_write_buffer_size() > SINK_HIGH_WATER:
+            # Backed up: the peer gets no more window until the plaintext side drained.
+            self._held += flow
+            if self._draining is None:
+                self._draining = asyncio.ensure_future(self._drain())
+        elif self.tunnel.conn.consumed(self.stream_id, flow):
+            self.tunnel.flush_soon()
+
+    async def _drain(self) -> None:
+        assert self._sink is not None
+        try:
+            while self._held:
+                await self._sink.drain()
+                flow, self._held = self._held, 0
+                if self.tunnel.conn.consumed(self.stream_id, flow):
+                    await self.tunnel.flush()
+        except (ConnectionError, TlsStreamError) as exc:
+            self._conclude(f"error: {type(exc).__name__}: {exc}"[:200])
+        finally:
+            self._draining = None
+
+    def _write_eof(self) -> None:
+        assert self._sink is not None
+        if self._sink.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                self._sink.write_eof()
+        if self._sent_all:
+            self._conclude("closed")
+
+    def _conclude(self, reason: str) -> None:
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(reason)
+
+    # The outbound direction.
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send application bytes, waiting for window as the peer consumes."""
@@ -108,31 +187,29 @@ class MuxStream:
         except MuxError as exc:
             raise MuxStreamError(str(exc)) from None
         self.finished = True
+        self._settle()
         await self._flush()
 
-    async def receive(self) -> bytes:
-        """The next application bytes; b"" once the peer ended its direction."""
-        while not self._inbound:
-            if self.error is not None:
-                raise MuxStreamError(self.error)
-            if self.peer_finished:
-                return b""
-            if self.request_queued:
-                await self._flush()  # nothing to wait for until the peer has our request
-            self._wake.clear()
-            await self._wake.wait()
-        # Everything queued in one piece: one write (and drain) on the plaintext side.
-        chunks, flow = [], 0
-        while self._inbound:
-            data, size = self._inbound.popleft()
-            chunks.append(data)
-            flow += size
-        self.tunnel.conn.consumed(self.stream_id, flow)
-        await self._flush()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    async def _outbound(self, reader: asyncio.StreamReader) -> None:
+        traffic = self._traffic
+        while data := await reader.read(READ_SIZE):
+            traffic.to_peer += len(data)
+            traffic.last_activity = time.monotonic()
+            await self.send(data)
+        await self.send_fin()
 
-    async def update_keys(self) -> None:
-        """Nothing per stream: the tunnel renews its traffic keys on its own budget."""
+    def _outbound_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._conclude(f"error: {type(error).__name__}: {error}"[:200])
+        elif self.peer_finished:
+            self._conclude("closed")
+        else:
+            self._sent_all = True
+
+    # Ends.
 
     async def close(self) -> None:
         """A deliberate end: END_STREAM if not yet sent; a peer direction still open is
@@ -160,11 +237,70 @@ class MuxStream:
     def _release(self) -> None:
         if not self.done:
             self.done = True
+            self._settle()
             self.tunnel.stream_done(self)
 
     def _check(self) -> None:
         if self.error is not None:
             raise MuxStreamError(self.error)
+
+
+async def pump_stream(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    stream: MuxStream,
+    traffic: Traffic,
+    *,
+    idle_timeout_s: float,
+) -> str:
+    """:func:`pump` for a stream: both directions until both ended (or one failed, or
+    ``idle_timeout_s`` passed without bytes either way); why it ended. One task (the
+    outbound reads) and one timer per stream: the inbound side runs on callbacks."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[str] = loop.create_future()
+    stream._outcome = outcome
+    stream._traffic = traffic
+    stream._sink = writer
+    while stream._inbound:  # what arrived while the server dialled its backend
+        stream._pass_on(*stream._inbound.popleft())
+    if stream.error is not None:
+        stream._fail(stream.error)
+    elif stream.peer_finished:
+        stream._write_eof()
+    outbound = asyncio.ensure_future(stream._outbound(reader))
+    outbound.add_done_callback(stream._outbound_done)
+    timer: asyncio.TimerHandle | None = None
+
+    def idle_check() -> None:
+        nonlocal timer
+        left = traffic.last_activity + idle_timeout_s - time.monotonic()
+        if left <= 0:
+            stream._conclude("idle_timeout")
+        else:
+            timer = loop.call_later(left, idle_check)
+
+    if idle_timeout_s:
+        timer = loop.call_later(idle_timeout_s, idle_check)
+    try:
+        if stream.request_queued:
+            # Client: the outbound side's first read runs now. When the application's
+            # first bytes are at hand, the queued request leaves with them; a silent
+            # (server-speaks-first) application still gets its request out here.
+            await asyncio.sleep(0)
+            if stream.request_queued and not outcome.done():
+                try:
+                    await stream._flush()
+                except TlsStreamError as exc:
+                    stream._conclude(f"error: {type(exc).__name__}: {exc}"[:200])
+        return await outcome
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for task in (outbound, stream._draining):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(outbound, return_exceptions=True)
+        stream._sink = None
 
 
 class MuxTunnel:
@@ -195,6 +331,9 @@ class MuxTunnel:
         self.on_change = on_change
         self._clock = clock
         self.streams: dict[int, MuxStream] = {}
+        # Streams not yet ended both ways: their handlers may hold (or dial) a backend,
+        # and they may send more.
+        self.active = 0
         # The carrying connection's id in the log (the streams' mux_tunnel).
         self.conn_id = 0
         self.started = clock()
@@ -212,6 +351,7 @@ class MuxTunnel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._want_write = asyncio.Event()
 
     @property
     def key_updates(self) -> int:
@@ -227,6 +367,7 @@ class MuxTunnel:
         """Send the preface and start reading (and keepalives)."""
         self.conn.start()
         self._spawn(self._read())
+        self._spawn(self._write_queued())
         if self.keepalive_s:
             self._spawn(self._keepalive())
         # Extended Key Update on the tunnel's budget (time; bytes count what this side sends).
@@ -239,7 +380,32 @@ class MuxTunnel:
         task.add_done_callback(self._tasks.discard)
 
     async def flush(self) -> None:
-        """Hand the protocol's queued bytes to TLS (TlsStreamError if the tunnel broke)."""
+        """Hand the protocol's queued bytes to TLS (TlsStreamError if the tunnel broke).
+
+        With more than one stream active, the write is left to the tunnel's writer task,
+        which runs once the streams ready in this round of the event loop have queued
+        their frames: all of them leave in one TLS record and one socket write. A sender
+        still waits while the transport is backed up. One stream alone writes at once
+        (nothing to coalesce with, and a round of the loop saved)."""
+        if not self.conn.pending:
+            return
+        if self.reason is not None and self.broken:
+            raise TlsStreamError(self.reason)
+        if self.active < 2:
+            await self._write_now()
+            return
+        self._want_write.set()
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            self._break(f"tunnel broke: {type(exc).__name__}: {exc}")
+            raise TlsStreamError(self.reason or "tunnel broke") from None
+
+    def flush_soon(self) -> None:
+        """Flush from a callback (a stream's WINDOW_UPDATE), by the writer task."""
+        self._want_write.set()
+
+    async def _write_now(self) -> None:
         data = self.conn.data_to_send()
         if not data:
             return
@@ -258,17 +424,27 @@ class MuxTunnel:
             self._traffic.key_updates += 1
             await self.tls.update_keys()
 
+    async def _write_queued(self) -> None:
+        """The writer task: whatever the streams queued, in one write per loop round."""
+        while True:
+            await self._want_write.wait()
+            self._want_write.clear()
+            try:
+                await self._write_now()
+            except TlsStreamError:
+                return  # the tunnel broke: its streams were failed
+
     # ---------------------------------------------------------------- streams
 
-    async def open_stream(self, *, send: bool = True) -> MuxStream:
+    def open_stream(self) -> MuxStream:
         """Client: a new stream. Its data may follow the request at once (the server buffers
         it within the stream window until its backend is connected); a refusal arrives as
         the stream's error, with :attr:`MuxStream.refused` set.
 
-        ``send=False`` leaves the request queued until the stream's first send, receive,
-        end or reset (whichever comes first; the next flush of any stream carries it too):
-        a pump that has the application's first bytes at hand then sends request and data
-        in one record, not two."""
+        The request stays queued until the stream's first send, end or reset, or the
+        pump's first round (whichever comes first; the next flush of any stream carries
+        it too): a pump that has the application's first bytes at hand then sends
+        request and data in one record, not two."""
         if not self.alive or self.draining:
             raise MuxStreamError("tunnel not accepting streams")
         try:
@@ -276,18 +452,12 @@ class MuxTunnel:
         except MuxError as exc:
             raise TunnelFullError(str(exc)) from None
         stream = self._add(stream_id)
-        if not send:
-            stream.request_queued = True
-            return stream
-        try:
-            await self.flush()
-        except BaseException:
-            await stream.reset()
-            raise
+        stream.request_queued = True
         return stream
 
     def _add(self, stream_id: int) -> MuxStream:
         stream = self.streams[stream_id] = MuxStream(self, stream_id)
+        self.active += 1
         self.streams_carried += 1
         self._idle.clear()
         return stream
@@ -300,10 +470,11 @@ class MuxTunnel:
             self._idle.set()
         self.on_change()
 
-    async def accept(self, stream: MuxStream) -> None:
-        """Server: the stream may carry data."""
+    def accept(self, stream: MuxStream) -> None:
+        """Server: the stream may carry data. Its 200 is queued, not sent: it leaves with
+        the stream's first answer bytes, end or reset (or any other flush), one record
+        instead of two; the client sends without waiting for it."""
         self.conn.accept(stream.stream_id)
-        await self.flush()
 
     async def refuse(self, stream: MuxStream, status: int) -> None:
         """Server: refuse a stream before it carried anything (and stop its upload)."""
@@ -342,14 +513,13 @@ class MuxTunnel:
     def _dispatch(self, event: MuxEvent) -> None:
         if isinstance(event, StreamOpened):
             stream = self._add(event.stream_id)
-            # h2 frees a stream's slot as soon as the peer resets it, but its handler may
-            # still be dialling the backend: cap the handlers, not h2's open streams, or
-            # open-then-reset ("Rapid Reset") would bypass mux_max_streams.
-            if (
-                self._on_stream is None
-                or self.draining
-                or len(self.streams) > self.conn.max_streams
-            ):
+            # The protocol frees a stream's slot as soon as the peer resets it, but its
+            # handler may still be dialling the backend: cap the handlers, not the open
+            # streams, or open-then-reset ("Rapid Reset") would bypass mux_max_streams.
+            # A handler whose stream ended cleanly both ways is past its dial (our END_STREAM
+            # follows the backend's end) and only winding up: the peer, which saw the
+            # stream close, may already use its slot, so such handlers do not count.
+            if self._on_stream is None or self.draining or self.active > self.conn.max_streams:
                 stream._fail("refused")
                 self.conn.reset(event.stream_id, ResetCode.REFUSED_STREAM)
                 stream._release()
@@ -382,8 +552,7 @@ class MuxTunnel:
                 # An empty DATA frame (padding only) is no end: b"" means FIN to the pump.
                 self.conn.consumed(event.stream_id, event.flow)
         elif isinstance(event, StreamFinished):
-            target.peer_finished = True
-            target._wake.set()
+            target._peer_end()
         elif isinstance(event, StreamAccepted):
             pass  # data flows from here on
         elif isinstance(event, StreamRefused):
@@ -449,7 +618,7 @@ class MuxTunnel:
             self._end(why, broken=False)
             with contextlib.suppress(TlsStreamError, ConnectionError):
                 self.conn.close()
-                await self.flush()
+                await self._write_now()  # before close_notify, not by the writer task
             await self.tls.close()
         await self._finish_tasks()
 

@@ -82,21 +82,15 @@ class MuxPool:
         """A stream for one application connection; a :class:`PlainTunnel` (or None: dial
         one yourself) when the peer does not multiplex. Raises what establishing raised
         (HandshakeError, OSError) or TimeoutError when every tunnel stayed full."""
+        # The usual case, a tunnel with room: no deadline to arm.
+        if (stream := self._open_now()) is not None:
+            return stream
         async with asyncio.timeout(self._wait_s):
             while True:
                 if self._clock() < self._unsupported_until:
                     return None
-                tunnel = self._with_room()
-                if tunnel is not None:
-                    try:
-                        # Its caller pumps it at once: the request leaves with the first data.
-                        return await tunnel.open_stream(send=False)
-                    except TunnelFullError:
-                        continue  # nothing was sent: look again
-                    except MuxStreamError:
-                        if tunnel.alive:
-                            raise  # refused by the peer (its status says why)
-                    continue  # it broke meanwhile: another one
+                if (stream := self._open_now()) is not None:
+                    return stream
                 if len(self.tunnels) < self.settings.pool_max:
                     plain = await self._grow()
                     if plain is not None:
@@ -104,6 +98,20 @@ class MuxPool:
                     continue
                 self._changed.clear()
                 await self._changed.wait()
+
+    def _open_now(self) -> MuxStream | None:
+        """A stream of a tunnel with room, if there is one (its caller pumps it at once:
+        the request leaves with the first data)."""
+        while (tunnel := self._with_room()) is not None:
+            try:
+                return tunnel.open_stream()
+            except TunnelFullError:
+                continue  # nothing was sent: look again
+            except MuxStreamError:
+                if tunnel.alive:
+                    raise  # refused by the peer (its status says why)
+            # it broke meanwhile: another one
+        return None
 
     def _with_room(self) -> MuxTunnel | None:
         self.tunnels = [t for t in self.tunnels if t.alive]

@@ -37,7 +37,7 @@ from qkdproxy.core.tls.wire import Alert
 from qkdproxy.daemon import gate
 from qkdproxy.daemon.config import TunnelConfig
 from qkdproxy.daemon.logformat import record_event
-from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel
+from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel, pump_stream
 from qkdproxy.daemon.muxpool import MuxPool, PlainTunnel
 from qkdproxy.daemon.pump import (
     Channel,
@@ -664,10 +664,10 @@ class Tunnel:
         traffic = self._live(record)
         reason: str | None = None
         try:
-            await mux.tunnel.accept(mux)
+            mux.tunnel.accept(mux)
             if self.config.proxy_protocol:
                 backend_writer.write(encode_proxy_v2(self._proxy_info(writer, stream, record)))
-            reason = await pump(
+            reason = await pump_stream(
                 backend_reader, backend_writer, mux, traffic,
                 idle_timeout_s=self.config.idle_timeout_s,
             )  # fmt: skip
@@ -696,7 +696,7 @@ class Tunnel:
         traffic = self._live(record)
         reason: str | None = None
         try:
-            reason = await pump(
+            reason = await pump_stream(
                 reader, writer, mux, traffic, idle_timeout_s=self.config.idle_timeout_s
             )
             if mux.refused is not None and not traffic.from_peer:

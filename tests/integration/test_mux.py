@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from qkdproxy.core.mux import ResetCode
 from qkdproxy.core.proxyv2 import PP2_TYPE_QKDPROXY_PEER
 from qkdproxy.daemon import gate
 from qkdproxy.daemon.config import MuxSettings, load_config
@@ -378,14 +379,10 @@ async def test_open_then_reset_streams_cannot_exceed_the_stream_limit(tmp_path: 
         pool = client.tunnels[0].pool
         assert pool is not None
         tunnel = pool.tunnels[0]
-        h2 = tunnel.conn._h2
+        conn = tunnel.conn
         for _ in range(4):
             for _ in range(50):
-                stream_id = h2.get_next_available_stream_id()
-                h2.send_headers(
-                    stream_id, [(":method", "CONNECT"), (":authority", "qkdproxy-backend:0")]
-                )
-                h2.reset_stream(stream_id, 8)  # CANCEL
+                conn.reset(conn.open_stream(), ResetCode.CANCEL)
             await tunnel.flush()
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # let the server act on every frame it was sent

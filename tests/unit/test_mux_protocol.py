@@ -8,7 +8,6 @@ import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes
-from hyperframe.frame import DataFrame
 
 from qkdproxy.core.mux import (
     STREAM_WINDOW,
@@ -169,14 +168,6 @@ def test_a_client_opens_no_more_streams_than_the_server_allows() -> None:
     assert client.capacity == 1
     client.open_stream()
     assert not any(isinstance(e, TunnelEnded) for e in exchange(client, server))
-
-
-def test_a_data_frame_repr_shows_its_length_not_its_bytes() -> None:
-    # h2 formats repr(frame) of every received frame: it must not copy or hexlify the body.
-    frame = DataFrame(1, b"\xab" * 65536)
-    text = repr(frame)
-    assert "65536 bytes" in text and "ab" not in text.split(":", 1)[1]
-    assert len(text) < 100
 
 
 def test_stream_and_tunnel_lines_feed_their_own_metrics() -> None:
