@@ -287,6 +287,8 @@ class MuxConnection:
                     break
                 self._frame(kind, flags, stream_id & MAX_WINDOW, data[offset + 9 : end], out)
                 offset = end
+                if self.ended is not None and self.ended.error:
+                    return out  # GOAWAY with an error: nothing behind it is acted on
             self._in += data[offset:]
         except _PeerError as exc:
             self._goaway(exc.code)
@@ -365,6 +367,11 @@ class MuxConnection:
             if len(block) < 5:
                 raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
             block = block[5:]
+        if len(block) > MAX_HEADER_LIST:
+            # Ours are constants of a few dozen bytes, h2's as short. hpack decodes any
+            # number of table size updates (RFC 7541 allows two) at about a microsecond
+            # each: a frame-sized block of them would cost a tenth of a second.
+            raise _PeerError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if self.client:
             stream = self._known(stream_id)
             fast = block == ACCEPTED_BLOCK
@@ -434,10 +441,14 @@ class MuxConnection:
         if not increment:
             raise _PeerError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
         if not stream_id:
+            shut = self._send_window <= 0
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "tunnel window overflow")
-            out.append(WindowOpened(0))
+            if shut:
+                # WindowOpened(0) wakes every stream: only those the tunnel window stopped
+                # wait for it (a flood of updates to an open window must cost O(1) each).
+                out.append(WindowOpened(0))
             return
         stream = self._known(stream_id)
         if stream is None:
@@ -464,6 +475,7 @@ class MuxConnection:
             return
         if len(payload) % 6:
             raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS of wrong size")
+        initial = self._peer_initial_window
         for offset in range(0, len(payload), 6):
             ident, value = _SETTING.unpack_from(payload, offset)
             if ident == MAX_CONCURRENT_STREAMS:
@@ -471,11 +483,7 @@ class MuxConnection:
             elif ident == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large")
-                delta, self._peer_initial_window = value - self._peer_initial_window, value
-                for stream in self._streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
+                initial = value  # applied once below: the last value counts (RFC 9113 6.5.3)
             elif ident == MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
                     raise _PeerError(ErrorCode.PROTOCOL_ERROR, "invalid frame size")
@@ -484,11 +492,20 @@ class MuxConnection:
                 raise _PeerError(ErrorCode.PROTOCOL_ERROR, "invalid ENABLE_PUSH")
             # The rest (header table and list sizes) bind nothing we send: our header
             # blocks are constants that use no dynamic table.
+        delta, self._peer_initial_window = initial - self._peer_initial_window, initial
+        if delta:
+            # Once per frame, not per entry: a frame of 20000 entries would otherwise walk
+            # every stream 20000 times.
+            for stream in self._streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
         self._out += _header(0, SETTINGS, ACK, 0)
         if not self.peer_settled:
             self.peer_settled = True
             out.append(PeerSettled())
-        out.append(WindowOpened(0))
+        if delta > 0 and self._streams:
+            out.append(WindowOpened(0))  # streams that waited for their window may send
 
     def _remote_ended(self, stream_id: int, stream: _Stream, out: list[MuxEvent]) -> None:
         stream.remote_open = False
@@ -603,8 +620,8 @@ class MuxConnection:
     def capacity(self) -> int:
         """Client: how many more streams the peer and our limit allow now (0 until the
         peer's SETTINGS said what its limit is)."""
-        if not self.peer_settled or self.ended is not None:
-            return 0
+        if not self.peer_settled or self.ended is not None or self._next_id > MAX_WINDOW:
+            return 0  # (stream ids are 31 bits: a tunnel that used them all takes no more)
         limit = min(self.max_streams, self._peer_max_streams)
         return max(0, limit - self._open_outbound)
 
