@@ -123,6 +123,7 @@ class MuxStream:
         assert sink is not None
         if sink.is_closing():
             self._conclude("error: ConnectionResetError: Connection lost")
+            self._held += flow  # dropped: returned to the tunnel when the stream is released
             return
         self._traffic.from_peer += len(data)
         self._traffic.last_activity = time.monotonic()
@@ -237,6 +238,14 @@ class MuxStream:
     def _release(self) -> None:
         if not self.done:
             self.done = True
+            # Bytes never passed on (buffered before the pump attached, held for a backed-up
+            # or closed plaintext side) go back to the tunnel's window: from here on nothing
+            # will acknowledge them, and a tunnel window's worth of refused or reset streams
+            # would otherwise leave the tunnel shut for every stream.
+            flow, self._held = self._held + sum(size for _, size in self._inbound), 0
+            self._inbound.clear()
+            if self.tunnel.conn.consumed(self.stream_id, flow):
+                self.tunnel.flush_soon()
             self._settle()
             self.tunnel.stream_done(self)
 
