@@ -219,6 +219,7 @@ class MuxConnection:
         self.peer_settled = False
         self._out = bytearray()
         self._in = bytearray()
+        self._need = 0  # how many bytes _in must hold before a frame can be parsed
         self._preface_due = not client  # a server first reads the client's preface
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2  # our next stream id (a server opens none)
@@ -261,10 +262,16 @@ class MuxConnection:
         """Feed the peer's bytes; a protocol violation ends the tunnel (TunnelEnded)."""
         if self.ended is not None and self.ended.error:
             return []
-        if self._in or not isinstance(data, bytes):  # the rest of a frame in pieces
+        if self._in:  # the rest of a frame in pieces
             self._in += data
+            if len(self._in) < self._need:
+                # Still short of the frame it waits for: no copy, no parse (a 128 KiB frame
+                # in 1-byte records would otherwise be copied whole 128 Ki times).
+                return []
             data = bytes(self._in)
             self._in.clear()
+        elif not isinstance(data, bytes):
+            data = bytes(data)
         out: list[MuxEvent] = []
         try:
             offset, size = 0, len(data)
@@ -277,6 +284,7 @@ class MuxConnection:
                     self._in += data
                     return out
                 offset, self._preface_due = len(PREFACE), False
+            need = 9
             while size - offset >= 9:
                 high, low, kind, flags, stream_id = _HEAD.unpack_from(data, offset)
                 length = (high << 8) | low
@@ -284,12 +292,14 @@ class MuxConnection:
                     raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 end = offset + 9 + length
                 if end > size:
+                    need = end - offset
                     break
                 self._frame(kind, flags, stream_id & MAX_WINDOW, data[offset + 9 : end], out)
                 offset = end
                 if self.ended is not None and self.ended.error:
                     return out  # GOAWAY with an error: nothing behind it is acted on
             self._in += data[offset:]
+            self._need = need
         except _PeerError as exc:
             self._goaway(exc.code)
             out.append(self._end(f"peer broke {MUX_ALPN_PROTOCOL}: {exc}"[:200], True))
