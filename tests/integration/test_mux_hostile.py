@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qkdproxy.daemon.muxconn import MuxTunnel
 from qkdproxy.daemon.tunnel import Tunnel
-from tests.integration.test_mux import MUX, wait_for
+from tests.integration.test_mux import MUX
 from tests.integration.test_tunnel_runtime import Backend, port, setup, transfer
 from tests.unit.test_mux_codec import CONNECT, frame
 
@@ -45,7 +45,7 @@ async def test_refused_streams_do_not_shut_the_tunnel_window(tmp_path: Path) -> 
     backend_port = free_port()
     two = "multiplex = true\nmux_keepalive_s = 5\nmux_max_streams = 2"
     async with setup(tmp_path) as s:
-        text = s.server_toml(two).replace(f":{s.backend_port}\"", f':{backend_port}"')
+        text = s.server_toml(two).replace(f':{s.backend_port}"', f':{backend_port}"')
         async with (
             s.daemon("server", text) as server,
             s.daemon("client", s.client_toml(port(server), two)) as client,

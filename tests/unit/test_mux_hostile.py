@@ -20,7 +20,6 @@ from qkdproxy.core.mux import (
     MuxEvent,
     PeerSettled,
     StreamAccepted,
-    StreamBroken,
     StreamData,
     StreamFinished,
     StreamOpened,
