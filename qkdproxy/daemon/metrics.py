@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -63,16 +64,19 @@ def mux_tunnel_reason(reason: str) -> str:
     return "handshake_failed" if reason.startswith("handshake failed") else "error"
 
 
-class Children:
+M = TypeVar("M", Counter, Histogram)
+
+
+class Children(Generic[M]):
     """A labelled metric's children, each looked up once: ``labels()`` checks the values
     and takes a lock on every call, a measurable share of a multiplexed stream's cost.
     Bounded because label values are (see the module docstring)."""
 
-    def __init__(self, metric: Counter) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Counter] = {}
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
 
-    def __call__(self, *values: str) -> Counter:
+    def __call__(self, *values: str) -> M:
         """The child for ``values`` (created on first use, as ``labels()`` would)."""
         child = self._children.get(values)
         if child is None:
@@ -157,6 +161,8 @@ class Metrics:
         # Observed for every connection: their children are cached.
         self._closed = Children(self.closed)
         self._mux_streams = Children(self.mux_streams)
+        self._handshakes = Children(self.handshakes)
+        self._handshake_seconds = Children(self.handshake_seconds)
 
     def observe(self, record: ConnectionRecord) -> None:
         """Account one closed connection."""
@@ -186,9 +192,9 @@ class Metrics:
     def observe_handshake(self, record: ConnectionRecord) -> None:
         """Account a completed handshake as it completes (not when its connection ends)."""
         labels = (record.tunnel, record.role, record.group or "none", record.flow or "none")
-        self.handshakes.labels(*labels, "success").inc()
+        self._handshakes(*labels, "success").inc()
         if record.handshake_ms is not None:
-            self.handshake_seconds.labels(*labels, "success").observe(record.handshake_ms / 1000)
+            self._handshake_seconds(*labels, "success").observe(record.handshake_ms / 1000)
 
     def kme_observer(self, kme: str) -> KmeCallObserver:
         """An observer to give a KME client."""

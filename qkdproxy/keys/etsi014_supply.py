@@ -25,11 +25,14 @@ from qkdproxy.keys.sources import RefusalStreak
 from qkdproxy.keys.supply import SupplySettings, SupplySizer
 
 MAX_COALESCED_IDS = 64
-# A refill waits until the supply is this many keys below its target (fewer if the target
-# is smaller), so each enc_keys call, and the peer's dec_keys for the announced ids, carries
-# at least two keys: a KME round trip costs both daemons about as much CPU as a sixth of a
-# handshake (docs/PERFORMANCE.md). The supply runs at most one key below its target.
-REFILL_BATCH = 2
+# A refill waits until the supply is a batch of keys below its target, so each enc_keys
+# call, and the peer's dec_keys for the announced ids, carries several keys: a KME round
+# trip costs both daemons about as much CPU as a sixth of a handshake (docs/PERFORMANCE.md).
+# The batch is at most REFILL_BATCH and half the target (two keys for targets of 2 to 5,
+# the whole target below that): the supply never runs below half of what the sizer asks,
+# which covers three times the keys taken during a refill's round trip (margin 6).
+REFILL_BATCH = 8
+MIN_REFILL_BATCH = 2
 
 
 @dataclass(slots=True)
@@ -164,7 +167,7 @@ class Etsi014Master:
         if (
             self._supply is not None
             and target > 0
-            and len(self._buffer) <= target - min(REFILL_BATCH, target)
+            and len(self._buffer) <= target - refill_batch(target)
             and (self._refill is None or self._refill.done())
         ):
             self._refill = asyncio.create_task(self._fill())
@@ -215,6 +218,12 @@ class Etsi014Master:
         self._account.settle("stranded", len(self._buffer))
         self._buffer.clear()
         self._announced = 0
+
+
+def refill_batch(target: int) -> int:
+    """How many keys below ``target`` a supply may fall before it refills (see
+    ``REFILL_BATCH``): at least one, at most half the target once that is two or more."""
+    return min(REFILL_BATCH, max(MIN_REFILL_BATCH, target // 2), target)
 
 
 class Etsi014Slave:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import random
 
 import pytest
 import tlslite.recordlayer
 import tlslite.tlsconnection
 import tlslite.x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from tlslite.constants import GroupName, SignatureScheme
-from tlslite.extensions import SupportedGroupsExtension
+from tlslite.constants import ExtensionType, GroupName, SignatureScheme
+from tlslite.errors import TLSInternalError
+from tlslite.extensions import ClientKeyShareExtension, SupportedGroupsExtension
+from tlslite.handshakehelpers import HandshakeHelpers
+from tlslite.messages import ClientHello, HelloMessage, KeyShareEntry
+from tlslite.utils.codec import Parser
 
 from qkdproxy.core.groups import DEFAULT_GROUPS, GroupKind, GroupSpec
 from qkdproxy.core.tls import tlslite_glue as glue
@@ -50,6 +55,78 @@ def test_transcript_digests_match_tlslite() -> None:
     assert transcript.digest("intrinsic") == b"hello more"
     with pytest.raises(ValueError, match="Unknown digest"):
         transcript.digest("sha3_256")
+
+
+def test_parser_reads_like_tlslite_on_hostile_input() -> None:
+    glue._check_parser()
+    assert Parser.get is glue._parser_get  # installed
+    rng = random.Random(16)
+    for _ in range(3000):
+        data = bytes(rng.randrange(256) if rng.random() < 0.7 else rng.choice((0, 1, 2, 255))
+                     for _ in range(rng.randrange(0, 12)))  # fmt: skip
+        start = rng.randrange(0, len(data) + 2)
+        for name, args in (
+            ("get", (rng.randrange(0, 5),)),
+            ("getVarBytes", (rng.randrange(1, 4),)),
+            ("getVarList", (rng.randrange(0, 4), rng.randrange(1, 3))),
+            ("getVarTupleList", (rng.randrange(1, 3), rng.randrange(1, 3), rng.randrange(1, 3))),
+        ):
+            outcomes = []
+            for method in (glue._tlslite_parser[name], glue._FAST_PARSER[name]):
+                parser = Parser(bytearray(data))
+                parser.index = start
+                outcomes.append(glue._parser_outcome_from(method, parser, args))
+            assert outcomes[0] == outcomes[1], (name, data, start, args)
+
+
+def test_parser_check_catches_a_difference(monkeypatch: pytest.MonkeyPatch) -> None:
+    def lenient(self: Parser, length: int) -> int:  # no bounds check: reads short
+        value = int.from_bytes(self.bytes[self.index : self.index + length], "big")
+        self.index += length
+        return value
+
+    monkeypatch.setitem(glue._FAST_PARSER, "get", lenient)
+    with pytest.raises(glue.SelfTestError, match=r"Parser\.get "):
+        glue._check_parser()
+
+
+def _hello(share_sizes: list[int]) -> ClientHello:
+    shares = [KeyShareEntry().create(29 + i, bytearray(n)) for i, n in enumerate(share_sizes)]
+    ext = ClientKeyShareExtension().create(shares)
+    return ClientHello().create((3, 3), bytearray(32), bytearray(0), [0x1301], extensions=[ext])
+
+
+@pytest.mark.parametrize(
+    "sizes", [[32], [200], [300], [470], [480], [511], [512], [256, 300], [1184]]
+)
+def test_client_hello_padding_as_tlslite(sizes: list[int]) -> None:
+    assert HandshakeHelpers.alignClientHelloPadding is glue._align_client_hello_padding
+    theirs, ours = _hello(sizes), _hello(sizes)
+    glue._tlslite_align_padding(theirs)
+    glue._align_client_hello_padding(ours)
+    assert ours.write() == theirs.write()
+
+
+def test_extension_lookup_as_tlslite() -> None:
+    original = glue._tlslite_get_extension
+    assert HelloMessage.getExtension is glue._get_extension
+    one, two = SupportedGroupsExtension().create([29]), ClientKeyShareExtension().create([])
+    for extensions in (None, [], [one], [one, two], [two, one]):
+        hello = _hello([32])
+        hello.extensions = extensions
+        for ext_type in (ExtensionType.supported_groups, ExtensionType.key_share, 0):
+            assert glue._get_extension(hello, ext_type) is original(hello, ext_type)
+    hello.extensions = [one, two, SupportedGroupsExtension().create([23])]
+    for lookup in (original, glue._get_extension):
+        with pytest.raises(TLSInternalError, match="Multiple extensions"):
+            lookup(hello, ExtensionType.supported_groups)
+
+
+def test_a_long_client_hello_is_not_serialised_for_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    hello = _hello([1184])
+    monkeypatch.setattr(hello, "write", lambda: pytest.fail("serialised"))
+    glue._align_client_hello_padding(hello)
+    assert [e.extType for e in hello.extensions] == [ExtensionType.key_share]
 
 
 def test_certificates_are_parsed_once_and_stay_separate() -> None:

@@ -22,7 +22,7 @@ from qkdproxy.daemon.metrics import KmeState, StateCollector, TunnelState
 from qkdproxy.keys.announce import AnnouncementSink
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.etsi014_client import Etsi014Client
-from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.etsi014_supply import REFILL_BATCH, Etsi014Master, refill_batch
 from qkdproxy.keys.key_supply import run
 from qkdproxy.keys.preauth import (
     CLIENT_INITIATED,
@@ -244,6 +244,37 @@ async def test_refills_carry_at_least_two_keys() -> None:
         await master.take_key()
     await master.wait_refilled()
     assert kme.sizes_asked == [4, 2, 4] and master.depth == 4
+    await master.aclose()
+
+
+def test_refill_batches_stay_within_half_the_target() -> None:
+    # Bigger batches mean fewer KME calls per connection, but a supply that waits for a
+    # batch must still hold half its target: that covers the keys taken in a round trip.
+    assert [refill_batch(t) for t in range(1, 9)] == [1, 2, 2, 2, 2, 3, 3, 4]
+    for target in range(1, 300):
+        batch = refill_batch(target)
+        assert 1 <= batch <= min(target, REFILL_BATCH)
+        if target >= 4:  # below that, a refill of at least two keys comes first
+            assert target - batch >= target // 2
+
+
+async def test_a_busy_supply_refills_in_batches_and_never_runs_below_half() -> None:
+    kme = FakeKme()
+    # A one-second window at a frozen clock: the takes below are a steady demand.
+    supply = SupplySettings(floor=16, ceiling=16, window_s=1.0)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
+    master.ensure_refill()
+    await master.wait_refilled()
+    lowest = master.depth
+    for _ in range(64):
+        await master.take_key()
+        lowest = min(lowest, master.depth)
+        await master.wait_refilled()
+    # 64 keys in calls of 8 (one call per eight connections, and the same for the peer's
+    # dec_keys of the announced ids), never an on-demand fetch, never below 8 held.
+    assert kme.sizes_asked == [16] + [8] * 8
+    assert master.counters.fetched_on_demand == 0
+    assert lowest == 8
     await master.aclose()
 
 

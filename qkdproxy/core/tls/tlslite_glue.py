@@ -46,13 +46,22 @@ from tlslite.errors import (
     TLSBadRecordMAC,
     TLSError,
     TLSIllegalParameterException,
+    TLSInternalError,
     TLSLocalAlert,
     TLSProtocolException,
     TLSRemoteAlert,
 )
 from tlslite.extensions import CustomNameExtension, SupportedGroupsExtension, TLSExtension
 from tlslite.handshakehashes import HandshakeHashes
-from tlslite.messages import CertificateRequest, ClientHello, EncryptedExtensions, KeyShareEntry
+from tlslite.handshakehelpers import HandshakeHelpers
+from tlslite.messages import (
+    CertificateRequest,
+    ClientHello,
+    EncryptedExtensions,
+    HelloMessage,
+    KeyShareEntry,
+)
+from tlslite.utils.codec import DecodeError, Parser
 from tlslite.utils.ecdsakey import ECDSAKey
 from tlslite.utils.rsakey import RSAKey
 
@@ -483,6 +492,156 @@ def _extension_setattr(self: Any, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
 
 
+# tlslite reads every length, code point and list element of a handshake message through
+# Parser.get, three Python calls each (some 120 per handshake and side). The versions below
+# inline them: same values, same errors, the same index left behind after an error
+# (_check_parser compares them with tlslite's at start-up).
+_tlslite_parser = {
+    name: getattr(Parser, name) for name in ("get", "getVarBytes", "getVarList", "getVarTupleList")
+}
+_PAST_END = "Read past end of buffer"
+
+
+def _parser_get(self: Any, length: int) -> int:
+    index = self.index
+    end = index + length
+    data = self.bytes
+    if end > len(data):
+        raise DecodeError(_PAST_END)
+    self.index = end
+    return int.from_bytes(data[index:end], "big")
+
+
+def _parser_get_var_bytes(self: Any, length_length: int) -> Any:
+    index = self.index
+    data = self.bytes
+    start = index + length_length
+    if start > len(data):
+        raise DecodeError(_PAST_END)
+    self.index = start
+    end = start + int.from_bytes(data[index:start], "big")
+    if end > len(data):
+        raise DecodeError(_PAST_END)
+    self.index = end
+    return data[start:end]
+
+
+def _parser_get_var_list(self: Any, length: int, length_length: int) -> list[int]:
+    size = _parser_get(self, length_length)
+    if size % length != 0:
+        raise DecodeError("Encoded length not a multiple of element length")
+    index = self.index
+    data = self.bytes
+    end = index + size
+    if end > len(data):
+        # tlslite reads element by element: the whole ones that fit are consumed.
+        self.index = index + (len(data) - index) // length * length
+        raise DecodeError(_PAST_END)
+    self.index = end
+    return [int.from_bytes(data[i : i + length], "big") for i in range(index, end, length)]
+
+
+def _parser_get_var_tuple_list(
+    self: Any, elem_length: int, elem_num: int, length_length: int
+) -> list[tuple[int, ...]]:
+    size = _parser_get(self, length_length)
+    tuple_size = elem_length * elem_num
+    if size % tuple_size != 0:
+        raise DecodeError("Encoded length not a multiple of element length")
+    index = self.index
+    data = self.bytes
+    end = index + size
+    if end > len(data):
+        # tlslite reads element by element: the whole elements that fit are consumed.
+        self.index = index + (len(data) - index) // elem_length * elem_length
+        raise DecodeError(_PAST_END)
+    self.index = end
+    return [
+        tuple(
+            int.from_bytes(data[i : i + elem_length], "big")
+            for i in range(start, start + tuple_size, elem_length)
+        )
+        for start in range(index, end, tuple_size)
+    ]
+
+
+_FAST_PARSER: dict[str, Callable[..., Any]] = {
+    "get": _parser_get,
+    "getVarBytes": _parser_get_var_bytes,
+    "getVarList": _parser_get_var_list,
+    "getVarTupleList": _parser_get_var_tuple_list,
+}
+
+
+def _parser_outcome(method: Callable[..., Any], data: bytes, args: tuple[int, ...]) -> object:
+    return _parser_outcome_from(method, Parser(bytearray(data)), args)
+
+
+def _parser_outcome_from(method: Callable[..., Any], parser: Any, args: tuple[int, ...]) -> object:
+    """What ``method`` returns or raises on ``parser``, and where it leaves the index."""
+    try:
+        value = method(parser, *args)
+    except DecodeError as exc:
+        value = ("DecodeError", str(exc))
+    except ZeroDivisionError:
+        value = "ZeroDivisionError"
+    return value, parser.index
+
+
+def _check_parser() -> None:
+    """Our Parser methods must give tlslite's values, errors and positions on every
+    boundary: each prefix of a few encodings, each argument combination they take."""
+    samples = [
+        bytes([0, 4, 0, 1, 0, 2, 9]),
+        bytes([3, 0x13, 0x01, 0x13]),
+        bytes([0, 6, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE]),
+        bytes(range(1, 12)),
+    ]
+    calls: dict[str, list[tuple[int, ...]]] = {
+        "get": [(n,) for n in range(5)],
+        "getVarBytes": [(n,) for n in range(1, 4)],
+        "getVarList": [(e, n) for e in range(0, 4) for n in range(1, 3)],
+        "getVarTupleList": [(e, k, n) for e in range(1, 3) for k in range(1, 3) for n in (1, 2)],
+    }
+    for name, argument_sets in calls.items():
+        for sample in samples:
+            for cut in range(len(sample) + 1):
+                for args in argument_sets:
+                    theirs = _parser_outcome(_tlslite_parser[name], sample[:cut], args)
+                    ours = _parser_outcome(_FAST_PARSER[name], sample[:cut], args)
+                    if theirs != ours:
+                        raise SelfTestError(f"our Parser.{name} differs from tlslite's")
+
+
+# tlslite looks up a hello's extensions some 70 times per handshake pair, each through a
+# list comprehension (a function call of its own on Python 3.11). Same result, same error.
+_tlslite_get_extension = HelloMessage.getExtension
+
+
+def _get_extension(self: Any, ext_type: int) -> Any:
+    found = None
+    for ext in self.extensions or ():
+        if ext.extType == ext_type:
+            if found is not None:
+                raise TLSInternalError("Multiple extensions of the same type present")
+            found = ext
+    return found
+
+
+# tlslite serialises the whole ClientHello once more only to learn whether it is 256 to 511
+# bytes long (then it adds a padding extension). One whose key shares alone are longer than
+# that gets no padding: with an ML-KEM share (1184 bytes) every ClientHello of ours.
+_tlslite_align_padding = HandshakeHelpers.alignClientHelloPadding
+PADDED_HELLO_MAX = 511
+
+
+def _align_client_hello_padding(client_hello: Any) -> None:
+    shares = client_hello.getExtension(ExtensionType.key_share)
+    share_bytes = sum(len(s.key_exchange) for s in shares.client_shares or ()) if shares else 0
+    if share_bytes <= PADDED_HELLO_MAX:
+        _tlslite_align_padding(client_hello)
+
+
 # A peer presents the same certificates on every connection: tlslite's pure-Python DER
 # parse (about 90 us each) is done once per distinct certificate. Only parsing is shared;
 # chain validation (verify.py) runs on every handshake.
@@ -806,6 +965,11 @@ def install(groups: Iterable[GroupSpec]) -> None:
         _check_fast_kdf()
         _rebind_kdf()
         _check_transcript()
+        _check_parser()
+        for name, method in _FAST_PARSER.items():
+            setattr(Parser, name, method)
+        HandshakeHelpers.alignClientHelloPadding = staticmethod(_align_client_hello_padding)
+        HelloMessage.getExtension = _get_extension
         tl_connection.HandshakeHashes = _TranscriptHashes
         tl_tlsrecordlayer.HandshakeHashes = _TranscriptHashes
         self_test()  # with the back-ends above in place: what the daemon will run
@@ -834,6 +998,12 @@ PRIVATE_NAMES: list[tuple[object, str, str]] = [
     (tl_x509.X509, "parseBinary", "certificate parsing, once per certificate (wrapped)"),
     (TLSEnum, "toRepr", "code point names, memoised (wrapped)"),
     (CipherSuite, "_filterSuites", "cipher suites allowed by settings, memoised (wrapped)"),
+    (HandshakeHelpers, "alignClientHelloPadding", "ClientHello padding (shortcut)"),
+    (HelloMessage, "getExtension", "a hello's extension by type (replaced)"),
+    (Parser, "get", "integers of handshake messages, inlined (replaced)"),
+    (Parser, "getVarBytes", "byte vectors of handshake messages, inlined (replaced)"),
+    (Parser, "getVarList", "integer lists of handshake messages, inlined (replaced)"),
+    (Parser, "getVarTupleList", "tuple lists of handshake messages, inlined (replaced)"),
     (SupportedGroupsExtension(), "_field_name", "an extension's payload name (read directly)"),
     (SupportedGroupsExtension(), "_internal_value", "an extension's payload (read directly)"),
     (tl_cryptomath, "secureHMAC", "HMAC on hmac.digest (rebound)"),
