@@ -168,6 +168,10 @@ class MuxStream:
         view: bytes | bytearray | memoryview = data
         while view:
             self._check()
+            # Cleared before the window is looked at, not after the flush: a WINDOW_UPDATE
+            # read while the flush waits for the transport must not be lost (the peer sends
+            # no second one, and the tunnel window's updates wake only streams it stopped).
+            self._window.clear()
             try:
                 sent = self.tunnel.conn.send(self.stream_id, view)
             except MuxError as exc:
@@ -177,7 +181,6 @@ class MuxStream:
             if sent or self.request_queued:
                 await self._flush()
             if view:
-                self._window.clear()
                 await self._window.wait()
 
     async def send_fin(self) -> None:

@@ -397,3 +397,38 @@ async def test_bytes_held_for_a_stuck_or_closed_plaintext_side_go_back(closing: 
     await handled[0].reset()
     events = feed(carrier, stream_and_window(3))
     assert not any(isinstance(e, TunnelEnded) for e in events), events
+
+
+class GatedTls(RecordingTls):
+    """A TLS stream whose writes wait (a backed-up transport) until the gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def write(self, data: bytes | bytearray) -> None:
+        await self.gate.wait()
+        self.sent += data
+
+
+async def test_a_window_opened_while_the_sender_flushes_is_not_lost() -> None:
+    """The peer's WINDOW_UPDATE can arrive while a stream waits for its flush (the
+    transport backed up): the stream must see it, or it waits for an update that already
+    came (until the idle timeout; the tunnel window's updates no longer wake it)."""
+    tls = GatedTls()
+    conn = MuxConnection(client=True, max_streams=4)
+    carrier = MuxTunnel(
+        cast(Any, tls), cast(Any, None), conn, keepalive_s=0, rekey=RekeyBudget()
+    )  # fmt: skip
+    conn.start()
+    feed(carrier, settings((4, 10)))
+    stream = carrier.open_stream()
+    sending = asyncio.ensure_future(stream.send(b"x" * 30))
+    await asyncio.sleep(0)  # 10 bytes queued, the flush waits for the transport
+    assert not sending.done()
+    feed(carrier, window_update(stream.stream_id, 100))
+    tls.gate.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sending.done()
+    assert tls.sent.endswith(frame(DATA, 0, stream.stream_id, b"x" * 20))
