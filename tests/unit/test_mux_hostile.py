@@ -4,6 +4,7 @@ drives it: what RFC 9113 lets a peer send (or what it must not), and the safe ou
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 from types import SimpleNamespace
 from typing import Any, cast
@@ -432,3 +433,34 @@ async def test_a_window_opened_while_the_sender_flushes_is_not_lost() -> None:
         await asyncio.sleep(0)
     assert sending.done()
     assert tls.sent.endswith(frame(DATA, 0, stream.stream_id, b"x" * 20))
+
+
+def test_random_frames_never_escape_the_codec() -> None:
+    """Seeded random frames (types, flags, ids, payloads, header blocks) into both roles,
+    driven as the daemon drives them: only events come out, and an error ends the tunnel
+    with GOAWAY; no exception escapes receive() (the tunnel's reader would die)."""
+    rng = random.Random(20261202)
+    blocks = [CONNECT, b"\x88", b"\x20\x88", b"\x3f\xe9\x26", b"\x87\x82", b"\x40\x01a\x01b\xbe"]
+    for _ in range(3000):
+        role_client = rng.random() < 0.5
+        conn = MuxConnection(client=role_client, max_streams=3)
+        conn.start()
+        conn.receive((b"" if role_client else PREFACE) + frame(SETTINGS, 0, 0))
+        if role_client:
+            conn.open_stream()
+            conn.open_stream()
+        for _ in range(rng.randrange(1, 10)):
+            kind = rng.randrange(11)
+            payload = rng.randbytes(rng.choice([0, 1, 4, 5, 6, 8, 9, rng.randrange(48)]))
+            if kind == HEADERS and rng.random() < 0.6:
+                payload = rng.randbytes(rng.randrange(3)) + rng.choice(blocks)
+            flags = rng.choice([0, END_STREAM, END_HEADERS, 0x5, PADDED, 0x24, rng.randrange(256)])
+            sid = rng.choice([0, 1, 2, 3, 5, 2**31 - 1, rng.randrange(2**32)])
+            for event in conn.receive(frame(kind, flags, sid, payload)):
+                if isinstance(event, StreamOpened):
+                    rng.choice([conn.accept, conn.reset])(event.stream_id)
+                elif isinstance(event, StreamData):
+                    conn.consumed(event.stream_id, event.flow)
+                elif isinstance(event, TunnelEnded) and event.reason.startswith("peer broke"):
+                    assert conn.data_to_send()[-17 + 3] == GOAWAY  # ours, with its code
+            conn.data_to_send()
