@@ -92,6 +92,11 @@ class MuxStream:
 
     def _deliver(self, data: bytes, flow: int) -> None:
         self.tunnel.bytes_moved += len(data)
+        if self.refused is not None:
+            # A refusal's body (a peer that did not end the stream with its 403 or 502):
+            # not tunnel data, never the application's. Dropped, and credited back.
+            self._held += flow
+            return
         if self._sink is None:
             self._inbound.append((data, flow))
         else:

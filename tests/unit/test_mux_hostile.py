@@ -464,3 +464,37 @@ def test_random_frames_never_escape_the_codec() -> None:
                 elif isinstance(event, TunnelEnded) and event.reason.startswith("peer broke"):
                     assert conn.data_to_send()[-17 + 3] == GOAWAY  # ours, with its code
             conn.data_to_send()
+
+
+class RecordingSink(StuckSink):
+    """An application side that takes everything."""
+
+    def __init__(self) -> None:
+        super().__init__(closing=False)
+        self.transport = SimpleNamespace(get_write_buffer_size=lambda: 0)
+
+
+async def test_a_refusal_body_never_reaches_the_application() -> None:
+    """A (hostile) server answers 403 without ending the stream, then sends DATA: that is
+    the refusal's body, not tunnel data, and the application must not get it."""
+    conn = MuxConnection(client=True, max_streams=4)
+    carrier = MuxTunnel(
+        cast(Any, RecordingTls()), cast(Any, None), conn, keepalive_s=0, rekey=RekeyBudget()
+    )  # fmt: skip
+    conn.start()
+    feed(carrier, settings())
+    stream = carrier.open_stream()
+    sink = RecordingSink()
+    pumping = asyncio.ensure_future(
+        pump_stream(asyncio.StreamReader(), cast(Any, sink), stream, Traffic(), idle_timeout_s=0)
+    )
+    await asyncio.sleep(0)
+    refusal = Encoder().encode([(b":status", b"403")])
+    feed(
+        carrier,
+        frame(HEADERS, END_HEADERS, stream.stream_id, refusal)
+        + frame(DATA, 0, stream.stream_id, b"not tunnel data"),
+    )
+    assert "403" in await pumping
+    assert sink.written == 0
+    assert stream.refused == 403
