@@ -299,15 +299,16 @@ async def pump_stream(
     if idle_timeout_s:
         timer = loop.call_later(idle_timeout_s, idle_check)
     try:
-        # The outbound side's first read runs now: when the application's first bytes are
-        # at hand, a queued request leaves with them; a silent (server-speaks-first)
-        # application still gets its request out here.
-        await asyncio.sleep(0)
-        if stream.request_queued and not outcome.done():
-            try:
-                await stream._flush()
-            except TlsStreamError as exc:
-                stream._conclude(f"error: {type(exc).__name__}: {exc}"[:200])
+        if stream.request_queued:
+            # Client: the outbound side's first read runs now. When the application's
+            # first bytes are at hand, the queued request leaves with them; a silent
+            # (server-speaks-first) application still gets its request out here.
+            await asyncio.sleep(0)
+            if stream.request_queued and not outcome.done():
+                try:
+                    await stream._flush()
+                except TlsStreamError as exc:
+                    stream._conclude(f"error: {type(exc).__name__}: {exc}"[:200])
         return await outcome
     finally:
         if timer is not None:
