@@ -219,6 +219,7 @@ class MuxConnection:
         self.peer_settled = False
         self._out = bytearray()
         self._in = bytearray()
+        self._need = 0  # how many bytes _in must hold before a frame can be parsed
         self._preface_due = not client  # a server first reads the client's preface
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2  # our next stream id (a server opens none)
@@ -261,10 +262,16 @@ class MuxConnection:
         """Feed the peer's bytes; a protocol violation ends the tunnel (TunnelEnded)."""
         if self.ended is not None and self.ended.error:
             return []
-        if self._in or not isinstance(data, bytes):  # the rest of a frame in pieces
+        if self._in:  # the rest of a frame in pieces
             self._in += data
+            if len(self._in) < self._need:
+                # Still short of the frame it waits for: no copy, no parse (a 128 KiB frame
+                # in 1-byte records would otherwise be copied whole 128 Ki times).
+                return []
             data = bytes(self._in)
             self._in.clear()
+        elif not isinstance(data, bytes):
+            data = bytes(data)
         out: list[MuxEvent] = []
         try:
             offset, size = 0, len(data)
@@ -277,6 +284,7 @@ class MuxConnection:
                     self._in += data
                     return out
                 offset, self._preface_due = len(PREFACE), False
+            need = 9
             while size - offset >= 9:
                 high, low, kind, flags, stream_id = _HEAD.unpack_from(data, offset)
                 length = (high << 8) | low
@@ -284,10 +292,14 @@ class MuxConnection:
                     raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 end = offset + 9 + length
                 if end > size:
+                    need = end - offset
                     break
                 self._frame(kind, flags, stream_id & MAX_WINDOW, data[offset + 9 : end], out)
                 offset = end
+                if self.ended is not None and self.ended.error:
+                    return out  # GOAWAY with an error: nothing behind it is acted on
             self._in += data[offset:]
+            self._need = need
         except _PeerError as exc:
             self._goaway(exc.code)
             out.append(self._end(f"peer broke {MUX_ALPN_PROTOCOL}: {exc}"[:200], True))
@@ -365,6 +377,11 @@ class MuxConnection:
             if len(block) < 5:
                 raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
             block = block[5:]
+        if len(block) > MAX_HEADER_LIST:
+            # Ours are constants of a few dozen bytes, h2's as short. hpack decodes any
+            # number of table size updates (RFC 7541 allows two) at about a microsecond
+            # each: a frame-sized block of them would cost a tenth of a second.
+            raise _PeerError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
         if self.client:
             stream = self._known(stream_id)
             fast = block == ACCEPTED_BLOCK
@@ -434,10 +451,14 @@ class MuxConnection:
         if not increment:
             raise _PeerError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
         if not stream_id:
+            shut = self._send_window <= 0
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "tunnel window overflow")
-            out.append(WindowOpened(0))
+            if shut:
+                # WindowOpened(0) wakes every stream: only those the tunnel window stopped
+                # wait for it (a flood of updates to an open window must cost O(1) each).
+                out.append(WindowOpened(0))
             return
         stream = self._known(stream_id)
         if stream is None:
@@ -464,6 +485,7 @@ class MuxConnection:
             return
         if len(payload) % 6:
             raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS of wrong size")
+        initial = self._peer_initial_window
         for offset in range(0, len(payload), 6):
             ident, value = _SETTING.unpack_from(payload, offset)
             if ident == MAX_CONCURRENT_STREAMS:
@@ -471,11 +493,7 @@ class MuxConnection:
             elif ident == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "initial window too large")
-                delta, self._peer_initial_window = value - self._peer_initial_window, value
-                for stream in self._streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
+                initial = value  # applied once below: the last value counts (RFC 9113 6.5.3)
             elif ident == MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
                     raise _PeerError(ErrorCode.PROTOCOL_ERROR, "invalid frame size")
@@ -484,11 +502,20 @@ class MuxConnection:
                 raise _PeerError(ErrorCode.PROTOCOL_ERROR, "invalid ENABLE_PUSH")
             # The rest (header table and list sizes) bind nothing we send: our header
             # blocks are constants that use no dynamic table.
+        delta, self._peer_initial_window = initial - self._peer_initial_window, initial
+        if delta:
+            # Once per frame, not per entry: a frame of 20000 entries would otherwise walk
+            # every stream 20000 times.
+            for stream in self._streams.values():
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    raise _PeerError(ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow")
         self._out += _header(0, SETTINGS, ACK, 0)
         if not self.peer_settled:
             self.peer_settled = True
             out.append(PeerSettled())
-        out.append(WindowOpened(0))
+        if delta > 0 and self._streams:
+            out.append(WindowOpened(0))  # streams that waited for their window may send
 
     def _remote_ended(self, stream_id: int, stream: _Stream, out: list[MuxEvent]) -> None:
         stream.remote_open = False
@@ -603,8 +630,8 @@ class MuxConnection:
     def capacity(self) -> int:
         """Client: how many more streams the peer and our limit allow now (0 until the
         peer's SETTINGS said what its limit is)."""
-        if not self.peer_settled or self.ended is not None:
-            return 0
+        if not self.peer_settled or self.ended is not None or self._next_id > MAX_WINDOW:
+            return 0  # (stream ids are 31 bits: a tunnel that used them all takes no more)
         limit = min(self.max_streams, self._peer_max_streams)
         return max(0, limit - self._open_outbound)
 

@@ -92,6 +92,11 @@ class MuxStream:
 
     def _deliver(self, data: bytes, flow: int) -> None:
         self.tunnel.bytes_moved += len(data)
+        if self.refused is not None:
+            # A refusal's body (a peer that did not end the stream with its 403 or 502):
+            # not tunnel data, never the application's. Dropped, and credited back.
+            self._held += flow
+            return
         if self._sink is None:
             self._inbound.append((data, flow))
         else:
@@ -123,6 +128,7 @@ class MuxStream:
         assert sink is not None
         if sink.is_closing():
             self._conclude("error: ConnectionResetError: Connection lost")
+            self._held += flow  # dropped: returned to the tunnel when the stream is released
             return
         self._traffic.from_peer += len(data)
         self._traffic.last_activity = time.monotonic()
@@ -167,6 +173,10 @@ class MuxStream:
         view: bytes | bytearray | memoryview = data
         while view:
             self._check()
+            # Cleared before the window is looked at, not after the flush: a WINDOW_UPDATE
+            # read while the flush waits for the transport must not be lost (the peer sends
+            # no second one, and the tunnel window's updates wake only streams it stopped).
+            self._window.clear()
             try:
                 sent = self.tunnel.conn.send(self.stream_id, view)
             except MuxError as exc:
@@ -176,7 +186,6 @@ class MuxStream:
             if sent or self.request_queued:
                 await self._flush()
             if view:
-                self._window.clear()
                 await self._window.wait()
 
     async def send_fin(self) -> None:
@@ -237,6 +246,14 @@ class MuxStream:
     def _release(self) -> None:
         if not self.done:
             self.done = True
+            # Bytes never passed on (buffered before the pump attached, held for a backed-up
+            # or closed plaintext side) go back to the tunnel's window: from here on nothing
+            # will acknowledge them, and a tunnel window's worth of refused or reset streams
+            # would otherwise leave the tunnel shut for every stream.
+            flow, self._held = self._held + sum(size for _, size in self._inbound), 0
+            self._inbound.clear()
+            if self.tunnel.conn.consumed(self.stream_id, flow):
+                self.tunnel.flush_soon()
             self._settle()
             self.tunnel.stream_done(self)
 

@@ -26,7 +26,6 @@ from qkdproxy.core.mux import (
     StreamFinished,
     StreamOpened,
     TunnelEnded,
-    WindowOpened,
 )
 
 DATA, HEADERS, PRIORITY, RST, SETTINGS, PUSH, PING, GOAWAY, WINDOW, CONTINUATION = range(10)
@@ -43,7 +42,7 @@ def server(max_streams: int = 4) -> MuxConnection:
     """A server tunnel that heard a client's preface and (empty) SETTINGS."""
     conn = MuxConnection(client=False, max_streams=max_streams)
     conn.start()
-    assert conn.receive(PREFACE + frame(SETTINGS, 0, 0)) == [PeerSettled(), WindowOpened(0)]
+    assert conn.receive(PREFACE + frame(SETTINGS, 0, 0)) == [PeerSettled()]
     conn.data_to_send()
     return conn
 
@@ -209,10 +208,7 @@ def test_frames_split_anywhere_give_the_same_events() -> None:
     early = MuxConnection(client=False, max_streams=4)
     early.start()
     preface = PREFACE + frame(SETTINGS, 0, 0)
-    assert [e for b in preface for e in early.receive(bytes((b,)))] == [
-        PeerSettled(),
-        WindowOpened(0),
-    ]
+    assert [e for b in preface for e in early.receive(bytes((b,)))] == [PeerSettled()]
 
 
 def test_an_h2_client_with_dynamic_table_headers_opens_streams() -> None:
