@@ -34,6 +34,7 @@ from qkdproxy.core.mux import (
 )
 from qkdproxy.daemon import gate
 from qkdproxy.daemon.pump import READ_SIZE, FreshKeyBudget, RekeyBudget, Traffic, refresh_keys
+from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError, close_transport
 
 log = logging.getLogger("qkdproxy.mux")
@@ -199,12 +200,19 @@ class MuxStream:
         self._settle()
         await self._flush()
 
-    async def _outbound(self, reader: asyncio.StreamReader) -> None:
+    async def _outbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         traffic = self._traffic
-        while data := await reader.read(READ_SIZE):
+        # The plaintext socket is read in place, as the per-connection pump does: send
+        # copies each batch into the tunnel's output before it returns, and only then is
+        # the reader's buffer reused.
+        source = SocketReader.attach(reader, writer, READ_SIZE)
+        while data := await source.peek():
             traffic.to_peer += len(data)
             traffic.last_activity = time.monotonic()
-            await self.send(data)
+            try:
+                await self.send(data)
+            finally:
+                source.consume(len(data))
         await self.send_fin()
 
     def _outbound_done(self, task: asyncio.Task[None]) -> None:
@@ -284,7 +292,7 @@ async def pump_stream(
         stream._fail(stream.error)
     elif stream.peer_finished:
         stream._write_eof()
-    outbound = asyncio.ensure_future(stream._outbound(reader))
+    outbound = asyncio.ensure_future(stream._outbound(reader, writer))
     outbound.add_done_callback(stream._outbound_done)
     timer: asyncio.TimerHandle | None = None
 
