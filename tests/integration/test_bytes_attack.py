@@ -20,6 +20,7 @@ import uvloop
 from qkdproxy.daemon.pump import Traffic, pump
 from qkdproxy.io.peer_channel import PeerChannel
 from qkdproxy.keys.sources import KeySources
+from tests.integration import test_socket_reader as reader_tests
 from tests.integration.test_eku_attack import stream_pair
 
 SIZE = 3 << 20
@@ -135,3 +136,22 @@ async def _both_directions_through_a_slow_backend() -> None:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_every_byte_survives_a_slow_backend_in_both_directions(loop: str) -> None:
     run(loop, _both_directions_through_a_slow_backend)
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        reader_tests.test_bytes_the_stream_reader_held_come_first_then_the_rest_until_eof,
+        reader_tests.test_a_consumer_that_stops_reading_holds_at_most_its_capacity,
+        reader_tests.test_the_writer_keeps_flow_control_and_closes_normally,
+        reader_tests.test_a_reset_raises_and_a_truncated_tail_is_not_lost,
+        reader_tests.test_a_few_waiting_bytes_hold_a_small_buffer_a_bulk_flow_the_capacity,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
+def test_the_socket_reader_behaves_the_same_on_uvloop(
+    scenario: Callable[[], Awaitable[None]],
+) -> None:
+    # The daemon runs on uvloop when it is installed: its transports switch protocols,
+    # pause and hand out read buffers in their own way.
+    run("uvloop", scenario)
