@@ -12,6 +12,7 @@ import hashlib
 import os
 import random
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -19,6 +20,7 @@ import uvloop
 
 from qkdproxy.daemon.pump import Traffic, pump
 from qkdproxy.io.peer_channel import PeerChannel
+from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.keys.sources import KeySources
 from tests.integration import test_socket_reader as reader_tests
 from tests.integration.test_eku_attack import stream_pair
@@ -155,3 +157,63 @@ def test_the_socket_reader_behaves_the_same_on_uvloop(
     # The daemon runs on uvloop when it is installed: its transports switch protocols,
     # pause and hand out read buffers in their own way.
     run("uvloop", scenario)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition`` holds (bounded by the caller's timeout)."""
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+async def _handover_of_a_paused_reader_that_saw_the_end() -> None:
+    async with reader_tests.connected() as (reader, writer, peer):
+        payload = os.urandom(300_000)
+        peer.write(payload)
+        peer.write_eof()
+        async with asyncio.timeout(10):
+            # More than the stream reader holds before it pauses its transport.
+            await until(lambda: len(reader._buffer) > 2 * reader._limit)  # type: ignore[attr-defined]
+            assert await reader.readexactly(1) == payload[:1]
+            source = SocketReader.attach(reader, writer, reader_tests.CAPACITY)
+            assert await reader_tests.read_all(source, step=50_000) == payload[1:]
+            assert not await source.peek()
+
+
+async def _handover_after_the_end() -> None:
+    async with reader_tests.connected() as (reader, writer, peer):
+        peer.write(b"last words")
+        peer.write_eof()
+        async with asyncio.timeout(10):
+            await until(lambda: reader._eof)  # type: ignore[attr-defined]
+            source = SocketReader.attach(reader, writer, reader_tests.CAPACITY)
+            assert await reader_tests.read_all(source) == b"last words"
+
+
+async def _handover_after_a_reset() -> None:
+    async with reader_tests.connected() as (reader, writer, peer):
+        peer.write(b"cut")
+        await peer.drain()
+        sock = peer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.transport.abort()  # RST
+        async with asyncio.timeout(10):
+            await until(lambda: reader.exception() is not None)
+            source = SocketReader.attach(reader, writer, reader_tests.CAPACITY)
+            with pytest.raises(ConnectionError):
+                await reader_tests.read_all(source)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        _handover_of_a_paused_reader_that_saw_the_end,
+        _handover_after_the_end,
+        _handover_after_a_reset,
+    ],
+    ids=lambda f: f.__name__.removeprefix("_handover_"),
+)
+def test_a_stream_reader_is_taken_over_whatever_it_already_saw(
+    loop: str, scenario: Callable[[], Awaitable[None]]
+) -> None:
+    run(loop, scenario)
