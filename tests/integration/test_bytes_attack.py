@@ -18,12 +18,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
+from qkdproxy.core.tls.records import MAX_PLAINTEXT
 from qkdproxy.daemon.pump import Traffic, pump
 from qkdproxy.io.peer_channel import PeerChannel
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.keys.sources import KeySources
 from tests.integration import test_socket_reader as reader_tests
 from tests.integration.test_eku_attack import stream_pair
+from tests.integration.test_records import read_exactly, read_until_failure
 
 SIZE = 3 << 20
 # What the pump's transport must hold before the slow backend reads at all.
@@ -217,3 +219,24 @@ def test_a_stream_reader_is_taken_over_whatever_it_already_saw(
     loop: str, scenario: Callable[[], Awaitable[None]]
 ) -> None:
     run(loop, scenario)
+
+
+@pytest.mark.parametrize("cut", [0, 3, 5, 6, 1000, -1])
+async def test_a_tcp_fin_inside_or_after_a_batch_is_a_truncation_never_an_end(cut: int) -> None:
+    # Genuine records, then the first ``cut`` bytes of one more (0: none, -1: all but its
+    # last byte), then FIN, in one segment: the genuine bytes come, then a truncation.
+    async with stream_pair() as s:
+        await s.client.write(b"ready")
+        assert await read_exactly(s.server, 5) == b"ready"
+        layer = s.client._layer
+        layer.send_data(b"g" * 3000)
+        layer.send_data(os.urandom(MAX_PLAINTEXT))
+        genuine = bytes(layer.data_to_send())
+        layer.send_data(os.urandom(5000))  # never whole
+        tail = bytes(layer.data_to_send())
+        s.client._driver.writer.write(genuine + tail[:cut])
+        s.client._driver.writer.write_eof()
+        s.client.abort("the test ended the transport")  # no close_notify behind the FIN
+        received, error = await read_until_failure(s.server)
+        assert error.truncated
+        assert len(received) == 3000 + MAX_PLAINTEXT and received.startswith(b"g" * 3000)
