@@ -53,8 +53,7 @@ async def slow_read(
     end's transport, fills up and holds what it was given (its largest backlog goes to
     ``held``)."""
     hashed, total = hashlib.sha256(), 0
-    while writer.get_write_buffer_size() < HELD:  # nothing read yet: the backlog grows
-        await asyncio.sleep(0.001)
+    await until(lambda: writer.get_write_buffer_size() >= HELD)  # the backlog grows
     while chunk := await reader.read(997):
         hashed.update(chunk)
         total += len(chunk)
@@ -163,7 +162,7 @@ def test_the_socket_reader_behaves_the_same_on_uvloop(
 
 async def until(condition: Callable[[], bool]) -> None:
     """Yield to the loop until ``condition`` holds (bounded by the caller's timeout)."""
-    while not condition():
+    while not condition():  # noqa: ASYNC110 - transport and reader state, polled in a test
         await asyncio.sleep(0.001)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -22,7 +22,7 @@ __all__ = ["ca"]  # the module fixture, used here too
 class CuttingLink(Link):
     """A link whose deliveries arrive in pieces cut at random offsets (1 byte up)."""
 
-    cuts: random.Random = random.Random(0)
+    cuts: random.Random = field(default_factory=random.Random)
 
     def deliver(self, name: str) -> bool:
         data = self.layer(name).data_to_send()
