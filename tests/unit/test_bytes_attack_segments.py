@@ -8,7 +8,7 @@ import pytest
 
 from qkdproxy.core.tls import record_layer
 from qkdproxy.core.tls.events import DataReceived, Failed
-from qkdproxy.core.tls.records import MAX_CIPHERTEXT
+from qkdproxy.core.tls.records import MAX_CIPHERTEXT, open_records
 from tests.unit.test_record_layer import data_of, pair
 
 
@@ -17,7 +17,7 @@ def test_a_record_in_small_receives_is_opened_once_it_is_whole(
     monkeypatch: pytest.MonkeyPatch, segment: int
 ) -> None:
     calls = 0
-    real = record_layer.open_records
+    real = open_records
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         nonlocal calls

@@ -140,6 +140,8 @@ def _missing(buffer: bytearray) -> int:
         return 0
     if len(buffer) < HEADER.size:
         return HEADER.size - len(buffer)  # then the rest, once the length is known
+    kind: int
+    length: int
     kind, _version, length = HEADER.unpack_from(buffer)
     if kind != APPLICATION_DATA or not TAG_LENGTH < length <= MAX_CIPHERTEXT:
         return 0
