@@ -36,8 +36,11 @@ from qkdproxy.core.tls.events import (
 )
 from qkdproxy.core.tls.keyexchange import ClientKeyExchange, KeyAnswer, KeySteps
 from qkdproxy.core.tls.records import (
+    APPLICATION_DATA,
     HEADER,
+    MAX_CIPHERTEXT,
     MAX_PLAINTEXT,
+    TAG_LENGTH,
     TrafficKeys,
     hkdf_expand_label,
     open_record,
@@ -130,12 +133,19 @@ class Phase(Enum):
 
 
 def _missing(buffer: bytearray) -> int:
-    """How many bytes the record at the front of ``buffer`` still lacks (0: none there)."""
+    """How many bytes the record at the front of ``buffer`` still lacks: 0 when there is
+    none, when it is whole, or when its header already says it must be refused (it is
+    opened, and refused, at once rather than after the length it claims)."""
     if not buffer:
         return 0
     if len(buffer) < HEADER.size:
         return HEADER.size - len(buffer)  # then the rest, once the length is known
-    return max(0, HEADER.size + int.from_bytes(buffer[3:5], "big") - len(buffer))
+    kind: int
+    length: int
+    kind, _version, length = HEADER.unpack_from(buffer)
+    if kind != APPLICATION_DATA or not TAG_LENGTH < length <= MAX_CIPHERTEXT:
+        return 0
+    return max(0, HEADER.size + length - len(buffer))
 
 
 class RecordLayer:
@@ -189,12 +199,18 @@ class RecordLayer:
         used = 0
         try:
             while self._inbound and self._can_open():
-                del self._inbound[: self._open_from(self._inbound, now, events)]
-                missing = _missing(self._inbound)
-                if not missing or not self._can_open() or used == len(view):
-                    break
-                self._inbound += view[used : used + missing]
-                used = min(len(view), used + missing)
+                # A record is opened only once it is whole: a peer cutting records into
+                # tiny segments must not cost a decryption attempt per segment.
+                if missing := _missing(self._inbound):
+                    if used == len(view):
+                        break
+                    self._inbound += view[used : used + missing]
+                    used = min(len(view), used + missing)
+                    continue
+                opened = self._open_from(self._inbound, now, events)
+                del self._inbound[:opened]
+                if not opened:
+                    break  # nothing could be opened (cannot happen to a whole record)
             if not self._inbound and used < len(view):
                 used += self._open_from(view[used:], now, events)
         except RemoteProtocolError as exc:
