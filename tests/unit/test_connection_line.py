@@ -158,3 +158,38 @@ def test_another_handler_gets_the_same_line(frozen: None, log_format: str) -> No
     handler.setFormatter(logging.Formatter("%(message)s"))
     assert lines(log_format, extra_handler=handler) == lines(log_format)
     assert other.getvalue().count("\n") == 3
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_our_own_handler_alone_gets_the_line_without_a_log_record(
+    frozen: None, log_format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct path: no LogRecord for a connection line when only our handler writes."""
+    made: list[logging.LogRecord] = []
+    make = logging.Logger.makeRecord
+
+    def counting(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(make(self, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", counting)
+    assert lines(log_format).count("\n") == 3
+    assert made == []
+
+
+def test_a_failing_stream_does_not_break_the_connection(
+    frozen: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write error is logging's to report (handleError), never the connection's."""
+
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError("disk full")
+
+    errors: list[str] = []
+    monkeypatch.setattr(
+        logging.Handler, "handleError", lambda self, record: errors.append(record.getMessage())
+    )
+    configure_logging("info", "json", Broken())
+    make_tunnel()._finish(stream_record(), MONOTONIC)
+    assert len(errors) == 1 and '"conn_id":42' in errors[0]
