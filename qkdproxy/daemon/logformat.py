@@ -15,6 +15,7 @@ the same bytes the logging path writes; any other set-up goes through logging.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -74,8 +75,8 @@ class JsonFormatter(logging.Formatter):
         """A record event's line without a LogRecord: what :meth:`format` writes for
         ``record_event(name, ...)``, given the compact JSON of ``fields`` (an object with
         no reserved or ``event`` key); the head is the same dict :meth:`format` builds."""
-        head = compact_json({"ts": ts, "level": level, "logger": logger, "event": name})
-        return head[:-1] + "," + fields[1:] if len(fields) > 2 else head
+        head = '{"ts":' + compact_json(ts) + _json_head_tail(level, logger, name)
+        return head + "," + fields[1:] if len(fields) > 2 else head + "}"
 
     def format(self, record: logging.LogRecord) -> str:
         """The whole line, exceptions included (a traceback becomes one string field)."""
@@ -97,16 +98,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=64)
+def _json_head_tail(level: str, logger: str, name: str) -> str:
+    """``,"level":..,"logger":..,"event":..`` of a record line, the same for every line
+    of one logger, level and event (a few per daemon)."""
+    return "," + compact_json({"level": level, "logger": logger, "event": name})[1:-1]
+
+
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: generic
     """The handler :func:`configure_logging` installs: a stream handler (flushed after every
-    line) whose records events may skip the logging machinery (:func:`log_record_event`)."""
+    line) whose record events may skip the logging machinery (:func:`log_record_event`)."""
 
     def write_line(self, line: str) -> None:
         """Write one line and flush it, as :meth:`emit` does (a crash loses no line)."""
         with self.lock or _NO_LOCK:
             try:
-                self.stream.write(line + self.terminator)
-                self.flush()
+                stream = self.stream
+                stream.write(line + self.terminator)
+                stream.flush()  # what flush() does, already under the lock
             except RecursionError:
                 raise
             except Exception:  # logging never breaks the caller (emit's rule)

@@ -17,8 +17,15 @@ from typing import Any, cast
 import pytest
 
 from qkdproxy.core import logsafe
+from qkdproxy.core.logsafe import JsonLine, compact_json
 from qkdproxy.daemon.config import TunnelConfig
-from qkdproxy.daemon.logformat import configure_logging
+from qkdproxy.daemon.logformat import (
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    record_event,
+    utc_timestamp,
+)
 from qkdproxy.daemon.tunnel import ConnectionRecord, Tunnel
 
 NOW = 1796185633.7134567  # 2026-12-02T04:27:13.713Z
@@ -193,3 +200,21 @@ def test_a_failing_stream_does_not_break_the_connection(
     configure_logging("info", "json", Broken())
     make_tunnel()._finish(stream_record(), MONOTONIC)
     assert len(errors) == 1 and '"conn_id":42' in errors[0]
+
+
+@pytest.mark.parametrize(
+    "fields", [{}, {"a": 1}, {"x": HOSTILE, "n": None, "l": ["\u00e9"], "f": 0.1}]
+)
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()])
+def test_record_line_is_what_the_formatter_writes(
+    fields: dict[str, object], formatter: JsonFormatter | TextFormatter
+) -> None:
+    """The direct rendering equals the formatter's for any record event, empty included."""
+    record = logging.makeLogRecord(
+        {"name": "qkdproxy.x", "levelno": logging.INFO, "levelname": "INFO", "created": NOW,
+         "msg": JsonLine(fields), **record_event("ev", fields)}
+    )  # fmt: skip
+    direct = formatter.record_line(
+        utc_timestamp(NOW), "INFO", "qkdproxy.x", "ev", compact_json(fields)
+    )
+    assert direct == formatter.format(record)
