@@ -162,7 +162,7 @@ class MuxStream:
 
     # The outbound direction.
 
-    async def send(self, data: bytes | bytearray) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send application bytes, waiting for window as the peer consumes."""
         view: bytes | bytearray | memoryview = data
         while view:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import FreshKeyStats, TlsStream, TlsStreamError
 
 READ_SIZE = 128 * 1024
@@ -21,11 +22,12 @@ READ_SIZE = 128 * 1024
 class Channel(Protocol):
     """The tunnel side: a ``qkdproxy/1`` PeerChannel, or raw TLS for other stacks."""
 
-    async def send(self, data: bytes | bytearray) -> None: ...
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``: it may be a view into a buffer that is reused once this returns."""
 
     async def send_fin(self) -> None: ...
 
-    async def receive(self) -> bytes | bytearray: ...
+    async def receive(self) -> bytes | bytearray | memoryview: ...
 
     async def update_keys(self) -> None: ...
 
@@ -38,7 +40,7 @@ class RawTlsChannel:
     def __init__(self, stream: TlsStream) -> None:
         self.stream = stream
 
-    async def send(self, data: bytes | bytearray) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Write application bytes."""
         await self.stream.write(data)
 
@@ -133,13 +135,20 @@ async def pump(
 
     # A read never carries more than the rekey budget: keys protect at most that much.
     read_size = min(READ_SIZE, budget.max_bytes or READ_SIZE)
+    # The plaintext socket is read in place (no StreamReader copies); the channel seals or
+    # frames each batch before send returns, and only then is the buffer reused.
+    source = SocketReader.attach(reader, writer, READ_SIZE)
 
     async def outbound() -> None:
-        while data := await reader.read(read_size):
+        while received := await source.peek():
+            data = received[:read_size]
+            try:
+                await channel.send(data)
+            finally:
+                source.consume(len(data))
             traffic.to_peer += len(data)
             traffic.bytes_since_rekey += len(data)
             traffic.last_activity = now = time.monotonic()
-            await channel.send(data)
             if traffic.rekey_due(budget, now):
                 await channel.update_keys()
                 traffic.key_updates += 1

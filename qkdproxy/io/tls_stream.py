@@ -47,6 +47,7 @@ from qkdproxy.core.tls.record_layer import RecordLayer
 from qkdproxy.core.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert
+from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.key_supply import close_later, supply
 
@@ -76,6 +77,12 @@ IDENTITY_ALERTS = frozenset(
 )
 
 READ_CHUNK = 64 * 1024
+# An established stream reads its socket into a buffer of this size: the records of one
+# receive are opened in one batch (RecordLayer.receive copies only an incomplete tail).
+RECEIVE_BUFFER = 128 * 1024
+# What a read returns at most by default: all one receive opened (its records and the one
+# a previous receive left incomplete), handed over without a copy.
+READ_MAX = 2 * RECEIVE_BUFFER
 CLOSE_TIMEOUT = 5.0
 
 
@@ -175,6 +182,7 @@ class TlsStream:
     """
 
     _driver: Transport = field(repr=False)
+    _socket: SocketReader = field(repr=False)
     _layer: RecordLayer = field(repr=False)
     record: HandshakeRecord
     peer: PeerIdentity
@@ -194,7 +202,7 @@ class TlsStream:
     _keys: KeyContext | None = field(default=None, repr=False)
     fresh_keys_at: float = field(default_factory=time.monotonic)
 
-    async def read(self, max_bytes: int = READ_CHUNK) -> bytes | bytearray:
+    async def read(self, max_bytes: int = READ_MAX) -> bytes | bytearray:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
 
         A fatal alert, a protocol violation or a transport closed without close_notify
@@ -210,18 +218,20 @@ class TlsStream:
     async def _read(self, max_bytes: int) -> bytes | bytearray:
         if self._backlog:
             events, self._backlog = self._backlog, []
-            await self._handle(events)
+            await self._handle(events, deliver=True)
         while not self._plaintext and not self._peer_closed:
             if self.failure is not None:
                 # Another task (a write, a fresh-key update) failed the stream: the record
                 # layer takes nothing more, so say so rather than read on.
                 raise self.failure
             try:
-                data = await self._driver.reader.read(READ_CHUNK)
+                data = await self._socket.peek()
             except ConnectionError as exc:
                 raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
             try:
                 if data:
+                    # The record layer opens the records in place and keeps a copy of an
+                    # incomplete tail: the socket's buffer is free again right after.
                     events = self._layer.receive(data, time.monotonic())
                 else:
                     events = self._layer.receive_eof()
@@ -230,7 +240,9 @@ class TlsStream:
                 log.error("internal error in the record layer", exc_info=exc)
                 reason = f"internal error ({type(exc).__name__})"
                 events = [self._layer.fail(Alert.INTERNAL_ERROR, reason)]
-            await self._handle(events)
+            finally:
+                self._socket.consume(len(data))
+            await self._handle(events, deliver=True)
         if len(self._plaintext) <= max_bytes:
             # Everything opened so far, handed over as it is: no copy.
             plaintext, self._plaintext = self._plaintext, bytearray()
@@ -239,12 +251,14 @@ class TlsStream:
         del self._plaintext[:max_bytes]
         return plaintext
 
-    async def _handle(self, events: list[RecordEvent]) -> None:
+    async def _handle(self, events: list[RecordEvent], *, deliver: bool = False) -> None:
         """Apply what the record layer reported; raise if the stream ended badly.
 
         An Extended Key Update's key request is answered here, like a handshake's: the
         inbound side waits for it (records after a key_update_response may need the new
-        keys), the outbound side goes on writing.
+        keys), the outbound side goes on writing. With ``deliver`` (a read), authenticated
+        data that came before the end of a broken stream is returned first and the next
+        read raises: how much of a batch a receive holds must not decide what is delivered.
         """
         self._transmit()
         pending = list(events)
@@ -261,10 +275,15 @@ class TlsStream:
                     self._plaintext += event.data
             elif isinstance(event, PeerClosed):
                 self._peer_closed = True
-            elif isinstance(event, Truncated):
-                raise await self._fail(TlsStreamError(event.reason, truncated=True))
-            elif isinstance(event, Failed):
-                raise await self._fail(TlsStreamError(event.reason, event.alert, event.side))
+            elif isinstance(event, Truncated | Failed):
+                if isinstance(event, Truncated):
+                    error = TlsStreamError(event.reason, truncated=True)
+                else:
+                    error = TlsStreamError(event.reason, event.alert, event.side)
+                failure = await self._fail(error)
+                if deliver and self._plaintext:
+                    return  # the stream is failed: the next read raises it
+                raise failure
 
     async def _answer_update(self, event: UpdateKeyNeeded) -> list[RecordEvent]:
         assert self._keys is not None
@@ -357,9 +376,12 @@ class TlsStream:
                 raise TlsStreamError("transport already closed")
             writer.write(out)
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke."""
-        await self._send(lambda: self._layer.send_data(data))
+    async def write(
+        self, data: bytes | bytearray | memoryview, *, frame_type: int | None = None
+    ) -> None:
+        """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke.
+        With ``frame_type`` each record carries one ``qkdproxy/1`` frame of ``data``."""
+        await self._send(lambda: self._layer.send_data(data, frame_type))
 
     async def update_keys(self, request_peer: bool = False) -> None:
         """TLS 1.3 KeyUpdate of our sending keys (long-lived flows).
@@ -474,6 +496,7 @@ class TlsEndpoint:
         assert conn.records is not None
         stream = TlsStream(
             transport,
+            SocketReader.attach(transport.reader, transport.writer, RECEIVE_BUFFER),
             conn.records,
             complete.record,
             complete.peer,

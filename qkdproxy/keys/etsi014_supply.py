@@ -29,8 +29,9 @@ MAX_COALESCED_IDS = 64
 # call, and the peer's dec_keys for the announced ids, carries several keys: a KME round
 # trip costs both daemons about as much CPU as a sixth of a handshake (docs/PERFORMANCE.md).
 # The batch is at most REFILL_BATCH and half the target (two keys for targets of 2 to 5,
-# the whole target below that): the supply never runs below half of what the sizer asks,
-# which covers three times the keys taken during a refill's round trip (margin 6).
+# the whole target below that): from a target of 4 up the supply never runs below half of
+# what the sizer asks, which covers three times the keys taken during a refill's round trip
+# (margin 6).
 REFILL_BATCH = 8
 MIN_REFILL_BATCH = 2
 

@@ -68,8 +68,8 @@ class _EchoServer:
                 while data := await stream.read():
                     await stream.write(data)
             else:
-                while data := await channel.receive():
-                    await channel.send(data)
+                while payload := await channel.receive():
+                    await channel.send(payload)
                 await channel.close()  # FIN, then close_notify: a clean end for the client
         except TlsStreamError as exc:
             self.failures.append(exc)

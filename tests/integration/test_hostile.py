@@ -697,6 +697,27 @@ async def test_duplicate_extension_is_refused_without_a_key() -> None:
         assert t.pair.server_keys.ledger.taken == 0
 
 
+@pytest.mark.parametrize("ext_type", [EXT_KEY_SHARE, EXT_SUPPORTED_VERSIONS])
+async def test_a_duplicated_extension_tlslite_looks_up_is_an_illegal_parameter(
+    ext_type: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tlslite raises TLSInternalError when it looks up an extension the client sent twice:
+    an unauthenticated client would get internal_error and the server log a traceback."""
+    async with target() as t:
+        hello = await capture(t.pair)
+        prefix, extensions = split_client_hello(first_message(hello)[4:])
+        [data] = [d for typ, d in extensions if typ == ext_type]
+        doubled = join_client_hello(prefix, [*extensions, (ext_type, data)])
+        answer = await attack(
+            t.port, records(handshake_message(HandshakeType.CLIENT_HELLO, doubled))
+        )
+        exc = await server_error(t)
+        assert answer == plaintext_alert(Alert.ILLEGAL_PARAMETER)
+        assert exc.alert == Alert.ILLEGAL_PARAMETER
+        assert "internal error" not in caplog.text
+        assert t.pair.server_keys.ledger.taken == 0
+
+
 async def test_server_sends_the_alert_tlslite_raised() -> None:
     """A framed but malformed hello: tlslite's own decode_error must reach the peer."""
     async with target() as t:

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qkdproxy.core.peer.frames import FrameDecoder, FrameType, encode_data
 from qkdproxy.core.tls.keyexchange import QkdOptions
 from qkdproxy.core.tls.records import (
     HEADER,
@@ -25,6 +26,7 @@ from qkdproxy.core.tls.wire import Alert
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
 from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
+from tests.integration.test_eku_attack import stream_pair
 
 KEY = bytes(range(32))
 IV = int.from_bytes(bytes(range(100, 112)), "big")
@@ -43,6 +45,28 @@ def inner_record(k: TrafficKeys, inner: bytes, kind: int = 0x17, version: int = 
     """A record with an arbitrary TLSInnerPlaintext, sealed like a peer would."""
     header = HEADER.pack(kind, version, len(inner) + 16)
     return header + k.aead.encrypt(k.nonce(), inner, header)
+
+
+@given(st.binary(max_size=3 * MAX_PLAINTEXT + 7), st.integers(64, MAX_PLAINTEXT))
+def test_framed_sealing_is_the_per_frame_encoder_sealed_one_frame_per_record(
+    payload: bytes, limit: int
+) -> None:
+    # qkdproxy/1 DATA frames framed while sealing: at the default record size the very
+    # bytes of encode_data then seal; under a smaller record_size_limit still one whole
+    # frame per record, and the frames decode to the payload.
+    framed = seal(keys(), payload, frame_type=FrameType.DATA)
+    assert framed == seal(keys(), encode_data(payload))
+    wire = seal(keys(), payload, limit, frame_type=FrameType.DATA)
+    receiver, decoder, pos, frames = keys(), FrameDecoder(), 0, []
+    while pos < len(wire):
+        length = HEADER.unpack_from(wire, pos)[2]
+        assert length - 17 <= limit
+        record = open_records(receiver, wire[pos : pos + HEADER.size + length])
+        frames += decoder.feed(record.data)
+        assert decoder.pending == 0  # the record held whole frames only
+        pos += HEADER.size + length
+    assert all(f.type is FrameType.DATA and f.payload for f in frames)
+    assert b"".join(f.payload for f in frames) == payload
 
 
 @given(st.binary(max_size=3 * MAX_PLAINTEXT + 7), st.booleans())
@@ -325,7 +349,7 @@ def _forged_tail(stream: TlsStream, how: str) -> bytes:
     wire = bytes(layer.data_to_send())
     if how == "close-after-update":
         layer.update_keys()
-        return bytes(layer.data_to_send()) + b"\x15\x03\x03\x00\x02\x01\x00"
+        return wire + bytes(layer.data_to_send()) + b"\x15\x03\x03\x00\x02\x01\x00"
     if how == "bad-tag-then-good":
         layer.send_data(b"forged")
         bad = bytearray(layer.data_to_send())
@@ -349,6 +373,21 @@ async def test_a_forged_end_in_the_middle_of_a_batch_never_reads_as_a_clean_end(
         assert error.alert in (Alert.UNEXPECTED_MESSAGE, Alert.BAD_RECORD_MAC)
         assert b"good after" not in received and b"forged" not in received
     assert any(isinstance(f, TlsStreamError) and f.alert == error.alert for f in failures)
+
+
+async def test_genuine_data_in_the_batch_before_a_forged_record_is_delivered_then_it_fails() -> (
+    None
+):
+    # The reader gets data, a KeyUpdate, a 16 KiB record and a forged close_notify in one
+    # receive: it delivers the authenticated bytes before the forgery, then fails (how much
+    # one receive holds must not decide what is delivered), never a clean end.
+    async with stream_pair() as s:
+        await s.client.write(b"ready")
+        assert await read_exactly(s.server, 5) == b"ready"
+        s.client._driver.writer.write(_forged_tail(s.client, "close-after-update"))
+        received, error = await read_until_failure(s.server)
+        assert error.alert == Alert.UNEXPECTED_MESSAGE
+        assert len(received) == 3000 + MAX_PLAINTEXT and received.startswith(b"g" * 3000)
 
 
 async def read_until_failure(stream: TlsStream) -> tuple[bytes, TlsStreamError]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -33,7 +33,7 @@ from qkdproxy.keys.preauth import (
     SpendGate,
 )
 from qkdproxy.keys.responder import HELLO_SOURCE
-from qkdproxy.keys.sources import KeySources, RefusalStreak
+from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH, KeySources, RefusalStreak
 from qkdproxy.keys.supply import SupplySettings, SupplySizer
 from tests.integration.test_peer_channel import FakeKme
 from tests.unit.test_keyexchange import MLKEM768, client_hello
@@ -447,3 +447,66 @@ def test_metrics_expose_the_account_refusals_and_fallback_reasons() -> None:
         'qkdproxy_policy_fallback_reasons_total{reason="kme_exhausted",role="client",tunnel="t"} 2.0'
         in text
     )
+
+
+@dataclass
+class SlowKme(FakeKme):
+    """FakeKme whose enc_keys takes a few event-loop turns and ``round_trip_s`` on the
+    clock, so that takes, on-demand fetches and refills interleave as they do against a
+    remote KME (and the sizer sees a round trip, so the target follows the demand)."""
+
+    clock: Clock = field(default_factory=Clock)
+    round_trip_s: float = 0.25
+
+    async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.clock.now += self.round_trip_s
+        return await super().enc_keys(slave_sae, number, size)
+
+
+async def test_bursts_keep_the_account_balanced_and_hold_at_most_the_target() -> None:
+    # Concurrent bursts (as an unauthenticated flood of zero-id hellos would cause, up to
+    # the source budget) with refills in batches, keys ageing out, a flush and a stop: every
+    # key the KME handed out is taken once or ends in one fate, and the supply never holds
+    # more than the sizer's highest target, so the waste at a flush or a stop is bounded.
+    clock, account = Clock(), KeyAccount()
+    kme = SlowKme(max_key_per_request=5, clock=clock)
+    supply = SupplySettings(floor=4, ceiling=24, max_age_s=30.0, window_s=10.0)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock, account=account)
+    master.ensure_refill()
+    await master.wait_refilled()
+    taken: list[bytes] = []
+    highest_target, deepest = master.target, master.depth
+
+    def check() -> None:
+        nonlocal highest_target, deepest
+        highest_target, deepest = max(highest_target, master.target), max(deepest, master.depth)
+        assert account.drawn == len(kme.handed_out)
+        assert account.held == len(taken) + master.depth
+        assert len(set(taken)) == len(taken)
+
+    # (seconds since the last burst, connections): quiet gaps longer than max_age_s too.
+    for step, (gap, burst) in enumerate(
+        [(0, 40), (2, 30), (3, 3), (1, 25), (40, 0), (5, 12), (1, 1)]
+    ):
+        clock.now += gap
+        taken += [
+            k.key_id for k in await asyncio.gather(*(master.take_key() for _ in range(burst)))
+        ]
+        check()
+        await master.wait_refilled()
+        check()
+        if step == 3:
+            for _ in range(REFUSALS_BEFORE_FLUSH):
+                master.flush_after_refusal()
+            await master.wait_refilled()
+            check()
+    assert deepest <= highest_target <= supply.ceiling
+    assert master.counters.flushed <= highest_target
+    before_stop = master.depth
+    await master.aclose()
+    assert account.fates["stranded"] == master.counters.stranded == before_stop <= highest_target
+    assert account.held == len(taken)
+    wasted = sum(account.fates.values())
+    assert wasted == master.counters.expired + master.counters.flushed + before_stop

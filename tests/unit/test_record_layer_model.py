@@ -130,7 +130,8 @@ def run(
         chunk: bytes | bytearray = wire[start:end]
         if as_bytearray[i % len(as_bytearray)]:
             chunk = bytearray(chunk)
-        got = layer.receive(chunk, float(i))
+        # Every other reused buffer goes in as a view of it, as the socket reader's does.
+        got = layer.receive(memoryview(chunk) if i % 2 else chunk, float(i))
         if isinstance(chunk, bytearray):
             chunk[:] = b"\xaa" * len(chunk)  # the transport reuses its buffer
         for event in got:
@@ -207,3 +208,34 @@ def test_every_single_and_double_cut(sequence: list[tuple[object, ...]]) -> None
     for first in range(0, size + 1, 7):
         for second in range(first, size + 1, 5):
             check(peer, [first, second], [False, True])
+
+
+@pytest.mark.parametrize(
+    ("header", "alert"),
+    [
+        (HEADER.pack(0x17, 0x0303, 0xFFFF), Alert.RECORD_OVERFLOW),
+        (HEADER.pack(0x17, 0x0303, 16), Alert.BAD_RECORD_MAC),
+        (HEADER.pack(0x15, 0x0303, 2), Alert.UNEXPECTED_MESSAGE),
+        (HEADER.pack(0x16, 0x0303, 0xFFFF), Alert.UNEXPECTED_MESSAGE),
+    ],
+    ids=["oversized", "shorter-than-tag", "plaintext-alert", "plaintext-handshake"],
+)
+def test_a_hostile_header_cut_behind_a_genuine_tail_is_refused_at_once(
+    header: bytes, alert: int
+) -> None:
+    # A genuine record cut in two, then a hostile header cut in two: each receive copies
+    # only what completes the pending record, and the header is refused as soon as it is
+    # whole, without waiting for (or buffering) the body it announces.
+    peer = Peer()
+    peer.add(("data", b"r" * 1000, 0))
+    wire = bytes(peer.wire)
+    layer = RecordLayer(
+        Direction(peer.suite, SECRET), Direction(peer.suite, bytes(48)), is_client=True
+    )
+    assert layer.receive(memoryview(wire[:700]), 0.0) == []
+    got = layer.receive(memoryview(wire[700:] + header[:3]), 1.0)
+    assert [bytes(e.data) for e in got if isinstance(e, DataReceived)] == [b"r" * 1000]
+    assert not any(isinstance(e, Failed) for e in got)
+    failed = layer.receive(header[3:], 2.0)
+    assert [(e.alert, e.side) for e in failed if isinstance(e, Failed)] == [(alert, Side.LOCAL)]
+    assert layer.phase is Phase.FAILED

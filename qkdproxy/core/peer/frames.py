@@ -50,11 +50,13 @@ class Frame:
     """One decoded frame."""
 
     type: FrameType
-    payload: bytes
+    # DATA: a view of the bytes fed to the decoder (no copy); every other type: bytes.
+    payload: bytes | memoryview
 
     def key_ids(self) -> list[bytes]:
         """The ids of a KEY_IDS frame."""
-        return [self.payload[i : i + KEY_ID_SIZE] for i in range(0, len(self.payload), KEY_ID_SIZE)]
+        ids = bytes(self.payload)
+        return [ids[i : i + KEY_ID_SIZE] for i in range(0, len(ids), KEY_ID_SIZE)]
 
 
 def encode(frame_type: FrameType, payload: bytes = b"") -> bytes:
@@ -111,7 +113,9 @@ class FrameDecoder:
         """Add bytes; return the frames completed by them.
 
         Frames are cut straight out of ``data`` when no partial frame waits (the usual
-        case): each payload is copied once, and only an incomplete tail is kept.
+        case), and only an incomplete tail is kept. DATA payloads are views of ``data`` (or
+        of the decoder's own buffer, which it never changes afterwards): ``data`` must not
+        change while they are in use.
         """
         if self._buffer:
             self._buffer += data
@@ -127,13 +131,12 @@ class FrameDecoder:
                 end = pos + HEADER_SIZE + length
                 if end > size:
                     break
-                payload = bytes(view[pos + HEADER_SIZE : end])
                 type_byte = view[pos]
                 # DATA is nearly every frame: skip the checks only other types need.
                 if type_byte == FrameType.DATA:
-                    frames.append(Frame(FrameType.DATA, payload))
+                    frames.append(Frame(FrameType.DATA, view[pos + HEADER_SIZE : end]))
                 else:
-                    frames.append(_frame(type_byte, payload))
+                    frames.append(_frame(type_byte, bytes(view[pos + HEADER_SIZE : end])))
                 pos = end
             self._buffer += view[pos:]
         finally:

@@ -26,7 +26,12 @@ from qkdproxy.core.errors import LocalProtocolError, QkdproxyError
 from qkdproxy.core.hybrid import HybridKem
 from qkdproxy.core.tls.eku_state import FreshKeyUpdates, UpdatePolicy
 from qkdproxy.core.tls.events import Failed, RecordEvent, Side
-from qkdproxy.core.tls.hello import HelloParseError, parse_client_hello, parse_server_hello
+from qkdproxy.core.tls.hello import (
+    DuplicateExtensionError,
+    HelloParseError,
+    parse_client_hello,
+    parse_server_hello,
+)
 from qkdproxy.core.tls.identity import PeerIdentity
 from qkdproxy.core.tls.keyexchange import (
     ClientKeyExchange,
@@ -460,6 +465,12 @@ class TlsConnection:
         self._first_hello_seen = True
         try:
             client_hello = parse_client_hello(hello.body)
+        except DuplicateExtensionError as exc:
+            # tlslite would raise TLSInternalError on looking one of them up: an internal
+            # error, logged as our bug, on any client's say-so.
+            raise HandshakeRejectedError(
+                Alert.ILLEGAL_PARAMETER, f"malformed ClientHello: {exc}"
+            ) from None
         except HelloParseError:
             self._sock.inbound += hello.records  # tlslite answers it with the right alert
             return

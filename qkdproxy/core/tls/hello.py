@@ -22,6 +22,10 @@ class HelloParseError(ValueError):
     """The hello message is malformed."""
 
 
+class DuplicateExtensionError(HelloParseError):
+    """An extension block names one extension twice (RFC 8446 4.2: illegal_parameter)."""
+
+
 class _Reader:
     # Lengths and code points are read straight from the view (no copy, one call each):
     # a ClientHello has some 80 of them, on every connection's critical path.
@@ -105,7 +109,7 @@ def _extensions(reader: _Reader) -> dict[int, bytes]:
         ext_type = block.u16()
         data = block.vector(2)
         if ext_type in found:
-            raise HelloParseError(f"duplicate extension {ext_type}")
+            raise DuplicateExtensionError(f"duplicate extension {ext_type}")
         found[ext_type] = data
     return found
 

@@ -36,6 +36,7 @@ from qkdproxy.core.tls.events import (
 )
 from qkdproxy.core.tls.keyexchange import ClientKeyExchange, KeyAnswer, KeySteps
 from qkdproxy.core.tls.records import (
+    HEADER,
     MAX_PLAINTEXT,
     TrafficKeys,
     hkdf_expand_label,
@@ -128,6 +129,15 @@ class Phase(Enum):
     FAILED = "failed"  # a fatal alert either way
 
 
+def _missing(buffer: bytearray) -> int:
+    """How many bytes the record at the front of ``buffer`` still lacks (0: none there)."""
+    if not buffer:
+        return 0
+    if len(buffer) < HEADER.size:
+        return HEADER.size - len(buffer)  # then the rest, once the length is known
+    return max(0, HEADER.size + int.from_bytes(buffer[3:5], "big") - len(buffer))
+
+
 class RecordLayer:
     """The protected record stream of an established TLS 1.3 connection (sans I/O).
 
@@ -165,25 +175,60 @@ class RecordLayer:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive(self, data: bytes | bytearray, now: float) -> list[RecordEvent]:
-        """Take bytes from the transport; returns what they meant, in order."""
+    def receive(self, data: bytes | bytearray | memoryview, now: float) -> list[RecordEvent]:
+        """Take bytes from the transport; returns what they meant, in order. Nothing keeps
+        a reference to ``data``: the caller may reuse its buffer right after."""
         if self.phase is not Phase.OPEN:
             return []  # bytes after the end are nobody's business
-        # Records are opened straight from the transport's bytes when nothing waits from
-        # before (the usual case); only an incomplete tail is kept.
-        buffer: bytes | bytearray = data
-        if self._inbound:
-            self._inbound += data
-            buffer = self._inbound
         events: list[RecordEvent] = []
         self._answer_due = False
-        # One cursor and one deletion per batch: deleting record by record from the front
-        # of a large buffer would cost a copy of the rest each time.
+        # Records are opened straight from the transport's bytes: of a record left
+        # incomplete by the last receive only the missing bytes are copied over, and only
+        # an incomplete tail (or what waits behind an Extended Key Update) is kept.
+        view = memoryview(data)
+        used = 0
+        try:
+            while self._inbound and self._can_open():
+                del self._inbound[: self._open_from(self._inbound, now, events)]
+                missing = _missing(self._inbound)
+                if not missing or not self._can_open() or used == len(view):
+                    break
+                self._inbound += view[used : used + missing]
+                used = min(len(view), used + missing)
+            if not self._inbound and used < len(view):
+                used += self._open_from(view[used:], now, events)
+        except RemoteProtocolError as exc:
+            events.append(self._refuse(exc))
+        except ProtocolError as exc:  # an update's key step failed (KME, key id)
+            events.append(self.fail(Alert(exc.alert), exc.reason))
+        finally:
+            if self.phase is Phase.OPEN:
+                self._inbound += view[used:]
+            view.release()
+        if self._answer_due and self.phase is Phase.OPEN:
+            self._send_key_update(requested=False)
+            self.key_updates_answered += 1
+            events.append(KeysUpdated("write"))
+        return events
+
+    def _can_open(self) -> bool:
+        return self.phase is Phase.OPEN and not self.update_waiting
+
+    def _open_from(
+        self, buffer: bytes | bytearray | memoryview, now: float, events: list[RecordEvent]
+    ) -> int:
+        """Open the complete records at the front of ``buffer``; returns the bytes used."""
+        # One cursor per batch: deleting record by record from the front of a large buffer
+        # would cost a copy of the rest each time.
         view = memoryview(buffer)
         pos = 0
         try:
-            while self.phase is Phase.OPEN and not self.update_waiting:
-                opened = open_records(self.read.keys, view[pos:])
+            while self._can_open():
+                # Data right behind data opened in this receive joins its buffer: one
+                # DataReceived per receive, not one per batch of records.
+                last = events[-1].data if events and isinstance(events[-1], DataReceived) else None
+                into = last if isinstance(last, bytearray) else None
+                opened = open_records(self.read.keys, view[pos:], into)
                 if opened.consumed:
                     if self._handshake:
                         raise RemoteProtocolError(
@@ -191,7 +236,7 @@ class RecordLayer:
                             Alert.UNEXPECTED_MESSAGE,
                         )
                     pos += opened.consumed
-                    if opened.data:
+                    if opened.data and into is None:
                         events.append(DataReceived(opened.data))
                 if not opened.handoff:
                     break
@@ -200,22 +245,9 @@ class RecordLayer:
                     break
                 pos += record.size
                 self._on_record(record.content_type, record.content, now, events)
-        except RemoteProtocolError as exc:
-            events.append(self._refuse(exc))
-        except ProtocolError as exc:  # an update's key step failed (KME, key id)
-            events.append(self.fail(Alert(exc.alert), exc.reason))
         finally:
-            if buffer is self._inbound:
-                view.release()
-                del self._inbound[:pos]
-            else:
-                self._inbound += view[pos:]
-                view.release()
-        if self._answer_due and self.phase is Phase.OPEN:
-            self._send_key_update(requested=False)
-            self.key_updates_answered += 1
-            events.append(KeysUpdated("write"))
-        return events
+            view.release()
+        return pos
 
     def receive_eof(self) -> list[RecordEvent]:
         """The transport ended: a truncation unless the peer had closed (or we failed)."""
@@ -334,11 +366,14 @@ class RecordLayer:
 
     # -------------------------------------------------------------------- sending
 
-    def send_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue application bytes, one record per ``send_limit`` bytes."""
+    def send_data(
+        self, data: bytes | bytearray | memoryview, frame_type: int | None = None
+    ) -> None:
+        """Queue application bytes, one record per ``send_limit`` bytes; with
+        ``frame_type`` each record is one peer-protocol frame of them (see :func:`seal`)."""
         self._require_open("send data")
         if data:
-            self._out.append(seal(self.write.keys, data, self.send_limit))
+            self._out.append(seal(self.write.keys, data, self.send_limit, frame_type))
 
     def update_keys(self, request_peer: bool = False) -> None:
         """Queue a KeyUpdate and switch to fresh sending keys."""

@@ -23,6 +23,8 @@ from qkdproxy.core.tls.wire import Alert
 APPLICATION_DATA = 0x17
 LEGACY_VERSION = 0x0303
 HEADER = struct.Struct("!BHH")
+# A qkdproxy/1 frame header (type byte, 24-bit length) as one big-endian word.
+FRAME_HEADER = struct.Struct("!I")
 MAX_PLAINTEXT = 1 << 14
 # RFC 8446 5.2: the encrypted record may exceed the plaintext limit by at most 256 bytes.
 MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
@@ -32,6 +34,8 @@ RECORD_OVERHEAD = HEADER.size + 1 + TAG_LENGTH
 # open_records' first output buffer: the records of a transport read (64 KiB) and more.
 OPEN_BATCH = 8 * (MAX_PLAINTEXT + 1)
 _INNER_TYPE = bytes([APPLICATION_DATA])
+# Room for a growing output buffer is copied from here (no zeroing of a new object).
+_ZEROS = memoryview(bytes(OPEN_BATCH))
 
 
 class SequenceState(Protocol):
@@ -54,32 +58,51 @@ class TrafficKeys:
 
 
 def seal(
-    keys: TrafficKeys, plaintext: bytes | bytearray | memoryview, max_plaintext: int = MAX_PLAINTEXT
+    keys: TrafficKeys,
+    plaintext: bytes | bytearray | memoryview,
+    max_plaintext: int = MAX_PLAINTEXT,
+    frame_type: int | None = None,
 ) -> bytearray:
     """Protect ``plaintext`` as application-data records of at most ``max_plaintext`` bytes
     each (16 KiB unless the peer asked for less with record_size_limit, RFC 8449).
 
+    With ``frame_type`` every record's content is one frame of the peer protocol
+    (``qkdproxy/1``): the type byte, the payload length in 3 bytes, then the next
+    ``max_plaintext - 4`` bytes of ``plaintext``; the framing costs no copy of its own.
+
     Every record is encrypted straight into its place in one buffer sized up front: the
-    only copy of the plaintext is the one that appends the inner content type.
+    only copy of the plaintext is the one that adds the frame header and the inner
+    content type.
     """
     view = memoryview(plaintext)
     size = len(view)
-    records = -(-size // max_plaintext)
-    out = bytearray(size + records * RECORD_OVERHEAD)
+    framed = frame_type is not None
+    step = max_plaintext - FRAME_HEADER.size if framed else max_plaintext
+    records = -(-size // step)
+    out = bytearray(size + records * (RECORD_OVERHEAD + (FRAME_HEADER.size if framed else 0)))
     target = memoryview(out)
     aead, iv, state = keys.aead, keys.iv, keys.state
-    pos = 0
-    for start in range(0, size, max_plaintext):
-        chunk = view[start : start + max_plaintext]
-        length = len(chunk) + 1 + TAG_LENGTH
-        header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, length)
-        target[pos : pos + HEADER.size] = header
-        pos += HEADER.size
-        nonce = (iv ^ state.seqnum).to_bytes(12, "big")
-        aead.encrypt_into(nonce, b"".join((chunk, _INNER_TYPE)), header, target[pos : pos + length])
-        state.seqnum += 1
-        pos += length
-    target.release()
+    frame_bits = (frame_type or 0) << 24
+    pos, seqnum, header_size = 0, state.seqnum, HEADER.size
+    try:
+        for start in range(0, size, step):
+            chunk = view[start : start + step]
+            if framed:
+                inner = b"".join((FRAME_HEADER.pack(frame_bits | len(chunk)), chunk, _INNER_TYPE))
+            else:
+                inner = b"".join((chunk, _INNER_TYPE))
+            length = len(inner) + TAG_LENGTH
+            header = HEADER.pack(APPLICATION_DATA, LEGACY_VERSION, length)
+            target[pos : pos + header_size] = header
+            pos += header_size
+            aead.encrypt_into(
+                (iv ^ seqnum).to_bytes(12, "big"), inner, header, target[pos : pos + length]
+            )
+            seqnum += 1
+            pos += length
+    finally:
+        state.seqnum = seqnum  # once, not per record
+        target.release()
     return out
 
 
@@ -96,64 +119,90 @@ class Opened:
     handoff: bool = False
 
 
-def open_records(keys: TrafficKeys, buffer: bytes | bytearray | memoryview) -> Opened:
+def open_records(
+    keys: TrafficKeys, buffer: bytes | bytearray | memoryview, into: bytearray | None = None
+) -> Opened:
     """Open the complete application-data records at the front of ``buffer``.
 
     Stops at an incomplete record (more bytes needed) or at the first record that is
     anything but well-formed application data (``handoff``), leaving it and its sequence
     number to :func:`open_record`. Each record is decrypted straight into one output
-    buffer, where the next record's bytes overwrite its content type and padding.
+    buffer, where the next record's bytes overwrite its content type and padding; with
+    ``into`` that buffer is ``into``, appended to (``data`` is then ``into``).
     """
     view = memoryview(buffer)
     # Sized for a few records, then doubled as records open: never by the whole buffer,
     # or a peer interleaving other records (each a hand-off and a new call here) would
     # make every call zero a buffer as large as what is left.
-    out = bytearray(min(len(view), OPEN_BATCH))
+    if into is None:
+        out = bytearray(min(len(view), OPEN_BATCH))
+        written = 0
+    else:
+        out, written = into, len(into)
     aead, iv, state = keys.aead, keys.iv, keys.state
     opened = Opened(out)
-    pos = written = 0
-    while len(view) - pos >= HEADER.size:
-        kind, version, length = HEADER.unpack_from(view, pos)
-        if (
-            kind != APPLICATION_DATA
-            or version != LEGACY_VERSION
-            or not TAG_LENGTH < length <= MAX_CIPHERTEXT
-        ):
-            opened.handoff = True
-            break
-        end = pos + HEADER.size + length
-        if end > len(view):
-            break
-        need = written + length - TAG_LENGTH
-        # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
-        if need - written > MAX_PLAINTEXT + 1:
-            opened.handoff = True
-            break
-        if len(out) < need:
-            out.extend(bytes(max(need, 2 * len(out)) - len(out)))
-        try:
-            with memoryview(out) as target:
+    # The loop runs once per 16 KiB record: names are local, the output view is made again
+    # only when the buffer grows, and the sequence number is written back once.
+    seqnum, pos, size, header_size = state.seqnum, 0, len(view), HEADER.size
+    target = memoryview(out)
+    try:
+        while size - pos >= header_size:
+            kind, version, length = HEADER.unpack_from(view, pos)
+            if (
+                kind != APPLICATION_DATA
+                or version != LEGACY_VERSION
+                or not TAG_LENGTH < length <= MAX_CIPHERTEXT
+            ):
+                opened.handoff = True
+                break
+            end = pos + header_size + length
+            if end > size:
+                break
+            need = written + length - TAG_LENGTH
+            # RFC 8446 5.4 bounds the whole TLSInnerPlaintext, padding included.
+            if need - written > MAX_PLAINTEXT + 1:
+                opened.handoff = True
+                break
+            if len(target) < need:
+                # Room for what is left of the buffer, at most a batch more at a time.
+                target = _grow(out, target, max(need, written + min(size - pos, OPEN_BATCH)))
+            try:
                 aead.decrypt_into(
-                    (iv ^ state.seqnum).to_bytes(12, "big"),
-                    view[pos + HEADER.size : end],
-                    view[pos : pos + HEADER.size],
+                    (iv ^ seqnum).to_bytes(12, "big"),
+                    view[pos + header_size : end],
+                    view[pos : end - length],
                     target[written:need],
                 )
-        except InvalidTag:
-            opened.handoff = True
-            break
-        content = _content_end(out, written, need)
-        if content is None:
-            opened.handoff = True
-            break
-        written = content
-        state.seqnum += 1
-        opened.records += 1
-        pos = end
-    view.release()
+            except InvalidTag:
+                opened.handoff = True
+                break
+            if out[need - 1] == APPLICATION_DATA:  # no padding: nearly every record
+                written = need - 1
+            else:
+                content = _content_end(out, written, need)
+                if content is None:
+                    opened.handoff = True
+                    break
+                written = content
+            seqnum += 1
+            opened.records += 1
+            pos = end
+    finally:
+        state.seqnum = seqnum
+        target.release()
+        view.release()
     del out[written:]
     opened.consumed = pos
     return opened
+
+
+def _grow(out: bytearray, target: memoryview, size: int) -> memoryview:
+    """Extend ``out`` to ``size`` bytes (copied from a zero buffer, not zeroed anew); the
+    old view of it is released, a new one returned."""
+    target.release()
+    grow = size - len(out)
+    out.extend(_ZEROS[:grow] if grow <= OPEN_BATCH else bytes(grow))
+    return memoryview(out)
 
 
 def _content_end(out: bytearray, start: int, end: int) -> int | None:

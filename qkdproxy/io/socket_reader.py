@@ -1,0 +1,179 @@
+"""Reading a connected socket straight into a reused buffer (:class:`asyncio.BufferedProtocol`).
+
+An :class:`asyncio.StreamReader` costs three copies of every received byte (the event loop's
+bytes object, the reader's buffer, the slice ``read`` returns) and a Python call chain per
+receive. A :class:`SocketReader` takes over the transport of an open stream pair: the kernel
+writes into its buffer, the consumer looks at the bytes in place (:meth:`SocketReader.peek`)
+and says how many it used (:meth:`SocketReader.consume`).
+
+The stream pair's writer keeps working: flow control (``drain``) and the end of the
+connection (``wait_closed``) are forwarded to the stream protocol the reader replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+__all__ = ["MIN_FREE", "SMALL", "SocketReader"]
+
+# Never ask the kernel for less than this: reading pauses when less is free.
+MIN_FREE = 16 * 1024
+# A reader starts with a buffer this small and takes its full capacity only once a receive
+# brought more than half of it (a bulk flow): thousands of connections with a few bytes
+# waiting each hold this much, not the capacity.
+SMALL = 2 * MIN_FREE
+# Buffers of consumers that used up what they were lent: an idle connection holds none,
+# a busy one takes and returns one per receive without allocating (or zeroing) it again.
+_SPARE: dict[int, list[bytearray]] = {}
+SPARE_BUFFERS = 16
+
+
+def _take(capacity: int) -> bytearray:
+    spare = _SPARE.get(capacity)
+    return spare.pop() if spare else bytearray(capacity)
+
+
+def _give_back(buffer: bytearray) -> None:
+    spare = _SPARE.setdefault(len(buffer), [])
+    if len(spare) < SPARE_BUFFERS:
+        spare.append(buffer)
+
+
+class SocketReader(asyncio.BufferedProtocol):
+    """The receiving side of a connected transport, read into one buffer of ``capacity``.
+
+    At most ``capacity`` bytes wait unconsumed: reading pauses (the kernel's window closes
+    towards the peer) until the consumer catches up. The view :meth:`peek` returns is valid
+    until the next :meth:`consume`, and only until then.
+    """
+
+    def __init__(
+        self, transport: asyncio.Transport, previous: asyncio.BaseProtocol, capacity: int
+    ) -> None:
+        if capacity < SMALL:
+            raise ValueError(f"a socket reader needs at least {SMALL} bytes")
+        self._transport = transport
+        self._previous = previous
+        self._full_size = capacity
+        self._capacity = SMALL
+        self._bulk = False  # the last buffer held more than half of a small one
+        self._buffer: bytearray | None = None
+        self._start = 0
+        self._end = 0
+        self._paused = False
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @classmethod
+    def attach(
+        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, capacity: int
+    ) -> SocketReader:
+        """Take over the receiving side of an open stream pair; ``reader`` must not be used
+        afterwards (the bytes it held come first)."""
+        # uvloop's transports are not registered as asyncio.Transport, but are ones.
+        transport = cast(asyncio.Transport, writer.transport)
+        self = cls(transport, transport.get_protocol(), capacity)
+        # StreamReader has no public way to hand over what it buffered.
+        leftover: bytearray = reader._buffer  # type: ignore[attr-defined]
+        if leftover:
+            # Sized by what waits: a few bytes (a peer's first frames) must not cost the
+            # connection a large buffer.
+            self._capacity = max(SMALL, len(leftover) + MIN_FREE)
+            self._buffer = _take(SMALL) if self._capacity == SMALL else bytearray(self._capacity)
+            self._buffer[: len(leftover)] = leftover
+            self._end = len(leftover)
+            leftover.clear()
+        self._eof = reader.at_eof()
+        self._error = reader.exception()
+        transport.set_protocol(self)
+        if self._capacity - self._end < MIN_FREE:
+            self._paused = True
+            transport.pause_reading()
+        else:
+            transport.resume_reading()  # the stream reader may have paused it
+        return self
+
+    # ------------------------------------------------------------- the consumer
+
+    async def peek(self) -> memoryview:
+        """The bytes received and not consumed yet (waiting for some); empty at the end.
+
+        Raises what broke the connection (a reset), like :meth:`asyncio.StreamReader.read`.
+        """
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._end > self._start:
+                assert self._buffer is not None
+                return memoryview(self._buffer)[self._start : self._end]
+            if self._eof:
+                return memoryview(b"")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def consume(self, count: int) -> None:
+        """``count`` bytes at the front were used (the view :meth:`peek` gave is dead)."""
+        self._start += count
+        if self._start >= self._end:
+            self._bulk = self._end > SMALL // 2
+            self._start = self._end = 0
+            if self._buffer is not None and len(self._buffer) in (SMALL, self._full_size):
+                _give_back(self._buffer)
+            self._buffer = None
+        elif self._capacity - self._end < MIN_FREE:
+            # Move what is left to the front so the kernel has room again.
+            assert self._buffer is not None
+            left = self._end - self._start
+            self._buffer[:left] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, left
+        if self._paused and self._capacity - self._end >= MIN_FREE:
+            self._paused = False
+            self._transport.resume_reading()
+
+    # ------------------------------------------------------------- the event loop
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the next receive goes: the free end of the buffer."""
+        if self._buffer is None:
+            self._capacity = self._full_size if self._bulk else SMALL
+            self._buffer = _take(self._capacity)
+        return memoryview(self._buffer)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` arrived; wake the consumer, pause reading if the buffer is nearly full."""
+        self._end += nbytes
+        if self._capacity - self._end < MIN_FREE:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        """The peer half-closed; the writing side stays open (as with a stream pair)."""
+        self._eof = True
+        self._wake()
+        return self._previous.eof_received()  # type: ignore[attr-defined,no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection ended; with ``exc`` it broke (reads raise it)."""
+        if exc is not None:
+            self._error = exc
+        self._eof = True
+        self._wake()
+        self._previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The writer's flow control lives in the stream protocol."""
+        self._previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        """The writer's flow control lives in the stream protocol."""
+        self._previous.resume_writing()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
