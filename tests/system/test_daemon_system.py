@@ -717,8 +717,13 @@ async def test_announced_key_and_direct_fetch_race() -> None:
 async def test_connection_limit_rejects_the_third_connection_at_accept(
     harness: Harness,
 ) -> None:
+    # Handshake deadlines far above the bound below: a refusal that waited for one (instead
+    # of happening at accept) fails the test, and a slow machine still has 20 s.
+    slow = {"handshake_timeout_s": 60}
     backend, backend_port = await harness.backend(gated=True)
-    server, client = await harness.pair(backend_port, server={"max_connections": 2})
+    server, client = await harness.pair(
+        backend_port, server={"max_connections": 2, **slow}, client=slow
+    )
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         for i in range(2):
@@ -734,15 +739,16 @@ async def test_connection_limit_rejects_the_third_connection_at_accept(
             with contextlib.suppress(ConnectionError):
                 writer.write(b"third")
                 await writer.drain()
-            assert await read_until_eof(reader, within=5.0) == b""
+            assert await read_until_eof(reader, within=20.0) == b""
         finally:
             writer.close()
-        assert time.monotonic() - started < 5.0
+        assert time.monotonic() - started < 20.0
         rejected = await server.proc.wait_record()
         assert rejected["reason"] == "rejected: connection limit"
         assert rejected["group"] is None and rejected["qkd_key_id"] is None
         third = await client.proc.wait_record()
-        assert third["reason"].startswith("handshake failed"), third
+        # The server's reset can reach the client daemon before or after its ClientHello left.
+        assert third["reason"].startswith(("handshake failed", "peer unreachable")), third
         assert backend.accepted == 2
 
         backend.release.set()
