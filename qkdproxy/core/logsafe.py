@@ -18,6 +18,14 @@ from collections.abc import Mapping
 # overrides (which reorder what a terminal shows).
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 DEFAULT_LIMIT = 1000
+# One encoder for every compact line: json.dumps builds a new one per call with these options.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(value: object) -> str:
+    """``value`` as compact, ASCII-only JSON (``json.dumps(value, separators=(",", ":"))``):
+    every control, non-ASCII and line-separating character escaped, so one safe line."""
+    return _COMPACT.encode(value)
 
 
 def _code(match: re.Match[str]) -> str:
@@ -46,7 +54,7 @@ class JsonLine:
         self.fields = fields
 
     def __str__(self) -> str:
-        return json.dumps(self.fields, separators=(",", ":"))
+        return compact_json(self.fields)
 
 
 class SingleLineFilter(logging.Filter):

@@ -5,20 +5,31 @@ time without a zone cannot be correlated across hosts. An event (a connection re
 or breaker transition, a reload, the drain, the exit) carries its fields in the ``fields``
 attribute of the log record (``extra={"fields": {...}}``); the JSON format writes them as
 top-level keys next to ``ts``, ``level`` and ``logger``, the text format shows the message.
+
+The connection record is written at the end of every connection, so it has a direct path
+(:func:`log_record_event`): when the only handler a record would reach is the one
+:func:`configure_logging` installed, the line is rendered and written without a LogRecord,
+the same bytes the logging path writes; any other set-up goes through logging.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from qkdproxy.core.logsafe import JsonLine, SingleLineFilter, compact_json
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Keys the JSON format owns: an event field of the same name is written with a prefix.
 RESERVED = ("ts", "level", "logger", "message", "exception")
+RESERVED_SET = frozenset(RESERVED)
 
 
 def utc_timestamp(created: float) -> str:
@@ -41,6 +52,13 @@ def record_event(name: str, fields: dict[str, Any]) -> dict[str, Any]:
 class TextFormatter(logging.Formatter):
     """``TIMESTAMP LEVEL LOGGER: message``, with a UTC timestamp."""
 
+    @staticmethod
+    def record_line(ts: str, level: str, logger: str, name: str, fields: str) -> str:
+        """A record event's line without a LogRecord: what :meth:`format` writes for
+        ``record_event(name, ...)`` with a :class:`JsonLine` message (``fields``, its JSON)."""
+        del name  # the text format shows the message only
+        return f"{ts} {level} {logger}: {fields}"
+
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
@@ -51,6 +69,14 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, then the event fields or the message."""
+
+    @staticmethod
+    def record_line(ts: str, level: str, logger: str, name: str, fields: str) -> str:
+        """A record event's line without a LogRecord: what :meth:`format` writes for
+        ``record_event(name, ...)``, given the compact JSON of ``fields`` (an object with
+        no reserved or ``event`` key); the head is the same dict :meth:`format` builds."""
+        head = '{"ts":' + compact_json(ts) + _json_head_tail(level, logger, name)
+        return head + "," + fields[1:] if len(fields) > 2 else head + "}"
 
     def format(self, record: logging.LogRecord) -> str:
         """The whole line, exceptions included (a traceback becomes one string field)."""
@@ -72,11 +98,86 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=64)
+def _json_head_tail(level: str, logger: str, name: str) -> str:
+    """``,"level":..,"logger":..,"event":..`` of a record line, the same for every line
+    of one logger, level and event (a few per daemon)."""
+    return "," + compact_json({"level": level, "logger": logger, "event": name})[1:-1]
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: generic
+    """The handler :func:`configure_logging` installs: a stream handler (flushed after every
+    line) whose record events may skip the logging machinery (:func:`log_record_event`)."""
+
+    def write_line(self, line: str) -> None:
+        """Write one line and flush it, as :meth:`emit` does (a crash loses no line)."""
+        with self.lock or _NO_LOCK:
+            try:
+                stream = self.stream
+                stream.write(line + self.terminator)
+                stream.flush()  # what flush() does, already under the lock
+            except RecursionError:
+                raise
+            except Exception:  # logging never breaks the caller (emit's rule)
+                self.handleError(logging.makeLogRecord({"msg": line}))
+
+
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _direct_handler(logger: logging.Logger, level: int) -> LineHandler | None:
+    """The handler a record of ``logger`` at ``level`` would reach if it is the only one,
+    is ours, and filters and formats in a way :func:`log_record_event` reproduces."""
+    if logger.filters or logger.disabled or not logger.isEnabledFor(level):
+        return None
+    found: logging.Handler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if found is not None or type(handler) is not LineHandler:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if not isinstance(found, LineHandler) or level < found.level:
+        return None
+    # The log-hygiene filter passes a JsonLine message as it is; any other filter may not.
+    if not all(type(f) is SingleLineFilter for f in found.filters):
+        return None
+    if type(found.formatter) not in (JsonFormatter, TextFormatter):
+        return None
+    return found
+
+
+def log_record_event(
+    logger: logging.Logger, level: int, name: str, fields: dict[str, object]
+) -> None:
+    """Log ``fields`` as the record event ``name``: the same line as ``logger.log(level,
+    JsonLine(fields), extra=record_event(name, fields))``, written directly when only our
+    own handler would write it (no LogRecord, filter or formatter call: about half of what
+    the line cost), and through logging otherwise."""
+    handler = _direct_handler(logger, level)
+    if handler is not None and "event" not in fields and RESERVED_SET.isdisjoint(fields):
+        try:
+            body = compact_json(fields)
+        except (TypeError, ValueError):
+            pass  # not plain JSON: logging's path decides what is written
+        else:
+            formatter = handler.formatter
+            assert isinstance(formatter, JsonFormatter | TextFormatter)
+            level_name = logging.getLevelName(level)
+            ts = utc_timestamp(time.time())
+            handler.write_line(formatter.record_line(ts, level_name, logger.name, name, body))
+            return
+    logger.log(level, JsonLine(fields), extra=record_event(name, fields), stacklevel=2)
+
+
 def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
     """Route every logger (asyncio's and Python warnings included) through one handler; the
     filters of the handler it replaces carry over, so it may be called again (the command
     line, then the file, decide the format)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = LineHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -40,16 +40,21 @@ CLOSE_REASONS = (
 BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
+_CLOSE_REASON_SET = frozenset(CLOSE_REASONS)
+_CLOSE_REASON_PREFIXES = (
+    ("handshake failed", "handshake_failed"), ("peer unreachable", "peer_unreachable"),
+    ("backend unreachable", "backend_unreachable"), ("rejected", "rejected_limit"),
+)  # fmt: skip
+
+
 def close_reason_class(reason: str) -> str:
     """Map a connection's close reason (free text) onto the bounded label set."""
-    prefixes = {
-        "handshake failed": "handshake_failed", "peer unreachable": "peer_unreachable",
-        "backend unreachable": "backend_unreachable", "rejected": "rejected_limit",
-    }  # fmt: skip
-    for prefix, label in prefixes.items():
+    if reason in _CLOSE_REASON_SET:
+        return reason  # the common case (no label is a prefix of another's reason text)
+    for prefix, label in _CLOSE_REASON_PREFIXES:
         if reason.startswith(prefix):
             return label
-    return reason if reason in CLOSE_REASONS else "error"
+    return "error"
 
 
 MUX_TUNNEL_REASONS = ("closed", "rotated", "idle", "dead_peer", "handshake_failed", "error")
@@ -170,11 +175,23 @@ class Metrics:
         if record.mux == "tunnel":
             self.mux_tunnels.labels(*labels, mux_tunnel_reason(record.reason)).inc()
         else:
-            self._closed(*labels, close_reason_class(record.reason)).inc()
-        if record.mux == "stream":
-            self._mux_streams(*labels, close_reason_class(record.reason)).inc()
+            reason = close_reason_class(record.reason)
+            self._closed(*labels, reason).inc()
+            if record.mux == "stream":
+                self._mux_streams(*labels, reason).inc()
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
+        fresh = record.fresh_key_updates, record.fresh_key_update_failures
+        if any(fresh) or record.fresh_key_updates_abandoned:
+            self._fresh_key_updates(record)
+        if record.fresh_key_ids:
+            self.fresh_key_update_keys.labels(record.tunnel).inc(len(record.fresh_key_ids))
+        if record.failure is not None:
+            group, flow = record.group or "none", record.flow or "none"
+            self.handshakes.labels(*labels, group, flow, "failure").inc()
+            self.handshake_failures.labels(*labels, record.failure).inc()
+
+    def _fresh_key_updates(self, record: ConnectionRecord) -> None:
         for result, count in (
             ("ok", record.fresh_key_updates),
             ("failed", record.fresh_key_update_failures),
@@ -182,12 +199,6 @@ class Metrics:
         ):
             if count:
                 self.fresh_key_updates.labels(record.tunnel, result).inc(count)
-        if record.fresh_key_ids:
-            self.fresh_key_update_keys.labels(record.tunnel).inc(len(record.fresh_key_ids))
-        if record.failure is not None:
-            group, flow = record.group or "none", record.flow or "none"
-            self.handshakes.labels(*labels, group, flow, "failure").inc()
-            self.handshake_failures.labels(*labels, record.failure).inc()
 
     def observe_handshake(self, record: ConnectionRecord) -> None:
         """Account a completed handshake as it completes (not when its connection ends)."""
