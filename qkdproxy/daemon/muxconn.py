@@ -324,7 +324,8 @@ async def pump_stream(
         for task in (outbound, stream._draining):
             if task is not None and not task.done():
                 task.cancel()
-        await asyncio.gather(outbound, return_exceptions=True)
+        if not outbound.done():  # usually it is (both ways ended): nothing to wait for
+            await asyncio.gather(outbound, return_exceptions=True)
         stream._sink = None
 
 
@@ -366,6 +367,9 @@ class MuxTunnel:
         self.last_busy = self.started
         self.bytes_moved = 0
         self.streams_carried = 0
+        # Server: the allow-list the peer was last checked against, and its verdict (both
+        # immutable; a reload brings a new list, checked afresh).
+        self.allow_verdict: tuple[object, bool] | None = None
         # Why the tunnel ended (None while it runs); broken: its streams were reset.
         self.reason: str | None = None
         self.broken = False

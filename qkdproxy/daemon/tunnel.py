@@ -207,21 +207,27 @@ class Tunnel:
             self.pool.start()
         address = self.config.listen
         handler = self._accept
+        # Only a server's listener receives TLS hellos (and has their deadlines).
+        watch = self.config.role == "server"
         if isinstance(address, TcpAddress):
             self._servers.append(
-                await gate.start_server(handler, host=address.host, port=address.port)
+                await gate.start_server(
+                    handler, watch_hello=watch, host=address.host, port=address.port
+                )
             )
         elif isinstance(address, UnixAddress):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address.path)
-            self._servers.append(await gate.start_unix_server(handler, address.path))
+            self._servers.append(
+                await gate.start_unix_server(handler, address.path, watch_hello=watch)
+            )
         else:
             sockets = (inherited or {}).get(address.name)
             if not sockets:
                 raise OSError(f"no socket named {address.name!r} was passed by systemd")
             for sock in sockets:
                 self._check_inherited(sock)
-                self._servers.append(await gate.start_server(handler, sock=sock))
+                self._servers.append(await gate.start_server(handler, watch_hello=watch, sock=sock))
 
     def _check_inherited(self, sock: socket.socket) -> None:
         # The configuration could not see where systemd bound the socket: check now.
@@ -280,7 +286,7 @@ class Tunnel:
         record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
         peername = writer.get_extra_info("peername")
         record.client = str(peername[0]) if isinstance(peername, tuple) else "unix"
-        _keepalive(writer)
+        # SO_KEEPALIVE came from the listening socket (gate.start_server).
         ticket = self._admit(record, writer)
         if ticket is None:
             return
@@ -300,8 +306,11 @@ class Tunnel:
 
     async def _within_lifetime(self, work: Coroutine[object, object, str]) -> str:
         """Run one connection's work; why it ended (its lifetime, a drain, an error too)."""
+        lifetime = self.config.max_lifetime_s
         try:
-            async with asyncio.timeout(self.config.max_lifetime_s or None):
+            if not lifetime:  # no limit: no timeout scope (one per connection and stream)
+                return await work
+            async with asyncio.timeout(lifetime):
                 return await work
         except TimeoutError:
             return "max_lifetime"
@@ -655,7 +664,7 @@ class Tunnel:
     ) -> str:
         # The allow-list is checked per stream too: a reload that drops this peer stops
         # new streams on tunnels it established before.
-        if not self.endpoint.settings.peer.allow.permits(stream.peer):
+        if not self._permits(mux.tunnel, stream):
             await mux.tunnel.refuse(mux, 403)
             return "rejected: peer not allowed"
         if mux.error is not None:
@@ -681,6 +690,15 @@ class Tunnel:
             self._account(record, traffic)
             await _close_stream(reason, traffic, mux, backend_writer)
             await close_transport(backend_writer)
+
+    def _permits(self, tunnel: MuxTunnel, stream: TlsStream) -> bool:
+        """The allow-list's verdict on a tunnel's peer: worked out once per tunnel and
+        list, not per stream (the peer and the list are immutable)."""
+        allow = self.endpoint.settings.peer.allow
+        verdict = tunnel.allow_verdict
+        if verdict is None or verdict[0] is not allow:
+            verdict = tunnel.allow_verdict = (allow, allow.permits(stream.peer))
+        return verdict[1]
 
     async def _pump_stream(
         self,
