@@ -200,7 +200,9 @@ class MuxStream:
         self._settle()
         await self._flush()
 
-    async def _outbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _outbound(
+        self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
+    ) -> None:
         traffic = self._traffic
         # The plaintext socket is read in place, as the per-connection pump does: send
         # copies each batch into the tunnel's output before it returns, and only then is
@@ -271,7 +273,7 @@ class MuxStream:
 
 
 async def pump_stream(
-    reader: asyncio.StreamReader,
+    reader: asyncio.StreamReader | SocketReader,
     writer: asyncio.StreamWriter,
     stream: MuxStream,
     traffic: Traffic,

@@ -41,6 +41,7 @@ from qkdproxy.daemon.logformat import log_record_event
 from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel, pump_stream
 from qkdproxy.daemon.muxpool import MuxPool, PlainTunnel
 from qkdproxy.daemon.pump import (
+    READ_SIZE,
     Channel,
     FreshKeyBudget,
     RawTlsChannel,
@@ -48,7 +49,9 @@ from qkdproxy.daemon.pump import (
     Traffic,
     pump,
 )
+from qkdproxy.io import socket_reader
 from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
+from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import (
     FreshKeyStats,
     HandshakeError,
@@ -731,7 +734,7 @@ class Tunnel:
             self._account(record, traffic)
             await _close_stream(reason, traffic, mux, writer)
 
-    async def _open_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open_backend(self) -> tuple[SocketReader, asyncio.StreamWriter]:
         async with asyncio.timeout(self.config.connect_timeout_s):
             reader, writer = await _open(self.config.connect)
         _keepalive(writer)
@@ -897,12 +900,13 @@ def fallback_reason(exc: HandshakeError) -> str:
     return "kme_unavailable"
 
 
-async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(address: Address) -> tuple[SocketReader, asyncio.StreamWriter]:
+    # Read in place by the pumps from the start (no stream reader built to be replaced).
     if isinstance(address, UnixAddress):
-        return await asyncio.open_unix_connection(address.path)
+        return await socket_reader.open_unix_connection(address.path, READ_SIZE)
     if isinstance(address, SystemdAddress):
         raise OSError("systemd: addresses can only listen")
-    return await asyncio.open_connection(address.host, address.port)
+    return await socket_reader.open_connection(address.host, address.port, READ_SIZE)
 
 
 def _refused(exc: HandshakeError, source: FlushableSource) -> bool:
