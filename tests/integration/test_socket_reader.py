@@ -10,6 +10,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 
@@ -22,9 +23,7 @@ CAPACITY = 64 * 1024
 @asynccontextmanager
 async def connected(
     dialled: bool = False,
-) -> AsyncIterator[
-    tuple[asyncio.StreamReader | SocketReader, asyncio.StreamWriter, asyncio.StreamWriter]
-]:
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamWriter]]:
     """(our reader, our writer, the peer's writer) over loopback TCP: the side that accepted
     (a stream pair), or with ``dialled`` the side that dialled (a socket reader of
     ``CAPACITY``, which ``attach`` passes through)."""
@@ -35,14 +34,14 @@ async def connected(
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    ours: tuple[asyncio.StreamReader | SocketReader, asyncio.StreamWriter]
     if dialled:
-        ours = await socket_reader.open_connection("127.0.0.1", port, CAPACITY)
+        source, writer = await socket_reader.open_connection("127.0.0.1", port, CAPACITY)
+        # Typed as the stream pair's reader: the scenarios only pass it to attach.
+        reader = cast(asyncio.StreamReader, source)
         peer_reader, peer_writer = await accepted.get()
     else:
         peer_reader, peer_writer = await asyncio.open_connection("127.0.0.1", port)
-        ours = await accepted.get()
-    reader, writer = ours
+        reader, writer = await accepted.get()
     try:
         yield reader, writer, peer_writer
     finally:
