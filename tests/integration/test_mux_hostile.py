@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+from qkdproxy.daemon.app import Daemon
 from qkdproxy.daemon.muxconn import MuxTunnel
 from qkdproxy.daemon.tunnel import Tunnel
 from tests.integration.test_mux import MUX
-from tests.integration.test_tunnel_runtime import Backend, port, setup, transfer
+from tests.integration.test_tunnel_runtime import Backend, Setup, port, setup, transfer
 from tests.unit.test_mux_codec import CONNECT, frame
 
 HEADERS, PING, END_HEADERS = 1, 6, 0x4
@@ -35,6 +38,21 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def carrying_pair(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Setup, Daemon, Daemon, MuxTunnel]]:
+    """A multiplexed server and client daemon that carried one stream: the set-up (its
+    records), both daemons and the client's tunnel the hostile frames go into."""
+    async with (
+        setup(tmp_path) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        assert await transfer(port(client), b"first") == b"first"
+        yield s, server, client, pooled(client.tunnels[0])
 
 
 async def test_refused_streams_do_not_shut_the_tunnel_window(tmp_path: Path) -> None:
@@ -70,13 +88,7 @@ async def test_refused_streams_do_not_shut_the_tunnel_window(tmp_path: Path) -> 
 
 
 async def test_a_header_block_bomb_ends_only_that_tunnel(tmp_path: Path) -> None:
-    async with (
-        setup(tmp_path) as s,
-        s.daemon("server", s.server_toml(MUX)) as server,
-        s.daemon("client", s.client_toml(port(server), MUX)) as client,
-    ):
-        assert await transfer(port(client), b"first") == b"first"
-        carrier = pooled(client.tunnels[0])
+    async with carrying_pair(tmp_path) as (s, _, client, carrier):
         spam = b"\x20" * (100 * 1024) + CONNECT  # table size updates: no header at all
         await inject(carrier, frame(HEADERS, END_HEADERS, 99, spam))
         await asyncio.wait_for(carrier.ended.wait(), 10)
@@ -90,13 +102,7 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_is_bounded(tmp_path: Pa
     """Every PING is answered, but the answers leave only as fast as the peer reads: the
     server stops reading while its transport is backed up, so neither its protocol buffer
     nor its transport buffer grows with the flood."""
-    async with (
-        setup(tmp_path) as s,
-        s.daemon("server", s.server_toml(MUX)) as server,
-        s.daemon("client", s.client_toml(port(server), MUX)) as client,
-    ):
-        assert await transfer(port(client), b"first") == b"first"
-        carrier = pooled(client.tunnels[0])
+    async with carrying_pair(tmp_path) as (_, server, _, carrier):
         for task in carrier._tasks:  # the hostile peer reads nothing from here on
             task.cancel()
         [victim] = server.tunnels[0]._mux_tunnels
@@ -112,13 +118,7 @@ async def test_a_ping_flood_from_a_peer_that_never_reads_is_bounded(tmp_path: Pa
 
 
 async def test_stream_ids_are_not_reused_by_a_hostile_client(tmp_path: Path) -> None:
-    async with (
-        setup(tmp_path) as s,
-        s.daemon("server", s.server_toml(MUX)) as server,
-        s.daemon("client", s.client_toml(port(server), MUX)) as client,
-    ):
-        assert await transfer(port(client), b"first") == b"first"
-        carrier = pooled(client.tunnels[0])
+    async with carrying_pair(tmp_path) as (s, _, client, carrier):
         await inject(carrier, frame(HEADERS, END_HEADERS, 1, CONNECT))  # stream 1 again
         await asyncio.wait_for(carrier.ended.wait(), 10)
         assert await transfer(port(client), b"second") == b"second"
