@@ -53,8 +53,13 @@ async def start_server(
     """:func:`asyncio.start_server`, with :class:`WatchedReader` readers (plain ones unless
     ``watch_hello``: a plaintext listener has no hello to watch). Accepted TCP connections
     have SO_KEEPALIVE: set once on the listening sockets, which Linux copies to every
-    connection they accept (no system call per connection)."""
+    connection they accept (no system call per connection), or per connection on a
+    ``sock`` passed in."""
     loop = asyncio.get_running_loop()
+    if "sock" in kwargs:
+        # A socket passed in (systemd's) may be listening already: connections queued
+        # before the option was set lack it, so each one gets it when accepted.
+        handler = _keeping_alive(handler)
     serve = kwargs.pop("start_serving", True)
     # Not listening yet: no connection can be accepted before the option is set.
     server = await loop.create_server(_factory(handler, watch_hello), start_serving=False, **kwargs)
@@ -64,6 +69,22 @@ async def start_server(
     if serve:
         await server.start_serving()
     return server
+
+
+def _keeping_alive(handler: Handler) -> Handler:
+    async def each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        keep_alive(writer)
+        await handler(reader, writer)
+
+    return each
+
+
+def keep_alive(writer: asyncio.StreamWriter) -> None:
+    """SO_KEEPALIVE on a TCP connection (a dead peer is found even while nothing is sent)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 async def start_unix_server(

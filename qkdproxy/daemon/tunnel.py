@@ -486,7 +486,7 @@ class Tunnel:
         assert isinstance(peer, TcpAddress)
         async with asyncio.timeout(self.config.connect_timeout_s):
             peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
-        _keepalive(peer_writer)
+        gate.keep_alive(peer_writer)
         return await endpoint.connect(peer_reader, peer_writer, mux=mux), peer_writer
 
     async def _serve_server(
@@ -737,7 +737,7 @@ class Tunnel:
     async def _open_backend(self) -> tuple[SocketReader, asyncio.StreamWriter]:
         async with asyncio.timeout(self.config.connect_timeout_s):
             reader, writer = await _open(self.config.connect)
-        _keepalive(writer)
+        gate.keep_alive(writer)
         return reader, writer
 
     def _established(
@@ -970,10 +970,3 @@ async def _close_stream(
             gate.reset(plaintext)
     else:
         await mux.close()
-
-
-def _keepalive(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

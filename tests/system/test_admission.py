@@ -243,6 +243,26 @@ def test_accepted_connections_keep_alive_and_watch_hellos_only_when_asked(
         assert runner.run(_accepted(watch_hello)) == (True, watch_hello)
 
 
+async def test_a_connection_queued_on_an_inherited_listener_keeps_alive_too() -> None:
+    # systemd passes a socket that is listening already: a connection may wait in its
+    # backlog before the daemon sets anything on the listener.
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    accepted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        accepted.set_result(bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)))
+        writer.close()
+
+    server = await gate.start_server(handler, sock=listener)
+    try:
+        assert await asyncio.wait_for(accepted, 10)
+    finally:
+        peer.close()
+        server.close()
+
+
 async def test_a_silent_client_is_cut_at_the_first_byte_deadline() -> None:
     assert await _deadline_outcome(None, 0.2, 5.0) == "first_byte_timeout"
 
