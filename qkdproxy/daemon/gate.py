@@ -38,21 +38,61 @@ class WatchedReader(asyncio.StreamReader):
         super().feed_data(data)
 
 
-def _factory(handler: Handler) -> Callable[[], asyncio.StreamReaderProtocol]:
+def _factory(handler: Handler, watch_hello: bool) -> Callable[[], asyncio.StreamReaderProtocol]:
+    reader = WatchedReader if watch_hello else asyncio.StreamReader
+
     def protocol() -> asyncio.StreamReaderProtocol:
-        return asyncio.StreamReaderProtocol(WatchedReader(), handler)
+        return asyncio.StreamReaderProtocol(reader(), handler)
 
     return protocol
 
 
-async def start_server(handler: Handler, **kwargs: Any) -> asyncio.Server:
-    """:func:`asyncio.start_server`, with :class:`WatchedReader` readers."""
-    return await asyncio.get_running_loop().create_server(_factory(handler), **kwargs)
+async def start_server(
+    handler: Handler, *, watch_hello: bool = True, **kwargs: Any
+) -> asyncio.Server:
+    """:func:`asyncio.start_server`, with :class:`WatchedReader` readers (plain ones unless
+    ``watch_hello``: a plaintext listener has no hello to watch). Accepted TCP connections
+    have SO_KEEPALIVE: set once on the listening sockets, which Linux copies to every
+    connection they accept (no system call per connection), or per connection on a
+    ``sock`` passed in."""
+    loop = asyncio.get_running_loop()
+    if "sock" in kwargs:
+        # A socket passed in (systemd's) may be listening already: connections queued
+        # before the option was set lack it, so each one gets it when accepted.
+        handler = _keeping_alive(handler)
+    serve = kwargs.pop("start_serving", True)
+    # Not listening yet: no connection can be accepted before the option is set.
+    server = await loop.create_server(_factory(handler, watch_hello), start_serving=False, **kwargs)
+    for sock in server.sockets:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if serve:
+        await server.start_serving()
+    return server
 
 
-async def start_unix_server(handler: Handler, path: str) -> asyncio.Server:
-    """:func:`asyncio.start_unix_server`, with :class:`WatchedReader` readers."""
-    return await asyncio.get_running_loop().create_unix_server(_factory(handler), path)
+def _keeping_alive(handler: Handler) -> Handler:
+    async def each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        keep_alive(writer)
+        await handler(reader, writer)
+
+    return each
+
+
+def keep_alive(writer: asyncio.StreamWriter) -> None:
+    """SO_KEEPALIVE on a TCP connection (a dead peer is found even while nothing is sent)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+async def start_unix_server(
+    handler: Handler, path: str, *, watch_hello: bool = True
+) -> asyncio.Server:
+    """:func:`asyncio.start_unix_server`, with :class:`WatchedReader` readers (plain ones
+    unless ``watch_hello``)."""
+    return await asyncio.get_running_loop().create_unix_server(_factory(handler, watch_hello), path)
 
 
 class HelloDeadlineError(Exception):

@@ -200,7 +200,9 @@ class MuxStream:
         self._settle()
         await self._flush()
 
-    async def _outbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _outbound(
+        self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
+    ) -> None:
         traffic = self._traffic
         # The plaintext socket is read in place, as the per-connection pump does: send
         # copies each batch into the tunnel's output before it returns, and only then is
@@ -271,7 +273,7 @@ class MuxStream:
 
 
 async def pump_stream(
-    reader: asyncio.StreamReader,
+    reader: asyncio.StreamReader | SocketReader,
     writer: asyncio.StreamWriter,
     stream: MuxStream,
     traffic: Traffic,
@@ -324,7 +326,8 @@ async def pump_stream(
         for task in (outbound, stream._draining):
             if task is not None and not task.done():
                 task.cancel()
-        await asyncio.gather(outbound, return_exceptions=True)
+        if not outbound.done():  # usually it is (both ways ended): nothing to wait for
+            await asyncio.gather(outbound, return_exceptions=True)
         stream._sink = None
 
 
@@ -366,6 +369,9 @@ class MuxTunnel:
         self.last_busy = self.started
         self.bytes_moved = 0
         self.streams_carried = 0
+        # Server: the allow-list the peer was last checked against, and its verdict (both
+        # immutable; a reload brings a new list, checked afresh).
+        self.allow_verdict: tuple[object, bool] | None = None
         # Why the tunnel ended (None while it runs); broken: its streams were reset.
         self.reason: str | None = None
         self.broken = False

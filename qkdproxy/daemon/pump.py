@@ -126,7 +126,7 @@ class Traffic:
 
 
 async def pump(
-    reader: asyncio.StreamReader,
+    reader: asyncio.StreamReader | SocketReader,
     writer: asyncio.StreamWriter,
     channel: Channel,
     traffic: Traffic,

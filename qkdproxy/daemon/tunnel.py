@@ -41,6 +41,7 @@ from qkdproxy.daemon.logformat import log_record_event
 from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel, pump_stream
 from qkdproxy.daemon.muxpool import MuxPool, PlainTunnel
 from qkdproxy.daemon.pump import (
+    READ_SIZE,
     Channel,
     FreshKeyBudget,
     RawTlsChannel,
@@ -48,7 +49,9 @@ from qkdproxy.daemon.pump import (
     Traffic,
     pump,
 )
+from qkdproxy.io import socket_reader
 from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
+from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import (
     FreshKeyStats,
     HandshakeError,
@@ -207,21 +210,27 @@ class Tunnel:
             self.pool.start()
         address = self.config.listen
         handler = self._accept
+        # Only a server's listener receives TLS hellos (and has their deadlines).
+        watch = self.config.role == "server"
         if isinstance(address, TcpAddress):
             self._servers.append(
-                await gate.start_server(handler, host=address.host, port=address.port)
+                await gate.start_server(
+                    handler, watch_hello=watch, host=address.host, port=address.port
+                )
             )
         elif isinstance(address, UnixAddress):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address.path)
-            self._servers.append(await gate.start_unix_server(handler, address.path))
+            self._servers.append(
+                await gate.start_unix_server(handler, address.path, watch_hello=watch)
+            )
         else:
             sockets = (inherited or {}).get(address.name)
             if not sockets:
                 raise OSError(f"no socket named {address.name!r} was passed by systemd")
             for sock in sockets:
                 self._check_inherited(sock)
-                self._servers.append(await gate.start_server(handler, sock=sock))
+                self._servers.append(await gate.start_server(handler, watch_hello=watch, sock=sock))
 
     def _check_inherited(self, sock: socket.socket) -> None:
         # The configuration could not see where systemd bound the socket: check now.
@@ -280,7 +289,7 @@ class Tunnel:
         record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
         peername = writer.get_extra_info("peername")
         record.client = str(peername[0]) if isinstance(peername, tuple) else "unix"
-        _keepalive(writer)
+        # SO_KEEPALIVE came from the listening socket (gate.start_server).
         ticket = self._admit(record, writer)
         if ticket is None:
             return
@@ -300,8 +309,11 @@ class Tunnel:
 
     async def _within_lifetime(self, work: Coroutine[object, object, str]) -> str:
         """Run one connection's work; why it ended (its lifetime, a drain, an error too)."""
+        lifetime = self.config.max_lifetime_s
         try:
-            async with asyncio.timeout(self.config.max_lifetime_s or None):
+            if not lifetime:  # no limit: no timeout scope (one per connection and stream)
+                return await work
+            async with asyncio.timeout(lifetime):
                 return await work
         except TimeoutError:
             return "max_lifetime"
@@ -474,7 +486,7 @@ class Tunnel:
         assert isinstance(peer, TcpAddress)
         async with asyncio.timeout(self.config.connect_timeout_s):
             peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
-        _keepalive(peer_writer)
+        gate.keep_alive(peer_writer)
         return await endpoint.connect(peer_reader, peer_writer, mux=mux), peer_writer
 
     async def _serve_server(
@@ -655,7 +667,7 @@ class Tunnel:
     ) -> str:
         # The allow-list is checked per stream too: a reload that drops this peer stops
         # new streams on tunnels it established before.
-        if not self.endpoint.settings.peer.allow.permits(stream.peer):
+        if not self._permits(mux.tunnel, stream):
             await mux.tunnel.refuse(mux, 403)
             return "rejected: peer not allowed"
         if mux.error is not None:
@@ -681,6 +693,15 @@ class Tunnel:
             self._account(record, traffic)
             await _close_stream(reason, traffic, mux, backend_writer)
             await close_transport(backend_writer)
+
+    def _permits(self, tunnel: MuxTunnel, stream: TlsStream) -> bool:
+        """The allow-list's verdict on a tunnel's peer: worked out once per tunnel and
+        list, not per stream (the peer and the list are immutable)."""
+        allow = self.endpoint.settings.peer.allow
+        verdict = tunnel.allow_verdict
+        if verdict is None or verdict[0] is not allow:
+            verdict = tunnel.allow_verdict = (allow, allow.permits(stream.peer))
+        return verdict[1]
 
     async def _pump_stream(
         self,
@@ -713,10 +734,10 @@ class Tunnel:
             self._account(record, traffic)
             await _close_stream(reason, traffic, mux, writer)
 
-    async def _open_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open_backend(self) -> tuple[SocketReader, asyncio.StreamWriter]:
         async with asyncio.timeout(self.config.connect_timeout_s):
             reader, writer = await _open(self.config.connect)
-        _keepalive(writer)
+        gate.keep_alive(writer)
         return reader, writer
 
     def _established(
@@ -879,12 +900,13 @@ def fallback_reason(exc: HandshakeError) -> str:
     return "kme_unavailable"
 
 
-async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(address: Address) -> tuple[SocketReader, asyncio.StreamWriter]:
+    # Read in place by the pumps from the start (no stream reader built to be replaced).
     if isinstance(address, UnixAddress):
-        return await asyncio.open_unix_connection(address.path)
+        return await socket_reader.open_unix_connection(address.path, READ_SIZE)
     if isinstance(address, SystemdAddress):
         raise OSError("systemd: addresses can only listen")
-    return await asyncio.open_connection(address.host, address.port)
+    return await socket_reader.open_connection(address.host, address.port, READ_SIZE)
 
 
 def _refused(exc: HandshakeError, source: FlushableSource) -> bool:
@@ -948,10 +970,3 @@ async def _close_stream(
             gate.reset(plaintext)
     else:
         await mux.close()
-
-
-def _keepalive(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -8,14 +8,17 @@ and says how many it used (:meth:`SocketReader.consume`).
 
 The stream pair's writer keeps working: flow control (``drain``) and the end of the
 connection (``wait_closed``) are forwarded to the stream protocol the reader replaced.
+A connection this side dials (:func:`open_connection`) gets its reader from the start: no
+stream reader is built only to be replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import cast
 
-__all__ = ["MIN_FREE", "SMALL", "SocketReader"]
+__all__ = ["MIN_FREE", "SMALL", "SocketReader", "open_connection", "open_unix_connection"]
 
 # Never ask the kernel for less than this: reading pauses when less is free.
 MIN_FREE = 16 * 1024
@@ -68,10 +71,15 @@ class SocketReader(asyncio.BufferedProtocol):
 
     @classmethod
     def attach(
-        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, capacity: int
+        cls,
+        reader: asyncio.StreamReader | SocketReader,
+        writer: asyncio.StreamWriter,
+        capacity: int,
     ) -> SocketReader:
         """Take over the receiving side of an open stream pair; ``reader`` must not be used
-        afterwards (the bytes it held come first)."""
+        afterwards (the bytes it held come first). A socket reader already reads it."""
+        if isinstance(reader, SocketReader):
+            return reader
         # uvloop's transports are not registered as asyncio.Transport, but are ones.
         transport = cast(asyncio.Transport, writer.transport)
         self = cls(transport, transport.get_protocol(), capacity)
@@ -94,6 +102,10 @@ class SocketReader(asyncio.BufferedProtocol):
         else:
             transport.resume_reading()  # the stream reader may have paused it
         return self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """A dialled connection is up (:func:`open_connection`)."""
+        self._transport = cast(asyncio.Transport, transport)
 
     # ------------------------------------------------------------- the consumer
 
@@ -177,3 +189,72 @@ class SocketReader(asyncio.BufferedProtocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+class _WriterSide(asyncio.streams.FlowControlMixin):
+    """What a :class:`asyncio.StreamWriter` needs of its protocol, for a connection read by
+    a :class:`SocketReader` from the start: flow control and the end of the connection, as
+    :class:`asyncio.StreamReaderProtocol` gives them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._closed: asyncio.Future[None] = loop.create_future()
+        self._broken_by: Exception | None = None
+
+    def eof_received(self) -> bool:
+        """Keep the writing side open after the peer's FIN (half-close)."""
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Wake drains (they raise) and ``wait_closed``."""
+        self._broken_by = exc
+        super().connection_lost(exc)
+        if not self._closed.done():
+            if exc is None:
+                self._closed.set_result(None)
+            else:
+                self._closed.set_exception(exc)
+                self._closed.exception()  # nobody may wait for it: not "never retrieved"
+
+    async def _drain_helper(self) -> None:
+        # What broke the connection (a reset), as a stream pair's drain raises it: the
+        # stream reader's exception.
+        if self._broken_by is not None:
+            raise self._broken_by
+        await super()._drain_helper()  # type: ignore[misc]
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
+
+
+def _dialling(loop: asyncio.AbstractEventLoop, capacity: int) -> Callable[[], SocketReader]:
+    def factory() -> SocketReader:
+        # Its transport is set by connection_made.
+        return SocketReader(cast(asyncio.Transport, None), _WriterSide(loop), capacity)
+
+    return factory
+
+
+async def _dialled(
+    opened: Awaitable[tuple[asyncio.BaseTransport, SocketReader]],
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[SocketReader, asyncio.StreamWriter]:
+    transport, reader = await opened
+    writer = asyncio.StreamWriter(cast(asyncio.Transport, transport), reader._previous, None, loop)
+    return reader, writer
+
+
+async def open_connection(
+    host: str, port: int, capacity: int
+) -> tuple[SocketReader, asyncio.StreamWriter]:
+    """:func:`asyncio.open_connection`, read by a :class:`SocketReader` of ``capacity``."""
+    loop = asyncio.get_running_loop()
+    return await _dialled(loop.create_connection(_dialling(loop, capacity), host, port), loop)
+
+
+async def open_unix_connection(
+    path: str, capacity: int
+) -> tuple[SocketReader, asyncio.StreamWriter]:
+    """:func:`asyncio.open_unix_connection`, read by a :class:`SocketReader`."""
+    loop = asyncio.get_running_loop()
+    return await _dialled(loop.create_unix_connection(_dialling(loop, capacity), path), loop)

@@ -8,6 +8,7 @@ must not be into a buffer that is reused afterwards. Every byte is checked by di
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import os
@@ -146,18 +147,30 @@ def test_every_byte_survives_a_slow_backend_in_both_directions(loop: str) -> Non
     "scenario",
     [
         reader_tests.test_bytes_the_stream_reader_held_come_first_then_the_rest_until_eof,
-        reader_tests.test_a_consumer_that_stops_reading_holds_at_most_its_capacity,
-        reader_tests.test_the_writer_keeps_flow_control_and_closes_normally,
-        reader_tests.test_a_reset_raises_and_a_truncated_tail_is_not_lost,
         reader_tests.test_a_few_waiting_bytes_hold_a_small_buffer_a_bulk_flow_the_capacity,
+        reader_tests.test_a_dialled_connection_half_closes,
+        reader_tests.test_a_dialled_connections_drain_raises_the_reset_itself,
+    ]
+    + [
+        functools.partial(test, dialled)
+        for test in (
+            reader_tests.test_a_consumer_that_stops_reading_holds_at_most_its_capacity,
+            reader_tests.test_the_writer_keeps_flow_control_and_closes_normally,
+            reader_tests.test_a_reset_raises_and_a_truncated_tail_is_not_lost,
+        )
+        for dialled in (False, True)
     ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
+    ids=lambda f: (
+        f"{f.func.__name__.removeprefix('test_')}[{'dialled' if f.args[0] else 'accepted'}]"
+        if isinstance(f, functools.partial)
+        else f.__name__.removeprefix("test_")
+    ),
 )
 def test_the_socket_reader_behaves_the_same_on_uvloop(
     scenario: Callable[[], Awaitable[None]],
 ) -> None:
     # The daemon runs on uvloop when it is installed: its transports switch protocols,
-    # pause and hand out read buffers in their own way.
+    # pause and hand out read buffers in their own way (and dial with a socket reader).
     run("uvloop", scenario)
 
 

@@ -15,7 +15,9 @@ from qkdproxy.core.mux import ResetCode
 from qkdproxy.core.proxyv2 import PP2_TYPE_QKDPROXY_PEER
 from qkdproxy.daemon import gate
 from qkdproxy.daemon.config import MuxSettings, load_config
+from qkdproxy.daemon.tunnel import ConnectionRecord
 from tests.integration.test_tunnel_runtime import Backend, parse_tlvs, port, setup, transfer
+from tests.system_helpers import eventually
 from tests.unit.test_config import CLIENT, KME, problems, write
 
 MUX = "multiplex = true\nmux_keepalive_s = 5"
@@ -327,7 +329,17 @@ async def test_qkd_preferred_connections_fall_back_while_the_pool_cannot_establi
         async with s.daemon("client", text) as client:
             for i in range(2):
                 assert await transfer(port(client), b"pq only %d" % i) == b"pq only %d" % i
-    lines = [r for r in s.records if r.role == "client" and r.reason == "closed"]
+
+            def carried() -> list[ConnectionRecord]:
+                return [r for r in s.records if r.role == "client" and r.reason == "closed"]
+
+            async def both_ended() -> bool:
+                return len(carried()) == 2
+
+            # The application saw its echo before the client daemon finished the tunnel's
+            # close: stopping the daemon now would record the second one as "drained".
+            await eventually(both_ended, "both connections' lines")
+    lines = carried()
     assert len(lines) == 2
     assert all(r.fallback and r.group == "X25519MLKEM768" and r.mux is None for r in lines)
     # Per-connection dials never offer the mux protocol: the server ran qkdproxy/1.

@@ -1,5 +1,6 @@
-"""SocketReader over real TCP sockets: hand-over from a stream pair, bounded buffering when
-the consumer stops, partial consumption, the end and a reset, and the writer still working."""
+"""SocketReader over real TCP sockets: hand-over from a stream pair (or a connection dialled
+with one from the start), bounded buffering when the consumer stops, partial consumption,
+the end and a reset, and the writer still working."""
 
 from __future__ import annotations
 
@@ -9,19 +10,23 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 
+from qkdproxy.io import socket_reader
 from qkdproxy.io.socket_reader import SMALL, SocketReader
 
 CAPACITY = 64 * 1024
 
 
 @asynccontextmanager
-async def connected() -> AsyncIterator[
-    tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamWriter]
-]:
-    """(our reader, our writer, the peer's writer) over loopback TCP."""
+async def connected(
+    dialled: bool = False,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamWriter]]:
+    """(our reader, our writer, the peer's writer) over loopback TCP: the side that accepted
+    (a stream pair), or with ``dialled`` the side that dialled (a socket reader of
+    ``CAPACITY``, which ``attach`` passes through)."""
     accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
 
     async def on_connect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -29,8 +34,14 @@ async def connected() -> AsyncIterator[
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    peer_reader, peer_writer = await asyncio.open_connection("127.0.0.1", port)
-    reader, writer = await accepted.get()
+    if dialled:
+        source, writer = await socket_reader.open_connection("127.0.0.1", port, CAPACITY)
+        # Typed as the stream pair's reader: the scenarios only pass it to attach.
+        reader = cast(asyncio.StreamReader, source)
+        peer_reader, peer_writer = await accepted.get()
+    else:
+        peer_reader, peer_writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await accepted.get()
     try:
         yield reader, writer, peer_writer
     finally:
@@ -66,8 +77,9 @@ async def test_bytes_the_stream_reader_held_come_first_then_the_rest_until_eof()
         assert not await source.peek()  # the end stays the end
 
 
-async def test_a_consumer_that_stops_reading_holds_at_most_its_capacity() -> None:
-    async with connected() as (reader, writer, peer):
+@pytest.mark.parametrize("dialled", [False, True])
+async def test_a_consumer_that_stops_reading_holds_at_most_its_capacity(dialled: bool) -> None:
+    async with connected(dialled) as (reader, writer, peer):
         source = SocketReader.attach(reader, writer, CAPACITY)
         block = os.urandom(1 << 20)
         sending = asyncio.ensure_future(_send(peer, block, 32))
@@ -95,8 +107,9 @@ async def _send(writer: asyncio.StreamWriter, block: bytes, times: int) -> None:
         await writer.drain()
 
 
-async def test_the_writer_keeps_flow_control_and_closes_normally() -> None:
-    async with connected() as (reader, writer, peer):
+@pytest.mark.parametrize("dialled", [False, True])
+async def test_the_writer_keeps_flow_control_and_closes_normally(dialled: bool) -> None:
+    async with connected(dialled) as (reader, writer, peer):
         source = SocketReader.attach(reader, writer, CAPACITY)
         writer.write(b"answer")
         await writer.drain()
@@ -107,8 +120,9 @@ async def test_the_writer_keeps_flow_control_and_closes_normally() -> None:
         await asyncio.wait_for(writer.wait_closed(), 5)
 
 
-async def test_a_reset_raises_and_a_truncated_tail_is_not_lost() -> None:
-    async with connected() as (reader, writer, peer):
+@pytest.mark.parametrize("dialled", [False, True])
+async def test_a_reset_raises_and_a_truncated_tail_is_not_lost(dialled: bool) -> None:
+    async with connected(dialled) as (reader, writer, peer):
         source = SocketReader.attach(reader, writer, CAPACITY)
         peer.write(b"partial")
         await peer.drain()
@@ -121,6 +135,43 @@ async def test_a_reset_raises_and_a_truncated_tail_is_not_lost() -> None:
         peer.transport.abort()  # RST
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(read_all(source), 5)
+
+
+async def test_a_dialled_connection_half_closes() -> None:
+    async with connected(dialled=True) as (reader, writer, peer):
+        source = SocketReader.attach(reader, writer, CAPACITY)
+        peer.write(b"request")
+        peer.write_eof()
+        assert await read_all(source) == b"request"
+        # The peer's FIN ends our reading only: the answer still goes out.
+        writer.write(b"answer")
+        await writer.drain()
+        writer.write_eof()
+        assert await asyncio.wait_for(peer_reader_of(peer).read(), 5) == b"answer"
+
+
+async def test_a_dialled_connections_drain_raises_the_reset_itself() -> None:
+    async with connected(dialled=True) as (reader, writer, peer):
+        source = SocketReader.attach(reader, writer, CAPACITY)
+        sock = peer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.transport.abort()  # RST
+        with pytest.raises(ConnectionResetError) as raised:
+            await asyncio.wait_for(read_all(source), 5)
+        # drain reports what broke the connection, as a stream pair's does (not a
+        # generic "Connection lost"); wait_closed too.
+        with pytest.raises(ConnectionResetError) as drained:
+            await writer.drain()
+        assert drained.value is raised.value
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+def peer_reader_of(peer: asyncio.StreamWriter) -> asyncio.StreamReader:
+    """The stream reader paired with the peer's writer."""
+    reader = peer._reader  # type: ignore[attr-defined]
+    assert isinstance(reader, asyncio.StreamReader)
+    return reader
 
 
 def test_a_capacity_below_the_small_buffer_is_refused() -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 from prometheus_client import generate_latest
 
 from qkdproxy.core.admission import (
@@ -205,6 +208,58 @@ async def _deadline_outcome(send: bytes | None, first_byte_s: float, hello_s: fl
         return await asyncio.wait_for(outcome, 10)
     finally:
         writer.close()
+        server.close()
+
+
+async def _accepted(watch_hello: bool) -> tuple[bool, bool]:
+    """Accept one TCP connection through :func:`gate.start_server`: whether its socket has
+    SO_KEEPALIVE, and whether its reader watches the hello."""
+    accepted: asyncio.Future[tuple[bool, bool]] = asyncio.get_running_loop().create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        keepalive = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        accepted.set_result((keepalive, isinstance(reader, gate.WatchedReader)))
+        writer.close()
+
+    server = await gate.start_server(handler, watch_hello=watch_hello, host="127.0.0.1", port=0)
+    port = server.sockets[0].getsockname()[1]
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(accepted, 10)
+    finally:
+        writer.close()
+        server.close()
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+@pytest.mark.parametrize("watch_hello", [True, False])
+def test_accepted_connections_keep_alive_and_watch_hellos_only_when_asked(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], watch_hello: bool
+) -> None:
+    # SO_KEEPALIVE is set on the listener only (Linux copies it to accepted sockets), under
+    # the daemon's event loop (uvloop) as well as asyncio's.
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(_accepted(watch_hello)) == (True, watch_hello)
+
+
+async def test_a_connection_queued_on_an_inherited_listener_keeps_alive_too() -> None:
+    # systemd passes a socket that is listening already: a connection may wait in its
+    # backlog before the daemon sets anything on the listener.
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    accepted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        accepted.set_result(bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)))
+        writer.close()
+
+    server = await gate.start_server(handler, sock=listener)
+    try:
+        assert await asyncio.wait_for(accepted, 10)
+    finally:
+        peer.close()
         server.close()
 
 
