@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +29,11 @@ class Channel(Protocol):
     async def send_fin(self) -> None: ...
 
     async def receive(self) -> bytes | bytearray | memoryview: ...
+
+    async def receive_parts(self) -> Sequence[bytes | bytearray | memoryview]:
+        """What :meth:`receive` returns, as one or more non-empty buffers (no join); empty
+        at the end. They stay valid after the next call (a transport may still hold them)."""
+        ...
 
     async def update_keys(self) -> None: ...
 
@@ -51,6 +57,11 @@ class RawTlsChannel:
     async def receive(self) -> bytes | bytearray:
         """Read application bytes (b"" at the end)."""
         return await self.stream.read()
+
+    async def receive_parts(self) -> list[bytes | bytearray]:
+        """Read application bytes, as one buffer (none at the end)."""
+        data = await self.stream.read()
+        return [data] if data else []
 
     async def update_keys(self) -> None:
         """TLS 1.3 KeyUpdate."""
@@ -156,10 +167,12 @@ async def pump(
         await channel.send_fin()
 
     async def inbound() -> None:
-        while data := await channel.receive():
-            traffic.from_peer += len(data)
+        # One writelines of the payloads as they were opened: the kernel gathers them
+        # (one sendmsg), so no byte is copied to join them first.
+        while parts := await channel.receive_parts():
+            traffic.from_peer += sum(map(len, parts))
             traffic.last_activity = time.monotonic()
-            writer.write(data)
+            writer.writelines(parts)
             await writer.drain()
         if writer.can_write_eof():
             with contextlib.suppress(OSError):

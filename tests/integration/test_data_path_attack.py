@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import os
 import random
 import socket
@@ -252,3 +253,66 @@ async def test_a_tcp_fin_inside_or_after_a_batch_is_a_truncation_never_an_end(cu
         received, error = await read_until_failure(s.server)
         assert error.truncated
         assert len(received) == 3000 + MAX_PLAINTEXT and received.startswith(b"g" * 3000)
+
+
+class PiecesChannel:
+    """A tunnel side that hands out what it received only as separate pieces."""
+
+    def __init__(self, batches: list[list[memoryview]]) -> None:
+        self.batches = batches
+        self.sent = bytearray()
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+
+    async def send_fin(self) -> None:
+        pass
+
+    async def receive(self) -> bytes:
+        raise AssertionError("the pump asked for the pieces joined")
+
+    async def receive_parts(self) -> list[memoryview]:
+        await asyncio.sleep(0)
+        return self.batches.pop(0) if self.batches else []
+
+    async def update_keys(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def _pieces_reach_the_backend_in_order() -> None:
+    payload = os.urandom(300_000)
+    view = memoryview(payload)
+    cuts = [0, 1, 16_380, 16_381, 100_000, 131_072, 250_000, len(payload)]
+    pieces = [view[a:b] for a, b in itertools.pairwise(cuts)]
+    channel = PiecesChannel([pieces[:1], pieces[1:4], pieces[4:]])
+    ours, backend = socket.socketpair()
+    plain_reader, plain_writer = await asyncio.open_connection(sock=ours)
+    backend_reader, backend_writer = await asyncio.open_connection(sock=backend)
+    backend_writer.write(b"upload")
+    backend_writer.write_eof()
+    traffic = Traffic()
+
+    async def pumped() -> str:
+        try:
+            return await pump(plain_reader, plain_writer, channel, traffic, idle_timeout_s=30)
+        finally:
+            plain_writer.close()  # a pump that failed must not leave the backend waiting
+
+    async with asyncio.timeout(30):
+        reason, received = await asyncio.gather(pumped(), backend_reader.read())
+    backend_writer.close()
+    assert reason == "closed"
+    assert received == payload  # every piece, in order, then the end (write_eof)
+    assert traffic.from_peer == len(payload)
+    assert channel.sent == b"upload"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_pump_writes_received_pieces_without_joining_them(loop: str) -> None:
+    """A receiving daemon copies no byte between its records and the send call: the
+    channel's payload views go to the plaintext side as they are, in order, and the
+    channel's end (no pieces) becomes the plaintext side's end."""
+    run(loop, _pieces_reach_the_backend_in_order)
