@@ -31,6 +31,7 @@ from qkdproxy.core.tls.connection import (
     TlsConnection,
 )
 from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE, ENGINES, EngineSpec
 from qkdproxy.core.tls.events import (
     DataReceived,
     Failed,
@@ -43,8 +44,8 @@ from qkdproxy.core.tls.events import (
 )
 from qkdproxy.core.tls.identity import PeerIdentity
 from qkdproxy.core.tls.keyexchange import CloseStream, HandshakeRecord, KeyAnswer, KeySteps
+from qkdproxy.core.tls.native import NativeEngineSpec
 from qkdproxy.core.tls.record_layer import RecordLayer
-from qkdproxy.core.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert
 from qkdproxy.io.socket_reader import SocketReader
@@ -152,6 +153,8 @@ class EndpointSettings:
     fresh_key_deadline: float | None = None
     # Also offer (first) ALPN qkdproxy-mux/1: multiplexed tunnels (tunnel/mux.py).
     mux_protocol: bool = False
+    # The TLS 1.3 handshake engine: "native" (ours) or "tlslite" (core/tls/engine.py).
+    tls_engine: str = DEFAULT_ENGINE
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,20 +434,31 @@ class TlsStream:
             await close_transport(self._driver.writer)
 
 
+def engine_spec(name: str, settings: EndpointSettings) -> EngineSpec:
+    """The named handshake engine, prepared for the endpoint's credentials and groups.
+    tlslite is imported only when chosen (its start-up self-test costs a handshake)."""
+    if name == "native":
+        return NativeEngineSpec.of(settings.credentials)
+    if name == "tlslite":
+        from qkdproxy.core.tls.tlslite_glue import TlsliteEngineSpec, install  # noqa: PLC0415
+
+        install(g.group for g in settings.groups)
+        return TlsliteEngineSpec.of(settings.credentials)
+    raise SettingError(f"tls_engine must be one of {', '.join(ENGINES)}, not {name!r}")
+
+
 class TlsEndpoint:
     """Runs client or server handshakes with one set of endpoint settings."""
 
     def __init__(self, settings: EndpointSettings) -> None:
         if not settings.groups:
             raise SettingError("an endpoint needs at least one key-exchange group")
-        install(g.group for g in settings.groups)
         self.settings = settings
-        alpn = [bytearray(ALPN_PROTOCOL.encode())] if settings.peer_protocol else None
+        alpn = [ALPN_PROTOCOL.encode()] if settings.peer_protocol else None
         self._config = ConnectionConfig(
             groups=settings.groups,
             peer=settings.peer,
-            chain=tlslite_chain(settings.credentials),
-            private_key=tlslite_private_key(settings.credentials.private_key),
+            engine=engine_spec(settings.tls_engine, settings),
             server_name=_sni_name(settings.peer.server_name),
             alpn=alpn,
             handshake_timeout=settings.handshake_timeout,
@@ -456,7 +470,7 @@ class TlsEndpoint:
         # the tunnels of their pool, so a per-connection dial never gets it.
         self._mux_config = self._config
         if alpn is not None and settings.mux_protocol:
-            mux_alpn = [bytearray(MUX_ALPN_PROTOCOL.encode()), *alpn]
+            mux_alpn = [MUX_ALPN_PROTOCOL.encode(), *alpn]
             self._mux_config = dataclasses.replace(self._config, alpn=mux_alpn)
 
     async def connect(

@@ -4,7 +4,7 @@ hand-driven clock, key requests answered by a KME kept in a dict."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,6 +22,8 @@ from qkdproxy.core.tls.connection import (
     Phase,
     TlsConnection,
 )
+from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.engine import EngineSpec
 from qkdproxy.core.tls.events import DataReceived, Failed, Side
 from qkdproxy.core.tls.identity import AllowList
 from qkdproxy.core.tls.keyexchange import (
@@ -37,7 +39,8 @@ from qkdproxy.core.tls.keyexchange import (
     StreamKey,
     TakeKey,
 )
-from qkdproxy.core.tls.tlslite_glue import install, tlslite_chain, tlslite_private_key
+from qkdproxy.core.tls.native import NativeEngineSpec
+from qkdproxy.core.tls.tlslite_glue import TlsliteEngineSpec, install
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert
 from qkdproxy.keys.context import KeyContext
@@ -99,6 +102,30 @@ class Present:
     """A key source that is configured (the connection never calls it: the test answers)."""
 
 
+ENGINE_SPECS: dict[str, Callable[[Credentials], EngineSpec]] = {
+    "native": NativeEngineSpec.of,
+    "tlslite": TlsliteEngineSpec.of,
+}
+_engine = {"client": "native", "server": "native"}
+
+
+@pytest.fixture(
+    autouse=True,
+    params=[
+        ("native", "native"),
+        ("tlslite", "tlslite"),
+        ("native", "tlslite"),
+        ("tlslite", "native"),
+    ],
+    ids=lambda p: f"{p[0]}-client-{p[1]}-server",
+)
+def engine(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """Every test here runs on both handshake engines, and each against the other."""
+    _engine["client"], _engine["server"] = request.param
+    yield request.param
+    _engine["client"] = _engine["server"] = "native"
+
+
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.create()
@@ -124,8 +151,7 @@ def endpoint(
     config = ConnectionConfig(
         groups=hybrids,
         peer=policy,
-        chain=tlslite_chain(credentials),
-        private_key=tlslite_private_key(credentials.private_key),
+        engine=ENGINE_SPECS[_engine["client" if client else "server"]](credentials),
         server_name=SERVER_NAME if client else None,
         alpn=None,
         handshake_timeout=TIMEOUT,

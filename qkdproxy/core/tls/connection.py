@@ -6,14 +6,14 @@ the answer to a key request (:meth:`~TlsConnection.answer_key`) and timers
 (:meth:`~TlsConnection.next_events`) and bytes to send (:meth:`~TlsConnection.data_to_send`).
 
 The connection owns the hello gate (hellos are held back until the key exchange has what
-it needs), the key exchange (whose KME calls come out as :class:`KeyNeeded`), tlslite as
-the handshake engine, and from the end of the handshake the record layer
+it needs), the key exchange (whose KME calls come out as :class:`KeyNeeded`), a handshake
+engine (:mod:`qkdproxy.core.tls.engine`: ours or tlslite), and from the end of the
+handshake the record layer
 (:attr:`TlsConnection.records`). Its phase moves only along :data:`TRANSITIONS`.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +25,13 @@ from typing import Any
 from qkdproxy.core.errors import LocalProtocolError, QkdproxyError
 from qkdproxy.core.hybrid import HybridKem
 from qkdproxy.core.tls.eku_state import FreshKeyUpdates, UpdatePolicy
+from qkdproxy.core.tls.engine import (
+    AbruptCloseError,
+    EngineSpec,
+    HandOverError,
+    LocalAlertError,
+    RemoteAlertError,
+)
 from qkdproxy.core.tls.events import Failed, RecordEvent, Side
 from qkdproxy.core.tls.hello import (
     DuplicateExtensionError,
@@ -46,15 +53,6 @@ from qkdproxy.core.tls.keyexchange import (
     Steps,
 )
 from qkdproxy.core.tls.record_layer import RecordLayer
-from qkdproxy.core.tls.tlslite_glue import (
-    NO_ALPN_PLACEHOLDER,
-    HookedTLSConnection,
-    TLSAbruptCloseError,
-    TLSError,
-    TLSLocalAlert,
-    TLSRemoteAlert,
-    make_settings,
-)
 from qkdproxy.core.tls.verify import PeerPolicy, PeerRejectedError
 from qkdproxy.core.tls.wire import (
     TLS13_CIPHER_SUITES,
@@ -132,7 +130,7 @@ class Phase(Enum):
     """Where a connection is."""
 
     START = "start"
-    HANDSHAKE = "handshake"  # tlslite runs (or waits for the first ClientHello)
+    HANDSHAKE = "handshake"  # the engine runs (or waits for the first ClientHello)
     KEYS = "keys"  # a key-exchange step waits for the answer to a key request
     ESTABLISHED = "established"  # the record layer has taken over
     FAILED = "failed"
@@ -155,52 +153,19 @@ TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class ConnectionConfig:
-    """What every handshake of one endpoint shares (tlslite forms prepared once)."""
+    """What every handshake of one endpoint shares (the engine's forms prepared once)."""
 
     groups: Sequence[HybridKem]
     peer: PeerPolicy
-    chain: Any  # tlslite's X509CertChain
-    private_key: Any  # tlslite's key object
+    engine: EngineSpec
     server_name: str | None
-    alpn: list[bytearray] | None
+    alpn: list[bytes] | None
     handshake_timeout: float
     # Extended Key Update: offer it; refuse a peer that does not offer it too.
     fresh_key_update: bool = False
     require_fresh_key_update: bool = False
     # How long one update may wait for the peer (None: handshake_timeout).
     fresh_key_deadline: float | None = None
-
-
-class MemorySocket:
-    """The socket tlslite sees: reads from ``inbound``, writes to ``outbound``, never blocks."""
-
-    def __init__(self) -> None:
-        self.inbound = bytearray()
-        self.outbound = bytearray()
-        self.eof = False
-
-    def recv(self, size: int) -> bytes:
-        if not self.inbound:
-            if self.eof:
-                return b""
-            # tlslite reads args[0] to tell "would block" from real errors.
-            raise BlockingIOError(errno.EAGAIN, "no data buffered")
-        chunk = bytes(self.inbound[:size])
-        del self.inbound[:size]
-        return chunk
-
-    def send(self, data: bytes) -> int:
-        self.outbound += data
-        return len(data)
-
-    def sendall(self, data: bytes) -> None:
-        self.outbound += data
-
-    def close(self) -> None:
-        """Nothing to release: the transport belongs to the driver."""
-
-    def shutdown(self, how: int) -> None:
-        """Nothing to release: the transport belongs to the driver."""
 
 
 class TlsConnection:
@@ -225,9 +190,9 @@ class TlsConnection:
         self._deadline: float | None = None
         self._events: list[Event] = []
         self._out: list[bytes | bytearray] = []
-        self._sock = MemorySocket()
+        self._eof = False
         self._backlog: deque[GateEvent] = deque()
-        self._tls_steps: Iterator[Any] | None = None
+        self._engine_started = False
         self._key_steps: Steps[Any] | None = None
         self._then: Callable[[Any], None] | None = None
         self._first_hello_seen = False
@@ -237,13 +202,18 @@ class TlsConnection:
         if is_client:
             self.kex = ClientKeyExchange(config.groups, keys)
             self._gate = HelloGate(HandshakeType.SERVER_HELLO)
-            self._tls = HookedTLSConnection(self._sock, self.kex, self._check_server_chain)
         else:
             self.kex = ServerKeyExchange(config.groups, keys)
             self._gate = HelloGate(HandshakeType.CLIENT_HELLO)
-            self._tls = HookedTLSConnection(self._sock, self.kex, lambda chain: None)
+        self._engine = config.engine.new(
+            self.kex,
+            is_client=is_client,
+            chain_check=self._check_server_chain if is_client else None,
+            alpn=config.alpn,
+            server_name=config.server_name,
+        )
         self.keys = keys  # the endpoint's key context (Extended Key Updates draw from it)
-        self._tls.eku_offer = config.fresh_key_update
+        self._engine.eku_offer = config.fresh_key_update
 
     # ----------------------------------------------------------------- inputs
 
@@ -257,12 +227,12 @@ class TlsConnection:
 
     def _start_client(self) -> None:
         first = self.config.groups[0]
-        settings = make_settings([g.group for g in self.config.groups], first.group)
-        self._tls_steps = self._tls.handshakeClientCert(
-            self.config.chain, self.config.private_key, settings=settings,
-            serverName=self.config.server_name, async_=True, alpn=self.config.alpn,
-        )  # fmt: skip
-        self._run_keys(self.kex_client.offer(first.group.code_point), lambda _: None)
+
+        def send_hello(_: object) -> None:
+            self._engine.start_client([g.group for g in self.config.groups], first.group)
+            self._engine_started = True
+
+        self._run_keys(self.kex_client.offer(first.group.code_point), send_hello)
         self._advance()
 
     def receive_data(self, data: bytes, now: float) -> None:
@@ -280,7 +250,8 @@ class TlsConnection:
         """The peer closed its sending side."""
         if self.phase in (Phase.FAILED, Phase.ESTABLISHED):
             return
-        self._sock.eof = True
+        self._eof = True
+        self._engine.feed_eof()
         self._guarded(self._advance)
 
     def answer_key(self, answer: KeyAnswer, now: float) -> None:
@@ -328,10 +299,9 @@ class TlsConnection:
 
     def data_to_send(self) -> bytes:
         """Bytes for the peer, in order."""
-        if self._sock.outbound:
-            self._out.append(bytes(self._sock.outbound))
-            self._sock.outbound.clear()
-        if self.records is not None:
+        if self.records is None:
+            self._out.append(self._engine.take_output())
+        else:
             self._out.append(self.records.data_to_send())
         out = b"".join(self._out)
         self._out.clear()
@@ -358,21 +328,21 @@ class TlsConnection:
         except HandshakeError as exc:
             self._fail(exc)
         except HandshakeRejectedError as exc:
-            self._out.append(bytes(self._sock.outbound) + plaintext_alert(exc.alert))
-            self._sock.outbound.clear()
+            self._out.append(self._engine.take_output() + plaintext_alert(exc.alert))
             self._fail(HandshakeError(exc.reason, int(exc.alert), key_source=exc.key_source))
-        except TLSLocalAlert as exc:
-            self._fail(HandshakeError(exc.message or str(exc), exc.description))
-        except TLSRemoteAlert as exc:
-            self._fail(HandshakeError(f"peer sent alert {exc}", exc.description, remote=True))
-        except (TLSAbruptCloseError, ConnectionError):
+        except LocalAlertError as exc:
+            self._fail(HandshakeError(exc.message, exc.description))
+        except RemoteAlertError as exc:
+            self._fail(HandshakeError(str(exc), exc.description, remote=True))
+        except (AbruptCloseError, ConnectionError):
             reason = "peer closed the connection during the handshake"
             self._fail(HandshakeError(reason, remote=True, outcome=Outcome.PEER_CLOSED))
         except LocalProtocolError:
             raise
         except Exception as exc:
-            # Our bug, or tlslite's on input it does not expect (a KeyError on an unknown
-            # certificate OID): either way not the peer's fault. It ends this connection only.
+            # Our bug, or the engine's on input it does not expect (tlslite: a KeyError on an
+            # unknown certificate OID): either way not the peer's fault. It ends this
+            # connection only.
             log.error("internal error in a handshake", exc_info=exc)
             self._out.append(plaintext_alert(Alert.INTERNAL_ERROR))
             reason = f"handshake failed: internal error ({type(exc).__name__})"
@@ -421,22 +391,25 @@ class TlsConnection:
         while self.phase is Phase.HANDSHAKE:
             if not self._feed_backlog():
                 return  # a key step started
-            if self._tls_steps is None:
-                if not (self._first_hello_seen or self._gate.passthrough or self._sock.eof):
-                    return  # the server waits for its first ClientHello
+            if not self._engine_started:
+                if self.is_client or not (
+                    self._first_hello_seen or self._gate.passthrough or self._eof
+                ):
+                    return  # a client's hello waits for its key; a server for a ClientHello
                 self._start_server()
-            if self._step_tls():
+            if self._engine.step():
                 self._complete()
                 return
             if not self._backlog:
                 return
 
     def _feed_backlog(self) -> bool:
-        """Hand gate events to tlslite in order; False when a held hello started a key step."""
+        """Hand gate events to the engine in order; False when a held hello started a key
+        step."""
         while self._backlog:
             event = self._backlog.popleft()
             if isinstance(event, Release):
-                self._sock.inbound += event.data
+                self._engine.feed(event.data)
                 continue
             self._on_hello(event)
             if self.phase is not Phase.HANDSHAKE:
@@ -458,7 +431,7 @@ class TlsConnection:
                 self._hello_retry()  # before the key step: a refused retry costs no key
 
             def after_server_hello(_: object) -> None:
-                self._sock.inbound += hello.records
+                self._engine.feed(hello.records)
 
             self._run_keys(self.kex_client.on_server_hello(parsed), after_server_hello)
             return
@@ -472,19 +445,19 @@ class TlsConnection:
                 Alert.ILLEGAL_PARAMETER, f"malformed ClientHello: {exc}"
             ) from None
         except HelloParseError:
-            self._sock.inbound += hello.records  # tlslite answers it with the right alert
+            self._engine.feed(hello.records)  # the engine answers it with the right alert
             return
         # No KME call for a hello tlslite will refuse anyway.
         if not client_hello.offers_tls13 or TLS13_CIPHER_SUITES.isdisjoint(
             client_hello.cipher_suites
         ):
-            self._sock.inbound += hello.records
+            self._engine.feed(hello.records)
             return
 
         def after_client_hello(retry: bool) -> None:
             if retry:
                 self._hello_retry()
-            self._sock.inbound += hello.records
+            self._engine.feed(hello.records)
 
         self._run_keys(self.kex_server.on_client_hello(client_hello), after_client_hello)
 
@@ -509,28 +482,12 @@ class TlsConnection:
         return self.kex
 
     def _start_server(self) -> None:
-        # tlslite starts only now, with the chosen group as its only choice, so it cannot
-        # pick a group other than the one the key exchange prepared.
+        # The engine starts only now, with the chosen group as its only choice, so it
+        # cannot pick a group other than the one the key exchange prepared.
         chosen = self.kex_server.chosen
         groups = [chosen.group] if chosen else [g.group for g in self.config.groups]
-        self._tls_steps = self._tls.handshakeServerAsync(
-            certChain=self.config.chain,
-            privateKey=self.config.private_key,
-            settings=make_settings(groups, groups[0]),
-            reqCert=True,
-            alpn=self.config.alpn or [NO_ALPN_PLACEHOLDER],
-        )
-
-    def _step_tls(self) -> bool:
-        """Step tlslite until it waits for bytes it does not have; True once it is done."""
-        assert self._tls_steps is not None
-        while True:
-            try:
-                result = next(self._tls_steps)
-            except StopIteration:
-                return True
-            if result == 0 and not self._sock.inbound and not self._sock.eof:
-                return False
+        self._engine.start_server(groups)
+        self._engine_started = True
 
     def _check_server_chain(self, chain: list[bytes]) -> tuple[int, str] | None:
         try:
@@ -540,42 +497,40 @@ class TlsConnection:
         return None
 
     def _complete(self) -> None:
+        engine = self._engine
         if not self.is_client:
-            chain = self._tls.session.clientCertChain if self._tls.session else None
-            der = [bytes(c.bytes) for c in chain.x509List] if chain else []
             try:
-                self.verified = self.config.peer.verify_client(der, self._wall_time)
+                self.verified = self.config.peer.verify_client(engine.peer_chain, self._wall_time)
             except PeerRejectedError as exc:
                 # Before any application data: the client learns why (encrypted alert).
-                for _ in self._tls.send_alert(int(exc.alert), exc.reason):
-                    pass
+                engine.send_alert(int(exc.alert), exc.reason)
         if self.verified is None:
             raise HandshakeError("peer identity was not verified", outcome=Outcome.UNVERIFIED)
-        if self.config.require_fresh_key_update and not self._tls.eku_negotiated:
-            for _ in self._tls.send_alert(
+        if self.config.require_fresh_key_update and not engine.eku_negotiated:
+            engine.send_alert(
                 int(Alert.HANDSHAKE_FAILURE), "peer does not offer Extended Key Update"
-            ):
-                pass
+            )
         try:
-            records, leftover = self._tls.hand_over()
-        except TLSError as exc:
+            records, leftover = engine.hand_over()
+        except HandOverError as exc:
             raise HandshakeError(f"handshake did not end cleanly: {exc}", remote=True) from None
+        # The engine's last flight (a client's Finished) leaves before any record.
+        self._out.append(engine.take_output())
         self._move(Phase.ESTABLISHED)
         self._settle(True)
-        if self._tls.eku_negotiated:
+        if engine.eku_negotiated:
             records.eku = self._fresh_key_updates(records)
         self.records = records
-        app_protocol = self._tls.session.appProto if self._tls.session else None
+        alpn = engine.alpn
         self._events.append(
             HandshakeComplete(
                 self.kex.record,
                 self.verified,
-                str(self._tls.getCipherName() or ""),
-                bytes(app_protocol).decode("ascii", "replace") if app_protocol else None,
+                engine.cipher_name,
+                alpn.decode("ascii", "replace") if alpn else None,
             )
         )
-        self._leftover = leftover + bytes(self._sock.inbound)
-        self._sock.inbound.clear()
+        self._leftover = leftover
 
     def _fresh_key_updates(self, records: RecordLayer) -> FreshKeyUpdates:
         """The Extended Key Update state of the new record layer, in the handshake's group,
@@ -589,7 +544,7 @@ class TlsConnection:
             originator = self.is_client == (flow is Flow.CLIENT_INITIATED)
         return FreshKeyUpdates(
             layer=records,
-            schedule=self._tls.key_schedule(),
+            schedule=self._engine.key_schedule(),
             hybrid=hybrid,
             keys=self.keys,
             is_client=self.is_client,

@@ -15,9 +15,11 @@ import errno
 import hashlib
 import hmac
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import tlslite
 import tlslite.handshakesettings as tl_settings
@@ -68,6 +70,14 @@ from tlslite.utils.rsakey import RSAKey
 from qkdproxy.core.groups import GroupKind, GroupSpec
 from qkdproxy.core.tls.credentials import Credentials, PrivateKey
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, KeySchedule, has_flag, tls_flags_data
+from qkdproxy.core.tls.engine import (
+    AbruptCloseError,
+    HandOverError,
+    KeyExchangeHooks,
+    LocalAlertError,
+    PeerChainCheck,
+    RemoteAlertError,
+)
 from qkdproxy.core.tls.events import DataReceived, KeysUpdated
 from qkdproxy.core.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
 from qkdproxy.core.tls.records import hkdf_expand_label
@@ -76,12 +86,15 @@ __all__ = [
     "NO_ALPN_PLACEHOLDER",
     "PRIVATE_NAMES",
     "HookedTLSConnection",
+    "MemorySocket",
     "SelfTestError",
     # tlslite's exceptions, re-exported so that no other module imports tlslite
     "TLSAbruptCloseError",
     "TLSError",
     "TLSLocalAlert",
     "TLSRemoteAlert",
+    "TlsliteEngine",
+    "TlsliteEngineSpec",
     "install",
     "make_settings",
     "self_test",
@@ -114,17 +127,6 @@ _CURVE_NAMES = {"secp256r1": "NIST256p", "secp384r1": "NIST384p", "secp521r1": "
 
 class SelfTestError(RuntimeError):
     """tlslite does not offer the hook points qkdproxy relies on."""
-
-
-class KeyExchangeHooks(Protocol):
-    """What a connection asks its key exchange for (see :mod:`qkdproxy.core.tls.keyexchange`)."""
-
-    def key_share(self, group: int) -> tuple[bytes, object]: ...
-
-    def shared_secret(self, group: int, peer_share: bytes) -> bytes: ...
-
-
-# ---------------------------------------------------------------------------- records
 
 
 class _Aead:
@@ -667,12 +669,6 @@ def _parse_binary_once(self: Any, cert_bytes: ByteLike) -> Any:
 # ------------------------------------------------------------------------ connection
 
 
-class PeerChainCheck(Protocol):
-    """Validates the peer's DER chain; returns None, or (alert, reason) to refuse it."""
-
-    def __call__(self, chain: list[bytes]) -> tuple[int, str] | None: ...
-
-
 class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
     """A TLSConnection whose key exchange and peer-chain check are delegated per connection."""
 
@@ -799,6 +795,185 @@ class HookedTLSConnection(TLSConnection):  # type: ignore[misc]
         leftover = bytes(buffered)
         buffered.clear()
         return records, leftover
+
+
+class MemorySocket:
+    """The socket tlslite sees: reads from ``inbound``, writes to ``outbound``, never blocks."""
+
+    def __init__(self) -> None:
+        self.inbound = bytearray()
+        self.outbound = bytearray()
+        self.eof = False
+
+    def recv(self, size: int) -> bytes:
+        if not self.inbound:
+            if self.eof:
+                return b""
+            # tlslite reads args[0] to tell "would block" from real errors.
+            raise BlockingIOError(errno.EAGAIN, "no data buffered")
+        chunk = bytes(self.inbound[:size])
+        del self.inbound[:size]
+        return chunk
+
+    def send(self, data: bytes) -> int:
+        self.outbound += data
+        return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        self.outbound += data
+
+    def close(self) -> None:
+        """Nothing to release: the transport belongs to the driver."""
+
+    def shutdown(self, how: int) -> None:
+        """Nothing to release: the transport belongs to the driver."""
+
+
+class TlsliteEngine:
+    """tlslite's handshake behind the engine interface of :mod:`qkdproxy.core.tls.engine`:
+    its generators stepped on an in-memory socket, its exceptions translated."""
+
+    def __init__(
+        self,
+        spec: TlsliteEngineSpec,
+        hooks: KeyExchangeHooks,
+        *,
+        is_client: bool,
+        chain_check: PeerChainCheck | None,
+        alpn: Sequence[bytes] | None,
+        server_name: str | None,
+    ) -> None:
+        self._spec = spec
+        self._sock = MemorySocket()
+        self._tls = HookedTLSConnection(self._sock, hooks, chain_check or (lambda chain: None))
+        self._alpn = [bytearray(p) for p in alpn] if alpn else None
+        self._server_name = server_name
+        self._steps: Iterator[Any] | None = None
+
+    @property
+    def eku_offer(self) -> bool:
+        return self._tls.eku_offer
+
+    @eku_offer.setter
+    def eku_offer(self, value: bool) -> None:
+        self._tls.eku_offer = value
+
+    def start_client(self, groups: Sequence[GroupSpec], share_group: GroupSpec) -> None:
+        """Create the client generator (the ClientHello leaves on the first step)."""
+        self._steps = self._tls.handshakeClientCert(
+            self._spec.chain, self._spec.private_key, settings=make_settings(groups, share_group),
+            serverName=self._server_name, async_=True, alpn=self._alpn,
+        )  # fmt: skip
+
+    def start_server(self, groups: Sequence[GroupSpec]) -> None:
+        """Create the server generator, limited to ``groups``."""
+        self._steps = self._tls.handshakeServerAsync(
+            certChain=self._spec.chain,
+            privateKey=self._spec.private_key,
+            settings=make_settings(groups, groups[0]),
+            reqCert=True,
+            alpn=self._alpn or [NO_ALPN_PLACEHOLDER],
+        )
+
+    def feed(self, data: bytes) -> None:
+        self._sock.inbound += data
+
+    def feed_eof(self) -> None:
+        self._sock.eof = True
+
+    def step(self) -> bool:
+        """Step tlslite until it waits for bytes it does not have; True once it is done."""
+        assert self._steps is not None
+        with _translated():
+            while True:
+                try:
+                    result = next(self._steps)
+                except StopIteration:
+                    return True
+                if result == 0 and not self._sock.inbound and not self._sock.eof:
+                    return False
+
+    def take_output(self) -> bytes:
+        out = bytes(self._sock.outbound)
+        self._sock.outbound.clear()
+        return out
+
+    def send_alert(self, alert: int, reason: str) -> None:
+        with _translated():
+            for _ in self._tls.send_alert(alert, reason):
+                pass
+
+    def hand_over(self, policy: KeyUpdatePolicy | None = None) -> tuple[RecordLayer, bytes]:
+        try:
+            records, leftover = self._tls.hand_over(policy)
+        except TLSError as exc:
+            raise HandOverError(str(exc)) from None
+        leftover += bytes(self._sock.inbound)
+        self._sock.inbound.clear()
+        return records, leftover
+
+    def key_schedule(self) -> KeySchedule:
+        return self._tls.key_schedule()
+
+    @property
+    def peer_chain(self) -> list[bytes]:
+        chain = self._tls.session.clientCertChain if self._tls.session else None
+        return [bytes(c.bytes) for c in chain.x509List] if chain else []
+
+    @property
+    def cipher_name(self) -> str:
+        return str(self._tls.getCipherName() or "")
+
+    @property
+    def alpn(self) -> bytes | None:
+        app_protocol = self._tls.session.appProto if self._tls.session else None
+        return bytes(app_protocol) if app_protocol else None
+
+    @property
+    def eku_negotiated(self) -> bool:
+        return bool(self._tls.eku_negotiated)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """tlslite's handshake exceptions as the engine interface's."""
+    try:
+        yield
+    except TLSLocalAlert as exc:
+        raise LocalAlertError(exc.description, exc.message or str(exc)) from None
+    except TLSRemoteAlert as exc:
+        raise RemoteAlertError(exc.description, f"peer sent alert {exc}") from None
+    except TLSAbruptCloseError:
+        raise AbruptCloseError("peer closed the connection during the handshake") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsliteEngineSpec:
+    """tlslite, prepared for one endpoint: its chain and key in tlslite's forms."""
+
+    chain: Any
+    private_key: Any
+    name: str = "tlslite"
+
+    @classmethod
+    def of(cls, credentials: Credentials) -> TlsliteEngineSpec:
+        """Convert the credentials once per endpoint."""
+        return cls(tlslite_chain(credentials), tlslite_private_key(credentials.private_key))
+
+    def new(
+        self,
+        hooks: KeyExchangeHooks,
+        *,
+        is_client: bool,
+        chain_check: PeerChainCheck | None,
+        alpn: Sequence[bytes] | None,
+        server_name: str | None,
+    ) -> TlsliteEngine:
+        """A fresh tlslite handshake."""
+        return TlsliteEngine(
+            self, hooks, is_client=is_client, chain_check=chain_check, alpn=alpn,
+            server_name=server_name,
+        )  # fmt: skip
 
 
 def without_empty_compress_certificate(msg: Any) -> Any:

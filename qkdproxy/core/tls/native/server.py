@@ -1,0 +1,237 @@
+"""The server side of a TLS 1.3 handshake that requires a client certificate (RFC 8446 2, 4).
+
+ClientHello (a HelloRetryRequest if it lacks a share for our group, then the second
+ClientHello), then our flight in one go: ServerHello, EncryptedExtensions,
+CertificateRequest, Certificate, CertificateVerify, Finished; the client's Certificate,
+CertificateVerify and Finished complete it. The client's chain is validated by the
+connection once the handshake is complete (:mod:`qkdproxy.core.tls.verify`); here only its
+CertificateVerify is checked. No PSK (so no early data), no session tickets.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from enum import Enum
+
+from qkdproxy.core.groups import GroupSpec
+from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag, tls_flags_data
+from qkdproxy.core.tls.native import messages as m
+from qkdproxy.core.tls.native.common import SUITES, NativeHandshake, unexpected
+from qkdproxy.core.tls.native.messages import MessageError
+from qkdproxy.core.tls.native.schedule import KeySchedule
+from qkdproxy.core.tls.native.signatures import (
+    CLIENT_CONTEXT,
+    OFFERED_SCHEMES,
+    SERVER_CONTEXT,
+    choose_scheme,
+    leaf_key,
+    sign,
+    verify,
+)
+from qkdproxy.core.tls.wire import Alert
+
+_SUPPORTED_VERSIONS = m.extension(m.SUPPORTED_VERSIONS, m.TLS13.to_bytes(2, "big"))
+_CERTIFICATE_REQUEST = m.message(
+    m.CERTIFICATE_REQUEST,
+    b"\x00" + m.vector(m.extension(m.SIGNATURE_ALGORITHMS, m.u16_vector(OFFERED_SCHEMES)), 2),
+)
+
+
+class State(Enum):
+    """What the server waits for."""
+
+    START = "start"
+    CLIENT_HELLO = "client_hello"
+    CERTIFICATE = "certificate"
+    CERTIFICATE_VERIFY = "certificate_verify"
+    FINISHED = "finished"
+    DONE = "done"
+
+
+class NativeServer(NativeHandshake):
+    """A server handshake (see the module docstring)."""
+
+    state = State.START
+    _groups: tuple[int, ...] = ()
+    _retry_group: int | None = None
+    _client_secret = b""
+    _client_app = b""
+
+    @property
+    def is_client(self) -> bool:
+        return False
+
+    def start_server(self, groups: Sequence[GroupSpec]) -> None:
+        """Wait for the ClientHello; ``groups`` in our order of preference."""
+        self._groups = tuple(g.code_point for g in groups)
+        self.state = State.CLIENT_HELLO
+
+    def _on_message(self, message: bytes) -> None:
+        kind = message[0]
+        state = self.state
+        if state is State.CLIENT_HELLO and kind == m.CLIENT_HELLO:
+            self._on_client_hello(message)
+        elif state is State.CERTIFICATE and kind == m.CERTIFICATE:
+            self._on_certificate(message)
+        elif state is State.CERTIFICATE_VERIFY and kind == m.CERTIFICATE_VERIFY:
+            self._on_certificate_verify(message)
+        elif state is State.FINISHED and kind == m.FINISHED:
+            self._on_finished(message)
+        else:
+            raise unexpected(message, state.value)
+
+    def _on_client_hello(self, message: bytes) -> None:
+        hello = m.parse_client_hello(message[4:])
+        if not self._records.at_record_boundary:
+            raise MessageError("ClientHello does not end its record", Alert.UNEXPECTED_MESSAGE)
+        self._records.ccs_allowed = True
+        exts = hello.extensions
+        versions = exts.get(m.SUPPORTED_VERSIONS)
+        if versions is None or m.TLS13 not in m.u16_list(versions, 1, "supported_versions"):
+            raise MessageError("client does not offer TLS 1.3", Alert.PROTOCOL_VERSION)
+        if hello.compression != b"\x00":
+            raise MessageError("TLS 1.3 allows null compression only", Alert.ILLEGAL_PARAMETER)
+        code = next((s for s in SUITES if s in hello.cipher_suites), None)
+        if code is None:
+            raise MessageError("no cipher suite in common", Alert.HANDSHAKE_FAILURE)
+        if self._retry_group is not None and code != self._suite_code:
+            raise MessageError("second ClientHello changed suites", Alert.ILLEGAL_PARAMETER)
+        if m.SIGNATURE_ALGORITHMS not in exts:
+            raise MessageError("ClientHello without signature_algorithms", Alert.MISSING_EXTENSION)
+        client_schemes = m.u16_list(exts[m.SIGNATURE_ALGORITHMS], 2, "signature_algorithms")
+        scheme = choose_scheme(self._identity.schemes, client_schemes)
+        if scheme is None:
+            raise MessageError("no signature scheme in common", Alert.HANDSHAKE_FAILURE)
+        if m.KEY_SHARE not in exts or m.SUPPORTED_GROUPS not in exts:
+            raise MessageError(
+                "ClientHello without key_share or supported_groups", Alert.MISSING_EXTENSION
+            )
+        supported = m.u16_list(exts[m.SUPPORTED_GROUPS], 2, "supported_groups")
+        shares = m.key_share_entries(exts[m.KEY_SHARE])
+        if not set(shares).issubset(supported):
+            raise MessageError(
+                "key share for a group not in supported_groups", Alert.ILLEGAL_PARAMETER
+            )
+        selected_alpn = self._select_alpn(exts.get(m.ALPN))
+        self.eku_peer = has_flag(exts.get(TLS_FLAGS_EXTENSION))
+        suite = self._choose_suite(code)
+        group = next((g for g in self._groups if g in shares), None)
+        if self._retry_group is not None:
+            if set(shares) != {self._retry_group}:
+                raise MessageError("no key share for the requested group", Alert.ILLEGAL_PARAMETER)
+        elif group is None:
+            wanted = next((g for g in self._groups if g in supported), None)
+            if wanted is None:
+                raise MessageError("no key-exchange group in common", Alert.HANDSHAKE_FAILURE)
+            self._hello_retry(message, wanted, hello.session_id)
+            return
+        assert group is not None
+        if self._retry_group is None:
+            self._transcript.choose(suite.hash_name)
+        self._transcript.add(message)
+        self._selected_alpn = selected_alpn
+        secret = self._hook(lambda: self._hooks.shared_secret(group, shares[group]))
+        share = self._hook(lambda: self._hooks.key_share(group))[0]
+        self._send_flight(hello.session_id, group, share, secret, scheme)
+
+    def _select_alpn(self, data: bytes | None) -> bytes | None:
+        """The client's first protocol that we speak (none if either side has no list)."""
+        if data is None or not self._alpn:
+            return None
+        names = m.alpn_names(data)
+        chosen = next((n for n in names if n in self._alpn), None)
+        if chosen is None:
+            raise MessageError("no application protocol in common", Alert.NO_APPLICATION_PROTOCOL)
+        return chosen
+
+    def _hello_retry(self, message: bytes, group: int, session_id: bytes) -> None:
+        assert self._suite is not None
+        self._retry_group = group
+        self._transcript.add(message)
+        self._transcript.restart_for_retry(self._suite.hash_name)
+        retry = m.server_hello(
+            m.HELLO_RETRY_RANDOM,
+            session_id,
+            self._suite_code,
+            [_SUPPORTED_VERSIONS, m.extension(m.KEY_SHARE, group.to_bytes(2, "big"))],
+        )
+        self._transcript.add(retry)
+        self._records.send_plain(retry)
+        if session_id:
+            self._records.send_change_cipher_spec()
+
+    def _send_flight(
+        self, session_id: bytes, group: int, share: bytes, secret: bytes, scheme: int
+    ) -> None:
+        suite = self._suite
+        assert suite is not None
+        records, transcript = self._records, self._transcript
+        server_hello = m.server_hello(
+            self._random(32),
+            session_id,
+            self._suite_code,
+            [
+                _SUPPORTED_VERSIONS,
+                m.extension(m.KEY_SHARE, group.to_bytes(2, "big") + m.vector(share, 2)),
+            ],
+        )
+        transcript.add(server_hello)
+        records.send_plain(server_hello)
+        if session_id and self._retry_group is None:
+            records.send_change_cipher_spec()
+        schedule = self._schedule = KeySchedule(suite.hash_name, secret)
+        client_secret, server_secret = schedule.handshake_secrets(transcript.digest())
+        self._client_secret = client_secret
+        records.write = self._direction(server_secret)
+        records.read = self._direction(client_secret)
+        ext_list = []
+        if self._selected_alpn is not None:
+            ext_list.append(m.extension(m.ALPN, m.vector(m.vector(self._selected_alpn, 1), 2)))
+        if self.eku_negotiated:
+            ext_list.append(m.extension(TLS_FLAGS_EXTENSION, tls_flags_data()))
+        encrypted_extensions = m.message(m.ENCRYPTED_EXTENSIONS, m.vector(b"".join(ext_list), 2))
+        certificate = m.certificate(self._identity.chain)
+        for part in (encrypted_extensions, _CERTIFICATE_REQUEST, certificate):
+            transcript.add(part)
+        signature = sign(
+            self._identity.credentials.private_key, scheme, SERVER_CONTEXT + transcript.digest()
+        )
+        cert_verify = m.certificate_verify(scheme, signature)
+        transcript.add(cert_verify)
+        finished = m.message(m.FINISHED, schedule.finished(server_secret, transcript.digest()))
+        transcript.add(finished)
+        records.send_protected(
+            encrypted_extensions + _CERTIFICATE_REQUEST + certificate + cert_verify + finished
+        )
+        self._client_app, server_app = schedule.application_secrets(transcript.digest())
+        records.write = self._direction(server_app)
+        self.state = State.CERTIFICATE
+
+    def _on_certificate(self, message: bytes) -> None:
+        self._peer_chain = m.parse_certificate(message[4:])
+        self._transcript.add(message)
+        # An empty chain goes on to Finished; the connection's policy then refuses it.
+        self.state = State.CERTIFICATE_VERIFY if self._peer_chain else State.FINISHED
+
+    def _on_certificate_verify(self, message: bytes) -> None:
+        scheme, signature = m.parse_certificate_verify(message[4:])
+        key = leaf_key(self._peer_chain[0])
+        verify(key, scheme, signature, CLIENT_CONTEXT + self._transcript.digest())
+        self._transcript.add(message)
+        self.state = State.FINISHED
+
+    def _on_finished(self, message: bytes) -> None:
+        schedule = self._schedule
+        assert schedule is not None
+        expected = schedule.finished(self._client_secret, self._transcript.digest())
+        if not hmac.compare_digest(message[4:], expected):
+            raise MessageError("client Finished does not verify", Alert.DECRYPT_ERROR)
+        if not self._records.at_record_boundary:
+            raise MessageError("Finished does not end its record", Alert.UNEXPECTED_MESSAGE)
+        self._transcript.add(message)
+        self._records.read = self._direction(self._client_app)
+        self._client_secret = self._client_app = b""
+        schedule.forget()
+        self.state = State.DONE
+        self._finish(schedule.main)
