@@ -1,0 +1,744 @@
+"""The native TLS 1.3 engine against hostile peers: a server or client that is authenticated
+(its messages signed and its Finished valid where the test wants) but breaks the protocol,
+and records an on-path attacker reshapes. Each refusal must be one fatal alert naming the
+fault, raised by the victim (never an internal error), and never a completed handshake."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+
+from qkdproxy.core.tls.connection import Phase
+from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, tls_flags_data
+from qkdproxy.core.tls.events import Side
+from qkdproxy.core.tls.native import NativeServer
+from qkdproxy.core.tls.native import messages as m
+from qkdproxy.core.tls.native.common import Identity
+from qkdproxy.core.tls.native.signatures import CLIENT_CONTEXT, sign
+from qkdproxy.core.tls.records import HEADER, MAX_CIPHERTEXT, MAX_PLAINTEXT
+from qkdproxy.core.tls.wire import Alert
+from tests.conftest import groups
+from tests.native_forge import (
+    ALERT,
+    APPLICATION_DATA,
+    CCS,
+    HANDSHAKE,
+    Forge,
+    Item,
+    Raw,
+    Script,
+    ScriptedClient,
+    ScriptedServer,
+    ScriptedSpec,
+    ecdsa_signer,
+    honest_client_flight,
+    honest_server_flight,
+    pkcs1_signer,
+    plain,
+    rebuild_hello,
+)
+from tests.native_harness import CLIENT, SERVER, Cut, Hook, Identities, Link, link
+
+X25519 = groups("x25519")
+SECP256R1 = 0x0017
+X25519_CODE = 0x001D
+
+
+@pytest.fixture(scope="module")
+def ids() -> Identities:
+    return Identities.create()
+
+
+@pytest.fixture(scope="module")
+def rsa_ids() -> Identities:
+    return Identities.create("rsa-2048")
+
+
+def scripted_server(ids: Identities, script: Script, **attrs: object) -> ScriptedSpec:
+    role = type("Server", (ScriptedServer,), {"script": script, **attrs})
+    return ScriptedSpec(Identity.of(ids.server), role)
+
+
+def scripted_client(ids: Identities, **attrs: object) -> ScriptedSpec:
+    role = type("Client", (ScriptedClient,), attrs)
+    return ScriptedSpec(Identity.of(ids.client), role)
+
+
+def refused(result: Link, victim: str, *alerts: Alert) -> Alert:
+    """The victim ended the handshake itself with one of ``alerts``; nobody completed."""
+    result.assert_no_internal_error()
+    conn = result.conn(victim)
+    assert not result.complete(victim), result.events
+    assert conn.phase is Phase.FAILED
+    failed = result.failed(victim)
+    assert failed is not None, result.events
+    assert failed.side is Side.LOCAL, failed
+    assert failed.alert in alerts, failed
+    return Alert(failed.alert)
+
+
+def records_of(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, whole record) of every record in ``data``."""
+    out, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        out.append((data[pos], data[pos : pos + 5 + length]))
+        pos += 5 + length
+    return out
+
+
+def refragment(data: bytes, size: int) -> bytes:
+    """Every plaintext handshake record cut into records of ``size`` bytes."""
+    out = bytearray()
+    for kind, record in records_of(data):
+        if kind != HANDSHAKE:
+            out += record
+            continue
+        body = record[5:]
+        for i in range(0, len(body), size):
+            out += plain(HANDSHAKE, body[i : i + size], int.from_bytes(record[1:3], "big")).data
+    return bytes(out)
+
+
+def on(direction: str, index: int, edit: Callable[[bytes], bytes | Cut]) -> Hook:
+    """A link hook that edits one transmission."""
+
+    def hook(name: str, n: int, data: bytes) -> bytes | Cut:
+        return edit(data) if (name, n) == (direction, index) else data
+
+    return hook
+
+
+# ------------------------------------------------------------- the scripts are honest
+
+
+def test_the_honest_scripts_complete_so_each_refusal_is_the_fault_under_test(
+    ids: Identities,
+) -> None:
+    result = link(
+        ids,
+        X25519,
+        client_engine=scripted_client(ids, script=honest_client_flight),
+        server_engine=scripted_server(ids, honest_server_flight),
+    )
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+    result.assert_same_keys()
+
+
+# ------------------------------------------------------------- a hostile server
+
+
+def against_server(ids: Identities, script: Script, **kwargs: object) -> Link:
+    alpn = kwargs.pop("alpn", (None, None))
+    server_hello_extra = kwargs.pop("server_hello_extra", ())
+    spec = scripted_server(ids, script, server_hello_extra=server_hello_extra)
+    return link(ids, X25519, server_engine=spec, alpn=alpn)  # type: ignore[arg-type]
+
+
+def flight(*parts: Callable[[Forge], bytes | Item]) -> Script:
+    """A script of message builders, sealed together (Raw items keep their place)."""
+
+    def script(forge: Forge) -> list[Item]:
+        items: list[Item] = []
+        for part in parts:
+            item = part(forge)
+            if isinstance(item, bytes) and items and isinstance(items[-1], bytes):
+                items[-1] += item
+            else:
+                items.append(item)
+        return items
+
+    return script
+
+
+EE = Forge.encrypted_extensions
+CR = Forge.certificate_request
+CERT = Forge.certificate
+CV = Forge.certificate_verify
+FIN = Forge.finished
+
+
+@pytest.mark.parametrize(
+    "extension",
+    [
+        m.extension(0xFF01, b""),  # renegotiation_info, never offered in TLS 1.3
+        m.extension(m.ALPN, m.vector(m.vector(b"h2", 1), 2)),  # no ALPN was offered
+        m.extension(TLS_FLAGS_EXTENSION, tls_flags_data()),  # EKU not offered
+        m.extension(m.KEY_SHARE, b""),
+        m.extension(m.PRE_SHARED_KEY, b"\x00\x00"),
+        m.extension(m.EARLY_DATA, b""),
+    ],
+    ids=["renegotiation_info", "alpn", "tls_flags", "key_share", "pre_shared_key", "early_data"],
+)
+def test_encrypted_extensions_with_an_extension_never_offered(
+    ids: Identities, extension: bytes
+) -> None:
+    script = flight(lambda f: f.encrypted_extensions(extension), CR, CERT, CV, FIN)
+    refused(against_server(ids, script), CLIENT, Alert.UNSUPPORTED_EXTENSION)
+
+
+@pytest.mark.parametrize(
+    ("names", "alert"),
+    [
+        ([b"evil"], Alert.ILLEGAL_PARAMETER),
+        ([b"h2", b"h2"], Alert.ILLEGAL_PARAMETER),
+        ([b""], Alert.DECODE_ERROR),
+    ],
+)
+def test_an_alpn_the_client_did_not_offer_is_refused(
+    ids: Identities, names: list[bytes], alert: Alert
+) -> None:
+    ext = m.extension(m.ALPN, m.vector(b"".join(m.vector(n, 1) for n in names), 2))
+    script = flight(lambda f: f.encrypted_extensions(ext), CR, CERT, CV, FIN)
+    result = against_server(ids, script, alpn=([b"h2"], [b"h2"]))
+    refused(result, CLIENT, alert)
+
+
+def test_a_duplicate_extension_in_encrypted_extensions(ids: Identities) -> None:
+    ext = m.extension(m.ALPN, m.vector(m.vector(b"h2", 1), 2))
+    script = flight(lambda f: f.encrypted_extensions(ext, ext), CR, CERT, CV, FIN)
+    refused(against_server(ids, script, alpn=([b"h2"], [b"h2"])), CLIENT, Alert.ILLEGAL_PARAMETER)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        flight(EE, CR, CERT, FIN),  # no CertificateVerify
+        flight(EE, CR, CV, FIN),  # no Certificate
+        flight(CR, CERT, CV, FIN),  # no EncryptedExtensions
+        flight(EE, CR, CR, CERT, CV, FIN),  # CertificateRequest twice
+        flight(EE, CR, CERT, CV, CV, FIN),  # CertificateVerify twice
+        flight(EE, CERT, CR, CV, FIN),  # CertificateRequest after Certificate
+        flight(EE, CR, CERT, CV, lambda f: f.add(m.message(m.NEW_SESSION_TICKET, b"")), FIN),
+        flight(EE, CR, CERT, CV, lambda f: f.add(m.message(m.SERVER_HELLO, b""))),
+    ],
+    ids=["no-cv", "no-cert", "no-ee", "cr-twice", "cv-twice", "cr-late", "ticket", "hello"],
+)
+def test_a_server_flight_out_of_order_is_unexpected(ids: Identities, script: Script) -> None:
+    refused(against_server(ids, script), CLIENT, Alert.UNEXPECTED_MESSAGE)
+
+
+def test_a_server_that_never_sends_finished_does_not_complete(ids: Identities) -> None:
+    spec = scripted_server(ids, flight(EE, CR, CERT, CV))
+    hook = on(SERVER, 0, Cut)  # the flight, then EOF
+    result = link(ids, X25519, server_engine=spec, hook=hook)
+    assert not result.complete(CLIENT)
+    error = result.client.error
+    assert error is not None and error.outcome.value == "peer_closed"
+
+
+def test_application_data_before_the_server_finished(ids: Identities) -> None:
+    data = lambda f: f.sealed(b"early", APPLICATION_DATA)  # noqa: E731
+    refused(
+        against_server(ids, flight(EE, CR, CERT, CV, data, FIN)), CLIENT, Alert.UNEXPECTED_MESSAGE
+    )
+
+
+def test_a_protected_change_cipher_spec_is_unexpected(ids: Identities) -> None:
+    ccs = lambda f: f.sealed(b"\x01", CCS)  # noqa: E731
+    refused(
+        against_server(ids, flight(EE, ccs, CR, CERT, CV, FIN)), CLIENT, Alert.UNEXPECTED_MESSAGE
+    )
+
+
+def test_a_plaintext_handshake_record_after_the_keys_is_unexpected(ids: Identities) -> None:
+    script = flight(lambda f: plain(HANDSHAKE, f.encrypted_extensions()), CR, CERT, CV, FIN)
+    refused(against_server(ids, script), CLIENT, Alert.UNEXPECTED_MESSAGE)
+
+
+@pytest.mark.parametrize(
+    ("record", "alerts"),
+    [
+        (lambda f: plain(HANDSHAKE, b""), (Alert.UNEXPECTED_MESSAGE,)),
+        (lambda f: f.sealed(b""), (Alert.UNEXPECTED_MESSAGE,)),
+        (lambda f: plain(APPLICATION_DATA, b""), (Alert.BAD_RECORD_MAC, Alert.DECODE_ERROR)),
+        (lambda f: plain(ALERT, b""), (Alert.DECODE_ERROR,)),
+        (lambda f: plain(CCS, b""), (Alert.UNEXPECTED_MESSAGE,)),
+        # An inner plaintext of padding only: no content type (RFC 8446 5.4).
+        (lambda f: f.sealed(b"", 0), (Alert.UNEXPECTED_MESSAGE,)),
+    ],
+    ids=["plain-handshake", "sealed-handshake", "application", "alert", "ccs", "all-padding"],
+)
+def test_an_empty_record_is_refused(
+    ids: Identities, record: Callable[[Forge], Raw], alerts: tuple[Alert, ...]
+) -> None:
+    refused(against_server(ids, flight(EE, record, CR, CERT, CV, FIN)), CLIENT, *alerts)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "length"),
+    [(HANDSHAKE, MAX_PLAINTEXT + 1), (APPLICATION_DATA, MAX_CIPHERTEXT + 1), (ALERT, 0xFFFF)],
+)
+def test_an_oversized_record_is_refused_on_its_header(
+    ids: Identities, content_type: int, length: int
+) -> None:
+    """Only the 5-byte header arrives: the refusal cannot wait for the body."""
+    header = lambda f: Raw(HEADER.pack(content_type, 0x0303, length))  # noqa: E731
+    refused(against_server(ids, flight(EE, header)), CLIENT, Alert.RECORD_OVERFLOW)
+
+
+@pytest.mark.parametrize("claimed", [0xFFFFFF, 0x010001])
+def test_a_huge_certificate_is_refused_as_soon_as_its_header_arrives(
+    ids: Identities, claimed: int
+) -> None:
+    """A 16 MiB (or just over 64 KiB) Certificate: only its 4-byte header is sent."""
+    header = lambda f: f.sealed(bytes([m.CERTIFICATE]) + claimed.to_bytes(3, "big"))  # noqa: E731
+    alert = refused(against_server(ids, flight(EE, CR, header)), CLIENT, Alert.ILLEGAL_PARAMETER)
+    assert alert is Alert.ILLEGAL_PARAMETER
+
+
+def test_a_server_certificate_without_certificates(ids: Identities) -> None:
+    script = flight(EE, CR, lambda f: f.certificate(()), CV, FIN)
+    refused(against_server(ids, script), CLIENT, Alert.DECODE_ERROR)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "signer", "alert"),
+    [
+        # ECDSA with the hash of another curve's scheme: a valid signature, the wrong scheme.
+        (0x0503, lambda k: ecdsa_signer(k, hashes.SHA384()), Alert.ILLEGAL_PARAMETER),
+        (0x0804, lambda k: ecdsa_signer(k, hashes.SHA256()), Alert.ILLEGAL_PARAMETER),
+        (0x0807, lambda k: ecdsa_signer(k, hashes.SHA256()), Alert.ILLEGAL_PARAMETER),  # ed25519
+        (0x0401, lambda k: ecdsa_signer(k, hashes.SHA256()), Alert.ILLEGAL_PARAMETER),
+        (0x0203, lambda k: ecdsa_signer(k, hashes.SHA1()), Alert.ILLEGAL_PARAMETER),
+        (0x0403, lambda k: lambda content: b"\x30\x00", Alert.DECRYPT_ERROR),
+        (0x0403, lambda k: lambda content: os.urandom(72), Alert.DECRYPT_ERROR),
+    ],
+    ids=["p384-scheme", "pss-scheme", "ed25519", "pkcs1-scheme", "sha1", "empty-der", "garbage"],
+)
+def test_a_server_certificate_verify_that_does_not_match(
+    ids: Identities, scheme: int, signer: Callable[[object], Callable[[bytes], bytes]], alert: Alert
+) -> None:
+    key = ids.server.private_key
+    cv = lambda f: f.certificate_verify(scheme, signer(key))  # noqa: E731
+    refused(against_server(ids, flight(EE, CR, CERT, cv, FIN)), CLIENT, alert)
+
+
+def test_a_server_certificate_verify_with_pkcs1_v15_is_refused(rsa_ids: Identities) -> None:
+    """A valid RSASSA-PKCS1-v1_5 signature: allowed in certificates, never in TLS 1.3
+    handshake messages (RFC 8446 4.2.3)."""
+    cv = lambda f: f.certificate_verify(0x0401, pkcs1_signer(rsa_ids.server.private_key))  # noqa: E731
+    refused(against_server(rsa_ids, flight(EE, CR, CERT, cv, FIN)), CLIENT, Alert.ILLEGAL_PARAMETER)
+
+
+def test_a_server_signing_the_client_context_is_refused(ids: Identities) -> None:
+    """The signature of a client CertificateVerify (other context string) on this transcript."""
+
+    def cv(forge: Forge) -> bytes:
+        key = ids.server.private_key
+        content = CLIENT_CONTEXT + forge.engine._transcript.digest()
+        return forge.add(m.certificate_verify(0x0403, sign(key, 0x0403, content)))
+
+    refused(against_server(ids, flight(EE, CR, CERT, cv, FIN)), CLIENT, Alert.DECRYPT_ERROR)
+
+
+@pytest.mark.parametrize(
+    "verify_data",
+    [bytes(32), bytes(31), b"", os.urandom(48)],
+    ids=["zeros", "short", "empty", "long"],
+)
+def test_a_server_finished_that_does_not_verify(ids: Identities, verify_data: bytes) -> None:
+    fin = lambda f: f.finished(verify_data)  # noqa: E731
+    refused(against_server(ids, flight(EE, CR, CERT, CV, fin)), CLIENT, Alert.DECRYPT_ERROR)
+
+
+def test_a_server_finished_sharing_its_record_with_more_handshake_bytes(ids: Identities) -> None:
+    tail = lambda f: f.add(m.message(m.NEW_SESSION_TICKET, b"\x00" * 9))  # noqa: E731
+    refused(
+        against_server(ids, flight(EE, CR, CERT, CV, FIN, tail)), CLIENT, Alert.UNEXPECTED_MESSAGE
+    )
+
+
+def test_a_server_flight_in_one_byte_records_completes(ids: Identities) -> None:
+    def script(forge: Forge) -> list[Item]:
+        [messages] = honest_server_flight(forge)
+        assert isinstance(messages, bytes)
+        return list(forge.sealed_each(messages, 1))
+
+    result = against_server(ids, script)
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+    result.assert_same_keys()
+
+
+def test_hellos_in_one_byte_records_complete(ids: Identities) -> None:
+    def hook(name: str, n: int, data: bytes) -> bytes:
+        return refragment(data, 1) if n == 0 else data
+
+    result = link(ids, X25519, hook=hook)
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+    result.assert_same_keys()
+
+
+def test_a_client_flight_in_one_byte_records_completes(ids: Identities) -> None:
+    def script(forge: Forge) -> list[Item]:
+        [messages] = honest_client_flight(forge)
+        assert isinstance(messages, bytes)
+        return list(forge.sealed_each(messages, 1))
+
+    result = link(ids, X25519, client_engine=scripted_client(ids, script=script))
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+
+
+def spill_into_hello_record(data: bytes) -> bytes:
+    """The first record's handshake message followed, in the same record, by one more byte
+    (the start of the next message, which belongs under the next keys)."""
+    [(kind, first), *rest] = records_of(data)
+    assert kind == HANDSHAKE
+    body = first[5:] + bytes([m.ENCRYPTED_EXTENSIONS])
+    return plain(HANDSHAKE, body).data + b"".join(r for _, r in rest)
+
+
+@pytest.mark.parametrize(
+    ("direction", "victim"),
+    [(SERVER, CLIENT), (CLIENT, SERVER)],
+    ids=["server-hello", "client-hello"],
+)
+def test_a_hello_spanning_the_key_change_is_refused(
+    ids: Identities, direction: str, victim: str
+) -> None:
+    result = link(ids, X25519, hook=on(direction, 0, spill_into_hello_record))
+    refused(result, victim, Alert.UNEXPECTED_MESSAGE)
+
+
+@pytest.mark.parametrize(
+    "extension",
+    [
+        m.extension(m.ALPN, m.vector(m.vector(b"h2", 1), 2)),
+        m.extension(m.SERVER_NAME, b""),
+        m.extension(TLS_FLAGS_EXTENSION, tls_flags_data()),
+        m.extension(0xFF01, b"\x00"),
+        m.extension(m.COOKIE, m.vector(b"c", 2)),
+    ],
+    ids=["alpn", "server_name", "tls_flags", "renegotiation_info", "cookie"],
+)
+def test_a_server_hello_with_an_extension_never_offered(ids: Identities, extension: bytes) -> None:
+    result = against_server(ids, honest_server_flight, server_hello_extra=(extension,))
+    refused(result, CLIENT, Alert.UNSUPPORTED_EXTENSION, Alert.ILLEGAL_PARAMETER)
+
+
+def test_a_server_hello_with_a_duplicate_extension(ids: Identities) -> None:
+    versions = m.extension(m.SUPPORTED_VERSIONS, m.TLS13.to_bytes(2, "big"))
+    result = against_server(ids, honest_server_flight, server_hello_extra=(versions,))
+    refused(result, CLIENT, Alert.ILLEGAL_PARAMETER, Alert.DECODE_ERROR)
+
+
+# ------------------------------------------------------ change_cipher_spec on the wire
+
+
+def insert_after_first_record(extra: bytes) -> Callable[[bytes], bytes]:
+    def edit(data: bytes) -> bytes:
+        [(_, first), *rest] = records_of(data)
+        return first + extra + b"".join(r for _, r in rest)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "ccs",
+    [
+        plain(CCS, b"\x01").data,  # a second one (the server sent its own already)
+        plain(CCS, b"\x02").data,
+        plain(CCS, b"\x01\x01").data,
+    ],
+    ids=["twice", "wrong-byte", "two-bytes"],
+)
+def test_a_change_cipher_spec_other_than_the_one_dummy(ids: Identities, ccs: bytes) -> None:
+    result = link(ids, X25519, hook=on(SERVER, 0, insert_after_first_record(ccs)))
+    refused(result, CLIENT, Alert.UNEXPECTED_MESSAGE)
+
+
+def test_a_change_cipher_spec_before_the_client_hello(ids: Identities) -> None:
+    result = link(ids, X25519, hook=on(CLIENT, 0, lambda data: plain(CCS, b"\x01").data + data))
+    refused(result, SERVER, Alert.UNEXPECTED_MESSAGE)
+
+
+def test_a_change_cipher_spec_between_fragments_of_a_hello(ids: Identities) -> None:
+    def edit(data: bytes) -> bytes:
+        cut = refragment(data, 50)
+        records = records_of(cut)
+        return records[0][1] + plain(CCS, b"\x01").data + b"".join(r for _, r in records[1:])
+
+    refused(link(ids, X25519, hook=on(CLIENT, 0, edit)), SERVER, Alert.UNEXPECTED_MESSAGE)
+
+
+def test_a_server_without_the_dummy_change_cipher_spec_completes(ids: Identities) -> None:
+    spec = scripted_server(ids, honest_server_flight, compat_ccs=False)
+    result = link(ids, X25519, server_engine=spec)
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+
+
+# ------------------------------------------------------------- HelloRetryRequest
+
+
+class RetryingServer(NativeServer):
+    """Answers the first ``retries`` ClientHellos with a HelloRetryRequest for ``group``."""
+
+    group = SECP256R1
+    retries = 1
+    cookie: bytes | None = None
+    sent = 0
+
+    def _on_client_hello(self, message: bytes) -> None:
+        if self.sent >= self.retries:
+            super()._on_client_hello(message)
+            return
+        hello = m.parse_client_hello(message[4:])
+        exts = [
+            m.extension(m.SUPPORTED_VERSIONS, m.TLS13.to_bytes(2, "big")),
+            m.extension(m.KEY_SHARE, self.group.to_bytes(2, "big")),
+        ]
+        if self.cookie is not None:
+            exts.append(m.extension(m.COOKIE, self.cookie))
+        retry = m.server_hello(m.HELLO_RETRY_RANDOM, hello.session_id, 0x1302, exts)
+        # Kept as the real server keeps them, so a retry that is followed completes.
+        self._retry_group = self.group
+        self._choose_suite(0x1302)
+        self._transcript.add(message)
+        self._transcript.restart_for_retry("sha384")
+        self._transcript.add(retry)
+        self._records.ccs_allowed = True
+        self._records.send_plain(retry)
+        if self.sent == 0:
+            self._records.send_change_cipher_spec()
+        self.sent += 1
+
+
+def retrying(ids: Identities, **attrs: object) -> ScriptedSpec:
+    return ScriptedSpec(Identity.of(ids.server), type("Retrying", (RetryingServer,), attrs))
+
+
+@pytest.mark.parametrize(
+    ("attrs", "alerts"),
+    [
+        ({"retries": 2}, (Alert.UNEXPECTED_MESSAGE,)),
+        ({"group": X25519_CODE}, (Alert.ILLEGAL_PARAMETER,)),  # the share already sent
+        ({"group": 0x0018}, (Alert.ILLEGAL_PARAMETER, Alert.HANDSHAKE_FAILURE)),  # not offered
+        ({"group": 0x9999}, (Alert.ILLEGAL_PARAMETER, Alert.HANDSHAKE_FAILURE)),  # unknown
+        ({"cookie": b"\x00\x00"}, (Alert.DECODE_ERROR,)),  # empty cookie
+        ({"cookie": b"\x00\x05ab"}, (Alert.DECODE_ERROR,)),  # cookie overruns
+    ],
+    ids=["second", "shared-group", "not-offered", "unknown", "empty-cookie", "bad-cookie"],
+)
+def test_a_hello_retry_request_the_client_must_refuse(
+    ids: Identities, attrs: dict[str, object], alerts: tuple[Alert, ...]
+) -> None:
+    result = link(ids, groups("x25519", "secp256r1"), server_engine=retrying(ids, **attrs))
+    refused(result, CLIENT, *alerts)
+
+
+def test_a_hello_retry_request_with_a_cookie_is_answered_with_it(ids: Identities) -> None:
+    """The retry's cookie comes back in the second ClientHello, and the handshake (which then
+    needs the retried group's share) completes."""
+    cookie = m.vector(b"opaque-state", 2)
+    result = link(
+        ids,
+        groups("x25519", "secp256r1"),
+        groups("secp256r1"),
+        server_engine=retrying(ids, cookie=cookie),
+    )
+    second = records_of(result.sent[CLIENT][1])[-1][1]
+    assert m.extension(m.COOKIE, cookie) in second
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+
+
+# ------------------------------------------------------------- a hostile client
+
+
+def against_client(ids: Identities, script: Script) -> Link:
+    return link(ids, X25519, client_engine=scripted_client(ids, script=script))
+
+
+def test_an_empty_client_certificate_never_completes(ids: Identities) -> None:
+    """The engine lets an empty Certificate go on to Finished; the connection then refuses
+    the unauthenticated client before any application data."""
+    script = flight(lambda f: f.certificate(()), FIN)
+    result = against_client(ids, script=script)
+    alert = refused(
+        result, SERVER, Alert.CERTIFICATE_REQUIRED, Alert.BAD_CERTIFICATE, Alert.ACCESS_DENIED
+    )
+    assert result.server.records is None and result.server.verified is None
+    del alert
+
+
+@pytest.mark.parametrize(
+    ("script", "alert"),
+    [
+        (flight(CERT, FIN), Alert.UNEXPECTED_MESSAGE),  # no CertificateVerify
+        (flight(FIN), Alert.UNEXPECTED_MESSAGE),  # no Certificate
+        (flight(CV, FIN), Alert.UNEXPECTED_MESSAGE),
+        (flight(CERT, CV, CV, FIN), Alert.UNEXPECTED_MESSAGE),
+        (flight(lambda f: f.certificate(()), CV, FIN), Alert.UNEXPECTED_MESSAGE),
+        (flight(CERT, CV, lambda f: f.finished(bytes(32))), Alert.DECRYPT_ERROR),
+        (flight(CERT, CV, lambda f: f.finished(b"")), Alert.DECRYPT_ERROR),
+        (
+            flight(
+                CERT,
+                lambda f: f.certificate_verify(
+                    0x0503,
+                    ecdsa_signer(f.engine._identity.credentials.private_key, hashes.SHA384()),
+                ),
+                FIN,
+            ),
+            Alert.ILLEGAL_PARAMETER,
+        ),
+        (
+            flight(CERT, lambda f: f.sealed(b"x", APPLICATION_DATA), CV, FIN),
+            Alert.UNEXPECTED_MESSAGE,
+        ),
+        (flight(lambda f: plain(HANDSHAKE, f.certificate()), CV, FIN), Alert.UNEXPECTED_MESSAGE),
+        (flight(CERT, CV, lambda f: f.add(m.message(m.KEY_SHARE, b""))), Alert.UNEXPECTED_MESSAGE),
+        (
+            flight(lambda f: f.sealed(bytes([m.CERTIFICATE]) + (0xFFFFFF).to_bytes(3, "big"))),
+            Alert.ILLEGAL_PARAMETER,
+        ),
+        (flight(CERT, lambda f: plain(CCS, b"\x01"), CV, FIN), Alert.UNEXPECTED_MESSAGE),
+    ],
+    ids=[
+        "no-cv",
+        "no-cert",
+        "cv-without-cert",
+        "cv-twice",
+        "empty-cert-then-cv",
+        "bad-finished",
+        "empty-finished",
+        "p384-scheme-on-p256",
+        "data-before-finished",
+        "plaintext-cert",
+        "unknown-message",
+        "16MiB-certificate",
+        "second-ccs",
+    ],
+)
+def test_a_client_flight_the_server_must_refuse(
+    ids: Identities, script: Script, alert: Alert
+) -> None:
+    refused(against_client(ids, script=script), SERVER, alert)
+
+
+def test_a_client_certificate_verify_with_pkcs1_v15_is_refused(rsa_ids: Identities) -> None:
+    key = rsa_ids.client.private_key
+    script = flight(CERT, lambda f: f.certificate_verify(0x0401, pkcs1_signer(key)), FIN)
+    refused(against_client(rsa_ids, script=script), SERVER, Alert.ILLEGAL_PARAMETER)
+
+
+def test_rsa_pss_identities_complete_both_ways(rsa_ids: Identities) -> None:
+    """The refusals above are not a refusal of RSA: RSA-PSS signs and verifies."""
+    result = link(rsa_ids, X25519)
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+    result.assert_same_keys()
+
+
+def hello_edit(
+    edit: Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]] | None = None,
+    suites: tuple[int, ...] | None = None,
+    second_only: bool = False,
+) -> Callable[[bytes, bool], bytes]:
+    def apply(hello: bytes, second: bool) -> bytes:
+        if second_only and not second:
+            return hello
+        return rebuild_hello(hello, edit, suites)
+
+    return apply
+
+
+def replace(
+    ext_type: int, data: bytes
+) -> Callable[[list[tuple[int, bytes]]], list[tuple[int, bytes]]]:
+    return lambda exts: [(t, data if t == ext_type else d) for t, d in exts]
+
+
+def share_entry(group: int, size: int = 32) -> bytes:
+    return group.to_bytes(2, "big") + m.vector(os.urandom(size), 2)
+
+
+@pytest.mark.parametrize(
+    ("edit", "alerts"),
+    [
+        (hello_edit(lambda e: [*e, e[-1]]), (Alert.ILLEGAL_PARAMETER,)),  # duplicate extension
+        (
+            hello_edit(replace(m.KEY_SHARE, m.vector(share_entry(X25519_CODE) * 2, 2))),
+            (Alert.ILLEGAL_PARAMETER,),  # two shares for one group
+        ),
+        (
+            hello_edit(replace(m.KEY_SHARE, m.vector(share_entry(X25519_CODE, 31), 2))),
+            (Alert.ILLEGAL_PARAMETER,),
+        ),
+        (
+            hello_edit(replace(m.SUPPORTED_VERSIONS, m.u16_vector((0x0303,), 1))),
+            (Alert.PROTOCOL_VERSION,),
+        ),
+        (
+            hello_edit(lambda e: [x for x in e if x[0] != m.SIGNATURE_ALGORITHMS]),
+            (Alert.MISSING_EXTENSION,),
+        ),
+        (
+            hello_edit(replace(m.SIGNATURE_ALGORITHMS, m.u16_vector((0x0401, 0x0201)))),
+            (Alert.HANDSHAKE_FAILURE,),
+        ),
+        (hello_edit(suites=(0x009C, 0xC02F)), (Alert.HANDSHAKE_FAILURE,)),  # TLS 1.2 suites only
+        (hello_edit(replace(m.ALPN, m.vector(b"", 2))), (Alert.DECODE_ERROR,)),
+    ],
+    ids=[
+        "duplicate-extension",
+        "two-shares-one-group",
+        "short-share",
+        "tls12-only",
+        "no-signature-algorithms",
+        "pkcs1-only",
+        "no-tls13-suite",
+        "empty-alpn",
+    ],
+)
+def test_a_client_hello_the_server_must_refuse(
+    ids: Identities, edit: Callable[[bytes, bool], bytes], alerts: tuple[Alert, ...]
+) -> None:
+    result = link(
+        ids,
+        X25519,
+        client_engine=scripted_client(ids, hello_edit=edit),
+        alpn=([b"h2"], [b"h2"]),
+    )
+    refused(result, SERVER, *alerts)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        hello_edit(suites=(0x1301,), second_only=True),  # the suite the retry named is gone
+        hello_edit(replace(m.KEY_SHARE, m.vector(share_entry(X25519_CODE), 2)), second_only=True),
+        hello_edit(
+            lambda e: [
+                (t, m.vector(d[2:] + share_entry(X25519_CODE), 2) if t == m.KEY_SHARE else d)
+                for t, d in e
+            ],
+            second_only=True,
+        ),  # the requested share plus another
+    ],
+    ids=["suite-dropped", "other-group", "extra-share"],
+)
+def test_a_second_client_hello_that_changes_what_it_must_not(
+    ids: Identities, edit: Callable[[bytes, bool], bytes]
+) -> None:
+    result = link(
+        ids,
+        groups("x25519", "secp256r1"),
+        groups("secp256r1"),
+        client_engine=scripted_client(ids, hello_edit=edit),
+    )
+    refused(result, SERVER, Alert.ILLEGAL_PARAMETER)
+
+
+def test_a_key_share_for_a_group_not_in_supported_groups(ids: Identities) -> None:
+    """The share is for x25519, which both ends speak, but supported_groups lists only
+    secp256r1: the server must not take the share."""
+    edit = hello_edit(replace(m.SUPPORTED_GROUPS, m.u16_vector((SECP256R1,))))
+    result = link(
+        ids,
+        X25519,
+        groups("x25519", "secp256r1"),
+        client_engine=scripted_client(ids, hello_edit=edit),
+    )
+    refused(result, SERVER, Alert.ILLEGAL_PARAMETER)
