@@ -133,6 +133,7 @@ class ScriptedServer(NativeServer):
 
     script: Script
     server_hello_extra: tuple[bytes, ...] = ()
+    hello_record_tail: Callable[[Forge], bytes] | None = None
     compat_ccs = True
 
     def _send_flight(
@@ -148,15 +149,18 @@ class ScriptedServer(NativeServer):
         ]
         server_hello = m.server_hello(os.urandom(32), session_id, self._suite_code, exts)
         transcript.add(server_hello)
-        records.send_plain(server_hello)
-        if self.compat_ccs:
-            records.send_change_cipher_spec()
         schedule = self._schedule = KeySchedule(suite.hash_name, secret)
         client_secret, server_secret = schedule.handshake_secrets(transcript.digest())
+        forge = Forge(self, server_secret, SERVER_CONTEXT)
+        tail = type(self).hello_record_tail
+        # Messages that should be protected, sent in the ServerHello's own plaintext record.
+        records.send_plain(server_hello + (tail(forge) if tail else b""))
+        if self.compat_ccs:
+            records.send_change_cipher_spec()
         self._client_secret = client_secret
         records.write = self._direction(server_secret)
         records.read = self._direction(client_secret)
-        emit(self, type(self).script(Forge(self, server_secret, SERVER_CONTEXT)))
+        emit(self, type(self).script(forge))
         self._client_app, server_app = schedule.application_secrets(transcript.digest())
         records.write = self._direction(server_app)
         self.state = ServerState.CERTIFICATE

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
 
 from qkdproxy.core.tls.connection import Phase
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, tls_flags_data
@@ -403,6 +407,13 @@ def test_a_hello_spanning_the_key_change_is_refused(
     refused(result, victim, Alert.UNEXPECTED_MESSAGE)
 
 
+def test_encrypted_extensions_in_the_server_hello_record_is_refused(ids: Identities) -> None:
+    """Signed and finished over correctly, but sent in plaintext: the ServerHello must end
+    its record (RFC 8446 5.1), so nothing after it is read without protection."""
+    spec = scripted_server(ids, flight(CR, CERT, CV, FIN), hello_record_tail=EE)
+    refused(link(ids, X25519, server_engine=spec), CLIENT, Alert.UNEXPECTED_MESSAGE)
+
+
 @pytest.mark.parametrize(
     "extension",
     [
@@ -742,3 +753,119 @@ def test_a_key_share_for_a_group_not_in_supported_groups(ids: Identities) -> Non
         client_engine=scripted_client(ids, hello_edit=edit),
     )
     refused(result, SERVER, Alert.ILLEGAL_PARAMETER)
+
+
+# ------------------------------------------------------------- bad key shares
+
+
+P256_OFF_CURVE = b"\x04" + bytes(31) + b"\x01" + bytes(31) + b"\x01"
+
+
+@pytest.mark.parametrize(
+    ("group_names", "share"),
+    [
+        (["x25519"], share_entry(X25519_CODE, 0)[:2] + m.vector(bytes(32), 2)),  # all-zero output
+        (["x25519"], share_entry(X25519_CODE, 0)[:2] + m.vector(b"\x01" + bytes(31), 2)),
+        (["secp256r1"], SECP256R1.to_bytes(2, "big") + m.vector(P256_OFF_CURVE, 2)),
+        (["secp256r1"], SECP256R1.to_bytes(2, "big") + m.vector(b"\x04" + bytes(64), 2)),
+        (["X25519MLKEM768"], (0x11EC).to_bytes(2, "big") + m.vector(bytes(1216 + 32), 2)),
+        (["X25519MLKEM768"], (0x11EC).to_bytes(2, "big") + m.vector(bytes(100), 2)),
+    ],
+    ids=[
+        "x25519-zero",
+        "x25519-low-order",
+        "p256-off-curve",
+        "p256-zero",
+        "mlkem-zero",
+        "mlkem-short",
+    ],
+)
+def test_a_client_key_share_that_is_not_a_key(
+    ids: Identities, group_names: list[str], share: bytes
+) -> None:
+    edit = hello_edit(replace(m.KEY_SHARE, m.vector(share, 2)))
+    hybrids = groups(*group_names)
+    result = link(ids, hybrids, client_engine=scripted_client(ids, hello_edit=edit))
+    refused(result, SERVER, Alert.ILLEGAL_PARAMETER, Alert.DECODE_ERROR)
+
+
+def server_share_zeroed(data: bytes) -> bytes:
+    """The x25519 share of the ServerHello (its last 32 bytes) set to zero."""
+    [(_, hello), *rest] = records_of(data)
+    return hello[:-32] + bytes(32) + b"".join(r for _, r in rest)
+
+
+def test_a_server_key_share_that_is_not_a_key(ids: Identities) -> None:
+    result = link(ids, X25519, hook=on(SERVER, 0, server_share_zeroed))
+    refused(result, CLIENT, Alert.ILLEGAL_PARAMETER, Alert.DECODE_ERROR)
+
+
+# ------------------------------------------------------------- certificates
+
+
+def test_a_certificate_request_the_client_cannot_sign_for(ids: Identities) -> None:
+    """Only PKCS#1 v1.5 schemes requested: the client has nothing it may sign with."""
+    script = flight(EE, lambda f: f.certificate_request((0x0401, 0x0501)), CERT, CV, FIN)
+    refused(against_server(ids, script), CLIENT, Alert.HANDSHAKE_FAILURE)
+
+
+@pytest.mark.parametrize(
+    ("leaf", "alerts"),
+    [
+        (b"\x30\x03\x02\x01\x00", (Alert.BAD_CERTIFICATE,)),
+        (b"\x00", (Alert.BAD_CERTIFICATE,)),
+        (b"not a certificate" * 100, (Alert.BAD_CERTIFICATE,)),
+    ],
+    ids=["tiny-der", "one-byte", "text"],
+)
+def test_a_client_leaf_that_is_not_a_certificate(
+    ids: Identities, leaf: bytes, alerts: tuple[Alert, ...]
+) -> None:
+    """The server reads the client's key from the leaf to check CertificateVerify before
+    the chain is validated: an unparsable leaf is the client's fault, not an internal error."""
+    script = flight(lambda f: f.certificate((leaf,)), CV, FIN)
+    refused(against_client(ids, script), SERVER, *alerts)
+
+
+def test_a_client_leaf_with_an_ed25519_key(ids: Identities) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ed")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, None)
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    script = flight(
+        lambda f: f.certificate((der,)),
+        lambda f: f.certificate_verify(0x0807, key.sign),
+        FIN,
+    )
+    refused(
+        against_client(ids, script), SERVER, Alert.UNSUPPORTED_CERTIFICATE, Alert.ILLEGAL_PARAMETER
+    )
+
+
+# ------------------------------------------------------------- known tlslite faults
+
+
+@pytest.mark.xfail(strict=True, reason="tlslite-ng indexes hostNames[0] with no host_name")
+def test_tlslite_server_refuses_an_empty_server_name_list_without_internal_error(
+    ids: Identities,
+) -> None:
+    """Found by the tamper sweep (native client -> tlslite server, ClientHello byte 94):
+    the tlslite engine turns a ServerNameList whose only entry is of an unknown name type
+    (RFC 6066 3 lets a server ignore those) into an internal error. The native server
+    ignores server_name. When tlslite is fixed this starts passing."""
+    entry = b"\xff" + m.vector(b"server.qkdproxy.test", 2)
+    edit = hello_edit(replace(m.SERVER_NAME, m.vector(entry, 2)))
+    result = link(
+        ids, X25519, client_engine=scripted_client(ids, hello_edit=edit), server_engine="tlslite"
+    )
+    result.assert_no_internal_error()
