@@ -6,7 +6,7 @@ fault, raised by the victim (never an internal error), and never a completed han
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
+from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.connection import Phase
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, tls_flags_data
 from qkdproxy.core.tls.events import Side
@@ -869,3 +870,33 @@ def test_tlslite_server_refuses_an_empty_server_name_list_without_internal_error
         ids, X25519, client_engine=scripted_client(ids, hello_edit=edit), server_engine="tlslite"
     )
     result.assert_no_internal_error()
+
+
+class PlainClient(ScriptedClient):
+    """A client without middlebox compatibility: no session id, no change_cipher_spec."""
+
+    compat_ccs = False
+    script = staticmethod(honest_client_flight)
+
+    def start_client(self, groups: Sequence[GroupSpec], share_group: GroupSpec) -> None:
+        real = self._random
+
+        def no_session_id(n: int) -> bytes:
+            # The second 32-byte draw is the session id.
+            return b"" if self._client_random else real(n)
+
+        self._random = no_session_id
+        super().start_client(groups, share_group)
+
+
+def test_a_client_without_middlebox_compatibility_completes(ids: Identities) -> None:
+    """No session id: the server echoes none and sends no change_cipher_spec either."""
+    spec = ScriptedSpec(Identity.of(ids.client), PlainClient)
+    result = link(ids, X25519, client_engine=spec)
+    assert result.complete(CLIENT) and result.complete(SERVER), result.events
+    assert [kind for kind, _ in records_of(result.sent[SERVER][0])][:2] == [
+        HANDSHAKE,
+        APPLICATION_DATA,
+    ]
+    assert CCS not in [kind for kind, _ in records_of(result.sent[CLIENT][1])]
+    result.assert_same_keys()
