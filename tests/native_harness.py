@@ -5,6 +5,7 @@ it with EOF). Used by the native engine's attack tests."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +45,8 @@ from qkdproxy.sim.pki import CertificateAuthority
 from qkdproxy.tools.loopback import CLIENT_URI, SERVER_NAME
 
 TIMEOUT = 10.0
+# 16 hex digits in a row, or a bytes repr: what key material looks like in text.
+BYTES_IN_TEXT = re.compile(r"[0-9a-fA-F]{16}|\\x[0-9a-f]{2}|b'|b\"")
 CLIENT, SERVER = "client", "server"
 # hook(direction, index of this transmission in that direction, bytes) -> bytes to deliver,
 # or None to deliver them and then end that direction (EOF).
@@ -219,9 +222,13 @@ class Link:
         return next((e for e in self.events[name] if isinstance(e, Failed)), None)
 
     def assert_no_internal_error(self) -> None:
+        """Nobody blamed itself for what the peer sent, and no failure reason carries bytes
+        (a share, a secret, a signature) in hex or repr form."""
         for name in (CLIENT, SERVER):
             error = self.conn(name).error
             assert error is None or error.outcome is not Outcome.INTERNAL, (name, error.reason)
+            if error is not None:
+                assert not BYTES_IN_TEXT.search(error.reason), error.reason
 
     def assert_same_keys(self) -> None:
         """Both ends read what the other wrote, both ways, after a key update."""

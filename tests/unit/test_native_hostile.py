@@ -900,3 +900,44 @@ def test_a_client_without_middlebox_compatibility_completes(ids: Identities) -> 
     ]
     assert CCS not in [kind for kind, _ in records_of(result.sent[CLIENT][1])]
     result.assert_same_keys()
+
+
+# ------------------------------------------------------------- the server as victim, on the wire
+
+
+@pytest.mark.parametrize(
+    ("transmission", "data", "alert"),
+    [
+        (0, HEADER.pack(HANDSHAKE, 0x0301, 4) + b"\x01\xff\xff\xff", Alert.ILLEGAL_PARAMETER),
+        (0, plain(HANDSHAKE, b"").data, Alert.UNEXPECTED_MESSAGE),
+        (0, HEADER.pack(HANDSHAKE, 0x0301, MAX_PLAINTEXT + 1), Alert.RECORD_OVERFLOW),
+        (0, plain(APPLICATION_DATA, bytes(40)).data, Alert.UNEXPECTED_MESSAGE),
+        (0, plain(HANDSHAKE, m.message(m.SERVER_HELLO, bytes(40))).data, Alert.UNEXPECTED_MESSAGE),
+        (1, HEADER.pack(APPLICATION_DATA, 0x0303, MAX_CIPHERTEXT + 1), Alert.RECORD_OVERFLOW),
+        (1, HEADER.pack(HANDSHAKE, 0x0303, MAX_PLAINTEXT + 1), Alert.RECORD_OVERFLOW),
+        (1, plain(APPLICATION_DATA, b"").data, Alert.BAD_RECORD_MAC),
+    ],
+    ids=[
+        "16MiB-client-hello",
+        "empty-record",
+        "oversized-hello-record",
+        "protected-before-hello",
+        "server-hello-to-server",
+        "oversized-protected",
+        "oversized-plaintext",
+        "empty-protected",
+    ],
+)
+def test_the_server_refuses_a_hostile_record_on_sight(
+    ids: Identities, transmission: int, data: bytes, alert: Alert
+) -> None:
+    """Only these bytes arrive in place of the client's hello or last flight: nothing the
+    refusal could wait for."""
+    result = link(ids, X25519, hook=on(CLIENT, transmission, lambda _: data))
+    refused(result, SERVER, alert)
+
+
+def test_a_16_mib_server_hello_is_refused_on_its_header(ids: Identities) -> None:
+    header = HEADER.pack(HANDSHAKE, 0x0303, 4) + b"\x02\xff\xff\xff"
+    result = link(ids, X25519, hook=on(SERVER, 0, lambda _: header))
+    refused(result, CLIENT, Alert.ILLEGAL_PARAMETER, Alert.DECODE_ERROR)
