@@ -18,8 +18,9 @@ from cryptography.x509.oid import NameOID
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.connection import Phase
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, tls_flags_data
+from qkdproxy.core.tls.engine import AbruptCloseError, LocalAlertError
 from qkdproxy.core.tls.events import Side
-from qkdproxy.core.tls.native import NativeServer
+from qkdproxy.core.tls.native import NativeClient, NativeServer
 from qkdproxy.core.tls.native import messages as m
 from qkdproxy.core.tls.native.common import Identity
 from qkdproxy.core.tls.native.signatures import CLIENT_CONTEXT, sign
@@ -941,3 +942,72 @@ def test_a_16_mib_server_hello_is_refused_on_its_header(ids: Identities) -> None
     header = HEADER.pack(HANDSHAKE, 0x0303, 4) + b"\x02\xff\xff\xff"
     result = link(ids, X25519, hook=on(SERVER, 0, lambda _: header))
     refused(result, CLIENT, Alert.ILLEGAL_PARAMETER, Alert.DECODE_ERROR)
+
+
+# ------------------------------------------------------------- the engine on its own
+# TlsConnection refuses some of these before the engine sees them; the engine's own checks
+# must hold for any driver of the HandshakeEngine interface.
+
+
+class FixedShares:
+    """Key-exchange hooks that hand out a fixed share and secret."""
+
+    def key_share(self, group: int) -> tuple[bytes, object]:
+        return bytes(range(32)), None
+
+    def shared_secret(self, group: int, peer_share: bytes) -> bytes:
+        return bytes(32)
+
+
+def bare_client(ids: Identities) -> NativeClient:
+    client = NativeClient(
+        FixedShares(),
+        Identity.of(ids.client),
+        alpn=None,
+        chain_check=None,
+        server_name=None,
+        random=os.urandom,
+    )
+    hybrids = groups("x25519", "secp256r1")
+    client.start_client([h.group for h in hybrids], hybrids[0].group)
+    return client
+
+
+def retry_for(client: NativeClient, group: int) -> bytes:
+    [(_, record)] = records_of(client.take_output())
+    session_id = m.parse_client_hello(record[9:]).session_id
+    exts = [
+        m.extension(m.SUPPORTED_VERSIONS, m.TLS13.to_bytes(2, "big")),
+        m.extension(m.KEY_SHARE, group.to_bytes(2, "big")),
+    ]
+    return plain(HANDSHAKE, m.server_hello(m.HELLO_RETRY_RANDOM, session_id, 0x1302, exts)).data
+
+
+@pytest.mark.parametrize(
+    ("retries", "alert"),
+    [((X25519_CODE,), Alert.ILLEGAL_PARAMETER), ((SECP256R1, SECP256R1), Alert.UNEXPECTED_MESSAGE)],
+    ids=["for-the-shared-group", "twice"],
+)
+def test_the_client_engine_refuses_a_retry_by_itself(
+    ids: Identities, retries: tuple[int, ...], alert: Alert
+) -> None:
+    client = bare_client(ids)
+    retry = retry_for(client, retries[0])
+    for _ in retries[1:]:  # retries the client follows
+        client.feed(retry)
+        assert not client.step()
+        client.take_output()
+    client.feed(retry)
+    with pytest.raises(LocalAlertError) as refusal:
+        client.step()
+    assert refusal.value.description == alert
+    assert client.take_output().endswith(bytes([2, alert]))  # the alert went out
+
+
+def test_the_engine_refuses_input_after_eof_mid_message(ids: Identities) -> None:
+    client = bare_client(ids)
+    client.take_output()
+    client.feed(HEADER.pack(HANDSHAKE, 0x0303, 10) + b"\x02\x00\x00")
+    client.feed_eof()
+    with pytest.raises(AbruptCloseError):
+        client.step()
