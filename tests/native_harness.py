@@ -214,6 +214,10 @@ class Link:
             self.events[name] += conn.records.receive(data, self.now)
         else:
             conn.receive_data(data, self.now)
+            # Bytes that came with the end of the handshake go to the record layer (as the
+            # stream driver hands them over).
+            if conn.records is not None and (leftover := conn.take_leftover()):
+                self.events[name] += conn.records.receive(leftover, self.now)
 
     def complete(self, name: str) -> bool:
         return any(isinstance(e, HandshakeComplete) for e in self.events[name])

@@ -9,6 +9,7 @@ Both roles always authenticate with certificates; each test moves data both ways
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import threading
@@ -23,6 +24,7 @@ from OpenSSL import SSL
 from OpenSSL._util import lib
 
 from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE
 from qkdproxy.core.tls.identity import AllowList
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.io.tls_stream import EndpointSettings, HandshakeError, TlsEndpoint, TlsStream
@@ -247,3 +249,10 @@ async def test_hello_retry_with_mutual_tls_openssl_server(tmp_path: Path, pki: P
     stream, result = await native_to_openssl(pki, ("x25519", "secp384r1"), ctx)
     assert stream.record.hello_retry and stream.record.group == "secp384r1"
     assert result.group is not None and result.group.lower() == "secp384r1"
+
+
+def test_the_other_interop_suites_run_the_native_engine() -> None:
+    """test_interop_openssl and test_interop_stdlib build endpoints with the default
+    engine: it must be the native one for them to test it."""
+    fields = {f.name: f.default for f in dataclasses.fields(EndpointSettings)}
+    assert fields["tls_engine"] == DEFAULT_ENGINE == "native"

@@ -1011,3 +1011,15 @@ def test_the_engine_refuses_input_after_eof_mid_message(ids: Identities) -> None
     client.feed_eof()
     with pytest.raises(AbruptCloseError):
         client.step()
+
+
+@pytest.mark.parametrize("direction", [CLIENT, SERVER])
+def test_a_change_cipher_spec_after_the_peer_finished(ids: Identities, direction: str) -> None:
+    """Allowed only before the peer's Finished (RFC 8446 5): one sent right behind the last
+    flight, in the same segment, reaches the record layer and is refused there."""
+    index = 1 if direction == CLIENT else 0
+    ccs = plain(CCS, b"\x01").data
+    result = link(ids, X25519, hook=on(direction, index, lambda data: data + ccs))
+    victim = SERVER if direction == CLIENT else CLIENT
+    failed = result.failed(victim)
+    assert failed is not None and failed.alert == Alert.UNEXPECTED_MESSAGE, result.events
