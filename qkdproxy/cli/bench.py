@@ -16,6 +16,7 @@ from typing import Any
 from qkdproxy.core.groups import DEFAULT_GROUPS, GroupError, GroupSpec
 from qkdproxy.core.hybrid import GroupUnavailableError, resolve
 from qkdproxy.core.kem import default_registry
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE, ENGINES
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi
 from qkdproxy.io.aio import run
 from qkdproxy.tools.bench import kem as kem_bench
@@ -225,7 +226,9 @@ def _generator(args: argparse.Namespace) -> Generator:
 def _throughput(args: argparse.Namespace) -> int:
     streams = _counts(args.streams, "--streams")
     megabytes = _at_least_one(args.megabytes, "--megabytes")
-    report = _run_paths(run_throughput(megabytes, streams, not args.no_stunnel, _generator(args)))
+    report = _run_paths(
+        run_throughput(megabytes, streams, not args.no_stunnel, _generator(args), args.tls_engine)
+    )
     return _emit_paths(args, report, THROUGHPUT_TABLES, "streams", (
         ("gbit_s", "Gbit/s"), ("cpu_s_per_gb", "tunnel CPU s per GB"),
     ))  # fmt: skip
@@ -239,11 +242,26 @@ def _connrate(args: argparse.Namespace) -> int:
     if not 0 <= args.idle <= MAX_IDLE:
         raise UsageError(f"--idle takes 0 to {MAX_IDLE} (the bench tunnels' connection limit)")
     report = _run_paths(
-        run_connrate(connections, levels, not args.no_stunnel, _generator(args), args.idle)
+        run_connrate(
+            connections,
+            levels,
+            not args.no_stunnel,
+            _generator(args),
+            args.idle,
+            tls_engine=args.tls_engine,
+        )
     )
     return _emit_paths(args, report, CONNRATE_TABLES, "concurrency", (
         ("conn_per_s", "connections/s"), ("cpu_ms_per_conn", "tunnel CPU ms per connection"),
     ))  # fmt: skip
+
+
+def _engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-engine", choices=ENGINES, default=None,
+        help="the qkdproxy tunnels' TLS handshake engine (default: the configuration's, "
+        f"{DEFAULT_ENGINE})",
+    )  # fmt: skip
 
 
 def _run_paths(bench: Coroutine[Any, Any, PathReport[R]]) -> PathReport[R]:
@@ -439,6 +457,7 @@ def add_commands(commands: Any) -> None:
         "process, which limits the baselines and says so; iperf3 only on request: its "
         "receiver does not count the bytes still in a tunnel when the sender is done)",
     )  # fmt: skip
+    _engine_option(throughput)
     _output_options(throughput)
     throughput.set_defaults(handler=_guarded("throughput", _throughput))
     connrate = benches.add_parser(
@@ -462,6 +481,7 @@ def add_commands(commands: Any) -> None:
         "--idle", type=int, default=200,
         help="idle connections held open per tunnel path to measure memory (0: skip)",
     )  # fmt: skip
+    _engine_option(connrate)
     _output_options(connrate)
     connrate.set_defaults(handler=_guarded("connrate", _connrate))
     soak = benches.add_parser(

@@ -78,6 +78,7 @@ def build_endpoint(
             # An update may take as long as the period it keeps: keys at most twice as old.
             fresh_key_deadline=max(config.handshake_timeout_s, config.fresh_key_interval_s),
             mux_protocol=config.mux.enabled,
+            tls_engine=config.tls_engine,
         )
     )
 

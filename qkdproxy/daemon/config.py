@@ -22,6 +22,7 @@ from qkdproxy.core.etsi004.qos import NEGOTIABLE, QosPolicy
 from qkdproxy.core.etsi014.models import MAX_SAE_ID_LENGTH
 from qkdproxy.core.policy import GroupPlan, Policy, plan_groups
 from qkdproxy.core.tls.certpolicy import CertificatePolicy
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE, ENGINES
 from qkdproxy.core.tls.identity import AllowRule
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi
 from qkdproxy.keys.kme_identity import ExpectedKme
@@ -118,6 +119,8 @@ class TunnelConfig:
     fresh_key_interval_s: float = 600.0
     fresh_key_bytes: int = 64 << 30
     proxy_protocol: bool = False
+    # The TLS 1.3 handshake engine: "native" (ours) or "tlslite" (core/tls/engine.py).
+    tls_engine: str = DEFAULT_ENGINE
     # Server tunnels: the QKD flows served and what an unauthenticated hello may cost.
     preauth: PreAuthSettings = field(default_factory=PreAuthSettings)
     # Admission control (docs/CONFIGURATION.md, "Admission control"); 0 turns one off.
@@ -553,6 +556,7 @@ def _tunnel(
         fresh_key_interval_s=r.positive("fresh_key_interval_s", 600.0, allow_zero=True),
         fresh_key_bytes=int(r.positive("fresh_key_bytes", float(64 << 30), allow_zero=True)),
         proxy_protocol=bool(r.get("proxy_protocol", bool, False)),
+        tls_engine=_tls_engine(r),
         accept_unechoed_key_id=bool(r.get("accept_unechoed_key_id", bool, False)),
         preauth=_preauth(r, role),
         **_admission(r),
@@ -568,6 +572,14 @@ def _tunnel(
         )
     r.check_unknown()
     return config
+
+
+def _tls_engine(r: _Reader) -> str:
+    engine = str(r.get("tls_engine", str, DEFAULT_ENGINE))
+    if engine not in ENGINES:
+        r.fail("tls_engine", f"must be one of {', '.join(ENGINES)}")
+        return DEFAULT_ENGINE
+    return engine
 
 
 def _mux(r: _Reader) -> MuxSettings:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from qkdproxy.core.groups import DEFAULT_GROUPS
 from qkdproxy.core.hybrid import HybridKem, resolve
 from qkdproxy.core.kem import default_registry
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE
 from qkdproxy.core.tls.identity import AllowList
 from qkdproxy.core.tls.keyexchange import QkdOptions
 from qkdproxy.core.tls.verify import PeerPolicy
@@ -98,6 +99,7 @@ class LoopbackPair:
     server_keys: KeyContext
     echo: _EchoServer
     _client_credentials_key_type: KeyType
+    tls_engine: str = DEFAULT_ENGINE
 
     @property
     def server_failures(self) -> list[BaseException]:
@@ -116,7 +118,11 @@ class LoopbackPair:
             "client", [CLIENT_URI], server=False, key_type=self._client_credentials_key_type
         )
         peer = PeerPolicy((self.ca.certificate,), AllowList.of([f"dns:{SERVER_NAME}"]), SERVER_NAME)
-        return TlsEndpoint(EndpointSettings(credentials, peer, groups, self.client_keys))
+        return TlsEndpoint(
+            EndpointSettings(
+                credentials, peer, groups, self.client_keys, tls_engine=self.tls_engine
+            )
+        )
 
     async def handshake(self, client: TlsEndpoint) -> TlsStream:
         """Dial the server and complete a client handshake."""
@@ -133,12 +139,14 @@ async def loopback_pair(
     server_failures: list[BaseException] | None = None,
     sources: tuple[KeySources, KeySources] | None = None,
     peer_protocol: bool = False,
+    tls_engine: str = DEFAULT_ENGINE,
 ) -> AsyncIterator[LoopbackPair]:
     """Start an echo server behind a TLS endpoint; yield the pair; stop the server.
 
     Keys come from ``sources`` (client's, server's) when given, else from ``link``. With
     ``peer_protocol`` the server speaks ``qkdproxy/1`` (framing, key announcements) to
-    clients that offer it; otherwise it echoes raw bytes.
+    clients that offer it; otherwise it echoes raw bytes. Both ends (and every
+    :meth:`LoopbackPair.client`) run the ``tls_engine`` handshake engine.
     """
     ca = CertificateAuthority.create()
     link = link or InProcessQkdLink()
@@ -148,7 +156,12 @@ async def loopback_pair(
     policy = PeerPolicy((ca.certificate,), AllowList.of([f"uri:{CLIENT_URI}"]))
     server = TlsEndpoint(
         EndpointSettings(
-            credentials, policy, server_groups, server_keys, peer_protocol=peer_protocol
+            credentials,
+            policy,
+            server_groups,
+            server_keys,
+            peer_protocol=peer_protocol,
+            tls_engine=tls_engine,
         )
     )
     failures = server_failures if server_failures is not None else []
@@ -157,7 +170,15 @@ async def loopback_pair(
     port = listener.sockets[0].getsockname()[1]
     try:
         yield LoopbackPair(
-            server, ca, link, port, KeyContext(client_sources), server_keys, echo, key_type
+            server,
+            ca,
+            link,
+            port,
+            KeyContext(client_sources),
+            server_keys,
+            echo,
+            key_type,
+            tls_engine,
         )
     finally:
         listener.close()

@@ -25,16 +25,16 @@ EXT_PADDING = 21
 Shape = tuple[int, list[tuple[int, int]]]
 
 
-async def hello_shape(names: tuple[str, ...]) -> Shape:
+async def hello_shape(names: tuple[str, ...], engine: str = "tlslite") -> Shape:
     """The length of the ClientHello a real client offering ``names`` sends, and its
     extensions as (type, length): the random parts differ between hellos, these do not."""
-    async with loopback_pair(kems(QKD)) as pair:
+    async with loopback_pair(kems(QKD), tls_engine=engine) as pair:
         hello = first_message(await capture_client_hello(pair.client(kems(*names), QkdOptions())))
     _, extensions = split_client_hello(hello[4:])
     return len(hello), [(ext_type, len(data)) for ext_type, data in extensions]
 
 
-@pytest.mark.parametrize(
+PADDING_CASES = pytest.mark.parametrize(
     ("names", "padded"),
     [
         # Shares of 32 to 97 bytes: hellos of 256 to 511 bytes, tlslite's check runs.
@@ -48,6 +48,9 @@ async def hello_shape(names: tuple[str, ...]) -> Shape:
         ((QKD, "x25519"), False),
     ],
 )
+
+
+@PADDING_CASES
 async def test_the_wire_hello_is_padded_as_tlslite_pads_it(
     names: tuple[str, ...], padded: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -59,3 +62,16 @@ async def test_the_wire_hello_is_padded_as_tlslite_pads_it(
     theirs = await hello_shape(names)
     assert ours == theirs
     assert any(ext_type == EXT_PADDING for ext_type, _ in ours[1]) == padded
+
+
+@PADDING_CASES
+async def test_the_native_hello_is_padded_by_the_same_rule(
+    names: tuple[str, ...], padded: bool
+) -> None:
+    """The native engine's hellos are shorter (fewer extensions) but follow the same rule:
+    never 256 to 511 bytes long; padding only ever brings one to 512."""
+    length, extensions = await hello_shape(names, engine="native")
+    body = length - 4
+    assert not 256 <= body <= 511
+    if any(ext_type == EXT_PADDING for ext_type, _ in extensions):
+        assert body == 512

@@ -55,7 +55,7 @@ async def test_code_point_overrides_do_not_leak_between_endpoints() -> None:
     overridden = DEFAULT_GROUPS.with_overrides({"qkd_mlkem768": 0x3769})
     moved = [resolve(overridden.by_name("qkd_mlkem768"), default_registry())]
     stock = [resolve(DEFAULT_GROUPS.by_name("qkd_mlkem768"), default_registry())]
-    async with loopback_pair(moved) as pair:
+    async with loopback_pair(moved, tls_engine="tlslite") as pair:
         # A server with the override and clients with and without it, in one process.
         assert GroupName.qkd_mlkem768 == 0x3768
         stream = await asyncio.wait_for(pair.handshake(pair.client(moved, QkdOptions())), 20)
@@ -67,7 +67,7 @@ async def test_code_point_overrides_do_not_leak_between_endpoints() -> None:
         await stream.close()
     assert GroupName.qkd_mlkem768 == 0x3768
     assert 0x3768 in GroupName.allKEM and 0x3769 in GroupName.allKEM
-    async with loopback_pair(stock) as pair:
+    async with loopback_pair(stock, tls_engine="tlslite") as pair:
         stream = await asyncio.wait_for(pair.handshake(pair.client(stock, QkdOptions())), 20)
         await stream.close()
 

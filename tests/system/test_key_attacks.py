@@ -142,20 +142,27 @@ async def test_unauthenticated_drain_costs_nothing_with_the_flow_off_and_is_boun
 async def test_remote_downgrade_a_flood_does_not_make_qkd_preferred_fall_back(
     faults: FaultHarness,
 ) -> None:
-    """A realistic link (10 keys/s, pool 500) shared by a qkd-preferred client and a server
-    serving both flows; a zero-id flood at the server meanwhile. Every legitimate connection
-    completes with QKD; none falls back."""
+    """A realistic link (10 keys/s) shared by a qkd-preferred client and a server serving
+    both flows; a zero-id flood at the server meanwhile. Every legitimate connection
+    completes with QKD; none falls back. The pool holds more keys than the legitimate
+    client can use in the flood's seconds (over 500 connections a second here), and the
+    client tunnel's own admission control is out of the way (its per-source budget is
+    200 + 100/s), so what is measured is what the flood takes, not the client's own use."""
     hello = await zero_id_hello(faults)
     server, client = await pair(
-        faults, BOTH, "--rate-bps", "2560", "--pool-bits", str(500 * 256),
-        policy="qkd-preferred", groups=["qkd_mlkem768", "X25519MLKEM768"],
+        faults, BOTH, "--rate-bps", "2560", "--pool-bits", str(4000 * 256),
+        policy="qkd-preferred", groups=["qkd_mlkem768", "X25519MLKEM768"], **OPEN_ADMISSION,
     )  # fmt: skip
     attack = asyncio.create_task(flood(server.ports["t"], hello, FLOOD_S))
     outcomes = []
     while not attack.done():
         outcomes.append(await works(client.ports["c"], 2000))
     await attack
-    assert len(outcomes) >= 5 and sum(outcomes) >= 0.95 * len(outcomes), outcomes
+    # A count, not the list: pytest 8 on Python 3.11 once failed to render a 1,400-item
+    # list here (INTERNALERROR: AST constructor recursion depth mismatch), ending the run.
+    succeeded = sum(outcomes)
+    assert len(outcomes) >= 5, len(outcomes)
+    assert succeeded >= 0.95 * len(outcomes), f"{succeeded} of {len(outcomes)} worked"
     await client.settled()
     records = client.proc.records()
     assert not any(r["fallback"] for r in records), records

@@ -114,7 +114,7 @@ class EngineSpec(Protocol):
 
     @property
     def name(self) -> str:
-        """"native" or "tlslite"."""
+        """ "native" or "tlslite"."""
 
     def new(
         self,

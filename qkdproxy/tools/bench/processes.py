@@ -246,19 +246,22 @@ async def start_daemon_pair(
     server_groups: Sequence[str] = (),
     kme_latency_ms: float = 0.0,
     prefetch: bool = True,
+    tls_engine: str | None = None,
 ) -> DaemonPair:
     """KME simulator, server daemon (one tunnel to ``backend``) and client daemon.
 
     ``base`` must hold the development PKI in ``base/pki``. The server tunnel accepts every
-    group in ``server_groups`` (its policy's defaults when empty).
+    group in ``server_groups`` (its policy's defaults when empty). Every tunnel runs the
+    ``tls_engine`` handshake engine (the configuration's default when None).
     """
+    engine = f'\ntls_engine = "{tls_engine}"' if tls_engine else ""
     urls, kme_pid = await start_kme(stack, base / "pki", kme_latency_ms)
     kme = {"prefetch": "true" if prefetch else "false"}
     server_port, *client_ports = free_ports(1 + len(clients))
     # The benchmarks measure both flows (the server serves both) and both modes.
     server_extra = (
         f'allow = ["uri:{CLIENT_URI}"]\nflows = ["client", "server"]\nmultiplex = true\n'
-        f"max_connections = {BENCH_MAX_CONNECTIONS}\n" + BENCH_BUDGET
+        f"max_connections = {BENCH_MAX_CONNECTIONS}\n" + BENCH_BUDGET + engine
     )
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
@@ -271,7 +274,7 @@ async def start_daemon_pair(
     for tunnel in clients:
         client += _TUNNEL.format(
             name=tunnel.name, role="client", listen=ports[tunnel.name], connect=server_port,
-            extra=_client_extra(tunnel),
+            extra=_client_extra(tunnel) + engine,
         )  # fmt: skip
     (base / "server.toml").write_text(server)
     (base / "client.toml").write_text(client)

@@ -172,7 +172,7 @@ def _start_notes() -> list[str]:
 
 @asynccontextmanager
 async def _paths(
-    generator: Generator, purpose: Purpose, with_stunnel: bool
+    generator: Generator, purpose: Purpose, with_stunnel: bool, tls_engine: str | None = None
 ) -> AsyncIterator[Paths]:
     notes = _start_notes()
     choice = choose(generator, purpose)
@@ -183,7 +183,11 @@ async def _paths(
         ports = {DIRECT: load.backend_port}
         tunnels: dict[str, ProcessGroup] = {}
         clients = (ClientTunnel("bench"), ClientTunnel("mux", multiplex=True))
-        pair = await start_daemon_pair(stack, base, load.backend_port, clients=clients)
+        pair = await start_daemon_pair(
+            stack, base, load.backend_port, clients=clients, tls_engine=tls_engine
+        )
+        if tls_engine:
+            notes.append(f"qkdproxy tunnels ran the {tls_engine} TLS handshake engine")
         daemons = ProcessGroup(tuple(pair.daemon_pids))
         for path, tunnel in PATH_TUNNELS.items():
             ports[path], tunnels[path] = pair.ports[tunnel], daemons
@@ -208,11 +212,12 @@ async def run_throughput(
     streams: tuple[int, ...],
     with_stunnel: bool = True,
     generator: Generator = Generator.AUTO,
+    tls_engine: str | None = None,
 ) -> PathReport[ThroughputResult]:
     """Bulk one-way transfer per path and stream count (same run, same machine)."""
     results = []
     tails: list[float] = []
-    async with _paths(generator, Purpose.SINK, with_stunnel) as paths:
+    async with _paths(generator, Purpose.SINK, with_stunnel, tls_engine) as paths:
         kind = paths.load.kind.value
         for path, port in paths.ports.items():
             await paths.load.bulk(port, WARM_UP_BYTES, 1)  # first handshake, caches
@@ -259,11 +264,13 @@ async def run_connrate(
     with_stunnel: bool = True,
     generator: Generator = Generator.AUTO,
     idle: int = 200,
+    *,
+    tls_engine: str | None = None,
 ) -> PathReport[ConnrateResult]:
     """New connections per second (open, one byte each way, close) per path; then, with
     ``idle`` connections held open, the memory each costs the tunnel processes."""
     results = []
-    async with _paths(generator, Purpose.ECHO, with_stunnel) as paths:
+    async with _paths(generator, Purpose.ECHO, with_stunnel, tls_engine) as paths:
         kind = paths.load.kind.value
         for path, port in paths.ports.items():
             await paths.load.connections(port, WARM_UP_CONNECTIONS, 1)

@@ -136,14 +136,13 @@ class NativeServer(NativeHandshake):
         self._send_flight(hello.session_id, group, share, secret, scheme)
 
     def _select_alpn(self, data: bytes | None) -> bytes | None:
-        """The client's first protocol that we speak (none if either side has no list)."""
+        """The client's first protocol that we speak. None if either side has no list, or
+        they share no protocol: a standard client offering h2 is served plainly, as tlslite
+        served it, rather than refused (RFC 7301 would alert; applications behind a
+        sidecar cannot change what their TLS library offers)."""
         if data is None or not self._alpn:
             return None
-        names = m.alpn_names(data)
-        chosen = next((n for n in names if n in self._alpn), None)
-        if chosen is None:
-            raise MessageError("no application protocol in common", Alert.NO_APPLICATION_PROTOCOL)
-        return chosen
+        return next((n for n in m.alpn_names(data) if n in self._alpn), None)
 
     def _hello_retry(self, message: bytes, group: int, session_id: bytes) -> None:
         assert self._suite is not None
