@@ -83,6 +83,7 @@ def test_both_ends_derive_the_same_traffic_secrets(
     [
         ([b"h2", b"http/1.1"], [b"http/1.1", b"h2"], "h2"),  # the client's order wins
         ([b"qkdproxy/1"], [b"h2", b"qkdproxy/1"], "qkdproxy/1"),
+        ([b"h2"], [b"qkdproxy/1"], None),  # nothing in common: served without ALPN
         ([b"h2"], None, None),
         (None, [b"h2"], None),
     ],
