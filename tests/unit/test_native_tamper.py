@@ -21,9 +21,12 @@ from tests.native_harness import BYTES_IN_TEXT, CLIENT, SERVER, Cut, Identities,
 
 PAIRS = [("native", "native"), ("native", "tlslite"), ("tlslite", "native")]
 SCENARIOS = {
-    "direct": (("x25519",), None),
-    "retry": (("x25519", "secp256r1"), ("secp256r1",)),  # HelloRetryRequest first
+    "direct": (("x25519",), None, False),
+    "retry": (("x25519", "secp256r1"), ("secp256r1",), False),  # HelloRetryRequest first
+    # Extended Key Update offered and ALPN negotiated: their extensions are tampered too.
+    "eku-alpn": (("x25519",), None, True),
 }
+ALPN = ([b"h2", b"qkdproxy/1"], [b"qkdproxy/1"])
 APPLICATION_DATA = 23
 
 
@@ -74,7 +77,7 @@ def flights(ids: Identities, scenario: str, engines: tuple[str, str]) -> list[tu
 
 
 def run(ids: Identities, scenario: str, engines: tuple[str, str], attack: Attack | None) -> Link:
-    client_groups, server_groups = SCENARIOS[scenario]
+    client_groups, server_groups, extras = SCENARIOS[scenario]
     return link(
         ids,
         groups(*client_groups),
@@ -82,6 +85,8 @@ def run(ids: Identities, scenario: str, engines: tuple[str, str], attack: Attack
         client_engine=engines[0],
         server_engine=engines[1],
         hook=attack,
+        eku=extras,
+        alpn=ALPN if extras else (None, None),
     )
 
 
