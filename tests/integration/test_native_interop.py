@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import socket
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from OpenSSL import SSL
 from OpenSSL._util import lib
 
+from qkdproxy.core.tls.connection import TlsConnection
 from qkdproxy.core.tls.credentials import Credentials
 from qkdproxy.core.tls.engine import DEFAULT_ENGINE
 from qkdproxy.core.tls.identity import AllowList
@@ -256,3 +260,30 @@ def test_the_other_interop_suites_run_the_native_engine() -> None:
     engine: it must be the native one for them to test it."""
     fields = {f.name: f.default for f in dataclasses.fields(EndpointSettings)}
     assert fields["tls_engine"] == DEFAULT_ENGINE == "native"
+
+
+async def test_no_handshake_state_outlives_the_handshake(
+    monkeypatch: pytest.MonkeyPatch, pki: Pki
+) -> None:
+    """The engines keep the main secret and the first traffic secrets until they are
+    dropped; the stream driver keeps only the record layer, so once a stream is up no
+    TlsConnection (engine, key schedule, first-generation keys) is reachable."""
+    alive: list[weakref.ref[TlsConnection]] = []
+    original = TlsConnection.__init__
+
+    def tracked(self: TlsConnection, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        alive.append(weakref.ref(self))
+
+    monkeypatch.setattr(TlsConnection, "__init__", tracked)
+    async with native_echo_server(pki, ("x25519",)) as (port, results):
+        endpoint = TlsEndpoint(native_settings(pki, "client", ("x25519",)))
+        reader, writer = await deadline(asyncio.open_connection("127.0.0.1", port))
+        stream = await deadline(endpoint.connect(reader, writer))
+        served = await deadline(results.get())
+        await stream.write(b"ping")
+        assert await deadline(stream.read()) == b"ping"
+        gc.collect()
+        assert len(alive) == 2 and all(ref() is None for ref in alive)
+        await deadline(stream.close())
+    assert isinstance(served, TlsStream)
