@@ -1023,3 +1023,14 @@ def test_a_change_cipher_spec_after_the_peer_finished(ids: Identities, direction
     victim = SERVER if direction == CLIENT else CLIENT
     failed = result.failed(victim)
     assert failed is not None and failed.alert == Alert.UNEXPECTED_MESSAGE, result.events
+
+
+def test_a_protected_record_over_2_14_bytes_of_plaintext(ids: Identities) -> None:
+    """Its ciphertext fits the 2^14 + 256 limit; its plaintext does not (RFC 8446 5.2)."""
+    body = bytes(MAX_PLAINTEXT - 3)
+    message = bytes([m.CERTIFICATE]) + len(body).to_bytes(3, "big") + body
+
+    def big(forge: Forge) -> Item:
+        return forge.sealed(message)
+
+    refused(against_server(ids, flight(EE, CR, big)), CLIENT, Alert.RECORD_OVERFLOW)
