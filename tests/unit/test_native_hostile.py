@@ -1034,3 +1034,39 @@ def test_a_protected_record_over_2_14_bytes_of_plaintext(ids: Identities) -> Non
         return forge.sealed(message)
 
     refused(against_server(ids, flight(EE, CR, big)), CLIENT, Alert.RECORD_OVERFLOW)
+
+
+# ------------------------------------------------------------- condemned by the header alone
+
+
+@pytest.mark.parametrize(
+    ("transmission", "data", "alert"),
+    [
+        # A plaintext HTTP request on the TLS port: type 0x47, "length" 0x202f.
+        (0, b"GET / HTTP/1.0\r\n\r\n", Alert.UNEXPECTED_MESSAGE),
+        (0, HEADER.pack(24, 0x0303, 100), Alert.UNEXPECTED_MESSAGE),  # heartbeat
+        (0, HEADER.pack(0, 0x0303, 100), Alert.UNEXPECTED_MESSAGE),
+        # In place of the client's last flight (before its hello the gate holds a CCS).
+        (1, HEADER.pack(CCS, 0x0303, 100), Alert.UNEXPECTED_MESSAGE),  # CCS is 1 byte
+        (1, HEADER.pack(ALERT, 0x0303, 1000), Alert.DECODE_ERROR),  # an alert is 2 bytes
+        (1, HEADER.pack(0x47, 0x0303, 0x202F), Alert.UNEXPECTED_MESSAGE),
+        (1, HEADER.pack(HANDSHAKE, 0x0303, 100), Alert.UNEXPECTED_MESSAGE),  # after the keys
+    ],
+    ids=["http", "heartbeat", "type-zero", "long-ccs", "long-alert", "http-later", "plaintext"],
+)
+def test_a_record_its_header_condemns_is_refused_without_waiting_for_its_body(
+    ids: Identities, transmission: int, data: bytes, alert: Alert
+) -> None:
+    """Only the bytes shown arrive, then nothing: the refusal must not wait (until the
+    handshake deadline) for a body that could not change it."""
+    result = link(ids, X25519, hook=on(CLIENT, transmission, lambda _: data))
+    refused(result, SERVER, alert)
+    error = result.server.error
+    assert error is not None
+    assert error.outcome.value == "alert", error.reason
+
+
+def test_a_protected_record_header_after_the_keys_at_the_client(ids: Identities) -> None:
+    """The same on the client, in the middle of the server's flight."""
+    header = lambda f: Raw(HEADER.pack(0x47, 0x0303, 0x202F))  # noqa: E731
+    refused(against_server(ids, flight(EE, header)), CLIENT, Alert.UNEXPECTED_MESSAGE)

@@ -77,12 +77,12 @@ class HandshakeRecords:
         kind, _version, length = HEADER.unpack_from(data, 0)
         if length > (MAX_CIPHERTEXT if kind == ContentType.APPLICATION_DATA else MAX_PLAINTEXT):
             raise MessageError(f"record of {length} bytes", Alert.RECORD_OVERFLOW)
+        self._check_header(kind, length)
         end = HEADER.size + length
         if len(data) < end:
             return False
         if kind == ContentType.APPLICATION_DATA:
-            if self.read is None:
-                raise MessageError("protected record before the keys", Alert.UNEXPECTED_MESSAGE)
+            assert self.read is not None  # checked on the header
             try:
                 inner = open_record(self.read.keys, data)
             except RemoteProtocolError as exc:
@@ -97,11 +97,25 @@ class HandshakeRecords:
             self._change_cipher_spec(content)
         elif kind == ContentType.ALERT:
             self._alert(content)
-        elif kind == ContentType.HANDSHAKE and self.read is None:
+        else:  # a plaintext handshake record before the keys (checked on the header)
             self._content(kind, content)
-        else:
-            raise MessageError(f"unexpected record type {kind}", Alert.UNEXPECTED_MESSAGE)
         return True
+
+    def _check_header(self, kind: int, length: int) -> None:
+        """Refuse on its header a record whose body could not make it acceptable, rather
+        than wait (until the handshake deadline) for a body that never comes: a plaintext
+        HTTP request reads as type 0x47 with a length of 8239."""
+        if kind == ContentType.APPLICATION_DATA:
+            if self.read is None:
+                raise MessageError("protected record before the keys", Alert.UNEXPECTED_MESSAGE)
+        elif kind == ContentType.CHANGE_CIPHER_SPEC:
+            if length != 1:
+                raise MessageError("unexpected change_cipher_spec", Alert.UNEXPECTED_MESSAGE)
+        elif kind == ContentType.ALERT:
+            if length != 2:
+                raise MessageError("malformed alert")
+        elif kind != ContentType.HANDSHAKE or self.read is not None:
+            raise MessageError(f"unexpected record type {kind}", Alert.UNEXPECTED_MESSAGE)
 
     def _content(self, kind: int, content: bytes) -> None:
         if kind == ContentType.HANDSHAKE:
