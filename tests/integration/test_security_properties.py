@@ -55,8 +55,10 @@ from prometheus_client import generate_latest
 import qkdproxy.core.hybrid
 import qkdproxy.core.tls.keyexchange
 from qkdproxy.core.hybrid import KEY_ID_SIZE, HybridKem
+from qkdproxy.core.tls import record_layer
 from qkdproxy.core.tls.credentials import Credentials
 from qkdproxy.core.tls.identity import AllowList
+from qkdproxy.core.tls.native import schedule as native_schedule
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert, HandshakeType
 from qkdproxy.daemon.app import Daemon
@@ -759,6 +761,9 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> Secrets:
         (tlslite.tlsconnection, "secureHMAC", "TLS 1.3 extracted secret or MAC"),
         (tlslite.tlsconnection, "HKDF_expand_label", "TLS 1.3 expanded secret"),
         (tlslite.recordlayer, "HKDF_expand_label", "TLS 1.3 traffic key or IV"),
+        (native_schedule, "derive_secret", "TLS 1.3 secret"),
+        (native_schedule, "_extract", "TLS 1.3 extracted secret or MAC"),
+        (record_layer, "hkdf_expand_label", "TLS 1.3 traffic key or IV"),
     ):
         monkeypatch.setattr(module, name, found.recorder(label, getattr(module, name)))
     combine = qkdproxy.core.hybrid.with_qkd_key

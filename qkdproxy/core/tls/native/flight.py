@@ -19,6 +19,9 @@ from qkdproxy.core.tls.wire import Alert, ContentType, alert_name
 # lets a peer claim (16 MiB).
 MAX_MESSAGE = 1 << 16
 CHANGE_CIPHER_SPEC = bytes([ContentType.CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1])
+_RECORD_TYPES = frozenset(ContentType)
+# Handshake messages travel in plaintext records before the keys, protected ones after.
+_MESSAGE_RECORDS = frozenset({ContentType.HANDSHAKE, ContentType.APPLICATION_DATA})
 
 
 class HandshakeRecords:
@@ -70,19 +73,33 @@ class HandshakeRecords:
         return message
 
     def _next_record(self) -> bool:
-        """Take one whole record from :attr:`inbound`; False if none is whole yet."""
+        """Take one whole record from :attr:`inbound`; False if none is whole yet. A header
+        that must be refused is refused at once, before the length it claims arrives."""
         data = self.inbound
         if len(data) < HEADER.size:
             return False
         kind, _version, length = HEADER.unpack_from(data, 0)
-        if length > (MAX_CIPHERTEXT if kind == ContentType.APPLICATION_DATA else MAX_PLAINTEXT):
+        protected = kind == ContentType.APPLICATION_DATA
+        if protected != (self.read is not None) and kind in _MESSAGE_RECORDS:
+            raise MessageError(
+                f"{'protected' if protected else 'plaintext'} handshake record here",
+                Alert.UNEXPECTED_MESSAGE,
+            )
+        if kind not in _RECORD_TYPES:
+            raise MessageError(f"unknown record type {kind}", Alert.UNEXPECTED_MESSAGE)
+        if length > (MAX_CIPHERTEXT if protected else MAX_PLAINTEXT):
             raise MessageError(f"record of {length} bytes", Alert.RECORD_OVERFLOW)
-        self._check_header(kind, length)
+        # A change_cipher_spec record is one byte and a plaintext alert two (RFC 8446 5,
+        # 6): any other length is refused now, not after the body it claims.
+        if kind == ContentType.CHANGE_CIPHER_SPEC and length != 1:
+            raise MessageError("unexpected change_cipher_spec", Alert.UNEXPECTED_MESSAGE)
+        if kind == ContentType.ALERT and length != 2:
+            raise MessageError("malformed alert")
         end = HEADER.size + length
         if len(data) < end:
             return False
-        if kind == ContentType.APPLICATION_DATA:
-            assert self.read is not None  # checked on the header
+        if protected:
+            assert self.read is not None
             try:
                 inner = open_record(self.read.keys, data)
             except RemoteProtocolError as exc:
@@ -97,25 +114,9 @@ class HandshakeRecords:
             self._change_cipher_spec(content)
         elif kind == ContentType.ALERT:
             self._alert(content)
-        else:  # a plaintext handshake record before the keys (checked on the header)
+        else:
             self._content(kind, content)
         return True
-
-    def _check_header(self, kind: int, length: int) -> None:
-        """Refuse on its header a record whose body could not make it acceptable, rather
-        than wait (until the handshake deadline) for a body that never comes: a plaintext
-        HTTP request reads as type 0x47 with a length of 8239."""
-        if kind == ContentType.APPLICATION_DATA:
-            if self.read is None:
-                raise MessageError("protected record before the keys", Alert.UNEXPECTED_MESSAGE)
-        elif kind == ContentType.CHANGE_CIPHER_SPEC:
-            if length != 1:
-                raise MessageError("unexpected change_cipher_spec", Alert.UNEXPECTED_MESSAGE)
-        elif kind == ContentType.ALERT:
-            if length != 2:
-                raise MessageError("malformed alert")
-        elif kind != ContentType.HANDSHAKE or self.read is not None:
-            raise MessageError(f"unexpected record type {kind}", Alert.UNEXPECTED_MESSAGE)
 
     def _content(self, kind: int, content: bytes) -> None:
         if kind == ContentType.HANDSHAKE:
