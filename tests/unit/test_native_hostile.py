@@ -281,9 +281,14 @@ def test_an_empty_record_is_refused(
 def test_an_oversized_record_is_refused_on_its_header(
     ids: Identities, content_type: int, length: int
 ) -> None:
-    """Only the 5-byte header arrives: the refusal cannot wait for the body."""
+    """Only the 5-byte header arrives: the refusal cannot wait for the body. (A plaintext
+    handshake record here is also one after the keys: either fault may be named.)"""
     header = lambda f: Raw(HEADER.pack(content_type, 0x0303, length))  # noqa: E731
-    refused(against_server(ids, flight(EE, header)), CLIENT, Alert.RECORD_OVERFLOW)
+    result = against_server(ids, flight(EE, header))
+    refused(result, CLIENT, Alert.RECORD_OVERFLOW, Alert.UNEXPECTED_MESSAGE)
+    failed = result.failed(CLIENT)
+    assert failed is not None
+    assert content_type == HANDSHAKE or failed.alert == Alert.RECORD_OVERFLOW
 
 
 @pytest.mark.parametrize("claimed", [0xFFFFFF, 0x010001])
@@ -915,7 +920,8 @@ def test_a_client_without_middlebox_compatibility_completes(ids: Identities) -> 
         (0, plain(APPLICATION_DATA, bytes(40)).data, Alert.UNEXPECTED_MESSAGE),
         (0, plain(HANDSHAKE, m.message(m.SERVER_HELLO, bytes(40))).data, Alert.UNEXPECTED_MESSAGE),
         (1, HEADER.pack(APPLICATION_DATA, 0x0303, MAX_CIPHERTEXT + 1), Alert.RECORD_OVERFLOW),
-        (1, HEADER.pack(HANDSHAKE, 0x0303, MAX_PLAINTEXT + 1), Alert.RECORD_OVERFLOW),
+        # Also plaintext after the keys: refused as that (either alert is right).
+        (1, HEADER.pack(HANDSHAKE, 0x0303, MAX_PLAINTEXT + 1), Alert.UNEXPECTED_MESSAGE),
         (1, plain(APPLICATION_DATA, b"").data, Alert.BAD_RECORD_MAC),
     ],
     ids=[
