@@ -1,11 +1,11 @@
 """No secret the native engine derives reaches a log line, a failure reason or an exception
 text, on success or on any failure a peer can cause.
 
-tests/integration/test_security_properties.py records TLS secrets by hooking tlslite's key
-schedule, which the native engine (the default) does not call; this records the native
-engine's own derivations (HKDF-Extract, and HKDF-Expand-Label for its secrets, Finished
-keys, traffic keys and IVs) and runs the handshakes through TlsConnection with every logger
-at DEBUG.
+tests/integration/test_security_properties.py checks the daemons' logs on good handshakes;
+this records the native engine's own derivations (HKDF-Extract, and HKDF-Expand-Label for
+its secrets, Finished keys, traffic keys and IVs) and drives the failures a peer or an
+on-path attacker can cause through TlsConnection, with every logger at DEBUG, reading the
+failure reasons and error texts too.
 """
 
 from __future__ import annotations
