@@ -7,6 +7,7 @@ Figures that survive a loaded machine (docs/PERFORMANCE.md, "Connection cost"):
     python perf/connection_cost.py callgrind [N]         # daemon pair under callgrind
     python perf/connection_cost.py profile [N] [C]       # daemon pair under cProfile (CPU time)
 
+Add ``--tlslite`` to ``inproc`` to measure the tlslite engine instead of the native one.
 Add ``--mux`` to any daemon mode to carry the connections as streams of a multiplexed
 tunnel (``qkdproxy-mux``) instead of one handshake each.
 
@@ -32,6 +33,7 @@ import tempfile
 import time
 from contextlib import AsyncExitStack
 
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE
 from qkdproxy.core.tls.keyexchange import Flow
 from qkdproxy.tools.bench import processes
 from qkdproxy.tools.bench.handshake import run_handshake_bench
@@ -45,16 +47,18 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def inproc(count: int) -> None:
+def inproc(count: int, engine: str) -> None:
     """CPU ms per in-process handshake (client and server in this process)."""
-    asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, 10))
+    asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, 10, None, engine))
     rounds = []
     for _ in range(5):
         started = _own_cpu()
-        asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, count))
+        asyncio.run(
+            run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, count, None, engine)
+        )
         rounds.append(1000 * (_own_cpu() - started) / (count + 5))  # the bench warms up 5
     print(
-        f"in-process handshake + close, both sides: {min(rounds):.2f} ms CPU "
+        f"in-process handshake + close, both sides, {engine}: {min(rounds):.2f} ms CPU "
         f"(median {statistics.median(rounds):.2f}) over 5 x {count}"
     )
 
@@ -212,11 +216,12 @@ def _under_cprofile(out: str) -> None:
 def main(argv: list[str]) -> None:
     """Dispatch on the mode (see the module docstring)."""
     mux = "--mux" in argv
-    argv = [arg for arg in argv if arg != "--mux"]
+    engine = "tlslite" if "--tlslite" in argv else DEFAULT_ENGINE
+    argv = [arg for arg in argv if arg not in ("--mux", "--tlslite")]
     mode = argv[0] if argv else "daemons"
     count = int(argv[1]) if len(argv) > 1 else 300
     if mode == "inproc":
-        inproc(count)
+        inproc(count, engine)
     elif mode == "daemons":
         asyncio.run(daemons(count, int(argv[2]) if len(argv) > 2 else 1, mux=mux))
     elif mode == "callgrind":
