@@ -89,6 +89,12 @@ class HandshakeRecords:
             raise MessageError(f"unknown record type {kind}", Alert.UNEXPECTED_MESSAGE)
         if length > (MAX_CIPHERTEXT if protected else MAX_PLAINTEXT):
             raise MessageError(f"record of {length} bytes", Alert.RECORD_OVERFLOW)
+        # A change_cipher_spec record is one byte and a plaintext alert two (RFC 8446 5,
+        # 6): any other length is refused now, not after the body it claims.
+        if kind == ContentType.CHANGE_CIPHER_SPEC and length != 1:
+            raise MessageError("unexpected change_cipher_spec", Alert.UNEXPECTED_MESSAGE)
+        if kind == ContentType.ALERT and length != 2:
+            raise MessageError("malformed alert")
         end = HEADER.size + length
         if len(data) < end:
             return False
