@@ -163,7 +163,7 @@ class ScriptedServer(NativeServer):
         emit(self, type(self).script(forge))
         self._client_app, server_app = schedule.application_secrets(transcript.digest())
         records.write = self._direction(server_app)
-        self.state = ServerState.CERTIFICATE
+        self._move(ServerState.CERTIFICATE)
 
 
 def honest_server_flight(forge: Forge) -> list[Item]:
@@ -206,7 +206,7 @@ class ScriptedClient(NativeClient):
         emit(self, script(Forge(self, client_secret, CLIENT_CONTEXT)))
         records.read = self._direction(server_app)
         records.write = self._direction(client_app)
-        self.state = ClientState.DONE
+        self._move(ClientState.DONE)
         self._finish(schedule.main)
 
 

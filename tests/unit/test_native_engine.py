@@ -10,8 +10,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from qkdproxy.core.groups import DEFAULT_GROUPS
 from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.engine import LocalAlertError
 from qkdproxy.core.tls.native import NativeClient, NativeServer
 from qkdproxy.core.tls.native.common import Identity
+from qkdproxy.core.tls.wire import Alert
 from qkdproxy.sim.pki import CertificateAuthority
 
 X25519 = DEFAULT_GROUPS.by_name("x25519")
@@ -136,3 +138,21 @@ def test_records_behind_the_clients_finished_go_to_the_record_layer(
     assert server.peer_chain == list(identities[0].chain)
     assert client.peer_chain == list(identities[1].chain)
     assert client.key_schedule() == server.key_schedule()
+
+
+@pytest.mark.parametrize("role", ["client", "server"])
+@pytest.mark.parametrize("msg_type", [2, 11, 20, 24, 254])
+def test_a_message_the_state_does_not_take_is_refused_on_its_header(
+    identities: tuple[Identity, Identity], role: str, msg_type: int
+) -> None:
+    """Four bytes of a handshake message are enough to refuse it: its body (up to 64 KiB)
+    is not waited for."""
+    client, server = engines(identities)
+    engine: NativeClient | NativeServer = client if role == "client" else server
+    if msg_type == (2 if role == "client" else 1):
+        pytest.skip("the message this state takes")
+    header = bytes([msg_type]) + (60_000).to_bytes(3, "big")
+    engine.feed(b"\x16\x03\x03\x00\x04" + header)
+    with pytest.raises(LocalAlertError) as refused:
+        engine.step()
+    assert refused.value.description == Alert.UNEXPECTED_MESSAGE

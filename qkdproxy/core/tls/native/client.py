@@ -9,13 +9,14 @@ answer it. No PSK, no early data, no session tickets.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
+from typing import ClassVar
 
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag, tls_flags_data
 from qkdproxy.core.tls.native import messages as m
-from qkdproxy.core.tls.native.common import SUITES, NativeHandshake, unexpected
+from qkdproxy.core.tls.native.common import SUITES, NativeHandshake
 from qkdproxy.core.tls.native.messages import MessageError, Reader
 from qkdproxy.core.tls.native.schedule import KeySchedule
 from qkdproxy.core.tls.native.signatures import (
@@ -51,6 +52,14 @@ class NativeClient(NativeHandshake):
     """A client handshake (see the module docstring)."""
 
     state = State.START
+    ACCEPTS: ClassVar[Mapping[Enum, frozenset[int]]] = {
+        State.SERVER_HELLO: frozenset({m.SERVER_HELLO}),
+        State.ENCRYPTED_EXTENSIONS: frozenset({m.ENCRYPTED_EXTENSIONS}),
+        State.CERTIFICATE_OR_REQUEST: frozenset({m.CERTIFICATE_REQUEST, m.CERTIFICATE}),
+        State.CERTIFICATE: frozenset({m.CERTIFICATE}),
+        State.CERTIFICATE_VERIFY: frozenset({m.CERTIFICATE_VERIFY}),
+        State.FINISHED: frozenset({m.FINISHED}),
+    }
     _groups: tuple[int, ...] = ()
     _share_group = 0
     _client_random = b""
@@ -74,7 +83,7 @@ class NativeClient(NativeHandshake):
         self._transcript.add(hello)
         self._records.send_plain(hello, version=0x0301)
         self._records.ccs_allowed = True
-        self.state = State.SERVER_HELLO
+        self._move(State.SERVER_HELLO)
 
     def _client_hello(self, cookie: bytes | None) -> bytes:
         share = self._hook(lambda: self._hooks.key_share(self._share_group))[0]
@@ -107,23 +116,15 @@ class NativeClient(NativeHandshake):
 
     # ---------------------------------------------------------------- messages
 
-    def _on_message(self, message: bytes) -> None:
-        kind = message[0]
-        state = self.state
-        if state is State.SERVER_HELLO and kind == m.SERVER_HELLO:
-            self._on_server_hello(message)
-        elif state is State.ENCRYPTED_EXTENSIONS and kind == m.ENCRYPTED_EXTENSIONS:
-            self._on_encrypted_extensions(message)
-        elif state is State.CERTIFICATE_OR_REQUEST and kind == m.CERTIFICATE_REQUEST:
-            self._on_certificate_request(message)
-        elif state in (State.CERTIFICATE_OR_REQUEST, State.CERTIFICATE) and kind == m.CERTIFICATE:
-            self._on_certificate(message)
-        elif state is State.CERTIFICATE_VERIFY and kind == m.CERTIFICATE_VERIFY:
-            self._on_certificate_verify(message)
-        elif state is State.FINISHED and kind == m.FINISHED:
-            self._on_finished(message)
-        else:
-            raise unexpected(message, state.value)
+    def _message_handlers(self) -> dict[int, Callable[[bytes], None]]:
+        return {
+            m.SERVER_HELLO: self._on_server_hello,
+            m.ENCRYPTED_EXTENSIONS: self._on_encrypted_extensions,
+            m.CERTIFICATE_REQUEST: self._on_certificate_request,
+            m.CERTIFICATE: self._on_certificate,
+            m.CERTIFICATE_VERIFY: self._on_certificate_verify,
+            m.FINISHED: self._on_finished,
+        }
 
     def _on_server_hello(self, message: bytes) -> None:
         hello = m.parse_server_hello(message[4:])
@@ -171,7 +172,7 @@ class NativeClient(NativeHandshake):
         self._handshake_secrets = (client_secret, server_secret)
         self._records.read = self._direction(server_secret)
         self._records.write = self._direction(client_secret)
-        self.state = State.ENCRYPTED_EXTENSIONS
+        self._move(State.ENCRYPTED_EXTENSIONS)
 
     def _on_hello_retry(self, hello: m.ServerHello, message: bytes) -> None:
         if self._retry_suite is not None:
@@ -220,13 +221,13 @@ class NativeClient(NativeHandshake):
             self._selected_alpn = names[0]
         self.eku_peer = has_flag(found.get(TLS_FLAGS_EXTENSION))
         self._transcript.add(message)
-        self.state = State.CERTIFICATE_OR_REQUEST
+        self._move(State.CERTIFICATE_OR_REQUEST)
 
     def _on_certificate_request(self, message: bytes) -> None:
         found = m.parse_certificate_request(message[4:])
         self._server_schemes = m.u16_list(found[m.SIGNATURE_ALGORITHMS], 2, "signature_algorithms")
         self._transcript.add(message)
-        self.state = State.CERTIFICATE
+        self._move(State.CERTIFICATE)
 
     def _on_certificate(self, message: bytes) -> None:
         chain = m.parse_certificate(message[4:])
@@ -238,14 +239,14 @@ class NativeClient(NativeHandshake):
             refusal = self._chain_check(chain)
             if refusal is not None:
                 self.send_alert(*refusal)
-        self.state = State.CERTIFICATE_VERIFY
+        self._move(State.CERTIFICATE_VERIFY)
 
     def _on_certificate_verify(self, message: bytes) -> None:
         scheme, signature = m.parse_certificate_verify(message[4:])
         key = leaf_key(self._peer_chain[0])
         verify(key, scheme, signature, SERVER_CONTEXT + self._transcript.digest())
         self._transcript.add(message)
-        self.state = State.FINISHED
+        self._move(State.FINISHED)
 
     def _on_finished(self, message: bytes) -> None:
         schedule = self._schedule
@@ -272,7 +273,7 @@ class NativeClient(NativeHandshake):
         records.write = self._direction(client_app)
         self._handshake_secrets = (b"", b"")
         schedule.forget()
-        self.state = State.DONE
+        self._move(State.DONE)
         self._finish(schedule.main)
 
     def _our_certificate(self, server_schemes: tuple[int, ...]) -> bytes:

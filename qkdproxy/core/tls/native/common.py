@@ -3,9 +3,10 @@ hand-over to the record layer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from enum import Enum
+from typing import ClassVar, NoReturn, TypeVar
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -57,6 +58,10 @@ class Identity:
 class NativeHandshake:
     """One handshake of one role; :mod:`client` and :mod:`server` add the messages."""
 
+    state: Enum
+    # The message types each state takes (a state not listed takes none).
+    ACCEPTS: ClassVar[Mapping[Enum, frozenset[int]]] = {}
+
     def __init__(
         self,
         hooks: KeyExchangeHooks,
@@ -85,6 +90,7 @@ class NativeHandshake:
         # Extended Key Update: offered by us (set before the handshake), offered by the peer.
         self.eku_offer = False
         self.eku_peer = False
+        self._handlers = self._message_handlers()
 
     # ----------------------------------------------------------------- inputs
 
@@ -120,7 +126,20 @@ class NativeHandshake:
         return True
 
     def _on_message(self, message: bytes) -> None:
+        # The records refused any other type on its header; checked again here because
+        # the handlers are found by type alone.
+        if message[0] not in self._records.accepts:
+            raise unexpected(message, self.state.value)
+        self._handlers[message[0]](message)
+
+    def _message_handlers(self) -> dict[int, Callable[[bytes], None]]:
+        """Each message type this role takes, and its handler."""
         raise NotImplementedError  # pragma: no cover - each role overrides it
+
+    def _move(self, state: Enum) -> None:
+        """Go to ``state``: from now on only its message types are taken."""
+        self.state = state
+        self._records.accepts = self.ACCEPTS.get(state, frozenset())
 
     # ---------------------------------------------------------------- outputs
 

@@ -27,7 +27,17 @@ _MESSAGE_RECORDS = frozenset({ContentType.HANDSHAKE, ContentType.APPLICATION_DAT
 class HandshakeRecords:
     """The record stream of one handshake, in both directions."""
 
-    __slots__ = ("_ccs_seen", "_messages", "ccs_allowed", "eof", "inbound", "out", "read", "write")
+    __slots__ = (
+        "_ccs_seen",
+        "_messages",
+        "accepts",
+        "ccs_allowed",
+        "eof",
+        "inbound",
+        "out",
+        "read",
+        "write",
+    )
 
     def __init__(self) -> None:
         self.inbound = bytearray()
@@ -40,6 +50,9 @@ class HandshakeRecords:
         self.ccs_allowed = False
         self._ccs_seen = False
         self.eof = False
+        # The message types the handshake's state takes next: any other is refused on its
+        # 4-byte header, before its body (up to 64 KiB) is waited for.
+        self.accepts: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------- reading
 
@@ -62,6 +75,10 @@ class HandshakeRecords:
         buffer = self._messages
         if len(buffer) < 4:
             return None
+        if buffer[0] not in self.accepts:
+            raise MessageError(
+                f"unexpected handshake message type {buffer[0]}", Alert.UNEXPECTED_MESSAGE
+            )
         length = int.from_bytes(buffer[1:4], "big")
         if length > MAX_MESSAGE:
             raise MessageError(f"handshake message of {length} bytes", Alert.ILLEGAL_PARAMETER)

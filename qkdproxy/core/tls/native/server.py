@@ -11,13 +11,14 @@ CertificateVerify is checked. No PSK (so no early data), no session tickets.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
+from typing import ClassVar
 
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag, tls_flags_data
 from qkdproxy.core.tls.native import messages as m
-from qkdproxy.core.tls.native.common import SUITES, NativeHandshake, unexpected
+from qkdproxy.core.tls.native.common import SUITES, NativeHandshake
 from qkdproxy.core.tls.native.messages import MessageError
 from qkdproxy.core.tls.native.schedule import KeySchedule
 from qkdproxy.core.tls.native.signatures import (
@@ -53,6 +54,12 @@ class NativeServer(NativeHandshake):
     """A server handshake (see the module docstring)."""
 
     state = State.START
+    ACCEPTS: ClassVar[Mapping[Enum, frozenset[int]]] = {
+        State.CLIENT_HELLO: frozenset({m.CLIENT_HELLO}),
+        State.CERTIFICATE: frozenset({m.CERTIFICATE}),
+        State.CERTIFICATE_VERIFY: frozenset({m.CERTIFICATE_VERIFY}),
+        State.FINISHED: frozenset({m.FINISHED}),
+    }
     _groups: tuple[int, ...] = ()
     _retry_group: int | None = None
     _client_secret = b""
@@ -65,21 +72,15 @@ class NativeServer(NativeHandshake):
     def start_server(self, groups: Sequence[GroupSpec]) -> None:
         """Wait for the ClientHello; ``groups`` in our order of preference."""
         self._groups = tuple(g.code_point for g in groups)
-        self.state = State.CLIENT_HELLO
+        self._move(State.CLIENT_HELLO)
 
-    def _on_message(self, message: bytes) -> None:
-        kind = message[0]
-        state = self.state
-        if state is State.CLIENT_HELLO and kind == m.CLIENT_HELLO:
-            self._on_client_hello(message)
-        elif state is State.CERTIFICATE and kind == m.CERTIFICATE:
-            self._on_certificate(message)
-        elif state is State.CERTIFICATE_VERIFY and kind == m.CERTIFICATE_VERIFY:
-            self._on_certificate_verify(message)
-        elif state is State.FINISHED and kind == m.FINISHED:
-            self._on_finished(message)
-        else:
-            raise unexpected(message, state.value)
+    def _message_handlers(self) -> dict[int, Callable[[bytes], None]]:
+        return {
+            m.CLIENT_HELLO: self._on_client_hello,
+            m.CERTIFICATE: self._on_certificate,
+            m.CERTIFICATE_VERIFY: self._on_certificate_verify,
+            m.FINISHED: self._on_finished,
+        }
 
     def _on_client_hello(self, message: bytes) -> None:
         hello = m.parse_client_hello(message[4:])
@@ -205,20 +206,20 @@ class NativeServer(NativeHandshake):
         )
         self._client_app, server_app = schedule.application_secrets(transcript.digest())
         records.write = self._direction(server_app)
-        self.state = State.CERTIFICATE
+        self._move(State.CERTIFICATE)
 
     def _on_certificate(self, message: bytes) -> None:
         self._peer_chain = m.parse_certificate(message[4:])
         self._transcript.add(message)
         # An empty chain goes on to Finished; the connection's policy then refuses it.
-        self.state = State.CERTIFICATE_VERIFY if self._peer_chain else State.FINISHED
+        self._move(State.CERTIFICATE_VERIFY if self._peer_chain else State.FINISHED)
 
     def _on_certificate_verify(self, message: bytes) -> None:
         scheme, signature = m.parse_certificate_verify(message[4:])
         key = leaf_key(self._peer_chain[0])
         verify(key, scheme, signature, CLIENT_CONTEXT + self._transcript.digest())
         self._transcript.add(message)
-        self.state = State.FINISHED
+        self._move(State.FINISHED)
 
     def _on_finished(self, message: bytes) -> None:
         schedule = self._schedule
@@ -232,5 +233,5 @@ class NativeServer(NativeHandshake):
         self._records.read = self._direction(self._client_app)
         self._client_secret = self._client_app = b""
         schedule.forget()
-        self.state = State.DONE
+        self._move(State.DONE)
         self._finish(schedule.main)
