@@ -207,7 +207,8 @@ class RecordLayer:
                     self._inbound += view[used : used + missing]
                     used = min(len(view), used + missing)
                     continue
-                opened = self._open_from(self._inbound, now, events)
+                # What follows in this receive is opened into the same buffer.
+                opened = self._open_from(self._inbound, now, events, len(view) - used)
                 del self._inbound[:opened]
                 if not opened:
                     break  # nothing could be opened (cannot happen to a whole record)
@@ -231,9 +232,14 @@ class RecordLayer:
         return self.phase is Phase.OPEN and not self.update_waiting
 
     def _open_from(
-        self, buffer: bytes | bytearray | memoryview, now: float, events: list[RecordEvent]
+        self,
+        buffer: bytes | bytearray | memoryview,
+        now: float,
+        events: list[RecordEvent],
+        expect: int = 0,
     ) -> int:
-        """Open the complete records at the front of ``buffer``; returns the bytes used."""
+        """Open the complete records at the front of ``buffer``; returns the bytes used
+        (``expect``: bytes of the same receive to be opened after these)."""
         # One cursor per batch: deleting record by record from the front of a large buffer
         # would cost a copy of the rest each time.
         view = memoryview(buffer)
@@ -244,7 +250,7 @@ class RecordLayer:
                 # DataReceived per receive, not one per batch of records.
                 last = events[-1].data if events and isinstance(events[-1], DataReceived) else None
                 into = last if isinstance(last, bytearray) else None
-                opened = open_records(self.read.keys, view[pos:], into)
+                opened = open_records(self.read.keys, view[pos:], into, expect)
                 if opened.consumed:
                     if self._handshake:
                         raise RemoteProtocolError(
