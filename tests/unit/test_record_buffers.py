@@ -58,7 +58,7 @@ def test_a_sealed_batch_still_referenced_is_never_overwritten() -> None:
     del held
     for seqnum in range(1, 40):
         seal(keys(seqnum), os.urandom(8 * MAX_PLAINTEXT))
-    assert bytes(view.obj) == copy  # type: ignore[arg-type]
+    assert bytes(view.obj) == copy
 
 
 def test_an_opened_batch_in_use_is_not_reused_a_released_one_is() -> None:
