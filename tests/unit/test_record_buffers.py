@@ -100,3 +100,18 @@ def test_a_batch_opened_into_a_reused_buffer_has_every_record_and_nothing_else()
     opened = open_records(keys(), wire)
     assert opened.records == len(sizes)
     assert opened.data == b"".join(plain)
+
+
+def test_a_large_batch_after_a_few_bytes_goes_to_a_reused_buffer_that_starts_with_them() -> None:
+    # The record a receive completes is opened alone; the rest of the receive follows it.
+    # Appending to its small buffer would zero the room first: a reused buffer takes a
+    # copy of the few bytes instead, and the result is the same bytes in order.
+    del open_records(keys(), seal(keys(), os.urandom(8 * MAX_PLAINTEXT))).data
+    head, rest = os.urandom(MAX_PLAINTEXT), os.urandom(7 * MAX_PLAINTEXT)
+    small = open_records(keys(), seal(keys(), head)).data
+    opened = open_records(keys(1), seal(keys(1), rest), into=small)
+    assert opened.data is not small and opened.data == head + rest
+    assert small == head
+    # Few bytes after the head stay in its buffer, appended.
+    again = open_records(keys(1), seal(keys(1), b"tail"), into=small)
+    assert again.data is small and small == head + b"tail"

@@ -207,8 +207,7 @@ class RecordLayer:
                     self._inbound += view[used : used + missing]
                     used = min(len(view), used + missing)
                     continue
-                # What follows in this receive is opened into the same buffer.
-                opened = self._open_from(self._inbound, now, events, len(view) - used)
+                opened = self._open_from(self._inbound, now, events)
                 del self._inbound[:opened]
                 if not opened:
                     break  # nothing could be opened (cannot happen to a whole record)
@@ -232,14 +231,9 @@ class RecordLayer:
         return self.phase is Phase.OPEN and not self.update_waiting
 
     def _open_from(
-        self,
-        buffer: bytes | bytearray | memoryview,
-        now: float,
-        events: list[RecordEvent],
-        expect: int = 0,
+        self, buffer: bytes | bytearray | memoryview, now: float, events: list[RecordEvent]
     ) -> int:
-        """Open the complete records at the front of ``buffer``; returns the bytes used
-        (``expect``: bytes of the same receive to be opened after these)."""
+        """Open the complete records at the front of ``buffer``; returns the bytes used."""
         # One cursor per batch: deleting record by record from the front of a large buffer
         # would cost a copy of the rest each time.
         view = memoryview(buffer)
@@ -250,7 +244,7 @@ class RecordLayer:
                 # DataReceived per receive, not one per batch of records.
                 last = events[-1].data if events and isinstance(events[-1], DataReceived) else None
                 into = last if isinstance(last, bytearray) else None
-                opened = open_records(self.read.keys, view[pos:], into, expect)
+                opened = open_records(self.read.keys, view[pos:], into)
                 if opened.consumed:
                     if self._handshake:
                         raise RemoteProtocolError(
@@ -258,8 +252,11 @@ class RecordLayer:
                             Alert.UNEXPECTED_MESSAGE,
                         )
                     pos += opened.consumed
-                    if opened.data and into is None:
-                        events.append(DataReceived(opened.data))
+                    if opened.data is not into:  # a new buffer (holding into's bytes first)
+                        if into is not None:
+                            events[-1] = DataReceived(opened.data)
+                        elif opened.data:
+                            events.append(DataReceived(opened.data))
                 if not opened.handoff:
                     break
                 record = open_record(self.read.keys, view[pos:])

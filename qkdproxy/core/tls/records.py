@@ -154,10 +154,7 @@ class Opened:
 
 
 def open_records(
-    keys: TrafficKeys,
-    buffer: bytes | bytearray | memoryview,
-    into: bytearray | None = None,
-    expect: int = 0,
+    keys: TrafficKeys, buffer: bytes | bytearray | memoryview, into: bytearray | None = None
 ) -> Opened:
     """Open the complete application-data records at the front of ``buffer``.
 
@@ -165,20 +162,16 @@ def open_records(
     anything but well-formed application data (``handoff``), leaving it and its sequence
     number to :func:`open_record`. Each record is decrypted straight into one output
     buffer, where the next record's bytes overwrite its content type and padding; with
-    ``into`` that buffer is ``into``, appended to (``data`` is then ``into``). ``expect``
-    says how many more bytes the caller will open into it (sizes a new buffer).
+    ``into`` the records' bytes follow those of ``into``: ``data`` is ``into`` appended
+    to, or, when a large batch follows a few bytes (a record the last receive left
+    incomplete), a reused buffer that starts with a copy of them.
     """
     view = memoryview(buffer)
     # Sized for a few records, then doubled as records open: never by the whole buffer,
     # or a peer interleaving other records (each a hand-off and a new call here) would
     # make every call zero a buffer as large as what is left. A large batch reuses a
     # buffer: only the bytes its records write are handed out (the rest is cut off).
-    if into is None:
-        first = min(len(view) + expect, OPEN_BATCH)
-        out = _reusable(first) if first >= POOLED_BATCH else bytearray(first)
-        written = 0
-    else:
-        out, written = into, len(into)
+    out, written = _output(min(len(view), OPEN_BATCH), into)
     aead, iv, state = keys.aead, keys.iv, keys.state
     opened = Opened(out)
     # The loop runs once per 16 KiB record: names are local, the output view is made again
@@ -234,6 +227,21 @@ def open_records(
     del out[written:]
     opened.consumed = pos
     return opened
+
+
+def _output(first: int, into: bytearray | None) -> tuple[bytearray, int]:
+    """The buffer :func:`open_records` writes to, room for ``first`` bytes included, and
+    how many bytes of it come before (those of ``into``)."""
+    if into is None:
+        return (_reusable(first) if first >= POOLED_BATCH else bytearray(first)), 0
+    written = len(into)
+    if first >= POOLED_BATCH and written < first:
+        # Appending would zero the room for the batch first: copying what ``into`` holds
+        # to the front of a reused buffer costs fewer bytes.
+        out = _reusable(written + first)
+        out[:written] = into
+        return out, written
+    return into, written
 
 
 def _grow(out: bytearray, target: memoryview, size: int) -> memoryview:
