@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 
 from qkdproxy.core.mux import (
+    FRAME_SIZE,
     MuxConnection,
     MuxError,
     MuxEvent,
@@ -208,7 +209,10 @@ class MuxStream:
         # copies each batch into the tunnel's output before it returns, and only then is
         # the reader's buffer reused.
         source = SocketReader.attach(reader, writer, READ_SIZE)
-        while data := await source.peek():
+        while received := await source.peek():
+            # One DATA frame per send: a larger read of the per-connection pump's size
+            # goes in frame-sized steps.
+            data = received[:FRAME_SIZE]
             traffic.to_peer += len(data)
             traffic.last_activity = time.monotonic()
             try:

@@ -32,8 +32,8 @@ MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
 TAG_LENGTH = 16
 # Header, inner content type and tag: what a record adds to its application bytes.
 RECORD_OVERHEAD = HEADER.size + 1 + TAG_LENGTH
-# open_records' first output buffer: the records of a transport read (64 KiB) and more.
-OPEN_BATCH = 8 * (MAX_PLAINTEXT + 1)
+# open_records' first output buffer at most: the records of a transport read (256 KiB).
+OPEN_BATCH = 16 * (MAX_PLAINTEXT + 1)
 _INNER_TYPE = bytes([APPLICATION_DATA])
 # Room for a growing output buffer is copied from here (no zeroing of a new object).
 _ZEROS = memoryview(bytes(OPEN_BATCH))
@@ -43,7 +43,7 @@ POOLED_BATCH = 4 * MAX_PLAINTEXT
 # taken again only once nothing but this list refers to it (see _reusable): every byte a
 # batch hands out is written by that batch, so a reused buffer is never zeroed again.
 _POOL: list[bytearray] = []
-POOL_SIZE = 16
+POOL_SIZE = 8
 # References to a pooled buffer while _reusable looks at it: the list, the loop's name and
 # getrefcount's argument. A holder (a transport, a memoryview of it, a caller) adds one.
 _POOL_ONLY = 3
