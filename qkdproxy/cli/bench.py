@@ -140,6 +140,7 @@ def _handshake(args: argparse.Namespace) -> int:
         )
     if args.api is None and (any(latencies) or not all(prefetch)):
         raise UsageError("--kme-latency-ms and --prefetch need --api (or --tunnels)")
+    engine = args.tls_engine or DEFAULT_ENGINE
     rows: list[Row] = []
     for flow in flows:
         for latency in latencies:
@@ -147,7 +148,9 @@ def _handshake(args: argparse.Namespace) -> int:
                 keys = KeySourceChoice(KeyApi(args.api) if args.api else None, latency, ahead)
                 flow_value = Flow.CLIENT_INITIATED if flow == "client" else Flow.SERVER_INITIATED
                 results = run(
-                    run_handshake_bench([g.name for g in groups], flow_value, iterations, keys)
+                    run_handshake_bench(
+                        [g.name for g in groups], flow_value, iterations, keys, engine
+                    )
                 )
                 rows += [r.as_dict() for r in results]
     footer = f"in-process endpoints; first group is the baseline; keys: {rows[0]['key_source']}"
@@ -176,7 +179,11 @@ def _handshake_tunnels(
 ) -> int:
     if args.api not in (None, "014"):
         raise UsageError("--tunnels measures ETSI 014 KMEs (the server-initiated flow needs it)")
-    scenarios = [tunnel_handshake.Scenario(lat, ahead) for lat in latencies for ahead in prefetch]
+    scenarios = [
+        tunnel_handshake.Scenario(lat, ahead, args.tls_engine)
+        for lat in latencies
+        for ahead in prefetch
+    ]
     total = len(scenarios) * tunnel_handshake.tunnel_count(groups, flows)
     with progress("handshakes through tunnels", total) as advance:
         results = run(
@@ -541,6 +548,7 @@ def _add_handshake(benches: Any) -> None:
         "--prefetch", choices=["on", "off", "both"],
         help="keep buffers of ready keys (default on; both with --tunnels)",
     )  # fmt: skip
+    _engine_option(handshake)
     _output_options(handshake)
     handshake.set_defaults(handler=_guarded("handshake", _handshake))
 

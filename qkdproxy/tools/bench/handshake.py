@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
 from qkdproxy.io.aio import loop_name
 from qkdproxy.io.peer_channel import open_peer_channel
@@ -41,6 +42,7 @@ class HandshakeResult:
     key_source: str
     kme_latency_ms: float
     prefetch: bool
+    tls_engine: str = DEFAULT_ENGINE
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -92,15 +94,17 @@ async def run_handshake_bench(
     flow: Flow,
     iterations: int,
     keys: KeySourceChoice | None = None,
+    tls_engine: str = DEFAULT_ENGINE,
 ) -> list[HandshakeResult]:
-    """Measure ``iterations`` handshakes per group; the first group is the baseline."""
+    """Measure ``iterations`` handshakes per group with the ``tls_engine`` handshake engine;
+    the first group is the baseline."""
     keys = keys or KeySourceChoice()
     groups = resolve_groups(group_names)
     options = QkdOptions(flow=flow, api=keys.api or KeyApi.ETSI_014)
     samples: dict[str, list[float]] = {g.group.name: [] for g in groups}
     async with (
         _sources(keys) as sources,
-        loopback_pair(groups, sources=sources, peer_protocol=True) as pair,
+        loopback_pair(groups, sources=sources, peer_protocol=True, tls_engine=tls_engine) as pair,
     ):
         pair.server_keys.options = QkdOptions(api=options.api)
         clients = {g.group.name: pair.client([g], options) for g in groups}
@@ -130,6 +134,7 @@ async def run_handshake_bench(
             key_source=keys.label,
             kme_latency_ms=keys.kme_latency_ms,
             prefetch=keys.prefetch,
+            tls_engine=tls_engine,
         )
         for g in groups
         for s in [samples[g.group.name]]

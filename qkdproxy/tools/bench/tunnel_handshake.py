@@ -30,10 +30,12 @@ FLOWS = {"client": "client-initiated", "server": "server-initiated"}
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """KME conditions shared by every group measured together."""
+    """KME conditions shared by every group measured together (and the daemons' TLS
+    handshake engine: the configuration's default when None)."""
 
     kme_latency_ms: float
     prefetch: bool
+    tls_engine: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,7 @@ async def _run_scenario(
         pair = await start_daemon_pair(
             work.stack, work.base, work.backend_port, clients=tunnels,
             server_groups=[g.name for g in groups], kme_latency_ms=scenario.kme_latency_ms,
-            prefetch=scenario.prefetch,
+            prefetch=scenario.prefetch, tls_engine=scenario.tls_engine,
         )  # fmt: skip
         samples = {}
         for tunnel in tunnels:
