@@ -43,10 +43,16 @@ POOLED_BATCH = 4 * MAX_PLAINTEXT
 # taken again only once nothing but this list refers to it (see _reusable): every byte a
 # batch hands out is written by that batch, so a reused buffer is never zeroed again.
 _POOL: list[bytearray] = []
-POOL_SIZE = 8
+POOL_SIZE = 4
 # References to a pooled buffer while _reusable looks at it: the list, the loop's name and
 # getrefcount's argument. A holder (a transport, a memoryview of it, a caller) adds one.
 _POOL_ONLY = 3
+
+
+def drop_pooled_buffers() -> None:
+    """Forget the pooled output buffers (a cache: a measurement of live memory after a run
+    drops it first)."""
+    _POOL.clear()
 
 
 def _reusable(size: int) -> bytearray:
