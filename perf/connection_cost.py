@@ -7,13 +7,16 @@ Figures that survive a loaded machine (docs/PERFORMANCE.md, "Connection cost"):
     python perf/connection_cost.py callgrind [N]         # daemon pair under callgrind
     python perf/connection_cost.py profile [N] [C]       # daemon pair under cProfile (CPU time)
 
+Add ``--tlslite`` to ``inproc`` to measure the tlslite engine instead of the native one.
 Add ``--mux`` to any daemon mode to carry the connections as streams of a multiplexed
 tunnel (``qkdproxy-mux``) instead of one handshake each.
 
 ``inproc`` runs ``bench handshake``'s loop (handshake, FIN, close) and reports process CPU
 per handshake. ``daemons`` starts the KME simulator and a client/server daemon pair
 (qkd_mlkem768, client flow, prefetch on), makes N connections (connect, one byte echoed,
-close; C at a time) from this process and reads both daemons' utime+stime. ``callgrind``
+close; C at a time) from this process and reads both daemons' utime+stime, and from their
+/metrics how the server found each key (in memory, after waiting for the fetch of an
+announced id, or fetched on demand) and the KME calls per connection. ``callgrind``
 runs the daemons under valgrind and counts the user-space instructions of N sequential
 connections (``callgrind_control --dump`` before and after); slow (minutes), but the
 count does not move with the machine's load. The load generator and the echo backend run
@@ -32,6 +35,10 @@ import tempfile
 import time
 from contextlib import AsyncExitStack
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from qkdproxy.core.tls.engine import DEFAULT_ENGINE
 from qkdproxy.core.tls.keyexchange import Flow
 from qkdproxy.tools.bench import processes
 from qkdproxy.tools.bench.handshake import run_handshake_bench
@@ -45,16 +52,18 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def inproc(count: int) -> None:
+def inproc(count: int, engine: str) -> None:
     """CPU ms per in-process handshake (client and server in this process)."""
-    asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, 10))
+    asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, 10, None, engine))
     rounds = []
     for _ in range(5):
         started = _own_cpu()
-        asyncio.run(run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, count))
+        asyncio.run(
+            run_handshake_bench(["qkd_mlkem768"], Flow.CLIENT_INITIATED, count, None, engine)
+        )
         rounds.append(1000 * (_own_cpu() - started) / (count + 5))  # the bench warms up 5
     print(
-        f"in-process handshake + close, both sides: {min(rounds):.2f} ms CPU "
+        f"in-process handshake + close, both sides, {engine}: {min(rounds):.2f} ms CPU "
         f"(median {statistics.median(rounds):.2f}) over 5 x {count}"
     )
 
@@ -116,7 +125,7 @@ async def daemons(
     async with processes.workspace(_echo) as work:
         clients = (processes.ClientTunnel("bench", multiplex=mux),)
         pair = await processes.start_daemon_pair(
-            work.stack, work.base, work.backend_port, clients=clients
+            work.stack, work.base, work.backend_port, clients=clients, status=True
         )
         port = next(iter(pair.ports.values()))
         pids = _daemons()
@@ -126,20 +135,60 @@ async def daemons(
             await _instructions(pids, port, count, callgrind)
             return
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        counted = await _key_counters(pair.status_ports)
         started = time.perf_counter()
         await _connections(port, count, concurrency)
         wall = time.perf_counter() - started
+        after = {name: _cpu_s(pid) for name, pid in pids.items()}
+        await asyncio.sleep(0.2)  # the server's announced-key fetches of the last connections
+        keys = await _key_counters(pair.status_ports)
+        keys = {name: keys[name] - counted.get(name, 0.0) for name in keys}
         total = 0.0
-        for name, pid in sorted(pids.items()):
-            per = 1000 * (_cpu_s(pid) - before[name]) / count
+        for name in sorted(pids):
+            per = 1000 * (after[name] - before[name]) / count
             total += per
             print(f"{name}: {per:.2f} ms CPU per connection")
         print(f"both: {total:.2f} ms; {count / wall:.0f} conn/s at concurrency {concurrency}")
+        _print_keys(keys, count)
         await asyncio.sleep(0.5)  # the client's last connection lines
         records = pair.client_records[-count:]
         handshakes = [float(str(r["handshake_ms"])) for r in records if r.get("handshake_ms")]
         if handshakes:
             print(f"client handshake_ms p50 {statistics.median(handshakes):.2f}")
+
+
+async def _key_counters(ports: dict[str, int]) -> dict[str, float]:
+    """Prefetch outcomes and KME calls of each daemon, from its /metrics
+    (``server.served_from_cache``, ``client.enc_keys``, ...)."""
+    out: dict[str, float] = {}
+    async with aiohttp.ClientSession() as session:
+        for daemon, port in ports.items():
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "qkdproxy_qkd_prefetch_keys_total":
+                        label = sample.labels["outcome"]
+                    elif sample.name == "qkdproxy_kme_request_duration_seconds_count":
+                        label = sample.labels["call"]
+                    else:
+                        continue
+                    key = f"{daemon}.{label}"
+                    out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def _print_keys(keys: dict[str, float], count: int) -> None:
+    """How the server found the keys of ``count`` connections, and the KME calls."""
+    waited = keys.get("server.served_after_wait", 0.0)
+    ready = keys.get("server.served_from_cache", 0.0) - waited
+    unannounced = keys.get("server.fetched_unannounced", 0.0)
+    print(
+        f"server keys: {100 * ready / count:.1f} % in memory, {100 * waited / count:.1f} % "
+        f"after waiting for their fetch, {100 * unannounced / count:.1f} % not announced; "
+        f"KME calls per connection: client enc_keys {keys.get('client.enc_keys', 0) / count:.2f}, "
+        f"server dec_keys {keys.get('server.dec_keys', 0) / count:.2f}"
+    )
 
 
 async def _instructions(pids: dict[str, int], port: int, count: int, out: str) -> None:
@@ -212,11 +261,12 @@ def _under_cprofile(out: str) -> None:
 def main(argv: list[str]) -> None:
     """Dispatch on the mode (see the module docstring)."""
     mux = "--mux" in argv
-    argv = [arg for arg in argv if arg != "--mux"]
+    engine = "tlslite" if "--tlslite" in argv else DEFAULT_ENGINE
+    argv = [arg for arg in argv if arg not in ("--mux", "--tlslite")]
     mode = argv[0] if argv else "daemons"
     count = int(argv[1]) if len(argv) > 1 else 300
     if mode == "inproc":
-        inproc(count)
+        inproc(count, engine)
     elif mode == "daemons":
         asyncio.run(daemons(count, int(argv[2]) if len(argv) > 2 else 1, mux=mux))
     elif mode == "callgrind":

@@ -146,7 +146,8 @@ def kme_state(kme: KmeConnection) -> KmeState:
         if isinstance(kme.sources.slave, AnnouncedSlave):
             a = kme.sources.slave.counters
             out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
-                    "announced_expired": a.expired}  # fmt: skip
+                    "announced_expired": a.expired, "served_after_wait": a.served_after_wait,
+                    "fetched_unannounced": a.fetched_unannounced}  # fmt: skip
         return out
 
     return KmeState(

@@ -49,15 +49,23 @@ class PeerChannel:
 
     async def announce(self) -> int:
         """Tell the peer which keys (ETSI 014) and streams (ETSI 004) we use next."""
-        sent = 0
-        for source, frame_type in (
-            (self._sources.master, FrameType.KEY_IDS),
-            (self._sources.stream, FrameType.KSIDS),
-        ):
-            if is_announcer(source) and (ids := source.announce(ANNOUNCE_BATCH)):
-                await self.stream.write(encode_key_ids(ids, frame_type))
-                sent += len(ids)
+        frames, sent = self._announcements()
+        if frames:
+            await self.stream.write(frames)
         return sent
+
+    def _announcements(self, *, streams: bool = True) -> tuple[bytes, int]:
+        """KEY_IDS (and with ``streams`` KSIDS) frames naming what our sources hold and have
+        not announced, and how many ids they name."""
+        frames, sent = b"", 0
+        sources: list[tuple[object, FrameType]] = [(self._sources.master, FrameType.KEY_IDS)]
+        if streams:
+            sources.append((self._sources.stream, FrameType.KSIDS))
+        for source, frame_type in sources:
+            if is_announcer(source) and (ids := source.announce(ANNOUNCE_BATCH)):
+                frames += encode_key_ids(ids, frame_type)
+                sent += len(ids)
+        return frames, sent
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send application bytes: DATA frames, one per TLS record, framed as they are
@@ -65,8 +73,17 @@ class PeerChannel:
         await self.stream.write(data, frame_type=FrameType.DATA)
 
     async def send_fin(self) -> None:
-        """No more application bytes from us (the peer may still send)."""
-        await self.stream.write(encode(FrameType.FIN))
+        """No more application bytes from us (the peer may still send).
+
+        ETSI 014 keys our supply fetched since the handshake are announced in the same
+        record: with short connections (many in flight) a refill that waits for the next
+        handshake to be announced can be taken before the peer could fetch it. Only while the
+        peer has not finished: a peer that sent FIN may stop reading. An announcement that
+        is lost costs the peer one ``dec_keys`` while a handshake waits, never a key; ETSI
+        004 acknowledgements are not risked here (they wait for the next connection).
+        """
+        frames = b"" if self._peer_finished else self._announcements(streams=False)[0]
+        await self.stream.write(frames + encode(FrameType.FIN))
         self._finished = True
 
     async def receive(self) -> bytes | memoryview:

@@ -57,6 +57,10 @@ class AnnouncedCounters:
     announced: int = 0
     prefetched: int = 0
     served_from_cache: int = 0
+    # Of those, served only after waiting for the announced key's fetch to finish.
+    served_after_wait: int = 0
+    # Asked for an id not (or no longer) announced: fetched while the handshake waited.
+    fetched_unannounced: int = 0
     fetch_failed: int = 0
     dropped_full: int = 0
     expired: int = 0
@@ -124,9 +128,11 @@ class AnnouncedSlave:
         cached = self._cache.pop(key_id, None)
         if cached is not None:
             self.counters.served_from_cache += 1
+            self.counters.served_after_wait += task is not None
             return cached.key
         if task is not None:
             raise KeyNotFoundError("announced key could not be fetched")
+        self.counters.fetched_unannounced += 1
         return await self._inner.get_key(key_id)
 
     def _remember_served(self, key_id: bytes) -> None:

@@ -69,7 +69,16 @@ async def test_figures_move_with_real_traffic(tmp_path: Path) -> None:
         status, health = await get(client, "/healthz")
         ready_status, ready = await get(client, "/readyz")
         _, document = await get(client, "/status")
+        _, server_text = await get(server, "/metrics")
     assert sample(before, "qkdproxy_handshakes_total") == 0
+    # The server accounts for the key of every handshake: announced (in memory, or after
+    # waiting for its fetch) or not (the first connection's key had no earlier connection).
+    announced = sample(server_text, "qkdproxy_qkd_prefetch_keys_total", outcome="served_from_cache")
+    unannounced = sample(
+        server_text, "qkdproxy_qkd_prefetch_keys_total", outcome="fetched_unannounced"
+    )
+    assert announced + unannounced == 3 and unannounced >= 1
+    assert 'outcome="served_after_wait"' in server_text
     assert sample(text, "qkdproxy_handshakes_total", result="success", group="qkd_mlkem768") == 3
     assert sample(text, "qkdproxy_handshake_duration_seconds_count", tunnel="t") == 3
     assert sample(text, "qkdproxy_qkd_keys_total", fate="consumed") == 3

@@ -26,10 +26,11 @@ from qkdproxy.core.peer.frames import (
 )
 from qkdproxy.core.tls.keyexchange import QkdOptions
 from qkdproxy.io.peer_channel import MAX_PROBE_ANSWERS, PeerChannel, open_peer_channel
-from qkdproxy.io.tls_stream import TlsStreamError
+from qkdproxy.io.tls_stream import TlsStream, TlsStreamError
 from qkdproxy.keys.announce import AnnouncedSlave
 from qkdproxy.keys.etsi014_client import Etsi014Client
 from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.sources import KeySources, SlaveKeySource
 from qkdproxy.keys.supply import SupplySettings
 from qkdproxy.sim.inprocess import InProcessQkdLink
 from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
@@ -238,6 +239,115 @@ async def test_announcing_an_unknown_key_fails_only_that_handshake() -> None:
     with pytest.raises(KeyNotFoundError):
         await slave.get_key(bytes(16))
     assert slave.counters.fetch_failed == 1
+
+
+async def test_announced_slave_counts_waits_and_unannounced_ids() -> None:
+    """A handshake that finds its announced key still being fetched waits for that fetch
+    (counted apart from a key ready in memory); an id never announced is fetched on demand."""
+    link = InProcessQkdLink()
+    a, b = link.sources("a"), link.sources("b")
+    assert a.master and b.slave
+    keys = [await a.master.take_key() for _ in range(3)]
+    slave = AnnouncedSlave(b.slave)
+    slave.announced([k.key_id for k in keys[:2]])
+    await slave.get_key(keys[0].key_id)  # its fetch has not run yet: the handshake waits
+    await asyncio.wait_for(slave.wait_fetched(), 5)
+    await slave.get_key(keys[1].key_id)  # in memory
+    await slave.get_key(keys[2].key_id)
+    c = slave.counters
+    assert (c.served_from_cache, c.served_after_wait, c.fetched_unannounced) == (2, 1, 1)
+    await slave.aclose()
+
+
+class ScriptedStream:
+    """The TlsStream surface PeerChannel uses: records written, and records to read."""
+
+    def __init__(self, incoming: list[bytes] | None = None) -> None:
+        self.written: list[bytes] = []
+        self.incoming = incoming or []
+
+    async def write(self, data: bytes, *, frame_type: int | None = None) -> None:
+        self.written.append(encode(FrameType(frame_type), data) if frame_type else bytes(data))
+
+    async def read(self) -> bytes:
+        return self.incoming.pop(0) if self.incoming else b""
+
+    async def close(self) -> None:
+        pass
+
+
+class RecordingSlave:
+    """A slave source that only records the ids announced to it."""
+
+    def __init__(self) -> None:
+        self.announced_ids: list[bytes] = []
+
+    async def get_key(self, key_id: bytes) -> QkdKey:
+        raise KeyNotFoundError("not used here")
+
+    def announced(self, key_ids: list[bytes]) -> None:
+        self.announced_ids += key_ids
+
+
+async def test_keys_refilled_during_a_connection_are_announced_with_its_fin() -> None:
+    """Many short connections at once: keys refilled after a connection's handshake are
+    named in its FIN record, so the peer fetches them before the next handshakes take
+    them, instead of waiting for a later handshake to announce them."""
+    kme = FakeKme()
+    master = await steady_master(kme)
+    client = ScriptedStream()
+    channel = await open_peer_channel_on(client, KeySources(master=master))
+    assert master.announce(64) == []  # all four went out when the channel opened
+    for _ in range(2):  # taken by handshakes of other connections
+        await master.take_key()
+    await asyncio.wait_for(master.wait_refilled(), 5)
+    refilled = kme.handed_out[4:]
+    assert len(refilled) == 2
+    await channel.send_fin()
+    # One record: the announcement, then FIN; the server's channel hands the ids over.
+    assert len(client.written) == 2
+    server_slave = RecordingSlave()
+    server = PeerChannel(
+        cast(TlsStream, ScriptedStream(client.written[:])),
+        KeySources(slave=cast(SlaveKeySource, server_slave)),
+    )
+    assert await server.receive() == b""
+    assert server_slave.announced_ids == kme.handed_out[:4] + refilled
+    assert master.announce(64) == []
+    await master.aclose()
+
+
+async def test_no_announcement_with_fin_once_the_peer_finished() -> None:
+    """A peer that sent FIN may stop reading: ids sent then could be lost, so they wait
+    for the next connection."""
+    kme = FakeKme()
+    master = await steady_master(kme)
+    client = ScriptedStream([encode(FrameType.FIN)])
+    channel = await open_peer_channel_on(client, KeySources(master=master))
+    assert await channel.receive() == b""
+    for _ in range(2):
+        await master.take_key()
+    await asyncio.wait_for(master.wait_refilled(), 5)
+    await channel.send_fin()
+    assert client.written[-1] == encode(FrameType.FIN)
+    assert master.announce(64) == kme.handed_out[4:]
+    await master.aclose()
+
+
+async def steady_master(kme: FakeKme) -> Etsi014Master:
+    """Four keys held; a frozen clock and a one-second window make the takes a steady
+    demand, so two takes start a refill of two."""
+    supply = SupplySettings(floor=4, ceiling=4, window_s=1.0)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
+    master.ensure_refill()
+    await asyncio.wait_for(master.wait_refilled(), 5)
+    return master
+
+
+async def open_peer_channel_on(stream: ScriptedStream, sources: KeySources) -> PeerChannel:
+    channel = PeerChannel(cast(TlsStream, stream), sources)
+    await channel.announce()
+    return channel
 
 
 async def exchange(pair: LoopbackPair, payload: bytes) -> tuple[bytes, PeerChannel]:

@@ -12,7 +12,10 @@ from enum import IntEnum
 
 RECORD_HEADER_SIZE = 5  # content type (1), legacy version (2), length (2)
 MAX_PLAINTEXT_RECORD = 2**14
-MAX_HELLO_SIZE = 2**17
+# The largest handshake message an engine takes (the native engine's limit; a hello with
+# every ML-KEM-1024 hybrid share is under 10 KiB). The gate holds no longer hello, so none
+# gets as far as the key exchange (and its KME calls) only to be refused by the engine.
+MAX_HELLO_SIZE = 2**16
 # TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256
 TLS13_CIPHER_SUITES = frozenset({0x1301, 0x1302, 0x1303})
 # Bytes the gate may hold for one hello: the message plus generous record overhead.

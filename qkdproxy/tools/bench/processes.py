@@ -162,6 +162,8 @@ class DaemonPair:
     # Process ids, for CPU and memory accounting: the two daemons, and the KME simulator.
     daemon_pids: list[int] = field(default_factory=list)
     kme_pid: int = 0
+    # Status listener ports ("server", "client") when asked for: /metrics for key counters.
+    status_ports: dict[str, int] = field(default_factory=dict)
 
 
 _KME_SECTION = """
@@ -247,12 +249,14 @@ async def start_daemon_pair(
     kme_latency_ms: float = 0.0,
     prefetch: bool = True,
     tls_engine: str | None = None,
+    status: bool = False,
 ) -> DaemonPair:
     """KME simulator, server daemon (one tunnel to ``backend``) and client daemon.
 
     ``base`` must hold the development PKI in ``base/pki``. The server tunnel accepts every
     group in ``server_groups`` (its policy's defaults when empty). Every tunnel runs the
-    ``tls_engine`` handshake engine (the configuration's default when None).
+    ``tls_engine`` handshake engine (the configuration's default when None). With
+    ``status`` each daemon serves /metrics on a loopback port (``DaemonPair.status_ports``).
     """
     engine = f'\ntls_engine = "{tls_engine}"' if tls_engine else ""
     urls, kme_pid = await start_kme(stack, base / "pki", kme_latency_ms)
@@ -276,9 +280,13 @@ async def start_daemon_pair(
             name=tunnel.name, role="client", listen=ports[tunnel.name], connect=server_port,
             extra=_client_extra(tunnel) + engine,
         )  # fmt: skip
+    pair = DaemonPair(ports, kme_pid=kme_pid)
+    if status:
+        pair.status_ports = dict(zip(("server", "client"), free_ports(2), strict=True))
+        server = f'[status]\nlisten = "127.0.0.1:{pair.status_ports["server"]}"\n' + server
+        client = f'[status]\nlisten = "127.0.0.1:{pair.status_ports["client"]}"\n' + client
     (base / "server.toml").write_text(server)
     (base / "client.toml").write_text(client)
-    pair = DaemonPair(ports, kme_pid=kme_pid)
     daemons = (
         ("server", "server", discard),
         ("client", clients[-1].name, _record_collector(pair.client_records)),

@@ -13,11 +13,11 @@ from qkdproxy.core.tls.engine import RemoteAlertError
 from qkdproxy.core.tls.native.messages import MessageError
 from qkdproxy.core.tls.record_layer import Direction
 from qkdproxy.core.tls.records import HEADER, MAX_CIPHERTEXT, MAX_PLAINTEXT, open_record, seal_inner
-from qkdproxy.core.tls.wire import Alert, ContentType, alert_name
+from qkdproxy.core.tls.wire import MAX_HELLO_SIZE, Alert, ContentType, alert_name
 
 # Bigger than any certificate chain we expect (a few KiB), far below what a 24-bit length
-# lets a peer claim (16 MiB).
-MAX_MESSAGE = 1 << 16
+# lets a peer claim (16 MiB); the hello gate holds hellos up to the same size.
+MAX_MESSAGE = MAX_HELLO_SIZE
 CHANGE_CIPHER_SPEC = bytes([ContentType.CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1])
 _RECORD_TYPES = frozenset(ContentType)
 # Handshake messages travel in plaintext records before the keys, protected ones after.
@@ -89,6 +89,12 @@ class HandshakeRecords:
             raise MessageError(f"unknown record type {kind}", Alert.UNEXPECTED_MESSAGE)
         if length > (MAX_CIPHERTEXT if protected else MAX_PLAINTEXT):
             raise MessageError(f"record of {length} bytes", Alert.RECORD_OVERFLOW)
+        # A change_cipher_spec record is one byte and a plaintext alert two (RFC 8446 5,
+        # 6): any other length is refused now, not after the body it claims.
+        if kind == ContentType.CHANGE_CIPHER_SPEC and length != 1:
+            raise MessageError("unexpected change_cipher_spec", Alert.UNEXPECTED_MESSAGE)
+        if kind == ContentType.ALERT and length != 2:
+            raise MessageError("malformed alert")
         end = HEADER.size + length
         if len(data) < end:
             return False
