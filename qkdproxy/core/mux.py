@@ -38,7 +38,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Each stream may have this much unread data in flight towards us; the connection window
 # is this times the stream limit, so a stalled stream never stalls its neighbours.
 STREAM_WINDOW = 1024 * 1024
-# As large as one read of the pump (READ_SIZE): one DATA frame per read.
+# One DATA frame per read of the multiplexed pump (which reads at most this much at once).
 FRAME_SIZE = 128 * 1024
 MAX_HEADER_LIST = 4096
 

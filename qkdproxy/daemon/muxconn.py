@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 
 from qkdproxy.core.mux import (
+    FRAME_SIZE,
     MuxConnection,
     MuxError,
     MuxEvent,
@@ -33,7 +34,7 @@ from qkdproxy.core.mux import (
     WindowOpened,
 )
 from qkdproxy.daemon import gate
-from qkdproxy.daemon.pump import READ_SIZE, FreshKeyBudget, RekeyBudget, Traffic, refresh_keys
+from qkdproxy.daemon.pump import FreshKeyBudget, RekeyBudget, Traffic, refresh_keys
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import TlsStream, TlsStreamError, close_transport
 
@@ -207,7 +208,9 @@ class MuxStream:
         # The plaintext socket is read in place, as the per-connection pump does: send
         # copies each batch into the tunnel's output before it returns, and only then is
         # the reader's buffer reused.
-        source = SocketReader.attach(reader, writer, READ_SIZE)
+        # At most one DATA frame per read (the per-connection pump reads twice as much:
+        # here that measured more instructions per byte, the output buffer growing).
+        source = SocketReader.attach(reader, writer, FRAME_SIZE)
         while data := await source.peek():
             traffic.to_peer += len(data)
             traffic.last_activity = time.monotonic()

@@ -111,10 +111,12 @@ class PeerChannel:
                 await self.stream.close()
                 raise TlsStreamError("peer closed qkdproxy/1 without FIN", truncated=True)
             try:
-                frames = self._decoder.feed(data)
+                # DATA payloads ahead of any other frame come without a frame object each.
+                payloads, frames = self._decoder.feed_data(data)
             except FrameError as exc:
                 await self.stream.close()
                 raise TlsStreamError(f"peer broke qkdproxy/1 framing: {exc}") from None
+            self._pending += payloads  # no FIN came before them (we would not read)
             for frame in frames:
                 if frame.type is FrameType.DATA and frame.payload and self._peer_finished:
                     # DATA behind FIN in the same read used to be delivered, while in a later

@@ -79,8 +79,9 @@ IDENTITY_ALERTS = frozenset(
 
 READ_CHUNK = 64 * 1024
 # An established stream reads its socket into a buffer of this size: the records of one
-# receive are opened in one batch (RecordLayer.receive copies only an incomplete tail).
-RECEIVE_BUFFER = 128 * 1024
+# receive are opened in one batch (RecordLayer.receive copies only an incomplete tail);
+# 256 KiB halves the receives per byte against 128 (docs/PERFORMANCE.md "Cost of a byte").
+RECEIVE_BUFFER = 256 * 1024
 # What a read returns at most by default: all one receive opened (its records and the one
 # a previous receive left incomplete), handed over without a copy.
 READ_MAX = 2 * RECEIVE_BUFFER

@@ -57,6 +57,49 @@ def test_data_frames_survive_any_chunking(data: bytes, cuts: list[int]) -> None:
     assert decoder.pending == 0
 
 
+_FRAMES = st.one_of(
+    st.tuples(st.just(FrameType.DATA), st.binary(max_size=300)),
+    st.tuples(st.sampled_from([FrameType.FIN, FrameType.PROBE]), st.just(b"")),
+    st.tuples(st.just(FrameType.KEY_IDS), st.binary(min_size=16, max_size=16)),
+    st.tuples(st.just(FrameType.VERDICT), st.binary(min_size=1, max_size=20)),
+)
+
+
+@settings(max_examples=100)
+@given(st.lists(_FRAMES, max_size=12), st.lists(st.integers(1, 400), max_size=10))
+def test_feed_data_hands_out_the_same_frames_as_feed(
+    sent: list[tuple[FrameType, bytes]], cuts: list[int]
+) -> None:
+    # The receiver's fast path: DATA payloads ahead of any other frame of a read come as
+    # views, the rest as frames; together, in order, exactly what feed returns (empty DATA
+    # payloads aside, which carry nothing).
+    wire = b"".join(encode(kind, payload) for kind, payload in sent)
+    plain, fast, offset = FrameDecoder(), FrameDecoder(), 0
+    for cut in [*cuts, len(wire)]:
+        chunk = wire[offset : offset + cut]
+        offset += cut
+        frames = plain.feed(chunk)
+        payloads, rest = fast.feed_data(chunk)
+        leading = len(frames) - len(rest)
+        assert all(f.type is FrameType.DATA for f in frames[:leading])
+        assert [bytes(p) for p in payloads] == [
+            bytes(f.payload) for f in frames[:leading] if f.payload
+        ]
+        assert [(f.type, bytes(f.payload)) for f in rest] == [
+            (f.type, bytes(f.payload)) for f in frames[leading:]
+        ]
+        assert not rest or rest[0].type is not FrameType.DATA
+    assert plain.pending == fast.pending
+
+
+def test_feed_data_refuses_what_feed_refuses() -> None:
+    for wire in (b"\x00\x00\x40\x01", b"\x00\x00\x00\x01x\x7f\x00\x00\x00"):
+        with pytest.raises(FrameError):
+            FrameDecoder().feed(wire)
+        with pytest.raises(FrameError):
+            FrameDecoder().feed_data(wire)
+
+
 @pytest.mark.parametrize(
     ("wire", "message"),
     [

@@ -196,3 +196,66 @@ async def test_a_few_waiting_bytes_hold_a_small_buffer_a_bulk_flow_the_capacity(
             received += len(view)
             source.consume(len(view))
         assert CAPACITY in sizes
+
+
+class CountingTransport:
+    """The part of a transport a socket reader uses: counts pauses and resumes (each an
+    ``epoll_ctl`` in the event loop)."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+        self.resumes = 0
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self.resumes += 1
+
+
+def _receive(source: SocketReader, data: bytes) -> None:
+    """What the event loop does for one receive of ``data``."""
+    room = source.get_buffer(-1)
+    assert len(room) >= len(data), "the event loop was asked to read into a full buffer"
+    room[: len(data)] = data
+    source.buffer_updated(len(data))
+
+
+async def test_reading_pauses_only_when_full_or_nobody_waits_and_never_exceeds_capacity() -> None:
+    transport = CountingTransport()
+    source = SocketReader(cast(asyncio.Transport, transport), asyncio.Protocol(), CAPACITY)
+    # Nearly full with the consumer waiting: it runs before the loop reads again, so no
+    # pause/resume pair (two system calls per receive).
+    waiting = asyncio.ensure_future(source.peek())
+    await asyncio.sleep(0)
+    _receive(source, b"a" * (SMALL - SMALL // 4))
+    assert transport.pauses == 0
+    view = await waiting
+    assert bytes(view) == b"a" * (SMALL - SMALL // 4)
+    source.consume(len(view))
+    # Nearly full with nobody waiting (the consumer is busy elsewhere): pause.
+    _receive(source, b"b" * (CAPACITY - 100))
+    assert transport.paused and transport.pauses == 1
+    view = await source.peek()
+    source.consume(len(view))
+    assert not transport.paused
+    # A receive that fills the buffer pauses even with the consumer waiting: the loop
+    # asks for more room right away, and a full buffer has none.
+    waiting = asyncio.ensure_future(source.peek())
+    await asyncio.sleep(0)
+    _receive(source, b"c" * CAPACITY)
+    assert transport.paused and transport.pauses == 2
+    view = await waiting
+    assert len(view) == CAPACITY
+    # A partial record left: the rest moves to the front, and reading resumes only once
+    # a receive's worth of room is free.
+    source.consume(10)
+    assert transport.paused
+    source.consume(SMALL - 10)
+    assert not transport.paused
+    _receive(source, b"d" * SMALL)  # nobody waits: full again, paused
+    assert transport.paused
+    assert bytes(await source.peek()) == b"c" * (CAPACITY - SMALL) + b"d" * SMALL

@@ -12,6 +12,7 @@ before it closes, asked or not, so ``qkdproxy probe`` learns why).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -117,24 +118,47 @@ class FrameDecoder:
         of the decoder's own buffer, which it never changes afterwards): ``data`` must not
         change while they are in use.
         """
+        return self._cut(data, None)
+
+    def feed_data(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[memoryview], list[Frame]]:
+        """Like :meth:`feed`, for a receiver that wants the application bytes: the
+        payloads of the DATA frames that come before any other frame of ``data``, as views
+        (empty ones dropped), then every frame from the first other one on, in order.
+
+        The bulk of a stream is DATA frames only: they cost no frame object each.
+        """
+        payloads: list[memoryview] = []
+        return payloads, self._cut(data, payloads)
+
+    def _cut(
+        self, data: bytes | bytearray | memoryview, payloads: list[memoryview] | None
+    ) -> list[Frame]:
         if self._buffer:
             self._buffer += data
             data, self._buffer = self._buffer, bytearray()
         view = memoryview(data)
-        frames = []
+        frames: list[Frame] = []
         pos, size = 0, len(view)
+        unpack = _WORD.unpack_from
         try:
             while size - pos >= HEADER_SIZE:
-                length = int.from_bytes(view[pos + 1 : pos + 4], "big")
+                # The type byte and the 24-bit length, read as one word.
+                (word,) = unpack(view, pos)
+                length = word & _LENGTH_MASK
                 if length > MAX_PAYLOAD:
                     raise FrameError("frame longer than allowed")
                 end = pos + HEADER_SIZE + length
                 if end > size:
                     break
-                type_byte = view[pos]
+                type_byte = word >> 24
                 # DATA is nearly every frame: skip the checks only other types need.
                 if type_byte == FrameType.DATA:
-                    frames.append(Frame(FrameType.DATA, view[pos + HEADER_SIZE : end]))
+                    if payloads is None or frames:
+                        frames.append(Frame(FrameType.DATA, view[pos + HEADER_SIZE : end]))
+                    elif length:
+                        payloads.append(view[pos + HEADER_SIZE : end])
                 else:
                     frames.append(_frame(type_byte, bytes(view[pos + HEADER_SIZE : end])))
                 pos = end
@@ -166,3 +190,6 @@ def _frame(type_byte: int, payload: bytes) -> Frame:
 
 
 _DATA_TYPE = bytes([FrameType.DATA])
+# A frame header as one big-endian word: the type in the top byte, then the length.
+_WORD = struct.Struct("!I")
+_LENGTH_MASK = (1 << 24) - 1

@@ -252,8 +252,11 @@ class RecordLayer:
                             Alert.UNEXPECTED_MESSAGE,
                         )
                     pos += opened.consumed
-                    if opened.data and into is None:
-                        events.append(DataReceived(opened.data))
+                    if opened.data is not into:  # a new buffer (holding into's bytes first)
+                        if into is not None:
+                            events[-1] = DataReceived(opened.data)
+                        elif opened.data:
+                            events.append(DataReceived(opened.data))
                 if not opened.handoff:
                     break
                 record = open_record(self.read.keys, view[pos:])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,11 +32,48 @@ MAX_CIPHERTEXT = MAX_PLAINTEXT + 256
 TAG_LENGTH = 16
 # Header, inner content type and tag: what a record adds to its application bytes.
 RECORD_OVERHEAD = HEADER.size + 1 + TAG_LENGTH
-# open_records' first output buffer: the records of a transport read (64 KiB) and more.
-OPEN_BATCH = 8 * (MAX_PLAINTEXT + 1)
+# open_records' first output buffer at most: the records of a transport read (256 KiB).
+OPEN_BATCH = 16 * (MAX_PLAINTEXT + 1)
 _INNER_TYPE = bytes([APPLICATION_DATA])
 # Room for a growing output buffer is copied from here (no zeroing of a new object).
 _ZEROS = memoryview(bytes(OPEN_BATCH))
+# Batches of at least this many bytes are sealed or opened into a reused buffer.
+POOLED_BATCH = 4 * MAX_PLAINTEXT
+# Output buffers of recent batches, shared by every connection of the process. One is
+# taken again only once nothing but this list refers to it (see _reusable): every byte a
+# batch hands out is written by that batch, so a reused buffer is never zeroed again.
+_POOL: list[bytearray] = []
+POOL_SIZE = 4
+# References to a pooled buffer while _reusable looks at it: the list, the loop's name and
+# getrefcount's argument. A holder (a transport, a memoryview of it, a caller) adds one.
+_POOL_ONLY = 3
+
+
+def drop_pooled_buffers() -> None:
+    """Forget the pooled output buffers (a cache: a measurement of live memory after a run
+    drops it first)."""
+    _POOL.clear()
+
+
+def _reusable(size: int) -> bytearray:
+    """An output buffer of ``size`` bytes whose content is left over (not zeroed).
+
+    A buffer from the pool is reused only when nobody else refers to it: the memoryviews
+    and transport writes that hold a batch's bytes all hold a reference (CPython counts
+    them exactly), so a buffer still being sent or read is never overwritten.
+    """
+    for buffer in _POOL:
+        if sys.getrefcount(buffer) == _POOL_ONLY:
+            if len(buffer) > size:
+                del buffer[size:]  # keeps the allocation unless it halves
+            elif len(buffer) < size:
+                grow = size - len(buffer)
+                buffer.extend(_ZEROS[:grow] if grow <= OPEN_BATCH else bytes(grow))
+            return buffer
+    buffer = bytearray(size)
+    if len(_POOL) < POOL_SIZE:
+        _POOL.append(buffer)
+    return buffer
 
 
 class SequenceState(Protocol):
@@ -70,16 +108,18 @@ def seal(
     (``qkdproxy/1``): the type byte, the payload length in 3 bytes, then the next
     ``max_plaintext - 4`` bytes of ``plaintext``; the framing costs no copy of its own.
 
-    Every record is encrypted straight into its place in one buffer sized up front: the
-    only copy of the plaintext is the one that adds the frame header and the inner
-    content type.
+    Every record is encrypted straight into its place in one buffer sized up front (a
+    reused one for a large batch: each of its bytes is written here, so it is not zeroed
+    first): the only copy of the plaintext is the one that adds the frame header and the
+    inner content type.
     """
     view = memoryview(plaintext)
     size = len(view)
     framed = frame_type is not None
     step = max_plaintext - FRAME_HEADER.size if framed else max_plaintext
     records = -(-size // step)
-    out = bytearray(size + records * (RECORD_OVERHEAD + (FRAME_HEADER.size if framed else 0)))
+    total = size + records * (RECORD_OVERHEAD + (FRAME_HEADER.size if framed else 0))
+    out = _reusable(total) if total >= POOLED_BATCH else bytearray(total)
     target = memoryview(out)
     aead, iv, state = keys.aead, keys.iv, keys.state
     frame_bits = (frame_type or 0) << 24
@@ -128,17 +168,16 @@ def open_records(
     anything but well-formed application data (``handoff``), leaving it and its sequence
     number to :func:`open_record`. Each record is decrypted straight into one output
     buffer, where the next record's bytes overwrite its content type and padding; with
-    ``into`` that buffer is ``into``, appended to (``data`` is then ``into``).
+    ``into`` the records' bytes follow those of ``into``: ``data`` is ``into`` appended
+    to, or, when a large batch follows a few bytes (a record the last receive left
+    incomplete), a reused buffer that starts with a copy of them.
     """
     view = memoryview(buffer)
     # Sized for a few records, then doubled as records open: never by the whole buffer,
     # or a peer interleaving other records (each a hand-off and a new call here) would
-    # make every call zero a buffer as large as what is left.
-    if into is None:
-        out = bytearray(min(len(view), OPEN_BATCH))
-        written = 0
-    else:
-        out, written = into, len(into)
+    # make every call zero a buffer as large as what is left. A large batch reuses a
+    # buffer: only the bytes its records write are handed out (the rest is cut off).
+    out, written = _output(min(len(view), OPEN_BATCH), into)
     aead, iv, state = keys.aead, keys.iv, keys.state
     opened = Opened(out)
     # The loop runs once per 16 KiB record: names are local, the output view is made again
@@ -194,6 +233,21 @@ def open_records(
     del out[written:]
     opened.consumed = pos
     return opened
+
+
+def _output(first: int, into: bytearray | None) -> tuple[bytearray, int]:
+    """The buffer :func:`open_records` writes to, room for ``first`` bytes included, and
+    how many bytes of it come before (those of ``into``)."""
+    if into is None:
+        return (_reusable(first) if first >= POOLED_BATCH else bytearray(first)), 0
+    written = len(into)
+    if first >= POOLED_BATCH and written < first:
+        # Appending would zero the room for the batch first: copying what ``into`` holds
+        # to the front of a reused buffer costs fewer bytes.
+        out = _reusable(written + first)
+        out[:written] = into
+        return out, written
+    return into, written
 
 
 def _grow(out: bytearray, target: memoryview, size: int) -> memoryview:

@@ -40,11 +40,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qkdproxy.core.tls import records
 from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.core.tls.keyexchange import Flow
 from qkdproxy.daemon.app import Daemon
 from qkdproxy.daemon.config import load_config
 from qkdproxy.daemon.tunnel import ConnectionRecord
+from qkdproxy.io import socket_reader
 from qkdproxy.sim.link import QkdLinkModel
 from qkdproxy.sim.simulator import KmePair, SimulatorSettings
 from qkdproxy.tools.bench.kme_setup import SAE_CLIENT, SAE_SERVER
@@ -852,7 +854,10 @@ def _rss_bytes() -> int:
 
 def snapshot_resources() -> ResourceSnapshot:
     """Open descriptors, live tasks of the running loop, RSS and traced memory (after a
-    garbage collection)."""
+    garbage collection, and without the bounded caches of data-path buffers: they belong
+    to no connection, and what they hold depends on how many streams ran at once)."""
+    socket_reader.drop_spare_buffers()
+    records.drop_pooled_buffers()
     gc.collect()
     traced = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None
     return ResourceSnapshot(
