@@ -115,3 +115,15 @@ def test_a_large_batch_after_a_few_bytes_goes_to_a_reused_buffer_that_starts_wit
     # Few bytes after the head stay in its buffer, appended.
     again = open_records(keys(1), seal(keys(1), b"tail"), into=small)
     assert again.data is small and small == head + b"tail"
+
+
+def test_the_reuse_check_is_measured_on_this_interpreter() -> None:
+    """The reference count that means "free" is calibrated at import: a buffer only the
+    pool holds is free, one with a view on it is not."""
+    assert records._POOL_ONLY > 0
+    pool = [bytearray(8)]
+    assert records._free_index(pool, records._POOL_ONLY) == 0
+    view = memoryview(pool[0])
+    assert records._free_index(pool, records._POOL_ONLY) == -1
+    view.release()
+    assert records._free_index(pool, records._POOL_ONLY) == 0

@@ -44,15 +44,39 @@ POOLED_BATCH = 4 * MAX_PLAINTEXT
 # batch hands out is written by that batch, so a reused buffer is never zeroed again.
 _POOL: list[bytearray] = []
 POOL_SIZE = 4
-# References to a pooled buffer while _reusable looks at it: the list, the loop's name and
-# getrefcount's argument. A holder (a transport, a memoryview of it, a caller) adds one.
-_POOL_ONLY = 3
 
 
 def drop_pooled_buffers() -> None:
     """Forget the pooled output buffers (a cache: a measurement of live memory after a run
     drops it first)."""
     _POOL.clear()
+
+
+def _free_index(pool: list[bytearray], only: int) -> int:
+    """The index of the first buffer of ``pool`` that nothing else refers to (-1: none):
+    one whose reference count, seen from here, is ``only``."""
+    for index in range(len(pool)):
+        if sys.getrefcount(pool[index]) == only:
+            return index
+    return -1
+
+
+def _calibrated() -> int:
+    """What :func:`_free_index` sees for a buffer only a list refers to, measured rather
+    than assumed (interpreters count borrowed references differently); 0 (never reuse)
+    unless a buffer with one more holder is then seen as taken."""
+    pool = [bytearray(1)]
+    only = next((n for n in range(1, 16) if _free_index(pool, n) == 0), 0)
+    held = memoryview(pool[0])
+    if _free_index(pool, only) != -1:
+        only = 0
+    held.release()
+    return only
+
+
+# References to a pooled buffer nobody holds, as _free_index sees them. A holder (a
+# transport, a memoryview of it, a caller) adds one, and the buffer is not reused.
+_POOL_ONLY = _calibrated()
 
 
 def _reusable(size: int) -> bytearray:
@@ -62,14 +86,15 @@ def _reusable(size: int) -> bytearray:
     and transport writes that hold a batch's bytes all hold a reference (CPython counts
     them exactly), so a buffer still being sent or read is never overwritten.
     """
-    for buffer in _POOL:
-        if sys.getrefcount(buffer) == _POOL_ONLY:
-            if len(buffer) > size:
-                del buffer[size:]  # keeps the allocation unless it halves
-            elif len(buffer) < size:
-                grow = size - len(buffer)
-                buffer.extend(_ZEROS[:grow] if grow <= OPEN_BATCH else bytes(grow))
-            return buffer
+    index = _free_index(_POOL, _POOL_ONLY) if _POOL_ONLY else -1
+    if index >= 0:
+        buffer = _POOL[index]
+        if len(buffer) > size:
+            del buffer[size:]  # keeps the allocation unless it halves
+        elif len(buffer) < size:
+            grow = size - len(buffer)
+            buffer.extend(_ZEROS[:grow] if grow <= OPEN_BATCH else bytes(grow))
+        return buffer
     buffer = bytearray(size)
     if len(_POOL) < POOL_SIZE:
         _POOL.append(buffer)
