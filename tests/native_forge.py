@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from qkdproxy.core.tls.codec import Reader
 from qkdproxy.core.tls.engine import HandshakeEngine, KeyExchangeHooks, PeerChainCheck
 from qkdproxy.core.tls.native import NativeClient, NativeServer
 from qkdproxy.core.tls.native import messages as m
 from qkdproxy.core.tls.native.client import State as ClientState
 from qkdproxy.core.tls.native.common import Identity, NativeHandshake
-from qkdproxy.core.tls.native.messages import Reader
 from qkdproxy.core.tls.native.schedule import KeySchedule
 from qkdproxy.core.tls.native.server import State as ServerState
 from qkdproxy.core.tls.native.signatures import CLIENT_CONTEXT, SERVER_CONTEXT, sign

@@ -1,12 +1,15 @@
 """Sans-I/O parsers for the fields of ClientHello and ServerHello that key exchange needs.
 
 Strict: every length is checked against what remains, duplicate extensions are refused, and
-anything malformed raises :class:`HelloParseError` (tlslite then sends the alert).
+anything malformed raises :class:`HelloParseError` (the engine then sends the alert).
+The byte reader is the one the native engine's messages use (:mod:`qkdproxy.core.tls.codec`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from qkdproxy.core.tls.codec import MessageError, Reader
 
 EXT_SUPPORTED_GROUPS = 10
 EXT_SUPPORTED_VERSIONS = 43
@@ -24,46 +27,6 @@ class HelloParseError(ValueError):
 
 class DuplicateExtensionError(HelloParseError):
     """An extension block names one extension twice (RFC 8446 4.2: illegal_parameter)."""
-
-
-class _Reader:
-    # Lengths and code points are read straight from the view (no copy, one call each):
-    # a ClientHello has some 80 of them, on every connection's critical path.
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self._pos = 0
-
-    def u8(self) -> int:
-        return self._int(1)
-
-    def u16(self) -> int:
-        return self._int(2)
-
-    def _int(self, size: int) -> int:
-        pos = self._pos
-        end = pos + size
-        if end > len(self._data):
-            raise HelloParseError("message truncated")
-        self._pos = end
-        return int.from_bytes(self._data[pos:end], "big")
-
-    def take(self, n: int) -> bytes:
-        pos = self._pos
-        end = pos + n
-        if end > len(self._data):
-            raise HelloParseError("message truncated")
-        self._pos = end
-        return bytes(self._data[pos:end])
-
-    def vector(self, length_size: int) -> bytes:
-        return self.take(self._int(length_size))
-
-    def done(self) -> bool:
-        return self._pos == len(self._data)
-
-    def expect_done(self, what: str) -> None:
-        if not self.done():
-            raise HelloParseError(f"trailing bytes after {what}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +65,8 @@ class ServerHello:
     key_exchange: bytes | None
 
 
-def _extensions(reader: _Reader) -> dict[int, bytes]:
-    block = _Reader(reader.vector(2))
+def _extensions(reader: Reader) -> dict[int, bytes]:
+    block = Reader(reader.vector(2))
     found: dict[int, bytes] = {}
     while not block.done():
         ext_type = block.u16()
@@ -115,7 +78,7 @@ def _extensions(reader: _Reader) -> dict[int, bytes]:
 
 
 def _u16_list(data: bytes, what: str) -> tuple[int, ...]:
-    reader = _Reader(data)
+    reader = Reader(data)
     body = reader.vector(2)
     reader.expect_done(what)
     if not body or len(body) % 2:
@@ -123,7 +86,7 @@ def _u16_list(data: bytes, what: str) -> tuple[int, ...]:
     return tuple(int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2))
 
 
-def _key_share_entry(reader: _Reader) -> KeyShareEntry:
+def _key_share_entry(reader: Reader) -> KeyShareEntry:
     group = reader.u16()
     key_exchange = reader.vector(2)
     if not key_exchange:
@@ -132,8 +95,8 @@ def _key_share_entry(reader: _Reader) -> KeyShareEntry:
 
 
 def _client_shares(data: bytes) -> tuple[KeyShareEntry, ...]:
-    outer = _Reader(data)
-    reader = _Reader(outer.vector(2))
+    outer = Reader(data)
+    reader = Reader(outer.vector(2))
     outer.expect_done("key_share")
     shares: list[KeyShareEntry] = []
     while not reader.done():
@@ -145,7 +108,7 @@ def _client_shares(data: bytes) -> tuple[KeyShareEntry, ...]:
 
 
 def _versions(data: bytes) -> tuple[int, ...]:
-    reader = _Reader(data)
+    reader = Reader(data)
     body = reader.vector(1)
     reader.expect_done("supported_versions")
     if not body or len(body) % 2:
@@ -155,7 +118,14 @@ def _versions(data: bytes) -> tuple[int, ...]:
 
 def parse_client_hello(body: bytes) -> ClientHello:
     """Parse a ClientHello body (without the 4-byte handshake header)."""
-    reader = _Reader(body)
+    try:
+        return _client_hello(body)
+    except MessageError as exc:
+        raise HelloParseError(str(exc)) from None
+
+
+def _client_hello(body: bytes) -> ClientHello:
+    reader = Reader(body)
     reader.take(2 + 32)
     if len(reader.vector(1)) > 32:
         raise HelloParseError("session id longer than 32 bytes")
@@ -184,7 +154,14 @@ def parse_client_hello(body: bytes) -> ClientHello:
 
 def parse_server_hello(body: bytes) -> ServerHello:
     """Parse a ServerHello or HelloRetryRequest body."""
-    reader = _Reader(body)
+    try:
+        return _server_hello(body)
+    except MessageError as exc:
+        raise HelloParseError(str(exc)) from None
+
+
+def _server_hello(body: bytes) -> ServerHello:
+    reader = Reader(body)
     reader.take(2)
     retry_random = reader.take(32) == HELLO_RETRY_RANDOM
     if len(reader.vector(1)) > 32:
@@ -197,7 +174,7 @@ def parse_server_hello(body: bytes) -> ServerHello:
     data = extensions.get(EXT_KEY_SHARE)
     if data is None:
         return ServerHello(hello_retry, None, None)
-    ext = _Reader(data)
+    ext = Reader(data)
     if hello_retry:
         group = ext.u16()
         ext.expect_done("key_share")

@@ -3,6 +3,7 @@ hand-over to the record layer."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -11,6 +12,7 @@ from typing import ClassVar, NoReturn, TypeVar
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from qkdproxy.core.groups import GroupSpec
+from qkdproxy.core.tls.codec import MessageError
 from qkdproxy.core.tls.credentials import Credentials
 from qkdproxy.core.tls.eku import KeySchedule as EkuSchedule
 from qkdproxy.core.tls.engine import (
@@ -21,9 +23,9 @@ from qkdproxy.core.tls.engine import (
     PeerChainCheck,
 )
 from qkdproxy.core.tls.native.flight import HandshakeRecords
-from qkdproxy.core.tls.native.messages import MessageError
+from qkdproxy.core.tls.native.messages import parse_certificate_verify
 from qkdproxy.core.tls.native.schedule import KeySchedule, Transcript
-from qkdproxy.core.tls.native.signatures import signable_schemes
+from qkdproxy.core.tls.native.signatures import leaf_key, signable_schemes, verify
 from qkdproxy.core.tls.record_layer import (
     CIPHER_SUITES,
     CipherSuite,
@@ -208,6 +210,28 @@ class NativeHandshake:
             return call()
         except (LookupError, ValueError) as exc:
             raise MessageError(str(exc), Alert.ILLEGAL_PARAMETER) from None
+
+    def _check_certificate_verify(self, message: bytes, context: bytes) -> None:
+        """The peer's CertificateVerify, over ``context`` and the transcript so far, by its
+        leaf's key; then it joins the transcript."""
+        scheme, signature = parse_certificate_verify(message[4:])
+        verify(
+            leaf_key(self._peer_chain[0]), scheme, signature, context + self._transcript.digest()
+        )
+        self._transcript.add(message)
+
+    def _check_finished(self, message: bytes, peer_secret: bytes, who: str) -> KeySchedule:
+        """The peer's Finished, made with its handshake traffic secret ``peer_secret``; it must
+        end its record (keys change after it). Then it joins the transcript."""
+        schedule = self._schedule
+        assert schedule is not None
+        expected = schedule.finished(peer_secret, self._transcript.digest())
+        if not hmac.compare_digest(message[4:], expected):
+            raise MessageError(f"{who} Finished does not verify", Alert.DECRYPT_ERROR)
+        if not self._records.at_record_boundary:
+            raise MessageError("Finished does not end its record", Alert.UNEXPECTED_MESSAGE)
+        self._transcript.add(message)
+        return schedule
 
     def _direction(self, secret: bytes) -> Direction:
         assert self._suite is not None

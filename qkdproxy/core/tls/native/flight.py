@@ -9,8 +9,8 @@ in :attr:`HandshakeRecords.inbound` for the record layer, untouched.
 from __future__ import annotations
 
 from qkdproxy.core.errors import RemoteProtocolError
+from qkdproxy.core.tls.codec import MessageError
 from qkdproxy.core.tls.engine import RemoteAlertError
-from qkdproxy.core.tls.native.messages import MessageError
 from qkdproxy.core.tls.record_layer import Direction
 from qkdproxy.core.tls.records import HEADER, MAX_CIPHERTEXT, MAX_PLAINTEXT, open_record, seal_inner
 from qkdproxy.core.tls.wire import MAX_HELLO_SIZE, Alert, ContentType, alert_name

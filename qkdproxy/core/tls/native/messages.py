@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qkdproxy.core.tls.codec import MessageError, Reader
 from qkdproxy.core.tls.wire import Alert
 
 # Handshake message types (RFC 8446 4).
@@ -39,59 +40,6 @@ LEGACY_VERSION = 0x0303
 HELLO_RETRY_RANDOM = bytes.fromhex(
     "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c"
 )
-
-
-class MessageError(Exception):
-    """A message that must end the handshake with ``alert``."""
-
-    def __init__(self, reason: str, alert: Alert = Alert.DECODE_ERROR) -> None:
-        super().__init__(reason)
-        self.alert = alert
-
-
-class Reader:
-    """Reads big-endian integers and length-prefixed vectors, refusing any overrun."""
-
-    __slots__ = ("_data", "_pos")
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def u8(self) -> int:
-        return self._int(1)
-
-    def u16(self) -> int:
-        return self._int(2)
-
-    def _int(self, size: int) -> int:
-        pos = self._pos
-        end = pos + size
-        if end > len(self._data):
-            raise MessageError("message truncated")
-        self._pos = end
-        return int.from_bytes(self._data[pos:end], "big")
-
-    def take(self, n: int) -> bytes:
-        pos = self._pos
-        end = pos + n
-        if end > len(self._data):
-            raise MessageError("message truncated")
-        self._pos = end
-        return self._data[pos:end]
-
-    def vector(self, length_size: int, minimum: int = 0) -> bytes:
-        data = self.take(self._int(length_size))
-        if len(data) < minimum:
-            raise MessageError("vector shorter than its minimum")
-        return data
-
-    def done(self) -> bool:
-        return self._pos == len(self._data)
-
-    def expect_done(self, what: str) -> None:
-        if not self.done():
-            raise MessageError(f"trailing bytes after {what}")
 
 
 def u16_list(data: bytes, length_size: int, what: str) -> tuple[int, ...]:

@@ -10,25 +10,22 @@ CertificateVerify is checked. No PSK (so no early data), no session tickets.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import ClassVar
 
 from qkdproxy.core.groups import GroupSpec
+from qkdproxy.core.tls.codec import MessageError
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag, tls_flags_data
 from qkdproxy.core.tls.native import messages as m
 from qkdproxy.core.tls.native.common import SUITES, NativeHandshake
-from qkdproxy.core.tls.native.messages import MessageError
 from qkdproxy.core.tls.native.schedule import KeySchedule
 from qkdproxy.core.tls.native.signatures import (
     CLIENT_CONTEXT,
     OFFERED_SCHEMES,
     SERVER_CONTEXT,
     choose_scheme,
-    leaf_key,
     sign,
-    verify,
 )
 from qkdproxy.core.tls.wire import Alert
 
@@ -215,21 +212,11 @@ class NativeServer(NativeHandshake):
         self._move(State.CERTIFICATE_VERIFY if self._peer_chain else State.FINISHED)
 
     def _on_certificate_verify(self, message: bytes) -> None:
-        scheme, signature = m.parse_certificate_verify(message[4:])
-        key = leaf_key(self._peer_chain[0])
-        verify(key, scheme, signature, CLIENT_CONTEXT + self._transcript.digest())
-        self._transcript.add(message)
+        self._check_certificate_verify(message, CLIENT_CONTEXT)
         self._move(State.FINISHED)
 
     def _on_finished(self, message: bytes) -> None:
-        schedule = self._schedule
-        assert schedule is not None
-        expected = schedule.finished(self._client_secret, self._transcript.digest())
-        if not hmac.compare_digest(message[4:], expected):
-            raise MessageError("client Finished does not verify", Alert.DECRYPT_ERROR)
-        if not self._records.at_record_boundary:
-            raise MessageError("Finished does not end its record", Alert.UNEXPECTED_MESSAGE)
-        self._transcript.add(message)
+        schedule = self._check_finished(message, self._client_secret, "client")
         self._records.read = self._direction(self._client_app)
         self._client_secret = self._client_app = b""
         schedule.forget()

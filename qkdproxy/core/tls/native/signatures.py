@@ -14,8 +14,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from qkdproxy.core.tls.codec import MessageError
 from qkdproxy.core.tls.credentials import PrivateKey
-from qkdproxy.core.tls.native.messages import MessageError
 from qkdproxy.core.tls.wire import Alert
 
 _ECDSA: dict[int, tuple[str, type[hashes.HashAlgorithm]]] = {
