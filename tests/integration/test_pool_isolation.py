@@ -45,9 +45,7 @@ async def backend_link() -> AsyncIterator[
     plain_reader, plain_writer = await asyncio.open_connection("127.0.0.1", port)
     plain_writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 14)
     backend_reader, backend_writer = await accepted.get()
-    backend_writer.get_extra_info("socket").setsockopt(
-        socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14
-    )
+    backend_writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 14)
     try:
         yield plain_reader, plain_writer, backend_reader, backend_writer
     finally:
