@@ -4,6 +4,7 @@ hand-over to the record layer."""
 from __future__ import annotations
 
 import hmac
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -57,7 +58,7 @@ class Identity:
         return cls(chain, credentials, signable_schemes(credentials.private_key))
 
 
-class NativeHandshake:
+class NativeHandshake(ABC):
     """One handshake of one role; :mod:`client` and :mod:`server` add the messages."""
 
     state: Enum
@@ -134,9 +135,9 @@ class NativeHandshake:
             raise unexpected(message, self.state.value)
         self._handlers[message[0]](message)
 
+    @abstractmethod
     def _message_handlers(self) -> dict[int, Callable[[bytes], None]]:
         """Each message type this role takes, and its handler."""
-        raise NotImplementedError  # pragma: no cover - each role overrides it
 
     def _move(self, state: Enum) -> None:
         """Go to ``state``: from now on only its message types are taken."""
@@ -173,8 +174,9 @@ class NativeHandshake:
         return self._eku_schedule
 
     @property
+    @abstractmethod
     def is_client(self) -> bool:
-        raise NotImplementedError  # pragma: no cover - each role overrides it
+        """Which role this handshake plays."""
 
     @property
     def peer_chain(self) -> list[bytes]:
