@@ -256,6 +256,7 @@ def _connrate(args: argparse.Namespace) -> int:
             _generator(args),
             args.idle,
             tls_engine=args.tls_engine,
+            with_floor=args.floor,
         )
     )
     return _emit_paths(args, report, CONNRATE_TABLES, "concurrency", (
@@ -487,6 +488,11 @@ def add_commands(commands: Any) -> None:
     connrate.add_argument(
         "--idle", type=int, default=200,
         help="idle connections held open per tunnel path to measure memory (0: skip)",
+    )  # fmt: skip
+    connrate.add_argument(
+        "--floor", action="store_true",
+        help="also measure relay-floor: two bare Python relays on one plain TCP link, the "
+        "most any multiplexing design in Python could reach on this machine",
     )  # fmt: skip
     _engine_option(connrate)
     _output_options(connrate)

@@ -92,7 +92,7 @@ def test_help_everywhere(args: list[str]) -> None:
         (["throughput", "--megabytes", "4", "--streams", "1,2", "--generator", "python"],
          {"path", "streams", "gbit_s", "cpu_s_per_gb", "kme_cpu_s_per_gb", "load_cpu_s_per_gb",
           "vs_stunnel", "cpu_vs_stunnel", "generator"}),
-        (["connrate", "--connections", "10", "--concurrency", "1,2", "--idle", "4"],
+        (["connrate", "--connections", "10", "--concurrency", "1,2", "--idle", "4", "--floor"],
          {"path", "concurrency", "conn_per_s", "p50_ms", "p99_ms", "cpu_ms_per_conn",
           "kme_cpu_ms_per_conn", "load_cpu_ms_per_conn", "kib_per_idle_conn", "vs_stunnel",
           "cpu_vs_stunnel", "kib_vs_stunnel", "generator"}),
@@ -105,6 +105,7 @@ def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> Non
     rows = document["results"]
     assert isinstance(document["notes"], list) and isinstance(document["warnings"], list)
     assert {"direct", "qkdproxy"} <= {r["path"] for r in rows}
+    assert ("relay-floor" in {r["path"] for r in rows}) == ("--floor" in args)
     for row in rows:
         assert keys <= set(row)
         assert row.get("gbit_s", 1) > 0 and row.get("conn_per_s", 1) > 0

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TypeVar
 
 STUNNEL = "stunnel"
+RELAY_FLOOR = "relay-floor"
 DIRECT = "direct"
 GB = 1e9  # bytes: per GB, like Gbit/s, is decimal
 

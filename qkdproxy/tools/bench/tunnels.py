@@ -5,7 +5,9 @@ Paths: ``direct`` (loopback, no tunnel: the ceiling), ``qkdproxy`` (a client and
 daemon, each its own process, with the KME simulator as a third: one handshake and one QKD
 key per connection), ``qkdproxy-mux`` (the same daemons, the connection carried as a stream
 of a pooled multiplexed tunnel), and ``stunnel`` (a TLS 1.3 stunnel pair with the same
-certificates, mutual TLS and no resumption, when stunnel is installed).
+certificates, mutual TLS and no resumption, when stunnel is installed). ``bench connrate
+--floor`` adds ``relay-floor``: two bare Python relays sharing one plain TCP link
+(:mod:`relay_floor`), the most any multiplexing design in Python could reach here.
 
 The load generator and the backend are separate processes (:mod:`loadgen`: iperf3 or our C
 programs; the Python fallback runs in this process and says so). Every path's cost is the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -38,6 +41,7 @@ from qkdproxy.tools.bench.loadgen import (
 from qkdproxy.tools.bench.pathstats import (
     DIRECT,
     GB,
+    RELAY_FLOOR,
     STUNNEL,
     ConnrateResult,
     ThroughputResult,
@@ -67,6 +71,10 @@ IDLE_SETTLE_S = 0.25
 WARM_UP_CONNECTIONS = 5
 WARM_UP_BYTES = 256 * 1024
 STUNNEL_MISSING = "stunnel not installed: the stunnel path is skipped (no ratios to stunnel)"
+FLOOR_NOTE = (
+    "relay-floor: two bare Python relays on one plain TCP link (no TLS, QKD, flow control, "
+    "logging or checks): the most a multiplexing design in Python could reach on this machine"
+)
 
 T = TypeVar("T")
 R = TypeVar("R", ConnrateResult, ThroughputResult)
@@ -162,6 +170,24 @@ async def _stunnel(
     return client_port, ProcessGroup(tuple(pids))
 
 
+async def _relay_floor(stack: AsyncExitStack, backend: int) -> tuple[int, ProcessGroup]:
+    """The two bare relays of :mod:`relay_floor`; the client relay's port."""
+    server_port, client_port = free_port(), free_port()
+    pids = []
+    for role, listen, target in (
+        ("server", server_port, backend),
+        ("client", client_port, server_port),
+    ):
+        process = await spawn(
+            stack, sys.executable, "-m", "qkdproxy.tools.bench.relay_floor", role, str(listen),
+            str(target),
+        )  # fmt: skip
+        assert process.stdout is not None
+        await wait_line(process.stdout, b"ready")
+        pids.append(process.pid)
+    return client_port, ProcessGroup(tuple(pids))
+
+
 def _start_notes() -> list[str]:
     """Checked before anything starts; the load average before our own processes add to it."""
     if not proctime.available():
@@ -172,7 +198,11 @@ def _start_notes() -> list[str]:
 
 @asynccontextmanager
 async def _paths(
-    generator: Generator, purpose: Purpose, with_stunnel: bool, tls_engine: str | None = None
+    generator: Generator,
+    purpose: Purpose,
+    with_stunnel: bool,
+    tls_engine: str | None = None,
+    with_floor: bool = False,
 ) -> AsyncIterator[Paths]:
     notes = _start_notes()
     choice = choose(generator, purpose)
@@ -196,6 +226,9 @@ async def _paths(
                 ports[STUNNEL], tunnels[STUNNEL] = found
             else:
                 notes.append(STUNNEL_MISSING)
+        if with_floor:
+            ports[RELAY_FLOOR], tunnels[RELAY_FLOOR] = await _relay_floor(stack, load.backend_port)
+            notes.append(FLOOR_NOTE)
         yield Paths(ports, tunnels, ProcessGroup((pair.kme_pid,)), load, pair.client_records, notes)
 
 
@@ -266,11 +299,12 @@ async def run_connrate(
     idle: int = 200,
     *,
     tls_engine: str | None = None,
+    with_floor: bool = False,
 ) -> PathReport[ConnrateResult]:
     """New connections per second (open, one byte each way, close) per path; then, with
     ``idle`` connections held open, the memory each costs the tunnel processes."""
     results = []
-    async with _paths(generator, Purpose.ECHO, with_stunnel, tls_engine) as paths:
+    async with _paths(generator, Purpose.ECHO, with_stunnel, tls_engine, with_floor) as paths:
         kind = paths.load.kind.value
         for path, port in paths.ports.items():
             await paths.load.connections(port, WARM_UP_CONNECTIONS, 1)
@@ -291,7 +325,7 @@ async def run_connrate(
                     kme_cpu_ms_per_conn=_per(cost.kme, n, 1000),
                     load_cpu_ms_per_conn=batch.load_cpu_s / n * 1000, generator=kind,
                 ))  # fmt: skip
-            if idle and path in paths.tunnels:
+            if idle and path in paths.tunnels and path != RELAY_FLOOR:
                 kib = await _idle_kib(paths, path, idle)
                 path_rows = [replace(r, kib_per_idle_conn=kib) for r in path_rows]
             results += path_rows
