@@ -125,7 +125,9 @@ def run_command(args: argparse.Namespace) -> int:
     if config is None:
         return _exit(EXIT_CONFIG)
     configure_logging(
-        args.log_level or config.daemon.log_level, args.log_format or config.daemon.log_format
+        args.log_level or config.daemon.log_level,
+        args.log_format or config.daemon.log_format,
+        flush_interval_s=config.daemon.log_flush_ms / 1000,
     )
     # Peer and KME text in any record stays on its line (observability/logsafe.py).
     logsafe.install()

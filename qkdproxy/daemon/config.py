@@ -32,6 +32,11 @@ from qkdproxy.keys.supply import SupplySettings
 SECTIONS = ("daemon", "kme", "tunnel", "status")
 # HTTP/2 streams one multiplexed tunnel may carry at once (each holds a receive window).
 MAX_MUX_STREAMS = 1000
+# Connection log lines: how long one may wait for the write it shares with the next ones
+# (20 ms: a burst of connections costs one write per 20 ms instead of one per connection;
+# a process killed outright loses at most that). More than a second would hide an outage.
+DEFAULT_LOG_FLUSH_MS = 20.0
+MAX_LOG_FLUSH_MS = 1000.0
 
 
 class ConfigError(SettingError):
@@ -148,6 +153,8 @@ class DaemonConfig:
     log_level: str = "info"
     # "text" (readable) or "json" (one object per line); both in UTC.
     log_format: str = "text"
+    # Connection lines within this long of the last flush share one write (logformat.py).
+    log_flush_ms: float = DEFAULT_LOG_FLUSH_MS
     # The status listener (/metrics, /healthz, /readyz, /status); None: not served.
     status_listen: TcpAddress | None = None
     # Refuse every risky setting instead of warning (qkdproxy/daemon/risk.py; also --strict).
@@ -307,6 +314,7 @@ def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
         drain_timeout_s=daemon.positive("drain_timeout_s", 300.0),
         log_level=daemon.get("log_level", str, "info"),
         log_format=daemon.get("log_format", str, "text"),
+        log_flush_ms=daemon.positive("log_flush_ms", DEFAULT_LOG_FLUSH_MS, allow_zero=True),
         status_listen=_status(
             _Reader(status or {}, "status", problems), "status" in data and status is not None
         ),
@@ -317,6 +325,8 @@ def _parse(data: dict[str, Any], path: Path, problems: list[str]) -> Config:
         daemon.fail("log_level", "must be debug, info, warning or error")
     if daemon_config.log_format not in ("text", "json"):
         daemon.fail("log_format", 'must be "text" or "json"')
+    if daemon_config.log_flush_ms > MAX_LOG_FLUSH_MS:
+        daemon.fail("log_flush_ms", f"must be at most {MAX_LOG_FLUSH_MS:g} (ms)")
     daemon.check_unknown()
     kmes = {}
     for name, table in (_table(data.get("kme", {}), "kme", problems) or {}).items():

@@ -14,6 +14,7 @@ the same bytes the logging path writes; any other set-up goes through logging.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -106,20 +107,60 @@ def _json_head_tail(level: str, logger: str, name: str) -> str:
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: generic
-    """The handler :func:`configure_logging` installs: a stream handler (flushed after every
-    line) whose record events may skip the logging machinery (:func:`log_record_event`)."""
+    """The handler :func:`configure_logging` installs: a stream handler whose record events
+    may skip the logging machinery (:func:`log_record_event`).
+
+    ``flush_interval_s``: record event lines (one per connection) written within this long
+    of the last flush wait for one flush, at most that long later; the first line after a
+    quiet spell, and every line logged the ordinary way (warnings, errors), flushes at
+    once with whatever waits before it. One write per line was a tenth of a multiplexed
+    connection's CPU in each daemon (docs/PERFORMANCE.md, "Log lines"). 0: every line is
+    flushed as it is written. The waiting lines are flushed when logging shuts down (a
+    normal exit, SIGTERM); a process killed outright loses at most that interval's lines.
+    """
+
+    def __init__(self, stream: TextIO, flush_interval_s: float = 0.0) -> None:
+        super().__init__(stream)
+        self.flush_interval_s = flush_interval_s
+        self._flushed_at = -flush_interval_s
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def write_line(self, line: str) -> None:
-        """Write one line and flush it, as :meth:`emit` does (a crash loses no line)."""
+        """Write one line; flush it now or within ``flush_interval_s``."""
         with self.lock or _NO_LOCK:
             try:
-                stream = self.stream
-                stream.write(line + self.terminator)
-                stream.flush()  # what flush() does, already under the lock
+                self.stream.write(line + self.terminator)
+                if self._flush_timer is None and not self._flush_later():
+                    self._flush_now()
             except RecursionError:
                 raise
             except Exception:  # logging never breaks the caller (emit's rule)
                 self.handleError(logging.makeLogRecord({"msg": line}))
+
+    def _flush_later(self) -> bool:
+        """Schedule the flush if the last one was recent and an event loop runs here."""
+        wait = self._flushed_at + self.flush_interval_s - time.monotonic()
+        if wait <= 0:
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._flush_timer = loop.call_later(wait, self.flush)
+        return True
+
+    def _flush_now(self) -> None:
+        self.stream.flush()
+        self._flushed_at = time.monotonic()
+
+    def flush(self) -> None:
+        """Write out every waiting line."""
+        with self.lock or _NO_LOCK:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            if self.stream and hasattr(self.stream, "flush"):
+                self._flush_now()
 
 
 _NO_LOCK = contextlib.nullcontext()
@@ -173,17 +214,20 @@ def log_record_event(
     logger.log(level, JsonLine(fields), extra=record_event(name, fields), stacklevel=2)
 
 
-def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str, log_format: str, stream: TextIO | None = None, flush_interval_s: float = 0.0
+) -> None:
     """Route every logger (asyncio's and Python warnings included) through one handler; the
     filters of the handler it replaces carry over, so it may be called again (the command
-    line, then the file, decide the format)."""
-    handler = LineHandler(stream or sys.stderr)
+    line, then the file, decide the format). ``flush_interval_s``: see :class:`LineHandler`."""
+    handler = LineHandler(stream or sys.stderr, flush_interval_s)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         # A filter someone installed on the handler (log hygiene) stays in place.
         for kept in old.filters:
             handler.addFilter(kept)
+        old.flush()  # its waiting lines come first
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -175,3 +175,19 @@ def test_policies() -> None:
         plan_groups(Policy.PQ_REQUIRED, ["qkd_mlkem768"], has_kme=False)
     with pytest.raises(ValueError, match="post-quantum fallback"):
         plan_groups(Policy.QKD_PREFERRED, ["qkd_mlkem768", "x25519"], has_kme=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("-1", "must be positive"), ("1001", "at most 1000"), ('"x"', "log_flush_ms"),
+     ("nan", "finite")],
+)  # fmt: skip
+def test_log_flush_ms_is_checked(tmp_path: Path, value: str, problem: str) -> None:
+    found = problems(tmp_path, f"[daemon]\nlog_flush_ms = {value}\n" + KME + CLIENT + SERVER)
+    assert any("log_flush_ms" in p and problem in p for p in found), found
+
+
+def test_log_flush_ms_defaults_to_20_and_0_turns_it_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, KME + CLIENT + SERVER)).daemon.log_flush_ms == 20
+    off = load_config(write(tmp_path, "[daemon]\nlog_flush_ms = 0\n" + KME + CLIENT + SERVER))
+    assert off.daemon.log_flush_ms == 0

@@ -1,0 +1,117 @@
+"""Connection lines share writes (LineHandler's flush interval) without losing or reordering
+a line: the first line after a quiet spell and every ordinary log call are written at once,
+a burst waits at most the interval, and shutting logging down writes what waits."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from qkdproxy.daemon.logformat import LineHandler, configure_logging, log_record_event
+
+INTERVAL_S = 0.05
+STEP_S = 10.0
+log = logging.getLogger("qkdproxy.connection")
+
+
+class Sink(io.StringIO):
+    """A stream that shows what a reader of the log would have seen so far: only flushed
+    text, and each flush as one write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self._written = 0
+        self.flushed = asyncio.Event()
+
+    def flush(self) -> None:
+        text = self.getvalue()[self._written :]
+        self._written += len(text)
+        if text:
+            self.writes.append(text)
+            self.flushed.set()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """Our handler alone on the root logger, as in the daemon. Installed by the test itself
+    (pytest adds its capturing handler around the call, after fixtures; a second handler
+    sends every line through logging, which flushes each one)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield Sink()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _install(stream: Sink) -> None:
+    configure_logging("info", "json", stream, flush_interval_s=INTERVAL_S)
+
+
+def _line(number: int) -> None:
+    log_record_event(log, logging.INFO, "connection", {"conn_id": number})
+
+
+async def test_a_burst_shares_one_write_and_the_first_line_goes_at_once(sink: Sink) -> None:
+    _install(sink)
+    _line(1)
+    assert len(sink.writes) == 1 and '"conn_id":1' in sink.writes[0]  # after a quiet spell
+    sink.flushed.clear()
+    for number in range(2, 12):
+        _line(number)
+    assert len(sink.writes) == 1  # the burst waits...
+    await asyncio.wait_for(sink.flushed.wait(), STEP_S)
+    assert len(sink.writes) == 2  # ...for one write, every line in order
+    numbers = [int(part.split("}")[0]) for part in sink.writes[1].split('"conn_id":')[1:]]
+    assert numbers == list(range(2, 12))
+
+
+async def test_an_ordinary_log_call_writes_what_waits_before_it(sink: Sink) -> None:
+    _install(sink)
+    _line(1)
+    _line(2)
+    logging.getLogger("qkdproxy.kme").warning("KME unreachable")
+    text = "".join(sink.writes)
+    assert text.index('"conn_id":2') < text.index("KME unreachable")
+
+
+async def test_shutting_logging_down_writes_what_waits(sink: Sink) -> None:
+    _install(sink)
+    _line(1)
+    _line(2)
+    assert '"conn_id":2' not in "".join(sink.writes)
+    for handler in logging.getLogger().handlers:  # what logging.shutdown() does at exit
+        handler.flush()
+        handler.close()
+    assert '"conn_id":2' in "".join(sink.writes)
+
+
+async def test_reconfiguring_writes_the_old_handlers_waiting_lines(sink: Sink) -> None:
+    _install(sink)
+    _line(1)
+    _line(2)
+    configure_logging("info", "json", io.StringIO())
+    assert '"conn_id":2' in "".join(sink.writes)
+
+
+def test_without_an_event_loop_every_line_is_written_at_once(sink: Sink) -> None:
+    _install(sink)
+    for number in range(3):
+        _line(number)
+    assert len(sink.writes) == 3
+
+
+def test_interval_zero_writes_every_line_at_once() -> None:
+    stream = Sink()
+    handler = LineHandler(stream, 0.0)
+
+    async def burst() -> None:
+        for number in range(3):
+            handler.write_line(f"line {number}")
+
+    asyncio.run(burst())
+    assert stream.writes == [f"line {n}\n" for n in range(3)]
