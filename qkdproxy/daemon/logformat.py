@@ -124,18 +124,35 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: 
         self.flush_interval_s = flush_interval_s
         self._flushed_at = -flush_interval_s
         self._flush_timer: asyncio.TimerHandle | None = None
+        # Held here, not in the stream: stderr is line-buffered (a write per line).
+        self._waiting: list[str] = []
 
     def write_line(self, line: str) -> None:
         """Write one line; flush it now or within ``flush_interval_s``."""
         with self.lock or _NO_LOCK:
             try:
-                self.stream.write(line + self.terminator)
+                self._waiting.append(line + self.terminator)
                 if self._flush_timer is None and not self._flush_later():
-                    self._flush_now()
+                    self._write_waiting()
             except RecursionError:
                 raise
             except Exception:  # logging never breaks the caller (emit's rule)
                 self.handleError(logging.makeLogRecord({"msg": line}))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """An ordinary log line: the waiting lines go first, in one write with it."""
+        if self._waiting:
+            self._cancel_timer()
+            self.stream.write("".join(self._waiting))
+            self._waiting.clear()
+        super().emit(record)  # writes the line and flushes
+
+    def flush(self) -> None:
+        """Write out every waiting line."""
+        with self.lock or _NO_LOCK:
+            self._cancel_timer()
+            if self.stream and hasattr(self.stream, "flush"):
+                self._write_waiting()
 
     def _flush_later(self) -> bool:
         """Schedule the flush if the last one was recent and an event loop runs here."""
@@ -146,21 +163,29 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: 
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return False
-        self._flush_timer = loop.call_later(wait, self.flush)
+        self._flush_timer = loop.call_later(wait, self._flush_due)
         return True
 
-    def _flush_now(self) -> None:
+    def _flush_due(self) -> None:
+        try:
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # a write error is logging's to report, not the event loop's
+            self.handleError(logging.makeLogRecord({"msg": "(waiting connection lines)"}))
+
+    def _cancel_timer(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+
+    def _write_waiting(self) -> None:
+        if self._waiting:
+            text = "".join(self._waiting)
+            self._waiting.clear()
+            self.stream.write(text)
         self.stream.flush()
         self._flushed_at = time.monotonic()
-
-    def flush(self) -> None:
-        """Write out every waiting line."""
-        with self.lock or _NO_LOCK:
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
-                self._flush_timer = None
-            if self.stream and hasattr(self.stream, "flush"):
-                self._flush_now()
 
 
 _NO_LOCK = contextlib.nullcontext()

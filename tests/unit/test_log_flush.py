@@ -8,10 +8,14 @@ import asyncio
 import io
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from qkdproxy.daemon.logformat import LineHandler, configure_logging, log_record_event
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 INTERVAL_S = 0.05
 STEP_S = 10.0
@@ -115,3 +119,31 @@ def test_interval_zero_writes_every_line_at_once() -> None:
 
     asyncio.run(burst())
     assert stream.writes == [f"line {n}\n" for n in range(3)]
+
+
+class RawWrites(io.RawIOBase):
+    """The file descriptor under stderr: each call here would be one write(2)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.written = asyncio.Event()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: ReadableBuffer) -> int:
+        self.writes.append(bytes(data))
+        self.written.set()
+        return len(self.writes[-1])
+
+
+async def test_a_burst_is_one_write_on_a_line_buffered_stream_like_stderr(sink: Sink) -> None:
+    raw = RawWrites()
+    stderr_like = io.TextIOWrapper(io.BufferedWriter(raw), line_buffering=True)
+    configure_logging("info", "json", stderr_like, flush_interval_s=INTERVAL_S)
+    for number in range(10):
+        _line(number)
+    assert len(raw.writes) == 1  # the first line at once; the other nine wait
+    raw.written.clear()
+    await asyncio.wait_for(raw.written.wait(), STEP_S)
+    assert len(raw.writes) == 2 and raw.writes[1].count(b"\n") == 9
