@@ -199,6 +199,10 @@ class TlsStream:
     _reading: bool = field(default=False, repr=False)
     # Events from bytes that arrived with the end of the handshake, handled on first read.
     _backlog: list[RecordEvent] = field(default_factory=list, repr=False)
+    # The client's last handshake flight, held until the first write or the end of the
+    # next round of the event loop, whichever comes first: a client whose application
+    # already sent bytes sends its Finished and those bytes in one write, not two.
+    _corked: bytes | bytearray = field(default=b"", repr=False)
     # How the stream broke, once it did.
     failure: TlsStreamError | None = field(default=None, repr=False)
     # The key sources Extended Key Updates draw from, and when the last one completed
@@ -373,12 +377,21 @@ class TlsStream:
 
     def _transmit(self) -> None:
         """Hand what the record layer queued to the transport (without yielding)."""
-        if out := self._layer.data_to_send():
+        out = self._layer.data_to_send()
+        if self._corked:
+            out, self._corked = self._corked + out, b""
+        if out:
             writer = self._driver.writer
             if writer.is_closing():
                 # uvloop raises RuntimeError on a write to a closed transport.
                 raise TlsStreamError("transport already closed")
             writer.write(out)
+
+    def _uncork(self) -> None:
+        """A round after the handshake: a flight nobody wrote with data leaves alone."""
+        if self._corked and not self._driver.writer.is_closing():
+            self._driver.writer.write(self._corked)
+        self._corked = b""
 
     async def write(
         self, data: bytes | bytearray | memoryview, *, frame_type: int | None = None
@@ -522,6 +535,12 @@ class TlsEndpoint:
         )
         if leftover := conn.take_leftover():
             stream._backlog = conn.records.receive(leftover, loop.time())
+        if corked := conn.data_to_send():
+            stream._corked = corked
+            # Two rounds, not one: the tasks our caller starts in this round (a tunnel's
+            # pump, reading what the application already sent) take their first step in
+            # the next one, and may write first.
+            loop.call_soon(loop.call_soon, stream._uncork)
         return stream
 
 
@@ -563,10 +582,10 @@ async def _exchange(
                 complete = event
         if conn.phase is Phase.FAILED:
             return None
+        if complete is not None:
+            return complete  # its last flight, if any, leaves with the first write
         try:
             await _flush(conn, transport.writer)
-            if complete is not None:
-                return complete
             if request is not None:
                 conn.answer_key(await supply(request, keys), loop.time())
                 continue

@@ -251,3 +251,44 @@ async def test_client_allow_list_rejection_sends_no_application_data() -> None:
     assert isinstance(failures[0], HandshakeError)
     assert failures[0].alert == Alert.ACCESS_DENIED
     assert pair.server_keys.ledger.consumed == 0 and pair.server_keys.ledger.wasted == 1
+
+
+async def _dial_counting_writes(
+    pair: LoopbackPair, client: TlsEndpoint
+) -> tuple[TlsStream, list[bytes]]:
+    """A client handshake whose transport records each write it is given."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", pair.port)
+    writes: list[bytes] = []
+    write = writer.write
+
+    def counted(data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    writer.write = counted  # type: ignore[method-assign]
+    async with asyncio.timeout(20):  # not wait_for: its task would end the loop round
+        stream = await client.connect(reader, writer)
+    return stream, writes
+
+
+@pytest.mark.parametrize("engine", ["native", "tlslite"])
+async def test_the_clients_finished_leaves_with_its_first_bytes(engine: str) -> None:
+    """Data the client has at hand when its handshake ends shares the write (and the
+    server's wake-up) of its Finished flight: ClientHello, then one write."""
+    hybrids = groups("qkd_mlkem768")
+    async with loopback_pair(hybrids, tls_engine=engine) as pair:
+        stream, writes = await _dial_counting_writes(pair, pair.client(hybrids, QkdOptions()))
+        assert len(writes) == 1  # the ClientHello; the Finished flight waits for this round
+        assert await echo(stream, b"ping") == b"ping"
+        assert len(writes) == 2
+        await stream.close()
+
+
+async def test_a_client_that_sends_nothing_still_finishes_its_handshake() -> None:
+    """A server-speaks-first application: the Finished flight leaves on its own."""
+    hybrids = groups("qkd_mlkem768")
+    async with loopback_pair(hybrids) as pair:
+        stream, writes = await _dial_counting_writes(pair, pair.client(hybrids, QkdOptions()))
+        await settled(pair)  # the server completed: it got our Finished without any data
+        assert len(writes) == 2
+        await stream.close()
