@@ -152,6 +152,8 @@ async def pump(
     # frames each batch before send returns, and only then is the buffer reused.
     source = SocketReader.attach(reader, writer, READ_SIZE)
 
+    inbound_done = False
+
     async def outbound() -> None:
         while received := await source.peek():
             data = received[:read_size]
@@ -166,9 +168,13 @@ async def pump(
                 await channel.update_keys()
                 traffic.key_updates += 1
                 traffic.bytes_since_rekey, traffic.last_rekey = 0, now
-        await channel.send_fin()
+        if not inbound_done:
+            await channel.send_fin()
+        # else the pump ends now, and the channel's close sends our FIN with its
+        # close_notify: one record write, and one wake-up of the peer, fewer.
 
     async def inbound() -> None:
+        nonlocal inbound_done
         # One writelines of the payloads as they were opened: the kernel gathers them
         # (one sendmsg), so no byte is copied to join them first.
         while parts := await channel.receive_parts():
@@ -176,6 +182,7 @@ async def pump(
             traffic.last_activity = time.monotonic()
             writer.writelines(parts)
             await writer.drain()
+        inbound_done = True
         if writer.can_write_eof():
             with contextlib.suppress(OSError):
                 writer.write_eof()

@@ -82,9 +82,12 @@ class PeerChannel:
         is lost costs the peer one ``dec_keys`` while a handshake waits, never a key; ETSI
         004 acknowledgements are not risked here (they wait for the next connection).
         """
-        frames = b"" if self._peer_finished else self._announcements(streams=False)[0]
-        await self.stream.write(frames + encode(FrameType.FIN))
+        await self.stream.write(self._fin())
         self._finished = True
+
+    def _fin(self) -> bytes:
+        frames = b"" if self._peer_finished else self._announcements(streams=False)[0]
+        return frames + encode(FrameType.FIN)
 
     async def receive(self) -> bytes | memoryview:
         """The application bytes received so far (every frame of what arrived, in one
@@ -179,13 +182,10 @@ class PeerChannel:
         A deliberate close (idle timeout, drain, lifetime) thus reaches the peer as the end
         of our data; a close_notify alone would be a truncation.
         """
-        try:
-            if not self._finished:
-                await self.send_fin()
-        except TlsStreamError:
-            pass  # the stream is broken already; close releases it
-        finally:
-            await self.stream.close()
+        # FIN and close_notify in one write when FIN was not sent yet.
+        final = b"" if self._finished else self._fin()
+        self._finished = True
+        await self.stream.close(final)
 
 
 async def open_peer_channel(stream: TlsStream, sources: KeySources) -> PeerChannel | None:

@@ -436,9 +436,13 @@ class TlsStream:
         await close_transport(self._driver.writer)
         return self.failure
 
-    async def close(self) -> None:
-        """Send close_notify (best effort) and close the transport."""
+    async def close(self, final: bytes = b"") -> None:
+        """Send ``final`` (plaintext, if any) and close_notify, in one write (best effort),
+        and close the transport."""
         try:
+            if final and self.failure is None:
+                with contextlib.suppress(LocalProtocolError):
+                    self._layer.send_data(final, None)
             self._layer.close()
             with contextlib.suppress(TlsStreamError, ConnectionError, TimeoutError):
                 self._transmit()

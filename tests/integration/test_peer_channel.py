@@ -436,3 +436,30 @@ async def test_a_probe_flood_gets_a_bounded_number_of_answers() -> None:
         await stream.close()
     assert echoed == b"after the flood"
     assert 1 <= verdicts <= MAX_PROBE_ANSWERS
+
+
+async def test_closing_without_fin_sends_fin_and_close_notify_in_one_write() -> None:
+    """A channel closed before its FIN (the pump ends with the peer already finished)
+    sends FIN and close_notify together: one write, and the peer sees a clean end, not a
+    truncation."""
+    failures: list[BaseException] = []
+    async with loopback_pair(
+        groups("x25519"), peer_protocol=True, server_failures=failures
+    ) as pair:
+        stream = await pair.handshake(pair.client(groups("x25519"), QkdOptions()))
+        channel = await open_peer_channel(stream, pair.client_keys.sources)
+        assert channel is not None
+        await channel.send(b"abc")
+        assert await asyncio.wait_for(channel.receive(), 10) == b"abc"
+        writes: list[bytes] = []
+        writer = stream._driver.writer
+        write = writer.write
+
+        def counted(data: bytes | bytearray | memoryview) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        writer.write = counted  # type: ignore[method-assign]
+        await channel.close()
+        assert len(writes) == 1
+    assert not failures  # the echo server got FIN before close_notify
