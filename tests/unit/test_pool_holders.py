@@ -101,3 +101,17 @@ def test_a_held_batch_is_never_overwritten(
     if isinstance(target, bytearray):
         assert bytes(target) == before
     del held, target
+
+
+def test_the_pool_keeps_no_buffer_larger_than_its_cap() -> None:
+    """A huge batch (a multiplexed flush of many streams) is not kept resident afterwards,
+    and a pooled buffer never grows past the cap."""
+    huge = os.urandom(records.POOLED_MAX + MAX_PLAINTEXT)
+    sealed = seal(keys(), huge)
+    assert all(buffer is not sealed for buffer in records._POOL)
+    opened = open_records(keys(), memoryview(sealed))
+    assert opened.data == huge
+    del sealed, opened
+    seal(keys(), os.urandom(records.POOLED_BATCH))  # a pooled size, then a huge one again
+    seal(keys(), huge)
+    assert records._POOL and all(len(b) <= records.POOLED_MAX for b in records._POOL)

@@ -44,6 +44,10 @@ POOLED_BATCH = 4 * MAX_PLAINTEXT
 # batch hands out is written by that batch, so a reused buffer is never zeroed again.
 _POOL: list[bytearray] = []
 POOL_SIZE = 4
+# A batch larger than this gets a buffer of its own, freed with it: the pool keeps at most
+# POOL_SIZE x this resident between batches. Twice the largest read of the data path (a
+# multiplexed tunnel reads up to 1 MiB at once), so ordinary batches all stay pooled.
+POOLED_MAX = 2 << 20
 
 
 def drop_pooled_buffers() -> None:
@@ -86,6 +90,8 @@ def _reusable(size: int) -> bytearray:
     and transport writes that hold a batch's bytes all hold a reference (CPython counts
     them exactly), so a buffer still being sent or read is never overwritten.
     """
+    if size > POOLED_MAX:
+        return bytearray(size)
     index = _free_index(_POOL, _POOL_ONLY) if _POOL_ONLY else -1
     if index >= 0:
         buffer = _POOL[index]
