@@ -26,5 +26,8 @@ class KeyContext:
 
     async def drain(self) -> None:
         """Wait for the clean-up calls still running (each bounded by its own timeout)."""
-        while self.background:
-            await asyncio.gather(*self.background, return_exceptions=True)
+        # Not ``while self.background``: a finished task leaves the set in a callback, and
+        # from Python 3.12 gathering finished tasks completes without yielding to the loop,
+        # so that callback would never run (a busy loop).
+        while pending := [task for task in self.background if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -261,8 +261,12 @@ class PrefetchingStreams:
 
     async def wait_idle(self) -> None:
         """Return once background opening and fetching have finished."""
-        while self._tasks or (self._refill is not None and not self._refill.done()):
-            pending = [*self._tasks.values(), *([self._refill] if self._refill else [])]
+        # Finished tasks leave ``_tasks`` in a callback: only unfinished ones are waited for
+        # (see KeyContext.drain: from Python 3.12 a gather of finished tasks never yields).
+        while pending := [
+            task for task in (*self._tasks.values(), self._refill)
+            if task is not None and not task.done()
+        ]:  # fmt: skip
             await asyncio.gather(*map(asyncio.shield, pending), return_exceptions=True)
 
     async def aclose(self) -> None:
