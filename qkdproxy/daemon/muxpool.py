@@ -27,6 +27,11 @@ BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 30.0
 # After a peer answered without the mux protocol, ask again only after this long.
 UNSUPPORTED_RETRY_S = 60.0
+# How often one application connection is sent again on another stream when the server
+# did not process it (REFUSED_STREAM, or above its GOAWAY's last stream id). Each retry
+# takes a stream as a new connection would (the pool's limits and backoff apply), so a
+# peer that refuses everything costs a connection at most this many more attempts.
+STREAM_RETRIES = 2
 
 
 @dataclass(frozen=True, slots=True)
