@@ -4,6 +4,7 @@ REFUSED_STREAM in the sans-I/O protocol, and what the client keeps to send them 
 from __future__ import annotations
 
 import struct
+from typing import Any, cast
 
 from qkdproxy.core.mux import (
     ResetCode,
@@ -15,6 +16,8 @@ from qkdproxy.core.mux import (
     StreamUnprocessed,
     TunnelEnded,
 )
+from qkdproxy.daemon.muxconn import REPLAY_LIMIT, MuxTunnel
+from qkdproxy.daemon.pump import RekeyBudget
 from tests.unit.test_mux_codec import frame
 from tests.unit.test_mux_hostile import GOAWAY, RST, client
 from tests.unit.test_mux_protocol import exchange, pair
@@ -150,3 +153,50 @@ def test_a_reset_for_a_stream_a_goaway_closed_is_ignored() -> None:
     sid = conn.open_stream()
     conn.receive(goaway(0))
     assert conn.receive(frame(RST, 0, sid, struct.pack(">I", 7))) == []
+
+
+# ----------------------------------------------------- what the client keeps to retry
+
+
+def client_tunnel() -> MuxTunnel:
+    # No I/O happens here: dispatching events only decides and records.
+    return MuxTunnel(cast(Any, None), cast(Any, None), client(), keepalive_s=0, rekey=RekeyBudget())
+
+
+def test_an_unprocessed_stream_gives_back_exactly_what_the_application_sent() -> None:
+    carrier = client_tunnel()
+    stream = carrier.open_stream()
+    stream._keep(memoryview(b"GET / HTTP/1.1\r\n"))
+    stream._keep(b"\r\n")
+    stream._kept_fin = True
+    carrier._dispatch(StreamUnprocessed(stream.stream_id, "REFUSED_STREAM"))
+    assert stream.kept() == (b"GET / HTTP/1.1\r\n\r\n", True)
+    assert stream.error == "not processed by the peer (REFUSED_STREAM)"
+
+
+def test_an_accepted_stream_keeps_nothing_and_is_never_retried() -> None:
+    carrier = client_tunnel()
+    stream = carrier.open_stream()
+    stream._keep(b"request")
+    carrier._dispatch(StreamAccepted(stream.stream_id))
+    stream._keep(b"more")
+    carrier._dispatch(StreamBroken(stream.stream_id, ResetCode.REFUSED_STREAM))
+    assert stream.kept() is None and stream.unprocessed is None
+
+
+def test_a_refusal_with_a_status_is_never_retried() -> None:
+    carrier = client_tunnel()
+    stream = carrier.open_stream()
+    stream._keep(b"request")
+    carrier._dispatch(StreamRefused(stream.stream_id, 502))
+    assert stream.kept() is None
+
+
+def test_a_stream_past_the_replay_limit_is_not_retried() -> None:
+    # Only a peer that opens a stream's window before accepting it lets this much through.
+    carrier = client_tunnel()
+    stream = carrier.open_stream()
+    stream._keep(bytes(REPLAY_LIMIT))
+    stream._keep(b"x")
+    carrier._dispatch(StreamUnprocessed(stream.stream_id, "GOAWAY"))
+    assert stream.kept() is None
