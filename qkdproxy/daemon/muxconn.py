@@ -640,7 +640,10 @@ class MuxTunnel:
             target.refused = event.status
             target._fail(f"refused by the peer (status {event.status})")
         elif isinstance(event, StreamUnprocessed):
-            target.unprocessed = event.cause
+            if target.error is None and not (target._outcome and target._outcome.done()):
+                # Only if nothing else ended it first (the application's reset, say):
+                # then there is nothing left to send again.
+                target.unprocessed = event.cause
             target._fail(f"not processed by the peer ({event.cause})")
         elif isinstance(event, StreamBroken):
             target._fail(f"reset by the peer (code {event.code})")

@@ -190,6 +190,8 @@ class Tunnel:
         self._mux_tunnels: set[MuxTunnel] = set()
         self._pool_tasks: set[asyncio.Future[None]] = set()
         self._live_streams = 0
+        # Set once the listeners closed: a tunnel established after that drains at once.
+        self._stopping = False
 
     @property
     def active(self) -> int:
@@ -260,16 +262,20 @@ class Tunnel:
 
     def stop_accepting(self) -> None:
         """Close the listeners; live connections continue."""
+        self._stopping = True
         for server in self._servers:
             server.close()
         for tunnel in self._mux_tunnels:
-            # GOAWAY at once: the peer's pool sends new streams elsewhere (those it opened
-            # meanwhile are refused unprocessed and retried). A tunnel ends once its
-            # streams did.
-            tunnel.stop_streams()
-            draining = asyncio.ensure_future(tunnel.drain())
-            self._pool_tasks.add(draining)
-            draining.add_done_callback(self._pool_tasks.discard)
+            self._drain_mux(tunnel)
+
+    def _drain_mux(self, tunnel: MuxTunnel) -> None:
+        """GOAWAY at once: the peer's pool sends new streams elsewhere (those it opened
+        meanwhile are refused unprocessed, and it sends them again). The tunnel ends once
+        its streams did."""
+        tunnel.stop_streams()
+        draining = asyncio.ensure_future(tunnel.drain())
+        self._pool_tasks.add(draining)
+        draining.add_done_callback(self._pool_tasks.discard)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
@@ -625,6 +631,10 @@ class Tunnel:
 
         tunnel = self._mux_tunnel(stream, writer, record, on_stream)
         self._mux_tunnels.add(tunnel)
+        if self._stopping:
+            # Its handshake was under way when the listeners closed: GOAWAY right behind
+            # the SETTINGS, so the peer's pool opens no stream on it.
+            self._drain_mux(tunnel)
         try:
             return await tunnel.wait()
         finally:

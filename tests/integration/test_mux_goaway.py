@@ -230,3 +230,41 @@ async def test_a_refusal_with_a_status_is_not_retried(tmp_path: Path) -> None:
             assert retried_metric(client) == 0
     [refused] = client_streams(s.records)
     assert "status 502" in refused.reason and refused.mux_retries == 0
+
+
+async def test_a_server_sending_goaway_on_every_tunnel_costs_a_key_per_backoff_step(
+    tmp_path: Path,
+) -> None:
+    """A server that sends GOAWAY on every tunnel before taking a stream (hostile, or one
+    whose handshakes were under way as its listeners closed): each tunnel it disowns at
+    once counts as a failed establishment, so the pool backs off instead of spending a
+    QKD key per connection, retries included."""
+    backend = CountingBackend()
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        assert await transfer(port(client), b"first") == b"first"
+        hostile = server.tunnels[0]
+        hostile._stopping = True  # every new tunnel: GOAWAY behind its SETTINGS
+        for carrier in hostile._mux_tunnels:
+            carrier.stop_streams()  # and the established one goes away too
+        for _ in range(5):
+            with contextlib.suppress(ConnectionResetError):
+                assert await transfer(port(client), b"goes nowhere") == b""
+        pool = client.tunnels[0].pool
+        assert pool is not None
+        assert pool.establish_failures >= 1
+        # Every key past the first went to a tunnel disowned at once, and each of those
+        # set a backoff before the next.
+        assert client.tunnels[0].keys.ledger.taken == 1 + pool.establish_failures
+        assert not pool.tunnels
+    # Mostly no stream to be had at all (a line without `mux`); one opened on the first
+    # tunnel before its GOAWAY arrived is a stream whose retry found none.
+    failed = [r for r in s.records if r.role == "client" and r.mux != "tunnel"][1:]
+    assert len(failed) == 5
+    assert all("the peer sent GOAWAY before taking a stream" in r.reason for r in failed), [
+        r.reason for r in failed
+    ]
+    assert [bytes(r) for r in backend.received] == [b"first"]
