@@ -10,6 +10,8 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
+
 from qkdproxy.daemon.app import Daemon
 from qkdproxy.daemon.tunnel import ConnectionRecord
 from tests.integration.test_tunnel_runtime import Backend, port, setup, transfer
@@ -98,15 +100,17 @@ def retried_metric(daemon: Daemon) -> float:
     return value or 0.0
 
 
+@pytest.mark.parametrize("pool_max", [4, 1])
 async def test_a_draining_server_costs_a_steady_stream_of_connections_nothing(
-    tmp_path: Path,
+    tmp_path: Path, pool_max: int
 ) -> None:
     """A rolling restart: server A drains the way SIGTERM makes it (Tunnel.stop_accepting,
     then drain) while the front sends new tunnels to server B. One connection is opened
     exactly in the GOAWAY's path (the front holds the GOAWAY until the client has sent that
     stream to A): A refuses it unprocessed, the client sends it again through B. Every
     connection gets its bytes back, A's backend never sees the refused one, B's sees it
-    once."""
+    once. With ``mux_pool_max = 1`` the draining tunnel must not hold the pool's only
+    place."""
     backend_a, backend_b = CountingBackend(), CountingBackend()
     listener_b = await asyncio.start_server(backend_b.handle, "127.0.0.1", 0)
     port_b = listener_b.sockets[0].getsockname()[1]
@@ -118,7 +122,10 @@ async def test_a_draining_server_costs_a_steady_stream_of_connections_nothing(
         front = Front(port(server_a))
         front_server = await asyncio.start_server(front.handle, "127.0.0.1", 0)
         try:
-            async with s.daemon("client", s.client_toml(front_server_port(front_server), MUX)) as c:
+            text = s.client_toml(
+                front_server_port(front_server), f"{MUX}\nmux_pool_max = {pool_max}"
+            )
+            async with s.daemon("client", text) as c:
                 await drain_while_connecting(c, server_a, b, front, (backend_a, backend_b))
         finally:
             front_server.close()
