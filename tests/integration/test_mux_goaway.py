@@ -8,13 +8,15 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from qkdproxy.daemon.app import Daemon
 from qkdproxy.daemon.tunnel import ConnectionRecord
-from tests.integration.test_tunnel_runtime import Backend, port, setup, transfer
+from tests.integration.test_tunnel_runtime import Backend, Setup, port, setup, transfer
 
 # No keepalive PINGs: the only bytes a client sends on an idle tunnel are its streams'.
 MUX = "multiplex = true\nmux_keepalive_s = 0"
@@ -83,6 +85,20 @@ class Front:
             await asyncio.gather(upstream(), downstream())
         writer.close()
         up_writer.close()
+
+
+@asynccontextmanager
+async def carrying(
+    tmp_path: Path, backend: CountingBackend
+) -> AsyncIterator[tuple[Setup, Daemon, Daemon]]:
+    """A daemon pair whose pool's tunnel carried one connection ("first")."""
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), MUX)) as client,
+    ):
+        assert await transfer(port(client), b"first") == b"first"
+        yield s, server, client
 
 
 def with_backend(text: str, old: int, new: int) -> str:
@@ -200,12 +216,7 @@ async def test_a_server_refusing_every_stream_costs_bounded_attempts_and_no_tunn
     with a reason that says so; the pool's one tunnel (one QKD key) had room for every
     retry, so nothing more was dialled, and the backend never saw a byte of it."""
     backend = CountingBackend()
-    async with (
-        setup(tmp_path, backend) as s,
-        s.daemon("server", s.server_toml(MUX)) as server,
-        s.daemon("client", s.client_toml(port(server), MUX)) as client,
-    ):
-        assert await transfer(port(client), b"first") == b"first"
+    async with carrying(tmp_path, backend) as (s, server, client):
         [carrier] = server.tunnels[0]._mux_tunnels
         carrier.draining = True  # refuses each new stream, as when draining, but silently
         with contextlib.suppress(ConnectionResetError):
@@ -247,12 +258,7 @@ async def test_a_server_sending_goaway_on_every_tunnel_costs_a_key_per_backoff_s
     once counts as a failed establishment, so the pool backs off instead of spending a
     QKD key per connection, retries included."""
     backend = CountingBackend()
-    async with (
-        setup(tmp_path, backend) as s,
-        s.daemon("server", s.server_toml(MUX)) as server,
-        s.daemon("client", s.client_toml(port(server), MUX)) as client,
-    ):
-        assert await transfer(port(client), b"first") == b"first"
+    async with carrying(tmp_path, backend) as (s, server, client):
         hostile = server.tunnels[0]
         hostile._stopping = True  # every new tunnel: GOAWAY behind its SETTINGS
         for carrier in hostile._mux_tunnels:
