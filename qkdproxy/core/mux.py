@@ -137,6 +137,17 @@ class StreamRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamUnprocessed:
+    """Client: the server provably did not process the stream (RFC 9113 section 8.7): it
+    reset it with REFUSED_STREAM before answering, or its GOAWAY named a lower last stream
+    id. Nothing of it reached a backend, so it may be sent again on another tunnel; the
+    stream is closed here. ``cause`` is ``"REFUSED_STREAM"`` or ``"GOAWAY"``."""
+
+    stream_id: int
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
 class StreamData:
     """Application bytes; acknowledge ``flow`` with :meth:`MuxConnection.consumed` once
     they were passed on (that is what lets the peer send more)."""
@@ -187,8 +198,8 @@ class TunnelEnded:
 
 
 MuxEvent = (
-    StreamOpened | StreamAccepted | StreamRefused | StreamData | StreamFinished | StreamBroken
-    | WindowOpened | PeerSettled | PingAnswered | TunnelEnded
+    StreamOpened | StreamAccepted | StreamRefused | StreamUnprocessed | StreamData
+    | StreamFinished | StreamBroken | WindowOpened | PeerSettled | PingAnswered | TunnelEnded
 )  # fmt: skip
 
 
@@ -224,6 +235,11 @@ class MuxConnection:
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2  # our next stream id (a server opens none)
         self._last_peer_id = 0  # the highest stream id the peer opened
+        # The last stream id our GOAWAY named (None: none sent): the peer's streams above it
+        # are refused unprocessed, and a later GOAWAY of ours repeats it (ids never grow).
+        self._goaway_last: int | None = None
+        # The last stream id the peer's GOAWAY named: a later one may only name a lower id.
+        self._peer_goaway_last: int | None = None
         self._open_outbound = 0
         self._open_inbound = 0
         # The peer's settings (RFC 9113 defaults until its SETTINGS say otherwise).
@@ -328,17 +344,39 @@ class MuxConnection:
             else:
                 self._out += _header(8, PING, ACK, 0) + payload
         elif kind == GOAWAY:
-            if stream_id or len(payload) < 8:
-                raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed GOAWAY")
-            code = _GOAWAY.unpack_from(payload)[1]
-            out.append(
-                self._end(f"peer sent GOAWAY ({_code_name(code)})", code != ErrorCode.NO_ERROR)
-            )
+            self._goaway_received(stream_id, payload, out)
         elif kind == PRIORITY:
             if not stream_id or len(payload) != 5:
                 raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed PRIORITY")
         else:  # CONTINUATION, PUSH_PROMISE, extensions: not in qkdproxy-mux/1
             raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"frame type {kind} not expected")
+
+    def _goaway_received(self, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
+        if stream_id or len(payload) < 8:
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, "malformed GOAWAY")
+        last, code = _GOAWAY.unpack_from(payload)
+        last &= MAX_WINDOW
+        if self._peer_goaway_last is not None and last > self._peer_goaway_last:
+            # RFC 9113 section 6.8: the last stream id may only go down; a peer that takes
+            # back a refusal could have the same request processed twice.
+            raise _PeerError(ErrorCode.PROTOCOL_ERROR, "GOAWAY with a higher last stream id")
+        self._peer_goaway_last = last
+        if self.client:
+            # Our streams above ``last`` were not processed (a last id naming streams we
+            # never opened disowns nothing). Streams are kept in the order they were opened:
+            # from the newest down, so a flood of GOAWAYs costs only the streams it closes.
+            disowned: list[int] = []
+            for sid in reversed(self._streams):
+                if sid <= last:
+                    break
+                if self._streams[sid].answered:
+                    # It answered 200: it may have acted on the stream. Not retried, ever.
+                    raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"GOAWAY disowns stream {sid}")
+                disowned.append(sid)
+            for sid in reversed(disowned):
+                self._close(sid)
+                out.append(StreamUnprocessed(sid, "GOAWAY"))
+        out.append(self._end(f"peer sent GOAWAY ({_code_name(code)})", code != ErrorCode.NO_ERROR))
 
     def _known(self, stream_id: int) -> _Stream | None:
         """An open stream; None for one that closed; a connection error for one that was
@@ -404,6 +442,16 @@ class MuxConnection:
         else:
             if stream_id % 2 == 0 or stream_id <= self._last_peer_id:
                 raise _PeerError(ErrorCode.PROTOCOL_ERROR, f"HEADERS out of place on {stream_id}")
+            if self._goaway_last is not None:
+                # Above the last id our GOAWAY named: refused, never reported, so nothing of
+                # it reaches a backend (its DATA is dropped as a closed stream's) and the
+                # client may send it elsewhere. Decoded all the same: HPACK state stays right.
+                if block != CONNECT_BLOCK:
+                    self._decode(block)
+                self._last_peer_id = stream_id
+                self._out += _header(4, RST_STREAM, 0, stream_id)
+                self._out += _U32.pack(ErrorCode.REFUSED_STREAM)
+                return
             if self._open_inbound >= self.max_streams:
                 raise _PeerError(ErrorCode.REFUSED_STREAM, "more streams than our limit")
             self._last_peer_id = stream_id
@@ -471,10 +519,17 @@ class MuxConnection:
     def _reset_received(self, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
         if len(payload) != 4:
             raise _PeerError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM of wrong size")
-        if self._known(stream_id) is None:
+        stream = self._known(stream_id)
+        if stream is None:
             return  # both sides ended it at once
         self._close(stream_id)
-        out.append(StreamBroken(stream_id, _U32.unpack(payload)[0]))
+        code = _U32.unpack(payload)[0]
+        if code == ErrorCode.REFUSED_STREAM and self.client and not stream.answered:
+            # Refused before any processing (RFC 9113 section 8.7); once answered, a reset
+            # may follow work done, whatever its code says.
+            out.append(StreamUnprocessed(stream_id, "REFUSED_STREAM"))
+        else:
+            out.append(StreamBroken(stream_id, code))
 
     def _settings(self, flags: int, stream_id: int, payload: bytes, out: list[MuxEvent]) -> None:
         if stream_id:
@@ -609,10 +664,18 @@ class MuxConnection:
         """Queue a keepalive PING."""
         self._out += _header(8, PING, 0, 0) + os.urandom(8)
 
+    def goaway(self) -> None:
+        """Queue GOAWAY now, naming the last stream the peer opened: the streams it has open
+        carry on, the ones it opens from here on are refused unprocessed (the peer may send
+        them elsewhere). What a draining server says first."""
+        if self._goaway_last is None and self.ended is None:
+            self._goaway(ErrorCode.NO_ERROR)
+
     def close(self) -> None:
         """Queue GOAWAY (no new streams; the tunnel ends once the transport closes)."""
         if self.ended is None:
-            self._goaway(ErrorCode.NO_ERROR)
+            if self._goaway_last is None:
+                self._goaway(ErrorCode.NO_ERROR)
             self._end("closed", False)
 
     @property
@@ -671,7 +734,11 @@ class MuxConnection:
             self._out += _header(4, WINDOW_UPDATE, 0, stream_id) + _U32.pack(increment)
 
     def _goaway(self, code: ErrorCode) -> None:
-        self._out += _header(8, GOAWAY, 0, 0) + _GOAWAY.pack(self._last_peer_id, code)
+        # The first GOAWAY fixes the last stream id: a later one (an error found while
+        # draining) must not name more (RFC 9113 section 6.8).
+        if self._goaway_last is None:
+            self._goaway_last = self._last_peer_id
+        self._out += _header(8, GOAWAY, 0, 0) + _GOAWAY.pack(self._goaway_last, code)
 
 
 def _code_name(code: int) -> str:

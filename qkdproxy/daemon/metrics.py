@@ -157,6 +157,11 @@ class Metrics:
             "Multiplexed (carrying) tunnels ended, by reason (rotated, idle, dead_peer...)",
             ["tunnel", "role", "reason"], registry=r,
         )  # fmt: skip
+        self.mux_retried = Counter(
+            "qkdproxy_mux_streams_retried",
+            "Client streams sent again because the server did not process them "
+            "(REFUSED_STREAM, or above its GOAWAY's last stream id)", ["tunnel"], registry=r,
+        )  # fmt: skip
         self.mux_open = Gauge(
             "qkdproxy_mux_tunnels_open", "Established tunnels in a client's multiplexing pool",
             ["tunnel"], registry=r,
@@ -179,6 +184,8 @@ class Metrics:
             self._closed(*labels, reason).inc()
             if record.mux == "stream":
                 self._mux_streams(*labels, reason).inc()
+                if record.mux_retries:
+                    self.mux_retried.labels(record.tunnel).inc(record.mux_retries)
         if record.key_updates:
             self.key_updates.labels(record.tunnel).inc(record.key_updates)
         fresh = record.fresh_key_updates, record.fresh_key_update_failures

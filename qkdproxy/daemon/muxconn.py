@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 
 from qkdproxy.core.mux import (
     FRAME_SIZE,
+    STREAM_WINDOW,
     MuxConnection,
     MuxError,
     MuxEvent,
@@ -30,6 +31,7 @@ from qkdproxy.core.mux import (
     StreamFinished,
     StreamOpened,
     StreamRefused,
+    StreamUnprocessed,
     TunnelEnded,
     WindowOpened,
 )
@@ -44,6 +46,11 @@ READ_BATCH = 1 << 20
 # A stream's plaintext side may buffer this much before its window stops being returned
 # (asyncio's default high-water mark, what StreamWriter.drain waits for).
 SINK_HIGH_WATER = 64 * 1024
+# Client: what a stream keeps of the application's bytes until the server accepts it, so
+# that a stream it did not process can be sent again. Our server returns no window before
+# its 200, so at most a stream window is sent by then, plus the one read that waits for
+# window; a peer that opens the window early gets no retry past this.
+REPLAY_LIMIT = STREAM_WINDOW + FRAME_SIZE
 
 
 class MuxStreamError(Exception):
@@ -73,6 +80,14 @@ class MuxStream:
         self._window = asyncio.Event()
         # Client: the status a refusing server gave (403, 502...), once it did.
         self.refused: int | None = None
+        # Client: why the server did not process the stream (REFUSED_STREAM, GOAWAY).
+        self.unprocessed: str | None = None
+        # Client: the application's bytes (and whether its end followed) until the server
+        # accepts the stream; None once accepted, on a server, or past REPLAY_LIMIT.
+        self._kept: bytearray | None = None
+        self._kept_fin = False
+        # Client: what a stream the peer did not process carried, sent first by this one.
+        self._preload: tuple[bytes, bool] | None = None
         self.peer_finished = False
         self.finished = False
         self.error: str | None = None
@@ -201,10 +216,38 @@ class MuxStream:
         self._settle()
         await self._flush()
 
+    def preload(self, data: bytes, fin: bool) -> None:
+        """Client: send what a stream the peer did not process carried (and its end, if
+        the application had ended) before reading the application again."""
+        self._preload = (data, fin)
+
+    def kept(self) -> tuple[bytes, bool] | None:
+        """Client: the application's bytes and whether it ended, if the peer did not
+        process the stream and they were all kept: what another stream may send again."""
+        if self.unprocessed is None or self._kept is None:
+            return None
+        return bytes(self._kept), self._kept_fin
+
+    def _keep(self, data: bytes | memoryview) -> None:
+        if self._kept is not None:
+            if len(self._kept) + len(data) > REPLAY_LIMIT:
+                self._kept = None  # a peer that opened the window before accepting
+            else:
+                self._kept += data
+
     async def _outbound(
         self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
     ) -> None:
         traffic = self._traffic
+        if self._preload is not None:
+            replay, fin = self._preload
+            self._preload = None
+            self._keep(replay)
+            await self.send(replay)
+            if fin:
+                self._kept_fin = True
+                await self.send_fin()
+                return
         # The plaintext socket is read in place, as the per-connection pump does: send
         # copies each batch into the tunnel's output before it returns, and only then is
         # the reader's buffer reused.
@@ -214,10 +257,13 @@ class MuxStream:
         while data := await source.peek():
             traffic.to_peer += len(data)
             traffic.last_activity = time.monotonic()
+            # Kept before it is sent: a send cut by the stream's end consumes it all.
+            self._keep(data)
             try:
                 await self.send(data)
             finally:
                 source.consume(len(data))
+        self._kept_fin = True
         await self.send_fin()
 
     def _outbound_done(self, task: asyncio.Task[None]) -> None:
@@ -487,6 +533,7 @@ class MuxTunnel:
             raise TunnelFullError(str(exc)) from None
         stream = self._add(stream_id)
         stream.request_queued = True
+        stream._kept = bytearray()
         return stream
 
     def _add(self, stream_id: int) -> MuxStream:
@@ -588,10 +635,16 @@ class MuxTunnel:
         elif isinstance(event, StreamFinished):
             target._peer_end()
         elif isinstance(event, StreamAccepted):
-            pass  # data flows from here on
+            target._kept = None  # processed from here on: never sent again
         elif isinstance(event, StreamRefused):
             target.refused = event.status
             target._fail(f"refused by the peer (status {event.status})")
+        elif isinstance(event, StreamUnprocessed):
+            if target.error is None and not (target._outcome and target._outcome.done()):
+                # Only if nothing else ended it first (the application's reset, say):
+                # then there is nothing left to send again.
+                target.unprocessed = event.cause
+            target._fail(f"not processed by the peer ({event.cause})")
         elif isinstance(event, StreamBroken):
             target._fail(f"reset by the peer (code {event.code})")
         elif isinstance(event, WindowOpened):
@@ -635,9 +688,17 @@ class MuxTunnel:
                 if task is not asyncio.current_task():
                     task.cancel()
 
+    def stop_streams(self) -> None:
+        """Take no new streams from now on. A server says so at once (GOAWAY naming the
+        last stream it took): the peer sends the streams it opens meanwhile elsewhere."""
+        self.draining = True
+        if not self.conn.client and self.alive:
+            self.conn.goaway()
+            self.flush_soon()
+
     async def drain(self, why: str = "closed") -> None:
         """Take no new streams, wait until the open ones ended, then close cleanly."""
-        self.draining = True
+        self.stop_streams()
         await self._idle.wait()
         await self.close(why)
 

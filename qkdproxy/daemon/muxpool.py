@@ -27,6 +27,11 @@ BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 30.0
 # After a peer answered without the mux protocol, ask again only after this long.
 UNSUPPORTED_RETRY_S = 60.0
+# How often one application connection is sent again on another stream when the server
+# did not process it (REFUSED_STREAM, or above its GOAWAY's last stream id). Each retry
+# takes a stream as a new connection would (the pool's limits and backoff apply), so a
+# peer that refuses everything costs a connection at most this many more attempts.
+STREAM_RETRIES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +119,19 @@ class MuxPool:
         return None
 
     def _with_room(self) -> MuxTunnel | None:
-        self.tunnels = [t for t in self.tunnels if t.alive]
+        self._drop_ended()
         for tunnel in self.tunnels:
-            if not tunnel.draining and tunnel.conn.capacity > 0:
+            if tunnel.conn.capacity > 0:
                 return tunnel
         return None
+
+    def _drop_ended(self) -> None:
+        """Forget tunnels that ended; retire those the peer sent GOAWAY on (it is draining):
+        they take no new stream, so they no longer count toward ``mux_pool_max`` (with
+        one tunnel at most, connections would otherwise wait for its last stream)."""
+        self.tunnels = [t for t in self.tunnels if t.alive]
+        for tunnel in [t for t in self.tunnels if t.draining]:
+            self._retire(tunnel, "closed")
 
     async def _grow(self) -> PlainTunnel | None:
         """Establish one more tunnel (or wait for the one being established)."""
@@ -160,14 +173,20 @@ class MuxPool:
         may be lower than ours, and opening past it would end the tunnel."""
         try:
             async with asyncio.timeout(self._wait_s):
-                if await tunnel.wait_settled():
-                    return
+                settled = await tunnel.wait_settled()
         except BaseException:
             # Timed out, or cancelled (the connection that asked gave up): the tunnel never
             # joined the pool, so nothing else would ever close it.
             self._retire(tunnel, "no SETTINGS from the peer")
             raise
-        raise ConnectionError(f"tunnel ended before the peer's SETTINGS: {tunnel.reason}")
+        if tunnel.draining:
+            # GOAWAY before a single stream: a peer going away (or a hostile one) would
+            # otherwise have the pool spend a QKD key per connection. A failed
+            # establishment: it backs off.
+            self._retire(tunnel, "closed")
+            raise MuxStreamError("the peer sent GOAWAY before taking a stream")
+        if not settled:
+            raise ConnectionError(f"tunnel ended before the peer's SETTINGS: {tunnel.reason}")
 
     # -------------------------------------------------------------- maintenance
 
@@ -192,7 +211,7 @@ class MuxPool:
     async def maintain(self) -> None:
         """One round: rotate, shrink, refill to the minimum (errors back off)."""
         now = self._clock()
-        self.tunnels = [t for t in self.tunnels if t.alive]
+        self._drop_ended()
         for tunnel in list(self.tunnels):
             if rotation_due(tunnel, self.settings, now):
                 await self._rotate(tunnel)

@@ -28,7 +28,7 @@ from qkdproxy.core.addresses import (
 )
 from qkdproxy.core.admission import Admission, AdmissionLimits, HelloState, Refusal, Ticket
 from qkdproxy.core.logsafe import escape
-from qkdproxy.core.mux import MUX_ALPN, MuxConnection
+from qkdproxy.core.mux import FRAME_SIZE, MUX_ALPN, MuxConnection
 from qkdproxy.core.peer.frames import VERDICT_OK
 from qkdproxy.core.policy import Policy
 from qkdproxy.core.proxyv2 import ProxyInfo, encode_proxy_v2
@@ -39,7 +39,7 @@ from qkdproxy.daemon import gate
 from qkdproxy.daemon.config import TunnelConfig
 from qkdproxy.daemon.logformat import log_record_event
 from qkdproxy.daemon.muxconn import MuxStream, MuxStreamError, MuxTunnel, pump_stream
-from qkdproxy.daemon.muxpool import MuxPool, PlainTunnel
+from qkdproxy.daemon.muxpool import STREAM_RETRIES, MuxPool, PlainTunnel
 from qkdproxy.daemon.pump import (
     READ_SIZE,
     Channel,
@@ -120,6 +120,8 @@ class ConnectionRecord:
     mux: str | None = None
     mux_tunnel: int | None = None
     mux_streams: int | None = None
+    # A client's stream: how often it was sent again because the server did not process it.
+    mux_retries: int | None = None
 
     def take_fresh_keys(self, stats: FreshKeyStats) -> None:
         """Copy what the connection's Extended Key Updates did into this line."""
@@ -188,6 +190,8 @@ class Tunnel:
         self._mux_tunnels: set[MuxTunnel] = set()
         self._pool_tasks: set[asyncio.Future[None]] = set()
         self._live_streams = 0
+        # Set once the listeners closed: a tunnel established after that drains at once.
+        self._stopping = False
 
     @property
     def active(self) -> int:
@@ -258,13 +262,20 @@ class Tunnel:
 
     def stop_accepting(self) -> None:
         """Close the listeners; live connections continue."""
+        self._stopping = True
         for server in self._servers:
             server.close()
         for tunnel in self._mux_tunnels:
-            # A tunnel ends once its streams did; the peer's pool then stops using us.
-            draining = asyncio.ensure_future(tunnel.drain())
-            self._pool_tasks.add(draining)
-            draining.add_done_callback(self._pool_tasks.discard)
+            self._drain_mux(tunnel)
+
+    def _drain_mux(self, tunnel: MuxTunnel) -> None:
+        """GOAWAY at once: the peer's pool sends new streams elsewhere (those it opened
+        meanwhile are refused unprocessed, and it sends them again). The tunnel ends once
+        its streams did."""
+        tunnel.stop_streams()
+        draining = asyncio.ensure_future(tunnel.drain())
+        self._pool_tasks.add(draining)
+        draining.add_done_callback(self._pool_tasks.discard)
 
     async def drain(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
@@ -620,6 +631,10 @@ class Tunnel:
 
         tunnel = self._mux_tunnel(stream, writer, record, on_stream)
         self._mux_tunnels.add(tunnel)
+        if self._stopping:
+            # Its handshake was under way when the listeners closed: GOAWAY right behind
+            # the SETTINGS, so the peer's pool opens no stream on it.
+            self._drain_mux(tunnel)
         try:
             return await tunnel.wait()
         finally:
@@ -710,21 +725,37 @@ class Tunnel:
         mux: MuxStream,
         record: ConnectionRecord,
     ) -> str:
-        """Client: one application connection through a pooled tunnel's stream."""
+        """Client: one application connection through a pooled tunnel's stream; a stream
+        the server did not process is sent again (at most STREAM_RETRIES times) on the
+        stream the pool gives next, with the bytes it carried."""
         self.admission.handshake_done(self._tickets[record.conn_id])
-        tunnel = mux.tunnel
-        record.mux, record.mux_tunnel = "stream", tunnel.conn_id
-        record.peer = tunnel.tls.peer.describe()
-        record.group = tunnel.tls.record.group
-        record.flow = tunnel.tls.record.flow.value if tunnel.tls.record.flow else None
-        record.api = tunnel.tls.record.api.value if tunnel.tls.record.api else None
-        record.qkd_key_id = tunnel.tls.record.qkd_key_id
+        record.mux = "stream"
+        retries = record.mux_retries = 0
+        # Attached once: every attempt reads the application from the same buffer.
+        source = SocketReader.attach(reader, writer, FRAME_SIZE)
         traffic = self._live(record)
         reason: str | None = None
         try:
-            reason = await pump_stream(
-                reader, writer, mux, traffic, idle_timeout_s=self.config.idle_timeout_s
-            )
+            while True:
+                _describe_stream(record, mux.tunnel)
+                reason = await pump_stream(
+                    source, writer, mux, traffic, idle_timeout_s=self.config.idle_timeout_s
+                )
+                kept = mux.kept()
+                if kept is None:
+                    break
+                if retries >= STREAM_RETRIES:
+                    reason = (
+                        f"error: not processed by the peer ({mux.unprocessed}) "
+                        f"after {retries + 1} attempts"
+                    )
+                    break
+                again = await self._retry_stream(mux, *kept)
+                if isinstance(again, str):
+                    reason = again
+                    break
+                mux = again
+                retries = record.mux_retries = retries + 1
             if mux.refused is not None and not traffic.from_peer:
                 # Refused before anything came back (not allowed, backend down): the
                 # application sees the close a refused handshake gives, not a reset.
@@ -733,6 +764,23 @@ class Tunnel:
         finally:
             self._account(record, traffic)
             await _close_stream(reason, traffic, mux, writer)
+
+    async def _retry_stream(self, failed: MuxStream, data: bytes, fin: bool) -> MuxStream | str:
+        """A stream of the pool (as a new connection would get) loaded with what ``failed``
+        carried; or why there is none (the line's reason)."""
+        await failed.reset()  # closed already: only leaves its tunnel
+        why = f"error: not processed by the peer ({failed.unprocessed}), no retry: "
+        assert self.pool is not None
+        try:
+            got = await self.pool.open()
+        except (HandshakeError, OSError, MuxStreamError) as exc:  # TimeoutError: OSError
+            return f"{why}{type(exc).__name__}: {exc}"[:300]
+        if not isinstance(got, MuxStream):
+            if got is not None:
+                await got.stream.close()
+            return f"{why}the peer no longer multiplexes"
+        got.preload(data, fin)
+        return got
 
     async def _open_backend(self) -> tuple[SocketReader, asyncio.StreamWriter]:
         async with asyncio.timeout(self.config.connect_timeout_s):
@@ -862,6 +910,16 @@ class Tunnel:
             log_record_event(log, level, "connection", fields)
         if self._on_close is not None:
             self._on_close(record)
+
+
+def _describe_stream(record: ConnectionRecord, tunnel: MuxTunnel) -> None:
+    """A client stream's line names its carrying tunnel, that tunnel's peer and key."""
+    record.mux_tunnel = tunnel.conn_id
+    record.peer = tunnel.tls.peer.describe()
+    record.group = tunnel.tls.record.group
+    record.flow = tunnel.tls.record.flow.value if tunnel.tls.record.flow else None
+    record.api = tunnel.tls.record.api.value if tunnel.tls.record.api else None
+    record.qkd_key_id = tunnel.tls.record.qkd_key_id
 
 
 def admission_limits(config: TunnelConfig) -> AdmissionLimits:
