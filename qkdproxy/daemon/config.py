@@ -465,10 +465,9 @@ def _supply(r: _Reader) -> SupplySettings:
     if margin < 1:
         r.fail("supply_margin", "must be at least 1")
     max_age = r.positive("max_key_age_s", 120.0)
-    batch_window = r.positive("supply_batch_window_s", 0.1, allow_zero=True)
     return SupplySettings(
         floor=floor, ceiling=ceiling, max_age_s=max_age if max_age > 0 else 120.0,
-        margin=max(1.0, margin), batch_window_s=max(0.0, batch_window),
+        margin=max(1.0, margin),
     )  # fmt: skip
 
 

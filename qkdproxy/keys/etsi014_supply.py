@@ -22,10 +22,18 @@ from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.keys.etsi014_client import Etsi014Client
 from qkdproxy.keys.sources import RefusalStreak
-from qkdproxy.keys.supply import MAX_BATCH, Refill, SupplySettings, SupplySizer
+from qkdproxy.keys.supply import SupplySettings, SupplySizer
 
-# A refill's batch, announced in one KEY_IDS frame, is fetched by the peer in one dec_keys.
-MAX_COALESCED_IDS = MAX_BATCH
+MAX_COALESCED_IDS = 64
+# A refill waits until the supply is a batch of keys below its target, so each enc_keys
+# call, and the peer's dec_keys for the announced ids, carries several keys: a KME round
+# trip costs both daemons about as much CPU as a sixth of a handshake (docs/PERFORMANCE.md).
+# The batch is at most REFILL_BATCH and half the target (two keys for targets of 2 to 5,
+# the whole target below that): from a target of 4 up the supply never runs below half of
+# what the sizer asks, which covers three times the keys taken during a refill's round trip
+# (margin 6).
+REFILL_BATCH = 8
+MIN_REFILL_BATCH = 2
 
 
 @dataclass(slots=True)
@@ -75,8 +83,6 @@ class Etsi014Master:
         self._refill: asyncio.Task[None] | None = None
         # The first ``_announced`` keys of the buffer were named to the peer already.
         self._announced = 0
-        # The KME's max_key_per_request once a refill has asked (batches are capped by it).
-        self._per_request = MAX_BATCH
         self._streak = RefusalStreak()
         self._rate = SupplySizer(SupplySettings())
         self.counters = PrefetchCounters()
@@ -92,12 +98,7 @@ class Etsi014Master:
     @property
     def target(self) -> int:
         """Keys the supply aims to hold now (0 without a supply)."""
-        return self._plan().target
-
-    def _plan(self) -> Refill:
-        if self._supply is None:
-            return Refill(0, 0)
-        return self._supply.refill(self._clock(), self._per_request)
+        return self._supply.target(self._clock()) if self._supply else 0
 
     def consumption_per_s(self) -> float:
         """Keys taken per second over the last minute."""
@@ -161,27 +162,25 @@ class Etsi014Master:
         return self._buffer.popleft()
 
     def ensure_refill(self) -> None:
-        """Start a background refill if the supply is a batch below its target (see
-        :meth:`SupplySizer.refill`)."""
-        plan = self._plan()
+        """Start a background refill if the supply holds fewer keys than it should (by
+        ``REFILL_BATCH``, or is empty)."""
+        target = self.target
         if (
-            plan.target > 0
-            and len(self._buffer) <= plan.target - plan.batch
+            self._supply is not None
+            and target > 0
+            and len(self._buffer) <= target - refill_batch(target)
             and (self._refill is None or self._refill.done())
         ):
             self._refill = asyncio.create_task(self._fill())
 
     async def _batch_limit(self) -> int:
         # Real KMEs differ (some give one key per request): the client asks status once.
-        self._per_request = await self._client.max_keys_per_request(self._slave)
-        return self._per_request
+        return await self._client.max_keys_per_request(self._slave)
 
     async def _fill(self) -> None:
         assert self._supply is not None
-        missing = self.target - len(self._buffer)
-        while missing > 0:
+        while (missing := self.target - len(self._buffer)) > 0:
             number = min(missing, await self._batch_limit())
-            missing -= number
             started = self._clock()
             try:
                 keys = await self._client.enc_keys(self._slave, number)
@@ -194,12 +193,6 @@ class Etsi014Master:
             self._account.draw(len(keys))
             self._buffer.extend(HeldKey(k, now) for k in keys)
             self.counters.prefetched += len(keys)
-            if missing <= 0:
-                # Keys taken during the round trip are not topped up at once (a call for a
-                # few keys each time): only a supply that is a batch below its target again.
-                plan = self._plan()
-                if len(self._buffer) <= plan.target - plan.batch:
-                    missing = plan.target - len(self._buffer)
 
     async def wait_refilled(self) -> None:
         """Return once the refill in progress (if any) has finished."""
@@ -226,6 +219,12 @@ class Etsi014Master:
         self._account.settle("stranded", len(self._buffer))
         self._buffer.clear()
         self._announced = 0
+
+
+def refill_batch(target: int) -> int:
+    """How many keys below ``target`` a supply may fall before it refills (see
+    ``REFILL_BATCH``): at least one, at most half the target once that is two or more."""
+    return min(REFILL_BATCH, max(MIN_REFILL_BATCH, target // 2), target)
 
 
 class Etsi014Slave:

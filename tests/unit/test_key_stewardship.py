@@ -4,15 +4,12 @@ the pre-authentication gate, demand-sized supplies, the refusal streak, the key 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from qkdproxy.core.accounting import FATES, KeyAccount, KeyLedger
@@ -25,7 +22,7 @@ from qkdproxy.daemon.metrics import KmeState, StateCollector, TunnelState
 from qkdproxy.keys.announce import AnnouncementSink
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.etsi014_client import Etsi014Client
-from qkdproxy.keys.etsi014_supply import Etsi014Master
+from qkdproxy.keys.etsi014_supply import REFILL_BATCH, Etsi014Master, refill_batch
 from qkdproxy.keys.key_supply import run
 from qkdproxy.keys.preauth import (
     CLIENT_INITIATED,
@@ -37,15 +34,7 @@ from qkdproxy.keys.preauth import (
 )
 from qkdproxy.keys.responder import HELLO_SOURCE
 from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH, KeySources, RefusalStreak
-from qkdproxy.keys.supply import (
-    BATCH_RATE_WINDOW_S,
-    MAX_BATCH,
-    SMALL_BATCH,
-    Refill,
-    SupplySettings,
-    SupplySizer,
-    small_batch,
-)
+from qkdproxy.keys.supply import SupplySettings, SupplySizer
 from tests.integration.test_peer_channel import FakeKme
 from tests.unit.test_keyexchange import MLKEM768, client_hello
 
@@ -261,10 +250,10 @@ async def test_refills_carry_at_least_two_keys() -> None:
 def test_refill_batches_stay_within_half_the_target() -> None:
     # Bigger batches mean fewer KME calls per connection, but a supply that waits for a
     # batch must still hold half its target: that covers the keys taken in a round trip.
-    assert [small_batch(t) for t in range(1, 9)] == [1, 2, 2, 2, 2, 3, 3, 4]
+    assert [refill_batch(t) for t in range(1, 9)] == [1, 2, 2, 2, 2, 3, 3, 4]
     for target in range(1, 300):
-        batch = small_batch(target)
-        assert 1 <= batch <= min(target, SMALL_BATCH)
+        batch = refill_batch(target)
+        assert 1 <= batch <= min(target, REFILL_BATCH)
         if target >= 4:  # below that, a refill of at least two keys comes first
             assert target - batch >= target // 2
 
@@ -287,147 +276,6 @@ async def test_a_busy_supply_refills_in_batches_and_never_runs_below_half() -> N
     assert master.counters.fetched_on_demand == 0
     assert lowest == 8
     await master.aclose()
-
-
-def steady(sizer: SupplySizer, rate: float, seconds: float, start: float = 0.0) -> float:
-    """``rate`` takes a second for ``seconds``; the time of the last take."""
-    count = round(rate * seconds)
-    for tick in range(count):
-        sizer.took(start + tick / rate)
-    return start + (count - 1) / rate
-
-
-def test_under_sustained_demand_a_refill_carries_the_keys_of_the_batch_window() -> None:
-    # Binary fractions (512/s, 1/16 s, 2^-9 s): the windows' edges fall exactly on takes.
-    sizer = SupplySizer(SupplySettings(floor=4, batch_window_s=1 / 16))
-    sizer.round_trip(2**-9)
-    now = steady(sizer, 512.0, 5.0)
-    base = sizer.target(now)  # 4 + 512/s x 2^-9 s x 6
-    assert base == 10
-    # 512/s x 1/16 s = 32 keys a call, on top of the same low point (10 less a small batch).
-    assert sizer.refill(now, per_request=128) == Refill(10 - 5 + 32, 32)
-    # Never more than the KME gives in one request (small batches as before below that).
-    assert sizer.refill(now, per_request=20) == Refill(10 - 5 + 20, 20)
-    assert sizer.refill(now, per_request=3) == Refill(10, 5)
-    # At most MAX_BATCH, and the ceiling still holds.
-    busy = SupplySizer(SupplySettings(floor=4, ceiling=40, batch_window_s=0.05))
-    now = steady(busy, 5000.0, 2.0)
-    assert busy.refill(now, 1000).batch <= MAX_BATCH
-    assert busy.refill(now, 1000).target == 40
-
-
-def test_a_burst_after_a_quiet_spell_refills_in_small_batches() -> None:
-    # 30 connections in a moment is no demand to draw ahead for: 30/s x 50 ms < 2.
-    sizer = SupplySizer(SupplySettings(floor=4, batch_window_s=0.05))
-    sizer.round_trip(0.002)
-    for _ in range(30):
-        sizer.took(100.0)
-    base = sizer.target(100.0)
-    assert sizer.refill(100.0, 128) == Refill(base, small_batch(base))
-    # Once demand stops the batch shrinks back within a second.
-    now = steady(sizer, 400.0, 3.0, start=200.0)
-    assert sizer.refill(now, 128).batch > SMALL_BATCH
-    later = now + BATCH_RATE_WINDOW_S + 0.01
-    base = sizer.target(later)
-    assert sizer.refill(later, 128) == Refill(base, small_batch(base))
-
-
-@given(
-    takes=st.lists(st.floats(0.0, 120.0), max_size=400),
-    now=st.floats(0.0, 130.0),
-    rtt=st.floats(0.0, 0.5),
-    floor=st.integers(0, 16),
-    extra=st.integers(0, 200),
-    window=st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.5]),
-    per_request=st.integers(1, 512),
-    aged_out=st.booleans(),
-)
-def test_refill_plans_keep_the_low_point_and_hold_at_most_the_batch_window_more(
-    takes: list[float], now: float, rtt: float, floor: int, extra: int, window: float,
-    per_request: int, aged_out: bool,
-) -> None:  # fmt: skip
-    settings = SupplySettings(floor=floor, ceiling=floor + extra + 1, batch_window_s=window)
-    sizer = SupplySizer(settings)
-    sizer.round_trip(rtt)
-    for at in sorted(t for t in takes if t <= now):
-        sizer.took(at)
-    if aged_out:
-        sizer.aged_out()
-    base = sizer.target(now)
-    plan = sizer.refill(now, per_request)
-    small = small_batch(base)
-    last_second = sum(now - BATCH_RATE_WINDOW_S < t <= now for t in takes)
-    window_demand = math.ceil(last_second / BATCH_RATE_WINDOW_S * window)
-    # The supply refills at the same low point as with small batches only...
-    assert plan.target - plan.batch == base - small
-    # ...holds no more than its ceiling, nor more than the batch window's demand beyond
-    # what it held before...
-    assert base <= plan.target <= max(base, settings.ceiling)
-    assert plan.target - base <= max(0, window_demand - small)
-    # ...and a batch is a small one or at most what one request (and MAX_BATCH) carries.
-    assert plan.batch == small or small < plan.batch <= min(per_request, MAX_BATCH)
-    # Sparse demand (a batch window's worth no more than a small batch) changes nothing.
-    if window_demand <= small:
-        assert (plan.target, plan.batch) == (base, small)
-
-
-async def test_a_refill_does_not_top_up_the_keys_taken_during_its_round_trip() -> None:
-    # Topping up at once would cost a KME call for the few keys taken meanwhile; the supply
-    # refills again when it is a batch below its target.
-    asked, release = asyncio.Event(), asyncio.Event()
-
-    @dataclass
-    class GatedKme(FakeKme):
-        async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
-            if self.calls:
-                asked.set()
-                await release.wait()
-            return await super().enc_keys(slave_sae, number, size)
-
-    kme = GatedKme()
-    supply = SupplySettings(floor=8, ceiling=8, window_s=1.0)  # target 8, small batch 4
-    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
-    master.ensure_refill()
-    await master.wait_refilled()
-    for _ in range(4):  # four below the target: a refill of four
-        await master.take_key()
-    await asyncio.wait_for(asked.wait(), 5)
-    for _ in range(2):  # two more during its round trip
-        await master.take_key()
-    release.set()
-    await master.wait_refilled()
-    assert (kme.sizes_asked, master.depth) == ([8, 4], 6)
-    await master.take_key()
-    await master.take_key()
-    await master.wait_refilled()
-    assert (kme.sizes_asked, master.depth) == ([8, 4, 4], 8)
-    await master.aclose()
-
-
-async def test_a_busy_supply_refills_in_growing_batches_without_a_miss() -> None:
-    # 512 connections a second against an instant KME: the batch grows to 1/16 s of demand
-    # (32 keys: one enc_keys, and one dec_keys at the peer, per 32 connections), every key
-    # comes from memory, and the supply holds at most that batch over its low point.
-    clock, account = Clock(), KeyAccount()
-    kme = FakeKme()
-    master = Etsi014Master(
-        cast(Etsi014Client, kme), "sae-b", SupplySettings(floor=4, batch_window_s=1 / 16),
-        clock, account=account,
-    )  # fmt: skip
-    master.ensure_refill()
-    await master.wait_refilled()
-    deepest = 0
-    for tick in range(2000):
-        clock.now = tick / 512
-        await master.take_key()
-        await master.wait_refilled()
-        deepest = max(deepest, master.depth)
-    assert master.counters.fetched_on_demand == 0
-    assert kme.sizes_asked[-10:] == [32] * 10
-    assert deepest <= 4 - 2 + 32
-    await master.aclose()
-    assert account.fates["stranded"] <= deepest
-    assert account.drawn == account.fates["stranded"] + 2000
 
 
 async def test_a_server_supply_never_announces() -> None:
