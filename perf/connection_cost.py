@@ -14,9 +14,10 @@ tunnel (``qkdproxy-mux``) instead of one handshake each.
 ``inproc`` runs ``bench handshake``'s loop (handshake, FIN, close) and reports process CPU
 per handshake. ``daemons`` starts the KME simulator and a client/server daemon pair
 (qkd_mlkem768, client flow, prefetch on), makes N connections (connect, one byte echoed,
-close; C at a time) from this process and reads both daemons' utime+stime, and from their
-/metrics how the server found each key (in memory, after waiting for the fetch of an
-announced id, or fetched on demand) and the KME calls per connection. ``callgrind``
+close; C at a time) from this process and reads both daemons' utime+stime and the KME
+simulator's (apart: the KME calls' cost on the KME's side, which shares the machine), and
+from their /metrics how the server found each key (in memory, after waiting for the fetch
+of an announced id, or fetched on demand) and the KME calls per connection. ``callgrind``
 runs the daemons under valgrind and counts the user-space instructions of N sequential
 connections (``callgrind_control --dump`` before and after); slow (minutes), but the
 count does not move with the machine's load. The load generator and the echo backend run
@@ -135,12 +136,15 @@ async def daemons(
             await _instructions(pids, port, count, callgrind)
             return
         before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        kme_before = _cpu_s(pair.kme_pid)
         counted = await _key_counters(pair.status_ports)
         started = time.perf_counter()
         await _connections(port, count, concurrency)
         wall = time.perf_counter() - started
         after = {name: _cpu_s(pid) for name, pid in pids.items()}
         await asyncio.sleep(0.2)  # the server's announced-key fetches of the last connections
+        # The simulator's CPU includes those fetches (they are the connections' KME calls).
+        kme_per = 1000 * (_cpu_s(pair.kme_pid) - kme_before) / count
         keys = await _key_counters(pair.status_ports)
         keys = {name: keys[name] - counted.get(name, 0.0) for name in keys}
         total = 0.0
@@ -149,6 +153,7 @@ async def daemons(
             total += per
             print(f"{name}: {per:.2f} ms CPU per connection")
         print(f"both: {total:.2f} ms; {count / wall:.0f} conn/s at concurrency {concurrency}")
+        print(f"kme: {kme_per:.2f} ms CPU per connection; both + kme {total + kme_per:.2f} ms")
         _print_keys(keys, count)
         await asyncio.sleep(0.5)  # the client's last connection lines
         records = pair.client_records[-count:]

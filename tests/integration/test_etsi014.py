@@ -42,13 +42,14 @@ from qkdproxy.core.keys import (
 )
 from qkdproxy.core.tls.credentials import Credentials
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.keys.announce import AnnouncedSlave
 from qkdproxy.keys.etsi014_client import (
     Etsi014Client,
     KmeProtocolError,
     KmeRefusedError,
     KmeUnauthorisedError,
 )
-from qkdproxy.keys.etsi014_supply import Etsi014Master, Etsi014Slave
+from qkdproxy.keys.etsi014_supply import MAX_COALESCED_IDS, Etsi014Master, Etsi014Slave
 from qkdproxy.keys.sslctx import client_context, server_context
 from qkdproxy.keys.supply import SupplySettings
 from qkdproxy.sim.faults import Burst, FaultScript, Window
@@ -1136,6 +1137,27 @@ async def test_slave_coalesces_concurrent_lookups(pki: DevPki, pair: KmePair) ->
         assert list(fetched) == order
         assert slave.requests == 1
         assert pair.link.pending_keys == 0
+
+
+async def test_an_announced_refill_batch_is_fetched_with_one_dec_keys(
+    pki: DevPki, pair: KmePair
+) -> None:
+    # A refill's keys, named in one KEY_IDS frame (up to 64 ids), are fetched by the
+    # server's announced-key prefetch with one dec_keys (coalesced in one loop turn).
+    kme_a, kme_b = pair.urls_014
+    async with (
+        etsi_client(pki, kme_a, "sae-a") as client_a,
+        etsi_client(pki, kme_b, "sae-b") as client_b,
+    ):
+        keys = await client_a.enc_keys("sae-b", MAX_COALESCED_IDS)
+        inner = Etsi014Slave(client_b, "sae-a")
+        slave = AnnouncedSlave(inner)
+        slave.announced([k.key_id for k in keys])
+        await asyncio.wait_for(slave.wait_fetched(), DEADLINE)
+        assert inner.requests == 1
+        assert [await slave.get_key(k.key_id) for k in keys] == keys
+        assert slave.counters.served_from_cache == MAX_COALESCED_IDS
+        await slave.aclose()
 
 
 async def test_slave_isolates_an_unknown_id_in_a_batch(pki: DevPki, pair: KmePair) -> None:
