@@ -80,6 +80,9 @@ class MuxPool:
         self._unsupported_until = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._maintainer: asyncio.Task[None] | None = None
+        # Set by stop (and close): the listener closed, no new connection will come.
+        self._stopping = False
+        self._in_round = False
 
     # ------------------------------------------------------------------ streams
 
@@ -174,10 +177,12 @@ class MuxPool:
         try:
             async with asyncio.timeout(self._wait_s):
                 settled = await tunnel.wait_settled()
-        except BaseException:
-            # Timed out, or cancelled (the connection that asked gave up): the tunnel never
-            # joined the pool, so nothing else would ever close it.
-            self._retire(tunnel, "no SETTINGS from the peer")
+        except BaseException as exc:
+            # The tunnel never joined the pool, so nothing else would ever close it. Only a
+            # deadline is the peer's fault: cut by our own stop, the tunnel was closed by us
+            # (its line must not blame the peer for our shutdown).
+            cut = isinstance(exc, asyncio.CancelledError) and self._stopping
+            self._retire(tunnel, "closed" if cut else "no SETTINGS from the peer")
             raise
         if tunnel.draining:
             # GOAWAY before a single stream: a peer going away (or a hostile one) would
@@ -194,6 +199,20 @@ class MuxPool:
         """Keep the pool within its limits in the background."""
         self._maintainer = asyncio.create_task(self._maintain())
 
+    def stop(self) -> None:
+        """No new connection will ask for a stream (the listener closed): stop rotating and
+        refilling, each of which would spend a QKD key on a tunnel about to close. A round
+        in progress finishes (see :attr:`maintainer`); cut, it would leave a handshake
+        half done and its key wasted at both ends."""
+        self._stopping = True
+        if self._maintainer is not None and not self._in_round:
+            self._maintainer.cancel()
+
+    @property
+    def maintainer(self) -> asyncio.Task[None] | None:
+        """The background task; after :meth:`stop` it ends with its round."""
+        return self._maintainer
+
     @property
     def tick_s(self) -> float:
         """How often the pool looks at its tunnels."""
@@ -203,16 +222,21 @@ class MuxPool:
         return max(0.05, min(budgets))
 
     async def _maintain(self) -> None:
-        while True:
+        while not self._stopping:
+            self._in_round = True
             with contextlib.suppress(Exception):
                 await self.maintain()
-            await asyncio.sleep(self.tick_s)
+            self._in_round = False
+            if not self._stopping:
+                await asyncio.sleep(self.tick_s)
 
     async def maintain(self) -> None:
         """One round: rotate, shrink, refill to the minimum (errors back off)."""
         now = self._clock()
         self._drop_ended()
         for tunnel in list(self.tunnels):
+            if self._stopping:
+                return
             if rotation_due(tunnel, self.settings, now):
                 await self._rotate(tunnel)
             elif (
@@ -222,7 +246,8 @@ class MuxPool:
             ):
                 self._retire(tunnel, "idle")
         while (
-            len(self.tunnels) < self.settings.pool_min
+            not self._stopping
+            and len(self.tunnels) < self.settings.pool_min
             and self._clock() >= self._retry_at
             and self._clock() >= self._unsupported_until
         ):
@@ -256,7 +281,9 @@ class MuxPool:
         task.add_done_callback(done)
 
     async def close(self) -> None:
-        """Stop maintenance and close every tunnel (open streams are reset)."""
+        """Stop maintenance (a round in progress is cut) and close every tunnel (open
+        streams are reset)."""
+        self._stopping = True
         if self._maintainer is not None:
             self._maintainer.cancel()
             await asyncio.gather(self._maintainer, return_exceptions=True)

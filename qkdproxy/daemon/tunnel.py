@@ -265,6 +265,8 @@ class Tunnel:
         self._stopping = True
         for server in self._servers:
             server.close()
+        if self.pool is not None:
+            self.pool.stop()
         for tunnel in self._mux_tunnels:
             self._drain_mux(tunnel)
 
@@ -281,8 +283,11 @@ class Tunnel:
         """Wait up to ``timeout_s`` for live connections, then cut the rest; how many were
         cut."""
         pending: set[asyncio.Task[None]] = set()
-        if self._connections:
-            _, pending = await asyncio.wait(set(self._connections), timeout=timeout_s)
+        # A pool's establishment in progress finishes within the same deadline.
+        maintainer = self.pool.maintainer if self.pool is not None else None
+        waiting = {*self._connections, *([maintainer] if maintainer is not None else [])}
+        if waiting:
+            _, pending = await asyncio.wait(waiting, timeout=timeout_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -290,7 +295,7 @@ class Tunnel:
             await server.wait_closed()
         if self.pool is not None:
             await self.pool.close()
-        return len(pending)
+        return len(pending - {maintainer})
 
     # ------------------------------------------------------------ connections
 

@@ -274,7 +274,10 @@ def log_sources(context: KeyContext) -> SourceLog:
 
 
 class RecordingRelay:
-    """A TCP relay in front of a server that records what clients send through it."""
+    """A TCP relay in front of a server that records what clients send through it.
+
+    Leaving it waits (bounded) until every relayed connection ended both ways, so nothing
+    it relays overlaps what the test does next."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -282,6 +285,11 @@ class RecordingRelay:
         self.server_bytes = bytearray()
         self.port = 0
         self._server: asyncio.Server | None = None
+        # Python 3.11's server protocol drops its handler task once the client's side
+        # ended, and a stream opened with open_connection is held only weakly by its
+        # protocol: a handler still waiting for the server's last bytes is then garbage,
+        # and a collection destroys it while pending. Held here until it ends.
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> RecordingRelay:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -292,8 +300,17 @@ class RecordingRelay:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=IO_DEADLINE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         try:
             await asyncio.gather(

@@ -232,19 +232,19 @@ async def test_rotation_under_load_loses_nothing(tmp_path: Path) -> None:
         assert pool is not None
         await wait_for(lambda: len(pool.tunnels) == 1)
         baseline = open_fds()
-        stop = asyncio.get_running_loop().time() + 2.0
         moved = 0
 
         async def worker() -> None:
             nonlocal moved
-            while asyncio.get_running_loop().time() < stop:
+            # Load until three rotations happened, not for a fixed time: on a loaded
+            # machine each establishment takes longer, and a fixed window saw two.
+            while pool.rotations < 3:
                 payload = os.urandom(20_000)
                 answer = await transfer(port(client), payload)
                 assert hashlib.sha256(answer).digest() == hashlib.sha256(payload).digest()
                 moved += len(payload)
 
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(8))), 30)
-        assert pool.rotations >= 3
         await wait_for(lambda: not pool.draining and len(pool.tunnels) == 1)
         await wait_for(lambda: open_fds() <= baseline)
     streams = [r for r in s.records if r.mux == "stream"]

@@ -694,6 +694,13 @@ async def _daemon(stack: AsyncExitStack, path: Path, text: str, t: _Tally) -> Da
     return daemon
 
 
+async def _drain(daemon: Daemon) -> None:
+    for tunnel in daemon.tunnels:
+        tunnel.stop_accepting()
+        await tunnel.drain(STOP_TIMEOUT_S)
+    await daemon.close()
+
+
 def _port(daemon: Daemon) -> int:
     return int(daemon.tunnels[0].bound()[0].rsplit(":", 1)[1])
 
@@ -792,9 +799,12 @@ async def _cycle(s: SoakSettings, progress: Callable[[SoakProgress], None] | Non
             seconds = time.monotonic() - started
             if s.multiplex:
                 # Pooled tunnels live until their daemon stops: stop both (the client's
-                # first, as in a shutdown), so that every tunnel's line is written too.
-                await client.close()
-                await server.close()
+                # first), so that every tunnel's line is written too. Drained as on
+                # SIGTERM: the pool rotates in the background, and an immediate stop would
+                # cut a rotation's handshake (a wasted key, a failed line) at a moment the
+                # load does not choose.
+                for daemon in (client, server):
+                    await _drain(daemon)
             # Every connection record is written before its task ends.
             for daemon in (client, server):
                 try:
