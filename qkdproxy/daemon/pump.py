@@ -137,8 +137,13 @@ async def pump(
     rekey: RekeyBudget | None = None,
     fresh: FreshKeyBudget | None = None,
     stream: TlsStream | None = None,
+    fin_with_close: bool = False,
 ) -> str:
     """Run both directions until both ended; returns why the connection ended.
+
+    ``fin_with_close``: the caller closes ``channel`` as soon as this returns (the tunnel
+    does), so when the peer has finished first our FIN is left to that close, which sends
+    it with close_notify in one write. Without it FIN is sent when the plaintext side ends.
 
     With ``fresh`` and a ``stream`` that negotiated Extended Key Update, a third task runs
     fresh key exchanges on that budget, off the data path: neither direction waits for
@@ -168,10 +173,10 @@ async def pump(
                 await channel.update_keys()
                 traffic.key_updates += 1
                 traffic.bytes_since_rekey, traffic.last_rekey = 0, now
-        if not inbound_done:
+        if not (fin_with_close and inbound_done):
             await channel.send_fin()
-        # else the pump ends now, and the channel's close sends our FIN with its
-        # close_notify: one record write, and one wake-up of the peer, fewer.
+        # else the pump ends now, and the caller's close of the channel sends our FIN with
+        # its close_notify: one record write, and one wake-up of the peer, fewer.
 
     async def inbound() -> None:
         nonlocal inbound_done

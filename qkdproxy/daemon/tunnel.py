@@ -435,7 +435,7 @@ class Tunnel:
             reason = await pump(
                 reader, writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
-                fresh=self._fresh, stream=stream,
+                fresh=self._fresh, stream=stream, fin_with_close=True,
             )  # fmt: skip
             return reason
         finally:
@@ -554,7 +554,7 @@ class Tunnel:
             reason = await pump(
                 backend_reader, backend_writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
-                fresh=self._fresh, stream=stream,
+                fresh=self._fresh, stream=stream, fin_with_close=True,
             )  # fmt: skip
             return reason
         finally:

@@ -43,7 +43,9 @@ class ScriptedChannel:
         pass
 
 
-async def _run(channel: ScriptedChannel, app_ends_after: asyncio.Event) -> str:
+async def _run(
+    channel: ScriptedChannel, app_ends_after: asyncio.Event, *, close: bool = True
+) -> str:
     ours, app = socket.socketpair()
     reader, writer = await asyncio.open_connection(sock=ours)
     _, app_writer = await asyncio.open_connection(sock=app)
@@ -55,7 +57,8 @@ async def _run(channel: ScriptedChannel, app_ends_after: asyncio.Event) -> str:
 
     async with asyncio.timeout(STEP_S):
         reason, _ = await asyncio.gather(
-            pump(reader, writer, channel, Traffic(), idle_timeout_s=STEP_S), application()
+            pump(reader, writer, channel, Traffic(), idle_timeout_s=STEP_S, fin_with_close=close),
+            application(),
         )
     writer.close()
     app_writer.close()
@@ -69,6 +72,13 @@ async def test_the_peer_finished_first_so_fin_waits_for_the_close() -> None:
     assert await _run(channel, channel.asked) == "closed"
     assert channel.sent == b"request"
     assert channel.fins == 0  # the channel's close sends it, with close_notify
+
+
+async def test_a_caller_that_does_not_close_gets_fin_from_the_pump() -> None:
+    channel = ScriptedChannel()
+    channel.peer_ends.set()
+    assert await _run(channel, channel.asked, close=False) == "closed"
+    assert channel.fins == 1
 
 
 async def test_fin_goes_at_once_while_the_peer_still_sends() -> None:
