@@ -425,6 +425,10 @@ class MuxTunnel:
         self.reason: str | None = None
         self.broken = False
         self.draining = False
+        # Client: the peer answered a stream (200 or a status), left one unprocessed. A
+        # tunnel that only ever left streams unprocessed did no work for its QKD key.
+        self.answered_any = False
+        self.disowned_any = False
         self.ended = asyncio.Event()
         # Set once the peer's SETTINGS arrived (its stream limit is known).
         self.settled = asyncio.Event()
@@ -636,10 +640,13 @@ class MuxTunnel:
             target._peer_end()
         elif isinstance(event, StreamAccepted):
             target._kept = None  # processed from here on: never sent again
+            self.answered_any = True
         elif isinstance(event, StreamRefused):
+            self.answered_any = True
             target.refused = event.status
             target._fail(f"refused by the peer (status {event.status})")
         elif isinstance(event, StreamUnprocessed):
+            self.disowned_any = True
             if target.error is None and not (target._outcome and target._outcome.done()):
                 # Only if nothing else ended it first (the application's reset, say):
                 # then there is nothing left to send again.
