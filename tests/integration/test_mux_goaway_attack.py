@@ -4,12 +4,16 @@ than serving it would."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
-from qkdproxy.core.mux import ErrorCode, MuxEvent
-from qkdproxy.daemon.muxconn import MuxTunnel
+import pytest
+
+from qkdproxy.core.mux import ErrorCode, MuxEvent, ResetCode
+from qkdproxy.daemon.muxconn import REPLAY_LIMIT, MuxStream, MuxTunnel
 from qkdproxy.daemon.tunnel import Tunnel
 from tests.integration.test_mux_goaway import MUX, CountingBackend, client_streams
 from tests.integration.test_tunnel_runtime import port, setup, transfer
@@ -62,3 +66,89 @@ async def test_a_server_disowning_every_stream_costs_a_key_per_backoff_step(
     assert backend.received == []
     reasons = [r.reason for r in client_streams(s.records)]
     assert reasons and all(r.startswith("error: not processed by the peer") for r in reasons)
+
+
+def refuse_first_stream_late(server: Tunnel, opened: int, after: int) -> asyncio.Event:
+    """The first stream ``server`` is sent gets ``opened`` bytes of window before any
+    answer (as no qkdproxy server gives), then, once ``after`` bytes (or its end) arrived,
+    RST_STREAM REFUSED_STREAM: a peer claiming it did not process what it let through.
+    Later streams are served. The event is set once the refusal left."""
+    make = server._mux_tunnel
+    refused = asyncio.Event()
+
+    def hostile(stream: Any, writer: Any, record: Any, on_stream: Any) -> MuxTunnel:
+
+        def first_refused_late(mux: MuxStream) -> None:
+            if refused.is_set() or mux.stream_id != 1:
+                on_stream(mux)
+                return
+            refuse_late(mux)
+
+        def refuse_late(stream: MuxStream) -> None:
+            conn = tunnel.conn
+            conn._streams[stream.stream_id].receive_window += opened
+            conn._window_update(stream.stream_id, opened)
+            tunnel.flush_soon()
+            deliver, got = stream._deliver, [0]
+
+            def counting(data: bytes, flow: int) -> None:
+                deliver(data, flow)
+                got[0] += len(data)
+                if got[0] >= after:
+                    refuse()
+
+            def refuse() -> None:
+                if not refused.is_set():
+                    conn.reset(stream.stream_id, ResetCode.REFUSED_STREAM)
+                    stream._release()
+                    tunnel.flush_soon()
+                    refused.set()
+
+            peer_end = stream._peer_end
+
+            def ended() -> None:
+                peer_end()
+                refuse()
+
+            stream._deliver = counting  # type: ignore[method-assign]
+            stream._peer_end = ended  # type: ignore[method-assign]
+
+        tunnel = make(stream, writer, record, first_refused_late)
+        return tunnel
+
+    server._mux_tunnel = hostile  # type: ignore[method-assign]
+    return refused
+
+
+@pytest.mark.parametrize(
+    ("size", "after", "resent"),
+    [
+        (300_000, 300_000, True),  # all of it, and its end, before the refusal
+        (900_000, 600_000, True),  # part of it through an early window
+        (REPLAY_LIMIT + 1, REPLAY_LIMIT + 1, False),  # more than is kept
+        (3 * 1024 * 1024, 2 * 1024 * 1024, False),  # far past what is kept
+    ],
+)
+async def test_a_late_refusal_resends_every_byte_once_in_order_or_nothing(
+    tmp_path: Path, size: int, after: int, resent: bool
+) -> None:
+    """A server that opens the window before its answer, takes part or all of a stream
+    (its end too), then resets it REFUSED_STREAM: the client sends it again with exactly
+    the bytes the application sent, in order, once; past REPLAY_LIMIT it fails instead
+    (no partial resend). Either way the application never sees bytes twice."""
+    backend = CountingBackend()
+    async with setup(tmp_path, backend) as s, s.daemon("server", s.server_toml(MUX)) as server:
+        refused = refuse_first_stream_late(server.tunnels[0], 4 * 1024 * 1024, after)
+        async with s.daemon("client", s.client_toml(port(server), MUX)) as client:
+            payload = os.urandom(size)
+            with contextlib.suppress(ConnectionResetError):
+                echoed = await transfer(port(client), payload)
+            assert refused.is_set()
+            assert client.tunnels[0].keys.ledger.taken == 1
+    [line] = client_streams(s.records)
+    if resent:
+        assert echoed == payload and line.reason == "closed" and line.mux_retries == 1
+        assert [bytes(r) for r in backend.received] == [payload]
+    else:
+        assert line.reason.startswith("error") and line.mux_retries == 0
+        assert backend.received == []
