@@ -42,21 +42,24 @@ def disown_every_stream(server: Tunnel) -> None:
     server._mux_tunnel = disowning  # type: ignore[method-assign,assignment]
 
 
+@pytest.mark.parametrize("at_once", [1, 20])
 async def test_a_server_disowning_every_stream_costs_a_key_per_backoff_step(
-    tmp_path: Path,
+    tmp_path: Path, at_once: int
 ) -> None:
-    """Nothing processed, every tunnel gone after one stream. Without a rule, each
-    connection would cost a key per attempt (1 + STREAM_RETRIES; measured 18 keys for 6
-    connections); a tunnel that disowned streams and answered none is a failed
-    establishment, so the keys follow the backoff, not the connections."""
+    """Nothing processed, every tunnel gone after one stream; connections one after the
+    other, or 20 at once. Without a rule, each attempt of a connection (1 + STREAM_RETRIES)
+    would establish a tunnel of its own (measured: 18 keys for 6 connections one after
+    the other, 9 for 3 waves of 20); a tunnel that disowned streams and answered none is a
+    failed establishment, so the keys follow the backoff, not the connections."""
     backend = CountingBackend()
     async with setup(tmp_path, backend) as s, s.daemon("server", s.server_toml(MUX)) as server:
         disown_every_stream(server.tunnels[0])
         text = s.client_toml(port(server), f"{MUX}\nmux_pool_min = 0")
         async with s.daemon("client", text) as client:
-            for _ in range(6):
-                with contextlib.suppress(ConnectionResetError):
-                    assert await transfer(port(client), b"never processed") == b""
+            for _ in range(6 if at_once == 1 else 3):
+                await asyncio.gather(
+                    *(refused(port(client), b"never processed") for _ in range(at_once))
+                )
             pool = client.tunnels[0].pool
             assert pool is not None
             taken = client.tunnels[0].keys.ledger.taken
@@ -66,6 +69,11 @@ async def test_a_server_disowning_every_stream_costs_a_key_per_backoff_step(
     assert backend.received == []
     reasons = [r.reason for r in client_streams(s.records)]
     assert reasons and all(r.startswith("error: not processed by the peer") for r in reasons)
+
+
+async def refused(client_port: int, payload: bytes) -> None:
+    with contextlib.suppress(ConnectionResetError):
+        assert await transfer(client_port, payload) == b""
 
 
 def refuse_first_stream_late(server: Tunnel, opened: int, after: int) -> asyncio.Event:
