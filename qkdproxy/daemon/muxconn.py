@@ -425,10 +425,9 @@ class MuxTunnel:
         self.reason: str | None = None
         self.broken = False
         self.draining = False
-        # Client: the peer answered a stream (200 or a status), left one unprocessed. A
-        # tunnel that only ever left streams unprocessed did no work for its QKD key.
-        self.answered_any = False
-        self.disowned_any = False
+        # Client: streams the peer left unprocessed (REFUSED_STREAM, above its GOAWAY's
+        # last id). A tunnel that disowned every stream it carried did no work for its key.
+        self.disowned = 0
         self.ended = asyncio.Event()
         # Set once the peer's SETTINGS arrived (its stream limit is known).
         self.settled = asyncio.Event()
@@ -436,6 +435,11 @@ class MuxTunnel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._want_write = asyncio.Event()
+
+    @property
+    def disowned_all(self) -> bool:
+        """Client: the peer left every stream of the tunnel unprocessed (at least one)."""
+        return 0 < self.streams_carried <= self.disowned
 
     @property
     def key_updates(self) -> int:
@@ -640,13 +644,11 @@ class MuxTunnel:
             target._peer_end()
         elif isinstance(event, StreamAccepted):
             target._kept = None  # processed from here on: never sent again
-            self.answered_any = True
         elif isinstance(event, StreamRefused):
-            self.answered_any = True
             target.refused = event.status
             target._fail(f"refused by the peer (status {event.status})")
         elif isinstance(event, StreamUnprocessed):
-            self.disowned_any = True
+            self.disowned += 1
             if target.error is None and not (target._outcome and target._outcome.done()):
                 # Only if nothing else ended it first (the application's reset, say):
                 # then there is nothing left to send again.

@@ -133,16 +133,17 @@ class MuxPool:
         they take no new stream, so they no longer count toward ``mux_pool_max`` (with
         one tunnel at most, connections would otherwise wait for its last stream).
 
-        One that left streams unprocessed and answered none did no work for its QKD key:
-        a failed establishment (it backs off). Otherwise a peer that disowns the first
+        One that left every stream it carried unprocessed did no work for its QKD key: a
+        failed establishment (it backs off). Otherwise a peer that disowns the first
         stream of every tunnel would have each attempt of a connection (the first and its
-        resends) establish a tunnel of its own."""
+        resends) establish a tunnel of its own. A stream the peer took ends its
+        connection's attempts, so tunnels that took one cost at most a key per connection."""
         leaving = [t for t in self.tunnels if not t.alive or t.draining]
         for tunnel in leaving:
             self.tunnels.remove(tunnel)
             if tunnel.alive:
                 self._retire(tunnel, "closed")
-            if tunnel.disowned_any and not tunnel.answered_any:
+            if tunnel.disowned_all:
                 self._failed(MuxStreamError("the peer processed no stream of its tunnel"))
 
     async def _grow(self) -> PlainTunnel | None:

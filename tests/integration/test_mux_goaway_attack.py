@@ -160,3 +160,58 @@ async def test_a_late_refusal_resends_every_byte_once_in_order_or_nothing(
     else:
         assert line.reason.startswith("error") and line.mux_retries == 0
         assert backend.received == []
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+async def test_a_server_going_away_after_every_stream_costs_a_tunnel_per_live_connection(
+    tmp_path: Path, at_once: bool
+) -> None:
+    """A server that sends GOAWAY right behind the first stream each tunnel takes, and keeps
+    that stream open: the pool retires each tunnel at once, so ``mux_pool_max`` (2 here)
+    no longer bounds the tunnels; the live connections do (one tunnel and one key each,
+    as without multiplexing), and every tunnel ends once its connection did. Three opened
+    at once share the first tunnel: it takes one (not answered yet as its GOAWAY arrives)
+    and disowns two, which are sent again; such a tunnel did work for its key and is no
+    failed establishment, so each of them gets a tunnel in turn."""
+    backend = CountingBackend()
+    async with setup(tmp_path, backend) as s, s.daemon("server", s.server_toml(MUX)) as server:
+        hostile = server.tunnels[0]
+        make = hostile._mux_tunnel
+
+        def going_away(stream: Any, writer: Any, record: Any, on_stream: Any) -> MuxTunnel:
+            def take_then_go_away(mux: MuxStream) -> None:
+                on_stream(mux)
+                tunnel.stop_streams()
+
+            tunnel = make(stream, writer, record, take_then_go_away)
+            return tunnel
+
+        hostile._mux_tunnel = going_away  # type: ignore[method-assign]
+        text = s.client_toml(port(server), f"{MUX}\nmux_pool_min = 0\nmux_pool_max = 2")
+        count = 3 if at_once else 5
+        async with s.daemon("client", text) as client:
+            live = []
+            for _ in range(count):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+                writer.write(b"hello")
+                if not at_once:  # one after the other: each finds the last tunnel retired
+                    assert await reader.readexactly(5) == b"hello"
+                live.append((reader, writer))
+            if at_once:
+                for reader, _ in live:
+                    assert await reader.readexactly(5) == b"hello"
+            pool = client.tunnels[0].pool
+            assert pool is not None
+            assert client.tunnels[0].keys.ledger.taken == count
+            assert len(pool.tunnels) + len(pool.draining) == count
+            for reader, writer in live:
+                writer.write_eof()
+                assert await reader.read() == b""
+                writer.close()
+            await asyncio.wait_for(client.tunnels[0].wait_idle(), 10)
+            while pool.draining:  # each retired tunnel closes once its stream ended
+                await asyncio.wait_for(asyncio.shield(next(iter(pool.draining)).ended.wait()), 10)
+                await asyncio.sleep(0)
+    lines = client_streams(s.records)
+    assert len(lines) == count and all(r.reason == "closed" for r in lines)
+    assert sum(r.mux_retries or 0 for r in lines) == (3 if at_once else 0)
