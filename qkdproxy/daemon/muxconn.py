@@ -228,6 +228,19 @@ class MuxStream:
             return None
         return bytes(self._kept), self._kept_fin
 
+    async def _send_preload(self) -> bool:
+        """Send what :meth:`preload` gave (a frame of its own, so nothing holds it once
+        sent for the rest of a long-lived connection); whether it ended the stream."""
+        assert self._preload is not None
+        replay, fin = self._preload
+        self._preload = None
+        self._keep(replay)
+        await self.send(replay)
+        if fin:
+            self._kept_fin = True
+            await self.send_fin()
+        return fin
+
     def _keep(self, data: bytes | memoryview) -> None:
         if self._kept is not None:
             if len(self._kept) + len(data) > REPLAY_LIMIT:
@@ -239,15 +252,8 @@ class MuxStream:
         self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
     ) -> None:
         traffic = self._traffic
-        if self._preload is not None:
-            replay, fin = self._preload
-            self._preload = None
-            self._keep(replay)
-            await self.send(replay)
-            if fin:
-                self._kept_fin = True
-                await self.send_fin()
-                return
+        if self._preload is not None and await self._send_preload():
+            return
         # The plaintext socket is read in place, as the per-connection pump does: send
         # copies each batch into the tunnel's output before it returns, and only then is
         # the reader's buffer reused.

@@ -215,3 +215,43 @@ async def test_a_server_going_away_after_every_stream_costs_a_tunnel_per_live_co
     lines = client_streams(s.records)
     assert len(lines) == count and all(r.reason == "closed" for r in lines)
     assert sum(r.mux_retries or 0 for r in lines) == (3 if at_once else 0)
+
+
+def large_locals(minimum: int) -> list[str]:
+    """Where qkdproxy's coroutine frames (of running tasks, and what they await) hold
+    bytes of at least ``minimum``, directly or in a tuple."""
+    found = []
+    for task in asyncio.all_tasks() - {asyncio.current_task()}:
+        coro: Any = task.get_coro()
+        while coro is not None and hasattr(coro, "cr_frame"):
+            frame = coro.cr_frame
+            ours = frame is not None and "/qkdproxy/" in frame.f_code.co_filename
+            for name, value in (frame.f_locals if ours else {}).items():
+                values = value if isinstance(value, tuple) else (value,)
+                if any(isinstance(v, bytes | bytearray) and len(v) >= minimum for v in values):
+                    found.append(f"{frame.f_code.co_name}: {name}")
+            coro = coro.cr_await
+    return found
+
+
+async def test_a_resent_connection_does_not_hold_what_it_resent(tmp_path: Path) -> None:
+    """Once the stream that carried the resend is accepted, nothing keeps the resent bytes:
+    a long-lived connection resent at a rolling restart would otherwise hold up to
+    REPLAY_LIMIT (twice) for its whole life."""
+    backend = CountingBackend()
+    async with setup(tmp_path, backend) as s, s.daemon("server", s.server_toml(MUX)) as server:
+        refused = refuse_first_stream_late(server.tunnels[0], 0, 900_000)
+        async with s.daemon("client", s.client_toml(port(server), MUX)) as client:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+            payload = os.urandom(900_000)
+            writer.write(payload)
+            assert await reader.readexactly(len(payload)) == payload  # resent, then echoed
+            assert refused.is_set()
+            writer.write(b"still open")
+            assert await reader.readexactly(10) == b"still open"
+            assert large_locals(100_000) == []
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+    [line] = client_streams(s.records)
+    assert line.reason == "closed" and line.mux_retries == 1
