@@ -153,7 +153,9 @@ class MuxPool:
             return None
         now = self._clock()
         if now < self._retry_at and self._last_error is not None:
-            raise self._last_error
+            # Each raise would add its frames to the one exception object (and keep them,
+            # with their connections' locals, alive until the next failure): only ours.
+            raise self._last_error.with_traceback(None)
         self._growing = asyncio.get_running_loop().create_future()
         try:
             return await self._establish()
