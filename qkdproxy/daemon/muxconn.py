@@ -218,8 +218,11 @@ class MuxStream:
 
     def preload(self, data: bytes, fin: bool) -> None:
         """Client: send what a stream the peer did not process carried (and its end, if
-        the application had ended) before reading the application again."""
+        the application had ended) before reading the application again. Kept at once:
+        a stream disowned before its outbound task ran gives it back all the same."""
         self._preload = (data, fin)
+        self._keep(data)
+        self._kept_fin = fin
 
     def kept(self) -> tuple[bytes, bool] | None:
         """Client: the application's bytes and whether it ended, if the peer did not
@@ -229,15 +232,13 @@ class MuxStream:
         return bytes(self._kept), self._kept_fin
 
     async def _send_preload(self) -> bool:
-        """Send what :meth:`preload` gave (a frame of its own, so nothing holds it once
+        """Send what :meth:`preload` gave (in a coroutine of its own: nothing holds it once
         sent for the rest of a long-lived connection); whether it ended the stream."""
         assert self._preload is not None
         replay, fin = self._preload
         self._preload = None
-        self._keep(replay)
         await self.send(replay)
         if fin:
-            self._kept_fin = True
             await self.send_fin()
         return fin
 

@@ -264,3 +264,13 @@ def test_a_stream_past_the_replay_limit_is_not_retried() -> None:
     stream._keep(b"x")
     carrier._dispatch(StreamUnprocessed(stream.stream_id, "GOAWAY"))
     assert stream.kept() is None
+
+
+def test_a_resend_refused_before_its_pump_ran_gives_back_what_it_carried() -> None:
+    # The stream carrying a resend may be disowned before its outbound task sent (or even
+    # started): what it was loaded with must still come back whole, never lost.
+    carrier = client_tunnel()
+    stream = carrier.open_stream()
+    stream.preload(b"kept from the first attempt", True)
+    carrier._dispatch(StreamUnprocessed(stream.stream_id, "GOAWAY"))
+    assert stream.kept() == (b"kept from the first attempt", True)
