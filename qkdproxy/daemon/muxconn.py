@@ -218,8 +218,11 @@ class MuxStream:
 
     def preload(self, data: bytes, fin: bool) -> None:
         """Client: send what a stream the peer did not process carried (and its end, if
-        the application had ended) before reading the application again."""
+        the application had ended) before reading the application again. Kept at once:
+        a stream disowned before its outbound task ran gives it back all the same."""
         self._preload = (data, fin)
+        self._keep(data)
+        self._kept_fin = fin
 
     def kept(self) -> tuple[bytes, bool] | None:
         """Client: the application's bytes and whether it ended, if the peer did not
@@ -227,6 +230,17 @@ class MuxStream:
         if self.unprocessed is None or self._kept is None:
             return None
         return bytes(self._kept), self._kept_fin
+
+    async def _send_preload(self) -> bool:
+        """Send what :meth:`preload` gave (in a coroutine of its own: nothing holds it once
+        sent for the rest of a long-lived connection); whether it ended the stream."""
+        assert self._preload is not None
+        replay, fin = self._preload
+        self._preload = None
+        await self.send(replay)
+        if fin:
+            await self.send_fin()
+        return fin
 
     def _keep(self, data: bytes | memoryview) -> None:
         if self._kept is not None:
@@ -239,15 +253,8 @@ class MuxStream:
         self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
     ) -> None:
         traffic = self._traffic
-        if self._preload is not None:
-            replay, fin = self._preload
-            self._preload = None
-            self._keep(replay)
-            await self.send(replay)
-            if fin:
-                self._kept_fin = True
-                await self.send_fin()
-                return
+        if self._preload is not None and await self._send_preload():
+            return
         # The plaintext socket is read in place, as the per-connection pump does: send
         # copies each batch into the tunnel's output before it returns, and only then is
         # the reader's buffer reused.
@@ -425,6 +432,9 @@ class MuxTunnel:
         self.reason: str | None = None
         self.broken = False
         self.draining = False
+        # Client: streams the peer left unprocessed (REFUSED_STREAM, above its GOAWAY's
+        # last id). A tunnel that disowned every stream it carried did no work for its key.
+        self.disowned = 0
         self.ended = asyncio.Event()
         # Set once the peer's SETTINGS arrived (its stream limit is known).
         self.settled = asyncio.Event()
@@ -432,6 +442,11 @@ class MuxTunnel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._want_write = asyncio.Event()
+
+    @property
+    def disowned_all(self) -> bool:
+        """Client: the peer left every stream of the tunnel unprocessed (at least one)."""
+        return 0 < self.streams_carried <= self.disowned
 
     @property
     def key_updates(self) -> int:
@@ -640,6 +655,7 @@ class MuxTunnel:
             target.refused = event.status
             target._fail(f"refused by the peer (status {event.status})")
         elif isinstance(event, StreamUnprocessed):
+            self.disowned += 1
             if target.error is None and not (target._outcome and target._outcome.done()):
                 # Only if nothing else ended it first (the application's reset, say):
                 # then there is nothing left to send again.

@@ -131,10 +131,20 @@ class MuxPool:
     def _drop_ended(self) -> None:
         """Forget tunnels that ended; retire those the peer sent GOAWAY on (it is draining):
         they take no new stream, so they no longer count toward ``mux_pool_max`` (with
-        one tunnel at most, connections would otherwise wait for its last stream)."""
-        self.tunnels = [t for t in self.tunnels if t.alive]
-        for tunnel in [t for t in self.tunnels if t.draining]:
-            self._retire(tunnel, "closed")
+        one tunnel at most, connections would otherwise wait for its last stream).
+
+        One that left every stream it carried unprocessed did no work for its QKD key: a
+        failed establishment (it backs off). Otherwise a peer that disowns the first
+        stream of every tunnel would have each attempt of a connection (the first and its
+        resends) establish a tunnel of its own. A stream the peer took ends its
+        connection's attempts, so tunnels that took one cost at most a key per connection."""
+        leaving = [t for t in self.tunnels if not t.alive or t.draining]
+        for tunnel in leaving:
+            self.tunnels.remove(tunnel)
+            if tunnel.alive:
+                self._retire(tunnel, "closed")
+            if tunnel.disowned_all:
+                self._failed(MuxStreamError("the peer processed no stream of its tunnel"))
 
     async def _grow(self) -> PlainTunnel | None:
         """Establish one more tunnel (or wait for the one being established)."""
@@ -143,7 +153,9 @@ class MuxPool:
             return None
         now = self._clock()
         if now < self._retry_at and self._last_error is not None:
-            raise self._last_error
+            # Each raise would add its frames to the one exception object (and keep them,
+            # with their connections' locals, alive until the next failure): only ours.
+            raise self._last_error.with_traceback(None)
         self._growing = asyncio.get_running_loop().create_future()
         try:
             return await self._establish()
@@ -157,10 +169,7 @@ class MuxPool:
             if isinstance(made, MuxTunnel):
                 await self._settle(made)
         except (OSError, Exception) as exc:
-            self.establish_failures += 1
-            self._last_error = exc
-            self._backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, self._backoff_s * 2))
-            self._retry_at = self._clock() + self._backoff_s
+            self._failed(exc)
             raise
         self._backoff_s, self._last_error = 0.0, None
         if isinstance(made, PlainTunnel):
@@ -170,6 +179,14 @@ class MuxPool:
         self.tunnels.append(made)
         self._changed.set()
         return None
+
+    def _failed(self, exc: BaseException) -> None:
+        """An establishment failed: the next one waits (doubling up to a cap), and until
+        then connections that need one get ``exc``."""
+        self.establish_failures += 1
+        self._last_error = exc
+        self._backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_FIRST_S, self._backoff_s * 2))
+        self._retry_at = self._clock() + self._backoff_s
 
     async def _settle(self, tunnel: MuxTunnel) -> None:
         """Wait for the peer's SETTINGS before the tunnel takes streams: its stream limit

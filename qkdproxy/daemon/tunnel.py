@@ -756,6 +756,7 @@ class Tunnel:
                     )
                     break
                 again = await self._retry_stream(mux, *kept)
+                kept = None  # sent by the new stream: not held for the connection's life
                 if isinstance(again, str):
                     reason = again
                     break

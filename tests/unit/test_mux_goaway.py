@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from typing import Any, cast
 
+from hpack import Encoder
+
 from qkdproxy.core.mux import (
     ResetCode,
     StreamAccepted,
@@ -19,7 +21,16 @@ from qkdproxy.core.mux import (
 from qkdproxy.daemon.muxconn import REPLAY_LIMIT, MuxTunnel
 from qkdproxy.daemon.pump import RekeyBudget
 from tests.unit.test_mux_codec import frame
-from tests.unit.test_mux_hostile import GOAWAY, RST, client
+from tests.unit.test_mux_hostile import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    RST,
+    WINDOW,
+    client,
+)
 from tests.unit.test_mux_protocol import exchange, pair
 
 
@@ -155,6 +166,59 @@ def test_a_reset_for_a_stream_a_goaway_closed_is_ignored() -> None:
     assert conn.receive(frame(RST, 0, sid, struct.pack(">I", 7))) == []
 
 
+def test_a_disowned_stream_s_late_answer_and_data_reach_nobody() -> None:
+    # The server answered and sent on a stream its (crossing) GOAWAY disowned: the client
+    # already gave the stream up for a resend, so none of it may surface.
+    for answer in ("accept", "refuse"):
+        client_conn, server = pair()
+        sid = client_conn.open_stream()
+        exchange(client_conn, server)
+        assert client_conn.receive(goaway(0))[0] == StreamUnprocessed(sid, "GOAWAY")
+        if answer == "accept":
+            server.accept(sid)
+            server.send(sid, b"late")
+            server.finish(sid)
+        else:
+            server.refuse(sid, 403)
+        assert client_conn.receive(server.data_to_send()) == []
+
+
+def test_the_reserved_bit_of_a_goaway_last_id_is_ignored() -> None:
+    conn = client()
+    first, second, third = conn.open_stream(), conn.open_stream(), conn.open_stream()
+    assert conn.receive(goaway(0x8000_0000 | second))[0] == StreamUnprocessed(third, "GOAWAY")
+    assert conn.window(first) > 0 and conn.window(second) > 0
+
+
+def test_streams_refused_after_our_goaway_keep_hpack_in_step_and_carry_nothing() -> None:
+    client_conn, server = pair()
+    client_conn.open_stream()
+    exchange(client_conn, server)
+    server.goaway()
+    server.data_to_send()
+    encoder = Encoder()
+    fields = [(b":method", b"CONNECT"), (b":authority", b"elsewhere:1"), (b"x-pad", b"v" * 64)]
+    indexing = encoder.encode(fields)  # enters the fields into the dynamic table
+    indexed = encoder.encode(fields)  # refers to those entries
+    assert len(indexed) < 8
+    hostile = (
+        frame(HEADERS, END_HEADERS | END_STREAM, 3, indexing)
+        + frame(DATA, END_STREAM, 3, b"upload")
+        + frame(HEADERS, END_HEADERS, 5, indexed)
+        + frame(DATA, 0, 5, b"more")
+        + frame(WINDOW, 0, 5, struct.pack(">I", 10))
+        + frame(RST, 0, 5, struct.pack(">I", ResetCode.CANCEL))
+    )
+    assert server.receive(hostile) == []  # no stream, no data, no error
+    assert server.ended is None
+    # Decoded though refused: the next block of the peer's encoder still decodes right.
+    table = server._decoder.header_table.dynamic_entries
+    assert table == encoder.header_table.dynamic_entries
+    [ended] = server.receive(frame(HEADERS, END_HEADERS, 7, b"\xff\xff\xff\xff"))
+    assert isinstance(ended, TunnelEnded) and ended.error and "HPACK" in ended.reason
+    assert goaways_sent(server.data_to_send())[-1] == (1, 9)  # same last id, COMPRESSION_ERROR
+
+
 # ----------------------------------------------------- what the client keeps to retry
 
 
@@ -200,3 +264,13 @@ def test_a_stream_past_the_replay_limit_is_not_retried() -> None:
     stream._keep(b"x")
     carrier._dispatch(StreamUnprocessed(stream.stream_id, "GOAWAY"))
     assert stream.kept() is None
+
+
+def test_a_resend_refused_before_its_pump_ran_gives_back_what_it_carried() -> None:
+    # The stream carrying a resend may be disowned before its outbound task sent (or even
+    # started): what it was loaded with must still come back whole, never lost.
+    carrier = client_tunnel()
+    stream = carrier.open_stream()
+    stream.preload(b"kept from the first attempt", True)
+    carrier._dispatch(StreamUnprocessed(stream.stream_id, "GOAWAY"))
+    assert stream.kept() == (b"kept from the first attempt", True)
