@@ -887,7 +887,10 @@ async def test_slow_kme_beyond_the_client_timeout(pki: DevPki) -> None:
             return web.Response(status=503)
 
         fake.handler = stall
-        async with etsi_client(pki, fake.url, "sae-a", timeout_s=0.2) as client:
+        # The KME never answers: any timeout shows it. 1 s, not less: the timeout also
+        # covers the mutual-TLS connection, which a loaded CI machine can take 0.2 s to make
+        # (the request then never reached the fake KME).
+        async with etsi_client(pki, fake.url, "sae-a", timeout_s=1.0) as client:
             with pytest.raises(KeySourceUnavailableError) as caught:
                 await asyncio.wait_for(client.enc_keys("sae-b"), DEADLINE)
             assert type(caught.value) is KeySourceUnavailableError
