@@ -113,10 +113,11 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: 
     ``flush_interval_s``: record event lines (one per connection) written within this long
     of the last flush wait for one flush, at most that long later; the first line after a
     quiet spell, and every line logged the ordinary way (warnings, errors), flushes at
-    once with whatever waits before it. One write per line was a tenth of a multiplexed
-    connection's CPU in each daemon (docs/PERFORMANCE.md, "Log lines"). 0: every line is
-    flushed as it is written. The waiting lines are flushed when logging shuts down (a
-    normal exit, SIGTERM); a process killed outright loses at most that interval's lines.
+    once with whatever waits before it. The write of each line was 6-7 % of each daemon's
+    samples in a multiplexed run (docs/PERFORMANCE.md, "Fourth pass: fewer writes per
+    connection"). 0: every line is flushed as it is written. The waiting lines are
+    flushed when logging shuts down (a normal exit, SIGTERM); a process killed outright
+    loses at most that interval's lines.
     """
 
     def __init__(self, stream: TextIO, flush_interval_s: float = 0.0) -> None:
@@ -143,8 +144,14 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: 
         """An ordinary log line: the waiting lines go first, in one write with it."""
         if self._waiting:
             self._cancel_timer()
-            self.stream.write("".join(self._waiting))
+            text = "".join(self._waiting)
             self._waiting.clear()
+            try:
+                self.stream.write(text)
+            except RecursionError:
+                raise
+            except Exception:  # logging never breaks the caller (emit's rule)
+                self.handleError(record)
         super().emit(record)  # writes the line and flushes
 
     def flush(self) -> None:

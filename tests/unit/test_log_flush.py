@@ -147,3 +147,22 @@ async def test_a_burst_is_one_write_on_a_line_buffered_stream_like_stderr(sink: 
     raw.written.clear()
     await asyncio.wait_for(raw.written.wait(), STEP_S)
     assert len(raw.writes) == 2 and raw.writes[1].count(b"\n") == 9
+
+
+async def test_a_broken_stream_under_waiting_lines_never_breaks_the_caller(
+    sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting lines written ahead of an ordinary line hit a write error: logging reports
+    it (handleError), the code that logged carries on."""
+    _install(sink)
+    _line(1)
+    _line(2)  # waits
+
+    def broken(text: str) -> int:
+        raise OSError("disk full")
+
+    errors: list[logging.LogRecord] = []
+    monkeypatch.setattr(sink, "write", broken)
+    monkeypatch.setattr(logging.Handler, "handleError", lambda self, record: errors.append(record))
+    logging.getLogger("qkdproxy.kme").warning("KME unreachable")  # must not raise
+    assert errors
