@@ -112,12 +112,13 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: 
 
     ``flush_interval_s``: record event lines (one per connection) written within this long
     of the last flush wait for one flush, at most that long later; the first line after a
-    quiet spell, and every line logged the ordinary way (warnings, errors), flushes at
-    once with whatever waits before it. The write of each line was 6-7 % of each daemon's
+    quiet spell, every line logged the ordinary way (warnings, errors) and every line
+    written ``at_once`` (where a QKD key went: it must survive a crash) flush at once with
+    whatever waits before them. The write of each line was 6-7 % of each daemon's
     samples in a multiplexed run (docs/PERFORMANCE.md, "Fourth pass: fewer writes per
     connection"). 0: every line is flushed as it is written. The waiting lines are
     flushed when logging shuts down (a normal exit, SIGTERM); a process killed outright
-    loses at most that interval's lines.
+    loses at most that interval's lines, none of them the record of a spent key.
     """
 
     def __init__(self, stream: TextIO, flush_interval_s: float = 0.0) -> None:
@@ -128,12 +129,16 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg] # typeshed: 
         # Held here, not in the stream: stderr is line-buffered (a write per line).
         self._waiting: list[str] = []
 
-    def write_line(self, line: str) -> None:
-        """Write one line; flush it now or within ``flush_interval_s``."""
+    def write_line(self, line: str, *, at_once: bool = False) -> None:
+        """Write one line; flush it now (``at_once``: always, with what waits before it) or
+        within ``flush_interval_s``."""
         with self.lock or _NO_LOCK:
             try:
                 self._waiting.append(line + self.terminator)
-                if self._flush_timer is None and not self._flush_later():
+                if at_once:
+                    self._cancel_timer()
+                    self._write_waiting()
+                elif self._flush_timer is None and not self._flush_later():
                     self._write_waiting()
             except RecursionError:
                 raise
@@ -224,12 +229,18 @@ def _direct_handler(logger: logging.Logger, level: int) -> LineHandler | None:
 
 
 def log_record_event(
-    logger: logging.Logger, level: int, name: str, fields: dict[str, object]
+    logger: logging.Logger,
+    level: int,
+    name: str,
+    fields: dict[str, object],
+    *,
+    at_once: bool = False,
 ) -> None:
     """Log ``fields`` as the record event ``name``: the same line as ``logger.log(level,
     JsonLine(fields), extra=record_event(name, fields))``, written directly when only our
     own handler would write it (no LogRecord, filter or formatter call: about half of what
-    the line cost), and through logging otherwise."""
+    the line cost), and through logging otherwise. ``at_once``: never held back for a
+    shared write (with the lines waiting before it)."""
     handler = _direct_handler(logger, level)
     if handler is not None and "event" not in fields and RESERVED_SET.isdisjoint(fields):
         try:
@@ -241,7 +252,8 @@ def log_record_event(
             assert isinstance(formatter, JsonFormatter | TextFormatter)
             level_name = logging.getLevelName(level)
             ts = utc_timestamp(time.time())
-            handler.write_line(formatter.record_line(ts, level_name, logger.name, name, body))
+            line = formatter.record_line(ts, level_name, logger.name, name, body)
+            handler.write_line(line, at_once=at_once)
             return
     logger.log(level, JsonLine(fields), extra=record_event(name, fields), stacklevel=2)
 

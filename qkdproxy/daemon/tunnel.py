@@ -129,6 +129,14 @@ class ConnectionRecord:
         self.fresh_key_updates_abandoned = stats.abandoned
         self.fresh_key_ids = stats.key_ids
 
+    @property
+    def spends_key(self) -> bool:
+        """Whether this line is where a QKD key's spending is recorded (a stream's key id is
+        its tunnel's, recorded on the tunnel's line)."""
+        if self.mux == "stream":
+            return False
+        return bool(self.qkd_key_id or self.spent_key_id or self.fresh_key_ids)
+
 
 RECORD_FIELDS = tuple(f.name for f in dataclass_fields(ConnectionRecord))
 # The line's values in RECORD_FIELDS order, in one C call (a shallow copy: asdict deep-copies).
@@ -913,7 +921,8 @@ class Tunnel:
                 if similar:
                     fields["similar_since_last_warning"] = similar
         if level is not None:
-            log_record_event(log, level, "connection", fields)
+            # Where a key went must survive a crash: such a line is never held back.
+            log_record_event(log, level, "connection", fields, at_once=record.spends_key)
         if self._on_close is not None:
             self._on_close(record)
 

@@ -179,6 +179,43 @@ async def test_peer_daemon_restarted_with_etsi004_streams_open_ahead(
     ), refused_open
 
 
+async def test_killed_outright_a_daemon_has_logged_every_key_it_spent(
+    faults: FaultHarness,
+) -> None:
+    """Both daemons hold connection lines for shared writes for up to a second
+    (``log_flush_ms = 1000``) and are killed with SIGKILL right after their connections
+    closed. Expected: every line recording a spent QKD key was written before the kill
+    (where a key went must survive a crash); the same key ids on both sides. Regression:
+    with the shared write such lines waited, and the lines of the connections just before
+    a kill were lost."""
+    kme = await faults.start_kme()
+    _, backend_port = await faults.recording_backend()
+    held = {"log_flush_ms": 1000}
+    server = await faults.node(faults.config(
+        "server.toml", [faults.server_tunnel("t", backend_port)],
+        {"local": faults.kme_table(kme.urls["kme-b"], "b")}, held,
+    ))  # fmt: skip
+    client = await faults.node(faults.config(
+        "client.toml", [faults.client_tunnel("t", server.ports["t"])],
+        {"local": faults.kme_table(kme.urls["kme-a"], "a")}, held,
+    ))  # fmt: skip
+    for _ in range(3):
+        assert await works(client.ports["t"])
+
+    async def closed_all(node: Node) -> bool:
+        # A connection is counted closed in the same step that hands its line to logging.
+        tunnel = (await node.status())["tunnels"][0]
+        return tunnel["active"] == 0 and tunnel["closed"] == 3
+
+    for node in (client, server):
+        await eventually(lambda node=node: closed_all(node), f"{node.proc.name}: 3 closed")
+    for node in (client, server):
+        node.proc.process.kill()
+        await node.proc.wait_exit()
+    keys = [{r["qkd_key_id"] for r in node.proc.records()} for node in (client, server)]
+    assert len(keys[0]) == 3 and keys[0] == keys[1], keys
+
+
 # --------------------------------------------------------------------------- backend
 
 

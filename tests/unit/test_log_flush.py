@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from qkdproxy.daemon.logformat import LineHandler, configure_logging, log_record_event
+from qkdproxy.daemon.tunnel import ConnectionRecord
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -81,6 +82,37 @@ async def test_an_ordinary_log_call_writes_what_waits_before_it(sink: Sink) -> N
     logging.getLogger("qkdproxy.kme").warning("KME unreachable")
     text = "".join(sink.writes)
     assert text.index('"conn_id":2') < text.index("KME unreachable")
+
+
+async def test_a_line_recording_a_spent_key_is_never_held_back(sink: Sink) -> None:
+    """A process killed outright must not lose where a QKD key went: that line is written
+    at once, with the lines waiting before it, in order."""
+    _install(sink)
+    _line(1)
+    _line(2)
+    assert '"conn_id":2' not in "".join(sink.writes)
+    log_record_event(log, logging.INFO, "connection", {"conn_id": 3, "qkd_key_id": "k"},
+                     at_once=True)  # fmt: skip
+    text = "".join(sink.writes)
+    assert text.index('"conn_id":2') < text.index('"conn_id":3')
+    writes = len(sink.writes)
+    sink.flushed.clear()
+    _line(4)  # the interval starts again from that write
+    assert len(sink.writes) == writes
+    await asyncio.wait_for(sink.flushed.wait(), STEP_S)
+    assert '"conn_id":4' in sink.writes[-1]
+
+
+def test_the_line_that_records_a_spent_key_is_the_one_never_held_back() -> None:
+    def record(**fields: object) -> ConnectionRecord:
+        return ConnectionRecord(conn_id=1, tunnel="t", role="client", **fields)  # type: ignore[arg-type]
+
+    assert record(qkd_key_id="k").spends_key  # a per-connection tunnel
+    assert record(spent_key_id="k").spends_key  # a failed handshake that took a key
+    assert record(qkd_key_id="k", mux="tunnel").spends_key  # a carrying tunnel
+    assert record(fresh_key_ids=["k2"]).spends_key  # Extended Key Updates
+    assert not record(qkd_key_id="k", mux="stream").spends_key  # the tunnel's key, logged there
+    assert not record().spends_key  # refused before any key
 
 
 async def test_shutting_logging_down_writes_what_waits(sink: Sink) -> None:
