@@ -202,13 +202,14 @@ async def test_killed_outright_a_daemon_has_logged_every_key_it_spent(
     for _ in range(3):
         assert await works(client.ports["t"])
 
-    async def closed_all(node: Node) -> bool:
-        # A connection is counted closed in the same step that hands its line to logging.
-        tunnel = (await node.status())["tunnels"][0]
-        return tunnel["active"] == 0 and tunnel["closed"] == 3
-
     for node in (client, server):
-        await eventually(lambda node=node: closed_all(node), f"{node.proc.name}: 3 closed")
+
+        async def closed_all(node: Node = node) -> bool:
+            # A connection is counted closed in the step that hands its line to logging.
+            tunnel = (await node.status())["tunnels"][0]
+            return bool(tunnel["active"] == 0 and tunnel["closed"] == 3)
+
+        await eventually(closed_all, f"{node.proc.name}: 3 closed")
     for node in (client, server):
         node.proc.process.kill()
         await node.proc.wait_exit()
