@@ -11,13 +11,16 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, SupportsIndex, TypeVar
 
 from qkdproxy.core.admission import HelloProgress, HelloState, Refusal
+from qkdproxy.io.socket_reader import SocketReader, accepting
 
 T = TypeVar("T")
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Handler = Callable[
+    [asyncio.StreamReader | SocketReader, asyncio.StreamWriter], Coroutine[object, object, None]
+]
 
 
 class WatchedReader(asyncio.StreamReader):
@@ -38,20 +41,23 @@ class WatchedReader(asyncio.StreamReader):
         super().feed_data(data)
 
 
-def _factory(handler: Handler, watch_hello: bool) -> Callable[[], asyncio.StreamReaderProtocol]:
-    reader = WatchedReader if watch_hello else asyncio.StreamReader
+def _factory(handler: Handler, read_size: int | None) -> Callable[[], asyncio.BaseProtocol]:
+    if read_size is not None:
+        # Plaintext: read in place by the pumps from the start.
+        return accepting(handler, read_size)
 
     def protocol() -> asyncio.StreamReaderProtocol:
-        return asyncio.StreamReaderProtocol(reader(), handler)
+        return asyncio.StreamReaderProtocol(WatchedReader(), handler)
 
     return protocol
 
 
 async def start_server(
-    handler: Handler, *, watch_hello: bool = True, **kwargs: Any
+    handler: Handler, *, plaintext_read_size: int | None = None, **kwargs: Any
 ) -> asyncio.Server:
-    """:func:`asyncio.start_server`, with :class:`WatchedReader` readers (plain ones unless
-    ``watch_hello``: a plaintext listener has no hello to watch). Accepted TCP connections
+    """:func:`asyncio.start_server`, with :class:`WatchedReader` readers; with
+    ``plaintext_read_size`` a plaintext listener (no hello to watch), each connection read
+    by a :class:`SocketReader` of that size. Accepted TCP connections
     have SO_KEEPALIVE: set once on the listening sockets, which Linux copies to every
     connection they accept (no system call per connection), or per connection on a
     ``sock`` passed in."""
@@ -62,7 +68,9 @@ async def start_server(
         handler = _keeping_alive(handler)
     serve = kwargs.pop("start_serving", True)
     # Not listening yet: no connection can be accepted before the option is set.
-    server = await loop.create_server(_factory(handler, watch_hello), start_serving=False, **kwargs)
+    server = await loop.create_server(
+        _factory(handler, plaintext_read_size), start_serving=False, **kwargs
+    )
     for sock in server.sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -72,7 +80,9 @@ async def start_server(
 
 
 def _keeping_alive(handler: Handler) -> Handler:
-    async def each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def each(
+        reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
+    ) -> None:
         keep_alive(writer)
         await handler(reader, writer)
 
@@ -88,11 +98,12 @@ def keep_alive(writer: asyncio.StreamWriter) -> None:
 
 
 async def start_unix_server(
-    handler: Handler, path: str, *, watch_hello: bool = True
+    handler: Handler, path: str, *, plaintext_read_size: int | None = None
 ) -> asyncio.Server:
     """:func:`asyncio.start_unix_server`, with :class:`WatchedReader` readers (plain ones
-    unless ``watch_hello``)."""
-    return await asyncio.get_running_loop().create_unix_server(_factory(handler, watch_hello), path)
+    unless ``plaintext_read_size``: :func:`start_server`)."""
+    factory = _factory(handler, plaintext_read_size)
+    return await asyncio.get_running_loop().create_unix_server(factory, path)
 
 
 class HelloDeadlineError(Exception):

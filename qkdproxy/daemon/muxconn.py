@@ -3,8 +3,10 @@
 One reader task feeds the peer's bytes to the protocol and passes each stream's bytes on
 to its plaintext side from there; every call that makes the protocol produce bytes hands
 them to the TLS stream before it yields, so frames keep their order. :func:`pump_stream`
-moves one stream: backpressure comes from the HTTP/2 windows (a stream's received bytes
-are acknowledged only once its plaintext side took them) and from the TLS stream's drain.
+moves one stream, both ways on the event loop's callbacks (no task per stream):
+backpressure comes from the HTTP/2 windows (a stream's received bytes are acknowledged
+only once its plaintext side took them; its plaintext side is read only while it has
+window) and from the tunnel's transport buffer (streams stop reading while it drains).
 """
 
 from __future__ import annotations
@@ -65,11 +67,14 @@ class TunnelFullError(MuxStreamError):
 class MuxStream:
     """One application connection inside a tunnel.
 
-    Its inbound direction runs on the tunnel reader's callbacks, not a task of its own:
-    once :func:`pump_stream` attached the plaintext side, each DATA frame is written there
-    as it is dispatched and acknowledged at once unless the plaintext side is backed up
-    (then the acknowledgement waits for its drain, so the peer stops at the stream
-    window). Only the outbound direction (plaintext reads) needs a task.
+    Both directions run on callbacks, not tasks of their own. Inbound: once
+    :func:`pump_stream` attached the plaintext side, each DATA frame is written there as it
+    is dispatched and acknowledged at once unless the plaintext side is backed up (then the
+    acknowledgement waits for its drain, so the peer stops at the stream window).
+    Outbound: the plaintext socket's reader calls :meth:`_pull` as bytes arrive, which
+    frames what the windows allow and hands it to TLS at once; a shut window or a backed-up
+    tunnel leaves the rest in the reader (which stops reading the socket when full) until
+    a WINDOW_UPDATE or the tunnel's drain calls it again.
     """
 
     def __init__(self, tunnel: MuxTunnel, stream_id: int) -> None:
@@ -96,6 +101,7 @@ class MuxStream:
         self.request_queued = False
         # Set by pump_stream: the plaintext side, its counters and the pump's outcome.
         self._sink: asyncio.StreamWriter | None = None
+        self._source: SocketReader | None = None
         self._traffic = Traffic()
         self._outcome: asyncio.Future[str] | None = None
         self._sent_all = False
@@ -219,7 +225,7 @@ class MuxStream:
     def preload(self, data: bytes, fin: bool) -> None:
         """Client: send what a stream the peer did not process carried (and its end, if
         the application had ended) before reading the application again. Kept at once:
-        a stream disowned before its outbound task ran gives it back all the same."""
+        a stream disowned before its preload was sent gives it back all the same."""
         self._preload = (data, fin)
         self._keep(data)
         self._kept_fin = fin
@@ -231,16 +237,25 @@ class MuxStream:
             return None
         return bytes(self._kept), self._kept_fin
 
-    async def _send_preload(self) -> bool:
-        """Send what :meth:`preload` gave (in a coroutine of its own: nothing holds it once
-        sent for the rest of a long-lived connection); whether it ended the stream."""
+    async def _send_preload(self, source: SocketReader) -> bool:
+        """Send what :meth:`preload` gave (in a task of its own: nothing holds it once sent
+        for the rest of a long-lived connection), then read ``source``; whether it ended
+        the stream."""
         assert self._preload is not None
         replay, fin = self._preload
         self._preload = None
         await self.send(replay)
         if fin:
             await self.send_fin()
+        else:
+            self._read_from(source)
         return fin
+
+    def _read_from(self, source: SocketReader) -> None:
+        """Read the plaintext side on callbacks from now on."""
+        self._source = source
+        source.listen(self._pull)
+        self._pull()
 
     def _keep(self, data: bytes | memoryview) -> None:
         if self._kept is not None:
@@ -249,40 +264,83 @@ class MuxStream:
             else:
                 self._kept += data
 
-    async def _outbound(
-        self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
-    ) -> None:
-        traffic = self._traffic
-        if self._preload is not None and await self._send_preload():
+    def _pull(self) -> None:
+        """Send what the plaintext side has ready, as far as the windows and the tunnel's
+        buffer allow: its reader's callback, and again when a window opened or the tunnel
+        drained. Its end sends END_STREAM."""
+        source = self._source
+        if source is None or self.error is not None or self.finished:
             return
-        # The plaintext socket is read in place, as the per-connection pump does: send
-        # copies each batch into the tunnel's output before it returns, and only then is
-        # the reader's buffer reused.
-        # At most one DATA frame per read (the per-connection pump reads twice as much:
-        # here that measured more instructions per byte, the output buffer growing).
-        source = SocketReader.attach(reader, writer, FRAME_SIZE)
-        while data := await source.peek():
-            traffic.to_peer += len(data)
-            traffic.last_activity = time.monotonic()
-            # Kept before it is sent: a send cut by the stream's end consumes it all.
-            self._keep(data)
-            try:
-                await self.send(data)
-            finally:
-                source.consume(len(data))
-        self._kept_fin = True
-        await self.send_fin()
+        tunnel = self.tunnel
+        traffic = self._traffic
+        moved = False
+        try:
+            while not tunnel.backed_up:
+                data = source.ready()
+                if data is None:
+                    break
+                if not data:
+                    self._kept_fin = True
+                    self._finish_now()
+                    self._sent_everything()
+                    return
+                # The reader's buffer is read in place: send copies what it takes into the
+                # tunnel's output, and only then is it consumed.
+                sent = tunnel.conn.send(self.stream_id, data)
+                if not sent:
+                    break  # window shut: its WINDOW_UPDATE calls again
+                # Kept for a peer that does not process the stream, which another may resend.
+                self._keep(data[:sent] if sent < len(data) else data)
+                source.consume(sent)
+                tunnel.bytes_moved += sent
+                traffic.to_peer += sent
+                traffic.last_activity = time.monotonic()
+                moved = True
+            if moved:
+                # A queued request or 200 leaves with these bytes, not before them alone.
+                self.request_queued = False
+                tunnel.send_now()
+        except MuxError as exc:
+            self._conclude(f"error: MuxStreamError: {exc}"[:200])
+        except Exception as exc:  # what broke the plaintext side or the tunnel: this stream's end
+            self._conclude(f"error: {type(exc).__name__}: {exc}"[:200])
 
-    def _outbound_done(self, task: asyncio.Task[None]) -> None:
+    def _resume(self) -> None:
+        """A window opened or the tunnel drained: send what waits (if reading on callbacks)."""
+        if self._source is not None:
+            self._pull()
+
+    def _finish_now(self) -> None:
+        """END_STREAM, handed to TLS without waiting (TlsStreamError, MuxError)."""
+        self.tunnel.conn.finish(self.stream_id)
+        self.finished = True
+        self._settle()
+        self.request_queued = False
+        self.tunnel.send_now()
+
+    def _send_request(self) -> None:
+        """Client: send the request if no bytes of the application took it along."""
+        if self.request_queued and self._outcome is not None and not self._outcome.done():
+            self.request_queued = False
+            try:
+                self.tunnel.send_now()
+            except TlsStreamError as exc:
+                self._conclude(f"error: {type(exc).__name__}: {exc}"[:200])
+
+    def _sent_everything(self) -> None:
+        if self.peer_finished:
+            self._conclude("closed")
+        else:
+            self._sent_all = True
+
+    def _preload_done(self, task: asyncio.Task[bool]) -> None:
         if task.cancelled():
             return
         error = task.exception()
         if error is not None:
             self._conclude(f"error: {type(error).__name__}: {error}"[:200])
-        elif self.peer_finished:
-            self._conclude("closed")
-        else:
-            self._sent_all = True
+        elif task.result():
+            self._sent_everything()
 
     # Ends.
 
@@ -337,8 +395,9 @@ async def pump_stream(
     idle_timeout_s: float,
 ) -> str:
     """:func:`pump` for a stream: both directions until both ended (or one failed, or
-    ``idle_timeout_s`` passed without bytes either way); why it ended. One task (the
-    outbound reads) and one timer per stream: the inbound side runs on callbacks."""
+    ``idle_timeout_s`` passed without bytes either way); why it ended. Both directions run
+    on callbacks; one timer per stream (a task only to resend what a stream the peer did
+    not process carried)."""
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[str] = loop.create_future()
     stream._outcome = outcome
@@ -350,8 +409,16 @@ async def pump_stream(
         stream._fail(stream.error)
     elif stream.peer_finished:
         stream._write_eof()
-    outbound = asyncio.ensure_future(stream._outbound(reader, writer))
-    outbound.add_done_callback(stream._outbound_done)
+    # The plaintext socket is read in place, as the per-connection pump does. At most one
+    # DATA frame per receive (the per-connection pump reads twice as much: here that
+    # measured more instructions per byte, the output buffer growing).
+    source = SocketReader.attach(reader, writer, FRAME_SIZE)
+    preload: asyncio.Task[bool] | None = None
+    if stream._preload is not None:
+        preload = asyncio.ensure_future(stream._send_preload(source))
+        preload.add_done_callback(stream._preload_done)
+    else:
+        stream._read_from(source)
     timer: asyncio.TimerHandle | None = None
 
     def idle_check() -> None:
@@ -364,26 +431,23 @@ async def pump_stream(
 
     if idle_timeout_s:
         timer = loop.call_later(idle_timeout_s, idle_check)
+    if stream.request_queued:
+        # Client: the application's first bytes may come in the next round of the loop;
+        # the queued request leaves with them, or alone after that round (a silent,
+        # server-speaks-first application).
+        loop.call_soon(stream._send_request)
     try:
-        if stream.request_queued:
-            # Client: the outbound side's first read runs now. When the application's
-            # first bytes are at hand, the queued request leaves with them; a silent
-            # (server-speaks-first) application still gets its request out here.
-            await asyncio.sleep(0)
-            if stream.request_queued and not outcome.done():
-                try:
-                    await stream._flush()
-                except TlsStreamError as exc:
-                    stream._conclude(f"error: {type(exc).__name__}: {exc}"[:200])
         return await outcome
     finally:
         if timer is not None:
             timer.cancel()
-        for task in (outbound, stream._draining):
+        source.listen(None)
+        stream._source = None
+        for task in (preload, stream._draining):
             if task is not None and not task.done():
                 task.cancel()
-        if not outbound.done():  # usually it is (both ways ended): nothing to wait for
-            await asyncio.gather(outbound, return_exceptions=True)
+        if preload is not None and not preload.done():
+            await asyncio.gather(preload, return_exceptions=True)
         stream._sink = None
 
 
@@ -442,6 +506,12 @@ class MuxTunnel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._want_write = asyncio.Event()
+        # The transport's buffer is past its high-water mark (or keys are due): streams
+        # read no more of their plaintext sides until the writer task has drained it.
+        self.backed_up = False
+        # A write of what the streams queue in this round of the event loop is scheduled.
+        self._loop: asyncio.AbstractEventLoop | None = None  # the first write's
+        self._write_scheduled = False
 
     @property
     def disowned_all(self) -> bool:
@@ -477,19 +547,19 @@ class MuxTunnel:
     async def flush(self) -> None:
         """Hand the protocol's queued bytes to TLS (TlsStreamError if the tunnel broke).
 
-        With more than one stream active, the write is left to the tunnel's writer task,
-        which runs once the streams ready in this round of the event loop have queued
-        their frames: all of them leave in one TLS record and one socket write. A sender
-        still waits while the transport is backed up. One stream alone writes at once
-        (nothing to coalesce with, and a round of the loop saved)."""
+        With more than one stream active, the write waits for the end of this round of the
+        event loop, once the streams ready in it have queued their frames: all of them
+        leave in one TLS record and one socket write. A sender still waits while the
+        transport is backed up. One stream alone writes at once (nothing to coalesce with,
+        and a round of the loop saved)."""
         if not self.conn.pending:
             return
         if self.reason is not None and self.broken:
             raise TlsStreamError(self.reason)
-        if self.active < 2:
+        if self.active < 2 and not self.backed_up:
             await self._write_now()
             return
-        self._want_write.set()
+        self._write_soon()
         try:
             await self._writer.drain()
         except ConnectionError as exc:
@@ -497,22 +567,69 @@ class MuxTunnel:
             raise TlsStreamError(self.reason or "tunnel broke") from None
 
     def flush_soon(self) -> None:
-        """Flush from a callback (a stream's WINDOW_UPDATE), by the writer task."""
-        self._want_write.set()
+        """Flush from a callback (a stream's WINDOW_UPDATE), at the end of this round."""
+        self._write_soon()
 
-    async def _write_now(self) -> None:
+    def send_now(self) -> None:
+        """:meth:`flush` from a callback: one stream alone hands its frames to TLS now,
+        without waiting; with several active they leave together at the end of this round
+        of the event loop. :class:`TlsStreamError` if the tunnel broke."""
+        if not self.conn.pending:
+            return
+        if self.active < 2 and not self.backed_up:
+            self._write_checked()
+        else:
+            self._write_soon()
+
+    def _write_soon(self) -> None:
+        # A callback, not the writer task: no task step per write (a stream's callbacks
+        # run in the loop's I/O phase, before it).
+        if not self._write_scheduled:
+            self._write_scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._write_round)
+
+    def _write_round(self) -> None:
+        self._write_scheduled = False
+        if self.backed_up:
+            return  # the writer task writes once the transport drained
+        with contextlib.suppress(TlsStreamError):  # broken: its streams were failed
+            self._write_checked()
+
+    def _write_checked(self) -> None:
+        """Write what is queued; past the transport's high-water mark (or with keys due)
+        streams stop reading until the writer task drained it (and renewed them)."""
+        if self._write_sync():
+            self.backed_up = True
+            self._want_write.set()
+
+    def _write_sync(self) -> bool:
+        """Hand the queued frames to TLS; whether the writer task must run before more is
+        sent (the transport's buffer is past its high-water mark, or keys are due)."""
         data = self.conn.data_to_send()
         if not data:
-            return
+            return False
         if self.reason is not None and self.broken:
             raise TlsStreamError(self.reason)
         try:
-            await self.tls.write(data)
+            backed_up = self.tls.write_nowait(data)
         except TlsStreamError as exc:
             self._break(f"tunnel broke: {exc}")
             raise
         self._traffic.bytes_since_rekey += len(data)
         self._traffic.to_peer += len(data)
+        return backed_up or self._traffic.rekey_due(self._rekey, self._clock())
+
+    async def _write_now(self) -> None:
+        if not self.conn.pending and not self.backed_up:
+            return
+        self._write_sync()
+        try:
+            await self.tls.drain()
+        except TlsStreamError as exc:
+            self._break(f"tunnel broke: {exc}")
+            raise
         now = self._clock()
         if self._traffic.rekey_due(self._rekey, now):
             self._traffic.bytes_since_rekey, self._traffic.last_rekey = 0, now
@@ -520,7 +637,8 @@ class MuxTunnel:
             await self.tls.update_keys()
 
     async def _write_queued(self) -> None:
-        """The writer task: whatever the streams queued, in one write per loop round."""
+        """The writer task: waits for a backed-up transport to drain (and renews the keys
+        when due); then the streams read their plaintext sides again."""
         while True:
             await self._want_write.wait()
             self._want_write.clear()
@@ -528,6 +646,11 @@ class MuxTunnel:
                 await self._write_now()
             except TlsStreamError:
                 return  # the tunnel broke: its streams were failed
+            if self.backed_up:
+                self.backed_up = False
+                for stream in list(self.streams.values()):
+                    stream._resume()
+                self._write_soon()  # what was queued meanwhile (a WINDOW_UPDATE)
 
     # ---------------------------------------------------------------- streams
 
@@ -632,8 +755,9 @@ class MuxTunnel:
             self.draining = True  # GOAWAY: open streams may finish, no new ones
             return
         if isinstance(event, WindowOpened) and event.stream_id == 0:
-            for stream in self.streams.values():
+            for stream in list(self.streams.values()):
                 stream._window.set()
+                stream._resume()
             return
         target = self.streams.get(event.stream_id)
         if target is None:
@@ -665,6 +789,7 @@ class MuxTunnel:
             target._fail(f"reset by the peer (code {event.code})")
         elif isinstance(event, WindowOpened):
             target._window.set()
+            target._resume()
 
     # --------------------------------------------------------------- keepalive
 

@@ -222,19 +222,22 @@ class Tunnel:
             self.pool.start()
         address = self.config.listen
         handler = self._accept
-        # Only a server's listener receives TLS hellos (and has their deadlines).
-        watch = self.config.role == "server"
+        # Only a server's listener receives TLS hellos (and has their deadlines); a
+        # client's is plaintext, read in place (a stream reads at most a frame at once).
+        plain = None
+        if self.config.role == "client":
+            plain = FRAME_SIZE if self.pool is not None else READ_SIZE
         if isinstance(address, TcpAddress):
             self._servers.append(
                 await gate.start_server(
-                    handler, watch_hello=watch, host=address.host, port=address.port
+                    handler, plaintext_read_size=plain, host=address.host, port=address.port
                 )
             )
         elif isinstance(address, UnixAddress):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address.path)
             self._servers.append(
-                await gate.start_unix_server(handler, address.path, watch_hello=watch)
+                await gate.start_unix_server(handler, address.path, plaintext_read_size=plain)
             )
         else:
             sockets = (inherited or {}).get(address.name)
@@ -242,7 +245,9 @@ class Tunnel:
                 raise OSError(f"no socket named {address.name!r} was passed by systemd")
             for sock in sockets:
                 self._check_inherited(sock)
-                self._servers.append(await gate.start_server(handler, watch_hello=watch, sock=sock))
+                self._servers.append(
+                    await gate.start_server(handler, plaintext_read_size=plain, sock=sock)
+                )
 
     def _check_inherited(self, sock: socket.socket) -> None:
         # The configuration could not see where systemd bound the socket: check now.
@@ -307,7 +312,9 @@ class Tunnel:
 
     # ------------------------------------------------------------ connections
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(
+        self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
@@ -371,7 +378,9 @@ class Tunnel:
         self._finish(record, now, opened=False, quiet_as=verdict.value)
         return None
 
-    def _quiet_as(self, record: ConnectionRecord, reader: asyncio.StreamReader) -> str | None:
+    def _quiet_as(
+        self, record: ConnectionRecord, reader: asyncio.StreamReader | SocketReader
+    ) -> str | None:
         """The throttle reason of a server connection that failed before its ClientHello
         was complete (an unauthenticated source can produce those at will); None when the
         connection deserves its own log line."""
@@ -381,14 +390,21 @@ class Tunnel:
         return f"before_hello:{record.failure}" if hello is not HelloState.COMPLETE else None
 
     async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+        self,
+        reader: asyncio.StreamReader | SocketReader,
+        writer: asyncio.StreamWriter,
+        record: ConnectionRecord,
     ) -> str:
-        if self.config.role == "server":
+        # A server's listener watches hellos (stream readers); a client's is read in place.
+        if self.config.role == "server" and isinstance(reader, asyncio.StreamReader):
             return await self._serve_server(reader, writer, record)
         return await self._serve_client(reader, writer, record)
 
     async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
+        self,
+        reader: asyncio.StreamReader | SocketReader,
+        writer: asyncio.StreamWriter,
+        record: ConnectionRecord,
     ) -> str:
         got: MuxStream | PlainTunnel | None = None
         if self.pool is not None:
@@ -430,7 +446,7 @@ class Tunnel:
 
     async def _pump_client(
         self,
-        reader: asyncio.StreamReader,
+        reader: asyncio.StreamReader | SocketReader,
         writer: asyncio.StreamWriter,
         record: ConnectionRecord,
         stream: TlsStream,
@@ -733,7 +749,7 @@ class Tunnel:
 
     async def _pump_stream(
         self,
-        reader: asyncio.StreamReader,
+        reader: asyncio.StreamReader | SocketReader,
         writer: asyncio.StreamWriter,
         mux: MuxStream,
         record: ConnectionRecord,

@@ -15,13 +15,14 @@ stream reader is built only to be replaced.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import cast
 
 __all__ = [
     "MIN_FREE",
     "SMALL",
     "SocketReader",
+    "accepting",
     "drop_spare_buffers",
     "open_connection",
     "open_unix_connection",
@@ -82,6 +83,8 @@ class SocketReader(asyncio.BufferedProtocol):
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # A consumer that runs on the event loop's callbacks instead of awaiting peek().
+        self._listener: Callable[[], None] | None = None
 
     @classmethod
     def attach(
@@ -142,6 +145,22 @@ class SocketReader(asyncio.BufferedProtocol):
             finally:
                 self._waiter = None
 
+    def ready(self) -> memoryview | None:
+        """:meth:`peek` without waiting: None when nothing arrived yet (a consumer given
+        to :meth:`listen` is called again when something does)."""
+        if self._error is not None:
+            raise self._error
+        if self._end > self._start:
+            assert self._buffer is not None
+            return memoryview(self._buffer)[self._start : self._end]
+        return memoryview(b"") if self._eof else None
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """Call ``listener`` (from the event loop's callbacks) whenever bytes, the end or an
+        error arrive, instead of waking :meth:`peek`; it takes what it can with
+        :meth:`ready` and :meth:`consume` before it returns. None: stop."""
+        self._listener = listener
+
     def consume(self, count: int) -> None:
         """``count`` bytes at the front were used (the view :meth:`peek` gave is dead)."""
         self._start += count
@@ -180,6 +199,13 @@ class SocketReader(asyncio.BufferedProtocol):
         drain) gets the pause as before, so at most ``capacity`` bytes ever wait.
         """
         self._end += nbytes
+        if self._listener is not None:
+            # It consumes now, if it can: pause only if too little is left afterwards.
+            self._listener()
+            if not self._paused and self._capacity - self._end < MIN_FREE:
+                self._paused = True
+                self._transport.pause_reading()
+            return
         free = self._capacity - self._end
         if free < MIN_FREE and (not free or self._waiter is None):
             self._paused = True
@@ -209,7 +235,9 @@ class SocketReader(asyncio.BufferedProtocol):
         self._previous.resume_writing()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        if self._listener is not None:
+            self._listener()
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
 
@@ -280,3 +308,31 @@ async def open_unix_connection(
     """:func:`asyncio.open_unix_connection`, read by a :class:`SocketReader`."""
     loop = asyncio.get_running_loop()
     return await _dialled(loop.create_unix_connection(_dialling(loop, capacity), path), loop)
+
+
+Accepted = Callable[[SocketReader, asyncio.StreamWriter], Coroutine[object, object, None]]
+
+
+class _AcceptedReader(SocketReader):
+    """An accepted connection's reader, which starts its handler as the connection is made
+    (as :func:`asyncio.start_server` does with a stream pair)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handler: Accepted, capacity: int) -> None:
+        super().__init__(cast(asyncio.Transport, None), _WriterSide(loop), capacity)
+        self._loop = loop
+        self._handler = handler
+        self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the handler with this reader and the connection's writer."""
+        super().connection_made(transport)
+        writer = asyncio.StreamWriter(self._transport, self._previous, None, self._loop)
+        self._task = self._loop.create_task(self._handler(self, writer))
+
+
+def accepting(handler: Accepted, capacity: int) -> Callable[[], SocketReader]:
+    """A listener's protocol factory: every accepted connection is read by a
+    :class:`SocketReader` of ``capacity`` from the start (no stream reader built only to be
+    replaced) and handed with its writer to ``handler``, in a task of its own."""
+    loop = asyncio.get_running_loop()
+    return lambda: _AcceptedReader(loop, handler, capacity)

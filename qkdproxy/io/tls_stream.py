@@ -408,16 +408,39 @@ class TlsStream:
         """
         await self._send(lambda: self._layer.update_keys(request_peer))
 
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`write` from a callback: the records go to the transport now, nobody waits
+        for its buffer; whether that buffer is now past its high-water mark (then send no
+        more until :meth:`drain` returned). On :class:`TlsStreamError` the caller resets
+        the transport (no close_notify: the stream failed)."""
+        self._queue_now(lambda: self._layer.send_data(data, None))
+        transport = self._driver.writer.transport
+        return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark."""
+        try:
+            await self._driver.writer.drain()
+        except ConnectionError as exc:
+            raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
+
     async def _send(self, queue: Callable[[], None]) -> None:
         """Queue records with ``queue``, hand them to the transport, wait for its buffer."""
         try:
+            self._queue_now(queue)
+        except TlsStreamError:
+            await close_transport(self._driver.writer)  # closing already, or failed here
+            raise
+        await self.drain()
+
+    def _queue_now(self, queue: Callable[[], None]) -> None:
+        try:
             queue()
             self._transmit()
-            await self._driver.writer.drain()
         except LocalProtocolError as exc:
-            raise await self._fail(TlsStreamError(exc.reason, exc.alert)) from None
+            raise self._failed(TlsStreamError(exc.reason, exc.alert)) from None
         except ConnectionError as exc:
-            raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
+            raise self._failed(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
 
     def abort(self, reason: str) -> None:
         """The transport is being reset under the stream (no close_notify): an unfinished
@@ -427,13 +450,18 @@ class TlsStream:
             self.failure = TlsStreamError(reason, truncated=True)
 
     async def _fail(self, error: TlsStreamError) -> TlsStreamError:
+        failure = self._failed(error)
+        await close_transport(self._driver.writer)
+        return failure
+
+    def _failed(self, error: TlsStreamError) -> TlsStreamError:
+        """The stream failed (the transport is closed by the caller): what to raise."""
         self._layer.abort()  # a transport error leaves the record layer open otherwise
         # The first failure is the cause (an update's deadline, an alert); what other tasks
         # run into afterwards (a closed transport, a failed layer) is only its consequence.
         self.failure = self.failure or error
         with contextlib.suppress(TlsStreamError):
             self._transmit()  # our alert, if the record layer queued one
-        await close_transport(self._driver.writer)
         return self.failure
 
     async def close(self, final: bytes = b"") -> None:

@@ -31,6 +31,7 @@ from qkdproxy.core.tls.identity import AllowList
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.daemon import gate
 from qkdproxy.daemon.metrics import Metrics, StateCollector, TunnelState
+from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import EndpointSettings, HandshakeError, TlsEndpoint
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.sources import KeySources
@@ -189,7 +190,10 @@ async def _deadline_outcome(send: bytes | None, first_byte_s: float, hello_s: fl
     """Serve one connection whose 'handshake' waits for EOF, under the hello deadlines."""
     outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handler(
+        reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert isinstance(reader, gate.WatchedReader)  # a TLS listener's
         try:
             await gate.within_hello_deadlines(reader, reader.read(), first_byte_s, hello_s)
             outcome.set_result("completed")
@@ -212,17 +216,24 @@ async def _deadline_outcome(send: bytes | None, first_byte_s: float, hello_s: fl
 
 
 async def _accepted(watch_hello: bool) -> tuple[bool, bool]:
-    """Accept one TCP connection through :func:`gate.start_server`: whether its socket has
-    SO_KEEPALIVE, and whether its reader watches the hello."""
+    """Accept one TCP connection through :func:`gate.start_server` (a TLS listener, or a
+    plaintext one read in place): whether its socket has SO_KEEPALIVE, and whether its
+    reader watches the hello (else: is a socket reader)."""
     accepted: asyncio.Future[tuple[bool, bool]] = asyncio.get_running_loop().create_future()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handler(
+        reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
+    ) -> None:
         sock = writer.get_extra_info("socket")
         keepalive = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
-        accepted.set_result((keepalive, isinstance(reader, gate.WatchedReader)))
+        kind = isinstance(reader, gate.WatchedReader if watch_hello else SocketReader)
+        accepted.set_result((keepalive, kind))
         writer.close()
 
-    server = await gate.start_server(handler, watch_hello=watch_hello, host="127.0.0.1", port=0)
+    read_size = None if watch_hello else 64 * 1024
+    server = await gate.start_server(
+        handler, plaintext_read_size=read_size, host="127.0.0.1", port=0
+    )
     port = server.sockets[0].getsockname()[1]
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -240,7 +251,7 @@ def test_accepted_connections_keep_alive_and_watch_hellos_only_when_asked(
     # SO_KEEPALIVE is set on the listener only (Linux copies it to accepted sockets), under
     # the daemon's event loop (uvloop) as well as asyncio's.
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        assert runner.run(_accepted(watch_hello)) == (True, watch_hello)
+        assert runner.run(_accepted(watch_hello)) == (True, True)
 
 
 async def test_a_connection_queued_on_an_inherited_listener_keeps_alive_too() -> None:
@@ -250,7 +261,7 @@ async def test_a_connection_queued_on_an_inherited_listener_keeps_alive_too() ->
     peer = socket.create_connection(listener.getsockname())
     accepted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handler(_: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         accepted.set_result(bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)))
         writer.close()

@@ -267,7 +267,7 @@ def test_a_stream_past_the_replay_limit_is_not_retried() -> None:
 
 
 def test_a_resend_refused_before_its_pump_ran_gives_back_what_it_carried() -> None:
-    # The stream carrying a resend may be disowned before its outbound task sent (or even
+    # The stream carrying a resend may be disowned before its preload was sent (or even
     # started): what it was loaded with must still come back whole, never lost.
     carrier = client_tunnel()
     stream = carrier.open_stream()

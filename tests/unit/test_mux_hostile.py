@@ -29,6 +29,7 @@ from qkdproxy.core.mux import (
 )
 from qkdproxy.daemon.muxconn import MuxStream, MuxTunnel, pump_stream
 from qkdproxy.daemon.pump import RekeyBudget, Traffic
+from qkdproxy.io.socket_reader import SocketReader
 from tests.unit.test_mux_codec import CONNECT, ends_tunnel, frame, opened, server
 
 DATA, HEADERS, PRIORITY, RST, SETTINGS, PUSH, PING, GOAWAY, WINDOW, CONTINUATION = range(10)
@@ -306,8 +307,17 @@ class RecordingTls:
     def __init__(self) -> None:
         self.sent = bytearray()
 
-    async def write(self, data: bytes | bytearray) -> None:
+    def write_nowait(self, data: bytes | bytearray) -> bool:
         self.sent += data
+        return False
+
+    async def drain(self) -> None:
+        pass
+
+
+def silent() -> SocketReader:
+    """A plaintext side that has sent nothing yet."""
+    return SocketReader(cast(Any, None), cast(Any, None), FRAME_SIZE)
 
 
 class StuckSink:
@@ -386,9 +396,7 @@ async def test_bytes_held_for_a_stuck_or_closed_plaintext_side_go_back(closing: 
     feed(carrier, frame(HEADERS, END_HEADERS, 1, CONNECT))
     sink = StuckSink(closing)
     pumping = asyncio.ensure_future(
-        pump_stream(
-            asyncio.StreamReader(), cast(Any, sink), handled[0], Traffic(), idle_timeout_s=0
-        )
+        pump_stream(silent(), cast(Any, sink), handled[0], Traffic(), idle_timeout_s=0)
     )
     await asyncio.sleep(0)
     feed(carrier, stream_and_window(1)[len(frame(HEADERS, END_HEADERS, 1, CONNECT)) :])
@@ -407,9 +415,8 @@ class GatedTls(RecordingTls):
         super().__init__()
         self.gate = asyncio.Event()
 
-    async def write(self, data: bytes | bytearray) -> None:
+    async def drain(self) -> None:
         await self.gate.wait()
-        self.sent += data
 
 
 async def test_a_window_opened_while_the_sender_flushes_is_not_lost() -> None:
@@ -486,7 +493,7 @@ async def test_a_refusal_body_never_reaches_the_application() -> None:
     stream = carrier.open_stream()
     sink = RecordingSink()
     pumping = asyncio.ensure_future(
-        pump_stream(asyncio.StreamReader(), cast(Any, sink), stream, Traffic(), idle_timeout_s=0)
+        pump_stream(silent(), cast(Any, sink), stream, Traffic(), idle_timeout_s=0)
     )
     await asyncio.sleep(0)
     refusal = Encoder().encode([(b":status", b"403")])
