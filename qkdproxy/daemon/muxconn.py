@@ -108,8 +108,10 @@ class MuxStream:
         # Acknowledgements held back while the plaintext side drains, and who waits.
         self._held = 0
         self._draining: asyncio.Task[None] | None = None
-        # Counted in the tunnel's ``active`` until it ended both ways or was released.
+        # Counted in the tunnel's ``active`` until it ended both ways or was released, and
+        # in its ``senders`` until our side ended (or failed).
         self._active = True
+        self._sending = True
 
     # The tunnel's reader calls these.
 
@@ -132,7 +134,11 @@ class MuxStream:
             self._write_eof()
 
     def _settle(self) -> None:
-        """Leave the tunnel's ``active`` count once ended both ways (or released)."""
+        """Leave the tunnel's ``senders`` once our side ended (or failed, or was released),
+        its ``active`` count once ended both ways (or released)."""
+        if self._sending and (self.finished or self.done or self.error is not None):
+            self._sending = False
+            self.tunnel.senders -= 1
         if self._active and (self.done or (self.finished and self.peer_finished)):
             self._active = False
             self.tunnel.active -= 1
@@ -140,6 +146,7 @@ class MuxStream:
     def _fail(self, why: str) -> None:
         if self.error is None and not (self.finished and self.peer_finished):
             self.error = why
+        self._settle()
         self._window.set()
         if self.error is not None:
             self._conclude(f"error: MuxStreamError: {self.error}"[:200])
@@ -482,6 +489,11 @@ class MuxTunnel:
         # Streams not yet ended both ways: their handlers may hold (or dial) a backend,
         # and they may send more.
         self.active = 0
+        # Streams whose side has not ended yet: the ones that may write DATA. Writes are
+        # coalesced per round of the event loop only with two or more (a stream that
+        # only waits for its peer's end, as the last connection's often does when the
+        # next one starts, has nothing to coalesce).
+        self.senders = 0
         # The carrying connection's id in the log (the streams' mux_tunnel).
         self.conn_id = 0
         self.started = clock()
@@ -547,16 +559,16 @@ class MuxTunnel:
     async def flush(self) -> None:
         """Hand the protocol's queued bytes to TLS (TlsStreamError if the tunnel broke).
 
-        With more than one stream active, the write waits for the end of this round of the
+        With more than one stream sending, the write waits for the end of this round of the
         event loop, once the streams ready in it have queued their frames: all of them
         leave in one TLS record and one socket write. A sender still waits while the
-        transport is backed up. One stream alone writes at once (nothing to coalesce with,
+        transport is backed up. One sender alone writes at once (nothing to coalesce with,
         and a round of the loop saved)."""
         if not self.conn.pending:
             return
         if self.reason is not None and self.broken:
             raise TlsStreamError(self.reason)
-        if self.active < 2 and not self.backed_up:
+        if self.senders < 2 and not self.backed_up:
             await self._write_now()
             return
         self._write_soon()
@@ -572,11 +584,11 @@ class MuxTunnel:
 
     def send_now(self) -> None:
         """:meth:`flush` from a callback: one stream alone hands its frames to TLS now,
-        without waiting; with several active they leave together at the end of this round
+        without waiting; with several sending they leave together at the end of this round
         of the event loop. :class:`TlsStreamError` if the tunnel broke."""
         if not self.conn.pending:
             return
-        if self.active < 2 and not self.backed_up:
+        if self.senders < 2 and not self.backed_up:
             self._write_checked()
         else:
             self._write_soon()
@@ -677,6 +689,7 @@ class MuxTunnel:
     def _add(self, stream_id: int) -> MuxStream:
         stream = self.streams[stream_id] = MuxStream(self, stream_id)
         self.active += 1
+        self.senders += 1
         self.streams_carried += 1
         self._idle.clear()
         return stream

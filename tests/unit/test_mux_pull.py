@@ -122,11 +122,12 @@ def ended(tls: RecordingTls, stream: MuxStream) -> bool:
 
 
 async def pumping(
-    tls: RecordingTls, *settings: tuple[int, int]
+    tls: RecordingTls, *settings: tuple[int, int], carrier: MuxTunnel | None = None
 ) -> tuple[MuxTunnel, MuxStream, SocketReader, asyncio.Task[str]]:
-    carrier = MuxTunnel(
-        cast(Any, tls), cast(Any, None), client(*settings), keepalive_s=0, rekey=RekeyBudget()
-    )  # fmt: skip
+    if carrier is None:
+        carrier = MuxTunnel(
+            cast(Any, tls), cast(Any, None), client(*settings), keepalive_s=0, rekey=RekeyBudget()
+        )  # fmt: skip
     stream = carrier.open_stream()
     reader = SocketReader(cast(Any, Transport()), cast(Any, Plaintext()), FRAME_SIZE)
     task = asyncio.ensure_future(
@@ -247,3 +248,18 @@ async def test_a_connection_window_update_resumes_the_streams_it_stopped() -> No
     assert len(data_sent(tls, pumps[1][0])) == 40_000
     for _, _, task in pumps:
         task.cancel()
+
+
+async def test_a_stream_that_only_waits_for_its_peer_does_not_hold_up_the_next() -> None:
+    # Sequentially, the last connection's stream often still waits for its peer's end
+    # when the next one sends: nothing to coalesce with, so the next writes at once.
+    tls = RecordingTls()
+    carrier, first, reader, task = await pumping(tls)
+    arrive(reader, b"last request")
+    reader.eof_received()
+    assert ended(tls, first) and carrier.active == 1
+    _, second, next_reader, next_task = await pumping(tls, carrier=carrier)
+    arrive(next_reader, b"next request")
+    assert data_sent(tls, second) == b"next request"  # not at the end of the round
+    for pump in (task, next_task):
+        pump.cancel()
