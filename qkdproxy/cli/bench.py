@@ -41,6 +41,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # The bench daemons' max_connections (processes.BENCH_MAX_CONNECTIONS), less headroom.
 MAX_IDLE = 4000
+# Each round measures every path once more: ten are enough to smooth a noisy machine.
+MAX_ROUNDS = 10
 
 
 class UsageError(Exception):
@@ -248,6 +250,8 @@ def _connrate(args: argparse.Namespace) -> int:
         raise UsageError("--connections must be at least the highest --concurrency")
     if not 0 <= args.idle <= MAX_IDLE:
         raise UsageError(f"--idle takes 0 to {MAX_IDLE} (the bench tunnels' connection limit)")
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        raise UsageError(f"--rounds takes 1 to {MAX_ROUNDS}")
     report = _run_paths(
         run_connrate(
             connections,
@@ -257,6 +261,7 @@ def _connrate(args: argparse.Namespace) -> int:
             args.idle,
             tls_engine=args.tls_engine,
             with_floor=args.floor,
+            rounds=args.rounds,
         )
     )
     return _emit_paths(args, report, CONNRATE_TABLES, "concurrency", (
@@ -488,6 +493,11 @@ def add_commands(commands: Any) -> None:
     connrate.add_argument(
         "--idle", type=int, default=200,
         help="idle connections held open per tunnel path to measure memory (0: skip)",
+    )  # fmt: skip
+    connrate.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every path this many times, in turn with the others, and combine "
+        "them: a machine that slows down mid-run weighs on every path alike",
     )  # fmt: skip
     connrate.add_argument(
         "--floor", action="store_true",

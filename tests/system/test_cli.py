@@ -92,10 +92,11 @@ def test_help_everywhere(args: list[str]) -> None:
         (["throughput", "--megabytes", "4", "--streams", "1,2", "--generator", "python"],
          {"path", "streams", "gbit_s", "cpu_s_per_gb", "kme_cpu_s_per_gb", "load_cpu_s_per_gb",
           "vs_stunnel", "cpu_vs_stunnel", "generator"}),
-        (["connrate", "--connections", "10", "--concurrency", "1,2", "--idle", "4", "--floor"],
+        (["connrate", "--connections", "10", "--concurrency", "1,2", "--idle", "4", "--floor",
+          "--rounds", "2"],
          {"path", "concurrency", "conn_per_s", "p50_ms", "p99_ms", "cpu_ms_per_conn",
           "kme_cpu_ms_per_conn", "load_cpu_ms_per_conn", "kib_per_idle_conn", "vs_stunnel",
-          "cpu_vs_stunnel", "kib_vs_stunnel", "generator"}),
+          "cpu_vs_stunnel", "kib_vs_stunnel", "generator", "rounds", "connections"}),
     ],
 )  # fmt: skip
 def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> None:
@@ -108,6 +109,8 @@ def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> Non
     assert ("relay-floor" in {r["path"] for r in rows}) == ("--floor" in args)
     for row in rows:
         assert keys <= set(row)
+        if "--rounds" in args:  # every row combines both rounds' connections
+            assert (row["rounds"], row["connections"]) == (2, 20), row
         assert row.get("gbit_s", 1) > 0 and row.get("conn_per_s", 1) > 0
         # Every tunnel path's own processes are measured (direct has none). CPU time is
         # counted in clock ticks (10 ms): one path's 4 MB may round to 0, the run cannot.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from qkdproxy.tools.bench.output import TABLE_WIDTH, OutputFormat
 from qkdproxy.tools.bench.pathstats import (
     ConnrateResult,
     ThroughputResult,
+    combine_rounds,
     connrate_ratios,
     connrate_warnings,
     machine_note,
@@ -53,6 +55,22 @@ SANE = [
     _conn("qkdproxy", 8, 181.0, 9.0),
     _conn("stunnel", 8, 598.0, 2.4),
 ]
+
+
+def test_rounds_combine_into_one_row_over_all_their_connections_and_time() -> None:
+    fast = replace(_conn("qkdproxy", 1, 200.0, 4.0, load_cpu_ms_per_conn=0.2), p50_ms=1.0)
+    slow = replace(_conn("qkdproxy", 1, 100.0, 10.0, load_cpu_ms_per_conn=0.4), p99_ms=9.0)
+    third = replace(fast, p50_ms=5.0, connections=600)
+    row = combine_rounds([fast, slow, third], keys=2)
+    # 300 in 1.5 s, 300 in 3 s, 600 in 3 s: 1,200 connections in 7.5 s.
+    assert row.conn_per_s == pytest.approx(160.0)
+    assert (row.connections, row.rounds, row.keys) == (1200, 3, 2)
+    assert (row.p50_ms, row.p99_ms) == (2.0, 9.0)  # the median round's, the worst
+    assert row.cpu_ms_per_conn == pytest.approx((4 * 300 + 10 * 300 + 4 * 600) / 1200)
+    assert row.load_cpu_ms_per_conn == pytest.approx((0.2 * 300 + 0.4 * 300 + 0.2 * 600) / 1200)
+    assert combine_rounds([fast], keys=None) == replace(fast, keys=None)  # one round: as is
+    direct = _conn("direct", 1, 8000.0, None)
+    assert combine_rounds([direct, direct], keys=None).cpu_ms_per_conn is None
 
 
 def test_each_row_is_divided_by_the_stunnel_row_of_its_level() -> None:

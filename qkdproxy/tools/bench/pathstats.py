@@ -7,6 +7,7 @@ stalled or load-limited baseline is reported instead of flattering the tunnel.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TypeVar
@@ -55,10 +56,42 @@ class ConnrateResult:
     cpu_vs_stunnel: float | None = None
     kib_vs_stunnel: float | None = None
     generator: str = ""
+    # Measurements combined into this row, taken in turn with the other paths'.
+    rounds: int = 1
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
         return asdict(self)
+
+
+def combine_rounds(rounds: Sequence[ConnrateResult], keys: int | None) -> ConnrateResult:
+    """One row from the rounds of one path and concurrency, each measured in turn with the
+    other paths' (so a machine that slows down mid-run weighs on every path alike): the
+    connections over the time they all took, the median of the rounds' p50s, the highest
+    p99, CPU per connection over all of them; ``keys``: distinct keys over all rounds."""
+    first = rounds[0]
+    total = sum(r.connections for r in rounds)
+    seconds = sum(r.connections / r.conn_per_s for r in rounds)
+
+    def per_connection(value: Callable[[ConnrateResult], float | None]) -> float | None:
+        values = [value(r) for r in rounds]
+        if any(v is None for v in values):
+            return None
+        return sum(v * r.connections for v, r in zip(values, rounds, strict=True) if v) / total
+
+    load = per_connection(lambda r: r.load_cpu_ms_per_conn)
+    return replace(
+        first,
+        conn_per_s=total / seconds,
+        p50_ms=statistics.median(r.p50_ms for r in rounds),
+        p99_ms=max(r.p99_ms for r in rounds),
+        connections=total,
+        keys=keys,
+        cpu_ms_per_conn=per_connection(lambda r: r.cpu_ms_per_conn),
+        kme_cpu_ms_per_conn=per_connection(lambda r: r.kme_cpu_ms_per_conn),
+        load_cpu_ms_per_conn=load or 0.0,
+        rounds=len(rounds),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from qkdproxy.tools.bench.pathstats import (
     STUNNEL,
     ConnrateResult,
     ThroughputResult,
+    combine_rounds,
     connrate_ratios,
     connrate_warnings,
     machine_note,
@@ -102,15 +103,16 @@ class Paths:
     records: list[dict[str, object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def keys_since(self, path: str, start: int) -> int | None:
-        """QKD keys used by the path's connections logged after record ``start``."""
+    def keys_between(self, path: str, start: int, end: int) -> set[object] | None:
+        """The QKD key ids the path's connections used, logged from record ``start`` to
+        ``end``; None for a path without QKD."""
         tunnel = PATH_TUNNELS.get(path)
         if tunnel is None:
             return None
-        return len({
-            r.get("qkd_key_id") for r in self.records[start:]
+        return {
+            r.get("qkd_key_id") for r in self.records[start:end]
             if r.get("tunnel") == tunnel and r.get("qkd_key_id")
-        })  # fmt: skip
+        }  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,35 +302,46 @@ async def run_connrate(
     *,
     tls_engine: str | None = None,
     with_floor: bool = False,
+    rounds: int = 1,
 ) -> PathReport[ConnrateResult]:
     """New connections per second (open, one byte each way, close) per path; then, with
-    ``idle`` connections held open, the memory each costs the tunnel processes."""
+    ``idle`` connections held open, the memory each costs the tunnel processes. With
+    ``rounds`` above 1 every path is measured that many times, in turn with the others,
+    and each row combines its rounds (:func:`combine_rounds`)."""
     results = []
     async with _paths(generator, Purpose.ECHO, with_stunnel, tls_engine, with_floor) as paths:
         kind = paths.load.kind.value
-        for path, port in paths.ports.items():
+        for port in paths.ports.values():
             await paths.load.connections(port, WARM_UP_CONNECTIONS, 1)
-            if path in PATH_TUNNELS:
-                await asyncio.sleep(LOG_SETTLE_S)  # the warm-up's lines are not counted
-            path_rows = []
-            for concurrency in concurrencies:
-                logged = len(paths.records)
-                batch, cost = await _metered(
-                    paths, path, paths.load.connections(port, connections, concurrency)
-                )
-                await asyncio.sleep(LOG_SETTLE_S)  # the last lines reach us
-                n = batch.connections
-                path_rows.append(ConnrateResult(
-                    path, concurrency, n / batch.seconds, batch.p50_ms, batch.p99_ms, n,
-                    paths.keys_since(path, logged),
-                    cpu_ms_per_conn=_per(cost.tunnel, n, 1000),
-                    kme_cpu_ms_per_conn=_per(cost.kme, n, 1000),
-                    load_cpu_ms_per_conn=batch.load_cpu_s / n * 1000, generator=kind,
-                ))  # fmt: skip
+        await asyncio.sleep(LOG_SETTLE_S)  # the warm-ups' lines are not counted
+        measured: dict[tuple[str, int], list[tuple[ConnrateResult, set[object] | None]]] = {}
+        for _ in range(rounds):
+            for path, port in paths.ports.items():
+                for concurrency in concurrencies:
+                    logged = len(paths.records)
+                    batch, cost = await _metered(
+                        paths, path, paths.load.connections(port, connections, concurrency)
+                    )
+                    await asyncio.sleep(LOG_SETTLE_S)  # the last lines reach us
+                    n = batch.connections
+                    row = ConnrateResult(
+                        path, concurrency, n / batch.seconds, batch.p50_ms, batch.p99_ms, n,
+                        cpu_ms_per_conn=_per(cost.tunnel, n, 1000),
+                        kme_cpu_ms_per_conn=_per(cost.kme, n, 1000),
+                        load_cpu_ms_per_conn=batch.load_cpu_s / n * 1000, generator=kind,
+                    )  # fmt: skip
+                    keys = paths.keys_between(path, logged, len(paths.records))
+                    measured.setdefault((path, concurrency), []).append((row, keys))
+        for path in paths.ports:
+            kib = None
             if idle and path in paths.tunnels and path != RELAY_FLOOR:
                 kib = await _idle_kib(paths, path, idle)
-                path_rows = [replace(r, kib_per_idle_conn=kib) for r in path_rows]
-            results += path_rows
+            for concurrency in concurrencies:
+                taken = measured[path, concurrency]
+                ids = [keys for _, keys in taken if keys is not None]
+                used = len(set[object]().union(*ids)) if path in PATH_TUNNELS else None
+                row = combine_rounds([row for row, _ in taken], used)
+                results.append(replace(row, kib_per_idle_conn=kib))
         notes = paths.notes
     if idle:
         notes.append(f"kib_per_idle_conn: resident memory of both tunnel processes with {idle} "
