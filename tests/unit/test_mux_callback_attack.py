@@ -14,6 +14,7 @@ from typing import Any, cast
 import pytest
 
 from qkdproxy.core.mux import FRAME_SIZE, ErrorCode
+from qkdproxy.daemon import muxconn
 from qkdproxy.daemon.muxconn import MuxStream, MuxTunnel, pump_stream
 from qkdproxy.daemon.pump import RekeyBudget, Traffic
 from qkdproxy.io.socket_reader import SocketReader
@@ -24,6 +25,7 @@ from tests.unit.test_mux_hostile import (
     END_STREAM,
     GOAWAY,
     HEADERS,
+    PING,
     RST,
     RecordingTls,
     client,
@@ -260,3 +262,88 @@ async def test_a_stream_window_shrunk_below_zero_by_settings_resumes_once_regrow
     feed(carrier, frame(4, 0, 0, struct.pack(">HI", 4, 5_000)))
     assert len(data_sent(tls, stream)) == 1_000
     task.cancel()
+
+
+class PeerTls(BackedUpTls):
+    """A TLS stream the test feeds with the peer's bytes; its transport backs up (and
+    ``drain`` waits) once ``drained`` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drained.set()
+        self.incoming: asyncio.Queue[bytes] = asyncio.Queue()
+        self.waiting = asyncio.Event()  # the reader asked for more
+
+    async def read(self, size: int) -> bytes:
+        self.waiting.set()
+        data = await self.incoming.get()
+        self.waiting.clear()
+        return data
+
+
+class TunnelWriter:
+    """The tunnel's transport writer, as flush() waits on it."""
+
+    def __init__(self, tls: PeerTls) -> None:
+        self.tls = tls
+
+    async def drain(self) -> None:
+        await self.tls.drain()
+
+
+async def reading_tunnel() -> tuple[MuxTunnel, PeerTls]:
+    tls = PeerTls()
+    carrier = MuxTunnel(
+        cast(Any, tls), cast(Any, TunnelWriter(tls)), client(), keepalive_s=0,
+        rekey=RekeyBudget(),
+    )  # fmt: skip
+    carrier.start()
+    await tls.waiting.wait()
+    tls.drained.clear()  # from here on the transport is past its high-water mark
+    return carrier, tls
+
+
+def stop(carrier: MuxTunnel) -> None:
+    for task in carrier._tasks:
+        task.cancel()
+
+
+def ping(n: int) -> bytes:
+    return frame(PING, 0, 0, n.to_bytes(8, "big"))
+
+
+async def test_the_tunnel_reader_keeps_reading_while_its_transport_is_backed_up() -> None:
+    """FAILS on fa0eed6: after a read that made us answer (a PING here, WINDOW_UPDATEs in
+    a bulk transfer), the reader waited for its own transport to drain before reading
+    again. Between two daemons that both back up, that is a deadlock (see
+    tests/integration/test_mux_callback_attack.py::test_bulk_both_ways_...)."""
+    carrier, tls = await reading_tunnel()
+    tls.incoming.put_nowait(ping(1))
+    tls.incoming.put_nowait(ping(2))
+    await asyncio.wait_for(tls.waiting.wait(), 5)  # both read (their answers are queued)
+    assert tls.incoming.empty() and carrier.backed_up
+    assert frame(PING, 1, 0, (2).to_bytes(8, "big")) in tls.sent
+    tls.drained.set()
+    stop(carrier)
+
+
+async def test_a_peer_making_us_answer_without_reading_is_answered_only_so_far() -> None:
+    """The bound on the above: a peer that floods PINGs while it reads nothing of ours gets
+    at most ANSWER_LIMIT of answers handed to the backed-up transport; then the reader
+    waits for the drain (the flood stops being read), and reads on once it came. (Part
+    of the proposed fix: muxconn.ANSWER_LIMIT.)"""
+    limit: int = muxconn.ANSWER_LIMIT  # type: ignore[attr-defined,unused-ignore]
+    carrier, tls = await reading_tunnel()
+    flood = b"".join(ping(n) for n in range(limit // 17 + 100))
+    tls.incoming.put_nowait(ping(0))  # backs it up
+    tls.incoming.put_nowait(flood)
+    tls.incoming.put_nowait(ping(1))  # read, answered, and then the reader waits
+    tls.incoming.put_nowait(ping(2))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert tls.incoming.qsize() == 1  # not read until the transport drained
+    assert limit < len(tls.sent) < 2 * limit
+    tls.drained.set()
+    await asyncio.wait_for(tls.waiting.wait(), 5)
+    assert tls.incoming.empty()
+    stop(carrier)
