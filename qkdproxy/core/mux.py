@@ -683,6 +683,11 @@ class MuxConnection:
         """Bytes for the peer are queued."""
         return bool(self._out)
 
+    @property
+    def pending_size(self) -> int:
+        """How many bytes for the peer are queued."""
+        return len(self._out)
+
     def data_to_send(self) -> bytes | bytearray:
         """Bytes for the peer, queued by every call so far (the buffer itself, handed
         over: no copy of a 128 KiB frame)."""

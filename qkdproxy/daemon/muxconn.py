@@ -45,6 +45,10 @@ from qkdproxy.io.tls_stream import TlsStream, TlsStreamError, close_transport
 log = logging.getLogger("qkdproxy.mux")
 # Everything already opened, in one protocol call: fewer event-loop rounds per byte.
 READ_BATCH = 1 << 20
+# What the tunnel's reader may hand to a backed-up transport without waiting for it
+# (WINDOW_UPDATEs, acknowledgements): past this the peer is making us answer while it
+# does not read, and the reader waits for the drain like any sender.
+ANSWER_LIMIT = 1 << 20
 # A stream's plaintext side may buffer this much before its window stops being returned
 # (asyncio's default high-water mark, what StreamWriter.drain waits for).
 SINK_HIGH_WATER = 64 * 1024
@@ -524,6 +528,8 @@ class MuxTunnel:
         # A write of what the streams queue in this round of the event loop is scheduled.
         self._loop: asyncio.AbstractEventLoop | None = None  # the first write's
         self._write_scheduled = False
+        # What the reader handed to the transport while it was backed up (ANSWER_LIMIT).
+        self._answered = 0
 
     @property
     def disowned_all(self) -> bool:
@@ -616,6 +622,15 @@ class MuxTunnel:
             self.backed_up = True
             self._want_write.set()
 
+    def _answer(self) -> None:
+        """The reader's write: what a read produced (WINDOW_UPDATEs, acknowledgements, the
+        frames of streams it woke) goes to TLS without waiting for the transport. A reader
+        that waits for its own writes stops reading the peer; if the peer's reader waits
+        for its writes too, neither transport ever drains (both tunnels hang)."""
+        if self.backed_up:
+            self._answered += self.conn.pending_size
+        self._write_checked()
+
     def _write_sync(self) -> bool:
         """Hand the queued frames to TLS; whether the writer task must run before more is
         sent (the transport's buffer is past its high-water mark, or keys are due)."""
@@ -658,6 +673,7 @@ class MuxTunnel:
                 await self._write_now()
             except TlsStreamError:
                 return  # the tunnel broke: its streams were failed
+            self._answered = 0
             if self.backed_up:
                 self.backed_up = False
                 for stream in list(self.streams.values()):
@@ -733,7 +749,10 @@ class MuxTunnel:
                 self.last_received = self._clock()
                 for event in self.conn.receive(data):
                     self._dispatch(event)
-                await self.flush()
+                if self._answered > ANSWER_LIMIT:
+                    await self.flush()
+                else:
+                    self._answer()
                 if self.conn.ended is not None and self.conn.ended.error:
                     self._break(self.conn.ended.reason)
                     return
