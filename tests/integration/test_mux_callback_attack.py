@@ -358,3 +358,43 @@ async def bulk_both_ways(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
         assert digests == [hashlib.sha256(p).digest() for p in payloads]
     assert {r.reason for r in client_streams(s.records)} == {"closed"}
     assert callback_errors(caplog) == []
+
+
+async def test_a_black_holed_tunnel_is_found_dead_while_its_transport_is_backed_up(
+    tmp_path: Path,
+) -> None:
+    """FAILS on fa0eed6 (and its parent): the path to the server stops carrying anything
+    (the relay reads nothing more) while the client uploads, so the client's transport
+    backs up. The keepalive must still find the dead peer within about mux_keepalive_s;
+    instead its PING's flush waits for the transport's drain, which never comes, and it
+    never looks at the silence again: the tunnel and every stream hang."""
+    async with (
+        setup(tmp_path, CountingBackend()) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+    ):
+        relay = HeldRelay(port(server))
+        relay_port = await relay.start()
+        text = s.client_toml(relay_port, "multiplex = true\nmux_keepalive_s = 1")
+        async with s.daemon("client", text) as client:
+            assert await transfer(port(client), b"warm") == b"warm"
+            tunnel = the_tunnel(client)
+            relay.hold()
+            apps = asyncio.gather(
+                *(checked(port(client), os.urandom(4_000_000), "bulk") for _ in range(4)),
+                return_exceptions=True,
+            )
+
+            async def backed_up() -> bool:
+                return tunnel.backed_up
+
+            await eventually(backed_up, "the client's tunnel transport backed up")
+            ended = asyncio.ensure_future(tunnel.ended.wait())
+            await asyncio.wait({ended}, timeout=10)  # a deadline: found in about 1 s
+            ended.cancel()
+            found = tunnel.reason
+            if found is None:
+                tunnel._break("test: never found dead")  # so that everything ends now
+            await apps
+            relay.release()
+        await relay.close()
+    assert found is not None and found.startswith("dead peer"), found
