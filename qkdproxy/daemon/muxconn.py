@@ -837,8 +837,9 @@ class MuxTunnel:
                 return
             if silent >= tick:
                 self.conn.ping()
-                with contextlib.suppress(TlsStreamError):
-                    await self.flush()
+                # Never waits for the transport: over a black-holed path it never drains,
+                # and the silence must still be looked at on the next tick.
+                self.flush_soon()
 
     # -------------------------------------------------------------------- ends
 
