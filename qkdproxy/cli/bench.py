@@ -236,8 +236,11 @@ def _throughput(args: argparse.Namespace) -> int:
     streams = _counts(args.streams, "--streams")
     megabytes = _at_least_one(args.megabytes, "--megabytes")
     report = _run_paths(
-        run_throughput(megabytes, streams, not args.no_stunnel, _generator(args), args.tls_engine)
-    )
+        run_throughput(
+            megabytes, streams, not args.no_stunnel, _generator(args), args.tls_engine,
+            equal_aes=args.equal_aes,
+        )
+    )  # fmt: skip
     return _emit_paths(args, report, THROUGHPUT_TABLES, "streams", (
         ("gbit_s", "Gbit/s"), ("cpu_s_per_gb", "tunnel CPU s per GB"),
     ))  # fmt: skip
@@ -464,6 +467,14 @@ def add_commands(commands: Any) -> None:
     throughput.add_argument("--megabytes", type=int, default=512, help="per measurement")
     throughput.add_argument("--streams", default="1,4", help="comma-separated stream counts")
     throughput.add_argument("--no-stunnel", action="store_true", help="skip stunnel")
+    throughput.add_argument(
+        "--equal-aes",
+        action="store_true",
+        help="run every process (stunnel, the daemons) on the same AES-GCM instructions "
+        "(OPENSSL_ia32cap masks AVX-512 and VAES, which the OpenSSL in cryptography's wheels "
+        "uses and Debian's older system OpenSSL does not): the ratios then compare the "
+        "tunnels, not their crypto libraries",
+    )
     throughput.add_argument(
         "--generator", choices=[g.value for g in Generator], default="auto",
         help="load generator and backend (default auto: our C programs, else Python in this "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from qkdproxy.tools.bench.aes_speed import EQUAL_AES_CAP
 from tests.conftest import requires_matplotlib
 
 REQUIRED_KEYS = {"group", "flow", "qkd", "median_ms", "p90_ms", "handshakes_per_s"}
@@ -89,7 +90,8 @@ def test_help_everywhere(args: list[str]) -> None:
     ("args", "keys"),
     [
         # The Python fallback here (the C generator is exercised by connrate below).
-        (["throughput", "--megabytes", "4", "--streams", "1,2", "--generator", "python"],
+        (["throughput", "--megabytes", "4", "--streams", "1,2", "--generator", "python",
+          "--equal-aes"],
          {"path", "streams", "gbit_s", "cpu_s_per_gb", "kme_cpu_s_per_gb", "load_cpu_s_per_gb",
           "vs_stunnel", "cpu_vs_stunnel", "generator"}),
         (["connrate", "--connections", "10", "--concurrency", "1,2", "--idle", "4", "--floor",
@@ -118,6 +120,10 @@ def test_tunnel_benchmarks_json_contract(args: list[str], keys: set[str]) -> Non
         assert (cost is None) == (row["path"] == "direct")
         assert cost is None or cost >= 0
     assert sum(r.get("cpu_ms_per_conn", r.get("cpu_s_per_gb")) or 0 for r in rows) > 0
+    if "--equal-aes" in args:  # both crypto libraries measured, under the run's mask
+        aes = [n for n in document["notes"] if n.startswith("AES-256-GCM")]
+        assert len(aes) == 1 and EQUAL_AES_CAP in aes[0]
+        assert "(cryptography) not measured" not in aes[0]
     python = {r["generator"] for r in rows} == {"python"}
     limited = [w for w in document["warnings"] if "baselines are Python-limited" in w]
     assert bool(limited) == python

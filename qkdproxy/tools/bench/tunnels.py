@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from qkdproxy.tools.bench import proctime
+from qkdproxy.tools.bench import aes_speed, proctime
 from qkdproxy.tools.bench.loadgen import (
     DESCRIPTIONS,
     PYTHON_LIMITED,
@@ -248,8 +248,28 @@ async def run_throughput(
     with_stunnel: bool = True,
     generator: Generator = Generator.AUTO,
     tls_engine: str | None = None,
+    *,
+    equal_aes: bool = False,
 ) -> PathReport[ThroughputResult]:
-    """Bulk one-way transfer per path and stream count (same run, same machine)."""
+    """Bulk one-way transfer per path and stream count (same run, same machine); with
+    ``equal_aes`` every process runs AES-GCM on the same instructions (:mod:`aes_speed`)."""
+    with aes_speed.equal_aes(equal_aes):
+        report = await _throughput(megabytes, streams, with_stunnel, generator, tls_engine)
+        masked = aes_speed.CAP_VARIABLE in os.environ
+        note, warning = aes_speed.describe(await aes_speed.measure(), masked)
+    report.notes.append(note)
+    if warning is not None and with_stunnel:
+        report.warnings.append(warning)
+    return report
+
+
+async def _throughput(
+    megabytes: int,
+    streams: tuple[int, ...],
+    with_stunnel: bool,
+    generator: Generator,
+    tls_engine: str | None,
+) -> PathReport[ThroughputResult]:
     results = []
     tails: list[float] = []
     async with _paths(generator, Purpose.SINK, with_stunnel, tls_engine) as paths:
