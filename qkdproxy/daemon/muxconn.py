@@ -626,9 +626,14 @@ class MuxTunnel:
         """The reader's write: what a read produced (WINDOW_UPDATEs, acknowledgements, the
         frames of streams it woke) goes to TLS without waiting for the transport. A reader
         that waits for its own writes stops reading the peer; if the peer's reader waits
-        for its writes too, neither transport ever drains (both tunnels hang)."""
-        if self.backed_up:
-            self._answered += self.conn.pending_size
+        for its writes too, neither transport ever drains (both tunnels hang). Answers into
+        a backed-up transport are written at once and counted against ANSWER_LIMIT;
+        otherwise they leave like any stream's frames (:meth:`send_now`: with those of
+        every stream sending in this round of the event loop)."""
+        if not self.backed_up:
+            self.send_now()
+            return
+        self._answered += self.conn.pending_size
         self._write_checked()
 
     def _write_sync(self) -> bool:
