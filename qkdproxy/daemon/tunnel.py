@@ -735,7 +735,7 @@ class Tunnel:
             return reason
         finally:
             self._account(record, traffic)
-            await _close_stream(reason, traffic, mux, backend_writer)
+            await _close_stream(reason, traffic, mux, backend_writer, backend_reader.buffered)
             await close_transport(backend_writer)
 
     def _permits(self, tunnel: MuxTunnel, stream: TlsStream) -> bool:
@@ -793,7 +793,7 @@ class Tunnel:
             return reason
         finally:
             self._account(record, traffic)
-            await _close_stream(reason, traffic, mux, writer)
+            await _close_stream(reason, traffic, mux, writer, source.buffered)
 
     async def _retry_stream(self, failed: MuxStream, data: bytes, fin: bool) -> MuxStream | str:
         """A stream of the pool (as a new connection would get) loaded with what ``failed``
@@ -1049,13 +1049,20 @@ def _unreachable(exc: OSError | TimeoutError) -> str:
 
 
 async def _close_stream(
-    reason: str | None, traffic: Traffic, mux: MuxStream, plaintext: asyncio.StreamWriter
+    reason: str | None,
+    traffic: Traffic,
+    mux: MuxStream,
+    plaintext: asyncio.StreamWriter,
+    unsent: int,
 ) -> None:
     """:func:`_close_after_pump` for a stream: a broken one is reset (RST_STREAM), and so is
-    its plaintext side once it passed anything; the tunnel itself carries on."""
+    its plaintext side once it passed anything, or handed over bytes (``unsent``) that
+    never left (a stream counts bytes as they leave, and an upload that waited for a
+    window or a backed-up tunnel must not end in a FIN that passes for delivered); the
+    tunnel itself carries on."""
     if reason is None or reason.startswith("error"):
         await mux.reset()
-        if traffic.to_peer or traffic.from_peer:
+        if traffic.to_peer or traffic.from_peer or unsent:
             gate.reset(plaintext)
     else:
         await mux.close()

@@ -155,6 +155,11 @@ class SocketReader(asyncio.BufferedProtocol):
             return memoryview(self._buffer)[self._start : self._end]
         return memoryview(b"") if self._eof else None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not consumed yet."""
+        return self._end - self._start
+
     def listen(self, listener: Callable[[], None] | None) -> None:
         """Call ``listener`` (from the event loop's callbacks) whenever bytes, the end or an
         error arrive, instead of waking :meth:`peek`; it takes what it can with

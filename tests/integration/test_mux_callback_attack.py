@@ -398,3 +398,48 @@ async def test_a_black_holed_tunnel_is_found_dead_while_its_transport_is_backed_
             relay.release()
         await relay.close()
     assert found is not None and found.startswith("dead peer"), found
+
+
+async def test_an_upload_that_never_left_a_broken_tunnel_is_reset_not_closed(
+    tmp_path: Path,
+) -> None:
+    """An application sends its request and half-closes while the tunnel's transport is
+    backed up, so its bytes wait in the client daemon; then the tunnel is found dead. The
+    upload never reached anyone: a clean end (FIN) would pass for "delivered, nothing to
+    say" to an application that uploads and waits for the close, so it must be reset, as
+    a per-connection tunnel resets an application whose bytes it took."""
+    async with (
+        setup(tmp_path, CountingBackend()) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+    ):
+        relay = HeldRelay(port(server))
+        relay_port = await relay.start()
+        text = s.client_toml(relay_port, "multiplex = true\nmux_keepalive_s = 2\nmux_pool_max = 1")
+        async with s.daemon("client", text) as client:
+            assert await transfer(port(client), b"warm") == b"warm"
+            tunnel = the_tunnel(client)
+            relay.hold()
+            bulk = asyncio.gather(
+                *(checked(port(client), os.urandom(4_000_000), "bulk") for _ in range(4)),
+                return_exceptions=True,
+            )
+
+            async def backed_up() -> bool:
+                return tunnel.backed_up
+
+            await eventually(backed_up, "the client's tunnel transport backed up")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+            writer.write(b"an upload that must not be taken for delivered")
+            writer.write_eof()
+            try:
+                got: bytes | Exception = await asyncio.wait_for(reader.read(), 15)
+            except ConnectionError as exc:
+                got = exc
+            writer.close()
+            await bulk
+            relay.release()
+        await relay.close()
+    assert tunnel.reason is not None and tunnel.reason.startswith("dead peer"), tunnel.reason
+    assert isinstance(got, ConnectionResetError), got
+    assert isinstance(s.backend, CountingBackend)
+    assert b"an upload" not in b"".join(bytes(r) for r in s.backend.received)
