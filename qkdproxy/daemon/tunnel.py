@@ -1059,8 +1059,11 @@ async def _close_stream(
     its plaintext side once it passed anything, or handed over bytes (``unsent``) that
     never left (a stream counts bytes as they leave, and an upload that waited for a
     window or a backed-up tunnel must not end in a FIN that passes for delivered); the
-    tunnel itself carries on."""
-    if reason is None or reason.startswith("error"):
+    tunnel itself carries on. An end that left bytes unsent (an idle timeout while a window
+    stayed shut) is a cut, never an END_STREAM: the peer would take what it got for the
+    whole. A refusal stays a close: the peer processed nothing."""
+    cut = unsent and not (reason or "").startswith("rejected")
+    if reason is None or reason.startswith("error") or cut:
         await mux.reset()
         if traffic.to_peer or traffic.from_peer or unsent:
             gate.reset(plaintext)

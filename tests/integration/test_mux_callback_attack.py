@@ -443,3 +443,63 @@ async def test_an_upload_that_never_left_a_broken_tunnel_is_reset_not_closed(
     assert isinstance(got, ConnectionResetError), got
     assert isinstance(s.backend, CountingBackend)
     assert b"an upload" not in b"".join(bytes(r) for r in s.backend.received)
+
+
+class LateReader(CountingBackend):
+    """Reads nothing for ``pause`` seconds (the stream's window shuts and the client's
+    upload waits), then reads to the end; records whether that end was a reset."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__()
+        self.pause = pause
+        self.ends: list[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got = bytearray()
+        self.received.append(got)
+        await asyncio.sleep(self.pause)
+        try:
+            while data := await reader.read(65536):
+                got += data
+            self.ends.append("eof")
+        except ConnectionError:
+            self.ends.append("reset")
+        finally:
+            writer.close()
+
+
+async def test_an_idle_timeout_with_an_upload_still_waiting_resets_both_ends(
+    tmp_path: Path,
+) -> None:
+    """The backend stops reading, so the stream's window shuts and the rest of an
+    application's 64 MB upload (more than the windows and every socket buffer on the way
+    hold) waits in the client daemon; the client's idle timeout ends the stream. Neither
+    end may take the cut for a clean end: the backend reads what arrived and then a reset,
+    never EOF, and the application gets a reset. (The rule that a stream leaving bytes
+    unsent is reset, not ended, is pinned by test_mux_pull's unit test; here the kernel's
+    own RST for unread data and the CANCEL behind END_STREAM would mask its loss.)"""
+    backend = LateReader(pause=3.0)
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(MUX)) as server,
+        s.daemon("client", s.client_toml(port(server), f"{MUX}\nidle_timeout_s = 1")) as client,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+        upload = os.urandom(64_000_000)
+        writer.write(upload)  # not drained: the daemon stops reading once its buffer is full
+        try:
+            got: bytes | Exception = await asyncio.wait_for(reader.read(), 15)
+        except ConnectionError as exc:
+            got = exc
+        writer.transport.abort()
+
+        async def backend_done() -> bool:
+            return bool(backend.ends)
+
+        await eventually(backend_done, "the backend read to the end of the stream")
+    [received] = backend.received
+    assert 0 < len(received) < len(upload) and upload.startswith(bytes(received))
+    assert backend.ends == ["reset"], f"the backend took {len(received)} bytes for the whole"
+    assert isinstance(got, ConnectionResetError), got
+    [line] = client_streams(s.records)
+    assert line.reason == "idle_timeout"

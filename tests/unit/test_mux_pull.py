@@ -13,9 +13,12 @@ import asyncio
 import struct
 from typing import Any, cast
 
-from qkdproxy.core.mux import FRAME_SIZE
+import pytest
+
+from qkdproxy.core.mux import FRAME_SIZE, RST_STREAM
 from qkdproxy.daemon.muxconn import MuxStream, MuxTunnel, pump_stream
 from qkdproxy.daemon.pump import RekeyBudget, Traffic
+from qkdproxy.daemon.tunnel import _close_stream
 from qkdproxy.io.socket_reader import SocketReader
 from tests.unit.test_mux_hostile import (
     DATA,
@@ -263,3 +266,49 @@ async def test_a_stream_that_only_waits_for_its_peer_does_not_hold_up_the_next()
     assert data_sent(tls, second) == b"next request"  # not at the end of the round
     for pump in (task, next_task):
         pump.cancel()
+
+
+class AbortedSink(Sink):
+    """A plaintext writer that records whether it was reset (``gate.reset``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+        self.transport.abort = self.abort  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("reason", "pending", "cut"),
+    [
+        ("idle_timeout", b"0123456789abcdef", True),  # 6 bytes never left: a cut
+        ("idle_timeout", b"0123456789", False),  # everything left: an idle close
+        ("rejected: peer answered 502", b"0123456789abcdef", False),  # nothing processed
+        ("error: MuxStreamError: tunnel broke", b"0123456789abcdef", True),
+    ],
+)
+async def test_an_end_that_leaves_bytes_unsent_is_a_reset_never_an_end_stream(
+    reason: str, pending: bytes, cut: bool
+) -> None:
+    """A stream whose window stayed shut with the application's bytes waiting ends (an
+    idle timeout): END_STREAM would tell the peer that what it got was the whole upload,
+    and a FIN would tell the application it was delivered. Both sides are reset instead;
+    an end with nothing left unsent, or a refusal, stays a close."""
+    tls = RecordingTls()
+    _, stream, reader, task = await pumping(tls, (4, 10))  # stream window 10
+    arrive(reader, pending)
+    assert data_sent(tls, stream) == pending[:10]
+    stream._conclude(reason)
+    assert await task == reason
+    traffic = Traffic(to_peer=len(data_sent(tls, stream)))
+    plaintext = AbortedSink()
+    await _close_stream(reason, traffic, stream, cast(Any, plaintext), reader.buffered)
+    assert ended(tls, stream) == (not cut)
+    if cut:
+        assert RST_STREAM in [kind for kind, _, _ in frames(tls.sent, stream.stream_id)]
+    assert plaintext.aborted == cut
