@@ -464,7 +464,10 @@ class Tunnel:
             return reason
         finally:
             self._account(record, traffic)
-            await _close_after_pump(reason, traffic, channel, tls=peer_writer, plaintext=writer)
+            await _close_after_pump(
+                reason, traffic, channel, tls=peer_writer, plaintext=writer,
+                unsent=_unsent(reader),
+            )  # fmt: skip
             record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
 
     async def _dial_with_fresh_key(
@@ -583,7 +586,10 @@ class Tunnel:
             return reason
         finally:
             self._account(record, traffic)
-            await _close_after_pump(reason, traffic, channel, tls=writer, plaintext=backend_writer)
+            await _close_after_pump(
+                reason, traffic, channel, tls=writer, plaintext=backend_writer,
+                unsent=backend_reader.buffered,
+            )  # fmt: skip
             record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
             await close_transport(backend_writer)
 
@@ -1016,6 +1022,7 @@ async def _close_after_pump(
     *,
     tls: asyncio.StreamWriter,
     plaintext: asyncio.StreamWriter,
+    unsent: int = 0,
 ) -> None:
     """Close both sides once the pump ended (the plaintext side is closed by the caller).
 
@@ -1025,11 +1032,13 @@ async def _close_after_pump(
     complete. The plaintext side is reset too once it sent anything (its upload may have
     been cut, and an empty answer with FIN would pass for success), unless the peer only
     refused our certificate. A side that got nothing is closed as after a failed handshake.
+    An end that leaves ``unsent`` bytes of the plaintext side behind (an idle timeout while
+    the peer did not read) is broken too: the peer would take what it got for the whole.
     """
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
-    broken = reason is None or reason.startswith("error")
+    broken = reason is None or reason.startswith("error") or unsent > 0
     stream = getattr(channel, "stream", None)
-    if broken and traffic.to_peer:
+    if broken and (traffic.to_peer or unsent):
         gate.reset(tls)  # no close_notify
         if isinstance(stream, TlsStream):
             stream.abort(f"reset after the pump ended ({reason or 'cut'})")
@@ -1040,8 +1049,14 @@ async def _close_after_pump(
         and stream.failure is not None
         and (stream.failure.identity_refused)
     )
-    if broken and (traffic.from_peer or (traffic.to_peer and not refused)):
+    if broken and (traffic.from_peer or ((traffic.to_peer or unsent) and not refused)):
         gate.reset(plaintext)
+
+
+def _unsent(reader: asyncio.StreamReader | SocketReader) -> int:
+    """What the plaintext side sent that the pump did not pass on (a client's listener
+    reads with a socket reader, which the pump reads in place)."""
+    return reader.buffered if isinstance(reader, SocketReader) else 0
 
 
 def _unreachable(exc: OSError | TimeoutError) -> str:
