@@ -18,7 +18,7 @@ import os
 import random
 import socket
 import struct
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 
 import pytest
@@ -360,61 +360,21 @@ async def bulk_both_ways(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     assert callback_errors(caplog) == []
 
 
-async def test_a_black_holed_tunnel_is_found_dead_while_its_transport_is_backed_up(
-    tmp_path: Path,
-) -> None:
-    """FAILS on fa0eed6 (and its parent): the path to the server stops carrying anything
-    (the relay reads nothing more) while the client uploads, so the client's transport
-    backs up. The keepalive must still find the dead peer within about mux_keepalive_s;
-    instead its PING's flush waits for the transport's drain, which never comes, and it
-    never looks at the silence again: the tunnel and every stream hang."""
+@contextlib.asynccontextmanager
+async def backed_up_behind_a_held_relay(
+    tmp_path: Path, extra: str, backend: CountingBackend | None = None
+) -> AsyncIterator[tuple[MuxTunnel, int]]:
+    """A multiplexing daemon pair (client settings ``extra``) whose path stops carrying the
+    client's bytes once a first connection worked; yields the client's tunnel and listening
+    port once four 4 MB uploads backed its transport up (they end with the block, and the
+    path flows again)."""
     async with (
-        setup(tmp_path, CountingBackend()) as s,
+        setup(tmp_path, backend or CountingBackend()) as s,
         s.daemon("server", s.server_toml(MUX)) as server,
     ):
         relay = HeldRelay(port(server))
         relay_port = await relay.start()
-        text = s.client_toml(relay_port, "multiplex = true\nmux_keepalive_s = 1")
-        async with s.daemon("client", text) as client:
-            assert await transfer(port(client), b"warm") == b"warm"
-            tunnel = the_tunnel(client)
-            relay.hold()
-            apps = asyncio.gather(
-                *(checked(port(client), os.urandom(4_000_000), "bulk") for _ in range(4)),
-                return_exceptions=True,
-            )
-
-            async def backed_up() -> bool:
-                return tunnel.backed_up
-
-            await eventually(backed_up, "the client's tunnel transport backed up")
-            ended = asyncio.ensure_future(tunnel.ended.wait())
-            await asyncio.wait({ended}, timeout=10)  # a deadline: found in about 1 s
-            ended.cancel()
-            found = tunnel.reason
-            if found is None:
-                tunnel._break("test: never found dead")  # so that everything ends now
-            await apps
-            relay.release()
-        await relay.close()
-    assert found is not None and found.startswith("dead peer"), found
-
-
-async def test_an_upload_that_never_left_a_broken_tunnel_is_reset_not_closed(
-    tmp_path: Path,
-) -> None:
-    """An application sends its request and half-closes while the tunnel's transport is
-    backed up, so its bytes wait in the client daemon; then the tunnel is found dead. The
-    upload never reached anyone: a clean end (FIN) would pass for "delivered, nothing to
-    say" to an application that uploads and waits for the close, so it must be reset, as
-    a per-connection tunnel resets an application whose bytes it took."""
-    async with (
-        setup(tmp_path, CountingBackend()) as s,
-        s.daemon("server", s.server_toml(MUX)) as server,
-    ):
-        relay = HeldRelay(port(server))
-        relay_port = await relay.start()
-        text = s.client_toml(relay_port, "multiplex = true\nmux_keepalive_s = 2\nmux_pool_max = 1")
+        text = s.client_toml(relay_port, f"multiplex = true\n{extra}")
         async with s.daemon("client", text) as client:
             assert await transfer(port(client), b"warm") == b"warm"
             tunnel = the_tunnel(client)
@@ -428,21 +388,54 @@ async def test_an_upload_that_never_left_a_broken_tunnel_is_reset_not_closed(
                 return tunnel.backed_up
 
             await eventually(backed_up, "the client's tunnel transport backed up")
-            reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
-            writer.write(b"an upload that must not be taken for delivered")
-            writer.write_eof()
             try:
-                got: bytes | Exception = await asyncio.wait_for(reader.read(), 15)
-            except ConnectionError as exc:
-                got = exc
-            writer.close()
-            await bulk
-            relay.release()
+                yield tunnel, port(client)
+            finally:
+                await bulk
+                relay.release()
         await relay.close()
+
+
+async def test_a_black_holed_tunnel_is_found_dead_while_its_transport_is_backed_up(
+    tmp_path: Path,
+) -> None:
+    """FAILS on fa0eed6 (and its parent): the path to the server stops carrying anything
+    (the relay reads nothing more) while the client uploads, so the client's transport
+    backs up. The keepalive must still find the dead peer within about mux_keepalive_s;
+    instead its PING's flush waits for the transport's drain, which never comes, and it
+    never looks at the silence again: the tunnel and every stream hang."""
+    async with backed_up_behind_a_held_relay(tmp_path, "mux_keepalive_s = 1") as (tunnel, _):
+        ended = asyncio.ensure_future(tunnel.ended.wait())
+        await asyncio.wait({ended}, timeout=10)  # a deadline: found in about 1 s
+        ended.cancel()
+        found = tunnel.reason
+        if found is None:
+            tunnel._break("test: never found dead")  # so that everything ends now
+    assert found is not None and found.startswith("dead peer"), found
+
+
+async def test_an_upload_that_never_left_a_broken_tunnel_is_reset_not_closed(
+    tmp_path: Path,
+) -> None:
+    """An application sends its request and half-closes while the tunnel's transport is
+    backed up, so its bytes wait in the client daemon; then the tunnel is found dead. The
+    upload never reached anyone: a clean end (FIN) would pass for "delivered, nothing to
+    say" to an application that uploads and waits for the close, so it must be reset, as
+    a per-connection tunnel resets an application whose bytes it took."""
+    backend = CountingBackend()
+    extra = "mux_keepalive_s = 2\nmux_pool_max = 1"
+    async with backed_up_behind_a_held_relay(tmp_path, extra, backend) as (tunnel, client_port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
+        writer.write(b"an upload that must not be taken for delivered")
+        writer.write_eof()
+        try:
+            got: bytes | Exception = await asyncio.wait_for(reader.read(), 15)
+        except ConnectionError as exc:
+            got = exc
+        writer.close()
     assert tunnel.reason is not None and tunnel.reason.startswith("dead peer"), tunnel.reason
     assert isinstance(got, ConnectionResetError), got
-    assert isinstance(s.backend, CountingBackend)
-    assert b"an upload" not in b"".join(bytes(r) for r in s.backend.received)
+    assert b"an upload" not in b"".join(bytes(r) for r in backend.received)
 
 
 class LateReader(CountingBackend):
