@@ -318,6 +318,7 @@ async def test_the_tunnel_reader_keeps_reading_while_its_transport_is_backed_up(
     again. Between two daemons that both back up, that is a deadlock (see
     tests/integration/test_mux_callback_attack.py::test_bulk_both_ways_...)."""
     carrier, tls = await reading_tunnel()
+    tls.waiting.clear()  # set by the read under way: wait for the next one
     tls.incoming.put_nowait(ping(1))
     tls.incoming.put_nowait(ping(2))
     await asyncio.wait_for(tls.waiting.wait(), 5)  # both read (their answers are queued)
