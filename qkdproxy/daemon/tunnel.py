@@ -1034,10 +1034,19 @@ async def _close_after_pump(
     refused our certificate. A side that got nothing is closed as after a failed handshake.
     An end that leaves ``unsent`` bytes of the plaintext side behind (an idle timeout while
     the peer did not read) is broken too: the peer would take what it got for the whole.
+    So is a deliberate end (the idle timeout) while a direction that moved bytes had not
+    been ended by its sender: both sides are reset, as the receiver of the part must not
+    take it for the whole, whichever side it is.
     """
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
     broken = reason is None or reason.startswith("error") or unsent > 0
     stream = getattr(channel, "stream", None)
+    if not broken and reason != "closed" and _left_open(traffic):
+        gate.reset(tls)
+        if isinstance(stream, TlsStream):
+            stream.abort(f"reset after the pump ended ({reason})")
+        gate.reset(plaintext)
+        return
     if broken and (traffic.to_peer or unsent):
         gate.reset(tls)  # no close_notify
         if isinstance(stream, TlsStream):
@@ -1051,6 +1060,13 @@ async def _close_after_pump(
     )
     if broken and (traffic.from_peer or ((traffic.to_peer or unsent) and not refused)):
         gate.reset(plaintext)
+
+
+def _left_open(traffic: Traffic) -> bool:
+    """A direction moved bytes and its sender had not ended it."""
+    return bool(
+        (traffic.to_peer and not traffic.sent_end) or (traffic.from_peer and not traffic.got_end)
+    )
 
 
 def _unsent(reader: asyncio.StreamReader | SocketReader) -> int:
@@ -1076,8 +1092,15 @@ async def _close_stream(
     window or a backed-up tunnel must not end in a FIN that passes for delivered); the
     tunnel itself carries on. An end that left bytes unsent (an idle timeout while a window
     stayed shut) is a cut, never an END_STREAM: the peer would take what it got for the
-    whole. A refusal stays a close: the peer processed nothing."""
-    cut = unsent and not (reason or "").startswith("rejected")
+    whole. So is a deliberate end (the idle timeout) while a direction that moved bytes
+    had not been ended by its sender. A refusal stays a close: the peer processed nothing."""
+    refusal = (reason or "").startswith("rejected")
+    cut = unsent and not refusal
+    left_open = (traffic.to_peer and not mux.finished) or (
+        traffic.from_peer and not mux.peer_finished
+    )
+    if left_open and not refusal and reason != "closed":
+        cut = True
     if reason is None or reason.startswith("error") or cut:
         await mux.reset()
         if traffic.to_peer or traffic.from_peer or unsent:
