@@ -12,12 +12,14 @@ whose sender ended it and whose bytes were all delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_mux_goaway import MUX, CountingBackend
-from tests.integration.test_tunnel_runtime import port, setup
+from tests.integration.test_tunnel_runtime import Setup, port, setup
 from tests.system_helpers import eventually
 
 ANSWER = b"the first part of an answer that never finished"
@@ -68,12 +70,21 @@ async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
     return bytes(got), "eof"
 
 
-def daemons_with_idle_timeout(mode: str, idle_on: str) -> tuple[str, str]:
-    """Server and client settings: ``mode``, and the idle timeout on ``idle_on``."""
+@contextlib.asynccontextmanager
+async def idle_pair(
+    tmp_path: Path, backend: Holding, mode: str, idle_on: str
+) -> AsyncIterator[tuple[Setup, int]]:
+    """A daemon pair in ``mode`` with the idle timeout on ``idle_on``; yields the setup and
+    the client's listening port."""
     mux = MUX if mode == "multiplexed" else ""
-    server = f"{mux}\n{IDLE}" if idle_on == "server" else mux
-    client = f"{mux}\n{IDLE}" if idle_on == "client" else mux
-    return server, client
+    server_extra = f"{mux}\n{IDLE}" if idle_on == "server" else mux
+    client_extra = f"{mux}\n{IDLE}" if idle_on == "client" else mux
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(server_extra)) as server,
+        s.daemon("client", s.client_toml(port(server), client_extra)) as client,
+    ):
+        yield s, port(client)
 
 
 @pytest.mark.parametrize("idle_on", ["client", "server"])
@@ -86,13 +97,8 @@ async def test_an_idle_timeout_after_part_of_an_answer_resets_the_application(
     connection: the application got part of an answer whose sender never ended it, so it
     must see a reset. It read that part and then EOF, as if the answer were complete."""
     backend = Holding(answer=ANSWER)
-    server_extra, client_extra = daemons_with_idle_timeout(mode, idle_on)
-    async with (
-        setup(tmp_path, backend) as s,
-        s.daemon("server", s.server_toml(server_extra)) as server,
-        s.daemon("client", s.client_toml(port(server), client_extra)) as client,
-    ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+    async with idle_pair(tmp_path, backend, mode, idle_on) as (_, client_port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
         writer.write(b"request")
         writer.write_eof()
         got, end = await read_to_the_end(reader)
@@ -114,13 +120,8 @@ async def test_an_idle_timeout_after_part_of_an_upload_resets_the_backend(
     got part of an upload whose sender never ended it, so it must see a reset, never EOF
     (which says "that was all")."""
     backend = Holding()
-    server_extra, client_extra = daemons_with_idle_timeout(mode, idle_on)
-    async with (
-        setup(tmp_path, backend) as s,
-        s.daemon("server", s.server_toml(server_extra)) as server,
-        s.daemon("client", s.client_toml(port(server), client_extra)) as client,
-    ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+    async with idle_pair(tmp_path, backend, mode, idle_on) as (_, client_port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
         writer.write(UPLOAD)
         await writer.drain()
 
