@@ -135,3 +135,73 @@ async def test_an_idle_timeout_after_part_of_an_upload_resets_the_backend(
     assert [bytes(r) for r in backend.received] == [UPLOAD]
     assert backend.ends == ["reset"], "the backend took a part of the upload for all of it"
     assert (got, end) == (b"", "reset")
+
+
+class FinInjector:
+    """An on-path attacker between the daemons: relays both ways and, once ``after`` bytes
+    went from the server to the client, ends both directions with a TCP FIN (no TLS
+    close_notify can be forged) and stops relaying."""
+
+    def __init__(self, target: int, after: int) -> None:
+        self.target = target
+        self.after = after
+        self.injected = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def upstream() -> None:
+            while not self.injected.is_set() and (data := await reader.read(65536)):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            moved = 0
+            while moved < self.after and (data := await up_reader.read(self.after - moved)):
+                writer.write(data)
+                await writer.drain()
+                moved += len(data)
+            self.injected.set()
+            writer.write_eof()
+            up_writer.write_eof()
+
+        with contextlib.suppress(ConnectionError, OSError):
+            await asyncio.gather(upstream(), downstream())
+        await self.injected.wait()
+        writer.close()
+        up_writer.close()
+
+
+@pytest.mark.parametrize("mode", ["multiplexed", "per-connection"])
+async def test_a_tcp_fin_injected_between_the_daemons_mid_answer_resets_both_ends(
+    tmp_path: Path, mode: str
+) -> None:
+    """Held (coverage the suite lacked for multiplexed tunnels between real daemons): an
+    on-path attacker ends the path between the daemons with TCP FINs in the middle of a
+    2 MB answer, while the application's upload is still open. The application reads a
+    part of the answer and then a reset; the backend reads the part of the upload that
+    came and then a reset: neither can take the cut for a clean end."""
+    answer = bytes(range(256)) * 8192
+    backend = Holding(answer=answer)
+    mux = MUX if mode == "multiplexed" else ""
+    async with setup(tmp_path, backend) as s, s.daemon("server", s.server_toml(mux)) as server:
+        relay = FinInjector(port(server), after=300_000)
+        listener = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+        relay_port = listener.sockets[0].getsockname()[1]
+        async with s.daemon("client", s.client_toml(relay_port, mux)) as client:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+            writer.write(UPLOAD)
+            await writer.drain()
+            got, end = await read_to_the_end(reader)
+            writer.close()
+
+            async def backend_done() -> bool:
+                return bool(backend.ends)
+
+            await eventually(backend_done, "the backend read to the end of the upload")
+            backend.let_go()
+        listener.close()
+    assert relay.injected.is_set()
+    assert len(got) < len(answer) and answer.startswith(got)
+    assert end == "reset", "the application took a part of the answer for all of it"
+    assert backend.ends == ["reset"], "the backend took a part of the upload for all of it"
