@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -205,3 +207,34 @@ async def test_a_tcp_fin_injected_between_the_daemons_mid_answer_resets_both_end
     assert len(got) < len(answer) and answer.startswith(got)
     assert end == "reset", "the application took a part of the answer for all of it"
     assert backend.ends == ["reset"], "the backend took a part of the upload for all of it"
+
+
+@pytest.mark.parametrize("mode", ["multiplexed", "per-connection"])
+async def test_bytes_dropped_by_a_reset_are_not_counted_as_passed_on(
+    tmp_path: Path, mode: str
+) -> None:
+    """The application reads nothing (a small receive buffer) while the backend sends 3 MB
+    and then stalls; the client's idle timeout resets the application. Whatever the
+    client daemon still held for it (its own write buffer, its socket's unsent queue) is
+    dropped by the reset and never reaches it: the line's bytes_from_peer must not count
+    it. The application then reads all that did reach it (the kernel keeps it readable
+    until the reset is read)."""
+    backend = Holding(answer=os.urandom(3_000_000))
+    async with idle_pair(tmp_path, backend, mode, "client") as (s, client_port):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.connect(("127.0.0.1", client_port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"request")
+        writer.write_eof()
+
+        async def client_line() -> bool:
+            return any(r.role == "client" and r.bytes_from_peer for r in s.records)
+
+        await eventually(client_line, "the client's line for the application")
+        got, end = await read_to_the_end(reader)
+        writer.close()
+        backend.let_go()
+    [line] = [r for r in s.records if r.role == "client" and r.bytes_from_peer]
+    assert end == "reset"
+    assert line.bytes_from_peer <= len(got), f"{line.bytes_from_peer - len(got)} bytes claimed"
