@@ -124,6 +124,9 @@ class Traffic:
     # a cut for a direction that moved bytes and did not end (see _close_after_pump).
     sent_end: bool = False
     got_end: bool = False
+    # Of from_peer, what a reset of the plaintext side dropped (never passed on): left out
+    # of the connection's line, kept in the byte counters (which must never go down).
+    dropped: int = 0
 
     def rekey_due(self, budget: RekeyBudget, now: float) -> bool:
         """True when the current traffic keys have carried enough."""
