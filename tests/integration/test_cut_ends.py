@@ -238,3 +238,44 @@ async def test_bytes_dropped_by_a_reset_are_not_counted_as_passed_on(
     [line] = [r for r in s.records if r.role == "client" and r.bytes_from_peer]
     assert end == "reset"
     assert line.bytes_from_peer <= len(got), f"{line.bytes_from_peer - len(got)} bytes claimed"
+
+
+@pytest.mark.parametrize("draining", ["client", "server"])
+@pytest.mark.parametrize("mode", ["multiplexed", "per-connection"])
+async def test_the_drain_deadline_resets_both_ends_of_an_unfinished_connection(
+    tmp_path: Path, mode: str, draining: str
+) -> None:
+    """Held (the suite had no test of the drain deadline cutting a live connection between
+    daemons): one daemon stops as on SIGTERM, and its drain deadline passes while a
+    connection is half done (part of an answer read, the upload still open). The
+    application reads the part and then a reset; the backend reads the part of the upload
+    and then a reset."""
+    backend = Holding(answer=ANSWER)
+    mux = MUX if mode == "multiplexed" else ""
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(mux)) as server,
+        s.daemon("client", s.client_toml(port(server), mux)) as client,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+        writer.write(UPLOAD)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(len(ANSWER)), 15) == ANSWER
+
+        async def upload_arrived() -> bool:
+            return bytes(backend.received[0]) == UPLOAD if backend.received else False
+
+        await eventually(upload_arrived, "the upload at the backend")
+        tunnel = (client if draining == "client" else server).tunnels[0]
+        tunnel.stop_accepting()
+        await tunnel.drain(0.1)
+        got, end = await read_to_the_end(reader)
+        writer.close()
+
+        async def backend_done() -> bool:
+            return bool(backend.ends)
+
+        await eventually(backend_done, "the backend read to the end of the upload")
+        backend.let_go()
+    assert (got, end) == (b"", "reset")
+    assert backend.ends == ["reset"]
