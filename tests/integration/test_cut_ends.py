@@ -73,14 +73,14 @@ async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
 
 
 @contextlib.asynccontextmanager
-async def idle_pair(
-    tmp_path: Path, backend: Holding, mode: str, idle_on: str
+async def limited_pair(
+    tmp_path: Path, backend: Holding, mode: str, idle_on: str, limit: str = IDLE
 ) -> AsyncIterator[tuple[Setup, int]]:
-    """A daemon pair in ``mode`` with the idle timeout on ``idle_on``; yields the setup and
-    the client's listening port."""
+    """A daemon pair in ``mode`` with the idle timeout (or another ``limit``) on
+    ``idle_on``; yields the setup and the client's listening port."""
     mux = MUX if mode == "multiplexed" else ""
-    server_extra = f"{mux}\n{IDLE}" if idle_on == "server" else mux
-    client_extra = f"{mux}\n{IDLE}" if idle_on == "client" else mux
+    server_extra = f"{mux}\n{limit}" if idle_on == "server" else mux
+    client_extra = f"{mux}\n{limit}" if idle_on == "client" else mux
     async with (
         setup(tmp_path, backend) as s,
         s.daemon("server", s.server_toml(server_extra)) as server,
@@ -99,7 +99,7 @@ async def test_an_idle_timeout_after_part_of_an_answer_resets_the_application(
     connection: the application got part of an answer whose sender never ended it, so it
     must see a reset. It read that part and then EOF, as if the answer were complete."""
     backend = Holding(answer=ANSWER)
-    async with idle_pair(tmp_path, backend, mode, idle_on) as (_, client_port):
+    async with limited_pair(tmp_path, backend, mode, idle_on) as (_, client_port):
         reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
         writer.write(b"request")
         writer.write_eof()
@@ -122,7 +122,7 @@ async def test_an_idle_timeout_after_part_of_an_upload_resets_the_backend(
     got part of an upload whose sender never ended it, so it must see a reset, never EOF
     (which says "that was all")."""
     backend = Holding()
-    async with idle_pair(tmp_path, backend, mode, idle_on) as (_, client_port):
+    async with limited_pair(tmp_path, backend, mode, idle_on) as (_, client_port):
         reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
         writer.write(UPLOAD)
         await writer.drain()
@@ -220,7 +220,7 @@ async def test_bytes_dropped_by_a_reset_are_not_counted_as_passed_on(
     it. The application then reads all that did reach it (the kernel keeps it readable
     until the reset is read)."""
     backend = Holding(answer=os.urandom(3_000_000))
-    async with idle_pair(tmp_path, backend, mode, "client") as (s, client_port):
+    async with limited_pair(tmp_path, backend, mode, "client") as (s, client_port):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         sock.connect(("127.0.0.1", client_port))
@@ -278,4 +278,33 @@ async def test_the_drain_deadline_resets_both_ends_of_an_unfinished_connection(
         await eventually(backend_done, "the backend read to the end of the upload")
         backend.let_go()
     assert (got, end) == (b"", "reset")
+    assert backend.ends == ["reset"]
+
+
+@pytest.mark.parametrize("limit_on", ["client", "server"])
+@pytest.mark.parametrize("mode", ["multiplexed", "per-connection"])
+async def test_the_maximum_lifetime_resets_both_ends_of_an_unfinished_connection(
+    tmp_path: Path, mode: str, limit_on: str
+) -> None:
+    """Held (the suite tested a per-connection client's lifetime only): max_lifetime_s on
+    either daemon ends a connection whose answer and upload are both unfinished (on a
+    server with multiplexing, the whole tunnel's lifetime). The application reads the
+    part of the answer and then a reset; the backend the part of the upload, then a
+    reset."""
+    backend = Holding(answer=ANSWER)
+    lifetime = "max_lifetime_s = 1"
+    async with limited_pair(tmp_path, backend, mode, limit_on, lifetime) as (_, client_port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
+        writer.write(UPLOAD)
+        await writer.drain()
+        got, end = await read_to_the_end(reader)
+        writer.close()
+
+        async def backend_done() -> bool:
+            return bool(backend.ends)
+
+        await eventually(backend_done, "the backend read to the end of the upload")
+        backend.let_go()
+    assert (got, end) == (ANSWER, "reset")
+    assert [bytes(r) for r in backend.received] == [UPLOAD]
     assert backend.ends == ["reset"]
