@@ -119,6 +119,14 @@ class Traffic:
     fresh_keys: FreshKeyStats = field(default_factory=FreshKeyStats)
     # When the stream last got fresh keys (monotonic; None: no Extended Key Update).
     fresh_keys_at: float | None = None
+    # Each direction ended by its sender: the plaintext side's (our FIN follows every byte
+    # it sent) and the peer's (its FIN reached the plaintext side). An end before both is
+    # a cut for a direction that moved bytes and did not end (see _close_after_pump).
+    sent_end: bool = False
+    got_end: bool = False
+    # Of from_peer, what a reset of the plaintext side dropped (never passed on): left out
+    # of the connection's line, kept in the byte counters (which must never go down).
+    dropped: int = 0
 
     def rekey_due(self, budget: RekeyBudget, now: float) -> bool:
         """True when the current traffic keys have carried enough."""
@@ -173,6 +181,7 @@ async def pump(
                 await channel.update_keys()
                 traffic.key_updates += 1
                 traffic.bytes_since_rekey, traffic.last_rekey = 0, now
+        traffic.sent_end = True
         if not (fin_with_close and inbound_done):
             await channel.send_fin()
         # else the pump ends now, and the caller's close of the channel sends our FIN with
@@ -191,6 +200,7 @@ async def pump(
         if writer.can_write_eof():
             with contextlib.suppress(OSError):
                 writer.write_eof()
+        traffic.got_end = True
 
     tasks = {asyncio.create_task(outbound()), asyncio.create_task(inbound())}
     helpers: set[asyncio.Task[None]] = set()

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from operator import attrgetter
@@ -463,11 +463,10 @@ class Tunnel:
             )  # fmt: skip
             return reason
         finally:
-            self._account(record, traffic)
-            await _close_after_pump(
+            await self._closing(record, traffic, _close_after_pump(
                 reason, traffic, channel, tls=peer_writer, plaintext=writer,
                 unsent=_unsent(reader),
-            )  # fmt: skip
+            ))  # fmt: skip
             record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
 
     async def _dial_with_fresh_key(
@@ -585,11 +584,10 @@ class Tunnel:
             )  # fmt: skip
             return reason
         finally:
-            self._account(record, traffic)
-            await _close_after_pump(
+            await self._closing(record, traffic, _close_after_pump(
                 reason, traffic, channel, tls=writer, plaintext=backend_writer,
                 unsent=backend_reader.buffered,
-            )  # fmt: skip
+            ))  # fmt: skip
             record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
             await close_transport(backend_writer)
 
@@ -740,8 +738,10 @@ class Tunnel:
             )  # fmt: skip
             return reason
         finally:
-            self._account(record, traffic)
-            await _close_stream(reason, traffic, mux, backend_writer, backend_reader.buffered)
+            unsent = backend_reader.buffered
+            await self._closing(
+                record, traffic, _close_stream(reason, traffic, mux, backend_writer, unsent)
+            )
             await close_transport(backend_writer)
 
     def _permits(self, tunnel: MuxTunnel, stream: TlsStream) -> bool:
@@ -798,8 +798,8 @@ class Tunnel:
                 reason = f"rejected: {mux.error}"
             return reason
         finally:
-            self._account(record, traffic)
-            await _close_stream(reason, traffic, mux, writer, source.buffered)
+            closing = _close_stream(reason, traffic, mux, writer, source.buffered)
+            await self._closing(record, traffic, closing)
 
     async def _retry_stream(self, failed: MuxStream, data: bytes, fin: bool) -> MuxStream | str:
         """A stream of the pool (as a new connection would get) loaded with what ``failed``
@@ -889,8 +889,20 @@ class Tunnel:
         traffic = self._traffic[record.conn_id] = Traffic()
         return traffic
 
+    async def _closing(
+        self, record: ConnectionRecord, traffic: Traffic, close: Awaitable[None]
+    ) -> None:
+        """Close a connection's sides, then account its bytes (however the close ends): a
+        reset in the close drops what the plaintext side had not received yet, and the
+        line must not count it."""
+        try:
+            await close
+        finally:
+            self._account(record, traffic)
+
     def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
-        record.bytes_to_peer, record.bytes_from_peer = traffic.to_peer, traffic.from_peer
+        record.bytes_to_peer = traffic.to_peer
+        record.bytes_from_peer = traffic.from_peer - traffic.dropped
         record.key_updates = traffic.key_updates
         record.take_fresh_keys(traffic.fresh_keys)
         # Moved from live to closed in one step: the sum bytes_moved() reports never drops.
@@ -1034,10 +1046,19 @@ async def _close_after_pump(
     refused our certificate. A side that got nothing is closed as after a failed handshake.
     An end that leaves ``unsent`` bytes of the plaintext side behind (an idle timeout while
     the peer did not read) is broken too: the peer would take what it got for the whole.
+    So is a deliberate end (the idle timeout) while a direction that moved bytes had not
+    been ended by its sender: both sides are reset, as the receiver of the part must not
+    take it for the whole, whichever side it is.
     """
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
     broken = reason is None or reason.startswith("error") or unsent > 0
     stream = getattr(channel, "stream", None)
+    if not broken and reason != "closed" and _left_open(traffic):
+        gate.reset(tls)
+        if isinstance(stream, TlsStream):
+            stream.abort(f"reset after the pump ended ({reason})")
+        _reset_plaintext(plaintext, traffic)
+        return
     if broken and (traffic.to_peer or unsent):
         gate.reset(tls)  # no close_notify
         if isinstance(stream, TlsStream):
@@ -1050,7 +1071,19 @@ async def _close_after_pump(
         and (stream.failure.identity_refused)
     )
     if broken and (traffic.from_peer or ((traffic.to_peer or unsent) and not refused)):
-        gate.reset(plaintext)
+        _reset_plaintext(plaintext, traffic)
+
+
+def _reset_plaintext(plaintext: asyncio.StreamWriter, traffic: Traffic) -> None:
+    """Reset the plaintext side; what the reset dropped was never passed on."""
+    traffic.dropped = min(traffic.from_peer, gate.reset(plaintext))
+
+
+def _left_open(traffic: Traffic) -> bool:
+    """A direction moved bytes and its sender had not ended it."""
+    return bool(
+        (traffic.to_peer and not traffic.sent_end) or (traffic.from_peer and not traffic.got_end)
+    )
 
 
 def _unsent(reader: asyncio.StreamReader | SocketReader) -> int:
@@ -1076,11 +1109,18 @@ async def _close_stream(
     window or a backed-up tunnel must not end in a FIN that passes for delivered); the
     tunnel itself carries on. An end that left bytes unsent (an idle timeout while a window
     stayed shut) is a cut, never an END_STREAM: the peer would take what it got for the
-    whole. A refusal stays a close: the peer processed nothing."""
-    cut = unsent and not (reason or "").startswith("rejected")
+    whole. So is a deliberate end (the idle timeout) while a direction that moved bytes
+    had not been ended by its sender. A refusal stays a close: the peer processed nothing."""
+    refusal = (reason or "").startswith("rejected")
+    cut = unsent and not refusal
+    left_open = (traffic.to_peer and not mux.finished) or (
+        traffic.from_peer and not mux.peer_finished
+    )
+    if left_open and not refusal and reason != "closed":
+        cut = True
     if reason is None or reason.startswith("error") or cut:
         await mux.reset()
         if traffic.to_peer or traffic.from_peer or unsent:
-            gate.reset(plaintext)
+            _reset_plaintext(plaintext, traffic)
     else:
         await mux.close()

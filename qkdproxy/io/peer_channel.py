@@ -179,8 +179,9 @@ class PeerChannel:
     async def close(self) -> None:
         """End our direction with FIN (if not yet sent), then close the TLS stream.
 
-        A deliberate close (idle timeout, drain, lifetime) thus reaches the peer as the end
-        of our data; a close_notify alone would be a truncation.
+        A deliberate close (an idle timeout that cuts no direction: the tunnel resets
+        instead of closing when it would) thus reaches the peer as the end of our data; a
+        close_notify alone would be a truncation.
         """
         # FIN and close_notify in one write when FIN was not sent yet.
         final = b"" if self._finished else self._fin()

@@ -284,24 +284,32 @@ class AbortedSink(Sink):
 
 
 @pytest.mark.parametrize(
-    ("reason", "pending", "cut"),
+    ("reason", "pending", "app_ended", "cut"),
     [
-        ("idle_timeout", b"0123456789abcdef", True),  # 6 bytes never left: a cut
-        ("idle_timeout", b"0123456789", False),  # everything left: an idle close
-        ("rejected: peer answered 502", b"0123456789abcdef", False),  # nothing processed
-        ("error: MuxStreamError: tunnel broke", b"0123456789abcdef", True),
+        ("idle_timeout", b"0123456789abcdef", False, True),  # 6 bytes never left: a cut
+        # Everything left and the application ended its upload: an idle close.
+        ("idle_timeout", b"0123456789", True, False),
+        # Everything left but the application had not ended: END_STREAM would say that
+        # the 10 bytes were the whole upload.
+        ("idle_timeout", b"0123456789", False, True),
+        ("rejected: peer answered 502", b"0123456789abcdef", False, False),  # nothing processed
+        ("error: MuxStreamError: tunnel broke", b"0123456789abcdef", False, True),
     ],
 )
 async def test_an_end_that_leaves_bytes_unsent_is_a_reset_never_an_end_stream(
-    reason: str, pending: bytes, cut: bool
+    reason: str, pending: bytes, app_ended: bool, cut: bool
 ) -> None:
     """A stream whose window stayed shut with the application's bytes waiting ends (an
     idle timeout): END_STREAM would tell the peer that what it got was the whole upload,
-    and a FIN would tell the application it was delivered. Both sides are reset instead;
-    an end with nothing left unsent, or a refusal, stays a close."""
+    and a FIN would tell the application it was delivered. Both sides are reset instead,
+    and so they are when everything left but the application had not ended its upload;
+    an end with nothing left unsent after the application's own end, or a refusal, stays
+    a close."""
     tls = RecordingTls()
     _, stream, reader, task = await pumping(tls, (4, 10))  # stream window 10
     arrive(reader, pending)
+    if app_ended:
+        reader.eof_received()
     assert data_sent(tls, stream) == pending[:10]
     stream._conclude(reason)
     assert await task == reason
