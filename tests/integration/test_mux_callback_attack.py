@@ -466,8 +466,8 @@ async def test_an_idle_timeout_with_an_upload_still_waiting_resets_both_ends(
     tmp_path: Path, mode: str
 ) -> None:
     """The backend stops reading, so the stream's window shuts and the rest of an
-    application's 64 MB upload (more than the windows and every socket buffer on the way
-    hold) waits in the client daemon; the client's idle timeout ends the stream. Neither
+    application's 64 MB upload (usually more than the windows and every socket buffer on
+    the way hold) waits in the client daemon; the client's idle timeout ends the stream. Neither
     end may take the cut for a clean end: the backend reads what arrived and then a reset,
     never EOF, and the application gets a reset. A per-connection tunnel failed this
     (its close_notify after the 10 MB that had left: the backend read EOF). Multiplexed,
@@ -495,7 +495,9 @@ async def test_an_idle_timeout_with_an_upload_still_waiting_resets_both_ends(
 
         await eventually(backend_done, "the backend read to the end of the stream")
     [received] = backend.received
-    assert 0 < len(received) < len(upload) and upload.startswith(bytes(received))
+    # Usually part of it (on Python 3.12 the whole upload can be in the backend's socket
+    # by then): a reset, not EOF, either way; the application never ended its upload.
+    assert received and upload.startswith(bytes(received))
     assert backend.ends == ["reset"], f"the backend took {len(received)} bytes for the whole"
     assert isinstance(got, ConnectionResetError), got
     lines = [r for r in s.records if r.role == "client" and r.bytes_to_peer]
