@@ -61,6 +61,31 @@ class Holding(CountingBackend):
             writer.close()
 
 
+async def upload_and_read(client_port: int, backend: Holding) -> tuple[bytes, str]:
+    """An application that sends UPLOAD without ending it and reads to the end (what it
+    read, how it ended); returns once the backend read to the end of the upload too."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
+    writer.write(UPLOAD)
+    await writer.drain()
+    return await both_ends(reader, writer, backend)
+
+
+async def both_ends(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: Holding
+) -> tuple[bytes, str]:
+    """Read the application's connection to its end (what it read, how it ended), then
+    wait for the backend's end and let its connection go."""
+    got, end = await read_to_the_end(reader)
+    writer.close()
+
+    async def backend_done() -> bool:
+        return bool(backend.ends)
+
+    await eventually(backend_done, "the backend read to the end of the upload")
+    backend.let_go()
+    return got, end
+
+
 async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
     """What the application read, and how its connection ended ("eof" or "reset")."""
     got = bytearray()
@@ -191,17 +216,7 @@ async def test_a_tcp_fin_injected_between_the_daemons_mid_answer_resets_both_end
         listener = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
         relay_port = listener.sockets[0].getsockname()[1]
         async with s.daemon("client", s.client_toml(relay_port, mux)) as client:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
-            writer.write(UPLOAD)
-            await writer.drain()
-            got, end = await read_to_the_end(reader)
-            writer.close()
-
-            async def backend_done() -> bool:
-                return bool(backend.ends)
-
-            await eventually(backend_done, "the backend read to the end of the upload")
-            backend.let_go()
+            got, end = await upload_and_read(port(client), backend)
         listener.close()
     assert relay.injected.is_set()
     assert len(got) < len(answer) and answer.startswith(got)
@@ -269,14 +284,7 @@ async def test_the_drain_deadline_resets_both_ends_of_an_unfinished_connection(
         tunnel = (client if draining == "client" else server).tunnels[0]
         tunnel.stop_accepting()
         await tunnel.drain(0.1)
-        got, end = await read_to_the_end(reader)
-        writer.close()
-
-        async def backend_done() -> bool:
-            return bool(backend.ends)
-
-        await eventually(backend_done, "the backend read to the end of the upload")
-        backend.let_go()
+        got, end = await both_ends(reader, writer, backend)
     assert (got, end) == (b"", "reset")
     assert backend.ends == ["reset"]
 
@@ -294,17 +302,7 @@ async def test_the_maximum_lifetime_resets_both_ends_of_an_unfinished_connection
     backend = Holding(answer=ANSWER)
     lifetime = "max_lifetime_s = 1"
     async with limited_pair(tmp_path, backend, mode, limit_on, lifetime) as (_, client_port):
-        reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
-        writer.write(UPLOAD)
-        await writer.drain()
-        got, end = await read_to_the_end(reader)
-        writer.close()
-
-        async def backend_done() -> bool:
-            return bool(backend.ends)
-
-        await eventually(backend_done, "the backend read to the end of the upload")
-        backend.let_go()
+        got, end = await upload_and_read(client_port, backend)
     assert (got, end) == (ANSWER, "reset")
     assert [bytes(r) for r in backend.received] == [UPLOAD]
     assert backend.ends == ["reset"]
