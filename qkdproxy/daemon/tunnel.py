@@ -1052,14 +1052,10 @@ async def _close_after_pump(
     """
     # None: the pump itself was cut (max lifetime, drain deadline, an exception).
     broken = reason is None or reason.startswith("error") or unsent > 0
+    # A deliberate end (an idle timeout) that would leave a direction cut: both reset.
+    cut = not broken and _left_open(reason, traffic, traffic.sent_end, traffic.got_end)
     stream = getattr(channel, "stream", None)
-    if not broken and reason != "closed" and _left_open(traffic):
-        gate.reset(tls)
-        if isinstance(stream, TlsStream):
-            stream.abort(f"reset after the pump ended ({reason})")
-        _reset_plaintext(plaintext, traffic)
-        return
-    if broken and (traffic.to_peer or unsent):
+    if cut or (broken and (traffic.to_peer or unsent)):
         gate.reset(tls)  # no close_notify
         if isinstance(stream, TlsStream):
             stream.abort(f"reset after the pump ended ({reason or 'cut'})")
@@ -1070,7 +1066,7 @@ async def _close_after_pump(
         and stream.failure is not None
         and (stream.failure.identity_refused)
     )
-    if broken and (traffic.from_peer or ((traffic.to_peer or unsent) and not refused)):
+    if cut or (broken and (traffic.from_peer or ((traffic.to_peer or unsent) and not refused))):
         _reset_plaintext(plaintext, traffic)
 
 
@@ -1079,11 +1075,12 @@ def _reset_plaintext(plaintext: asyncio.StreamWriter, traffic: Traffic) -> None:
     traffic.dropped = min(traffic.from_peer, gate.reset(plaintext))
 
 
-def _left_open(traffic: Traffic) -> bool:
-    """A direction moved bytes and its sender had not ended it."""
-    return bool(
-        (traffic.to_peer and not traffic.sent_end) or (traffic.from_peer and not traffic.got_end)
-    )
+def _left_open(reason: str | None, traffic: Traffic, sent_end: bool, got_end: bool) -> bool:
+    """An end other than both sides finishing while a direction had moved bytes and its
+    sender had not ended it (``sent_end``: the plaintext side's; ``got_end``: the peer's)."""
+    if reason == "closed":
+        return False
+    return bool((traffic.to_peer and not sent_end) or (traffic.from_peer and not got_end))
 
 
 def _unsent(reader: asyncio.StreamReader | SocketReader) -> int:
@@ -1112,12 +1109,9 @@ async def _close_stream(
     whole. So is a deliberate end (the idle timeout) while a direction that moved bytes
     had not been ended by its sender. A refusal stays a close: the peer processed nothing."""
     refusal = (reason or "").startswith("rejected")
-    cut = unsent and not refusal
-    left_open = (traffic.to_peer and not mux.finished) or (
-        traffic.from_peer and not mux.peer_finished
+    cut = not refusal and (
+        unsent > 0 or _left_open(reason, traffic, mux.finished, mux.peer_finished)
     )
-    if left_open and not refusal and reason != "closed":
-        cut = True
     if reason is None or reason.startswith("error") or cut:
         await mux.reset()
         if traffic.to_peer or traffic.from_peer or unsent:
