@@ -53,6 +53,10 @@ class HeldRelay:
         self.flowing = asyncio.Event()
         self.flowing.set()
         self.server: asyncio.Server | None = None
+        # Ended by close(), which aborts their sockets and waits for them: a connection
+        # task left pending when the test's loop ends is destroyed with its sockets open
+        # (ResourceWarnings), and a cancelled one makes asyncio's server log an error.
+        self.connections: dict[asyncio.Task[None], list[asyncio.StreamWriter]] = {}
 
     async def start(self) -> int:
         sock = socket.socket()
@@ -64,6 +68,11 @@ class HeldRelay:
     async def close(self) -> None:
         assert self.server is not None
         self.server.close()
+        self.flowing.set()
+        for writers in self.connections.values():
+            for writer in writers:
+                writer.transport.abort()
+        await asyncio.gather(*self.connections, return_exceptions=True)
         await self.server.wait_closed()
 
     def hold(self) -> None:
@@ -73,7 +82,23 @@ class HeldRelay:
         self.flowing.set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        writers = self.connections[task] = [writer]
+        try:
+            await self.relay(reader, writer, writers)
+        finally:
+            writer.close()
+            del self.connections[task]
+
+    async def relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        writers: list[asyncio.StreamWriter],
+    ) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        writers.append(up_writer)
 
         async def pipe(
             source: asyncio.StreamReader, sink: asyncio.StreamWriter, held: bool
@@ -89,9 +114,10 @@ class HeldRelay:
                     await sink.drain()
                 sink.write_eof()
 
-        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
-        writer.close()
-        up_writer.close()
+        try:
+            await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+        finally:
+            up_writer.close()
 
 
 def open_fds() -> int:
