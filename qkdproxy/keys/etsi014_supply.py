@@ -22,18 +22,9 @@ from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.keys.etsi014_client import Etsi014Client
 from qkdproxy.keys.sources import RefusalStreak
-from qkdproxy.keys.supply import SupplySettings, SupplySizer
+from qkdproxy.keys.supply import RefillLevels, SupplySettings, SupplySizer
 
 MAX_COALESCED_IDS = 64
-# A refill waits until the supply is a batch of keys below its target, so each enc_keys
-# call, and the peer's dec_keys for the announced ids, carries several keys: a KME round
-# trip costs both daemons about as much CPU as a sixth of a handshake (docs/PERFORMANCE.md).
-# The batch is at most REFILL_BATCH and half the target (two keys for targets of 2 to 5,
-# the whole target below that): from a target of 4 up the supply never runs below half of
-# what the sizer asks, which covers three times the keys taken during a refill's round trip
-# (margin 6).
-REFILL_BATCH = 8
-MIN_REFILL_BATCH = 2
 
 
 @dataclass(slots=True)
@@ -98,7 +89,12 @@ class Etsi014Master:
     @property
     def target(self) -> int:
         """Keys the supply aims to hold now (0 without a supply)."""
-        return self._supply.target(self._clock()) if self._supply else 0
+        return self._levels().high
+
+    def _levels(self) -> RefillLevels:
+        if self._supply is None:
+            return RefillLevels(0, 0)
+        return self._supply.refill_levels(self._clock())
 
     def consumption_per_s(self) -> float:
         """Keys taken per second over the last minute."""
@@ -162,13 +158,12 @@ class Etsi014Master:
         return self._buffer.popleft()
 
     def ensure_refill(self) -> None:
-        """Start a background refill if the supply holds fewer keys than it should (by
-        ``REFILL_BATCH``, or is empty)."""
-        target = self.target
+        """Start a background refill if the supply is down to its refill level
+        (``SupplySizer.refill_levels``)."""
+        levels = self._levels()
         if (
-            self._supply is not None
-            and target > 0
-            and len(self._buffer) <= target - refill_batch(target)
+            levels.high > 0
+            and len(self._buffer) <= levels.low
             and (self._refill is None or self._refill.done())
         ):
             self._refill = asyncio.create_task(self._fill())
@@ -180,7 +175,8 @@ class Etsi014Master:
     async def _fill(self) -> None:
         assert self._supply is not None
         while (missing := self.target - len(self._buffer)) > 0:
-            number = min(missing, await self._batch_limit())
+            limit = await self._batch_limit()
+            number = min(missing, limit)
             started = self._clock()
             try:
                 keys = await self._client.enc_keys(self._slave, number)
@@ -193,6 +189,10 @@ class Etsi014Master:
             self._account.draw(len(keys))
             self._buffer.extend(HeldKey(k, now) for k in keys)
             self.counters.prefetched += len(keys)
+            if number < limit and len(self._buffer) > self._levels().low:
+                # The batch came whole: the keys taken during its round trip wait for the
+                # next refill (topping them up at once made one small call per refill).
+                return
 
     async def wait_refilled(self) -> None:
         """Return once the refill in progress (if any) has finished."""
@@ -219,12 +219,6 @@ class Etsi014Master:
         self._account.settle("stranded", len(self._buffer))
         self._buffer.clear()
         self._announced = 0
-
-
-def refill_batch(target: int) -> int:
-    """How many keys below ``target`` a supply may fall before it refills (see
-    ``REFILL_BATCH``): at least one, at most half the target once that is two or more."""
-    return min(REFILL_BATCH, max(MIN_REFILL_BATCH, target // 2), target)
 
 
 class Etsi014Slave:

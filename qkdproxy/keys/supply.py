@@ -13,6 +13,7 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # Round-trip smoothing: recent calls dominate, one slow call does not.
 RTT_WEIGHT = 0.3
@@ -20,6 +21,16 @@ RTT_WEIGHT = 0.3
 # take or two there is no trend yet (sparse demand would look like a burst).
 SHORT_WINDOW_S = 5.0
 SHORT_WINDOW_MIN_TAKES = 3
+# A refill is a KME round trip that costs each daemon and the KME about half a millisecond
+# of CPU (docs/PERFORMANCE.md, "Paced refills"): under heavy demand a refill carries the
+# keys taken over this interval, so the KME is called at most about this often per supply
+# whatever the connection rate. The supply holds that many keys more at such rates (a
+# fiftieth of a second's demand), which an idle spell after a burst may leave to expire.
+REFILL_INTERVAL_S = 0.05
+# ... and never more than this per refill on that account (a KME's own per-request limit
+# applies on top).
+MAX_PACED_BATCH = 64
+PACE_WINDOW_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,19 +91,66 @@ class SupplySizer:
         while self._takes and self._takes[0] < now - window:
             self._takes.popleft()
         short = min(SHORT_WINDOW_S, window)
-        recent = len(self._takes) - bisect.bisect_left(self._takes, now - short)
+        recent = self._taken_since(now - short)
         if recent < SHORT_WINDOW_MIN_TAKES:
             recent = 0
         return max(len(self._takes) / window, recent / short)
+
+    def _taken_since(self, moment: float) -> int:
+        return len(self._takes) - bisect.bisect_left(self._takes, moment)
 
     def target(self, now: float) -> int:
         """Keys to hold now: the floor when idle (nothing once the floor aged out), else the
         demand over a round trip (with margin) on top of the floor, capped by what the demand
         uses within half the maximum key age, and by the ceiling."""
+        return self._target(self.rate(now))
+
+    def _target(self, rate: float) -> int:
         s = self.settings
-        rate = self.rate(now)
         if rate == 0:
             return 0 if self._aged_out else s.floor
         in_flight = math.ceil(rate * self.rtt_s * s.margin)
-        usable = max(1, math.floor(rate * s.max_age_s / 2))
-        return max(1, min(s.ceiling, s.floor + in_flight, usable))
+        return max(1, min(s.ceiling, s.floor + in_flight, self._usable(rate)))
+
+    def _usable(self, rate: float) -> int:
+        return max(1, math.floor(rate * self.settings.max_age_s / 2))
+
+    def refill_levels(self, now: float) -> RefillLevels:
+        """When a supply of whole keys refills and up to what: it falls at most a batch
+        (:func:`refill_batch`) below :meth:`target` before a refill; under heavy demand it
+        then fills above the target by what the demand takes over ``REFILL_INTERVAL_S``, so
+        refills (KME round trips) come no more often than that. Never above the ceiling or
+        what the demand uses within half the maximum key age."""
+        rate = self.rate(now)
+        target = self._target(rate)
+        low = target - refill_batch(target)
+        # The demand of the last second: the sizer's rate takes seconds to see a rise, and
+        # overrating a burst here costs only a refill's worth of keys held.
+        pace = min(PACE_WINDOW_S, self.settings.window_s)
+        rate = max(rate, self._taken_since(now - pace) / pace)
+        paced = min(MAX_PACED_BATCH, math.ceil(rate * REFILL_INTERVAL_S))
+        high = min(low + paced, self.settings.ceiling, self._usable(rate)) if rate else 0
+        return RefillLevels(low, max(target, high))
+
+
+class RefillLevels(NamedTuple):
+    """A supply refills once it holds ``low`` keys or fewer, up to ``high``."""
+
+    low: int
+    high: int
+
+
+# Refills below the target come in batches: each enc_keys call, and the peer's dec_keys for
+# the announced ids, carries several keys. The batch is at most REFILL_BATCH and half the
+# target (two keys for targets of 2 to 5, the whole target below that): from a target of 4 up
+# the supply never runs below half of what the sizer asks, which covers three times the keys
+# taken during a refill's round trip (margin 6). Under heavy demand the paced batch above is
+# larger.
+REFILL_BATCH = 8
+MIN_REFILL_BATCH = 2
+
+
+def refill_batch(target: int) -> int:
+    """How many keys below ``target`` a supply may fall before it refills (see
+    ``REFILL_BATCH``): at least one, at most half the target once that is two or more."""
+    return min(REFILL_BATCH, max(MIN_REFILL_BATCH, target // 2), target)

@@ -22,7 +22,7 @@ from qkdproxy.daemon.metrics import KmeState, StateCollector, TunnelState
 from qkdproxy.keys.announce import AnnouncementSink
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.etsi014_client import Etsi014Client
-from qkdproxy.keys.etsi014_supply import REFILL_BATCH, Etsi014Master, refill_batch
+from qkdproxy.keys.etsi014_supply import Etsi014Master
 from qkdproxy.keys.key_supply import run
 from qkdproxy.keys.preauth import (
     CLIENT_INITIATED,
@@ -34,7 +34,14 @@ from qkdproxy.keys.preauth import (
 )
 from qkdproxy.keys.responder import HELLO_SOURCE
 from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH, KeySources, RefusalStreak
-from qkdproxy.keys.supply import SupplySettings, SupplySizer
+from qkdproxy.keys.supply import (
+    MAX_PACED_BATCH,
+    REFILL_BATCH,
+    REFILL_INTERVAL_S,
+    SupplySettings,
+    SupplySizer,
+    refill_batch,
+)
 from tests.integration.test_peer_channel import FakeKme
 from tests.unit.test_keyexchange import MLKEM768, client_hello
 
@@ -275,6 +282,136 @@ async def test_a_busy_supply_refills_in_batches_and_never_runs_below_half() -> N
     assert kme.sizes_asked == [16] + [8] * 8
     assert master.counters.fetched_on_demand == 0
     assert lowest == 8
+    await master.aclose()
+
+
+def test_refill_levels_pace_kme_calls_only_under_heavy_demand() -> None:
+    sizer = SupplySizer(SupplySettings(floor=4, ceiling=128, window_s=1.0))
+    # Idle: the floor, refilled in the usual batch.
+    assert sizer.refill_levels(0.0) == (4 - refill_batch(4), 4)
+    # Light demand (20/s): a refill's paced batch (one key) is below the usual one, so the
+    # levels are the target's, as before pacing existed.
+    for i in range(20):
+        sizer.took(i / 20)
+    levels, target = sizer.refill_levels(1.0), sizer.target(1.0)
+    assert levels == (target - refill_batch(target), target)
+    # Heavy demand (800/s): the supply fills on top of its usual refill level with what the
+    # demand takes over REFILL_INTERVAL_S, so the KME sees a refill per that interval.
+    for i in range(800):
+        sizer.took(1.0 + i / 800)
+    levels, target = sizer.refill_levels(2.0), sizer.target(2.0)
+    paced = round(800 * REFILL_INTERVAL_S)
+    assert paced > REFILL_BATCH
+    assert levels == (target - refill_batch(target), target - refill_batch(target) + paced)
+    # The paced batch is bounded, and so is what the supply holds.
+    for i in range(8000):
+        sizer.took(2.0 + i / 8000)
+    levels = sizer.refill_levels(3.0)
+    assert levels.high - levels.low == MAX_PACED_BATCH
+    capped = SupplySizer(SupplySettings(floor=4, ceiling=24, window_s=1.0))
+    for i in range(800):
+        capped.took(i / 800)
+    assert capped.refill_levels(1.0).high == 24
+
+
+def test_pacing_sees_a_rise_in_demand_within_a_second() -> None:
+    # The sizer's own rate averages over seconds (400/s for one second reads as 80/s); the
+    # paced batch follows the last second's demand.
+    sizer = SupplySizer(SupplySettings(floor=4, ceiling=128))
+    for i in range(400):
+        sizer.took(i / 400)
+    levels = sizer.refill_levels(1.0)
+    assert levels.high - levels.low == round(400 * REFILL_INTERVAL_S)
+
+
+def test_paced_refills_never_hold_more_than_the_demand_uses_before_keys_age() -> None:
+    # 5 keys/s with keys that age out after 4 s: at most 10 keys are worth holding.
+    sizer = SupplySizer(SupplySettings(floor=0, ceiling=128, max_age_s=4.0, window_s=1.0))
+    for i in range(5):
+        sizer.took(i / 5)
+    levels = sizer.refill_levels(1.0)
+    assert levels.high <= 10
+
+
+async def test_a_supply_under_heavy_demand_calls_the_kme_once_per_refill_interval() -> None:
+    kme = FakeKme()
+    clock = Clock()
+    supply = SupplySettings(floor=4, ceiling=128, window_s=1.0)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=clock)
+    master.ensure_refill()
+    await master.wait_refilled()
+    rate = 400  # keys per second, one take each 2.5 ms
+    for _ in range(rate):  # one second to measure the demand
+        clock.now += 1 / rate
+        await master.take_key()
+        await master.wait_refilled()
+    asked_before = len(kme.sizes_asked)
+    for _ in range(rate):
+        clock.now += 1 / rate
+        await master.take_key()
+        await master.wait_refilled()
+    calls = len(kme.sizes_asked) - asked_before
+    # One enc_keys per REFILL_INTERVAL_S of demand (20 keys each), where unpaced refills of
+    # at most REFILL_BATCH keys would take 50 calls for the same 400 keys.
+    assert calls <= round(1 / REFILL_INTERVAL_S) + 1
+    assert min(kme.sizes_asked[asked_before:]) >= rate * REFILL_INTERVAL_S
+    assert master.counters.fetched_on_demand == 0
+    await master.aclose()
+
+
+class HeldKme(FakeKme):
+    """enc_keys answers only once ``release`` is set: takes can happen during the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def enc_keys(self, slave_sae: str, number: int = 1, size: int = 256) -> list[QkdKey]:
+        await self.release.wait()
+        self.release.clear()
+        return await super().enc_keys(slave_sae, number, size)
+
+
+async def test_keys_taken_during_a_refill_wait_for_the_next_refill() -> None:
+    kme = HeldKme()
+    supply = SupplySettings(floor=16, ceiling=16, window_s=1.0)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
+    master.ensure_refill()
+    kme.release.set()
+    await master.wait_refilled()
+    for _ in range(8):  # down to the refill level: a refill of 8 starts
+        await master.take_key()
+    await asyncio.sleep(0)
+    for _ in range(3):  # taken while that refill is on its way
+        await master.take_key()
+    kme.release.set()
+    await asyncio.sleep(0)
+    kme.release.set()  # a further call, if one came, would not wait
+    await master.wait_refilled()
+    # One call for the batch; the three keys taken meanwhile are not topped up at once
+    # (that made a call of one to three keys after every refill under load).
+    assert (kme.sizes_asked, master.depth) == ([16, 8], 13)
+    await master.aclose()
+
+
+async def test_a_supply_below_its_refill_level_after_a_refill_fills_again() -> None:
+    kme = HeldKme()
+    supply = SupplySettings(floor=16, ceiling=16, window_s=1.0)
+    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
+    master.ensure_refill()
+    kme.release.set()
+    await master.wait_refilled()
+    for _ in range(8):
+        await master.take_key()
+    await asyncio.sleep(0)
+    for _ in range(8):  # the whole supply taken during the round trip
+        await master.take_key()
+    kme.release.set()
+    await asyncio.sleep(0)
+    kme.release.set()
+    await master.wait_refilled()
+    assert kme.sizes_asked == [16, 8, 8] and master.depth == 16
+    assert master.counters.fetched_on_demand == 0
     await master.aclose()
 
 
