@@ -34,6 +34,7 @@ from aiohttp import web
 from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.keys.sources import REFUSALS_BEFORE_FLUSH
 from qkdproxy.keys.sslctx import client_context, server_context
+from qkdproxy.tools.bench.processes import free_port
 from qkdproxy.tools.certs import DevPki
 from tests.system.test_daemon_system import (
     CLIENT_ID,
@@ -47,7 +48,6 @@ from tests.system.test_daemon_system import (
     TomlValue,
     WatchedServer,
     exchange,
-    free_port,
     read_until_eof,
     toml_table,
 )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from qkdproxy.daemon.app import Daemon
 from qkdproxy.daemon.muxconn import MuxTunnel
 from qkdproxy.daemon.tunnel import Tunnel
+from qkdproxy.tools.bench.processes import free_port
 from tests.integration.test_mux import MUX
 from tests.integration.test_tunnel_runtime import Backend, Setup, port, setup, transfer
 from tests.unit.test_mux_codec import CONNECT, frame
@@ -32,12 +32,6 @@ async def inject(carrier: MuxTunnel, raw: bytes) -> None:
     """Frames as a compromised peer would send them, in order with the protocol's own."""
     carrier.conn._out += raw
     await carrier._write_now()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @asynccontextmanager

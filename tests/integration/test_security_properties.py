@@ -81,6 +81,7 @@ from qkdproxy.sim.faults import Burst, FaultInjector, FaultScript
 from qkdproxy.sim.link import KeyUnknownError
 from qkdproxy.sim.pki import CertificateAuthority
 from qkdproxy.sim.simulator import KmePair, SimulatorSettings
+from qkdproxy.tools.bench.processes import free_port
 from qkdproxy.tools.bench.soak import (
     LedgerLink,
     fd_kinds,
@@ -110,7 +111,6 @@ from tests.system.test_daemon_system import (
     Harness,
     TomlValue,
     exchange,
-    free_port,
     toml_table,
 )
 

@@ -33,6 +33,7 @@ import pytest
 
 from qkdproxy.core.keys import KeyNotFoundError, QkdKey
 from qkdproxy.keys.announce import AnnouncedSlave
+from qkdproxy.tools.bench.processes import free_port
 from qkdproxy.tools.certs import write_dev_pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,13 +48,6 @@ TomlValue = str | int | float | bool | list[str]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound once, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def toml_value(value: TomlValue) -> str:

@@ -21,12 +21,12 @@ from qkdproxy.core.peer.frames import (
     encode_verdict,
 )
 from qkdproxy.daemon.config import load_config
+from qkdproxy.tools.bench.processes import free_port
 from qkdproxy.tools.certs import write_dev_pki
 from qkdproxy.tools.probe import probe
 from tests.system.test_daemon_system import (
     Harness,
     TomlValue,
-    free_port,
     harness_fixture,  # noqa: F401 - fixture
     pki_fixture,  # noqa: F401 - fixture
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import socket
 import sys
 import tempfile
@@ -113,16 +114,38 @@ def free_port() -> int:
 def free_ports(count: int) -> list[int]:
     """``count`` distinct loopback ports that were free a moment ago.
 
-    All are held open until every one is chosen: one at a time, the kernel may hand out the
-    same port twice.
+    They come from outside the kernel's ephemeral range: a port the kernel picked (bind to
+    port 0) can be handed out again as the source port of any outgoing connection before
+    the process it was chosen for binds it, and a machine running daemons, a KME and their
+    clients makes many (a system test's KME once failed to bind "its" port that way).
+    Outside the range only another caller of this function can take it. All are held open
+    until every one is chosen, so they are distinct.
     """
+    spare = _outside_ephemeral_range()
     with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        while len(ports) < count:
+            port = secrets.choice(spare)
             sock = held.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use (or held by this call): another one
+                continue
+            ports.append(port)
         return ports
+
+
+def _outside_ephemeral_range() -> range:
+    """Ports the kernel does not hand out as source ports (below its ephemeral range, or
+    above it when too little room is left below)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as limits:
+            low, high = (int(field) for field in limits.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    if low - 1024 >= 4096:
+        return range(max(1024, low - 16384), low)
+    return range(high + 1, 65536)
 
 
 async def start_kme(
