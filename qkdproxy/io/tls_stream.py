@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from qkdproxy.core.errors import LocalProtocolError, QkdproxyError, SettingError
-from qkdproxy.core.hybrid import HybridKem
+from qkdproxy.core.hybrid import HybridKem, KeyPairReserve
 from qkdproxy.core.peer.frames import ALPN_PROTOCOL, MUX_ALPN_PROTOCOL
 from qkdproxy.core.tls.connection import (
     ConnectionConfig,
@@ -511,6 +511,7 @@ class TlsEndpoint:
             fresh_key_deadline=settings.fresh_key_deadline,
             fresh_key_update=settings.fresh_key_update,
             require_fresh_key_update=settings.require_fresh_key_update,
+            spares=KeyPairReserve(),
         )
         # Multiplexing: servers accept qkdproxy-mux/1; clients offer it (first) only for
         # the tunnels of their pool, so a per-connection dial never gets it.
@@ -583,7 +584,11 @@ async def _drive(
     loop: asyncio.AbstractEventLoop,
 ) -> HandshakeComplete | None:
     """Run ``conn`` until its handshake completed (returned) or failed (None)."""
-    conn.start(loop.time())
+    now = loop.time()
+    conn.start(now)
+    if conn.is_client and (spares := conn.config.spares) is not None:
+        # Runs once this task waits for the server's answer: the hello has left.
+        loop.call_soon(spares.replenish, now)
     deadline = conn.get_timer()
     assert deadline is not None
     try:

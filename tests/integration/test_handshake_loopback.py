@@ -292,3 +292,22 @@ async def test_a_client_that_sends_nothing_still_finishes_its_handshake() -> Non
         await settled(pair)  # the server completed: it got our Finished without any data
         assert len(writes) == 2
         await stream.close()
+
+
+async def test_a_clients_next_handshake_takes_the_key_pair_made_after_the_last_hello() -> None:
+    hybrids = groups("qkd_mlkem768")
+    code = hybrids[0].group.code_point
+    async with loopback_pair(hybrids) as pair:
+        client = pair.client(hybrids, QkdOptions())
+        reserve = client._config.spares
+        assert reserve is not None and reserve.held == 0
+        seen = []
+        for n in range(3):
+            stream = await handshake(pair, client)
+            assert await echo(stream, b"spare") == b"spare"
+            await stream.close()
+            await settled(pair, n + 1)
+            # Made once the hello had left, for the next handshake, and a new one each time.
+            assert reserve.held == 1
+            seen.append(reserve._spares[code][1])
+        assert len(set(seen)) == 3

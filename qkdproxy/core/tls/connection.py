@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Any
 
 from qkdproxy.core.errors import LocalProtocolError, QkdproxyError
-from qkdproxy.core.hybrid import HybridKem
+from qkdproxy.core.hybrid import HybridKem, KeyPairReserve
 from qkdproxy.core.tls.eku_state import FreshKeyUpdates, UpdatePolicy
 from qkdproxy.core.tls.engine import (
     AbruptCloseError,
@@ -166,6 +166,8 @@ class ConnectionConfig:
     require_fresh_key_update: bool = False
     # How long one update may wait for the peer (None: handshake_timeout).
     fresh_key_deadline: float | None = None
+    # A client's key pairs generated ahead (the I/O layer replenishes it after each hello).
+    spares: KeyPairReserve | None = None
 
 
 class TlsConnection:
@@ -200,7 +202,7 @@ class TlsConnection:
         self._leftover = b""
         self.kex: ClientKeyExchange | ServerKeyExchange
         if is_client:
-            self.kex = ClientKeyExchange(config.groups, keys)
+            self.kex = ClientKeyExchange(config.groups, keys, config.spares)
             self._gate = HelloGate(HandshakeType.SERVER_HELLO)
         else:
             self.kex = ServerKeyExchange(config.groups, keys)
@@ -223,16 +225,16 @@ class TlsConnection:
         if not self.is_client:
             self._move(Phase.HANDSHAKE)
             return
-        self._guarded(self._start_client)
+        self._guarded(lambda: self._start_client(now))
 
-    def _start_client(self) -> None:
+    def _start_client(self, now: float) -> None:
         first = self.config.groups[0]
 
         def send_hello(_: object) -> None:
             self._engine.start_client([g.group for g in self.config.groups], first.group)
             self._engine_started = True
 
-        self._run_keys(self.kex_client.offer(first.group.code_point), send_hello)
+        self._run_keys(self.kex_client.offer(first.group.code_point, now), send_hello)
         self._advance()
 
     def receive_data(self, data: bytes, now: float) -> None:

@@ -25,6 +25,7 @@ from qkdproxy.core.hybrid import (
     ZERO_KEY_ID,
     ClientPrivate,
     HybridKem,
+    KeyPairReserve,
     attach_key_id,
     detach_key_id,
     key_ids_equal,
@@ -337,19 +338,29 @@ class _Offer:
 class ClientKeyExchange(_KeyExchangeBase):
     """The client's side: offers one key share, answers HelloRetryRequest, decapsulates."""
 
-    def __init__(self, groups: Sequence[HybridKem], context: ExchangeContext) -> None:
+    def __init__(
+        self,
+        groups: Sequence[HybridKem],
+        context: ExchangeContext,
+        spares: KeyPairReserve | None = None,
+    ) -> None:
         super().__init__(context)
         self._groups = {g.group.code_point: g for g in groups}
         self._offers: dict[int, _Offer] = {}
+        self._spares = spares
 
-    def offer(self, group: int) -> KeySteps[None]:
-        """Prepare the key share for ``group``; QKD groups originate their key id first."""
-        return KeySteps(self._offer(group), self._ctx)
+    def offer(self, group: int, now: float | None = None) -> KeySteps[None]:
+        """Prepare the key share for ``group``; QKD groups originate their key id first.
+        With ``now``, the key pair may be a spare of the endpoint's reserve."""
+        return KeySteps(self._offer(group, now), self._ctx)
 
-    def _offer(self, group: int) -> Steps[None]:
+    def _offer(self, group: int, now: float | None = None) -> Steps[None]:
         hybrid = self._groups[group]
         held: _HeldKey | None = None
-        private, share = hybrid.generate()
+        if self._spares is not None and now is not None:
+            private, share = self._spares.take(hybrid, now)
+        else:
+            private, share = hybrid.generate()
         if hybrid.group.qkd:
             held = yield from self._originate()
             share = attach_key_id(share, held.key_id if held else ZERO_KEY_ID)
