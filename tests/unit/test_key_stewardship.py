@@ -372,29 +372,8 @@ class HeldKme(FakeKme):
         return await super().enc_keys(slave_sae, number, size)
 
 
-async def test_keys_taken_during_a_refill_wait_for_the_next_refill() -> None:
-    kme = HeldKme()
-    supply = SupplySettings(floor=16, ceiling=16, window_s=1.0)
-    master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
-    master.ensure_refill()
-    kme.release.set()
-    await master.wait_refilled()
-    for _ in range(8):  # down to the refill level: a refill of 8 starts
-        await master.take_key()
-    await asyncio.sleep(0)
-    for _ in range(3):  # taken while that refill is on its way
-        await master.take_key()
-    kme.release.set()
-    await asyncio.sleep(0)
-    kme.release.set()  # a further call, if one came, would not wait
-    await master.wait_refilled()
-    # One call for the batch; the three keys taken meanwhile are not topped up at once
-    # (that made a call of one to three keys after every refill under load).
-    assert (kme.sizes_asked, master.depth) == ([16, 8], 13)
-    await master.aclose()
-
-
-async def test_a_supply_below_its_refill_level_after_a_refill_fills_again() -> None:
+async def refilling_supply() -> tuple[HeldKme, Etsi014Master]:
+    """A full supply of 16 taken down to its refill level: a refill of 8 is on its way."""
     kme = HeldKme()
     supply = SupplySettings(floor=16, ceiling=16, window_s=1.0)
     master = Etsi014Master(cast(Etsi014Client, kme), "sae-b", supply, clock=lambda: 0.0)
@@ -404,13 +383,36 @@ async def test_a_supply_below_its_refill_level_after_a_refill_fills_again() -> N
     for _ in range(8):
         await master.take_key()
     await asyncio.sleep(0)
-    for _ in range(8):  # the whole supply taken during the round trip
-        await master.take_key()
+    return kme, master
+
+
+async def answer_twice(kme: HeldKme) -> None:
+    """Let the call under way return, and a further one (if any comes) return at once."""
     kme.release.set()
     await asyncio.sleep(0)
     kme.release.set()
+
+
+@pytest.mark.parametrize(
+    ("taken_meanwhile", "calls", "depth"),
+    [
+        # Still above the refill level when the batch came: the keys taken meanwhile wait
+        # for the next refill (topping them up at once made a call of one to three keys
+        # after every refill under load).
+        (3, [16, 8], 13),
+        # The round trip emptied the supply: it fills again at once.
+        (8, [16, 8, 8], 16),
+    ],
+)
+async def test_keys_taken_during_a_refill_are_topped_up_only_below_the_refill_level(
+    taken_meanwhile: int, calls: list[int], depth: int
+) -> None:
+    kme, master = await refilling_supply()
+    for _ in range(taken_meanwhile):
+        await master.take_key()
+    await answer_twice(kme)
     await master.wait_refilled()
-    assert kme.sizes_asked == [16, 8, 8] and master.depth == 16
+    assert (kme.sizes_asked, master.depth) == (calls, depth)
     assert master.counters.fetched_on_demand == 0
     await master.aclose()
 
