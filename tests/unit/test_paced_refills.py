@@ -27,6 +27,7 @@ from qkdproxy.keys.supply import (
     MAX_PACED_BATCH,
     REFILL_BATCH,
     REFILL_INTERVAL_S,
+    SHORT_WINDOW_MIN_TAKES,
     SupplySettings,
     SupplySizer,
     refill_batch,
@@ -105,6 +106,24 @@ def test_refill_levels_keep_their_bounds(
     last_second = sum(1 for t in [*takes, *([now] * burst)] if t >= now - 1)
     if high > target:
         assert high <= math.floor(max(sizer.rate(now), last_second) * max_age / 2)
+
+
+@pytest.mark.parametrize("rtt", [0.0, 0.001, 0.1])
+def test_levels_rise_smoothly_with_the_demand_across_the_pacing_threshold(rtt: float) -> None:
+    # From a trend (SHORT_WINDOW_MIN_TAKES takes) to 2000 takes in the last second: neither
+    # level ever falls as the demand grows, and the high level moves a key or two per take
+    # (no jump where the paced batch overtakes the refill batch, at 160-180 takes a second).
+    previous = None
+    for takes in range(SHORT_WINDOW_MIN_TAKES, 2000):
+        sizer = SupplySizer(SupplySettings(window_s=60.0))
+        sizer.round_trip(rtt)
+        for i in range(takes):
+            sizer.took(59 + i / takes)
+        levels = sizer.refill_levels(60.0)
+        if previous is not None:
+            assert previous.low <= levels.low and previous.high <= levels.high
+            assert levels.high - previous.high <= 2
+        previous = levels
 
 
 def test_the_sizer_target_has_no_paced_share() -> None:
