@@ -22,7 +22,7 @@ from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.keys.etsi014_client import Etsi014Client
 from qkdproxy.keys.sources import RefusalStreak
-from qkdproxy.keys.supply import RefillLevels, SupplySettings, SupplySizer
+from qkdproxy.keys.supply import MAX_PACED_BATCH, RefillLevels, SupplySettings, SupplySizer
 
 MAX_COALESCED_IDS = 64
 
@@ -72,6 +72,8 @@ class Etsi014Master:
         self._announces = announces
         self._buffer: deque[HeldKey] = deque()
         self._refill: asyncio.Task[None] | None = None
+        # The KME's max_key_per_request as last read (no cap known before the first refill).
+        self._request_cap = MAX_PACED_BATCH
         # The first ``_announced`` keys of the buffer were named to the peer already.
         self._announced = 0
         self._streak = RefusalStreak()
@@ -94,7 +96,7 @@ class Etsi014Master:
     def _levels(self) -> RefillLevels:
         if self._supply is None:
             return RefillLevels(0, 0)
-        return self._supply.refill_levels(self._clock())
+        return self._supply.refill_levels(self._clock(), self._request_cap)
 
     def consumption_per_s(self) -> float:
         """Keys taken per second over the last minute."""
@@ -174,9 +176,13 @@ class Etsi014Master:
 
     async def _fill(self) -> None:
         assert self._supply is not None
-        while (missing := self.target - len(self._buffer)) > 0:
-            limit = await self._batch_limit()
-            number = min(missing, limit)
+        while True:
+            # Read first: the levels a refill aims at depend on it.
+            self._request_cap = await self._batch_limit()
+            missing = self.target - len(self._buffer)
+            if missing <= 0:
+                return
+            number = min(missing, self._request_cap)
             started = self._clock()
             try:
                 keys = await self._client.enc_keys(self._slave, number)
@@ -189,9 +195,10 @@ class Etsi014Master:
             self._account.draw(len(keys))
             self._buffer.extend(HeldKey(k, now) for k in keys)
             self.counters.prefetched += len(keys)
-            if number < limit and len(self._buffer) > self._levels().low:
-                # The batch came whole: the keys taken during its round trip wait for the
-                # next refill (topping them up at once made one small call per refill).
+            if missing <= self._request_cap and len(self._buffer) > self._levels().low:
+                # The batch came whole (one of exactly the KME's limit too): the keys taken
+                # during its round trip wait for the next refill (topping them up at once
+                # made one small call per refill).
                 return
 
     async def wait_refilled(self) -> None:

@@ -115,12 +115,17 @@ class SupplySizer:
     def _usable(self, rate: float) -> int:
         return max(1, math.floor(rate * self.settings.max_age_s / 2))
 
-    def refill_levels(self, now: float) -> RefillLevels:
+    def refill_levels(self, now: float, max_request: int = MAX_PACED_BATCH) -> RefillLevels:
         """When a supply of whole keys refills and up to what: it falls at most a batch
         (:func:`refill_batch`) below :meth:`target` before a refill; under heavy demand it
         then fills above the target by what the demand takes over ``REFILL_INTERVAL_S``, so
         refills (KME round trips) come no more often than that. Never above the ceiling or
-        what the demand uses within half the maximum key age."""
+        what the demand uses within half the maximum key age.
+
+        ``max_request``: the most keys one KME call carries (its ``max_key_per_request``).
+        A paced batch above it would take several calls all the same, as many per key as
+        batches of ``max_request``: it would only hold more keys, so it is capped there.
+        """
         rate = self.rate(now)
         target = self._target(rate)
         low = target - refill_batch(target)
@@ -128,7 +133,7 @@ class SupplySizer:
         # overrating a burst here costs only a refill's worth of keys held.
         pace = min(PACE_WINDOW_S, self.settings.window_s)
         rate = max(rate, self._taken_since(now - pace) / pace)
-        paced = min(MAX_PACED_BATCH, math.ceil(rate * REFILL_INTERVAL_S))
+        paced = min(MAX_PACED_BATCH, max_request, math.ceil(rate * REFILL_INTERVAL_S))
         high = min(low + paced, self.settings.ceiling, self._usable(rate)) if rate else 0
         return RefillLevels(low, max(target, high))
 
