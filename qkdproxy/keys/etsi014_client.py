@@ -145,9 +145,12 @@ class Etsi014Client:
     async def max_keys_per_request(self, peer_sae: str) -> int:
         """How many key ids (or keys) one request towards ``peer_sae`` may carry.
 
-        Read from ``status`` once and remembered. A KME that refuses ``status`` to this SAE
-        (any 4xx) is taken to allow one per request, for good; a failing KME gives 1 for
-        this call only, and the next call asks again.
+        Read from ``status`` once and remembered until an ``enc_keys`` of several keys is
+        refused (4xx: the KME may have lowered its limit; the next call asks again; a refused
+        ``dec_keys`` of several ids more often names an unknown one, and its ids are asked for
+        one by one anyway). A KME that
+        refuses ``status`` to this SAE (any 4xx) is taken to allow one per request; a
+        failing KME gives 1 for this call only, and the next call asks again.
         """
         cap = self._request_caps.get(peer_sae)
         if cap is not None:
@@ -170,6 +173,10 @@ class Etsi014Client:
         try:
             data = await self._call("POST", _path(slave_sae, "enc_keys"), body)
         except KmeRefusedError as exc:
+            if number > 1:
+                # Paced refills ask for up to 64 keys: a KME that lowered its limit would
+                # otherwise refuse every refill until the daemon restarts.
+                self._request_caps.pop(slave_sae, None)
             if self.key_size_problem is None:
                 raise
             # Most likely the reason; the status said so.

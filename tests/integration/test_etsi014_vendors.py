@@ -281,3 +281,29 @@ async def test_the_status_poll_logs_a_key_size_mismatch(
         "kme vendor: key size mismatch: 256-bit keys needed, the KME's status allows "
         "min_key_size=64 to max_key_size=128 (key_size=128)"
     )
+
+
+async def test_a_kme_that_lowers_its_request_limit_is_asked_for_it_again(pki: DevPki) -> None:
+    limit = {"keys": 64}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/status"):
+            return web.json_response(status_document(max_key_per_request=limit["keys"]))
+        number = json.loads(await request.read())["number"]
+        if number > limit["keys"]:
+            return web.json_response({"message": "number too large"}, status=400)
+        return web.json_response(container(*(key_entry() for _ in range(number))))
+
+    async with fake_kme(pki) as fake, etsi_client(pki, fake.url, "sae-a") as client:
+        fake.handler = handler
+        assert await client.max_keys_per_request("sae-b") == 64
+        assert len(await client.enc_keys("sae-b", 20)) == 20
+        assert await client.max_keys_per_request("sae-b") == 64  # remembered
+        limit["keys"] = 4  # lowered while we run
+        with pytest.raises(KmeRefusedError):
+            await client.enc_keys("sae-b", 20)
+        assert await client.max_keys_per_request("sae-b") == 4
+        assert len(await client.enc_keys("sae-b", 4)) == 4
+        assert client.breaker.failures == 0
+    paths = [path for _, path, _ in fake.requests]
+    assert paths.count("/api/v1/keys/sae-b/status") == 2
