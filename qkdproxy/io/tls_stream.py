@@ -526,21 +526,28 @@ class TlsEndpoint:
         """Client handshake over an open stream; raises :class:`HandshakeError`. ``mux``
         also offers qkdproxy-mux/1 (if the settings allow it)."""
         config = self._mux_config if mux else self._config
-        return await self._run(True, Transport(reader, writer), config)
+        # A pool's tunnels are rotated minutes apart: a spare made after one would be stale
+        # (dropped unused) by the next, so only per-connection dials replenish.
+        spares = None if mux else config.spares
+        return await self._run(True, Transport(reader, writer), config, spares)
 
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TlsStream:
         """Server handshake over an accepted stream; raises :class:`HandshakeError`."""
         return await self._run(False, Transport(reader, writer), self._mux_config)
 
     async def _run(
-        self, is_client: bool, transport: Transport, config: ConnectionConfig
+        self,
+        is_client: bool,
+        transport: Transport,
+        config: ConnectionConfig,
+        spares: KeyPairReserve | None = None,
     ) -> TlsStream:
         keys = self.settings.keys
         conn = TlsConnection(config, keys, is_client=is_client, wall_time=self.settings.clock())
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            complete = await _drive(conn, transport, keys, loop)
+            complete = await _drive(conn, transport, keys, loop, spares)
         except BaseException:
             conn.abort()
             _close_streams(conn.next_events(), keys)
@@ -582,11 +589,13 @@ async def _drive(
     transport: Transport,
     keys: KeyContext,
     loop: asyncio.AbstractEventLoop,
+    spares: KeyPairReserve | None = None,
 ) -> HandshakeComplete | None:
-    """Run ``conn`` until its handshake completed (returned) or failed (None)."""
+    """Run ``conn`` until its handshake completed (returned) or failed (None); ``spares``
+    gets its next key pair once the hello has left."""
     now = loop.time()
     conn.start(now)
-    if conn.is_client and (spares := conn.config.spares) is not None:
+    if spares is not None:
         # Runs once this task waits for the server's answer: the hello has left.
         loop.call_soon(spares.replenish, now)
     deadline = conn.get_timer()

@@ -311,3 +311,21 @@ async def test_a_clients_next_handshake_takes_the_key_pair_made_after_the_last_h
             assert reserve.held == 1
             seen.append(reserve._spares[code][1])
         assert len(set(seen)) == 3
+
+
+async def test_a_pools_tunnel_handshake_makes_no_spare() -> None:
+    # Rotations come minutes apart: a spare made after one would only go stale.
+    hybrids = groups("qkd_mlkem768")
+    async with loopback_pair(hybrids) as pair:
+        client = pair.client(hybrids, QkdOptions())
+        reserve = client._config.spares
+        assert reserve is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", pair.port)
+        stream = await asyncio.wait_for(client.connect(reader, writer, mux=True), 20)
+        await stream.close()
+        await settled(pair)
+        assert reserve.held == 0
+        stream = await handshake(pair, client)  # a per-connection dial does
+        await stream.close()
+        await settled(pair, 2)
+        assert reserve.held == 1
