@@ -146,11 +146,11 @@ class Etsi014Client:
         """How many key ids (or keys) one request towards ``peer_sae`` may carry.
 
         Read from ``status`` once and remembered until an ``enc_keys`` of several keys is
-        refused (4xx: the KME may have lowered its limit; the next call asks again; a refused
-        ``dec_keys`` of several ids more often names an unknown one, and its ids are asked for
-        one by one anyway). A KME that
-        refuses ``status`` to this SAE (any 4xx) is taken to allow one per request; a
-        failing KME gives 1 for this call only, and the next call asks again.
+        refused (4xx: the KME may have lowered its limit, so the next call asks again; a
+        refused ``dec_keys`` of several ids more often names an unknown one, and its ids are
+        asked for one by one anyway). A KME that refuses ``status`` to this SAE (any 4xx) is
+        taken to allow one per request; a failing KME gives 1 for this call only, and the
+        next call asks again.
         """
         cap = self._request_caps.get(peer_sae)
         if cap is not None:

@@ -25,7 +25,7 @@ SHORT_WINDOW_MIN_TAKES = 3
 # of CPU (docs/PERFORMANCE.md, "Paced refills"): under heavy demand a refill carries the
 # keys taken over this interval, so the KME is called at most about this often per supply
 # whatever the connection rate. The supply holds that many keys more at such rates (a
-# fiftieth of a second's demand), which an idle spell after a burst may leave to expire.
+# twentieth of a second's demand), which an idle spell after a burst may leave to expire.
 REFILL_INTERVAL_S = 0.05
 # ... and never more than this per refill on that account (a KME's own per-request limit
 # applies on top).

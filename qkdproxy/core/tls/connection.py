@@ -166,7 +166,8 @@ class ConnectionConfig:
     require_fresh_key_update: bool = False
     # How long one update may wait for the peer (None: handshake_timeout).
     fresh_key_deadline: float | None = None
-    # A client's key pairs generated ahead (the I/O layer replenishes it after each hello).
+    # A client's key pairs generated ahead (the I/O layer replenishes it after the hello of
+    # each per-connection dial; a pool's tunnel handshakes only take from it).
     spares: KeyPairReserve | None = None
 
 
