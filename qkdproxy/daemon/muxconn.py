@@ -367,12 +367,14 @@ class MuxStream:
 
     async def reset(self, code: ResetCode = ResetCode.CANCEL) -> None:
         """Reset the stream (RST_STREAM): the peer must not take its end for a clean one."""
-        if self.tunnel.alive:
-            self.tunnel.conn.reset(self.stream_id, code)
-            with contextlib.suppress(TlsStreamError):
-                await self.tunnel.flush()
-        self.error = self.error or "reset by us"
-        self._release()
+        try:
+            if self.tunnel.alive:
+                self.tunnel.conn.reset(self.stream_id, code)
+                with contextlib.suppress(TlsStreamError):
+                    await self.tunnel.flush()
+        finally:  # cancelled while flushing: the stream still leaves its tunnel
+            self.error = self.error or "reset by us"
+            self._release()
 
     async def _flush(self) -> None:
         self.request_queued = False

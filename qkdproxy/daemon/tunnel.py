@@ -333,7 +333,13 @@ class Tunnel:
         finally:
             self._connections.discard(task)
             self.admission.release(self._tickets.pop(record.conn_id))
-            await close_transport(writer)
+            try:
+                await close_transport(writer)
+            except asyncio.CancelledError:
+                # Cut again while closing (a second SIGTERM cancels the drain and the
+                # closes it waits for): the socket goes now, the line is still written
+                # (it may say where a key went), and the task ends quietly like any cut.
+                writer.transport.abort()
             self._finish(record, started, quiet_as=self._quiet_as(record, reader))
             async with self._changed:
                 self._changed.notify_all()
@@ -693,9 +699,11 @@ class Tunnel:
             record.reason = await self._within_lifetime(work)
         finally:
             self._live_streams -= 1
-            if not mux.done:
-                await mux.reset()
-            self._finish(record, started)
+            try:
+                if not mux.done:
+                    await mux.reset()
+            finally:  # cut again while resetting: the line is still written
+                self._finish(record, started)
 
     def _stream_record(self, carrier: ConnectionRecord) -> ConnectionRecord:
         """A stream's line: the carrier's peer and key, its own id and counts."""
