@@ -113,9 +113,9 @@ class KeyPairReserve:
     before its ClientHello can leave, on every connection's critical path. A handshake that
     takes a spare instead leaves at once, and the I/O layer calls :meth:`replenish` after
     the hello left, while the server works on it. Each spare is handed out once; only a
-    group a handshake used gets one, and a spare older than ``max_age_s`` is dropped
-    unused, so a quiet endpoint holds at most one stale pair per group until its next
-    handshake.
+    group a handshake used gets one, and a spare older than ``max_age_s`` (or made at a
+    time after ``now``) is dropped unused, so a quiet endpoint holds at most one stale pair
+    per group until its next handshake.
     """
 
     def __init__(self, max_age_s: float = SPARE_MAX_AGE_S) -> None:
@@ -128,7 +128,9 @@ class KeyPairReserve:
         code = hybrid.group.code_point
         self._wanted[code] = hybrid
         spare = self._spares.pop(code, None)
-        if spare is not None and now - spare[2] <= self._max_age_s:
+        # A time before the spare's making (a clock set back, a bad value) leaves its age
+        # unknown: dropped like a stale one.
+        if spare is not None and 0.0 <= now - spare[2] <= self._max_age_s:
             return spare[0], spare[1]
         return hybrid.generate()
 
