@@ -17,9 +17,11 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
+from qkdproxy.daemon.app import Daemon
 from tests.integration.test_mux_goaway import MUX, CountingBackend
 from tests.integration.test_tunnel_runtime import Setup, port, setup
 from tests.system_helpers import eventually
@@ -95,6 +97,31 @@ async def read_to_the_end(reader: asyncio.StreamReader) -> tuple[bytes, str]:
     except ConnectionError:
         return bytes(got), "reset"
     return bytes(got), "eof"
+
+
+class HalfDone(NamedTuple):
+    setup: Setup
+    server: Daemon
+    client: Daemon
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@contextlib.asynccontextmanager
+async def half_done(tmp_path: Path, backend: Holding, mode: str) -> AsyncIterator[HalfDone]:
+    """Both daemons (``mode``: "multiplexed" or "per-connection") and one application
+    connection half done: UPLOAD sent and not ended, the backend's ANSWER read."""
+    mux = MUX if mode == "multiplexed" else ""
+    async with (
+        setup(tmp_path, backend) as s,
+        s.daemon("server", s.server_toml(mux)) as server,
+        s.daemon("client", s.client_toml(port(server), mux)) as client,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
+        writer.write(UPLOAD)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(len(ANSWER)), 15) == ANSWER
+        yield HalfDone(s, server, client, reader, writer)
 
 
 @contextlib.asynccontextmanager
@@ -266,16 +293,7 @@ async def test_the_drain_deadline_resets_both_ends_of_an_unfinished_connection(
     application reads the part and then a reset; the backend reads the part of the upload
     and then a reset."""
     backend = Holding(answer=ANSWER)
-    mux = MUX if mode == "multiplexed" else ""
-    async with (
-        setup(tmp_path, backend) as s,
-        s.daemon("server", s.server_toml(mux)) as server,
-        s.daemon("client", s.client_toml(port(server), mux)) as client,
-    ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
-        writer.write(UPLOAD)
-        await writer.drain()
-        assert await asyncio.wait_for(reader.readexactly(len(ANSWER)), 15) == ANSWER
+    async with half_done(tmp_path, backend, mode) as (_, server, client, reader, writer):
 
         async def upload_arrived() -> bool:
             return bytes(backend.received[0]) == UPLOAD if backend.received else False

@@ -22,9 +22,8 @@ import pytest
 
 from qkdproxy.daemon import tunnel as tunnel_module
 from qkdproxy.io.tls_stream import close_transport
-from tests.integration.test_cut_ends import ANSWER, UPLOAD, Holding
-from tests.integration.test_mux_goaway import MUX
-from tests.integration.test_tunnel_runtime import port, setup
+from tests.integration.test_cut_ends import ANSWER, Holding, half_done
+from tests.integration.test_tunnel_runtime import port
 from tests.system_helpers import eventually
 
 
@@ -51,16 +50,7 @@ async def test_a_connection_cut_again_while_closing_still_gets_its_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     backend = Holding(answer=ANSWER)
-    mux = MUX if mode == "multiplexed" else ""
-    async with (
-        setup(tmp_path, backend) as s,
-        s.daemon("server", s.server_toml(mux)) as server,
-        s.daemon("client", s.client_toml(port(server), mux)) as client,
-    ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
-        writer.write(UPLOAD)
-        await writer.drain()
-        assert await asyncio.wait_for(reader.readexactly(len(ANSWER)), 15) == ANSWER
+    async with half_done(tmp_path, backend, mode) as (s, server, client, _, writer):
         daemon = client if cut_on == "client" else server
         tunnel = daemon.tunnels[0]
         monkeypatch.setattr(tunnel_module, "close_transport", _closing_until_cut(port(daemon)))
