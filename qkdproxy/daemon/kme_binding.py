@@ -254,7 +254,7 @@ class KmeConnection:
         """Stop polling and prefetching and close the KME connections."""
         if self._poller is not None:
             self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+            # Not a suppressed CancelledError: a cut of this close must not be swallowed.
+            await asyncio.gather(self._poller, return_exceptions=True)
         for closer in self._closers:
             await closer.aclose()

@@ -358,12 +358,14 @@ class MuxStream:
     async def close(self) -> None:
         """A deliberate end: END_STREAM if not yet sent; a peer direction still open is
         cancelled (nothing will read it)."""
-        with contextlib.suppress(MuxStreamError, TlsStreamError):
-            if self.error is None and not self.finished:
-                await self.send_fin()
-            if self.error is None and not self.peer_finished:
-                await self.reset(ResetCode.CANCEL)
-        self._release()
+        try:
+            with contextlib.suppress(MuxStreamError, TlsStreamError):
+                if self.error is None and not self.finished:
+                    await self.send_fin()
+                if self.error is None and not self.peer_finished:
+                    await self.reset(ResetCode.CANCEL)
+        finally:  # cancelled while flushing: the stream still leaves its tunnel
+            self._release()
 
     async def reset(self, code: ResetCode = ResetCode.CANCEL) -> None:
         """Reset the stream (RST_STREAM): the peer must not take its end for a clean one."""
@@ -863,11 +865,15 @@ class MuxTunnel:
         """The tunnel broke: reset the transport (no close_notify) and fail every stream."""
         if self.reason is None:
             self._end(reason, broken=True)
-            gate.reset(self._writer)
-            self.tls.abort(reason)  # settles an unfinished update's key (failed)
-            for task in self._tasks:
-                if task is not asyncio.current_task():
-                    task.cancel()
+            self._abandon(reason)
+
+    def _abandon(self, reason: str) -> None:
+        """Reset the transport, settle an unfinished update's key (failed), stop the tasks."""
+        gate.reset(self._writer)
+        self.tls.abort(reason)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
 
     def stop_streams(self) -> None:
         """Take no new streams from now on. A server says so at once (GOAWAY naming the
@@ -892,18 +898,26 @@ class MuxTunnel:
             self._break("closed with streams open")
         else:
             self._end(why, broken=False)
-            with contextlib.suppress(TlsStreamError, ConnectionError):
-                self.conn.close()
-                await self._write_now()  # before close_notify, not by the writer task
-            await self.tls.close()
+            try:
+                with contextlib.suppress(TlsStreamError, ConnectionError):
+                    self.conn.close()
+                    await self._write_now()  # before close_notify, not by the writer task
+                await self.tls.close()
+            except asyncio.CancelledError:
+                # Cut while the peer does not read (the daemon stops now): no waiting for
+                # the rest of the close, and nothing left running or open behind it.
+                self._abandon("cut while closing")
+                raise
         await self._finish_tasks()
 
     async def _finish_tasks(self) -> None:
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await close_transport(self._writer)
+        try:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:  # cut while they end: the socket goes all the same
+            await close_transport(self._writer)
 
     async def wait_settled(self) -> bool:
         """Wait until the peer's SETTINGS arrived (True) or the tunnel ended (False)."""

@@ -458,7 +458,13 @@ class Tunnel:
         stream: TlsStream,
         peer_writer: asyncio.StreamWriter,
     ) -> str:
-        channel = await self._peer_channel(stream)
+        try:
+            channel = await self._peer_channel(stream)
+        except asyncio.CancelledError:
+            # Cut while announcing (the peer does not read): nothing else holds the peer's
+            # socket (a failed write closed it already).
+            peer_writer.transport.abort()
+            raise
         traffic = self._live(record)
         reason: str | None = None
         try:
@@ -469,11 +475,13 @@ class Tunnel:
             )  # fmt: skip
             return reason
         finally:
-            await self._closing(record, traffic, _close_after_pump(
-                reason, traffic, channel, tls=peer_writer, plaintext=writer,
-                unsent=_unsent(reader),
-            ))  # fmt: skip
-            record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
+            try:
+                await self._closing(record, traffic, _close_after_pump(
+                    reason, traffic, channel, tls=peer_writer, plaintext=writer,
+                    unsent=_unsent(reader),
+                ))  # fmt: skip
+            finally:  # an update our close cut short (the close itself cut, too)
+                record.take_fresh_keys(stream.fresh_key_stats())
 
     async def _dial_with_fresh_key(
         self, record: ConnectionRecord, *, mux: bool = False
@@ -590,12 +598,14 @@ class Tunnel:
             )  # fmt: skip
             return reason
         finally:
-            await self._closing(record, traffic, _close_after_pump(
-                reason, traffic, channel, tls=writer, plaintext=backend_writer,
-                unsent=backend_reader.buffered,
-            ))  # fmt: skip
-            record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
-            await close_transport(backend_writer)
+            try:
+                await self._closing(record, traffic, _close_after_pump(
+                    reason, traffic, channel, tls=writer, plaintext=backend_writer,
+                    unsent=backend_reader.buffered,
+                ))  # fmt: skip
+            finally:  # cut again while closing: the backend's socket goes all the same
+                record.take_fresh_keys(stream.fresh_key_stats())  # an update our close cut short
+                await close_transport(backend_writer)
 
     # ------------------------------------------------------------ multiplexing
 
@@ -678,9 +688,11 @@ class Tunnel:
             return await tunnel.wait()
         finally:
             self._mux_tunnels.discard(tunnel)
-            await tunnel.close()  # cut (drain deadline, lifetime): open streams are reset
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._tunnel_ended(tunnel, record)
+            try:
+                await tunnel.close()  # cut (drain deadline, lifetime): open streams are reset
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:  # cut again while closing: the line still says what the tunnel spent
+                self._tunnel_ended(tunnel, record)
 
     async def _serve_stream(
         self,
@@ -747,10 +759,12 @@ class Tunnel:
             return reason
         finally:
             unsent = backend_reader.buffered
-            await self._closing(
-                record, traffic, _close_stream(reason, traffic, mux, backend_writer, unsent)
-            )
-            await close_transport(backend_writer)
+            try:
+                await self._closing(
+                    record, traffic, _close_stream(reason, traffic, mux, backend_writer, unsent)
+                )
+            finally:  # cut again while closing: the backend's socket goes all the same
+                await close_transport(backend_writer)
 
     def _permits(self, tunnel: MuxTunnel, stream: TlsStream) -> bool:
         """The allow-list's verdict on a tunnel's peer: worked out once per tunnel and
@@ -1063,19 +1077,21 @@ async def _close_after_pump(
     # A deliberate end (an idle timeout) that would leave a direction cut: both reset.
     cut = not broken and _left_open(reason, traffic, traffic.sent_end, traffic.got_end)
     stream = getattr(channel, "stream", None)
-    if cut or (broken and (traffic.to_peer or unsent)):
-        gate.reset(tls)  # no close_notify
-        if isinstance(stream, TlsStream):
-            stream.abort(f"reset after the pump ended ({reason or 'cut'})")
-    else:
-        await channel.close()
-    refused = (
-        isinstance(stream, TlsStream)
-        and stream.failure is not None
-        and (stream.failure.identity_refused)
-    )
-    if cut or (broken and (traffic.from_peer or ((traffic.to_peer or unsent) and not refused))):
-        _reset_plaintext(plaintext, traffic)
+    try:
+        if cut or (broken and (traffic.to_peer or unsent)):
+            gate.reset(tls)  # no close_notify
+            if isinstance(stream, TlsStream):
+                stream.abort(f"reset after the pump ended ({reason or 'cut'})")
+        else:
+            await channel.close()
+    finally:  # cut again while closing: the plaintext side still gets no FIN for a cut
+        refused = (
+            isinstance(stream, TlsStream)
+            and stream.failure is not None
+            and (stream.failure.identity_refused)
+        )
+        if cut or (broken and (traffic.from_peer or ((traffic.to_peer or unsent) and not refused))):
+            _reset_plaintext(plaintext, traffic)
 
 
 def _reset_plaintext(plaintext: asyncio.StreamWriter, traffic: Traffic) -> None:
@@ -1121,8 +1137,10 @@ async def _close_stream(
         unsent > 0 or _left_open(reason, traffic, mux.finished, mux.peer_finished)
     )
     if reason is None or reason.startswith("error") or cut:
-        await mux.reset()
-        if traffic.to_peer or traffic.from_peer or unsent:
-            _reset_plaintext(plaintext, traffic)
+        try:
+            await mux.reset()
+        finally:  # cut again while resetting: the plaintext side still gets no FIN
+            if traffic.to_peer or traffic.from_peer or unsent:
+                _reset_plaintext(plaintext, traffic)
     else:
         await mux.close()

@@ -555,10 +555,12 @@ class TlsEndpoint:
             raise
         if complete is None:
             _close_streams(conn.next_events(), keys)  # settled after a timeout, say
-            with contextlib.suppress(OSError):  # TimeoutError included
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await _flush(conn, transport.writer)  # our alert, if any
-            await close_transport(transport.writer)
+            try:
+                with contextlib.suppress(OSError):  # TimeoutError included
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await _flush(conn, transport.writer)  # our alert, if any
+            finally:  # cut while our alert waits for the peer: the socket goes all the same
+                await close_transport(transport.writer)
             assert conn.error is not None
             raise conn.error
         assert conn.records is not None
@@ -670,5 +672,10 @@ async def close_transport(writer: asyncio.StreamWriter) -> None:
     except TimeoutError:
         # A peer that stops reading must not keep the socket (and its descriptor) alive.
         writer.transport.abort()
+    except asyncio.CancelledError:
+        # Cut while waiting (a daemon stopping now): the same, or the socket would stay
+        # open, with what it still holds, for as long as the peer does not read it.
+        writer.transport.abort()
+        raise
     except Exception:  # noqa: S110 - the transport is being closed anyway
         pass

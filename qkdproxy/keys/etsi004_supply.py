@@ -273,10 +273,12 @@ class PrefetchingStreams:
         """Stop background work and close the streams opened ahead (best effort)."""
         for task in [*self._tasks.values(), *([self._refill] if self._refill else [])]:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        for ksid, _ in self._ready:
-            with contextlib.suppress(QkdKeyError):
-                await self._inner.close(ksid)
-        self._ready.clear()
-        self._account.settle("stranded", len(self._keys))
-        self._keys.clear()
+        try:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            for ksid, _ in self._ready:
+                with contextlib.suppress(QkdKeyError):
+                    await self._inner.close(ksid)
+        finally:  # cut while closing (the daemon stops now): the keys held are still settled
+            self._ready.clear()
+            self._account.settle("stranded", len(self._keys))
+            self._keys.clear()

@@ -12,7 +12,6 @@ a multi-id request each id is asked for alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -218,14 +217,16 @@ class Etsi014Master:
 
     async def aclose(self) -> None:
         """Stop refilling and forget the buffered keys (counted as stranded)."""
-        if self._refill is not None:
-            self._refill.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refill
-        self.counters.stranded += len(self._buffer)
-        self._account.settle("stranded", len(self._buffer))
-        self._buffer.clear()
-        self._announced = 0
+        try:
+            if self._refill is not None:
+                self._refill.cancel()
+                # Not a suppressed CancelledError: a cut of this close must not be swallowed.
+                await asyncio.gather(self._refill, return_exceptions=True)
+        finally:  # cut while the refill ends: the buffered keys are still settled
+            self.counters.stranded += len(self._buffer)
+            self._account.settle("stranded", len(self._buffer))
+            self._buffer.clear()
+            self._announced = 0
 
 
 class Etsi014Slave:
