@@ -27,8 +27,7 @@ from qkdproxy.daemon.pump import Channel
 from qkdproxy.daemon.tunnel import Tunnel
 from qkdproxy.io import tls_stream as tls_stream_module
 from qkdproxy.io.tls_stream import TlsStream, close_transport
-from tests.integration.test_cut_ends import ANSWER, UPLOAD, Holding
-from tests.integration.test_mux_goaway import MUX
+from tests.integration.test_cut_ends import ANSWER, UPLOAD, Holding, half_done
 from tests.integration.test_tunnel_runtime import Setup, port, setup
 from tests.system_helpers import eventually
 from tests.unit.test_cancel_audit import forever
@@ -123,15 +122,7 @@ async def test_a_tunnel_cut_again_while_closing_still_says_what_it_carried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = Holding(answer=ANSWER)
-    async with (
-        setup(tmp_path, backend) as s,
-        s.daemon("server", s.server_toml(MUX)) as server,
-        s.daemon("client", s.client_toml(port(server), MUX)) as client,
-    ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port(client))
-        writer.write(UPLOAD)
-        await writer.drain()
-        assert await asyncio.wait_for(reader.readexactly(len(ANSWER)), 15) == ANSWER
+    async with half_done(tmp_path, backend, "multiplexed") as (s, server, _, _, writer):
         closing = ClosingUntilCut(server.tunnels[0])
         monkeypatch.setattr(muxconn_module, "close_transport", closing.close)
         await cut_twice(server.tunnels[0], closing)
