@@ -333,13 +333,11 @@ class Tunnel:
         finally:
             self._connections.discard(task)
             self.admission.release(self._tickets.pop(record.conn_id))
-            try:
+            # Cut again while closing (a second SIGTERM cancels the drain and the closes
+            # it waits for; the close aborted the socket): the line is still written (it
+            # may say where a key went), and the task ends quietly like any cut connection.
+            with contextlib.suppress(asyncio.CancelledError):
                 await close_transport(writer)
-            except asyncio.CancelledError:
-                # Cut again while closing (a second SIGTERM cancels the drain and the
-                # closes it waits for): the socket goes now, the line is still written
-                # (it may say where a key went), and the task ends quietly like any cut.
-                writer.transport.abort()
             self._finish(record, started, quiet_as=self._quiet_as(record, reader))
             async with self._changed:
                 self._changed.notify_all()
