@@ -6,6 +6,7 @@ No PSK: the early secret is the fixed extract of zeros. Everything runs on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -62,6 +63,18 @@ def derive_secret(secret: bytes, label: bytes, transcript_hash: bytes, hash_name
     return hkdf_expand_label(secret, label, len(transcript_hash), hash_name, transcript_hash)
 
 
+@functools.cache
+def _without_psk(hash_name: str) -> tuple[int, bytes, bytes]:
+    """(digest size, hash of nothing, the salt the handshake secret is extracted with):
+    without a PSK every handshake's early secret is the same public constant, so the two
+    HMACs that lead from it to that salt are done once per hash, not per handshake."""
+    size = hashlib.new(hash_name).digest_size
+    empty = hashlib.new(hash_name).digest()
+    zeros = bytes(size)
+    early = _extract(zeros, zeros, hash_name)
+    return size, empty, derive_secret(early, b"derived", empty, hash_name)
+
+
 class KeySchedule:
     """Handshake and main secrets of one handshake, derived as the transcript reaches them."""
 
@@ -69,11 +82,8 @@ class KeySchedule:
 
     def __init__(self, hash_name: str, shared_secret: bytes) -> None:
         self.hash_name = hash_name
-        self.size = hashlib.new(hash_name).digest_size
-        self._empty = hashlib.new(hash_name).digest()
+        self.size, self._empty, derived = _without_psk(hash_name)
         zeros = bytes(self.size)
-        early = _extract(zeros, zeros, hash_name)
-        derived = derive_secret(early, b"derived", self._empty, hash_name)
         self._handshake = _extract(derived, shared_secret, hash_name)
         derived = derive_secret(self._handshake, b"derived", self._empty, hash_name)
         self.main = _extract(derived, zeros, hash_name)
