@@ -29,8 +29,8 @@ Handler = Callable[
 class WatchedReader(asyncio.StreamReader):
     """A stream reader that also follows the first TLS handshake message as it arrives."""
 
-    def __init__(self, limit: int = 2**16) -> None:
-        super().__init__(limit=limit)
+    def __init__(self, limit: int = 2**16, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(limit=limit, loop=loop)
         self.hello = HelloProgress()
         self.on_progress: Callable[[HelloState], None] | None = None
 
@@ -44,13 +44,17 @@ class WatchedReader(asyncio.StreamReader):
         super().feed_data(data)
 
 
-def _factory(handler: Handler, read_size: int | None) -> Callable[[], asyncio.BaseProtocol]:
+def _factory(
+    handler: Handler, read_size: int | None, loop: asyncio.AbstractEventLoop
+) -> Callable[[], asyncio.BaseProtocol]:
     if read_size is not None:
         # Plaintext: read in place by the pumps from the start.
-        return accepting(handler, read_size)
+        return accepting(handler, read_size, loop)
 
     def protocol() -> asyncio.StreamReaderProtocol:
-        return asyncio.StreamReaderProtocol(WatchedReader(), handler)
+        # The loop passed in: the reader and the protocol would each look it up otherwise,
+        # for every connection (a getpid() each on Python 3.11).
+        return asyncio.StreamReaderProtocol(WatchedReader(loop=loop), handler, loop=loop)
 
     return protocol
 
@@ -72,7 +76,7 @@ async def start_server(
     serve = kwargs.pop("start_serving", True)
     # Not listening yet: no connection can be accepted before the option is set.
     server = await loop.create_server(
-        _factory(handler, plaintext_read_size), start_serving=False, **kwargs
+        _factory(handler, plaintext_read_size, loop), start_serving=False, **kwargs
     )
     for sock in server.sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -105,8 +109,8 @@ async def start_unix_server(
 ) -> asyncio.Server:
     """:func:`asyncio.start_unix_server`, with :class:`WatchedReader` readers (plain ones
     unless ``plaintext_read_size``: :func:`start_server`)."""
-    factory = _factory(handler, plaintext_read_size)
-    return await asyncio.get_running_loop().create_unix_server(factory, path)
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(_factory(handler, plaintext_read_size, loop), path)
 
 
 class HelloDeadlineError(Exception):

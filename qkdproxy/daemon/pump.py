@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import FreshKeyStats, TlsStream, TlsStreamError
 
@@ -202,12 +203,14 @@ async def pump(
                 writer.write_eof()
         traffic.got_end = True
 
-    tasks = {asyncio.create_task(outbound()), asyncio.create_task(inbound())}
+    # Looked up once for the connection's tasks and waits (aio: a getpid() each on 3.11).
+    loop = asyncio.get_running_loop()
+    tasks = {loop.create_task(outbound()), loop.create_task(inbound())}
     helpers: set[asyncio.Task[None]] = set()
     if fresh is not None and stream is not None and stream.fresh_key_updates:
-        helpers.add(asyncio.create_task(refresh_keys(stream, traffic, fresh)))
+        helpers.add(loop.create_task(refresh_keys(stream, traffic, fresh, loop=loop)))
     try:
-        return await _until_done(tasks, traffic, idle_timeout_s)
+        return await _until_done(loop, tasks, traffic, idle_timeout_s)
     finally:
         for task in tasks | helpers:
             task.cancel()
@@ -216,11 +219,19 @@ async def pump(
             traffic.fresh_keys = stream.fresh_key_stats()
 
 
-async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudget) -> None:
+async def refresh_keys(
+    stream: TlsStream,
+    traffic: Traffic,
+    budget: FreshKeyBudget,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> None:
     """Start an Extended Key Update whenever ``budget`` is spent; the clock restarts at
     every completed update, whichever side started it, so two peers with the same budget
     do not both update. Runs even with no budget of its own: an update the peer started
-    or left unfinished past its deadline fails the stream (then this returns)."""
+    or left unfinished past its deadline fails the stream (then this returns). ``loop``:
+    the running loop, if the caller holds it."""
+    loop = loop or asyncio.get_running_loop()
     bytes_mark = traffic.to_peer + traffic.from_peer
     started = 0.0
     slack = 1.0 if stream.fresh_key_originator else NON_ORIGINATOR_SLACK
@@ -247,20 +258,22 @@ async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudg
             started = time.monotonic()
             bytes_mark = traffic.to_peer + traffic.from_peer
             continue
-        await asyncio.sleep(wait)
+        await aio.sleep(loop, wait)
 
 
 async def _until_done(
-    tasks: set[asyncio.Task[None]], traffic: Traffic, idle_timeout_s: float
+    loop: asyncio.AbstractEventLoop,
+    tasks: set[asyncio.Task[None]],
+    traffic: Traffic,
+    idle_timeout_s: float,
 ) -> str:
     pending = set(tasks)
     while pending:
         timeout = None
         if idle_timeout_s:
             timeout = max(0.0, traffic.last_activity + idle_timeout_s - time.monotonic())
-        done, pending = await asyncio.wait(
-            pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        done = await aio.first_done(loop, pending, timeout)
+        pending -= done
         if not done and time.monotonic() - traffic.last_activity >= idle_timeout_s:
             return "idle_timeout"
         for task in done:

@@ -474,8 +474,10 @@ class TlsStream:
             self._layer.close()
             with contextlib.suppress(TlsStreamError, ConnectionError, TimeoutError):
                 self._transmit()
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await self._driver.writer.drain()
+                writer = self._driver.writer
+                if _waits(writer):
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await writer.drain()
         finally:
             await close_transport(self._driver.writer)
 
@@ -566,7 +568,7 @@ class TlsEndpoint:
         assert conn.records is not None
         stream = TlsStream(
             transport,
-            SocketReader.attach(transport.reader, transport.writer, RECEIVE_BUFFER),
+            SocketReader.attach(transport.reader, transport.writer, RECEIVE_BUFFER, loop),
             conn.records,
             complete.record,
             complete.peer,
@@ -662,10 +664,23 @@ def _close_streams(events: Sequence[object], keys: KeyContext) -> None:
             close_later(keys, event.request.ksid)
 
 
+def _waits(writer: asyncio.StreamWriter) -> bool:
+    """Whether the transport still holds bytes for the peer: only then can its drain or
+    the end of its close wait on the peer (an empty one drains at once and, closed, is
+    released in the loop's next round), so only then does either need a deadline."""
+    return writer.transport.get_write_buffer_size() > 0
+
+
 async def close_transport(writer: asyncio.StreamWriter) -> None:
     """Close an asyncio stream and wait (bounded) until its socket is released."""
     writer.close()
     try:
+        if not _waits(writer):
+            # Nothing left to send: no timeout scope (each costs a task and loop look-up,
+            # a getpid() on Python 3.11, and a timer), as closes come two or three a
+            # connection.
+            await writer.wait_closed()
+            return
         # A timeout scope, not wait_for: no task per close (Python 3.11 made one).
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await writer.wait_closed()
