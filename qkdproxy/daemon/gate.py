@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, SupportsIndex, TypeVar
 
 from qkdproxy.core.admission import HelloProgress, HelloState, Refusal
+from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader, accepting
 
 T = TypeVar("T")
@@ -132,12 +133,13 @@ async def within_hello_deadlines(
     """
     if not isinstance(reader, WatchedReader) or (first_byte_s <= 0 and hello_s <= 0):
         return await handshake
-    start = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     hello_at = start + hello_s if hello_s > 0 else None
     first_at = start + first_byte_s if first_byte_s > 0 else hello_at
     state = reader.hello.state
-    deadline = asyncio.timeout_at(
-        {HelloState.NOTHING: first_at, HelloState.STARTED: hello_at}.get(state)
+    deadline = aio.deadline(
+        loop, {HelloState.NOTHING: first_at, HelloState.STARTED: hello_at}.get(state)
     )
 
     def progress(now: HelloState) -> None:

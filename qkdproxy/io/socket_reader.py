@@ -311,10 +311,11 @@ async def _dialled(
 
 
 async def open_connection(
-    host: str, port: int, capacity: int
+    host: str, port: int, capacity: int, loop: asyncio.AbstractEventLoop | None = None
 ) -> tuple[SocketReader, asyncio.StreamWriter]:
-    """:func:`asyncio.open_connection`, read by a :class:`SocketReader` of ``capacity``."""
-    loop = asyncio.get_running_loop()
+    """:func:`asyncio.open_connection`, read by a :class:`SocketReader` of ``capacity``
+    (``loop``: the running loop, if the caller holds it)."""
+    loop = loop or asyncio.get_running_loop()
     return await _dialled(loop.create_connection(_dialling(loop, capacity), host, port), loop)
 
 

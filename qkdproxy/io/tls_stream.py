@@ -48,6 +48,7 @@ from qkdproxy.core.tls.native import NativeEngineSpec
 from qkdproxy.core.tls.record_layer import RecordLayer
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert
+from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.key_supply import close_later, supply
@@ -606,7 +607,7 @@ async def _drive(
     assert deadline is not None
     try:
         # One timeout for the whole handshake: the connection's deadline, in loop time.
-        async with asyncio.timeout_at(deadline):
+        async with aio.deadline(loop, deadline):
             return await _exchange(conn, transport, keys, loop)
     except TimeoutError:
         conn.handle_timer(deadline)
