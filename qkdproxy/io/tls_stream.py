@@ -677,9 +677,9 @@ async def close_transport(writer: asyncio.StreamWriter) -> None:
     writer.close()
     try:
         if not _waits(writer):
-            # Nothing left to send: no timeout scope (each costs a task and loop look-up,
-            # a getpid() on Python 3.11, and a timer), as closes come two or three a
-            # connection.
+            # Nothing left to send, so nothing to wait for from the peer: no timeout scope
+            # (each looks up the task and the loop, a getpid() each on Python 3.11, and
+            # sets a timer), and closes come two or three a connection.
             await writer.wait_closed()
             return
         # A timeout scope, not wait_for: no task per close (Python 3.11 made one).
