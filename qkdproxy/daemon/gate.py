@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, SupportsIndex, TypeVar
 
 from qkdproxy.core.admission import HelloProgress, HelloState, Refusal
+from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader, accepting
 
 T = TypeVar("T")
@@ -29,8 +30,8 @@ Handler = Callable[
 class WatchedReader(asyncio.StreamReader):
     """A stream reader that also follows the first TLS handshake message as it arrives."""
 
-    def __init__(self, limit: int = 2**16) -> None:
-        super().__init__(limit=limit)
+    def __init__(self, limit: int = 2**16, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(limit=limit, loop=loop)
         self.hello = HelloProgress()
         self.on_progress: Callable[[HelloState], None] | None = None
 
@@ -44,13 +45,17 @@ class WatchedReader(asyncio.StreamReader):
         super().feed_data(data)
 
 
-def _factory(handler: Handler, read_size: int | None) -> Callable[[], asyncio.BaseProtocol]:
+def _factory(
+    handler: Handler, read_size: int | None, loop: asyncio.AbstractEventLoop
+) -> Callable[[], asyncio.BaseProtocol]:
     if read_size is not None:
         # Plaintext: read in place by the pumps from the start.
-        return accepting(handler, read_size)
+        return accepting(handler, read_size, loop)
 
     def protocol() -> asyncio.StreamReaderProtocol:
-        return asyncio.StreamReaderProtocol(WatchedReader(), handler)
+        # The loop passed in: the reader and the protocol would each look it up otherwise,
+        # for every connection (a getpid() each on Python 3.11).
+        return asyncio.StreamReaderProtocol(WatchedReader(loop=loop), handler, loop=loop)
 
     return protocol
 
@@ -72,7 +77,7 @@ async def start_server(
     serve = kwargs.pop("start_serving", True)
     # Not listening yet: no connection can be accepted before the option is set.
     server = await loop.create_server(
-        _factory(handler, plaintext_read_size), start_serving=False, **kwargs
+        _factory(handler, plaintext_read_size, loop), start_serving=False, **kwargs
     )
     for sock in server.sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -105,8 +110,8 @@ async def start_unix_server(
 ) -> asyncio.Server:
     """:func:`asyncio.start_unix_server`, with :class:`WatchedReader` readers (plain ones
     unless ``plaintext_read_size``: :func:`start_server`)."""
-    factory = _factory(handler, plaintext_read_size)
-    return await asyncio.get_running_loop().create_unix_server(factory, path)
+    loop = asyncio.get_running_loop()
+    return await loop.create_unix_server(_factory(handler, plaintext_read_size, loop), path)
 
 
 class HelloDeadlineError(Exception):
@@ -128,12 +133,13 @@ async def within_hello_deadlines(
     """
     if not isinstance(reader, WatchedReader) or (first_byte_s <= 0 and hello_s <= 0):
         return await handshake
-    start = asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     hello_at = start + hello_s if hello_s > 0 else None
     first_at = start + first_byte_s if first_byte_s > 0 else hello_at
     state = reader.hello.state
-    deadline = asyncio.timeout_at(
-        {HelloState.NOTHING: first_at, HelloState.STARTED: hello_at}.get(state)
+    deadline = aio.deadline(
+        loop, {HelloState.NOTHING: first_at, HelloState.STARTED: hello_at}.get(state)
     )
 
     def progress(now: HelloState) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import FreshKeyStats, TlsStream, TlsStreamError
 
@@ -202,13 +203,18 @@ async def pump(
                 writer.write_eof()
         traffic.got_end = True
 
-    tasks = {asyncio.create_task(outbound()), asyncio.create_task(inbound())}
+    # Looked up once for the connection's tasks and waits (aio: a getpid() each on 3.11).
+    loop = asyncio.get_running_loop()
+    tasks = {loop.create_task(outbound()), loop.create_task(inbound())}
     helpers: set[asyncio.Task[None]] = set()
+    first_look = None
     if fresh is not None and stream is not None and stream.fresh_key_updates:
-        helpers.add(asyncio.create_task(refresh_keys(stream, traffic, fresh)))
+        first_look = _refresh_later(loop, stream, traffic, fresh, helpers)
     try:
-        return await _until_done(tasks, traffic, idle_timeout_s)
+        return await _until_done(loop, tasks, traffic, idle_timeout_s)
     finally:
+        if first_look is not None:
+            first_look.cancel()
         for task in tasks | helpers:
             task.cancel()
         await asyncio.gather(*tasks, *helpers, return_exceptions=True)
@@ -216,15 +222,50 @@ async def pump(
             traffic.fresh_keys = stream.fresh_key_stats()
 
 
-async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudget) -> None:
+def _refresh_later(
+    loop: asyncio.AbstractEventLoop,
+    stream: TlsStream,
+    traffic: Traffic,
+    budget: FreshKeyBudget,
+    helpers: set[asyncio.Task[None]],
+) -> asyncio.TimerHandle:
+    """Start :func:`refresh_keys` (into ``helpers``) when it would first look: an update
+    cannot be due earlier, so a connection that ends before costs no task, nor a round of
+    the loop for the task's cancellation. What the task would have noted on starting it
+    is handed (the byte count) or finds (the last fresh key, for the age metric)."""
+    traffic.fresh_keys_at = stream.fresh_keys_at
+    mark = traffic.to_peer + traffic.from_peer
+    seconds, _ = _fresh_budget(stream, budget)
+
+    def start() -> None:
+        helpers.add(
+            loop.create_task(refresh_keys(stream, traffic, budget, loop=loop, bytes_mark=mark))
+        )
+
+    return loop.call_later(
+        max(0.0, _next_look(stream.fresh_keys_at, seconds, time.monotonic())), start
+    )
+
+
+async def refresh_keys(
+    stream: TlsStream,
+    traffic: Traffic,
+    budget: FreshKeyBudget,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    bytes_mark: int | None = None,
+) -> None:
     """Start an Extended Key Update whenever ``budget`` is spent; the clock restarts at
     every completed update, whichever side started it, so two peers with the same budget
     do not both update. Runs even with no budget of its own: an update the peer started
-    or left unfinished past its deadline fails the stream (then this returns)."""
-    bytes_mark = traffic.to_peer + traffic.from_peer
+    or left unfinished past its deadline fails the stream (then this returns). ``loop``:
+    the running loop, if the caller holds it; ``bytes_mark``: the bytes moved when the
+    byte budget's count began (now if not given)."""
+    loop = loop or asyncio.get_running_loop()
+    if bytes_mark is None:
+        bytes_mark = traffic.to_peer + traffic.from_peer
     started = 0.0
-    slack = 1.0 if stream.fresh_key_originator else NON_ORIGINATOR_SLACK
-    max_seconds, max_bytes = budget.max_seconds * slack, int(budget.max_bytes * slack)
+    max_seconds, max_bytes = _fresh_budget(stream, budget)
     while True:
         try:
             await stream.check_fresh_key_deadline()
@@ -236,9 +277,7 @@ async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudg
             bytes_mark = traffic.to_peer + traffic.from_peer
         since = max(stream.fresh_keys_at, started)
         moved = traffic.to_peer + traffic.from_peer - bytes_mark
-        wait = FRESH_KEY_POLL_S
-        if max_seconds:
-            wait = min(wait, since + max_seconds - now)
+        wait = _next_look(since, max_seconds, now)
         if wait <= 0 or (max_bytes and moved >= max_bytes):
             try:
                 await stream.fresh_key_update()
@@ -247,20 +286,37 @@ async def refresh_keys(stream: TlsStream, traffic: Traffic, budget: FreshKeyBudg
             started = time.monotonic()
             bytes_mark = traffic.to_peer + traffic.from_peer
             continue
-        await asyncio.sleep(wait)
+        await aio.sleep(loop, wait)
+
+
+def _fresh_budget(stream: TlsStream, budget: FreshKeyBudget) -> tuple[float, int]:
+    """This side's fresh-key budget (seconds, bytes): the non-originator's is longer."""
+    slack = 1.0 if stream.fresh_key_originator else NON_ORIGINATOR_SLACK
+    return budget.max_seconds * slack, int(budget.max_bytes * slack)
+
+
+def _next_look(since: float, max_seconds: float, now: float) -> float:
+    """Seconds until the fresh-key task looks again: the time budget's end (the last
+    fresh key ``since``) or the next poll of the byte budget, whichever comes first."""
+    wait = FRESH_KEY_POLL_S
+    if max_seconds:
+        wait = min(wait, since + max_seconds - now)
+    return wait
 
 
 async def _until_done(
-    tasks: set[asyncio.Task[None]], traffic: Traffic, idle_timeout_s: float
+    loop: asyncio.AbstractEventLoop,
+    tasks: set[asyncio.Task[None]],
+    traffic: Traffic,
+    idle_timeout_s: float,
 ) -> str:
     pending = set(tasks)
     while pending:
         timeout = None
         if idle_timeout_s:
             timeout = max(0.0, traffic.last_activity + idle_timeout_s - time.monotonic())
-        done, pending = await asyncio.wait(
-            pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        done = await aio.first_done(loop, pending, timeout)
+        pending -= done
         if not done and time.monotonic() - traffic.last_activity >= idle_timeout_s:
             return "idle_timeout"
         for task in done:

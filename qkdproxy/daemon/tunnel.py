@@ -49,7 +49,7 @@ from qkdproxy.daemon.pump import (
     Traffic,
     pump,
 )
-from qkdproxy.io import socket_reader
+from qkdproxy.io import aio, socket_reader
 from qkdproxy.io.peer_channel import PeerChannel, open_peer_channel
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import (
@@ -200,6 +200,9 @@ class Tunnel:
         self._live_streams = 0
         # Set once the listeners closed: a tunnel established after that drains at once.
         self._stopping = False
+        # The loop the tunnel was started on, held for each connection's tasks and
+        # deadlines (a look-up costs a getpid() on Python 3.11).
+        self._started_on: asyncio.AbstractEventLoop | None = None
 
     @property
     def active(self) -> int:
@@ -215,6 +218,7 @@ class Tunnel:
 
     async def start(self, inherited: dict[str, list[socket.socket]] | None = None) -> None:
         """Open the listener(s) (and, for a multiplexing client, its tunnel pool)."""
+        self._started_on = asyncio.get_running_loop()
         if self.config.role == "client" and self.config.mux.enabled and self.pool is None:
             self.pool = MuxPool(
                 self.config.mux, self._dial_mux, wait_s=self.config.connect_timeout_s
@@ -248,6 +252,10 @@ class Tunnel:
                 self._servers.append(
                     await gate.start_server(handler, plaintext_read_size=plain, sock=sock)
                 )
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop: the one the tunnel was started on, if it was."""
+        return self._started_on or asyncio.get_running_loop()
 
     def _check_inherited(self, sock: socket.socket) -> None:
         # The configuration could not see where systemd bound the socket: check now.
@@ -315,7 +323,7 @@ class Tunnel:
     async def _accept(
         self, reader: asyncio.StreamReader | SocketReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._started_on)
         assert task is not None
         record = ConnectionRecord(next(_ids), self.config.name, self.config.role)
         peername = writer.get_extra_info("peername")
@@ -538,7 +546,8 @@ class Tunnel:
     ) -> tuple[TlsStream, asyncio.StreamWriter]:
         peer = self.config.connect
         assert isinstance(peer, TcpAddress)
-        async with asyncio.timeout(self.config.connect_timeout_s):
+        loop = self._loop()
+        async with aio.deadline(loop, loop.time() + self.config.connect_timeout_s):
             peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
         gate.keep_alive(peer_writer)
         return await endpoint.connect(peer_reader, peer_writer, mux=mux), peer_writer
@@ -839,8 +848,9 @@ class Tunnel:
         return got
 
     async def _open_backend(self) -> tuple[SocketReader, asyncio.StreamWriter]:
-        async with asyncio.timeout(self.config.connect_timeout_s):
-            reader, writer = await _open(self.config.connect)
+        loop = self._loop()
+        async with aio.deadline(loop, loop.time() + self.config.connect_timeout_s):
+            reader, writer = await _open(self.config.connect, loop)
         gate.keep_alive(writer)
         return reader, writer
 
@@ -1027,13 +1037,15 @@ def fallback_reason(exc: HandshakeError) -> str:
     return "kme_unavailable"
 
 
-async def _open(address: Address) -> tuple[SocketReader, asyncio.StreamWriter]:
+async def _open(
+    address: Address, loop: asyncio.AbstractEventLoop
+) -> tuple[SocketReader, asyncio.StreamWriter]:
     # Read in place by the pumps from the start (no stream reader built to be replaced).
     if isinstance(address, UnixAddress):
         return await socket_reader.open_unix_connection(address.path, READ_SIZE)
     if isinstance(address, SystemdAddress):
         raise OSError("systemd: addresses can only listen")
-    return await socket_reader.open_connection(address.host, address.port, READ_SIZE)
+    return await socket_reader.open_connection(address.host, address.port, READ_SIZE, loop)
 
 
 def _refused(exc: HandshakeError, source: FlushableSource) -> bool:

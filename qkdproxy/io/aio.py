@@ -1,4 +1,5 @@
-"""Event-loop selection: uvloop when it is installed, asyncio's own loop otherwise."""
+"""Event-loop selection (uvloop when it is installed, asyncio's own loop otherwise), and
+asyncio's waits for callers that hold their loop."""
 
 from __future__ import annotations
 
@@ -21,3 +22,114 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 def loop_name() -> str:
     """Which event loop implementation is running."""
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+# Python 3.11's asyncio looks the running loop up in C, with a getpid() system call each
+# time, in every asyncio.sleep, asyncio.wait and asyncio.create_task. A connection's code
+# that holds its loop already uses these instead (3.12 dropped the check; the saving in
+# Python calls remains).
+
+
+async def sleep(loop: asyncio.AbstractEventLoop, delay: float) -> None:
+    """:func:`asyncio.sleep` on ``loop``, which the caller holds."""
+    waiter: asyncio.Future[None] = loop.create_future()
+    timer = loop.call_later(delay, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+
+
+async def first_done(
+    loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[T]], wait_s: float | None
+) -> set[asyncio.Task[T]]:
+    """:func:`asyncio.wait` with ``FIRST_COMPLETED`` on ``loop``: the tasks of ``tasks``
+    that are done, once one is or ``wait_s`` seconds passed (None: no limit; then maybe
+    none is)."""
+    done = {task for task in tasks if task.done()}
+    if done:
+        return done
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object) -> None:
+        _wake(waiter)
+
+    for task in tasks:
+        task.add_done_callback(wake)
+    timer = loop.call_later(wait_s, _wake, waiter) if wait_s is not None else None
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for task in tasks:
+            task.remove_done_callback(wake)
+    return {task for task in tasks if task.done()}
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class Deadline:
+    """:func:`asyncio.timeout_at` for a task and loop the caller holds (the task given as
+    ``asyncio.current_task(loop)``, which looks nothing up): the block is cancelled at
+    ``when`` (loop time; None: never) and raises :class:`TimeoutError` then. A cancellation
+    from elsewhere passes through as it is, also when it comes together with the expiry.
+    """
+
+    __slots__ = ("_cancelling", "_expired", "_handle", "_loop", "_task", "_when")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float | None
+    ) -> None:
+        self._loop = loop
+        self._task = task
+        self._when = when
+        self._handle: asyncio.TimerHandle | None = None
+        self._expired = False
+        self._cancelling = 0
+
+    def expired(self) -> bool:
+        """Whether the deadline passed (the block was cancelled for it)."""
+        return self._expired
+
+    def reschedule(self, when: float | None) -> None:
+        """Move the deadline (None: none), unless it passed already."""
+        if self._expired:
+            return
+        self._when = when
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = None if when is None else self._loop.call_at(when, self._expire)
+
+    async def __aenter__(self) -> Deadline:
+        # Cancellations already requested are not ours to turn into a timeout.
+        self._cancelling = self._task.cancelling()
+        self.reschedule(self._when)
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: object, tb: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._expired:
+            # Our cancellation is taken back whatever the block raised; only when no other
+            # was requested meanwhile is the cancellation ours to turn into a timeout.
+            ours = self._task.uncancel() <= self._cancelling
+            if ours and kind is asyncio.CancelledError:
+                raise TimeoutError
+
+    def _expire(self) -> None:
+        self._handle = None
+        self._expired = True
+        self._task.cancel()
+
+
+def deadline(loop: asyncio.AbstractEventLoop, when: float | None) -> Deadline:
+    """A :class:`Deadline` at ``when`` for the task running on ``loop``."""
+    task = asyncio.current_task(loop)
+    if task is None:
+        raise RuntimeError("a deadline applies to a task")
+    return Deadline(loop, task, when)

@@ -67,10 +67,17 @@ class SocketReader(asyncio.BufferedProtocol):
     """
 
     def __init__(
-        self, transport: asyncio.Transport, previous: asyncio.BaseProtocol, capacity: int
+        self,
+        transport: asyncio.Transport,
+        previous: asyncio.BaseProtocol,
+        capacity: int,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if capacity < SMALL:
             raise ValueError(f"a socket reader needs at least {SMALL} bytes")
+        # Held for peek's futures (looked up on the first wait if not given): a look-up
+        # per wait costs a getpid() on Python 3.11.
+        self._loop = loop
         self._transport = transport
         self._previous = previous
         self._full_size = capacity
@@ -92,14 +99,16 @@ class SocketReader(asyncio.BufferedProtocol):
         reader: asyncio.StreamReader | SocketReader,
         writer: asyncio.StreamWriter,
         capacity: int,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> SocketReader:
         """Take over the receiving side of an open stream pair; ``reader`` must not be used
-        afterwards (the bytes it held come first). A socket reader already reads it."""
+        afterwards (the bytes it held come first). A socket reader already reads it.
+        ``loop``: the running loop, if the caller holds it."""
         if isinstance(reader, SocketReader):
             return reader
         # uvloop's transports are not registered as asyncio.Transport, but are ones.
         transport = cast(asyncio.Transport, writer.transport)
-        self = cls(transport, transport.get_protocol(), capacity)
+        self = cls(transport, transport.get_protocol(), capacity, loop)
         # StreamReader has no public way to hand over what it buffered.
         leftover: bytearray = reader._buffer  # type: ignore[attr-defined]
         if leftover:
@@ -139,7 +148,9 @@ class SocketReader(asyncio.BufferedProtocol):
                 return memoryview(self._buffer)[self._start : self._end]
             if self._eof:
                 return memoryview(b"")
-            self._waiter = asyncio.get_running_loop().create_future()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -285,7 +296,7 @@ class _WriterSide(asyncio.streams.FlowControlMixin):
 def _dialling(loop: asyncio.AbstractEventLoop, capacity: int) -> Callable[[], SocketReader]:
     def factory() -> SocketReader:
         # Its transport is set by connection_made.
-        return SocketReader(cast(asyncio.Transport, None), _WriterSide(loop), capacity)
+        return SocketReader(cast(asyncio.Transport, None), _WriterSide(loop), capacity, loop)
 
     return factory
 
@@ -300,10 +311,11 @@ async def _dialled(
 
 
 async def open_connection(
-    host: str, port: int, capacity: int
+    host: str, port: int, capacity: int, loop: asyncio.AbstractEventLoop | None = None
 ) -> tuple[SocketReader, asyncio.StreamWriter]:
-    """:func:`asyncio.open_connection`, read by a :class:`SocketReader` of ``capacity``."""
-    loop = asyncio.get_running_loop()
+    """:func:`asyncio.open_connection`, read by a :class:`SocketReader` of ``capacity``
+    (``loop``: the running loop, if the caller holds it)."""
+    loop = loop or asyncio.get_running_loop()
     return await _dialled(loop.create_connection(_dialling(loop, capacity), host, port), loop)
 
 
@@ -323,21 +335,22 @@ class _AcceptedReader(SocketReader):
     (as :func:`asyncio.start_server` does with a stream pair)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handler: Accepted, capacity: int) -> None:
-        super().__init__(cast(asyncio.Transport, None), _WriterSide(loop), capacity)
-        self._loop = loop
+        super().__init__(cast(asyncio.Transport, None), _WriterSide(loop), capacity, loop)
+        self._started_by = loop
         self._handler = handler
         self._task: asyncio.Task[None] | None = None  # held: the loop keeps tasks weakly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the handler with this reader and the connection's writer."""
         super().connection_made(transport)
-        writer = asyncio.StreamWriter(self._transport, self._previous, None, self._loop)
-        self._task = self._loop.create_task(self._handler(self, writer))
+        writer = asyncio.StreamWriter(self._transport, self._previous, None, self._started_by)
+        self._task = self._started_by.create_task(self._handler(self, writer))
 
 
-def accepting(handler: Accepted, capacity: int) -> Callable[[], SocketReader]:
+def accepting(
+    handler: Accepted, capacity: int, loop: asyncio.AbstractEventLoop
+) -> Callable[[], SocketReader]:
     """A listener's protocol factory: every accepted connection is read by a
     :class:`SocketReader` of ``capacity`` from the start (no stream reader built only to be
     replaced) and handed with its writer to ``handler``, in a task of its own."""
-    loop = asyncio.get_running_loop()
     return lambda: _AcceptedReader(loop, handler, capacity)

@@ -48,6 +48,7 @@ from qkdproxy.core.tls.native import NativeEngineSpec
 from qkdproxy.core.tls.record_layer import RecordLayer
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert
+from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.key_supply import close_later, supply
@@ -474,8 +475,10 @@ class TlsStream:
             self._layer.close()
             with contextlib.suppress(TlsStreamError, ConnectionError, TimeoutError):
                 self._transmit()
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await self._driver.writer.drain()
+                writer = self._driver.writer
+                if _waits(writer):
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await writer.drain()
         finally:
             await close_transport(self._driver.writer)
 
@@ -566,7 +569,7 @@ class TlsEndpoint:
         assert conn.records is not None
         stream = TlsStream(
             transport,
-            SocketReader.attach(transport.reader, transport.writer, RECEIVE_BUFFER),
+            SocketReader.attach(transport.reader, transport.writer, RECEIVE_BUFFER, loop),
             conn.records,
             complete.record,
             complete.peer,
@@ -604,7 +607,7 @@ async def _drive(
     assert deadline is not None
     try:
         # One timeout for the whole handshake: the connection's deadline, in loop time.
-        async with asyncio.timeout_at(deadline):
+        async with aio.deadline(loop, deadline):
             return await _exchange(conn, transport, keys, loop)
     except TimeoutError:
         conn.handle_timer(deadline)
@@ -662,10 +665,23 @@ def _close_streams(events: Sequence[object], keys: KeyContext) -> None:
             close_later(keys, event.request.ksid)
 
 
+def _waits(writer: asyncio.StreamWriter) -> bool:
+    """Whether the transport still holds bytes for the peer: only then can its drain or
+    the end of its close wait on the peer (an empty one drains at once and, closed, is
+    released in the loop's next round), so only then does either need a deadline."""
+    return writer.transport.get_write_buffer_size() > 0
+
+
 async def close_transport(writer: asyncio.StreamWriter) -> None:
     """Close an asyncio stream and wait (bounded) until its socket is released."""
     writer.close()
     try:
+        if not _waits(writer):
+            # Nothing left to send, so nothing to wait for from the peer: no timeout scope
+            # (each looks up the task and the loop, a getpid() each on Python 3.11, and
+            # sets a timer), and closes come two or three a connection.
+            await writer.wait_closed()
+            return
         # A timeout scope, not wait_for: no task per close (Python 3.11 made one).
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await writer.wait_closed()
