@@ -36,8 +36,8 @@ from qkdproxy.core.tls.events import Failed, RecordEvent, Side
 from qkdproxy.core.tls.hello import (
     DuplicateExtensionError,
     HelloParseError,
-    parse_client_hello,
     parse_server_hello,
+    read_client_hello,
 )
 from qkdproxy.core.tls.identity import PeerIdentity
 from qkdproxy.core.tls.keyexchange import (
@@ -440,7 +440,7 @@ class TlsConnection:
             return
         self._first_hello_seen = True
         try:
-            client_hello = parse_client_hello(hello.body)
+            parsed_hello = read_client_hello(hello.body)
         except DuplicateExtensionError as exc:
             # tlslite would raise TLSInternalError on looking one of them up: an internal
             # error, logged as our bug, on any client's say-so.
@@ -450,17 +450,18 @@ class TlsConnection:
         except HelloParseError:
             self._engine.feed(hello.records)  # the engine answers it with the right alert
             return
+        client_hello = parsed_hello.view
         # No KME call for a hello tlslite will refuse anyway.
         if not client_hello.offers_tls13 or TLS13_CIPHER_SUITES.isdisjoint(
             client_hello.cipher_suites
         ):
-            self._engine.feed(hello.records)
+            self._engine.feed_client_hello(hello, parsed_hello)
             return
 
         def after_client_hello(retry: bool) -> None:
             if retry:
                 self._hello_retry()
-            self._engine.feed(hello.records)
+            self._engine.feed_client_hello(hello, parsed_hello)
 
         self._run_keys(self.kex_server.on_client_hello(client_hello), after_client_hello)
 

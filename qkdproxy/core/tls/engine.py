@@ -14,7 +14,9 @@ from typing import Protocol
 
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.eku import KeySchedule
+from qkdproxy.core.tls.hello import ParsedClientHello
 from qkdproxy.core.tls.record_layer import KeyUpdatePolicy, RecordLayer
+from qkdproxy.core.tls.wire import HeldHello
 
 ENGINES = ("native", "tlslite")
 DEFAULT_ENGINE = "native"
@@ -72,6 +74,10 @@ class HandshakeEngine(Protocol):
 
     def feed(self, data: bytes) -> None:
         """Bytes from the peer (released by the hello gate)."""
+
+    def feed_client_hello(self, hello: HeldHello, parsed: ParsedClientHello) -> None:
+        """A server's held ClientHello, released with the connection's parse of it: an
+        engine that checks the message itself may take ``parsed`` rather than parse again."""
 
     def feed_eof(self) -> None:
         """The peer closed its sending side."""

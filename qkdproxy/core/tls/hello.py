@@ -3,6 +3,8 @@
 Strict: every length is checked against what remains, duplicate extensions are refused, and
 anything malformed raises :class:`HelloParseError` (the engine then sends the alert).
 The byte reader is the one the native engine's messages use (:mod:`qkdproxy.core.tls.codec`).
+A server's ClientHello is parsed here once (:func:`read_client_hello`): the native engine
+takes the same parse for its own checks rather than parsing the message again.
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ class ClientHello:
     def share_for(self, group: int) -> KeyShareEntry | None:
         """The client's key share for ``group``, if it sent one."""
         return next((s for s in self.key_shares if s.group == group), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedClientHello:
+    """One parse of a ClientHello for both its readers: the key exchange (:attr:`view`) and
+    the native engine's checks (the fields the key exchange does not read)."""
+
+    view: ClientHello
+    session_id: bytes
+    compression: bytes
+    extensions: dict[int, bytes]
+
+    @property
+    def cipher_suites(self) -> tuple[int, ...]:
+        """The offered cipher suites, in the client's order."""
+        return self.view.cipher_suites
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,21 +136,27 @@ def _versions(data: bytes) -> tuple[int, ...]:
 
 def parse_client_hello(body: bytes) -> ClientHello:
     """Parse a ClientHello body (without the 4-byte handshake header)."""
+    return read_client_hello(body).view
+
+
+def read_client_hello(body: bytes) -> ParsedClientHello:
+    """Parse a ClientHello body as :func:`parse_client_hello` does, keeping the rest of it."""
     try:
         return _client_hello(body)
     except MessageError as exc:
         raise HelloParseError(str(exc)) from None
 
 
-def _client_hello(body: bytes) -> ClientHello:
+def _client_hello(body: bytes) -> ParsedClientHello:
     reader = Reader(body)
     reader.take(2 + 32)
-    if len(reader.vector(1)) > 32:
+    session_id = reader.vector(1)
+    if len(session_id) > 32:
         raise HelloParseError("session id longer than 32 bytes")
     suites = reader.vector(2)
     if not suites or len(suites) % 2:
         raise HelloParseError("cipher_suites: bad length")
-    reader.vector(1)
+    compression = reader.vector(1)
     extensions = _extensions(reader) if not reader.done() else {}
     reader.expect_done("ClientHello")
     groups = (
@@ -149,7 +173,8 @@ def _client_hello(body: bytes) -> ClientHello:
     cipher_suites = tuple(
         int.from_bytes(suites[i : i + 2], "big") for i in range(0, len(suites), 2)
     )
-    return ClientHello(groups, shares, versions, cipher_suites)
+    view = ClientHello(groups, shares, versions, cipher_suites)
+    return ParsedClientHello(view, session_id, compression, extensions)
 
 
 def parse_server_hello(body: bytes) -> ServerHello:

@@ -79,8 +79,10 @@ from qkdproxy.core.tls.engine import (
     RemoteAlertError,
 )
 from qkdproxy.core.tls.events import DataReceived, KeysUpdated
+from qkdproxy.core.tls.hello import ParsedClientHello
 from qkdproxy.core.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
 from qkdproxy.core.tls.records import hkdf_expand_label
+from qkdproxy.core.tls.wire import HeldHello
 
 __all__ = [
     "NO_ALPN_PLACEHOLDER",
@@ -877,6 +879,10 @@ class TlsliteEngine:
 
     def feed(self, data: bytes) -> None:
         self._sock.inbound += data
+
+    def feed_client_hello(self, hello: HeldHello, parsed: ParsedClientHello) -> None:
+        """tlslite parses every message itself: the bytes only."""
+        self.feed(hello.records)
 
     def feed_eof(self) -> None:
         self._sock.eof = True

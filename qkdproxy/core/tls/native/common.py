@@ -23,6 +23,7 @@ from qkdproxy.core.tls.engine import (
     LocalAlertError,
     PeerChainCheck,
 )
+from qkdproxy.core.tls.hello import ParsedClientHello
 from qkdproxy.core.tls.native.flight import HandshakeRecords
 from qkdproxy.core.tls.native.messages import parse_certificate_verify
 from qkdproxy.core.tls.native.schedule import KeySchedule, Transcript
@@ -34,7 +35,7 @@ from qkdproxy.core.tls.record_layer import (
     KeyUpdatePolicy,
     RecordLayer,
 )
-from qkdproxy.core.tls.wire import Alert
+from qkdproxy.core.tls.wire import Alert, HeldHello
 
 T = TypeVar("T")
 
@@ -108,6 +109,11 @@ class NativeHandshake(ABC):
     def feed(self, data: bytes) -> None:
         """Bytes from the peer."""
         self._records.inbound += data
+
+    def feed_client_hello(self, hello: HeldHello, parsed: ParsedClientHello) -> None:
+        """A ClientHello's records (the server keeps the parse; a client refuses the
+        message by its type, unparsed)."""
+        self.feed(hello.records)
 
     def feed_eof(self) -> None:
         """The peer closed its sending side."""

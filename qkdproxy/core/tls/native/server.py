@@ -17,6 +17,7 @@ from typing import ClassVar
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.codec import MessageError
 from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag, tls_flags_data
+from qkdproxy.core.tls.hello import ClientHello, ParsedClientHello
 from qkdproxy.core.tls.native import messages as m
 from qkdproxy.core.tls.native.common import SUITES, NativeHandshake
 from qkdproxy.core.tls.native.schedule import KeySchedule
@@ -27,7 +28,7 @@ from qkdproxy.core.tls.native.signatures import (
     choose_scheme,
     sign,
 )
-from qkdproxy.core.tls.wire import Alert
+from qkdproxy.core.tls.wire import Alert, HeldHello
 
 _SUPPORTED_VERSIONS = m.extension(m.SUPPORTED_VERSIONS, m.TLS13.to_bytes(2, "big"))
 _CERTIFICATE_REQUEST = m.message(
@@ -61,6 +62,8 @@ class NativeServer(NativeHandshake):
     _retry_group: int | None = None
     _client_secret = b""
     _client_app = b""
+    # The connection's parse of the ClientHello it released last, with that message.
+    _given: tuple[bytes, ParsedClientHello] | None = None
 
     @property
     def is_client(self) -> bool:
@@ -79,14 +82,35 @@ class NativeServer(NativeHandshake):
             m.FINISHED: self._on_finished,
         }
 
+    def feed_client_hello(self, hello: HeldHello, parsed: ParsedClientHello) -> None:
+        """Keep the connection's parse for :meth:`_on_client_hello`, if our own parser would
+        accept the message too: that one also wants a compression method, so a hello with an
+        empty list is parsed again there and gets its decode_error."""
+        self._given = (hello.message, parsed) if parsed.compression else None
+        self.feed(hello.records)
+
+    def _parsed_hello(
+        self, message: bytes
+    ) -> tuple[m.ClientHello | ParsedClientHello, ClientHello | None]:
+        """The ClientHello and, if the connection parsed this very message, its key-exchange
+        view. With the view every field it holds is well-formed, as the checks' own parses
+        would find; without it each field is parsed where it is checked, so a malformed
+        hello gets the alert of its first fault in the checks' order."""
+        given, self._given = self._given, None
+        if given is not None and given[0] == message:
+            return given[1], given[1].view
+        return m.parse_client_hello(message[4:]), None
+
     def _on_client_hello(self, message: bytes) -> None:
-        hello = m.parse_client_hello(message[4:])
+        hello, view = self._parsed_hello(message)
         if not self._records.at_record_boundary:
             raise MessageError("ClientHello does not end its record", Alert.UNEXPECTED_MESSAGE)
         self._records.ccs_allowed = True
         exts = hello.extensions
         versions = exts.get(m.SUPPORTED_VERSIONS)
-        if versions is None or m.TLS13 not in m.u16_list(versions, 1, "supported_versions"):
+        if versions is None or m.TLS13 not in (
+            view.versions if view is not None else m.u16_list(versions, 1, "supported_versions")
+        ):
             raise MessageError("client does not offer TLS 1.3", Alert.PROTOCOL_VERSION)
         if hello.compression != b"\x00":
             raise MessageError("TLS 1.3 allows null compression only", Alert.ILLEGAL_PARAMETER)
@@ -105,8 +129,7 @@ class NativeServer(NativeHandshake):
             raise MessageError(
                 "ClientHello without key_share or supported_groups", Alert.MISSING_EXTENSION
             )
-        supported = m.u16_list(exts[m.SUPPORTED_GROUPS], 2, "supported_groups")
-        shares = m.key_share_entries(exts[m.KEY_SHARE])
+        supported, shares = _offered_groups(exts, view)
         if not set(shares).issubset(supported):
             raise MessageError(
                 "key share for a group not in supported_groups", Alert.ILLEGAL_PARAMETER
@@ -222,3 +245,16 @@ class NativeServer(NativeHandshake):
         schedule.forget()
         self._move(State.DONE)
         self._finish(schedule.main)
+
+
+def _offered_groups(
+    exts: dict[int, bytes], view: ClientHello | None
+) -> tuple[tuple[int, ...], dict[int, bytes]]:
+    """A ClientHello's supported_groups and its key shares by group (from the view if there
+    is one)."""
+    if view is not None:
+        return view.supported_groups, {s.group: s.key_exchange for s in view.key_shares}
+    return (
+        m.u16_list(exts[m.SUPPORTED_GROUPS], 2, "supported_groups"),
+        m.key_share_entries(exts[m.KEY_SHARE]),
+    )
