@@ -36,8 +36,8 @@ from qkdproxy.core.tls.events import Failed, RecordEvent, Side
 from qkdproxy.core.tls.hello import (
     DuplicateExtensionError,
     HelloParseError,
-    parse_server_hello,
     read_client_hello,
+    read_server_hello,
 )
 from qkdproxy.core.tls.identity import PeerIdentity
 from qkdproxy.core.tls.keyexchange import (
@@ -422,7 +422,7 @@ class TlsConnection:
     def _on_hello(self, hello: HeldHello) -> None:
         if self.is_client:
             try:
-                parsed = parse_server_hello(hello.body)
+                parsed = read_server_hello(hello.body)
             except HelloParseError as exc:
                 # tlslite crashes on some hellos this parser refuses (an empty key_share),
                 # so the client answers them itself.
@@ -430,13 +430,13 @@ class TlsConnection:
                     Alert.DECODE_ERROR, f"malformed ServerHello: {exc}"
                 ) from None
 
-            if parsed.hello_retry:
+            if parsed.view.hello_retry:
                 self._hello_retry()  # before the key step: a refused retry costs no key
 
             def after_server_hello(_: object) -> None:
-                self._engine.feed(hello.records)
+                self._engine.feed_server_hello(hello, parsed)
 
-            self._run_keys(self.kex_client.on_server_hello(parsed), after_server_hello)
+            self._run_keys(self.kex_client.on_server_hello(parsed.view), after_server_hello)
             return
         self._first_hello_seen = True
         try:

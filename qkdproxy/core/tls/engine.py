@@ -14,7 +14,7 @@ from typing import Protocol
 
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.eku import KeySchedule
-from qkdproxy.core.tls.hello import ParsedClientHello
+from qkdproxy.core.tls.hello import ParsedClientHello, ParsedServerHello
 from qkdproxy.core.tls.record_layer import KeyUpdatePolicy, RecordLayer
 from qkdproxy.core.tls.wire import HeldHello
 
@@ -78,6 +78,10 @@ class HandshakeEngine(Protocol):
     def feed_client_hello(self, hello: HeldHello, parsed: ParsedClientHello) -> None:
         """A server's held ClientHello, released with the connection's parse of it: an
         engine that checks the message itself may take ``parsed`` rather than parse again."""
+
+    def feed_server_hello(self, hello: HeldHello, parsed: ParsedServerHello) -> None:
+        """A client's held ServerHello (or HelloRetryRequest) with the connection's parse
+        of it, likewise."""
 
     def feed_eof(self) -> None:
         """The peer closed its sending side."""

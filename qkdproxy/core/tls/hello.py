@@ -1,10 +1,12 @@
-"""Sans-I/O parsers for the fields of ClientHello and ServerHello that key exchange needs.
+"""Sans-I/O parsers for ClientHello and ServerHello: the fields key exchange needs (the
+views), and the rest of each message as sent (the fields the native engine checks).
 
 Strict: every length is checked against what remains, duplicate extensions are refused, and
 anything malformed raises :class:`HelloParseError` (the engine then sends the alert).
 The byte reader is the one the native engine's messages use (:mod:`qkdproxy.core.tls.codec`).
-A server's ClientHello is parsed here once (:func:`read_client_hello`): the native engine
-takes the same parse for its own checks rather than parsing the message again.
+Each hello the gate holds is parsed here once (:func:`read_client_hello`,
+:func:`read_server_hello`): the native engine takes the same parse for its own checks rather
+than parsing the message again.
 """
 
 from __future__ import annotations
@@ -59,28 +61,52 @@ class ClientHello:
 
 
 @dataclass(frozen=True, slots=True)
-class ParsedClientHello:
-    """One parse of a ClientHello for both its readers: the key exchange (:attr:`view`) and
-    the native engine's checks (the fields the key exchange does not read)."""
-
-    view: ClientHello
-    session_id: bytes
-    compression: bytes
-    extensions: dict[int, bytes]
-
-    @property
-    def cipher_suites(self) -> tuple[int, ...]:
-        """The offered cipher suites, in the client's order."""
-        return self.view.cipher_suites
-
-
-@dataclass(frozen=True, slots=True)
 class ServerHello:
     """The server's choice: a key share, or (HelloRetryRequest) just the group it wants."""
 
     hello_retry: bool
     group: int | None
     key_exchange: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHelloFields:
+    """A ClientHello's fields as sent, its extensions unparsed (the native engine's view)."""
+
+    legacy_version: int
+    session_id: bytes
+    cipher_suites: tuple[int, ...]
+    compression: bytes
+    extensions: dict[int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHelloFields:
+    """A ServerHello's or HelloRetryRequest's fields as sent, its extensions unparsed (the
+    native engine's view)."""
+
+    legacy_version: int
+    random: bytes
+    session_id: bytes
+    cipher_suite: int
+    compression: int
+    extensions: dict[int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedClientHello:
+    """One parse of a ClientHello for both its readers: the key exchange and the engine."""
+
+    view: ClientHello
+    fields: ClientHelloFields
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedServerHello:
+    """One parse of a ServerHello for both its readers: the key exchange and the engine."""
+
+    view: ServerHello
+    fields: ServerHelloFields
 
 
 def _extensions(reader: Reader) -> dict[int, bytes]:
@@ -149,7 +175,8 @@ def read_client_hello(body: bytes) -> ParsedClientHello:
 
 def _client_hello(body: bytes) -> ParsedClientHello:
     reader = Reader(body)
-    reader.take(2 + 32)
+    version = reader.u16()
+    reader.take(32)
     session_id = reader.vector(1)
     if len(session_id) > 32:
         raise HelloParseError("session id longer than 32 bytes")
@@ -173,30 +200,41 @@ def _client_hello(body: bytes) -> ParsedClientHello:
     cipher_suites = tuple(
         int.from_bytes(suites[i : i + 2], "big") for i in range(0, len(suites), 2)
     )
-    view = ClientHello(groups, shares, versions, cipher_suites)
-    return ParsedClientHello(view, session_id, compression, extensions)
+    fields = ClientHelloFields(version, session_id, cipher_suites, compression, extensions)
+    return ParsedClientHello(ClientHello(groups, shares, versions, cipher_suites), fields)
 
 
 def parse_server_hello(body: bytes) -> ServerHello:
     """Parse a ServerHello or HelloRetryRequest body."""
+    return read_server_hello(body).view
+
+
+def read_server_hello(body: bytes) -> ParsedServerHello:
+    """Parse a ServerHello as :func:`parse_server_hello` does, keeping the rest of it."""
     try:
         return _server_hello(body)
     except MessageError as exc:
         raise HelloParseError(str(exc)) from None
 
 
-def _server_hello(body: bytes) -> ServerHello:
+def _server_hello(body: bytes) -> ParsedServerHello:
     reader = Reader(body)
-    reader.take(2)
-    retry_random = reader.take(32) == HELLO_RETRY_RANDOM
-    if len(reader.vector(1)) > 32:
+    version = reader.u16()
+    random = reader.take(32)
+    session_id = reader.vector(1)
+    if len(session_id) > 32:
         raise HelloParseError("session id longer than 32 bytes")
-    reader.take(2 + 1)
+    suite = reader.u16()
+    compression = reader.u8()
     extensions = _extensions(reader)
     reader.expect_done("ServerHello")
     # Like tlslite: the special random means HelloRetryRequest only in a TLS 1.3 answer.
-    hello_retry = retry_random and EXT_SUPPORTED_VERSIONS in extensions
-    data = extensions.get(EXT_KEY_SHARE)
+    hello_retry = random == HELLO_RETRY_RANDOM and EXT_SUPPORTED_VERSIONS in extensions
+    fields = ServerHelloFields(version, random, session_id, suite, compression, extensions)
+    return ParsedServerHello(_server_view(hello_retry, extensions.get(EXT_KEY_SHARE)), fields)
+
+
+def _server_view(hello_retry: bool, data: bytes | None) -> ServerHello:
     if data is None:
         return ServerHello(hello_retry, None, None)
     ext = Reader(data)

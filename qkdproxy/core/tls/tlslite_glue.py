@@ -79,7 +79,7 @@ from qkdproxy.core.tls.engine import (
     RemoteAlertError,
 )
 from qkdproxy.core.tls.events import DataReceived, KeysUpdated
-from qkdproxy.core.tls.hello import ParsedClientHello
+from qkdproxy.core.tls.hello import ParsedClientHello, ParsedServerHello
 from qkdproxy.core.tls.record_layer import CIPHER_SUITES, Direction, KeyUpdatePolicy, RecordLayer
 from qkdproxy.core.tls.records import hkdf_expand_label
 from qkdproxy.core.tls.wire import HeldHello
@@ -881,6 +881,10 @@ class TlsliteEngine:
         self._sock.inbound += data
 
     def feed_client_hello(self, hello: HeldHello, parsed: ParsedClientHello) -> None:
+        """tlslite parses every message itself: the bytes only."""
+        self.feed(hello.records)
+
+    def feed_server_hello(self, hello: HeldHello, parsed: ParsedServerHello) -> None:
         """tlslite parses every message itself: the bytes only."""
         self.feed(hello.records)
 

@@ -14,22 +14,28 @@ from typing import ClassVar
 
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.codec import MessageError, Reader
-from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag, tls_flags_data
+from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag
+from qkdproxy.core.tls.hello import ParsedServerHello, ServerHelloFields
 from qkdproxy.core.tls.native import messages as m
-from qkdproxy.core.tls.native.common import SUITES, NativeHandshake
+from qkdproxy.core.tls.native.common import (
+    EKU_OFFER_EXTENSION,
+    OFFERED_SCHEMES_EXTENSION,
+    SUITES,
+    NativeHandshake,
+)
 from qkdproxy.core.tls.native.schedule import KeySchedule
 from qkdproxy.core.tls.native.signatures import (
     CLIENT_CONTEXT,
-    OFFERED_SCHEMES,
     SERVER_CONTEXT,
     choose_scheme,
     sign,
 )
-from qkdproxy.core.tls.wire import Alert
+from qkdproxy.core.tls.wire import Alert, HeldHello
 
 # tlslite pads ClientHellos of 256 to 511 bytes to 512 (RFC 7685; some middleboxes hang on
 # those lengths); we keep its rule so a hello has the same shape whichever engine sent it.
 PAD_FROM, PAD_TO = 256, 512
+_SUPPORTED_VERSIONS = m.extension(m.SUPPORTED_VERSIONS, m.u16_vector((m.TLS13,), 1))
 
 
 class State(Enum):
@@ -64,6 +70,8 @@ class NativeClient(NativeHandshake):
     _retry_suite: int | None = None
     _server_schemes: tuple[int, ...] | None = None
     _handshake_secrets = (b"", b"")
+    # The connection's parse of the ServerHello it released last, with that message.
+    _given: tuple[bytes, ParsedServerHello] | None = None
 
     @property
     def is_client(self) -> bool:
@@ -89,9 +97,9 @@ class NativeClient(NativeHandshake):
             name = self._server_name.encode("ascii")
             exts.append(m.extension(m.SERVER_NAME, m.vector(b"\x00" + m.vector(name, 2), 2)))
         exts += [
-            m.extension(m.SUPPORTED_VERSIONS, m.u16_vector((m.TLS13,), 1)),
+            _SUPPORTED_VERSIONS,
             m.extension(m.SUPPORTED_GROUPS, m.u16_vector(self._groups)),
-            m.extension(m.SIGNATURE_ALGORITHMS, m.u16_vector(OFFERED_SCHEMES)),
+            OFFERED_SCHEMES_EXTENSION,
             m.extension(
                 m.KEY_SHARE, m.vector(self._share_group.to_bytes(2, "big") + m.vector(share, 2), 2)
             ),
@@ -103,7 +111,7 @@ class NativeClient(NativeHandshake):
                 m.extension(m.ALPN, m.vector(b"".join(m.vector(p, 1) for p in self._alpn), 2))
             )
         if self.eku_offer:
-            exts.append(m.extension(TLS_FLAGS_EXTENSION, tls_flags_data()))
+            exts.append(EKU_OFFER_EXTENSION)
         hello = m.client_hello(self._client_random, self._session_id, SUITES, exts)
         body_length = len(hello) - 4
         if PAD_FROM <= body_length < PAD_TO:
@@ -123,8 +131,19 @@ class NativeClient(NativeHandshake):
             m.FINISHED: self._on_finished,
         }
 
+    def feed_server_hello(self, hello: HeldHello, parsed: ParsedServerHello) -> None:
+        """Keep the connection's parse for :meth:`_on_server_hello` (our own parser accepts
+        every ServerHello it does, with the same fields)."""
+        self._given = (hello.message, parsed)
+        self.feed(hello.records)
+
     def _on_server_hello(self, message: bytes) -> None:
-        hello = m.parse_server_hello(message[4:])
+        given, self._given = self._given, None
+        hello = (
+            given[1].fields
+            if given is not None and given[0] == message
+            else m.parse_server_hello(message[4:])
+        )
         if not self._records.at_record_boundary:
             raise MessageError("ServerHello does not end its record", Alert.UNEXPECTED_MESSAGE)
         versions = hello.extensions.get(m.SUPPORTED_VERSIONS)
@@ -136,14 +155,15 @@ class NativeClient(NativeHandshake):
             raise MessageError("server did not echo our session id", Alert.ILLEGAL_PARAMETER)
         if hello.cipher_suite not in SUITES or hello.compression != 0:
             raise MessageError("server chose a suite we did not offer", Alert.ILLEGAL_PARAMETER)
+        hello_retry = hello.random == m.HELLO_RETRY_RANDOM
         allowed = {m.SUPPORTED_VERSIONS, m.KEY_SHARE}
-        if hello.hello_retry:
+        if hello_retry:
             allowed.add(m.COOKIE)
         if not allowed.issuperset(hello.extensions):
             raise MessageError(
                 "ServerHello extension we did not offer", Alert.UNSUPPORTED_EXTENSION
             )
-        if hello.hello_retry:
+        if hello_retry:
             self._on_hello_retry(hello, message)
             return
         if self._retry_suite is not None and hello.cipher_suite != self._retry_suite:
@@ -171,7 +191,7 @@ class NativeClient(NativeHandshake):
         self._records.write = self._direction(client_secret)
         self._move(State.ENCRYPTED_EXTENSIONS)
 
-    def _on_hello_retry(self, hello: m.ServerHello, message: bytes) -> None:
+    def _on_hello_retry(self, hello: ServerHelloFields, message: bytes) -> None:
         if self._retry_suite is not None:
             raise MessageError("second HelloRetryRequest", Alert.UNEXPECTED_MESSAGE)
         data = hello.extensions.get(m.KEY_SHARE)
@@ -269,7 +289,7 @@ class NativeClient(NativeHandshake):
         scheme = choose_scheme(identity.schemes, server_schemes)
         if scheme is None:
             raise MessageError("no signature scheme in common", Alert.HANDSHAKE_FAILURE)
-        cert = m.certificate(identity.chain)
+        cert = identity.certificate
         self._transcript.add(cert)
         content = CLIENT_CONTEXT + self._transcript.digest()
         signature = sign(identity.credentials.private_key, scheme, content)

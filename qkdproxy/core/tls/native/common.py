@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.codec import MessageError
 from qkdproxy.core.tls.credentials import Credentials
+from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, tls_flags_data
 from qkdproxy.core.tls.eku import KeySchedule as EkuSchedule
 from qkdproxy.core.tls.engine import (
     AbruptCloseError,
@@ -23,11 +24,11 @@ from qkdproxy.core.tls.engine import (
     LocalAlertError,
     PeerChainCheck,
 )
-from qkdproxy.core.tls.hello import ParsedClientHello
+from qkdproxy.core.tls.hello import ParsedClientHello, ParsedServerHello
+from qkdproxy.core.tls.native import messages as m
 from qkdproxy.core.tls.native.flight import HandshakeRecords
-from qkdproxy.core.tls.native.messages import parse_certificate_verify
 from qkdproxy.core.tls.native.schedule import KeySchedule, Transcript
-from qkdproxy.core.tls.native.signatures import leaf_key, signable_schemes, verify
+from qkdproxy.core.tls.native.signatures import OFFERED_SCHEMES, leaf_key, signable_schemes, verify
 from qkdproxy.core.tls.record_layer import (
     CIPHER_SUITES,
     CipherSuite,
@@ -42,21 +43,28 @@ T = TypeVar("T")
 # Our preference, the order tlslite was configured with: AES-256-GCM first.
 SUITES: tuple[int, ...] = (0x1302, 0x1301, 0x1303)
 SUITE_NAMES = {0x1301: "aes128gcm", 0x1302: "aes256gcm", 0x1303: "chacha20-poly1305"}
+# Extensions that never change, built once: the schemes we verify (a client's hello, a
+# server's CertificateRequest) and the Extended Key Update offer (hello, or its answer).
+OFFERED_SCHEMES_EXTENSION = m.extension(m.SIGNATURE_ALGORITHMS, m.u16_vector(OFFERED_SCHEMES))
+EKU_OFFER_EXTENSION = m.extension(TLS_FLAGS_EXTENSION, tls_flags_data())
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Our certificate chain (DER, leaf first), its key and the schemes that key signs."""
+    """Our certificate chain (DER, leaf first), its key and the schemes that key signs, and
+    the Certificate message every handshake sends (it never changes)."""
 
     chain: tuple[bytes, ...]
     credentials: Credentials
     schemes: tuple[int, ...]
+    certificate: bytes
 
     @classmethod
     def of(cls, credentials: Credentials) -> Identity:
         """Prepared once per endpoint."""
         chain = tuple(c.public_bytes(Encoding.DER) for c in credentials.chain)
-        return cls(chain, credentials, signable_schemes(credentials.private_key))
+        schemes = signable_schemes(credentials.private_key)
+        return cls(chain, credentials, schemes, m.certificate(chain))
 
 
 class NativeHandshake(ABC):
@@ -112,6 +120,11 @@ class NativeHandshake(ABC):
 
     def feed_client_hello(self, hello: HeldHello, parsed: ParsedClientHello) -> None:
         """A ClientHello's records (the server keeps the parse; a client refuses the
+        message by its type, unparsed)."""
+        self.feed(hello.records)
+
+    def feed_server_hello(self, hello: HeldHello, parsed: ParsedServerHello) -> None:
+        """A ServerHello's records (the client keeps the parse; a server refuses the
         message by its type, unparsed)."""
         self.feed(hello.records)
 
@@ -222,7 +235,7 @@ class NativeHandshake(ABC):
     def _check_certificate_verify(self, message: bytes, context: bytes) -> None:
         """The peer's CertificateVerify, over ``context`` and the transcript so far, by its
         leaf's key; then it joins the transcript."""
-        scheme, signature = parse_certificate_verify(message[4:])
+        scheme, signature = m.parse_certificate_verify(message[4:])
         verify(
             leaf_key(self._peer_chain[0]), scheme, signature, context + self._transcript.digest()
         )

@@ -7,9 +7,8 @@ whole messages (4-byte header included), ready for the transcript and the record
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from qkdproxy.core.tls.codec import MessageError, Reader
+from qkdproxy.core.tls.hello import ClientHelloFields, ServerHelloFields
 from qkdproxy.core.tls.wire import Alert
 
 # Handshake message types (RFC 8446 4).
@@ -91,18 +90,7 @@ def key_share_entries(data: bytes) -> dict[int, bytes]:
     return shares
 
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
-    """A parsed ClientHello."""
-
-    legacy_version: int
-    session_id: bytes
-    cipher_suites: tuple[int, ...]
-    compression: bytes
-    extensions: dict[int, bytes]
-
-
-def parse_client_hello(body: bytes) -> ClientHello:
+def parse_client_hello(body: bytes) -> ClientHelloFields:
     """Parse a ClientHello body (after the 4-byte header)."""
     reader = Reader(body)
     version = reader.u16()
@@ -119,27 +107,10 @@ def parse_client_hello(body: bytes) -> ClientHello:
     cipher_suites = tuple(
         int.from_bytes(suites[i : i + 2], "big") for i in range(0, len(suites), 2)
     )
-    return ClientHello(version, session_id, cipher_suites, compression, found)
+    return ClientHelloFields(version, session_id, cipher_suites, compression, found)
 
 
-@dataclass(frozen=True, slots=True)
-class ServerHello:
-    """A parsed ServerHello or HelloRetryRequest."""
-
-    legacy_version: int
-    random: bytes
-    session_id: bytes
-    cipher_suite: int
-    compression: int
-    extensions: dict[int, bytes]
-
-    @property
-    def hello_retry(self) -> bool:
-        """The special random of a HelloRetryRequest."""
-        return self.random == HELLO_RETRY_RANDOM
-
-
-def parse_server_hello(body: bytes) -> ServerHello:
+def parse_server_hello(body: bytes) -> ServerHelloFields:
     """Parse a ServerHello or HelloRetryRequest body."""
     reader = Reader(body)
     version = reader.u16()
@@ -151,7 +122,7 @@ def parse_server_hello(body: bytes) -> ServerHello:
     compression = reader.u8()
     found = extensions(reader)
     reader.expect_done("ServerHello")
-    return ServerHello(version, random, session_id, suite, compression, found)
+    return ServerHelloFields(version, random, session_id, suite, compression, found)
 
 
 def parse_extensions_only(body: bytes, what: str) -> dict[int, bytes]:

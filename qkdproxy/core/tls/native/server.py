@@ -16,14 +16,18 @@ from typing import ClassVar
 
 from qkdproxy.core.groups import GroupSpec
 from qkdproxy.core.tls.codec import MessageError
-from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag, tls_flags_data
-from qkdproxy.core.tls.hello import ClientHello, ParsedClientHello
+from qkdproxy.core.tls.eku import TLS_FLAGS_EXTENSION, has_flag
+from qkdproxy.core.tls.hello import ClientHello, ClientHelloFields, ParsedClientHello
 from qkdproxy.core.tls.native import messages as m
-from qkdproxy.core.tls.native.common import SUITES, NativeHandshake
+from qkdproxy.core.tls.native.common import (
+    EKU_OFFER_EXTENSION,
+    OFFERED_SCHEMES_EXTENSION,
+    SUITES,
+    NativeHandshake,
+)
 from qkdproxy.core.tls.native.schedule import KeySchedule
 from qkdproxy.core.tls.native.signatures import (
     CLIENT_CONTEXT,
-    OFFERED_SCHEMES,
     SERVER_CONTEXT,
     choose_scheme,
     sign,
@@ -33,7 +37,7 @@ from qkdproxy.core.tls.wire import Alert, HeldHello
 _SUPPORTED_VERSIONS = m.extension(m.SUPPORTED_VERSIONS, m.TLS13.to_bytes(2, "big"))
 _CERTIFICATE_REQUEST = m.message(
     m.CERTIFICATE_REQUEST,
-    b"\x00" + m.vector(m.extension(m.SIGNATURE_ALGORITHMS, m.u16_vector(OFFERED_SCHEMES)), 2),
+    b"\x00" + m.vector(OFFERED_SCHEMES_EXTENSION, 2),
 )
 
 
@@ -86,19 +90,17 @@ class NativeServer(NativeHandshake):
         """Keep the connection's parse for :meth:`_on_client_hello`, if our own parser would
         accept the message too: that one also wants a compression method, so a hello with an
         empty list is parsed again there and gets its decode_error."""
-        self._given = (hello.message, parsed) if parsed.compression else None
+        self._given = (hello.message, parsed) if parsed.fields.compression else None
         self.feed(hello.records)
 
-    def _parsed_hello(
-        self, message: bytes
-    ) -> tuple[m.ClientHello | ParsedClientHello, ClientHello | None]:
-        """The ClientHello and, if the connection parsed this very message, its key-exchange
-        view. With the view every field it holds is well-formed, as the checks' own parses
-        would find; without it each field is parsed where it is checked, so a malformed
-        hello gets the alert of its first fault in the checks' order."""
+    def _parsed_hello(self, message: bytes) -> tuple[ClientHelloFields, ClientHello | None]:
+        """The ClientHello's fields and, if the connection parsed this very message, its
+        key-exchange view. With the view every field it holds is well-formed, as the checks'
+        own parses would find; without it each field is parsed where it is checked, so a
+        malformed hello gets the alert of its first fault in the checks' order."""
         given, self._given = self._given, None
         if given is not None and given[0] == message:
-            return given[1], given[1].view
+            return given[1].fields, given[1].view
         return m.parse_client_hello(message[4:]), None
 
     def _on_client_hello(self, message: bytes) -> None:
@@ -209,9 +211,9 @@ class NativeServer(NativeHandshake):
         if self._selected_alpn is not None:
             ext_list.append(m.extension(m.ALPN, m.vector(m.vector(self._selected_alpn, 1), 2)))
         if self.eku_negotiated:
-            ext_list.append(m.extension(TLS_FLAGS_EXTENSION, tls_flags_data()))
+            ext_list.append(EKU_OFFER_EXTENSION)
         encrypted_extensions = m.message(m.ENCRYPTED_EXTENSIONS, m.vector(b"".join(ext_list), 2))
-        certificate = m.certificate(self._identity.chain)
+        certificate = self._identity.certificate
         for part in (encrypted_extensions, _CERTIFICATE_REQUEST, certificate):
             transcript.add(part)
         signature = sign(

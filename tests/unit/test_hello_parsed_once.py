@@ -1,6 +1,7 @@
-"""A server parses each ClientHello once (issue 16): the connection's parse, taken by the
-native engine for its own checks, must leave every refusal as it was with the engine's own
-parse: the same alert for the same first fault, the same answer to a hello it accepts."""
+"""Each hello is parsed once (issue 16): the connection's parse of a ClientHello (server)
+or ServerHello (client), taken by the native engine for its own checks, must leave every
+refusal as it was with the engine's own parse: the same alert for the same first fault, the
+same answer to a hello it accepts."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from qkdproxy.core.tls.engine import LocalAlertError
-from qkdproxy.core.tls.hello import HelloParseError, ParsedClientHello, read_client_hello
-from qkdproxy.core.tls.native import NativeServer
+from qkdproxy.core.tls.hello import (
+    HelloParseError,
+    ParsedClientHello,
+    ParsedServerHello,
+    parse_server_hello,
+    read_client_hello,
+    read_server_hello,
+)
+from qkdproxy.core.tls.native import NativeClient, NativeServer
 from qkdproxy.core.tls.native import messages as m
 from qkdproxy.core.tls.native import server as native_server
 from qkdproxy.core.tls.native.common import Identity
@@ -28,6 +36,7 @@ from tests.unit.test_fuzz_parsers import (
     fuzz_settings,
     mutated,
     real,  # noqa: F401 - fixture
+    server_hello_fields,
 )
 from tests.unit.test_native_hostile import X25519, hello_edit, refused, scripted_client
 
@@ -48,6 +57,7 @@ class Hooks:
 
 
 def plaintext_records(message: bytes) -> bytes:
+    """``message`` in plaintext handshake records, as a peer would send it."""
     out = bytearray()
     for start in range(0, len(message), MAX_PLAINTEXT):
         chunk = message[start : start + MAX_PLAINTEXT]
@@ -72,11 +82,17 @@ def answer(
         engine.feed(records)
     else:
         engine.feed_client_hello(HeldHello(message, records), given_parse)
+    return (*outcome(engine), engine.eku_peer, engine.alpn)
+
+
+def outcome(engine: NativeClient | NativeServer) -> tuple[object, ...]:
+    """How ``engine`` takes what it was fed: the alert and its reason, or whether it
+    completed; then what it sends and where it is."""
     try:
-        outcome: tuple[object, ...] = ("step", engine.step())
+        result: tuple[object, ...] = ("step", engine.step())
     except LocalAlertError as exc:
-        outcome = ("alert", exc.description, exc.message)
-    return (*outcome, engine.take_output(), engine.state, engine.eku_peer, engine.alpn)
+        result = ("alert", exc.description, exc.message)
+    return (*result, engine.take_output(), engine.state)
 
 
 # What an edited extension may hold: TLS versions, groups, signature schemes and junk.
@@ -189,14 +205,73 @@ def test_a_duplicate_extension_is_refused_before_an_empty_compression_list(
     refused(result, SERVER, Alert.ILLEGAL_PARAMETER)
 
 
+def reply(
+    identity: Identity, captured: Captured, message: bytes, given_parse: ParsedServerHello | None
+) -> tuple[object, ...]:
+    """What a native client that offered the captured groups (its share for the group the
+    captured server chose, its random and session id zero) does with ``message``: fed as
+    bytes only, or with the connection's parse of it."""
+    engine = NativeClient(Hooks(), identity, alpn=None, random=bytes)
+    chosen = parse_server_hello(captured.server_body).group
+    share = next(h.group for h in captured.offered if h.group.code_point == chosen)
+    engine.start_client([h.group for h in captured.offered], share)
+    engine.take_output()
+    records = plaintext_records(message)
+    if given_parse is None:
+        engine.feed(records)
+    else:
+        engine.feed_server_hello(HeldHello(message, records), given_parse)
+    return outcome(engine)
+
+
+def server_hello_seed(captured: Captured, retry: bool) -> bytes:
+    """The captured ServerHello echoing a zero session id, or a HelloRetryRequest for the
+    captured client's other group."""
+    answer = parse_server_hello(captured.server_body)
+    if retry:
+        other = next(h for h in captured.offered if h.group.code_point != answer.group)
+        exts = [
+            m.extension(m.SUPPORTED_VERSIONS, m.TLS13.to_bytes(2, "big")),
+            m.extension(m.KEY_SHARE, other.group.code_point.to_bytes(2, "big")),
+        ]
+        return m.server_hello(m.HELLO_RETRY_RANDOM, bytes(32), 0x1302, exts)[4:]
+    body = captured.server_body
+    return body[:34] + m.vector(bytes(32), 1) + body[35 + body[34] :]
+
+
+@fuzz_settings(300)
+@given(st.data(), st.sampled_from(["qkd", "triple"]), st.booleans())
+def test_the_connections_parse_changes_nothing_the_client_does(
+    real: dict[str, Captured],  # noqa: F811 - fixture
+    ids: Identities,
+    data: st.DataObject,
+    source: str,
+    retry: bool,
+) -> None:
+    captured = real[source]
+    seed = server_hello_seed(captured, retry)
+    body = data.draw(mutated(seed, server_hello_fields(seed)) | st.just(seed))
+    try:
+        parsed = read_server_hello(body)
+    except HelloParseError:
+        event("refused by the connection's parse")
+        return  # the connection refuses it itself: the engine never sees it
+    identity = Identity.of(ids.client)
+    message = m.message(m.SERVER_HELLO, body)
+    alone = reply(identity, captured, message, None)
+    event(f"{alone[0]} {alone[1]}")
+    assert reply(identity, captured, message, parsed) == alone
+
+
 @pytest.mark.parametrize("retry", [False, True], ids=["one-hello", "hello-retry"])
-def test_the_native_server_takes_the_connections_parse(
+def test_each_hello_is_parsed_once(
     ids: Identities, monkeypatch: pytest.MonkeyPatch, retry: bool
 ) -> None:
-    def parse_again(body: bytes) -> m.ClientHello:
-        raise AssertionError("a ClientHello was parsed a second time")
+    def parse_again(body: bytes) -> None:
+        raise AssertionError("a hello was parsed a second time")
 
     monkeypatch.setattr(m, "parse_client_hello", parse_again)
+    monkeypatch.setattr(m, "parse_server_hello", parse_again)
     if retry:  # the client's share is for x25519, the server takes secp256r1 only
         result = link(ids, groups("x25519", "secp256r1"), groups("secp256r1"))
     else:
