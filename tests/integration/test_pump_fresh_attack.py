@@ -119,6 +119,7 @@ async def test_a_connection_shorter_than_the_first_look_reports_its_updates(
     last fresh (the age metric), and leaves no timer behind."""
     started = Started()
     monkeypatch.setattr(pump_module, "refresh_keys", started)
+    monkeypatch.setattr(pump_module, "FRESH_KEY_POLL_S", 3600.0)  # the look: far off
     destroyed = destroyed_pending()
     async with stream_pair() as s, plaintext_pair() as (reader, writer, app):
         traffic = Traffic()
@@ -164,8 +165,8 @@ async def test_a_pump_cancelled_from_outside_leaves_no_fresh_key_task(
     does) or after (then its task is cancelled and awaited)."""
     started = Started()
     monkeypatch.setattr(pump_module, "refresh_keys", started)
-    if when == "after the first look":
-        monkeypatch.setattr(pump_module, "FRESH_KEY_POLL_S", 0.001)
+    poll = 0.001 if when == "after the first look" else 3600.0
+    monkeypatch.setattr(pump_module, "FRESH_KEY_POLL_S", poll)
     destroyed = destroyed_pending()
     async with stream_pair() as s, plaintext_pair() as (reader, writer, _app):
         running = asyncio.create_task(
