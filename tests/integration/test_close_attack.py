@@ -11,14 +11,18 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import uvloop
 
+from qkdproxy.daemon.muxconn import MuxTunnel
+from qkdproxy.daemon.pump import RekeyBudget
 from qkdproxy.io import socket_reader, tls_stream
 from qkdproxy.io.tls_stream import close_transport
 from tests.integration.test_eku_attack import stream_pair
+from tests.unit.test_cancel_audit import backed_up, unread
+from tests.unit.test_mux_hostile import client
 
 LOOPS = ("asyncio", "uvloop")
 # Only a bound for a hang, should the close wait on the peer: never reached when it works.
@@ -172,5 +176,38 @@ async def test_a_stream_closed_past_a_peer_that_stopped_reading_can_be_closed_ag
             s.client._transmit()
         await asyncio.wait_for(s.client.close(), HANG)
         await asyncio.wait_for(close_transport(writer), HANG)
+        await asyncio.sleep(0)  # the next wait runs: no cancellation is pending
+        assert writer.transport.is_closing()
+
+
+class ClosingTls:
+    """A multiplexing tunnel's TLS stream whose close ends as the real one's does against a
+    peer that stopped reading: its transport's close runs out of time."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def write_nowait(self, data: bytes | bytearray) -> bool:
+        return True
+
+    async def drain(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        await close_transport(self.writer)
+
+
+async def test_a_tunnel_closed_past_a_peer_that_stopped_reading_ends_its_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The multiplexing tunnel's close: its TLS stream's close, then its socket's. A pool
+    closes its tunnels one after another: a cancellation out of one would leave the rest."""
+    monkeypatch.setattr(tls_stream, "CLOSE_TIMEOUT", 0.05)
+    async with unread() as writer:
+        backed_up(writer)
+        tunnel = MuxTunnel(
+            cast(Any, ClosingTls(writer)), writer, client(), keepalive_s=0, rekey=RekeyBudget()
+        )
+        await asyncio.wait_for(tunnel.close(), HANG)
         await asyncio.sleep(0)  # the next wait runs: no cancellation is pending
         assert writer.transport.is_closing()
