@@ -692,6 +692,11 @@ async def close_transport(writer: asyncio.StreamWriter) -> None:
         # Cut while waiting (a daemon stopping now): the same, or the socket would stay
         # open, with what it still holds, for as long as the peer does not read it.
         writer.transport.abort()
-        raise
+        # Or an earlier close of this transport was cut: that cancelled the future every
+        # wait_closed awaits, which raises at once since. Nobody stops this task then (a
+        # failed stream's owner closing it again), and the close is done.
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
     except Exception:  # noqa: S110 - the transport is being closed anyway
         pass
