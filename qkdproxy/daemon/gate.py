@@ -123,17 +123,22 @@ class HelloDeadlineError(Exception):
 
 
 async def within_hello_deadlines(
-    reader: asyncio.StreamReader, handshake: Awaitable[T], first_byte_s: float, hello_s: float
+    reader: asyncio.StreamReader,
+    handshake: Awaitable[T],
+    first_byte_s: float,
+    hello_s: float,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> T:
     """Await ``handshake``, cut (:class:`HelloDeadlineError`) if no byte arrives within
-    ``first_byte_s`` or the whole first handshake message within ``hello_s`` of now.
+    ``first_byte_s`` or the whole first handshake message within ``hello_s`` of now
+    (``loop``: the running loop, if the caller holds it).
 
     Once the hello is complete the handshake has only its own timeout (KME calls may be
     slow, and they are not the client's fault). 0 turns a deadline off.
     """
     if not isinstance(reader, WatchedReader) or (first_byte_s <= 0 and hello_s <= 0):
         return await handshake
-    loop = asyncio.get_running_loop()
+    loop = loop or asyncio.get_running_loop()
     start = loop.time()
     hello_at = start + hello_s if hello_s > 0 else None
     first_at = start + first_byte_s if first_byte_s > 0 else hello_at

@@ -215,9 +215,7 @@ async def pump(
     finally:
         if first_look is not None:
             first_look.cancel()
-        for task in tasks | helpers:
-            task.cancel()
-        await asyncio.gather(*tasks, *helpers, return_exceptions=True)
+        await aio.cancel_all(tasks | helpers)
         if stream is not None:
             traffic.fresh_keys = stream.fresh_key_stats()
 

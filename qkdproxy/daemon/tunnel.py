@@ -183,7 +183,9 @@ class Tunnel:
         self._on_handshake = on_handshake
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Condition()
+        # wait_idle's callers, woken when the last connection ends (a future each: no lock
+        # taken and released by every connection to tell nobody).
+        self._idle_waiters: list[asyncio.Future[None]] = []
         # Why qkd-preferred connections currently fall back (None: QKD works).
         self._fallback_state: str | None = None
         self._warnings = LogThrottle(WARNING_INTERVAL_S)
@@ -203,6 +205,9 @@ class Tunnel:
         # The loop the tunnel was started on, held for each connection's tasks and
         # deadlines (a look-up costs a getpid() on Python 3.11).
         self._started_on: asyncio.AbstractEventLoop | None = None
+        # The key-update budgets, made once per configuration rather than per connection.
+        self._budgets_of: TunnelConfig | None = None
+        self._budgets = (RekeyBudget(), FreshKeyBudget())
 
     @property
     def active(self) -> int:
@@ -278,8 +283,10 @@ class Tunnel:
 
     async def wait_idle(self) -> None:
         """Return once no connection is in progress."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._connections)
+        while self._connections:  # a connection may have begun since the wake-up
+            idle = self._loop().create_future()
+            self._idle_waiters.append(idle)
+            await idle
 
     def stop_accepting(self) -> None:
         """Close the listeners; live connections continue."""
@@ -337,7 +344,12 @@ class Tunnel:
         self.stats.opened += 1
         started = time.monotonic()
         try:
-            record.reason = await self._within_lifetime(self._serve(reader, writer, record))
+            # A server's listener watches hellos (stream readers); a client's is read in place.
+            if self.config.role == "server" and isinstance(reader, asyncio.StreamReader):
+                work = self._serve_server(reader, writer, record)
+            else:
+                work = self._serve_client(reader, writer, record)
+            record.reason = await self._within_lifetime(work)
         finally:
             self._connections.discard(task)
             self.admission.release(self._tickets.pop(record.conn_id))
@@ -347,8 +359,14 @@ class Tunnel:
             with contextlib.suppress(asyncio.CancelledError):
                 await close_transport(writer)
             self._finish(record, started, quiet_as=self._quiet_as(record, reader))
-            async with self._changed:
-                self._changed.notify_all()
+            if not self._connections:
+                self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for idle in waiters:
+            if not idle.done():  # a waiter cancelled meanwhile is done already
+                idle.set_result(None)
 
     async def _within_lifetime(self, work: Coroutine[object, object, str]) -> str:
         """Run one connection's work; why it ended (its lifetime, a drain, an error too)."""
@@ -400,17 +418,6 @@ class Tunnel:
             return None
         hello = reader.hello.state if isinstance(reader, gate.WatchedReader) else None
         return f"before_hello:{record.failure}" if hello is not HelloState.COMPLETE else None
-
-    async def _serve(
-        self,
-        reader: asyncio.StreamReader | SocketReader,
-        writer: asyncio.StreamWriter,
-        record: ConnectionRecord,
-    ) -> str:
-        # A server's listener watches hellos (stream readers); a client's is read in place.
-        if self.config.role == "server" and isinstance(reader, asyncio.StreamReader):
-            return await self._serve_server(reader, writer, record)
-        return await self._serve_client(reader, writer, record)
 
     async def _serve_client(
         self,
@@ -548,9 +555,9 @@ class Tunnel:
         assert isinstance(peer, TcpAddress)
         loop = self._loop()
         async with aio.deadline(loop, loop.time() + self.config.connect_timeout_s):
-            peer_reader, peer_writer = await asyncio.open_connection(peer.host, peer.port)
+            peer_reader, peer_writer = await aio.open_connection(loop, peer.host, peer.port)
         gate.keep_alive(peer_writer)
-        return await endpoint.connect(peer_reader, peer_writer, mux=mux), peer_writer
+        return await endpoint.connect(peer_reader, peer_writer, mux=mux, loop=loop), peer_writer
 
     async def _serve_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: ConnectionRecord
@@ -558,9 +565,10 @@ class Tunnel:
         # Until the client is authenticated, KME work for the KSID it names is bounded.
         HELLO_SOURCE.set(source_key(record.client))
         try:
+            loop = self._loop()
             stream = await gate.within_hello_deadlines(
-                reader, self.endpoint.accept(reader, writer),
-                self.config.first_byte_timeout_s, self.config.hello_timeout_s,
+                reader, self.endpoint.accept(reader, writer, loop=loop),
+                self.config.first_byte_timeout_s, self.config.hello_timeout_s, loop,
             )  # fmt: skip
         except gate.HelloDeadlineError as exc:
             self.admission.count(exc.refusal)
@@ -901,11 +909,22 @@ class Tunnel:
 
     @property
     def _rekey(self) -> RekeyBudget:
-        return RekeyBudget(self.config.rekey_bytes, self.config.rekey_interval_s)
+        return self._budgets_now()[0]
 
     @property
     def _fresh(self) -> FreshKeyBudget:
-        return FreshKeyBudget(self.config.fresh_key_bytes, self.config.fresh_key_interval_s)
+        return self._budgets_now()[1]
+
+    def _budgets_now(self) -> tuple[RekeyBudget, FreshKeyBudget]:
+        """The budgets of the current configuration (a reload replaces it whole)."""
+        config = self.config
+        if self._budgets_of is not config:
+            self._budgets_of = config
+            self._budgets = (
+                RekeyBudget(config.rekey_bytes, config.rekey_interval_s),
+                FreshKeyBudget(config.fresh_key_bytes, config.fresh_key_interval_s),
+            )
+        return self._budgets
 
     def fresh_key_age(self) -> float | None:
         """Seconds since the oldest live connection with Extended Key Update got its last
@@ -978,7 +997,8 @@ class Tunnel:
             suppressed = self._refusal_log.admit(quiet_as, now)
             level = None if suppressed is None else logging.WARNING
             fields["suppressed"] = suppressed
-        elif problem := next((p for p in PROBLEM_REASONS if record.reason.startswith(p)), None):
+        elif record.reason.startswith(PROBLEM_REASONS):  # one C call rules most ends out
+            problem = next(p for p in PROBLEM_REASONS if record.reason.startswith(p))
             similar = self._warnings.admit(problem, now)
             if similar is not None:
                 level = logging.WARNING

@@ -4,7 +4,7 @@ asyncio's waits for callers that hold their loop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -65,6 +65,32 @@ async def first_done(
         for task in tasks:
             task.remove_done_callback(wake)
     return {task for task in tasks if task.done()}
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until they ended (``asyncio.gather`` with
+    ``return_exceptions``). Those done already (a connection's, as a rule) are settled
+    here, their exceptions retrieved, with no gathering future, no callbacks and no round
+    of the loop to wait for."""
+    pending = []
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+            pending.append(task)
+        elif not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" report when it is collected
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def open_connection(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """:func:`asyncio.open_connection` on ``loop``, which the caller holds."""
+    reader = asyncio.StreamReader(loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.create_connection(lambda: protocol, host, port)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

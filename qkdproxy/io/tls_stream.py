@@ -14,9 +14,10 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from qkdproxy.core.errors import LocalProtocolError, QkdproxyError, SettingError
 from qkdproxy.core.hybrid import HybridKem, KeyPairReserve
@@ -523,31 +524,48 @@ class TlsEndpoint:
             mux_alpn = [MUX_ALPN_PROTOCOL.encode(), *alpn]
             self._mux_config = dataclasses.replace(self._config, alpn=mux_alpn)
 
-    async def connect(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, mux: bool = False
-    ) -> TlsStream:
-        """Client handshake over an open stream; raises :class:`HandshakeError`. ``mux``
-        also offers qkdproxy-mux/1 (if the settings allow it)."""
+    # connect and accept hand back the handshake's coroutine itself: a coroutine of their
+    # own would only forward, one more frame for every step of every handshake.
+
+    def connect(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        mux: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Coroutine[Any, Any, TlsStream]:
+        """Client handshake over an open stream, to await; raises :class:`HandshakeError`.
+        ``mux`` also offers qkdproxy-mux/1 (if the settings allow it); ``loop``: the
+        running loop, if the caller holds it."""
         config = self._mux_config if mux else self._config
         # A pool's tunnels are rotated minutes apart: a spare made after one would be stale
         # (dropped unused) by the next, so only per-connection dials replenish.
         spares = None if mux else config.spares
-        return await self._run(True, Transport(reader, writer), config, spares)
+        return self._run(True, Transport(reader, writer), config, loop, spares)
 
-    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TlsStream:
-        """Server handshake over an accepted stream; raises :class:`HandshakeError`."""
-        return await self._run(False, Transport(reader, writer), self._mux_config)
+    def accept(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Coroutine[Any, Any, TlsStream]:
+        """Server handshake over an accepted stream, to await; raises
+        :class:`HandshakeError`. ``loop``: the running loop, if the caller holds it."""
+        return self._run(False, Transport(reader, writer), self._mux_config, loop)
 
     async def _run(
         self,
         is_client: bool,
         transport: Transport,
         config: ConnectionConfig,
+        loop: asyncio.AbstractEventLoop | None,
         spares: KeyPairReserve | None = None,
     ) -> TlsStream:
         keys = self.settings.keys
         conn = TlsConnection(config, keys, is_client=is_client, wall_time=self.settings.clock())
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()
         started = time.perf_counter()
         try:
             complete = await _drive(conn, transport, keys, loop, spares)
