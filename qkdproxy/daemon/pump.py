@@ -308,17 +308,46 @@ async def _until_done(
     traffic: Traffic,
     idle_timeout_s: float,
 ) -> str:
-    pending = set(tasks)
-    while pending:
-        timeout = None
-        if idle_timeout_s:
-            timeout = max(0.0, traffic.last_activity + idle_timeout_s - time.monotonic())
-        done = await aio.first_done(loop, pending, timeout)
-        pending -= done
-        if not done and time.monotonic() - traffic.last_activity >= idle_timeout_s:
-            return "idle_timeout"
-        for task in done:
-            error = task.exception()
-            if error is not None:
-                return f"error: {type(error).__name__}: {error}"[:200]
-    return "closed"
+    """Wait until both directions ended, one failed, or the connection stayed idle for
+    ``idle_timeout_s`` (0: no limit). Callbacks decide when: a direction that ends first
+    and well, or an idle limit that turns out not to be reached (the last activity moved
+    it), costs no wake-up of this task, only of the callback."""
+    ended: asyncio.Future[None] = loop.create_future()
+    running = len(tasks)
+
+    def end() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    def task_done(task: asyncio.Task[None]) -> None:
+        nonlocal running
+        running -= 1
+        if not running or task.cancelled() or task.exception() is not None:
+            end()
+
+    timer: asyncio.TimerHandle | None = None
+
+    def idle_check() -> None:
+        nonlocal timer
+        left = traffic.last_activity + idle_timeout_s - time.monotonic()
+        if left > 0:
+            timer = loop.call_later(left, idle_check)
+        else:
+            end()
+
+    for task in tasks:
+        task.add_done_callback(task_done)
+    if idle_timeout_s:
+        idle_check()
+    try:
+        await ended
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for task in tasks:
+            task.remove_done_callback(task_done)
+    for task in tasks:
+        if task.done() and (error := task.exception()) is not None:
+            return f"error: {type(error).__name__}: {error}"[:200]
+    # Neither failed: both ended, or the connection went idle.
+    return "closed" if not running else "idle_timeout"

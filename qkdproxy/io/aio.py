@@ -40,33 +40,6 @@ async def sleep(loop: asyncio.AbstractEventLoop, delay: float) -> None:
         timer.cancel()
 
 
-async def first_done(
-    loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[T]], wait_s: float | None
-) -> set[asyncio.Task[T]]:
-    """:func:`asyncio.wait` with ``FIRST_COMPLETED`` on ``loop``: the tasks of ``tasks``
-    that are done, once one is or ``wait_s`` seconds passed (None: no limit; then maybe
-    none is)."""
-    done = {task for task in tasks if task.done()}
-    if done:
-        return done
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def wake(_: object) -> None:
-        _wake(waiter)
-
-    for task in tasks:
-        task.add_done_callback(wake)
-    timer = loop.call_later(wait_s, _wake, waiter) if wait_s is not None else None
-    try:
-        await waiter
-    finally:
-        if timer is not None:
-            timer.cancel()
-        for task in tasks:
-            task.remove_done_callback(wake)
-    return {task for task in tasks if task.done()}
-
-
 async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Cancel ``tasks`` and wait until they ended (``asyncio.gather`` with
     ``return_exceptions``). Those done already (a connection's, as a rule) are settled

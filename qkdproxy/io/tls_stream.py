@@ -220,46 +220,43 @@ class TlsStream:
         last).
         """
         self._reading = True  # see check_fresh_key_deadline
-        try:
-            return await self._read(max_bytes)
+        try:  # in one frame: a read is resumed on every receive of a connection
+            if self._backlog:
+                events, self._backlog = self._backlog, []
+                await self._handle(events, deliver=True)
+            while not self._plaintext and not self._peer_closed:
+                if self.failure is not None:
+                    # Another task (a write, a fresh-key update) failed the stream: the record
+                    # layer takes nothing more, so say so rather than read on.
+                    raise self.failure
+                try:
+                    data = await self._socket.peek()
+                except ConnectionError as exc:
+                    raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
+                try:
+                    if data:
+                        # The record layer opens the records in place and keeps a copy of an
+                        # incomplete tail: the socket's buffer is free again right after.
+                        events = self._layer.receive(data, time.monotonic())
+                    else:
+                        events = self._layer.receive_eof()
+                except Exception as exc:
+                    # A bug of ours, never the peer's fault: keep the traceback, say internal_error.
+                    log.error("internal error in the record layer", exc_info=exc)
+                    reason = f"internal error ({type(exc).__name__})"
+                    events = [self._layer.fail(Alert.INTERNAL_ERROR, reason)]
+                finally:
+                    self._socket.consume(len(data))
+                await self._handle(events, deliver=True)
+            if len(self._plaintext) <= max_bytes:
+                # Everything opened so far, handed over as it is: no copy.
+                plaintext, self._plaintext = self._plaintext, bytearray()
+                return plaintext
+            plaintext = self._plaintext[:max_bytes]
+            del self._plaintext[:max_bytes]
+            return plaintext
         finally:
             self._reading = False
-
-    async def _read(self, max_bytes: int) -> bytes | bytearray:
-        if self._backlog:
-            events, self._backlog = self._backlog, []
-            await self._handle(events, deliver=True)
-        while not self._plaintext and not self._peer_closed:
-            if self.failure is not None:
-                # Another task (a write, a fresh-key update) failed the stream: the record
-                # layer takes nothing more, so say so rather than read on.
-                raise self.failure
-            try:
-                data = await self._socket.peek()
-            except ConnectionError as exc:
-                raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
-            try:
-                if data:
-                    # The record layer opens the records in place and keeps a copy of an
-                    # incomplete tail: the socket's buffer is free again right after.
-                    events = self._layer.receive(data, time.monotonic())
-                else:
-                    events = self._layer.receive_eof()
-            except Exception as exc:
-                # A bug of ours, never the peer's fault: keep the traceback, say internal_error.
-                log.error("internal error in the record layer", exc_info=exc)
-                reason = f"internal error ({type(exc).__name__})"
-                events = [self._layer.fail(Alert.INTERNAL_ERROR, reason)]
-            finally:
-                self._socket.consume(len(data))
-            await self._handle(events, deliver=True)
-        if len(self._plaintext) <= max_bytes:
-            # Everything opened so far, handed over as it is: no copy.
-            plaintext, self._plaintext = self._plaintext, bytearray()
-            return plaintext
-        plaintext = self._plaintext[:max_bytes]
-        del self._plaintext[:max_bytes]
-        return plaintext
 
     async def _handle(self, events: list[RecordEvent], *, deliver: bool = False) -> None:
         """Apply what the record layer reported; raise if the stream ended badly.

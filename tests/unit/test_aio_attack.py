@@ -3,7 +3,7 @@ Python running the tests: each scenario runs once under :func:`asyncio.timeout_a
 once under :class:`aio.Deadline`, and what the block and the task saw must be the same
 (what that is may differ between Python versions; a difference between the two is not
 allowed). Expiries, outside cancellations in the same loop round, nesting, many expiries
-on one task; then :func:`aio.first_done`'s callbacks, timer and cancellation."""
+on one task; then :func:`aio.sleep`'s timer."""
 
 from __future__ import annotations
 
@@ -332,58 +332,6 @@ async def test_a_deadline_in_the_cleanup_of_a_cancelled_task() -> None:
     assert (await both(scenario))[0] == "raised TimeoutError"
 
 
-# ---------------------------------------------------------------- first_done
-
-
-def callbacks(task: asyncio.Task[Any]) -> int:
-    """How many done callbacks ``task`` holds (CPython's Task exposes them)."""
-    return len(task._callbacks or ())
-
-
-async def test_first_done_leaves_no_callback_behind_over_many_idle_rounds() -> None:
-    """The pump waits on its two tasks with the idle limit, over and over, for the life of
-    the connection: each wait's callbacks must go with it."""
-    loop = asyncio.get_running_loop()
-    release: asyncio.Future[None] = loop.create_future()
-    tasks = {loop.create_task(_wait_for(release)) for _ in range(2)}
-    await asyncio.sleep(0)
-    before = {task: callbacks(task) for task in tasks}
-    for _ in range(300):
-        assert await aio.first_done(loop, tasks, 0) == set()
-    assert {task: callbacks(task) for task in tasks} == before
-    release.set_result(None)
-    assert await aio.first_done(loop, tasks, None) == tasks
-
-
-async def test_first_done_sees_a_task_that_ends_in_the_round_its_limit_passes() -> None:
-    loop = asyncio.get_running_loop()
-    release: asyncio.Future[None] = loop.create_future()
-    task = loop.create_task(_wait_for(release))
-    await asyncio.sleep(0)
-    loop.call_soon(release.set_result, None)
-    # The limit passes as the task finishes: the task is reported, as asyncio.wait does.
-    assert await aio.first_done(loop, {task}, 0) in (set(), {task})
-    assert await aio.first_done(loop, {task}, 0) == {task}
-    assert callbacks(task) == 0
-
-
-async def test_cancelling_the_waiter_leaves_the_tasks_running_and_unwatched() -> None:
-    loop = asyncio.get_running_loop()
-    release: asyncio.Future[None] = loop.create_future()
-    watched = loop.create_task(_wait_for(release))
-    await asyncio.sleep(0)
-    before = callbacks(watched)
-    waiting = loop.create_task(aio.first_done(loop, {watched}, 60))
-    await asyncio.sleep(0)
-    assert callbacks(watched) == before + 1
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
-    assert not watched.done() and callbacks(watched) == before
-    release.set_result(None)
-    await watched
-
-
 async def test_sleep_cancelled_before_its_timer_leaves_no_timer_to_fire() -> None:
     loop = asyncio.get_running_loop()
     sleeping = loop.create_task(aio.sleep(loop, 60))
@@ -392,7 +340,3 @@ async def test_sleep_cancelled_before_its_timer_leaves_no_timer_to_fire() -> Non
     with pytest.raises(asyncio.CancelledError):
         await sleeping
     assert not [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
-
-
-async def _wait_for(release: Awaitable[None]) -> None:
-    await release

@@ -43,18 +43,3 @@ async def test_a_cancellation_from_elsewhere_passes_through() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-
-
-async def test_first_done_returns_the_finished_task_or_none_at_the_limit() -> None:
-    loop = asyncio.get_running_loop()
-    release: asyncio.Future[None] = loop.create_future()
-    quick = loop.create_task(asyncio.sleep(0))
-
-    async def waiting() -> None:
-        await release
-
-    slow = loop.create_task(waiting())
-    assert await aio.first_done(loop, {quick, slow}, None) == {quick}
-    assert await aio.first_done(loop, {slow}, 0.01) == set()
-    release.set_result(None)
-    assert await aio.first_done(loop, {slow}, 60) == {slow}
