@@ -65,8 +65,14 @@ class HeldKey:
 
 
 def key_id_to_text(key_id: bytes) -> str:
-    """Binary key id (``uuid.UUID(s).bytes``) to the lowercase UUID string used by ETSI 014."""
-    return str(uuid.UUID(bytes=bytes(key_id)))
+    """Binary key id (``uuid.UUID(s).bytes``) to the lowercase UUID string used by ETSI 014;
+    ValueError unless it is 16 bytes."""
+    # Formatted directly: str(uuid.UUID(bytes=...)) builds an int and costs about five times
+    # as much, and a connection formats its key id on each side.
+    if len(key_id) != KEY_ID_SIZE:
+        raise ValueError(f"key id must be {KEY_ID_SIZE} bytes, got {len(key_id)}")
+    h = key_id.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def key_id_from_text(text: str) -> bytes:

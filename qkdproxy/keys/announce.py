@@ -17,6 +17,7 @@ from typing import Protocol, TypeGuard, runtime_checkable
 
 from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
+from qkdproxy.keys.loops import HeldLoop
 from qkdproxy.keys.sources import SlaveKeySource, conforms
 
 SERVED_MEMORY = 4096
@@ -85,6 +86,7 @@ class AnnouncedSlave:
         self._clock = clock
         self._cache: dict[bytes, HeldKey] = {}
         self._inflight: dict[bytes, asyncio.Task[None]] = {}
+        self._loop = HeldLoop()
         # Ids already handed out (bounded): a late announcement must not fetch them again.
         self._served: OrderedDict[bytes, None] = OrderedDict()
         self.counters = AnnouncedCounters()
@@ -104,7 +106,7 @@ class AnnouncedSlave:
                 self.counters.dropped_full += 1
                 continue
             self.counters.announced += 1
-            self._inflight[key_id] = asyncio.create_task(self._fetch(key_id))
+            self._inflight[key_id] = self._loop.get().create_task(self._fetch(key_id))
 
     async def _fetch(self, key_id: bytes) -> None:
         try:
@@ -147,8 +149,14 @@ class AnnouncedSlave:
 
     def _expire(self) -> None:
         horizon = self._clock() - self._max_age_s
-        for key_id in [k for k, c in self._cache.items() if c.fetched_at < horizon]:
-            del self._cache[key_id]
+        # Keys enter the cache as their fetches end, so oldest first: the expired ones lead
+        # (and a look at the first key does when none is, as nearly always).
+        cache = self._cache
+        while cache:
+            key_id = next(iter(cache))
+            if cache[key_id].fetched_at >= horizon:
+                return
+            del cache[key_id]
             self.counters.expired += 1
             self._account.settle("expired")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import ssl
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +37,7 @@ from qkdproxy.core.keys import (
     KeySourceUnavailableError,
     QkdKey,
     QkdKeyError,
+    key_id_to_text,
 )
 from qkdproxy.keys.kme_identity import ExpectedKme
 from qkdproxy.keys.sources import KmeCallObserver, no_observer
@@ -186,11 +186,11 @@ class Etsi014Client:
             raise KmeProtocolError(
                 f"KME {self.base_url} enc_keys: asked for {number} keys, got {len(keys.keys)}"
             )
-        return [QkdKey(uuid.UUID(k.key_id).bytes, k.key) for k in keys.keys]
+        return [QkdKey(_key_id_bytes(k.key_id), k.key) for k in keys.keys]
 
     async def dec_keys(self, master_sae: str, key_ids: Sequence[bytes]) -> list[QkdKey]:
         """The keys ``master_sae`` took for us, in the order asked (never retried)."""
-        texts = [str(uuid.UUID(bytes=bytes(k))) for k in key_ids]
+        texts = [key_id_to_text(k) for k in key_ids]
         data = await self._call(
             "POST", _path(master_sae, "dec_keys"), KeyIds(tuple(texts)).to_json()
         )
@@ -200,7 +200,7 @@ class Etsi014Client:
             raise KmeProtocolError(
                 f"KME {self.base_url} dec_keys: keys[].key_ID answered other key IDs than asked"
             )
-        return [QkdKey(uuid.UUID(t).bytes, by_id[t]) for t in texts]
+        return [QkdKey(_key_id_bytes(t), by_id[t]) for t in texts]
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         now = self._clock()
@@ -331,6 +331,12 @@ def _decode(payload: bytes) -> Any:
     # response up to MAX_RESPONSE_BYTES may nest far deeper.
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise KmeProtocolError("KME response is not JSON") from None
+
+
+def _key_id_bytes(text: str) -> bytes:
+    # Canonical 8-4-4-4-12 text only (a parsed key container's, checked by parse_key_id, or
+    # our own key_id_to_text): read directly, at a fifth of what uuid.UUID(text).bytes costs.
+    return bytes.fromhex(text.replace("-", ""))
 
 
 def _container(data: Any, size: int, number: int, where: str) -> KeyContainer:

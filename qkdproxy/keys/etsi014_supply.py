@@ -12,6 +12,7 @@ a multi-id request each id is asked for alone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.keys import HeldKey, KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.keys.etsi014_client import Etsi014Client
+from qkdproxy.keys.loops import HeldLoop
 from qkdproxy.keys.sources import RefusalStreak
 from qkdproxy.keys.supply import MAX_PACED_BATCH, RefillLevels, SupplySettings, SupplySizer
 
@@ -71,6 +73,7 @@ class Etsi014Master:
         self._announces = announces
         self._buffer: deque[HeldKey] = deque()
         self._refill: asyncio.Task[None] | None = None
+        self._loop = HeldLoop()
         # The KME's max_key_per_request as last read (no cap known before the first refill).
         self._request_cap = MAX_PACED_BATCH
         # The first ``_announced`` keys of the buffer were named to the peer already.
@@ -120,12 +123,10 @@ class Etsi014Master:
 
     def announce(self, limit: int) -> list[bytes]:
         """Ids of up to ``limit`` buffered keys not yet announced, in the order of use."""
-        if not self._announces:
+        start = self._announced
+        if not self._announces or start >= len(self._buffer):
             return []
-        ids = [
-            entry.key.key_id
-            for entry in list(self._buffer)[self._announced : self._announced + limit]
-        ]
+        ids = [entry.key.key_id for entry in itertools.islice(self._buffer, start, start + limit)]
         self._announced += len(ids)
         return ids
 
@@ -161,13 +162,11 @@ class Etsi014Master:
     def ensure_refill(self) -> None:
         """Start a background refill if the supply is down to its refill level
         (``SupplySizer.refill_levels``)."""
+        if self._refill is not None and not self._refill.done():
+            return  # looked at first: the levels cost more to work out
         levels = self._levels()
-        if (
-            levels.high > 0
-            and len(self._buffer) <= levels.low
-            and (self._refill is None or self._refill.done())
-        ):
-            self._refill = asyncio.create_task(self._fill())
+        if levels.high > 0 and len(self._buffer) <= levels.low:
+            self._refill = self._loop.get().create_task(self._fill())
 
     async def _batch_limit(self) -> int:
         # Real KMEs differ (some give one key per request): the client asks status once.
@@ -241,6 +240,7 @@ class Etsi014Slave:
         self._waiting: dict[bytes, asyncio.Future[QkdKey]] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = HeldLoop()
         self.requests = 0
 
     async def get_key(self, key_id: bytes) -> QkdKey:
@@ -248,11 +248,12 @@ class Etsi014Slave:
         key_id = bytes(key_id)
         if key_id in self._waiting:
             raise KeyNotFoundError("this key id is already being fetched")
-        future: asyncio.Future[QkdKey] = asyncio.get_running_loop().create_future()
+        loop = self._loop.get()
+        future: asyncio.Future[QkdKey] = loop.create_future()
         self._waiting[key_id] = future
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
+            loop.call_soon(self._start_flush)
         return await future
 
     def _start_flush(self) -> None:
@@ -260,10 +261,11 @@ class Etsi014Slave:
         batch = dict(list(self._waiting.items())[:MAX_COALESCED_IDS])
         for key_id in batch:
             del self._waiting[key_id]
+        loop = self._loop.get()
         if self._waiting:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
-        task = asyncio.ensure_future(self._fetch(batch))
+            loop.call_soon(self._start_flush)
+        task = loop.create_task(self._fetch(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.etsi014.models import Status
 from qkdproxy.core.keys import KeyNotFoundError, QkdKey, QkdKeyError
 from qkdproxy.core.peer.frames import (
@@ -228,6 +229,32 @@ async def test_announced_slave_is_bounded_and_expires() -> None:
     with pytest.raises(KeyNotFoundError):
         await slave.get_key(keys[0].key_id)  # expired and already taken from the KME
     assert slave.counters.expired == 2
+
+
+async def test_announced_slave_expires_only_the_old_keys() -> None:
+    """Keys fetched at different times age apart: the older ones expire (each settled in
+    the account once), the younger one is still served from memory."""
+    link = InProcessQkdLink()
+    a, b = link.sources("a"), link.sources("b")
+    assert a.master and b.slave
+    now = [0.0]
+    account = KeyAccount()
+    slave = AnnouncedSlave(b.slave, max_age_s=10, clock=lambda: now[0], account=account)
+    keys = [await a.master.take_key() for _ in range(3)]
+    slave.announced([k.key_id for k in keys[:2]])
+    await asyncio.wait_for(slave.wait_fetched(), 5)
+    now[0] = 6.0
+    slave.announced([keys[2].key_id])
+    await asyncio.wait_for(slave.wait_fetched(), 5)
+    now[0] = 11.0
+    assert slave.depth == 3  # nothing looked at the ages yet
+    assert (await slave.get_key(keys[2].key_id)).material == keys[2].material
+    assert slave.counters.expired == 2 and account.fates["expired"] == 2
+    assert slave.depth == 0
+    with pytest.raises(KeyNotFoundError):
+        await slave.get_key(keys[0].key_id)  # expired, and the KME handed it out already
+    assert slave.counters.expired == 2
+    await slave.aclose()
 
 
 async def test_announcing_an_unknown_key_fails_only_that_handshake() -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qkdproxy.core.accounting import KeyIdGuard, KeyLedger
 from qkdproxy.core.keys import (
@@ -115,3 +119,14 @@ def test_ledger_and_guard() -> None:
     assert guard.claim(b"1") and guard.claim(b"2") and not guard.claim(b"1")
     assert guard.claim(b"3")
     assert guard.claim(b"1")  # forgotten: the oldest entry left the bounded window
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_key_id_text_is_the_uuid_text(key_id: bytes) -> None:
+    assert key_id_to_text(key_id) == str(uuid.UUID(bytes=key_id))
+
+
+@pytest.mark.parametrize("size", [0, 15, 17])
+def test_key_id_text_needs_16_bytes(size: int) -> None:
+    with pytest.raises(ValueError, match="16 bytes"):
+        key_id_to_text(bytes(size))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 
 import pytest
@@ -188,6 +189,16 @@ async def test_server_takes_an_acceptable_group_with_a_share_over_a_retry() -> N
     assert not client.record.hello_retry
     assert server.record.group == "qkd_mlkem1024"
     assert pair.client_ctx.ledger.wasted == 0
+
+
+async def test_records_name_the_key_of_the_retry() -> None:
+    """After a HelloRetryRequest the client's records name its second key, the one the
+    server fetched and both used (the id's text is formatted once per key)."""
+    pair = Pair()
+    client, server, _ = await full_exchange(pair, [MLKEM1024, MLKEM768], [MLKEM768])
+    assert client.record.offered_key_id == client.record.qkd_key_id == server.record.qkd_key_id
+    assert server.record.qkd_key_id is not None
+    assert str(uuid.UUID(server.record.qkd_key_id)) == server.record.qkd_key_id
 
 
 async def test_hello_retry_from_classical_share_wastes_nothing() -> None:

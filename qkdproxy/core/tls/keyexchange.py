@@ -191,6 +191,14 @@ class _HeldKey:
     key_id: bytes
     material: bytes | None = field(default=None, repr=False)
     open_stream: bool = False
+    # The id as ETSI 014 text, once formatted (the record names it up to twice).
+    text: str | None = field(default=None, repr=False)
+
+    def key_id_text(self) -> str:
+        """The key id as ETSI 014 writes it, formatted once."""
+        if self.text is None:
+            self.text = key_id_to_text(self.key_id)
+        return self.text
 
 
 def key_material(held: _HeldKey) -> bytes:
@@ -275,7 +283,7 @@ class _KeyExchangeBase:
         self._used = held
         self.record.flow = flow
         self.record.api = self._ctx.options.api
-        self.record.qkd_key_id = key_id_to_text(held.key_id)
+        self.record.qkd_key_id = held.key_id_text()
 
     def _drop(self, reason: str, keep: _HeldKey | None = None) -> Steps[None]:
         for held in [h for h in self._held if h is not keep]:
@@ -327,6 +335,14 @@ class _KeyExchangeBase:
         return _bytes((yield from _request(StreamKey(ksid), "ETSI 004 GET_KEY")))
 
 
+def _group(groups: Sequence[HybridKem], code_point: int) -> HybridKem | None:
+    """The group of ``groups`` with ``code_point``, if any."""
+    for hybrid in groups:
+        if hybrid.group.code_point == code_point:
+            return hybrid
+    return None
+
+
 @dataclass(slots=True)
 class _Offer:
     hybrid: HybridKem
@@ -345,7 +361,9 @@ class ClientKeyExchange(_KeyExchangeBase):
         spares: KeyPairReserve | None = None,
     ) -> None:
         super().__init__(context)
-        self._groups = {g.group.code_point: g for g in groups}
+        # Searched, not indexed: a connection offers one group or two of a short list, and
+        # a dict of them cost more to build per connection than the searches.
+        self._groups = groups
         self._offers: dict[int, _Offer] = {}
         self._spares = spares
 
@@ -355,7 +373,9 @@ class ClientKeyExchange(_KeyExchangeBase):
         return KeySteps(self._offer(group, now), self._ctx)
 
     def _offer(self, group: int, now: float | None = None) -> Steps[None]:
-        hybrid = self._groups[group]
+        hybrid = _group(self._groups, group)
+        if hybrid is None:
+            raise KeyError(group)
         held: _HeldKey | None = None
         if self._spares is not None and now is not None:
             private, share = self._spares.take(hybrid, now)
@@ -376,7 +396,7 @@ class ClientKeyExchange(_KeyExchangeBase):
         else:
             key = yield from self._take_key()
             held = self._hold(_HeldKey(key.key_id, key.material))
-        self.record.offered_key_id = key_id_to_text(held.key_id)
+        self.record.offered_key_id = held.key_id_text()
         return held
 
     def key_share(self, group: int) -> tuple[bytes, object]:
@@ -416,7 +436,7 @@ class ClientKeyExchange(_KeyExchangeBase):
     def _retry(self, group: int) -> Steps[None]:
         # At most one retry per handshake is the connection's rule (TlsConnection.
         # _hello_retry), checked before this step can cost another key.
-        if group not in self._groups or group in self._offers:
+        if _group(self._groups, group) is None or group in self._offers:
             raise HandshakeRejectedError(
                 Alert.ILLEGAL_PARAMETER, "HelloRetryRequest for a bad group"
             )
@@ -453,7 +473,7 @@ class ServerKeyExchange(_KeyExchangeBase):
 
     def __init__(self, groups: Sequence[HybridKem], context: ExchangeContext) -> None:
         super().__init__(context)
-        self._preference = list(groups)
+        self._preference = groups
         self._chosen: HybridKem | None = None
         self._share: bytes | None = None
 
@@ -506,10 +526,15 @@ class ServerKeyExchange(_KeyExchangeBase):
         is acceptable, so avoiding the extra round trip (and, in the client-initiated flow,
         the waste of the key the client already took) wins over strict preference order.
         """
-        supported = [g for g in self._preference if g.group.code_point in hello.supported_groups]
-        shared = [g for g in supported if hello.share_for(g.group.code_point) is not None]
-        candidates = shared or supported
-        return candidates[0] if candidates else None
+        supported: HybridKem | None = None
+        for hybrid in self._preference:
+            code_point = hybrid.group.code_point
+            if code_point in hello.supported_groups:
+                if hello.share_for(code_point) is not None:
+                    return hybrid
+                if supported is None:
+                    supported = hybrid
+        return supported
 
     def _answer(self, hybrid: HybridKem, client_share: bytes) -> Steps[None]:
         # The PQ operation runs first: a malformed share costs no QKD key.
