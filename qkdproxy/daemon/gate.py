@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, SupportsIndex, TypeVar
 
 from qkdproxy.core.admission import HelloProgress, HelloState, Refusal
-from qkdproxy.io import aio
+from qkdproxy.io import aio, sendq
 from qkdproxy.io.socket_reader import SocketReader, accepting
 
 T = TypeVar("T")
-# Linux ioctl: bytes a TCP socket holds that it has not sent yet (<linux/sockios.h>).
-SIOCOUTQNSD = 0x894B
 Handler = Callable[
     [asyncio.StreamReader | SocketReader, asyncio.StreamWriter], Coroutine[object, object, None]
 ]
@@ -173,18 +169,6 @@ def reset(writer: asyncio.StreamWriter) -> int:
     How many bytes written to it the reset dropped (never passed on): those still in our
     buffer and, on Linux, those the socket had not sent yet (a reset discards its queue).
     """
-    dropped = writer.transport.get_write_buffer_size()
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        # ValueError: the transport is closed already (fd -1); nothing is left to reset.
-        with contextlib.suppress(OSError, ValueError):
-            dropped += _never_sent(sock.fileno())
-        with contextlib.suppress(OSError, ValueError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+    dropped = sendq.queued(writer, unacknowledged=False)
+    sendq.reset(writer)
     return dropped
-
-
-def _never_sent(fd: int) -> int:
-    """Bytes queued on a TCP socket and not sent yet (Linux ``SIOCOUTQNSD``)."""
-    return int(struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"))[0])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from qkdproxy.core.tls.sent import Delivery
 from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import FreshKeyStats, TlsStream, TlsStreamError
@@ -51,7 +52,7 @@ class RawTlsChannel:
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Write application bytes."""
-        await self.stream.write(data)
+        await self.stream.write(data, application=True)
 
     async def send_fin(self) -> None:
         """Nothing to send: tlslite has no TLS half-close, and closing here would drop the
@@ -128,6 +129,10 @@ class Traffic:
     # Of from_peer, what a reset of the plaintext side dropped (never passed on): left out
     # of the connection's line, kept in the byte counters (which must never go down).
     dropped: int = 0
+    # Of the bytes sent to the peer, those whose records had left when our side dropped
+    # what the TLS side still held (a reset, a close cut short); None: no such drop, and
+    # to_peer stands. The connection's line says this, the byte counters keep to_peer.
+    delivered: Delivery | None = None
 
     def rekey_due(self, budget: RekeyBudget, now: float) -> bool:
         """True when the current traffic keys have carried enough."""

@@ -950,7 +950,17 @@ class Tunnel:
             self._account(record, traffic)
 
     def _account(self, record: ConnectionRecord, traffic: Traffic) -> None:
+        delivered = traffic.delivered
         record.bytes_to_peer = traffic.to_peer
+        if delivered is not None:
+            # At most to_peer: a batch whose write failed (the transport broke: nothing
+            # says what it dropped) or was cut is not counted, as it was not before.
+            record.bytes_to_peer = min(traffic.to_peer, delivered.count)
+        if delivered is not None and not delivered.exact:
+            log.info(
+                "connection %d: bytes_to_peer is a lower bound: the reset dropped more than "
+                "its record ledger covers", record.conn_id,
+            )  # fmt: skip
         record.bytes_from_peer = traffic.from_peer - traffic.dropped
         record.key_updates = traffic.key_updates
         record.take_fresh_keys(traffic.fresh_keys)
@@ -1109,12 +1119,16 @@ async def _close_after_pump(
     stream = getattr(channel, "stream", None)
     try:
         if cut or (broken and (traffic.to_peer or unsent)):
-            gate.reset(tls)  # no close_notify
+            # No close_notify; the stream notes what of our bytes the reset dropped.
             if isinstance(stream, TlsStream):
-                stream.abort(f"reset after the pump ended ({reason or 'cut'})")
+                stream.reset(f"reset after the pump ended ({reason or 'cut'})")
+            else:
+                gate.reset(tls)
         else:
             await channel.close()
     finally:  # cut again while closing: the plaintext side still gets no FIN for a cut
+        if isinstance(stream, TlsStream):
+            traffic.delivered = stream.delivered  # a close cut short drops bytes too
         refused = (
             isinstance(stream, TlsStream)
             and stream.failure is not None

@@ -70,7 +70,7 @@ class PeerChannel:
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send application bytes: DATA frames, one per TLS record, framed as they are
         sealed (the same bytes as :func:`encode_data` and one record per 16 KiB)."""
-        await self.stream.write(data, frame_type=FrameType.DATA)
+        await self.stream.write(data, frame_type=FrameType.DATA, application=True)
 
     async def send_fin(self) -> None:
         """No more application bytes from us (the peer may still send).

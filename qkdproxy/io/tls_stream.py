@@ -47,9 +47,11 @@ from qkdproxy.core.tls.identity import PeerIdentity
 from qkdproxy.core.tls.keyexchange import CloseStream, HandshakeRecord, KeyAnswer, KeySteps
 from qkdproxy.core.tls.native import NativeEngineSpec
 from qkdproxy.core.tls.record_layer import RecordLayer
+from qkdproxy.core.tls.records import RECORD_OVERHEAD, record_step
+from qkdproxy.core.tls.sent import Delivery, SentLedger
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.core.tls.wire import Alert
-from qkdproxy.io import aio
+from qkdproxy.io import aio, sendq
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.keys.context import KeyContext
 from qkdproxy.keys.key_supply import close_later, supply
@@ -211,6 +213,13 @@ class TlsStream:
     # (monotonic; the handshake's end until then).
     _keys: KeyContext | None = field(default=None, repr=False)
     fresh_keys_at: float = field(default_factory=time.monotonic)
+    # Ciphertext handed to the transport since the handshake, and where the application
+    # bytes among it went (made on the first write of some: a handshake pays nothing).
+    _written: int = field(default=0, repr=False)
+    _sent: SentLedger | None = field(default=None, repr=False)
+    # Once our side dropped what the transport held for the peer (a reset, a close cut
+    # short): what of the application bytes written had left before (None: no such drop).
+    delivered: Delivery | None = field(default=None, repr=False)
 
     async def read(self, max_bytes: int = READ_MAX) -> bytes | bytearray:
         """Up to ``max_bytes`` of plaintext; b"" once the peer closed cleanly.
@@ -385,19 +394,31 @@ class TlsStream:
                 # uvloop raises RuntimeError on a write to a closed transport.
                 raise TlsStreamError("transport already closed")
             writer.write(out)
+            self._written += len(out)
 
     def _uncork(self) -> None:
         """A round after the handshake: a flight nobody wrote with data leaves alone."""
         if self._corked and not self._driver.writer.is_closing():
             self._driver.writer.write(self._corked)
+            self._written += len(self._corked)
         self._corked = b""
 
     async def write(
-        self, data: bytes | bytearray | memoryview, *, frame_type: int | None = None
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        frame_type: int | None = None,
+        application: bool = False,
     ) -> None:
         """Send plaintext, one record per 16 KiB; :class:`TlsStreamError` if the stream broke.
-        With ``frame_type`` each record carries one ``qkdproxy/1`` frame of ``data``."""
-        await self._send(lambda: self._layer.send_data(data, frame_type))
+        With ``frame_type`` each record carries one ``qkdproxy/1`` frame of ``data``.
+        ``application``: ``data`` is the application's bytes (not a control frame), which
+        :attr:`delivered` counts."""
+        await self._send(
+            lambda: self._layer.send_data(data, frame_type),
+            len(data) if application else 0,
+            frame_type is not None,
+        )
 
     async def update_keys(self, request_peer: bool = False) -> None:
         """TLS 1.3 KeyUpdate of our sending keys (long-lived flows).
@@ -423,14 +444,50 @@ class TlsStream:
         except ConnectionError as exc:
             raise await self._fail(TlsStreamError(f"{type(exc).__name__}: {exc}")) from None
 
-    async def _send(self, queue: Callable[[], None]) -> None:
-        """Queue records with ``queue``, hand them to the transport, wait for its buffer."""
+    async def _send(
+        self, queue: Callable[[], None], application: int = 0, framed: bool = False
+    ) -> None:
+        """Queue records with ``queue``, hand them to the transport, wait for its buffer.
+        ``application``: the application bytes the records carry (``framed``: each record
+        one frame of them); they are the last records handed over."""
         try:
             self._queue_now(queue)
         except TlsStreamError:
-            await close_transport(self._driver.writer)  # closing already, or failed here
+            await self._close_transport()  # closing already, or failed here
             raise
+        if application:
+            self._note_sealed(application, framed)
         await self.drain()
+
+    def _note_sealed(self, application: int, framed: bool) -> None:
+        """Note a batch of application records just handed over (in the ledger)."""
+        limit = self._layer.send_limit
+        if self._sent is None:
+            self._sent = SentLedger(limit + RECORD_OVERHEAD)
+        self._sent.sealed(self._written, application, record_step(limit, framed))
+
+    def _dropping(self, queued: int) -> None:
+        """Our side is about to drop what the transport holds: the last ``queued`` bytes
+        written. The first such drop says what left (a later one finds nothing left)."""
+        if self.delivered is None:
+            sent = self._sent
+            self.delivered = (
+                Delivery(0, True) if sent is None else sent.delivered(self._written - queued)
+            )
+
+    def reset(self, reason: str) -> None:
+        """Reset the transport (TCP RST, no close_notify) and :meth:`abort` the stream;
+        :attr:`delivered` says what of the application bytes had left (those whose
+        records the peer acknowledged, as far as the system can say: see
+        :func:`~qkdproxy.io.sendq.queued`)."""
+        writer = self._driver.writer
+        self._dropping(sendq.queued(writer, unacknowledged=True))
+        sendq.reset(writer)
+        self.abort(reason)
+
+    async def _close_transport(self) -> None:
+        """:func:`close_transport`, noting what a close cut short dropped."""
+        await close_transport(self._driver.writer, dropping=self._dropping)
 
     def _queue_now(self, queue: Callable[[], None]) -> None:
         try:
@@ -450,7 +507,7 @@ class TlsStream:
 
     async def _fail(self, error: TlsStreamError) -> TlsStreamError:
         failure = self._failed(error)
-        await close_transport(self._driver.writer)
+        await self._close_transport()
         return failure
 
     def _failed(self, error: TlsStreamError) -> TlsStreamError:
@@ -478,7 +535,7 @@ class TlsStream:
                     async with asyncio.timeout(CLOSE_TIMEOUT):
                         await writer.drain()
         finally:
-            await close_transport(self._driver.writer)
+            await self._close_transport()
 
 
 def engine_spec(name: str, settings: EndpointSettings) -> EngineSpec:
@@ -687,8 +744,16 @@ def _waits(writer: asyncio.StreamWriter) -> bool:
     return writer.transport.get_write_buffer_size() > 0
 
 
-async def close_transport(writer: asyncio.StreamWriter) -> None:
-    """Close an asyncio stream and wait (bounded) until its socket is released."""
+async def close_transport(
+    writer: asyncio.StreamWriter, *, dropping: Callable[[int], None] | None = None
+) -> None:
+    """Close an asyncio stream and wait (bounded) until its socket is released.
+
+    A close cut short (its time-out, a cancellation) aborts the transport: ``dropping``
+    is told first how many bytes of it were still unacknowledged (its buffer, which the
+    abort drops, and the socket's queue, which the kernel may yet deliver after the
+    close: counted as lost, so what the caller reports is never more than what left).
+    """
     writer.close()
     try:
         if not _waits(writer):
@@ -702,11 +767,11 @@ async def close_transport(writer: asyncio.StreamWriter) -> None:
             await writer.wait_closed()
     except TimeoutError:
         # A peer that stops reading must not keep the socket (and its descriptor) alive.
-        writer.transport.abort()
+        _abort(writer, dropping)
     except asyncio.CancelledError:
         # Cut while waiting (a daemon stopping now): the same, or the socket would stay
         # open, with what it still holds, for as long as the peer does not read it.
-        writer.transport.abort()
+        _abort(writer, dropping)
         # Or an earlier close of this transport was cut: that cancelled the future every
         # wait_closed awaits, which raises at once since. Nobody stops this task then (a
         # failed stream's owner closing it again), and the close is done.
@@ -715,3 +780,9 @@ async def close_transport(writer: asyncio.StreamWriter) -> None:
             raise
     except Exception:  # noqa: S110 - the transport is being closed anyway
         pass
+
+
+def _abort(writer: asyncio.StreamWriter, dropping: Callable[[int], None] | None) -> None:
+    if dropping is not None:
+        dropping(sendq.queued(writer, unacknowledged=True))
+    writer.transport.abort()

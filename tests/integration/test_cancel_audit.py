@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,14 @@ class ClosingUntilCut:
         self.tunnel = tunnel
         self.entered = asyncio.Event()
 
-    async def close(self, writer: asyncio.StreamWriter) -> None:
+    async def close(
+        self, writer: asyncio.StreamWriter, *, dropping: Callable[[int], None] | None = None
+    ) -> None:
         if asyncio.current_task() in self.tunnel._connections:
             self.entered.set()
             writer.close()
             await forever()
-        await close_transport(writer)
+        await close_transport(writer, dropping=dropping)
 
 
 async def cut_twice(tunnel: Tunnel, closing: ClosingUntilCut) -> None:

@@ -126,6 +126,13 @@ class TrafficKeys:
         return (self.iv ^ self.state.seqnum).to_bytes(12, "big")
 
 
+def record_step(max_plaintext: int, framed: bool) -> int:
+    """Application bytes in each full record :func:`seal` makes (a frame's header takes
+    room of its own); whatever the framing, a full record is ``max_plaintext +
+    RECORD_OVERHEAD`` bytes on the wire."""
+    return max_plaintext - FRAME_HEADER.size if framed else max_plaintext
+
+
 def seal(
     keys: TrafficKeys,
     plaintext: bytes | bytearray | memoryview,
@@ -147,7 +154,7 @@ def seal(
     view = memoryview(plaintext)
     size = len(view)
     framed = frame_type is not None
-    step = max_plaintext - FRAME_HEADER.size if framed else max_plaintext
+    step = record_step(max_plaintext, framed)
     records = -(-size // step)
     total = size + records * (RECORD_OVERHEAD + (FRAME_HEADER.size if framed else 0))
     out = _reusable(total) if total >= POOLED_BATCH else bytearray(total)
