@@ -484,7 +484,7 @@ class Tunnel:
             reason = await pump(
                 reader, writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
-                fresh=self._fresh, stream=stream, fin_with_close=True,
+                fresh=self._fresh, stream=stream, fin_with_close=True, loop=self._loop(),
             )  # fmt: skip
             return reason
         finally:
@@ -609,7 +609,7 @@ class Tunnel:
             reason = await pump(
                 backend_reader, backend_writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
-                fresh=self._fresh, stream=stream, fin_with_close=True,
+                fresh=self._fresh, stream=stream, fin_with_close=True, loop=self._loop(),
             )  # fmt: skip
             return reason
         finally:
