@@ -30,6 +30,9 @@ REFILL_INTERVAL_S = 0.05
 # applies on top).
 MAX_PACED_BATCH = 64
 PACE_WINDOW_S = 1.0
+# Takes that left the window are dropped from the sizer's list once this many have gathered
+# (and they are more than half of it): rarely, and then in one move.
+DROP_AT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +165,6 @@ class SupplySizer:
         paced = min(MAX_PACED_BATCH, max_request, math.ceil(rate * REFILL_INTERVAL_S))
         high = min(low + paced, self.settings.ceiling, self._usable(rate))
         return RefillLevels(low, max(target, high))
-
-
-# Takes that left the window are dropped from the list once this many have gathered (and
-# they are more than half of it): rarely, and then in one move.
-DROP_AT = 256
 
 
 class RefillLevels(NamedTuple):
