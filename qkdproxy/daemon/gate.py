@@ -97,8 +97,20 @@ def keep_alive(writer: asyncio.StreamWriter) -> None:
     """SO_KEEPALIVE on a TCP connection (a dead peer is found even while nothing is sent)."""
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        _keep_alive(sock)
+
+
+def keep_dialled_alive(writer: asyncio.StreamWriter) -> None:
+    """:func:`keep_alive` for a connection this process dialled to a TCP address: its
+    family is known (uvloop builds an enum for ``family``, about 0.7 us)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        _keep_alive(sock)
+
+
+def _keep_alive(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 async def start_unix_server(

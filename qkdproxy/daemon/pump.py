@@ -152,8 +152,10 @@ async def pump(
     fresh: FreshKeyBudget | None = None,
     stream: TlsStream | None = None,
     fin_with_close: bool = False,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> str:
-    """Run both directions until both ended; returns why the connection ended.
+    """Run both directions until both ended; returns why the connection ended (``loop``:
+    the running loop, if the caller holds it).
 
     ``fin_with_close``: the caller closes ``channel`` as soon as this returns (the tunnel
     does), so when the peer has finished first our FIN is left to that close, which sends
@@ -208,8 +210,8 @@ async def pump(
                 writer.write_eof()
         traffic.got_end = True
 
-    # Looked up once for the connection's tasks and waits (aio: a getpid() each on 3.11).
-    loop = asyncio.get_running_loop()
+    # Held for the connection's tasks and waits (aio: a look-up is a getpid() on 3.11).
+    loop = loop or asyncio.get_running_loop()
     tasks = {loop.create_task(outbound()), loop.create_task(inbound())}
     helpers: set[asyncio.Task[None]] = set()
     first_look = None

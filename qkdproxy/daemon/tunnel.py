@@ -484,7 +484,7 @@ class Tunnel:
             reason = await pump(
                 reader, writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
-                fresh=self._fresh, stream=stream, fin_with_close=True,
+                fresh=self._fresh, stream=stream, fin_with_close=True, loop=self._loop(),
             )  # fmt: skip
             return reason
         finally:
@@ -556,7 +556,7 @@ class Tunnel:
         loop = self._loop()
         async with aio.deadline(loop, loop.time() + self.config.connect_timeout_s):
             peer_reader, peer_writer = await aio.open_connection(loop, peer.host, peer.port)
-        gate.keep_alive(peer_writer)
+        gate.keep_dialled_alive(peer_writer)
         return await endpoint.connect(peer_reader, peer_writer, mux=mux, loop=loop), peer_writer
 
     async def _serve_server(
@@ -609,7 +609,7 @@ class Tunnel:
             reason = await pump(
                 backend_reader, backend_writer, channel, traffic,
                 idle_timeout_s=self.config.idle_timeout_s, rekey=self._rekey,
-                fresh=self._fresh, stream=stream, fin_with_close=True,
+                fresh=self._fresh, stream=stream, fin_with_close=True, loop=self._loop(),
             )  # fmt: skip
             return reason
         finally:
@@ -858,9 +858,7 @@ class Tunnel:
     async def _open_backend(self) -> tuple[SocketReader, asyncio.StreamWriter]:
         loop = self._loop()
         async with aio.deadline(loop, loop.time() + self.config.connect_timeout_s):
-            reader, writer = await _open(self.config.connect, loop)
-        gate.keep_alive(writer)
-        return reader, writer
+            return await _open(self.config.connect, loop)
 
     def _established(
         self, stream: TlsStream, record: ConnectionRecord, *, admitted: bool = True
@@ -1075,7 +1073,11 @@ async def _open(
         return await socket_reader.open_unix_connection(address.path, READ_SIZE)
     if isinstance(address, SystemdAddress):
         raise OSError("systemd: addresses can only listen")
-    return await socket_reader.open_connection(address.host, address.port, READ_SIZE, loop)
+    reader, writer = await socket_reader.open_connection(
+        address.host, address.port, READ_SIZE, loop
+    )
+    gate.keep_dialled_alive(writer)
+    return reader, writer
 
 
 def _refused(exc: HandshakeError, source: FlushableSource) -> bool:

@@ -389,17 +389,19 @@ class TlsStream:
         if self._corked:
             out, self._corked = self._corked + out, b""
         if out:
-            writer = self._driver.writer
-            if writer.is_closing():
+            # The transport itself: StreamWriter's write and is_closing only forward to it.
+            transport = self._driver.writer.transport
+            if transport.is_closing():
                 # uvloop raises RuntimeError on a write to a closed transport.
                 raise TlsStreamError("transport already closed")
-            writer.write(out)
+            transport.write(out)
             self._written += len(out)
 
     def _uncork(self) -> None:
         """A round after the handshake: a flight nobody wrote with data leaves alone."""
-        if self._corked and not self._driver.writer.is_closing():
-            self._driver.writer.write(self._corked)
+        transport = self._driver.writer.transport
+        if self._corked and not transport.is_closing():
+            transport.write(self._corked)
             self._written += len(self._corked)
         self._corked = b""
 
@@ -724,10 +726,11 @@ async def _exchange(
 
 async def _flush(conn: TlsConnection, writer: asyncio.StreamWriter) -> None:
     if out := conn.data_to_send():
-        if writer.is_closing():
+        transport = writer.transport  # as in TlsStream._transmit
+        if transport.is_closing():
             # uvloop raises RuntimeError on a write to a closed transport.
             raise ConnectionResetError("transport already closed")
-        writer.write(out)
+        transport.write(out)
         await writer.drain()
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from qkdproxy.core.accounting import KeyIdGuard, KeyLedger
 from qkdproxy.core.tls.keyexchange import QkdOptions, SpendGate
+from qkdproxy.keys.loops import HeldLoop
 from qkdproxy.keys.sources import KeySources
 
 
@@ -23,6 +24,8 @@ class KeyContext:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     # Server only: what an unauthenticated hello may cost (None: no limit).
     gate: SpendGate | None = None
+    # Where the clean-up calls run.
+    loop: HeldLoop = field(default_factory=HeldLoop)
 
     async def drain(self) -> None:
         """Wait for the clean-up calls still running (each bounded by its own timeout)."""

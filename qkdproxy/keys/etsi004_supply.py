@@ -99,7 +99,8 @@ class PrefetchingStreams:
 
     def ensure_refill(self) -> None:
         """Open streams in the background until the pool is full."""
-        if len(self._ready) < self._pool_size and (self._refill is None or self._refill.done()):
+        # The running refill looked at first: the pool size costs more to work out.
+        if (self._refill is None or self._refill.done()) and len(self._ready) < self._pool_size:
             self._refill = asyncio.create_task(self._fill())
 
     async def _fill(self) -> None:

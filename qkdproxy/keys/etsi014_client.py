@@ -200,7 +200,9 @@ class Etsi014Client:
             raise KmeProtocolError(
                 f"KME {self.base_url} dec_keys: keys[].key_ID answered other key IDs than asked"
             )
-        return [QkdKey(_key_id_bytes(t), by_id[t]) for t in texts]
+        # The ids asked for are the keys' ids (the texts were formatted from them): not
+        # parsed back from the texts.
+        return [QkdKey(bytes(k), by_id[t]) for k, t in zip(key_ids, texts, strict=True)]
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         now = self._clock()
@@ -334,8 +336,8 @@ def _decode(payload: bytes) -> Any:
 
 
 def _key_id_bytes(text: str) -> bytes:
-    # Canonical 8-4-4-4-12 text only (a parsed key container's, checked by parse_key_id, or
-    # our own key_id_to_text): read directly, at a fifth of what uuid.UUID(text).bytes costs.
+    # Canonical 8-4-4-4-12 text only (a parsed key container's, checked by parse_key_id):
+    # read directly, at a fifth of what uuid.UUID(text).bytes costs.
     return bytes.fromhex(text.replace("-", ""))
 
 

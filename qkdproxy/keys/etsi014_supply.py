@@ -161,11 +161,10 @@ class Etsi014Master:
 
     def ensure_refill(self) -> None:
         """Start a background refill if the supply is down to its refill level
-        (``SupplySizer.refill_levels``)."""
+        (``SupplySizer.refills``)."""
         if self._refill is not None and not self._refill.done():
             return  # looked at first: the levels cost more to work out
-        levels = self._levels()
-        if levels.high > 0 and len(self._buffer) <= levels.low:
+        if self._supply is not None and self._supply.refills(self._clock(), len(self._buffer)):
             self._refill = self._loop.get().create_task(self._fill())
 
     async def _batch_limit(self) -> int:

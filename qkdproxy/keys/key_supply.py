@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TypeVar
 
 from qkdproxy.core.keys import KeySourceUnavailableError
@@ -70,11 +71,22 @@ def close_later(context: KeyContext, ksid: bytes) -> None:
     stream = context.sources.stream
     if stream is None:
         return
-    task = asyncio.ensure_future(_close_quietly(stream, ksid))
+    loop = context.loop.get()
+    task = loop.create_task(_close_quietly(stream, ksid))
+    # Bounded by cancelling its task: asyncio.wait_for would look the loop up again and run
+    # the call in a second task.
+    deadline = loop.call_later(STREAM_CLOSE_TIMEOUT, task.cancel)
     context.background.add(task)
-    task.add_done_callback(context.background.discard)
+    task.add_done_callback(functools.partial(_closed, context.background, deadline))
 
 
 async def _close_quietly(stream: StreamKeySource, ksid: bytes) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(stream.close(ksid), STREAM_CLOSE_TIMEOUT)
+        await stream.close(ksid)
+
+
+def _closed(
+    background: set[asyncio.Task[None]], deadline: asyncio.TimerHandle, task: asyncio.Task[None]
+) -> None:
+    deadline.cancel()
+    background.discard(task)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,6 +30,9 @@ REFILL_INTERVAL_S = 0.05
 # applies on top).
 MAX_PACED_BATCH = 64
 PACE_WINDOW_S = 1.0
+# Takes that left the window are dropped from the sizer's list once this many have gathered
+# (and they are more than half of it): rarely, and then in one move.
+DROP_AT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +61,12 @@ class SupplySizer:
 
     def __init__(self, settings: SupplySettings) -> None:
         self.settings = settings
-        self._takes: deque[float] = deque()
+        # Take times, oldest first, in a list (bisected: a deque's middle is slow to reach);
+        # those before ``_first`` left the window and are dropped in bulk now and then.
+        self._takes: list[float] = []
+        self._first = 0
+        self._short = min(SHORT_WINDOW_S, settings.window_s)
+        self._pace = min(PACE_WINDOW_S, settings.window_s)
         self._rtt: float | None = None
         self._aged_out = False
 
@@ -87,17 +94,28 @@ class SupplySizer:
     def rate(self, now: float) -> float:
         """Keys taken per second: the higher of the rates over the last few seconds and over
         the measuring window (growth is seen at once, sparse demand is not forgotten)."""
-        window = self.settings.window_s
-        while self._takes and self._takes[0] < now - window:
-            self._takes.popleft()
-        short = min(SHORT_WINDOW_S, window)
-        recent = self._taken_since(now - short)
+        return self._rate(now, self._in_window(now))
+
+    def _in_window(self, now: float) -> int:
+        """Forget the takes older than the window; where the rest start in ``_takes``."""
+        takes, first = self._takes, self._first
+        horizon = now - self.settings.window_s
+        end = len(takes)
+        while first < end and takes[first] < horizon:
+            first += 1
+        if first > DROP_AT and 2 * first > end:
+            del takes[:first]
+            first = 0
+        self._first = first
+        return first
+
+    def _rate(self, now: float, first: int) -> float:
+        takes = self._takes
+        short = self._short
+        recent = len(takes) - bisect.bisect_left(takes, now - short, first)
         if recent < SHORT_WINDOW_MIN_TAKES:
             recent = 0
-        return max(len(self._takes) / window, recent / short)
-
-    def _taken_since(self, moment: float) -> int:
-        return len(self._takes) - bisect.bisect_left(self._takes, moment)
+        return max((len(takes) - first) / self.settings.window_s, recent / short)
 
     def target(self, now: float) -> int:
         """Keys to hold now: the floor when idle (nothing once the floor aged out), else the
@@ -109,11 +127,19 @@ class SupplySizer:
         s = self.settings
         if rate == 0:
             return 0 if self._aged_out else s.floor
-        in_flight = math.ceil(rate * self.rtt_s * s.margin)
+        in_flight = math.ceil(rate * (self._rtt or 0.0) * s.margin)
         return max(1, min(s.ceiling, s.floor + in_flight, self._usable(rate)))
 
     def _usable(self, rate: float) -> int:
         return max(1, math.floor(rate * self.settings.max_age_s / 2))
+
+    def refills(self, now: float, held: int) -> bool:
+        """Whether a supply holding ``held`` keys refills now: ``held`` is at most the low
+        level of :meth:`refill_levels` and the high one is above 0. Both follow from the
+        target alone (the high level is 0 exactly when the target is: with no take in the
+        window none is in the last second either), so the pacing is not worked out."""
+        target = self._target(self._rate(now, self._in_window(now)))
+        return target > 0 and held <= target - refill_batch(target)
 
     def refill_levels(self, now: float, max_request: int = MAX_PACED_BATCH) -> RefillLevels:
         """When a supply of whole keys refills and up to what: it falls at most a batch
@@ -126,15 +152,18 @@ class SupplySizer:
         A paced batch above it would take several calls all the same, as many per key as
         batches of ``max_request``: it would only hold more keys, so it is capped there.
         """
-        rate = self.rate(now)
+        first = self._in_window(now)
+        rate = self._rate(now, first)
         target = self._target(rate)
         low = target - refill_batch(target)
         # The demand of the last second: the sizer's rate takes seconds to see a rise, and
         # overrating a burst here costs only a refill's worth of keys held.
-        pace = min(PACE_WINDOW_S, self.settings.window_s)
-        rate = max(rate, self._taken_since(now - pace) / pace)
+        takes, pace = self._takes, self._pace
+        rate = max(rate, (len(takes) - bisect.bisect_left(takes, now - pace, first)) / pace)
+        if not rate:
+            return RefillLevels(low, target)
         paced = min(MAX_PACED_BATCH, max_request, math.ceil(rate * REFILL_INTERVAL_S))
-        high = min(low + paced, self.settings.ceiling, self._usable(rate)) if rate else 0
+        high = min(low + paced, self.settings.ceiling, self._usable(rate))
         return RefillLevels(low, max(target, high))
 
 

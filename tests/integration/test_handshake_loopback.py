@@ -259,13 +259,15 @@ async def _dial_counting_writes(
     """A client handshake whose transport records each write it is given."""
     reader, writer = await asyncio.open_connection("127.0.0.1", pair.port)
     writes: list[bytes] = []
-    write = writer.write
+    # The transport's own write: the stream hands its records to the transport directly.
+    transport = writer.transport
+    write = transport.write
 
     def counted(data: bytes | bytearray | memoryview) -> None:
         writes.append(bytes(data))
         write(data)
 
-    writer.write = counted  # type: ignore[method-assign]
+    transport.write = counted  # type: ignore[method-assign]
     async with asyncio.timeout(20):  # not wait_for: its task would end the loop round
         stream = await client.connect(reader, writer)
     return stream, writes

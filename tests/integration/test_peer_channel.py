@@ -479,14 +479,14 @@ async def test_closing_without_fin_sends_fin_and_close_notify_in_one_write() -> 
         await channel.send(b"abc")
         assert await asyncio.wait_for(channel.receive(), 10) == b"abc"
         writes: list[bytes] = []
-        writer = stream._driver.writer
-        write = writer.write
+        transport = stream._driver.writer.transport  # the stream writes to it directly
+        write = transport.write
 
         def counted(data: bytes | bytearray | memoryview) -> None:
             writes.append(bytes(data))
             write(data)
 
-        writer.write = counted  # type: ignore[method-assign]
+        transport.write = counted  # type: ignore[method-assign]
         await channel.close()
         assert len(writes) == 1
     assert not failures  # the echo server got FIN before close_notify

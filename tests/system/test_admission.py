@@ -15,6 +15,7 @@ import pytest
 import uvloop
 from prometheus_client import generate_latest
 
+from qkdproxy.core.addresses import TcpAddress, UnixAddress
 from qkdproxy.core.admission import (
     Admission,
     AdmissionLimits,
@@ -30,7 +31,9 @@ from qkdproxy.core.tls.credentials import Credentials, load_trust_anchors
 from qkdproxy.core.tls.identity import AllowList
 from qkdproxy.core.tls.verify import PeerPolicy
 from qkdproxy.daemon import gate
+from qkdproxy.daemon import tunnel as tunnel_module
 from qkdproxy.daemon.metrics import Metrics, StateCollector, TunnelState
+from qkdproxy.io import aio
 from qkdproxy.io.socket_reader import SocketReader
 from qkdproxy.io.tls_stream import EndpointSettings, HandshakeError, TlsEndpoint
 from qkdproxy.keys.context import KeyContext
@@ -252,6 +255,40 @@ def test_accepted_connections_keep_alive_and_watch_hellos_only_when_asked(
     # the daemon's event loop (uvloop) as well as asyncio's.
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         assert runner.run(_accepted(watch_hello)) == (True, True)
+
+
+async def _dialled_keep_alive(tmp: Path) -> tuple[bool, bool]:
+    """Dial a TCP listener the ways a tunnel does (to its peer, to a backend) and a unix
+    one (a backend): whether each TCP socket has SO_KEEPALIVE; the unix dial must work."""
+    loop = asyncio.get_running_loop()
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    unix = await asyncio.start_unix_server(lambda _r, w: w.close(), str(tmp / "backend"))
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, peer = await aio.open_connection(loop, "127.0.0.1", port)
+        gate.keep_dialled_alive(peer)
+        _, backend = await tunnel_module._open(TcpAddress("127.0.0.1", port), loop)
+        _, local = await tunnel_module._open(UnixAddress(str(tmp / "backend")), loop)
+        kept = tuple(
+            bool(w.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+            for w in (peer, backend)
+        )
+        for writer in (peer, backend, local):
+            writer.close()
+            await writer.wait_closed()
+        return kept  # type: ignore[return-value]
+    finally:
+        for listener in (server, unix):
+            listener.close()
+            await listener.wait_closed()
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_dialled_tcp_connections_keep_alive(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], tmp_path: Path
+) -> None:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(_dialled_keep_alive(tmp_path)) == (True, True)
 
 
 async def test_a_connection_queued_on_an_inherited_listener_keeps_alive_too() -> None:
