@@ -33,6 +33,8 @@ PACE_WINDOW_S = 1.0
 # Takes that left the window are dropped from the sizer's list once this many have gathered
 # (and they are more than half of it): rarely, and then in one move.
 DROP_AT = 256
+# Every this many takes, a take itself forgets those older than the window.
+TRIM_EVERY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +74,13 @@ class SupplySizer:
 
     def took(self, now: float) -> None:
         """A key (or stream) was handed to a handshake."""
-        self._takes.append(now)
+        takes = self._takes
+        takes.append(now)
         self._aged_out = False
+        # Takes leave the window only when something asks for the rate; a sizer nobody
+        # asks (the consumption gauge of a daemon nobody scrapes) must still stay bounded.
+        if not len(takes) % TRIM_EVERY:
+            self._in_window(now)
 
     def aged_out(self) -> None:
         """Held keys grew too old unused: until the next take, hold nothing new (an idle

@@ -124,3 +124,19 @@ def test_the_sizer_decides_as_the_model_at_every_take(settings: SupplySettings, 
                 assert sizer.refills(now, held) == (levels.high > 0 and held <= levels.low)
             assert sizer.target(now) == model.target(now)
             assert sizer.rate(now) == model.rate(now)
+
+
+def test_a_sizer_nobody_asks_keeps_only_about_a_window_of_takes() -> None:
+    """The consumption gauge's sizer is asked for its rate only when /metrics is scraped: a
+    daemon nobody scrapes must not keep every take it ever saw (at 500 takes a second that
+    was over a gigabyte a day)."""
+    settings = SupplySettings()
+    sizer = SupplySizer(settings)
+    per_s = 500
+    seconds = 5 * settings.window_s
+    for i in range(int(per_s * seconds)):
+        sizer.took(i / per_s)
+    in_window = per_s * settings.window_s
+    assert len(sizer._takes) <= 2 * in_window + 1024
+    # Forgetting early changes no answer: the rate is still the window's.
+    assert sizer.rate(seconds) == pytest.approx(per_s, rel=0.01)
