@@ -42,7 +42,10 @@ def queued(writer: asyncio.StreamWriter, *, unacknowledged: bool) -> int:
 
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close at once with a TCP RST (SO_LINGER 0): no FIN handshake, no TIME_WAIT here,
-    and what the transport and the socket still held is dropped."""
+    and what the transport and the socket still held is dropped.
+
+    A unix socket is only closed: it has no reset, and its peer reads EOF after what it
+    was sent (docs/RELIABILITY.md "Known limits")."""
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         # ValueError: the transport is closed already (fd -1); nothing is left to reset.
