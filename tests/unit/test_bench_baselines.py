@@ -196,5 +196,5 @@ async def test_without_stunnel_the_path_is_skipped(
 ) -> None:
     monkeypatch.setattr("shutil.which", lambda _name: None)
     async with AsyncExitStack() as stack:
-        assert await tunnels._stunnel(stack, tmp_path, 9) is None
+        assert await tunnels.start_stunnel(stack, tmp_path, 9) is None
     assert not list(tmp_path.iterdir())  # noqa: ASYNC240 - nothing written, nothing started

@@ -273,6 +273,8 @@ async def start_daemon_pair(
     prefetch: bool = True,
     tls_engine: str | None = None,
     status: bool = False,
+    kme_extra: str = "",
+    python: str = sys.executable,
 ) -> DaemonPair:
     """KME simulator, server daemon (one tunnel to ``backend``) and client daemon.
 
@@ -280,6 +282,8 @@ async def start_daemon_pair(
     group in ``server_groups`` (its policy's defaults when empty). Every tunnel runs the
     ``tls_engine`` handshake engine (the configuration's default when None). With
     ``status`` each daemon serves /metrics on a loopback port (``DaemonPair.status_ports``).
+    ``kme_extra``: TOML lines added to both daemons' ``[kme]`` section. ``python``: the
+    interpreter the daemons run on (one with qkdproxy installed).
     """
     engine = f'\ntls_engine = "{tls_engine}"' if tls_engine else ""
     urls, kme_pid = await start_kme(stack, base / "pki", kme_latency_ms)
@@ -292,11 +296,11 @@ async def start_daemon_pair(
     )
     if server_groups:
         server_extra += f'\npolicy = "pq-required"\ngroups = {_toml_list(server_groups)}'
-    server = _KME_SECTION.format(url=urls["kme-b"], sae="sae-b", peer="sae-a", **kme)
+    server = _KME_SECTION.format(url=urls["kme-b"], sae="sae-b", peer="sae-a", **kme) + kme_extra
     server += _TUNNEL.format(
         name="server", role="server", listen=server_port, connect=backend, extra=server_extra
     )
-    client = _KME_SECTION.format(url=urls["kme-a"], sae="sae-a", peer="sae-b", **kme)
+    client = _KME_SECTION.format(url=urls["kme-a"], sae="sae-a", peer="sae-b", **kme) + kme_extra
     ports = {tunnel.name: port for tunnel, port in zip(clients, client_ports, strict=True)}
     for tunnel in clients:
         client += _TUNNEL.format(
@@ -316,7 +320,7 @@ async def start_daemon_pair(
     )
     for config, last_tunnel, on_line in daemons:
         process = await spawn(
-            stack, sys.executable, "-m", "qkdproxy", "run", "--config", str(base / f"{config}.toml")
+            stack, python, "-m", "qkdproxy", "run", "--config", str(base / f"{config}.toml")
         )
         assert process.stderr is not None
         pair.daemon_pids.append(process.pid)

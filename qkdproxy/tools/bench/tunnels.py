@@ -135,9 +135,12 @@ async def _metered(paths: Paths, path: str, run: Awaitable[T]) -> tuple[T, Cost]
     return result, Cost(*spent)
 
 
-async def _stunnel(
+async def start_stunnel(
     stack: AsyncExitStack, base: Path, backend: int
 ) -> tuple[int, ProcessGroup] | None:
+    """A stunnel TLS 1.3 pair in front of ``backend`` (mutual TLS, no resumption, the
+    development PKI in ``base/pki``): the client end's port and both processes; None
+    without stunnel."""
     binary = shutil.which("stunnel4") or shutil.which("stunnel")
     if binary is None:
         return None
@@ -224,7 +227,7 @@ async def _paths(
         for path, tunnel in PATH_TUNNELS.items():
             ports[path], tunnels[path] = pair.ports[tunnel], daemons
         if with_stunnel:
-            if found := await _stunnel(stack, base, load.backend_port):
+            if found := await start_stunnel(stack, base, load.backend_port):
                 ports[STUNNEL], tunnels[STUNNEL] = found
             else:
                 notes.append(STUNNEL_MISSING)
