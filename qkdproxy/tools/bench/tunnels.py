@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from qkdproxy.tools.bench import aes_speed, proctime
+from qkdproxy.tools.bench.interpreter import interpreter_note
 from qkdproxy.tools.bench.loadgen import (
     DESCRIPTIONS,
     PYTHON_LIMITED,
@@ -198,7 +199,7 @@ def _start_notes() -> list[str]:
     if not proctime.available():
         raise LoadUnavailableError("CPU accounting reads /proc: these benches need Linux")
     note = machine_note(os.getloadavg()[0], os.cpu_count() or 1)
-    return [note] if note else []
+    return [interpreter_note(), *([note] if note else [])]
 
 
 @asynccontextmanager
