@@ -361,7 +361,8 @@ class Daemon:
                 by_name = {t.name: t for t in fresh.tunnels}
                 for tunnel in self.tunnels:
                     config = by_name[tunnel.config.name]
-                    replacements.append((tunnel, config, *self._endpoints(config, tunnel.keys)))
+                    keys = self._keys_after_reload(tunnel, config)
+                    replacements.append((tunnel, config, keys, *self._endpoints(config, keys)))
         except ConfigError as exc:
             problems.extend(exc.problems)
         except Exception as exc:  # a reload must never take the daemon down
@@ -373,14 +374,29 @@ class Daemon:
                 log.error("reload refused, keeping the running settings: %s", problem,
                           extra=event("reload", result="failure", problem=problem))  # fmt: skip
             return problems
-        for tunnel, config, endpoint, fallback in replacements:
-            tunnel.config, tunnel.endpoint, tunnel.fallback = config, endpoint, fallback
+        for tunnel, config, keys, endpoint, fallback in replacements:
+            tunnel.reconfigure(config, endpoint, fallback, keys)
             self._publish_info(tunnel)
         self.config = fresh
         self.metrics.reloads.labels("success").inc()
         self.metrics.reload_ok.set(1)
         log.info("reloaded %s", self.config.path, extra=event("reload", result="success"))
         return []
+
+    def _keys_after_reload(self, tunnel: Tunnel, config: TunnelConfig) -> KeyContext:
+        """The key context of a reloaded tunnel's new handshakes. A client's keys belong to
+        the peer it dials (``KmeConnection.sources_for``): one that now dials another
+        draws from that peer's supply, with the same ledger. The old supply keeps the ids
+        it announced to the old peer (held and counted; used again if the tunnel dials that
+        peer again), and connections still open to it keep theirs."""
+        kme = self.kmes.get(config.kme) if config.kme else None
+        if kme is None or config.role != "client":
+            return tunnel.keys
+        sources = kme.sources_for(config)
+        old = tunnel.keys
+        if sources.master is old.sources.master:
+            return old
+        return KeyContext(sources, old.options, old.ledger, old.guard)
 
     def _restart_only_changes(self, fresh: Config) -> list[str]:
         """Changes a running tunnel cannot take: listeners, roles, KMEs and key flows are
@@ -391,6 +407,8 @@ class Daemon:
         problems += [f"tunnel {n}: new tunnels need a restart" for n in by_name if n not in running]
         if fresh.kmes != self.config.kmes:
             problems.append("kme sections changed: KME changes need a restart")
+        if fresh.daemon.status_listen != self.config.daemon.status_listen:
+            problems.append("[status] listen changed: listener changes need a restart")
         for tunnel in self.tunnels:
             config = by_name.get(tunnel.config.name)
             old = tunnel.config

@@ -57,7 +57,15 @@ def close_reason_class(reason: str) -> str:
     return "error"
 
 
-MUX_TUNNEL_REASONS = ("closed", "rotated", "idle", "dead_peer", "handshake_failed", "error")
+MUX_TUNNEL_REASONS = (
+    "closed",
+    "rotated",
+    "idle",
+    "reloaded",
+    "dead_peer",
+    "handshake_failed",
+    "error",
+)
 
 
 def mux_tunnel_reason(reason: str) -> str:

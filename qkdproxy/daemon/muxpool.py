@@ -284,6 +284,16 @@ class MuxPool:
         self.rotations += 1
         self._retire(old, "rotated")
 
+    def reconfigured(self, stale: Callable[[MuxTunnel], bool], why: str) -> None:
+        """A reload: retire the established tunnels ``stale`` names (what they were
+        authenticated against changed): they take no new stream, their open streams
+        finish, and the next connection that finds no room establishes a tunnel. The
+        backoff is forgotten: the failure that set it was met under the old settings."""
+        for tunnel in [t for t in self.tunnels if stale(t)]:
+            self._retire(tunnel, why)
+        self._backoff_s, self._retry_at, self._last_error = 0.0, 0.0, None
+        self._changed.set()
+
     def _retire(self, tunnel: MuxTunnel, why: str) -> None:
         with contextlib.suppress(ValueError):
             self.tunnels.remove(tunnel)

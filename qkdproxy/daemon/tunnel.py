@@ -83,6 +83,8 @@ PROBLEM_REASONS = (
     "handshake failed", "rejected", "peer unreachable", "backend unreachable", "error",
 )  # fmt: skip
 WARNING_INTERVAL_S = 10.0
+# Why a multiplexed tunnel established under settings a reload changed was retired.
+RELOADED = "reloaded"
 
 
 @dataclass(slots=True)
@@ -298,12 +300,36 @@ class Tunnel:
         for tunnel in self._mux_tunnels:
             self._drain_mux(tunnel)
 
-    def _drain_mux(self, tunnel: MuxTunnel) -> None:
+    def reconfigure(
+        self,
+        config: TunnelConfig,
+        endpoint: TlsEndpoint,
+        fallback: TlsEndpoint | None,
+        keys: KeyContext,
+    ) -> None:
+        """Apply a reload: new handshakes use ``endpoint`` and ``keys``; connections and
+        streams already open keep what they were established with. A multiplexed tunnel
+        established under another trust (CA bundle, certificate policy, or a client's peer
+        address or name), or whose peer the new allow-list refuses on a client, takes no
+        new stream: a client's pool retires it (the next connection establishes a tunnel
+        that meets the new settings), a server sends GOAWAY on it (its peer sends its new
+        streams on such a tunnel). A server's allow-list is checked per stream instead."""
+        trusted = _trust(self.config, self.endpoint) == _trust(config, endpoint)
+        self.config, self.endpoint, self.fallback, self.keys = config, endpoint, fallback, keys
+        if self.pool is not None:
+            allow = endpoint.settings.peer.allow
+            self.pool.reconfigured(lambda t: not trusted or not allow.permits(t.tls.peer), RELOADED)
+        if not trusted:
+            for tunnel in self._mux_tunnels:
+                if not tunnel.draining:  # one GOAWAY and one drain each, however many reloads
+                    self._drain_mux(tunnel, RELOADED)
+
+    def _drain_mux(self, tunnel: MuxTunnel, why: str = "closed") -> None:
         """GOAWAY at once: the peer's pool sends new streams elsewhere (those it opened
         meanwhile are refused unprocessed, and it sends them again). The tunnel ends once
         its streams did."""
         tunnel.stop_streams()
-        draining = asyncio.ensure_future(tunnel.drain())
+        draining = asyncio.ensure_future(tunnel.drain(why))
         self._pool_tasks.add(draining)
         draining.add_done_callback(self._pool_tasks.discard)
 
@@ -1078,6 +1104,15 @@ async def _open(
     )
     gate.keep_dialled_alive(writer)
     return reader, writer
+
+
+def _trust(config: TunnelConfig, endpoint: TlsEndpoint) -> tuple[object, ...]:
+    """What a tunnel's handshakes authenticate the peer against, besides the allow-list:
+    the CA bundle's certificates and the certificate policy and, for a client, the address
+    and name of the peer it dials (a server's `connect` is its backend)."""
+    peer = endpoint.settings.peer
+    dialled = (config.connect, config.server_name) if config.role == "client" else None
+    return (dialled, config.cert_policy, tuple(peer.trust_anchors))
 
 
 def _refused(exc: HandshakeError, source: FlushableSource) -> bool:

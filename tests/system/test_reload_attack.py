@@ -1,0 +1,240 @@
+"""Configuration reload (SIGHUP) while connections, pooled tunnels and key supplies are in
+flight, through real daemons and the KME simulator.
+
+What each reload may change, and what it must do to the product's rules: a QKD key is used
+once and only for the peer it belongs to; every drawn key is accounted; the allow-list and
+the certificate checks apply to every handshake, and to every new stream of a multiplexed
+tunnel; an invalid file leaves the running settings untouched. docs/RELIABILITY.md,
+"Reload under attack", lists the cases and what happened.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from qkdproxy.tools.certs import DevPki
+from tests.system.test_key_attacks import fates
+from tests.system_helpers import (
+    FaultHarness,
+    Node,
+    Transfer,
+    eventually,
+    fault_pki_fixture,  # noqa: F401 - fixture
+    faults_fixture,  # noqa: F401 - fixture
+    metric,
+    works,
+)
+
+# A rule no certificate of the development PKI meets.
+NOBODY = "uri:spiffe://qkdproxy.test/tunnel/nobody"
+MUX = {"multiplex": True, "mux_pool_min": 1}
+
+
+async def reload(node: Node, tunnels: list[dict[str, Any]], kmes: dict[str, Any]) -> str:
+    """Rewrite ``node``'s file with ``tunnels`` (same status port), SIGHUP, and return the
+    outcome line (``reloaded`` or ``reload refused``)."""
+    done = sum(1 for line in node.proc.lines if _outcome(line))
+    node.config.write_text(_config_text(node, tunnels, kmes))
+    node.proc.signal(signal.SIGHUP)
+    await node.proc.wait_line(lambda _: sum(1 for line in node.proc.lines if _outcome(line)) > done)
+    return [line for line in node.proc.lines if _outcome(line)][-1]
+
+
+def _outcome(line: str) -> bool:
+    return "reloaded " in line or "reload refused" in line
+
+
+def _config_text(node: Node, tunnels: list[dict[str, Any]], kmes: dict[str, Any]) -> str:
+    harness = _HARNESS[node.config]
+    # The status listener as the first file had it (a reload cannot move it).
+    path = harness.config(f"{node.config.stem}.next.toml", tunnels, kmes)
+    return path.read_text()
+
+
+# Which harness wrote a node's file (reload writes the same file again with new tables).
+_HARNESS: dict[Path, FaultHarness] = {}
+
+
+async def start(faults: FaultHarness, name: str, tunnels: list[dict[str, Any]],
+                kmes: dict[str, Any]) -> Node:  # fmt: skip
+    node = await faults.node(faults.config(f"{name}.toml", tunnels, kmes))
+    _HARNESS[node.config] = faults
+    return node
+
+
+async def test_a_client_repointed_at_another_server_never_offers_it_the_first_ones_keys(
+    faults: FaultHarness,
+) -> None:
+    """A client tunnel's `connect` moves from server 0 to server 1 (both on the same slave
+    SAE, as an HA pair would be). The keys its supply announced to server 0 (and server 0
+    fetched) must not be offered to server 1: every connection after the reload works, no
+    key is refused or flushed; moved back, the keys held for server 0 serve it again."""
+    kme = await faults.start_kme()
+    _, backend_port = await faults.recording_backend()
+    servers = []
+    for i in range(2):
+        servers.append(await start(
+            faults, f"server{i}", [faults.server_tunnel("t", backend_port)],
+            {"local": faults.kme_table(kme.urls["kme-b"], "b")},
+        ))  # fmt: skip
+    kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
+    client = await start(faults, "client", [faults.client_tunnel("c", servers[0].ports["t"])], kmes)
+    for _ in range(4):
+        assert await works(client.ports["c"], 2000)
+
+    async def fetched_ahead() -> bool:
+        # Server 0 fetched the ids announced to it: they are gone from its KME for anyone.
+        return (await fates(servers[0]))["held"] > 0
+
+    await eventually(fetched_ahead, "server 0 fetched the announced keys")
+    for target in (1, 0):
+        line = await reload(client, [faults.client_tunnel("c", servers[target].ports["t"])], kmes)
+        assert "reloaded" in line, line
+        outcomes = [await works(client.ports["c"], 2000) for _ in range(5)]
+        assert all(outcomes), (target, outcomes, client.proc.records()[-5:])
+    await client.settled()
+    account = await fates(client)  # balances: drawn = fates + held
+    assert account["refused"] == account["flushed"] == account["failed_handshake"] == 0, account
+    used = [r["qkd_key_id"] for r in client.proc.records()]
+    assert len(used) == len(set(used)) == 14
+
+
+async def test_a_client_reload_that_drops_its_server_moves_new_streams_off_pooled_tunnels(
+    faults: FaultHarness,
+) -> None:
+    """A multiplexing client's allow-list stops naming its server. Its pooled tunnel was
+    authenticated under the old list: the stream open on it continues, but no new
+    application connection may reach that server (before: every new connection rode the
+    old tunnel until it rotated, an hour by default). Allowed again, it works."""
+    kme = await faults.start_kme()
+    backend, backend_port = await faults.recording_backend()
+    server = await start(
+        faults, "server", [faults.server_tunnel("t", backend_port, **MUX)],
+        {"local": faults.kme_table(kme.urls["kme-b"], "b")},
+    )  # fmt: skip
+    kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
+    tunnel = faults.client_tunnel("c", server.ports["t"], **MUX)
+    client = await start(faults, "client", [tunnel], kmes)
+    assert await works(client.ports["c"], 2000)
+    live = await Transfer(client.ports["c"], b"x" * 200_000).open()
+    await live.send(live.payload[:100_000])
+    await live.until(100_000)
+
+    line = await reload(client, [{**tunnel, "allow": [NOBODY]}], kmes)
+    assert "reloaded" in line, line
+    seen = len(backend.endings) + 1  # the live one ends later
+    for _ in range(3):
+        assert not await works(client.ports["c"], 2000)
+    ending = await live.finish(100_000)
+    assert (ending.received, ending.how) == (live.payload, "eof")
+    # Only the two connections made before the reload reached the backend.
+    await backend.wait_until(lambda: len(backend.endings) >= seen)
+    assert len(backend.endings) == seen == 2, backend.endings
+    denied = [r for r in client.proc.records() if r.get("failure") == "access_denied"]
+    assert denied, [(r["reason"], r.get("failure")) for r in client.proc.records()]
+
+    line = await reload(client, [tunnel], kmes)
+    assert "reloaded" in line, line
+    assert await works(client.ports["c"], 2000)
+
+
+async def test_a_server_reload_that_drops_the_clients_ca_stops_its_new_streams(
+    faults: FaultHarness, tmp_path: Path
+) -> None:
+    """A multiplexing server's CA bundle no longer holds the CA of its client (a CA the
+    operator stopped trusting). The client's pooled tunnel was authenticated under the old
+    bundle: the stream open on it continues, new streams must not reach the backend (before:
+    only the allow-list was checked per stream, so the tunnel carried new streams until it
+    rotated)."""
+    other = DevPki.create()
+    other.write(tmp_path / "other")
+    kme = await faults.start_kme()
+    backend, backend_port = await faults.recording_backend()
+    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
+    tunnel = faults.server_tunnel("t", backend_port, **MUX)
+    server = await start(faults, "server", [tunnel], kmes)
+    client = await start(
+        faults, "client", [faults.client_tunnel("c", server.ports["t"], **MUX)],
+        {"local": faults.kme_table(kme.urls["kme-a"], "a")},
+    )  # fmt: skip
+    assert await works(client.ports["c"], 2000)
+    live = await Transfer(client.ports["c"], b"y" * 200_000).open()
+    await live.send(live.payload[:100_000])
+    await live.until(100_000)
+
+    line = await reload(server, [{**tunnel, "ca": str(tmp_path / "other" / "ca.pem")}], kmes)
+    assert "reloaded" in line, line
+    seen = len(backend.endings) + 1
+    for _ in range(3):
+        assert not await works(client.ports["c"], 2000)
+    ending = await live.finish(100_000)
+    assert (ending.received, ending.how) == (live.payload, "eof")
+    await backend.wait_until(lambda: len(backend.endings) >= seen)
+    assert len(backend.endings) == seen == 2, backend.endings
+    carrier = await server.proc.wait_record(lambda r: r["mux"] == "tunnel")
+    assert carrier["reason"] == "reloaded", carrier
+    # The client's new tunnels met the new bundle.
+    await server.proc.wait_record(lambda r: r["failure"] is not None)
+    records = server.proc.records()
+    assert {r["failure"] for r in records if r["mux"] is None} == {"unknown_ca"}, records
+
+
+async def test_reload_storms_change_nothing_but_the_counters(faults: FaultHarness) -> None:
+    """30 SIGHUPs sent without waiting, then valid and invalid files alternating, while
+    connections run: the daemon keeps serving, each reload applied is counted once (the
+    kernel may merge signals sent faster than they are taken), the key account balances
+    and no key is used twice; a refused file leaves the running settings and
+    `config_last_reload_successful` 0, a good one sets it back to 1."""
+    kme = await faults.start_kme()
+    _, backend_port = await faults.recording_backend()
+    server = await start(
+        faults, "server", [faults.server_tunnel("t", backend_port)],
+        {"local": faults.kme_table(kme.urls["kme-b"], "b")},
+    )  # fmt: skip
+    kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
+    tunnel = faults.client_tunnel("c", server.ports["t"])
+    client = await start(faults, "client", [tunnel], kmes)
+    for i in range(30):
+        client.proc.signal(signal.SIGHUP)
+        if i % 10 == 0:
+            assert await works(client.ports["c"], 5000)
+    line = await reload(client, [tunnel], kmes)  # after every signal of the storm
+    assert "reloaded" in line, line
+    text = await client.metrics()
+    applied = sum(1 for line in client.proc.lines if "reloaded " in line)
+    assert metric(text, "qkdproxy_reloads_total", result="success") == applied > 1
+    broken = {**tunnel, "cert": str(faults.pki / "missing.pem")}
+    for i in range(6):
+        line = await reload(client, [broken if i % 2 == 0 else tunnel], kmes)
+        assert ("missing.pem" in line) if i % 2 == 0 else ("reloaded" in line), line
+        flag = metric(await client.metrics(), "qkdproxy_config_last_reload_successful")
+        assert flag == i % 2, (i, flag)
+        assert await works(client.ports["c"], 5000)
+    text = await client.metrics()
+    assert metric(text, "qkdproxy_reloads_total", result="failure") == 3
+    await client.settled()
+    account = await fates(client)  # balances: drawn = fates + held
+    assert account["consumed"] == 9 and account["failed_handshake"] == 0, account
+    used = [r["qkd_key_id"] for r in client.proc.records()]
+    assert len(used) == len(set(used)) == 9
+
+
+async def test_a_reload_that_moves_the_status_listener_is_refused(faults: FaultHarness) -> None:
+    """`[status] listen` is a listener: a reload cannot move it (before: `reloaded` was
+    logged and counted while /metrics stayed where it was). Refused, named, and the
+    running settings kept."""
+    kme = await faults.start_kme()
+    _, backend_port = await faults.recording_backend()
+    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
+    tunnel = faults.server_tunnel("t", backend_port)
+    server = await start(faults, "server", [tunnel], kmes)
+    moved = faults.config("moved.toml", [tunnel], kmes, None, server.status_port + 1)
+    server.config.write_text(moved.read_text())
+    server.proc.signal(signal.SIGHUP)
+    line = await server.proc.wait_line(_outcome)
+    assert "reload refused" in line and "[status] listen" in line, line
+    text = await server.metrics()  # still where it was
+    assert metric(text, "qkdproxy_config_last_reload_successful") == 0
+    assert metric(text, "qkdproxy_reloads_total", result="failure") == 1
