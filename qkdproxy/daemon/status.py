@@ -1,19 +1,52 @@
-"""The status listener (aiohttp): /metrics, /healthz, /readyz and /status."""
+"""The status listener (aiohttp): /metrics, /healthz, /readyz and /status.
+
+Operators sometimes expose it beyond loopback (a container's or a pod's status port), so
+whoever can reach it is treated as hostile: it holds at most ``MAX_CONNECTIONS`` sockets
+(``MAX_CONNECTIONS_PER_SOURCE`` from one address, or IPv6 /64), each for at most
+``CONNECTION_LIFETIME_S``, and what aiohttp logs about bad requests is rate-limited to one
+line per interval. Without these an idle or trickling client kept a socket for aiohttp's
+default hour, so a few hundred of them took every descriptor the daemon may open and the
+tunnels could no longer accept or dial; and every malformed request wrote an ERROR line
+with a traceback quoting the request.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import socket
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from qkdproxy.core.addresses import format_sockname
+from qkdproxy.core.logsafe import escape
+from qkdproxy.core.ratelimit import source_key
+from qkdproxy.core.throttle import LogThrottle
 
 Readiness = Callable[[], tuple[bool, list[str]]]
 StatusDocument = Callable[[], dict[str, Any]]
+
+# A scraper, the kubelet's probes and an operator need a few connections at a time.
+MAX_CONNECTIONS = 64
+MAX_CONNECTIONS_PER_SOURCE = 8
+# A request takes milliseconds: a connection older than this is a slow or idle client
+# (a keep-alive scraper simply reconnects).
+CONNECTION_LIFETIME_S = 30.0
+# aiohttp closes a connection with no complete request for this long (idle, or headers
+# trickled in).
+IDLE_S = 5.0
+# A stopping daemon does not wait longer than this for status requests in flight.
+SHUTDOWN_S = 1.0
+ERROR_LOG_INTERVAL_S = 10.0
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+log = logging.getLogger("qkdproxy.status")
 
 
 def create_app(
@@ -46,11 +79,55 @@ def create_app(
     return app
 
 
-class StatusServer:
-    """Serves the status application on one TCP address."""
+class ThrottledHttpLog(logging.LoggerAdapter):  # type: ignore[type-arg] # typeshed: generic
+    """What aiohttp logs with an exception, at most once per interval per kind, with how
+    many were not logged since. A client's malformed request (``HttpProcessingError``) is
+    one WARNING line without the traceback; anything else (a fault of ours) keeps it."""
 
-    def __init__(self, app: web.Application) -> None:
-        self._runner = web.AppRunner(app, access_log=None)
+    def __init__(self, logger: logging.Logger, interval_s: float = ERROR_LOG_INTERVAL_S) -> None:
+        super().__init__(logger, {})
+        self._throttle = LogThrottle(interval_s)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        """Log, or count, one aiohttp record."""
+        exc_info = kwargs.get("exc_info")
+        if not exc_info:
+            self.logger.log(level, msg, *args, **kwargs)
+            return
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        bad_request = isinstance(exc, HttpProcessingError)
+        kind = "bad_request" if bad_request else "error"
+        suppressed = self._throttle.admit(kind, time.monotonic())
+        if suppressed is None:
+            return
+        text = f"status listener: {msg}" % args if args else f"status listener: {msg}"
+        if bad_request:
+            # Not our fault: a WARNING at most (aiohttp logs non-HTTP bytes at DEBUG).
+            self.logger.log(
+                min(level, logging.WARNING), "%s: %s (%d more since the last such line)",
+                text, escape(exc, limit=200), suppressed,
+            )  # fmt: skip
+            return
+        self.logger.log(level, "%s (%d more since the last such line)", text, suppressed, **kwargs)
+
+
+class StatusServer:
+    """Serves the status application on one TCP address, with bounded connections."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        lifetime_s: float = CONNECTION_LIFETIME_S,
+        idle_s: float = IDLE_S,
+    ) -> None:
+        self._runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=idle_s, shutdown_timeout=SHUTDOWN_S,
+            logger=ThrottledHttpLog(log),
+        )  # fmt: skip
+        self._lifetime_s = lifetime_s
+        self._listener: asyncio.Server | None = None
+        self._sources: dict[str, int] = {}
         self.address = ""
 
     async def start(self, host: str, port: int) -> None:
@@ -58,8 +135,83 @@ class StatusServer:
         await self._runner.setup()
         sock = socket.create_server((host, port))
         self.address = format_sockname(sock.getsockname())
-        await web.SockSite(self._runner, sock).start()
+        self._listener = await asyncio.get_running_loop().create_server(self._protocol, sock=sock)
+
+    @property
+    def connections(self) -> int:
+        """Status connections held now."""
+        return sum(self._sources.values())
 
     async def stop(self) -> None:
         """Stop serving."""
+        if self._listener is not None:
+            self._listener.close()
         await self._runner.cleanup()
+
+    def _protocol(self) -> asyncio.Protocol:
+        return _Bounded(self)
+
+    def _admit(self, source: str) -> bool:
+        held = self._sources.get(source, 0)
+        if held >= MAX_CONNECTIONS_PER_SOURCE or self.connections >= MAX_CONNECTIONS:
+            return False
+        self._sources[source] = held + 1
+        return True
+
+    def _release(self, source: str) -> None:
+        left = self._sources[source] - 1
+        if left:
+            self._sources[source] = left
+        else:
+            del self._sources[source]
+
+
+class _Bounded(asyncio.Protocol):
+    """One status connection: aiohttp's handler if there is room for it (else a 503 and a
+    close), cut when it has lived ``lifetime_s`` whatever it is doing (a client that sends
+    a request and never reads the answer included)."""
+
+    def __init__(self, server: StatusServer) -> None:
+        self._server = server
+        self._inner: asyncio.Protocol | None = None
+        self._source = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's are not registered as asyncio.Transport).
+        transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._source = source_key(str(peer[0]) if isinstance(peer, tuple) else str(peer))
+        if not self._server._admit(self._source):
+            transport.write(_BUSY)
+            transport.close()
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._server._lifetime_s, transport.abort)
+        handler = self._server._runner.server
+        assert handler is not None
+        self._inner = handler()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is None:
+            return
+        assert self._timer is not None
+        self._timer.cancel()
+        self._server._release(self._source)
+        self._inner.connection_lost(exc)
