@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -124,11 +125,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = _load(args.config, "run", log if args.log_format == "json" else None)
     if config is None:
         return _exit(EXIT_CONFIG)
-    configure_logging(
-        args.log_level or config.daemon.log_level,
-        args.log_format or config.daemon.log_format,
-        flush_interval_s=config.daemon.log_flush_ms / 1000,
-    )
+    _configure_logging(args, config)
     # Peer and KME text in any record stays on its line (observability/logsafe.py).
     logsafe.install()
     refusals = _assess(config, "run", args.strict, log.warning)
@@ -136,7 +133,16 @@ def run_command(args: argparse.Namespace) -> int:
         log.error(problem, extra=event("config_error", problem=problem))
     if refusals:
         return _exit(EXIT_CONFIG)
-    return _exit(run(_run(config, args.strict)))
+    return _exit(run(_run(config, args)))
+
+
+def _configure_logging(args: argparse.Namespace, config: Config) -> None:
+    """The file's [daemon] log settings, except what the command line set."""
+    configure_logging(
+        args.log_level or config.daemon.log_level,
+        args.log_format or config.daemon.log_format,
+        flush_interval_s=config.daemon.log_flush_ms / 1000,
+    )
 
 
 def _exit(code: int) -> int:
@@ -144,9 +150,10 @@ def _exit(code: int) -> int:
     return code
 
 
-async def _run(config: Config, strict: bool = False) -> int:
+async def _run(config: Config, args: argparse.Namespace) -> int:
     daemon = Daemon(config)
-    daemon.strict = strict
+    daemon.strict = args.strict
+    daemon.apply_logging = functools.partial(_configure_logging, args)
     daemon.handle_signals()
     try:
         await daemon.start()

@@ -182,6 +182,11 @@ def _kme_status(kme: KmeConnection) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _log_settings(config: Config) -> tuple[str, str, float]:
+    daemon = config.daemon
+    return daemon.log_level, daemon.log_format, daemon.log_flush_ms
+
+
 class Daemon:
     """Everything one configuration file describes."""
 
@@ -206,6 +211,9 @@ class Daemon:
         self.healthy = False
         # Set by `run --strict`: a reload refuses risky settings too.
         self.strict = False
+        # Set by `run`: applies a configuration's [daemon] log settings (the command line's
+        # own --log-level and --log-format still win), at start and on each reload.
+        self.apply_logging: Callable[[Config], None] | None = None
 
     async def start(self) -> None:
         """Open KME clients and listeners; raise on anything that prevents serving."""
@@ -377,6 +385,8 @@ class Daemon:
         for tunnel, config, keys, endpoint, fallback in replacements:
             tunnel.reconfigure(config, endpoint, fallback, keys)
             self._publish_info(tunnel)
+        if self.apply_logging is not None and _log_settings(fresh) != _log_settings(self.config):
+            self.apply_logging(fresh)
         self.config = fresh
         self.metrics.reloads.labels("success").inc()
         self.metrics.reload_ok.set(1)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from qkdproxy.core.addresses import Address, AddressError, TcpAddress, parse_address
 from qkdproxy.core.errors import SettingError
@@ -376,6 +377,10 @@ def _kme(name: str, r: _Reader, base: Path) -> KmeConfig | None:
     endpoint = r.get(endpoint_key, str, "", required=True)
     if api is KeyApi.ETSI_014 and endpoint and not endpoint.startswith("https://"):
         r.fail("url", "must be an https:// URL (ETSI 014 requires TLS)")
+    elif api is KeyApi.ETSI_014 and "@" in urlsplit(endpoint).netloc:
+        # /status shows the URL and aiohttp would send it as a password on every call.
+        r.fail("url", "must not carry a user name or password (a KME authenticates "
+                      "qkdproxy by its TLS client certificate)")  # fmt: skip
     config = KmeConfig(
         name=name,
         api=api,

@@ -895,7 +895,8 @@ class Tunnel:
             self.admission.handshake_done(self._tickets[record.conn_id])
         self.stats.handshake_seconds.append(stream.handshake_seconds)
         record.handshake_ms = round(stream.handshake_seconds * 1000, 3)
-        record.peer = stream.peer.describe()
+        # A certificate name can be as long as the peer's CA signs: the line gets a cut one.
+        record.peer = escape(stream.peer.describe())
         record.group = stream.record.group
         record.flow = stream.record.flow.value if stream.record.flow else None
         record.api = stream.record.api.value if stream.record.api else None
@@ -1048,7 +1049,7 @@ class Tunnel:
 def _describe_stream(record: ConnectionRecord, tunnel: MuxTunnel) -> None:
     """A client stream's line names its carrying tunnel, that tunnel's peer and key."""
     record.mux_tunnel = tunnel.conn_id
-    record.peer = tunnel.tls.peer.describe()
+    record.peer = escape(tunnel.tls.peer.describe())
     record.group = tunnel.tls.record.group
     record.flow = tunnel.tls.record.flow.value if tunnel.tls.record.flow else None
     record.api = tunnel.tls.record.api.value if tunnel.tls.record.api else None

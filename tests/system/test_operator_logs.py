@@ -205,3 +205,29 @@ async def test_a_kme_outage_is_logged_once_down_and_once_up(faults: FaultHarness
     assert any("KME t circuit breaker closed -> open" in line for line in lines)
     # Half-open lasts one trial call: it shows only if a check falls inside it.
     assert re.search(r"KME t circuit breaker (half-open|open) -> closed", client.proc.stderr)
+
+
+async def test_a_reload_applies_the_files_log_format(harness: Harness) -> None:
+    """[daemon] log settings read by a reload take effect with it (they were reported as
+    reloaded and left as they were until a restart): text, then JSON after one SIGHUP, then
+    text again after another, each reload's own line in the new format."""
+    _, backend_port = await harness.backend()
+    tunnel = {"kme": None, "policy": "pq-required", "groups": ["X25519MLKEM768"]}
+    config = await harness.server_config("server.toml", backend_port, tunnel)
+    server = await harness.daemon(config)
+    text_file = config.read_text()
+    json_file = (
+        await harness.server_config(
+            "json.toml", backend_port, tunnel, daemon={"log_format": "json"}
+        )
+    ).read_text()
+
+    config.write_text(json_file)
+    server.proc.signal(signal.SIGHUP)
+    line = await server.proc.wait_line(lambda text: '"event":"reload"' in text)
+    assert json.loads(line)["result"] == "success"
+
+    config.write_text(text_file)
+    server.proc.signal(signal.SIGHUP)
+    line = await server.proc.wait_line(lambda text: "INFO qkdproxy.daemon.app: reloaded " in text)
+    assert not line.startswith("{")

@@ -38,7 +38,7 @@ from tests.integration.test_wire_hello import (
     u16,
     vec,
 )
-from tests.system.test_daemon_system import DEADLINE
+from tests.system.test_daemon_system import CLIENT_ID, DEADLINE
 from tests.system.test_key_attacks import OPEN_ADMISSION, zero_id_hello
 from tests.system_helpers import (
     FaultHarness,
@@ -337,3 +337,33 @@ async def test_malformed_status_requests_are_logged_once_per_interval(
     lines = server.proc.lines[count:]
     assert len(lines) <= 2, lines
     assert all(len(line) < 1_000 for line in lines), lines
+
+
+async def test_a_peer_certificate_name_is_cut_in_its_connection_line(
+    faults: FaultHarness,
+) -> None:
+    """A client certificate from the tunnel's own CA whose first URI name is 20,000
+    characters long (the allowed name comes second) connects, sends a byte and closes; the
+    connection's line names the peer with at most logsafe's 1,000 characters and a cut mark,
+    not the whole name (found by the operator-surfaces review: a line could be 64 KB)."""
+    _, backend_port = await faults.backend()
+    server = await faults.node(faults.config(
+        "server.toml", [faults.server_tunnel("pq", backend_port, **PQ)], {},
+        daemon={"log_format": "json"},
+    ))  # fmt: skip
+    pki = Pki(faults.pki, faults.dev)
+    long_name = "spiffe://qkdproxy.test/" + "n" * 20_000
+    credentials = pki.issue([long_name, CLIENT_ID.removeprefix("uri:")], common_name="client")
+    endpoint = client_endpoint(pki, credentials, groups=["X25519MLKEM768"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.ports["pq"])
+    try:
+        stream = await asyncio.wait_for(endpoint.connect(reader, writer), DEADLINE)
+        await stream.write(b"x")
+        await stream.close()
+    finally:
+        writer.close()
+    line = await server.proc.wait_line(lambda text: '"event":"connection"' in text)
+    peer = json.loads(line)["peer"]
+    assert peer.startswith(long_name[:900])
+    assert peer.endswith("...(cut)")
+    assert len(peer) <= 1_000 + len("...(cut)")

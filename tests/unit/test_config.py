@@ -104,6 +104,7 @@ def test_a_good_file_loads_with_defaults(tmp_path: Path) -> None:
         (KME + CLIENT + "max_connections = -1\n", "max_connections: must be a positive integer"),
         (KME + CLIENT + 'idle_timeout_s = "soon"\n', 'idle_timeout_s: must be a number, not the string "soon"'),
         (KME.replace("https://", "http://") + CLIENT, "must be an https:// URL"),
+        (KME.replace("https://", "https://kme:secret@") + CLIENT, "url: must not carry a user name or password"),
         (KME + CLIENT + 'flow = "sideways"\n', "tunnel.web.flow"),
         (KME + CLIENT + CLIENT, "used twice"),
         ("[daemon]\n", "at least one [[tunnel]]"),
