@@ -2,10 +2,10 @@
 
 The daemons are mostly interpreter time, so the interpreter's build moves every figure:
 on the benchmark machine Debian's ``python3.11`` (profile-guided and link-time optimised,
-libpython linked into the executable) spends about 15 % less CPU per connection than a
+libpython linked into the executable) spends about 9 % less CPU per connection than a
 pyenv build of the same version as this machine has it (a shared libpython, no
-``--enable-optimizations``): docs/PERFORMANCE.md, "The interpreter". A run says which one
-it measured.
+``--enable-optimizations``): docs/PERFORMANCE.md, "What bounds the 8-concurrent rate; the
+interpreter". A run says which one it measured.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sysconfig
 
 SLOW_BUILD = (
     "its libpython is a shared library built without --enable-optimizations: expect about "
-    "15 % more CPU per connection than on an optimised build such as Debian's python3 or "
-    "the official python image (docs/PERFORMANCE.md, 'The interpreter')"
+    "10 % more CPU per connection than on an optimised build such as Debian's python3 or "
+    "the official python image (docs/PERFORMANCE.md, on the interpreter)"
 )
 
 
