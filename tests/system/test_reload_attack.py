@@ -41,7 +41,11 @@ async def reload(node: Node, tunnels: list[dict[str, Any]], kmes: dict[str, Any]
     """Rewrite ``node``'s file with ``tunnels`` (same status port), SIGHUP, and return the
     outcome line (``reloaded`` or ``reload refused``)."""
     done = sum(1 for line in node.proc.lines if _outcome(line))
-    node.config.write_text(_config_text(node, tunnels, kmes))
+    # Whole or not at all: a SIGHUP of a storm still on its way must not read half a file
+    # (it would be refused, rightly, and the outcome awaited here would be that one).
+    fresh = node.config.with_suffix(".tmp")
+    fresh.write_text(_config_text(node, tunnels, kmes))
+    fresh.replace(node.config)
     node.proc.signal(signal.SIGHUP)
     await node.proc.wait_line(lambda _: sum(1 for line in node.proc.lines if _outcome(line)) > done)
     return [line for line in node.proc.lines if _outcome(line)][-1]
