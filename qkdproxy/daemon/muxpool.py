@@ -73,6 +73,9 @@ class MuxPool:
         self.rotations = 0
         self.establish_failures = 0
         self._growing: asyncio.Future[None] | None = None
+        # Reloads met by the establishment under way: its tunnel, authenticated under the
+        # settings before them, is checked as the established ones were (see reconfigured).
+        self._reloads_meanwhile: list[tuple[Callable[[MuxTunnel], bool], str]] = []
         self._changed = asyncio.Event()
         self._backoff_s = 0.0
         self._retry_at = 0.0
@@ -164,6 +167,7 @@ class MuxPool:
             self._growing = None
 
     async def _establish(self) -> PlainTunnel | None:
+        self._reloads_meanwhile = []
         try:
             made = await self._dial()
             if isinstance(made, MuxTunnel):
@@ -175,6 +179,10 @@ class MuxPool:
         if isinstance(made, PlainTunnel):
             self._unsupported_until = self._clock() + UNSUPPORTED_RETRY_S
             return made
+        stale = [why for is_stale, why in self._reloads_meanwhile if is_stale(made)]
+        if stale:
+            self._retire(made, stale[0])  # the next round establishes one that meets them
+            return None
         made.on_change = self._changed.set
         self.tunnels.append(made)
         self._changed.set()
@@ -287,11 +295,15 @@ class MuxPool:
     def reconfigured(self, stale: Callable[[MuxTunnel], bool], why: str) -> None:
         """A reload: retire the established tunnels ``stale`` names (what they were
         authenticated against changed): they take no new stream, their open streams
-        finish, and the next connection that finds no room establishes a tunnel. The
-        backoff is forgotten: the failure that set it was met under the old settings."""
+        finish, and the next connection that finds no room establishes a tunnel. The next
+        establishment may go at once (the failure that set the backoff was met under the old
+        settings), but the backoff keeps its level: a peer that fails every establishment
+        gets one more QKD key per reload, not a fresh run of short waits."""
         for tunnel in [t for t in self.tunnels if stale(t)]:
             self._retire(tunnel, why)
-        self._backoff_s, self._retry_at, self._last_error = 0.0, 0.0, None
+        if self._growing is not None:
+            self._reloads_meanwhile.append((stale, why))
+        self._retry_at, self._last_error = 0.0, None
         self._changed.set()
 
     def _retire(self, tunnel: MuxTunnel, why: str) -> None:

@@ -96,15 +96,20 @@ class ThrottledHttpLog(logging.LoggerAdapter):  # type: ignore[type-arg] # types
             return
         exc = exc_info if isinstance(exc_info, BaseException) else None
         bad_request = isinstance(exc, HttpProcessingError)
+        if bad_request:
+            # Not our fault: a WARNING at most (aiohttp logs non-HTTP bytes at DEBUG).
+            level = min(level, logging.WARNING)
+        if not self.logger.isEnabledFor(level):
+            # A line nobody sees must not take the interval's one line, nor its count.
+            return
         kind = "bad_request" if bad_request else "error"
         suppressed = self._throttle.admit(kind, time.monotonic())
         if suppressed is None:
             return
         text = f"status listener: {msg}" % args if args else f"status listener: {msg}"
         if bad_request:
-            # Not our fault: a WARNING at most (aiohttp logs non-HTTP bytes at DEBUG).
             self.logger.log(
-                min(level, logging.WARNING), "%s: %s (%d more since the last such line)",
+                level, "%s: %s (%d more since the last such line)",
                 text, escape(exc, limit=200), suppressed,
             )  # fmt: skip
             return

@@ -202,6 +202,9 @@ class Tunnel:
         self._mux_tunnels: set[MuxTunnel] = set()
         self._pool_tasks: set[asyncio.Future[None]] = set()
         self._live_streams = 0
+        # Bumped by each reload that changed the trust (see reconfigure): a server's
+        # handshake that began before one authenticated its peer under the old trust.
+        self._trust_epoch = 0
         # Set once the listeners closed: a tunnel established after that drains at once.
         self._stopping = False
         # The loop the tunnel was started on, held for each connection's tasks and
@@ -316,6 +319,7 @@ class Tunnel:
         streams on such a tunnel). A server's allow-list is checked per stream instead."""
         trusted = _trust(self.config, self.endpoint) == _trust(config, endpoint)
         self.config, self.endpoint, self.fallback, self.keys = config, endpoint, fallback, keys
+        self._trust_epoch += not trusted
         if self.pool is not None:
             allow = endpoint.settings.peer.allow
             self.pool.reconfigured(lambda t: not trusted or not allow.permits(t.tls.peer), RELOADED)
@@ -590,6 +594,7 @@ class Tunnel:
     ) -> str:
         # Until the client is authenticated, KME work for the KSID it names is bounded.
         HELLO_SOURCE.set(source_key(record.client))
+        epoch = self._trust_epoch
         try:
             loop = self._loop()
             stream = await gate.within_hello_deadlines(
@@ -611,7 +616,7 @@ class Tunnel:
             return self._handshake_failed(exc, record)
         self._established(stream, record)
         if stream.alpn == MUX_ALPN and self.config.mux.enabled:
-            return await self._serve_mux_tunnel(stream, writer, record)
+            return await self._serve_mux_tunnel(stream, writer, record, epoch)
         channel = await self._peer_channel(stream)
         try:
             backend_reader, backend_writer = await self._open_backend()
@@ -708,9 +713,14 @@ class Tunnel:
             record.reason = f"error: {record.reason}"[:300]
 
     async def _serve_mux_tunnel(
-        self, stream: TlsStream, writer: asyncio.StreamWriter, record: ConnectionRecord
+        self,
+        stream: TlsStream,
+        writer: asyncio.StreamWriter,
+        record: ConnectionRecord,
+        epoch: int,
     ) -> str:
-        """Server: carry the peer's streams until the tunnel ends."""
+        """Server: carry the peer's streams until the tunnel ends (``epoch``: the trust
+        its handshake began under)."""
         record.mux = "tunnel"
         tasks: set[asyncio.Task[None]] = set()
 
@@ -725,6 +735,9 @@ class Tunnel:
             # Its handshake was under way when the listeners closed: GOAWAY right behind
             # the SETTINGS, so the peer's pool opens no stream on it.
             self._drain_mux(tunnel)
+        elif epoch != self._trust_epoch:
+            # Its peer was authenticated under a trust a reload changed meanwhile.
+            self._drain_mux(tunnel, RELOADED)
         try:
             return await tunnel.wait()
         finally:
@@ -912,7 +925,10 @@ class Tunnel:
             self._on_handshake(record)
 
     async def _peer_channel(self, stream: TlsStream) -> Channel:
-        channel = await open_peer_channel(stream, self.sources)
+        # The sources the handshake drew from: a reload that repointed the tunnel while it
+        # ran must not have the old peer told (and fetch) the new peer's next keys.
+        keys = stream.keys or self.keys
+        channel = await open_peer_channel(stream, keys.sources)
         return channel if channel is not None else RawTlsChannel(stream)
 
     @staticmethod

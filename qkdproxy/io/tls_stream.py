@@ -312,6 +312,12 @@ class TlsStream:
         return events
 
     @property
+    def keys(self) -> KeyContext | None:
+        """The key context of the endpoint this stream was established by (a reload may
+        have given its tunnel another since): the supply its peer was announced."""
+        return self._keys
+
+    @property
     def fresh_key_updates(self) -> bool:
         """True if both sides negotiated Extended Key Update."""
         return self._layer.eku is not None

@@ -367,3 +367,21 @@ async def test_a_peer_certificate_name_is_cut_in_its_connection_line(
     assert peer.startswith(long_name[:900])
     assert peer.endswith("...(cut)")
     assert len(peer) <= 1_000 + len("...(cut)")
+
+
+async def test_non_http_bytes_logged_at_debug_do_not_hide_the_next_bad_request(
+    faults: FaultHarness,
+) -> None:
+    """aiohttp logs non-HTTP bytes on a new connection (TLS to the HTTP port, say) at DEBUG
+    with the exception. That line is not shown at log_level info, so it must not take the
+    interval's one bad-request WARNING: before, one such connection every 10 s hid every
+    malformed request from the operator (a DEBUG line nobody saw carried their count)."""
+    _, backend_port = await faults.backend()
+    server = await faults.node(faults.config(
+        "server.toml", [faults.server_tunnel("t", backend_port, **PQ)], {}
+    ))  # fmt: skip
+    await send_and_read(server.status_port, b"\x16\x03\x01\x00\x05hello\r\n\r\n", "127.0.0.1")
+    bad = b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x01Name: y\r\n\r\n"
+    await send_and_read(server.status_port, bad, "127.0.0.1")
+    line = await server.proc.wait_line(lambda text: "status listener" in text)
+    assert "WARNING" in line and "Bad" in line and "(0 more" in line, line

@@ -10,9 +10,14 @@ tunnel; an invalid file leaves the running settings untouched. docs/RELIABILITY.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from qkdproxy.tools.certs import DevPki
 from tests.system.test_key_attacks import fates
@@ -36,7 +41,11 @@ async def reload(node: Node, tunnels: list[dict[str, Any]], kmes: dict[str, Any]
     """Rewrite ``node``'s file with ``tunnels`` (same status port), SIGHUP, and return the
     outcome line (``reloaded`` or ``reload refused``)."""
     done = sum(1 for line in node.proc.lines if _outcome(line))
-    node.config.write_text(_config_text(node, tunnels, kmes))
+    # Whole or not at all: a SIGHUP of a storm still on its way must not read half a file
+    # (it would be refused, rightly, and the outcome awaited here would be that one).
+    fresh = node.config.with_suffix(".tmp")
+    fresh.write_text(_config_text(node, tunnels, kmes))
+    fresh.replace(node.config)
     node.proc.signal(signal.SIGHUP)
     await node.proc.wait_line(lambda _: sum(1 for line in node.proc.lines if _outcome(line)) > done)
     return [line for line in node.proc.lines if _outcome(line)][-1]
@@ -238,3 +247,178 @@ async def test_a_reload_that_moves_the_status_listener_is_refused(faults: FaultH
     text = await server.metrics()  # still where it was
     assert metric(text, "qkdproxy_config_last_reload_successful") == 0
     assert metric(text, "qkdproxy_reloads_total", result="failure") == 1
+
+
+class HeldRelay:
+    """A TCP relay before ``upstream`` that holds one direction until :meth:`release`:
+    ``"replies"`` (the server's bytes: a client's handshake waits for its server) or
+    ``"finish"`` (the client's bytes after its ClientHello: a server's handshake waits for
+    the client's Finished). A handshake straddles a reload this way, whatever its speed."""
+
+    def __init__(self, upstream: int, hold: str) -> None:
+        self.upstream, self.hold = upstream, hold
+        self.heard = asyncio.Event()  # the client's first bytes (its ClientHello) passed
+        self._released = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        up = self._pass(reader, up_writer, 1 if self.hold == "finish" else None, self.heard)
+        down = self._pass(up_reader, writer, 0 if self.hold == "replies" else None, None)
+        tasks = [asyncio.ensure_future(up), asyncio.ensure_future(down)]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for each in (writer, up_writer):
+            each.close()
+
+    async def _pass(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        free: int | None,
+        passed: asyncio.Event | None,
+    ) -> None:
+        """Copy; with ``free``, hold every read after the first ``free`` until released;
+        set ``passed`` once bytes went through."""
+        reads = 0
+        while data := await reader.read(65536):
+            if free is not None and reads >= free:
+                await self._released.wait()
+            reads += 1
+            writer.write(data)
+            await writer.drain()
+            if passed is not None:
+                passed.set()
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture(name="relays")
+async def relays_fixture() -> AsyncIterator[list[HeldRelay]]:
+    made: list[HeldRelay] = []
+    try:
+        yield made
+    finally:
+        for each in made:
+            await each.close()
+
+
+async def relay(relays: list[HeldRelay], upstream: int, hold: str) -> int:
+    """A :class:`HeldRelay` started before ``upstream``; its port."""
+    relays.append(HeldRelay(upstream, hold))
+    return await relays[-1].start()
+
+
+async def depth(node: Node, keys: int) -> bool:
+    """``node``'s KME supplies hold at least ``keys`` keys."""
+    return bool((await node.status())["kmes"][0]["buffer_depth"] >= keys)
+
+
+async def test_a_handshake_in_flight_across_a_repointing_reload_announces_its_own_peers_keys(
+    faults: FaultHarness, relays: list[HeldRelay]
+) -> None:
+    """A client's handshake with server 0 is under way when a reload repoints the tunnel at
+    server 1 (whose supply holds keys not yet announced). Once it completes, its channel
+    must announce server 0's next keys, not server 1's: server 0 would fetch them (gone
+    from the KME) and server 1 refuse them when offered. Before: the channel announced
+    from the tunnel's current supply."""
+    kme = await faults.start_kme()
+    _, backend_port = await faults.recording_backend()
+    servers = []
+    for i in range(2):
+        servers.append(await start(
+            faults, f"server{i}", [faults.server_tunnel("t", backend_port)],
+            {"local": faults.kme_table(kme.urls["kme-b"], "b")},
+        ))  # fmt: skip
+    ports = [await relay(relays, s.ports["t"], "replies") for s in servers]
+    held = relays
+    kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a", supply_floor=2, supply_ceiling=2)}
+    client = await start(faults, "client", [faults.client_tunnel("c", ports[0])], kmes)
+    await eventually(lambda: depth(client, 2), "server 0's supply filled to its floor")
+    first = asyncio.create_task(works(client.ports["c"], 2000))  # to server 0: held
+    await held[0].heard.wait()
+    line = await reload(client, [faults.client_tunnel("c", ports[1])], kmes)
+    assert "reloaded" in line, line
+    second = asyncio.create_task(works(client.ports["c"], 2000))  # to server 1: held
+    await held[1].heard.wait()
+
+    await eventually(lambda: depth(client, 2), "server 1's supply refilled")
+    held[0].release()
+    assert await first
+    held[1].release()
+    assert await second
+    outcomes = [await works(client.ports["c"], 2000) for _ in range(4)]
+    assert all(outcomes), client.proc.records()[-4:]
+    await client.settled()
+    account = await fates(client)
+    assert account["refused"] == account["flushed"] == account["failed_handshake"] == 0, account
+
+
+async def test_a_pooled_tunnel_established_across_a_reload_meets_the_new_allow_list(
+    faults: FaultHarness, relays: list[HeldRelay]
+) -> None:
+    """A multiplexing client's pool is establishing a tunnel when a reload drops its server
+    from the allow-list (the handshake was checked under the old list). The tunnel must not
+    join the pool and carry new connections (until rotation, an hour by default)."""
+    kme = await faults.start_kme()
+    backend, backend_port = await faults.recording_backend()
+    server = await start(
+        faults, "server", [faults.server_tunnel("t", backend_port, **MUX)],
+        {"local": faults.kme_table(kme.urls["kme-b"], "b")},
+    )  # fmt: skip
+    port = await relay(relays, server.ports["t"], "replies")
+    [held] = relays
+    kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
+    tunnel = faults.client_tunnel("c", port, **MUX)
+    client = await start(faults, "client", [tunnel], kmes)
+    await held.heard.wait()  # the pool's first tunnel (mux_pool_min 1): under way
+    line = await reload(client, [{**tunnel, "allow": [NOBODY]}], kmes)
+    assert "reloaded" in line, line
+    held.release()
+    assert not await works(client.ports["c"], 2000)
+    assert backend.endings == [], backend.endings
+    carrier = await client.proc.wait_record(lambda r: r["mux"] == "tunnel")
+    assert carrier["reason"] == "reloaded", carrier
+    await client.proc.wait_record(lambda r: r["failure"] == "access_denied")
+
+
+async def test_a_carrier_established_across_a_ca_reload_takes_no_stream(
+    faults: FaultHarness, tmp_path: Path, relays: list[HeldRelay]
+) -> None:
+    """A multiplexing server is in the handshake of a client's pooled tunnel when a reload
+    drops the client's CA. The carrier was authenticated under the old bundle: it must get
+    GOAWAY like those established before the reload, not carry the client's streams."""
+    other = DevPki.create()
+    other.write(tmp_path / "other")
+    kme = await faults.start_kme()
+    backend, backend_port = await faults.recording_backend()
+    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
+    tunnel = faults.server_tunnel("t", backend_port, **MUX)
+    server = await start(faults, "server", [tunnel], kmes)
+    port = await relay(relays, server.ports["t"], "finish")
+    [held] = relays
+    client = await start(
+        faults, "client", [faults.client_tunnel("c", port, **MUX)],
+        {"local": faults.kme_table(kme.urls["kme-a"], "a")},
+    )  # fmt: skip
+    await held.heard.wait()  # the server has the ClientHello; the client's Finished is held
+    line = await reload(server, [{**tunnel, "ca": str(tmp_path / "other" / "ca.pem")}], kmes)
+    assert "reloaded" in line, line
+    held.release()
+    assert not await works(client.ports["c"], 2000)
+    assert backend.endings == [], backend.endings
