@@ -160,13 +160,19 @@ class StatusListener:
     status_port: int
 
     async def get(self, path: str) -> tuple[int, str]:
-        """GET ``path`` on the status listener: (HTTP status, body)."""
+        """GET ``path`` on the status listener: (HTTP status, body). A 429 (a test polling
+        faster than the listener's per-address budget) is asked again after its
+        Retry-After, as a well-behaved scraper would."""
         timeout = aiohttp.ClientTimeout(total=DEADLINE)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(f"http://127.0.0.1:{self.status_port}{path}") as response,
-        ):
-            return response.status, await response.text()
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(f"http://127.0.0.1:{self.status_port}{path}") as response,
+            ):
+                if response.status != 429 or time.monotonic() > deadline:
+                    return response.status, await response.text()
+                await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
 
     async def status(self) -> dict[str, Any]:
         code, body = await self.get("/status")

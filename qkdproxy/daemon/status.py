@@ -3,11 +3,13 @@
 Operators sometimes expose it beyond loopback (a container's or a pod's status port), so
 whoever can reach it is treated as hostile: it holds at most ``MAX_CONNECTIONS`` sockets
 (``MAX_CONNECTIONS_PER_SOURCE`` from one address, or IPv6 /64), each for at most
-``CONNECTION_LIFETIME_S``, and what aiohttp logs about bad requests is rate-limited to one
-line per interval. Without these an idle or trickling client kept a socket for aiohttp's
-default hour, so a few hundred of them took every descriptor the daemon may open and the
-tunnels could no longer accept or dial; and every malformed request wrote an ERROR line
-with a traceback quoting the request.
+``CONNECTION_LIFETIME_S``, answers each address's requests at a bounded rate (and the
+costly /metrics and /status at a bounded rate overall), and what aiohttp logs about bad
+requests is rate-limited to one line per interval. Without these an idle or trickling
+client kept a socket for aiohttp's default hour, so a few hundred of them took every
+descriptor the daemon may open and the tunnels could no longer accept or dial; a few
+clients asking for /metrics back to back took the event loop the tunnels run on; and
+every malformed request wrote an ERROR line with a traceback quoting the request.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from qkdproxy.core.addresses import format_sockname
 from qkdproxy.core.logsafe import escape
-from qkdproxy.core.ratelimit import source_key
+from qkdproxy.core.ratelimit import SourceBuckets, TokenBucket, source_key
 from qkdproxy.core.throttle import LogThrottle
 
 Readiness = Callable[[], tuple[bool, list[str]]]
@@ -44,15 +47,58 @@ IDLE_S = 5.0
 # A stopping daemon does not wait longer than this for status requests in flight.
 SHUTDOWN_S = 1.0
 ERROR_LOG_INTERVAL_S = 10.0
+# A scraper and a kubelet's probes ask about once a second from one address, a test polling
+# for a counter 20 times a second; more than this from one address (IPv6 /64) gets 429.
+REQUESTS_PER_SOURCE_S = 20.0
+REQUEST_BURST_PER_SOURCE = 40.0
+# /metrics and /status cost a daemon 1.5-2 ms of CPU each (its event loop, which also runs
+# the tunnels): from everyone together at most this many, under 10 % of a core. The
+# probes' /healthz and /readyz are cheap and limited per address only, so a flood of
+# costly requests from many addresses cannot fail a liveness probe (a restart would cut
+# every connection).
+COSTLY_PER_S = 40.0
+COSTLY_BURST = 80.0
+COSTLY_PATHS = frozenset({"/metrics", "/status"})
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 log = logging.getLogger("qkdproxy.status")
 
 
+class RequestBudget:
+    """Which status requests are answered (pure: time is passed in): each address (IPv6
+    /64) has its own token bucket, and the costly paths share one more among everyone.
+    ``per_source`` and ``costly``: (rate per second, burst) of each."""
+
+    def __init__(
+        self,
+        per_source: tuple[float, float] = (REQUESTS_PER_SOURCE_S, REQUEST_BURST_PER_SOURCE),
+        costly: tuple[float, float] = (COSTLY_PER_S, COSTLY_BURST),
+    ) -> None:
+        self._sources = SourceBuckets(*per_source)
+        self._costly = TokenBucket(*costly)
+
+    def admit(self, source: str, path: str, now: float) -> bool:
+        """Whether a request for ``path`` from ``source`` (a peer address) is answered."""
+        if not self._sources.take(source_key(source), now):
+            return False
+        return path not in COSTLY_PATHS or self._costly.take(now)
+
+
 def create_app(
-    registry: CollectorRegistry, readiness: Readiness, status: StatusDocument
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    status: StatusDocument,
+    budget: RequestBudget | None = None,
 ) -> web.Application:
-    """The status application; the callables read the daemon at request time."""
+    """The status application; the callables read the daemon at request time. Requests
+    beyond ``budget`` (a fresh :class:`RequestBudget` by default) get 429."""
+    budget = budget or RequestBudget()
+
+    @web.middleware
+    async def budgeted(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if budget.admit(request.remote or "", request.path, time.monotonic()):
+            return await handler(request)
+        return web.Response(status=429, headers={"Retry-After": "1"})
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -71,7 +117,7 @@ def create_app(
     async def status_json(_: web.Request) -> web.Response:
         return web.json_response(status())
 
-    app = web.Application()
+    app = web.Application(middlewares=[budgeted])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from qkdproxy.daemon.status import MAX_CONNECTIONS_PER_SOURCE, StatusServer, create_app
+from qkdproxy.daemon.status import (
+    MAX_CONNECTIONS_PER_SOURCE,
+    REQUEST_BURST_PER_SOURCE,
+    REQUESTS_PER_SOURCE_S,
+    RequestBudget,
+    StatusServer,
+    create_app,
+)
 from tests.system_helpers import eventually
 
 DEADLINE = 15.0
@@ -32,11 +40,14 @@ class Big:
 
 
 @contextlib.asynccontextmanager
-async def status_server(**bounds: float) -> AsyncIterator[StatusServer]:
+async def status_server(
+    budget: RequestBudget | None = None, **bounds: float
+) -> AsyncIterator[StatusServer]:
     registry = CollectorRegistry()
     registry.register(Big())
     server = StatusServer(
-        create_app(registry, lambda: (True, []), lambda: {"version": "test"}), **bounds
+        create_app(registry, lambda: (True, []), lambda: {"version": "test"}, budget),
+        **bounds,
     )
     await server.start("127.0.0.1", 0)
     try:
@@ -160,7 +171,8 @@ async def test_pipelined_requests_are_answered_in_order_and_bounded() -> None:
     """200 pipelined requests for the three small answers: every one answered, in order;
     aiohttp stops reading while its queue of parsed requests is full."""
     paths = [b"/healthz", b"/readyz", b"/status"] * 67
-    async with status_server() as server:
+    # Room for all of them at once: the request budget is another test's subject.
+    async with status_server(RequestBudget((1000.0, 1000.0), (1000.0, 1000.0))) as server:
         reader, writer = await connect(server)
         writer.write(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p for p in paths))
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -171,3 +183,31 @@ async def test_pipelined_requests_are_answered_in_order_and_bounded() -> None:
     for path, body in zip(paths, bodies, strict=False):
         expected = {b"/healthz": b"ok\n", b"/readyz": b'"ready"', b"/status": b'"version"'}
         assert expected[path] in body
+
+
+async def test_one_address_asking_back_to_back_gets_429_and_the_probes_still_pass() -> None:
+    """100 requests for /status (a costly path: /metrics takes a real daemon 1.5-2 ms of
+    CPU) back to back on one connection: the first REQUEST_BURST_PER_SOURCE are answered,
+    then about REQUESTS_PER_SOURCE_S a second, the rest get 429 with Retry-After; another
+    address's /healthz is answered at once. (Before: every one was answered, so a few
+    clients kept the event loop the tunnels run on busy.)"""
+    async with status_server() as server:
+        reader, writer = await connect(server)
+        writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" * 99)
+        writer.write(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        started = time.monotonic()
+        answer = await ended(reader)
+        elapsed = time.monotonic() - started
+        writer.close()
+        host, port = server.address.rsplit(":", 1)
+        other = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0))
+        other[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        probe = await ended(other[0])
+        other[1].close()
+    answered = answer.count(b"HTTP/1.1 200 OK\r\n")
+    refused = answer.count(b"HTTP/1.1 429 Too Many Requests\r\n")
+    assert answered + refused == 100
+    most = REQUEST_BURST_PER_SOURCE + REQUESTS_PER_SOURCE_S * elapsed + 1
+    assert REQUEST_BURST_PER_SOURCE <= answered <= most, (answered, elapsed)
+    assert refused > 0 and b"Retry-After: 1" in answer
+    assert probe.startswith(b"HTTP/1.1 200 OK\r\n") and probe.endswith(b"ok\n")
