@@ -197,13 +197,10 @@ async def pump(
 
     async def inbound() -> None:
         nonlocal inbound_done
-        # One writelines of the payloads as they were opened: the kernel gathers them
-        # (one sendmsg), so no byte is copied to join them first.
         while parts := await channel.receive_parts():
             traffic.from_peer += sum(map(len, parts))
             traffic.last_activity = time.monotonic()
-            writer.writelines(parts)
-            await writer.drain()
+            await _write_plaintext(writer, parts)
         inbound_done = True
         if writer.can_write_eof():
             with contextlib.suppress(OSError):
@@ -225,6 +222,20 @@ async def pump(
         await aio.cancel_all(tasks | helpers)
         if stream is not None:
             traffic.fresh_keys = stream.fresh_key_stats()
+
+
+async def _write_plaintext(
+    writer: asyncio.StreamWriter, parts: Sequence[bytes | bytearray | memoryview]
+) -> None:
+    """One writelines of the payloads as they were opened: the kernel gathers them (one
+    sendmsg), so no byte is copied to join them first."""
+    if writer.transport.is_closing():
+        # Reset by the application (or backend) while this direction waited: drain raises
+        # what closed it, where uvloop's write raises RuntimeError, a fault of ours to read.
+        await writer.drain()
+        raise ConnectionResetError("the plaintext side closed before the data")
+    writer.writelines(parts)
+    await writer.drain()
 
 
 def _refresh_later(
