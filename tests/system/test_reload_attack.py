@@ -73,6 +73,16 @@ async def start(faults: FaultHarness, name: str, tunnels: list[dict[str, Any]],
     return node
 
 
+async def two_servers(faults: FaultHarness) -> tuple[Any, list[Node]]:
+    """The KME simulator and two server daemons on its slave SAE (an HA pair), one
+    recording backend behind both."""
+    kme = await faults.start_kme()
+    _, backend_port = await faults.recording_backend()
+    tunnels = [faults.server_tunnel("t", backend_port)]
+    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
+    return kme, [await start(faults, f"server{i}", tunnels, kmes) for i in range(2)]
+
+
 async def test_a_client_repointed_at_another_server_never_offers_it_the_first_ones_keys(
     faults: FaultHarness,
 ) -> None:
@@ -80,14 +90,7 @@ async def test_a_client_repointed_at_another_server_never_offers_it_the_first_on
     SAE, as an HA pair would be). The keys its supply announced to server 0 (and server 0
     fetched) must not be offered to server 1: every connection after the reload works, no
     key is refused or flushed; moved back, the keys held for server 0 serve it again."""
-    kme = await faults.start_kme()
-    _, backend_port = await faults.recording_backend()
-    servers = []
-    for i in range(2):
-        servers.append(await start(
-            faults, f"server{i}", [faults.server_tunnel("t", backend_port)],
-            {"local": faults.kme_table(kme.urls["kme-b"], "b")},
-        ))  # fmt: skip
+    kme, servers = await two_servers(faults)
     kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
     client = await start(faults, "client", [faults.client_tunnel("c", servers[0].ports["t"])], kmes)
     for _ in range(4):
@@ -337,14 +340,7 @@ async def test_a_handshake_in_flight_across_a_repointing_reload_announces_its_ow
     must announce server 0's next keys, not server 1's: server 0 would fetch them (gone
     from the KME) and server 1 refuse them when offered. Before: the channel announced
     from the tunnel's current supply."""
-    kme = await faults.start_kme()
-    _, backend_port = await faults.recording_backend()
-    servers = []
-    for i in range(2):
-        servers.append(await start(
-            faults, f"server{i}", [faults.server_tunnel("t", backend_port)],
-            {"local": faults.kme_table(kme.urls["kme-b"], "b")},
-        ))  # fmt: skip
+    kme, servers = await two_servers(faults)
     ports = [await relay(relays, s.ports["t"], "replies") for s in servers]
     held = relays
     kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a", supply_floor=2, supply_ceiling=2)}
