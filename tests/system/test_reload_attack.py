@@ -24,6 +24,7 @@ from tests.system.test_key_attacks import fates
 from tests.system_helpers import (
     FaultHarness,
     Node,
+    RecordingBackend,
     Transfer,
     eventually,
     fault_pki_fixture,  # noqa: F401 - fixture
@@ -71,6 +72,26 @@ async def start(faults: FaultHarness, name: str, tunnels: list[dict[str, Any]],
     node = await faults.node(faults.config(f"{name}.toml", tunnels, kmes))
     _HARNESS[node.config] = faults
     return node
+
+
+async def half_sent(port: int, fill: bytes) -> Transfer:
+    """A 200 KB transfer with its first half through: a connection open across a reload."""
+    live = await Transfer(port, fill * 200_000).open()
+    await live.send(live.payload[:100_000])
+    await live.until(100_000)
+    return live
+
+
+async def only_the_open_one_finishes(port: int, live: Transfer, backend: RecordingBackend) -> None:
+    """After the reload three new connections are refused, the open one finishes whole, and
+    only the two connections made before the reload reached the backend."""
+    seen = len(backend.endings) + 1  # the open one ends later
+    for _ in range(3):
+        assert not await works(port, 2000)
+    ending = await live.finish(100_000)
+    assert (ending.received, ending.how) == (live.payload, "eof")
+    await backend.wait_until(lambda: len(backend.endings) >= seen)
+    assert len(backend.endings) == seen == 2, backend.endings
 
 
 async def two_servers(faults: FaultHarness) -> tuple[Any, list[Node]]:
@@ -130,20 +151,11 @@ async def test_a_client_reload_that_drops_its_server_moves_new_streams_off_poole
     tunnel = faults.client_tunnel("c", server.ports["t"], **MUX)
     client = await start(faults, "client", [tunnel], kmes)
     assert await works(client.ports["c"], 2000)
-    live = await Transfer(client.ports["c"], b"x" * 200_000).open()
-    await live.send(live.payload[:100_000])
-    await live.until(100_000)
+    live = await half_sent(client.ports["c"], b"x")
 
     line = await reload(client, [{**tunnel, "allow": [NOBODY]}], kmes)
     assert "reloaded" in line, line
-    seen = len(backend.endings) + 1  # the live one ends later
-    for _ in range(3):
-        assert not await works(client.ports["c"], 2000)
-    ending = await live.finish(100_000)
-    assert (ending.received, ending.how) == (live.payload, "eof")
-    # Only the two connections made before the reload reached the backend.
-    await backend.wait_until(lambda: len(backend.endings) >= seen)
-    assert len(backend.endings) == seen == 2, backend.endings
+    await only_the_open_one_finishes(client.ports["c"], live, backend)
     denied = [r for r in client.proc.records() if r.get("failure") == "access_denied"]
     assert denied, [(r["reason"], r.get("failure")) for r in client.proc.records()]
 
@@ -172,19 +184,11 @@ async def test_a_server_reload_that_drops_the_clients_ca_stops_its_new_streams(
         {"local": faults.kme_table(kme.urls["kme-a"], "a")},
     )  # fmt: skip
     assert await works(client.ports["c"], 2000)
-    live = await Transfer(client.ports["c"], b"y" * 200_000).open()
-    await live.send(live.payload[:100_000])
-    await live.until(100_000)
+    live = await half_sent(client.ports["c"], b"y")
 
     line = await reload(server, [{**tunnel, "ca": str(tmp_path / "other" / "ca.pem")}], kmes)
     assert "reloaded" in line, line
-    seen = len(backend.endings) + 1
-    for _ in range(3):
-        assert not await works(client.ports["c"], 2000)
-    ending = await live.finish(100_000)
-    assert (ending.received, ending.how) == (live.payload, "eof")
-    await backend.wait_until(lambda: len(backend.endings) >= seen)
-    assert len(backend.endings) == seen == 2, backend.endings
+    await only_the_open_one_finishes(client.ports["c"], live, backend)
     carrier = await server.proc.wait_record(lambda r: r["mux"] == "tunnel")
     assert carrier["reason"] == "reloaded", carrier
     # The client's new tunnels met the new bundle.
