@@ -94,6 +94,21 @@ async def only_the_open_one_finishes(port: int, live: Transfer, backend: Recordi
     assert len(backend.endings) == seen == 2, backend.endings
 
 
+async def mux_server_and_another_ca(
+    faults: FaultHarness, tmp_path: Path
+) -> tuple[Any, RecordingBackend, Node, dict[str, Any], dict[str, Any]]:
+    """The KME simulator, a multiplexing server daemon ("server", tunnel "t") in front of a
+    recording backend, its tunnel and KME tables (to reload variants of), and a second
+    CA's bundle in ``tmp_path / "other"``."""
+    DevPki.create().write(tmp_path / "other")
+    kme = await faults.start_kme()
+    backend, backend_port = await faults.recording_backend()
+    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
+    tunnel = faults.server_tunnel("t", backend_port, **MUX)
+    server = await start(faults, "server", [tunnel], kmes)
+    return kme, backend, server, tunnel, kmes
+
+
 async def two_servers(faults: FaultHarness) -> tuple[Any, list[Node]]:
     """The KME simulator and two server daemons on its slave SAE (an HA pair), one
     recording backend behind both."""
@@ -172,13 +187,7 @@ async def test_a_server_reload_that_drops_the_clients_ca_stops_its_new_streams(
     bundle: the stream open on it continues, new streams must not reach the backend (before:
     only the allow-list was checked per stream, so the tunnel carried new streams until it
     rotated)."""
-    other = DevPki.create()
-    other.write(tmp_path / "other")
-    kme = await faults.start_kme()
-    backend, backend_port = await faults.recording_backend()
-    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
-    tunnel = faults.server_tunnel("t", backend_port, **MUX)
-    server = await start(faults, "server", [tunnel], kmes)
+    kme, backend, server, tunnel, kmes = await mux_server_and_another_ca(faults, tmp_path)
     client = await start(
         faults, "client", [faults.client_tunnel("c", server.ports["t"], **MUX)],
         {"local": faults.kme_table(kme.urls["kme-a"], "a")},
@@ -403,13 +412,7 @@ async def test_a_carrier_established_across_a_ca_reload_takes_no_stream(
     """A multiplexing server is in the handshake of a client's pooled tunnel when a reload
     drops the client's CA. The carrier was authenticated under the old bundle: it must get
     GOAWAY like those established before the reload, not carry the client's streams."""
-    other = DevPki.create()
-    other.write(tmp_path / "other")
-    kme = await faults.start_kme()
-    backend, backend_port = await faults.recording_backend()
-    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
-    tunnel = faults.server_tunnel("t", backend_port, **MUX)
-    server = await start(faults, "server", [tunnel], kmes)
+    kme, backend, server, tunnel, kmes = await mux_server_and_another_ca(faults, tmp_path)
     port = await relay(relays, server.ports["t"], "finish")
     [held] = relays
     client = await start(
