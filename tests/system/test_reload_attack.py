@@ -94,19 +94,25 @@ async def only_the_open_one_finishes(port: int, live: Transfer, backend: Recordi
     assert len(backend.endings) == seen == 2, backend.endings
 
 
-async def mux_server_and_another_ca(
-    faults: FaultHarness, tmp_path: Path
+async def mux_server(
+    faults: FaultHarness,
 ) -> tuple[Any, RecordingBackend, Node, dict[str, Any], dict[str, Any]]:
     """The KME simulator, a multiplexing server daemon ("server", tunnel "t") in front of a
-    recording backend, its tunnel and KME tables (to reload variants of), and a second
-    CA's bundle in ``tmp_path / "other"``."""
-    DevPki.create().write(tmp_path / "other")
+    recording backend, and its tunnel and KME tables (to reload variants of)."""
     kme = await faults.start_kme()
     backend, backend_port = await faults.recording_backend()
     kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
     tunnel = faults.server_tunnel("t", backend_port, **MUX)
     server = await start(faults, "server", [tunnel], kmes)
     return kme, backend, server, tunnel, kmes
+
+
+async def mux_server_and_another_ca(
+    faults: FaultHarness, tmp_path: Path
+) -> tuple[Any, RecordingBackend, Node, dict[str, Any], dict[str, Any]]:
+    """:func:`mux_server`, and a second CA's bundle in ``tmp_path / "other"``."""
+    DevPki.create().write(tmp_path / "other")
+    return await mux_server(faults)
 
 
 async def two_servers(faults: FaultHarness) -> tuple[Any, list[Node]]:
@@ -156,12 +162,7 @@ async def test_a_client_reload_that_drops_its_server_moves_new_streams_off_poole
     authenticated under the old list: the stream open on it continues, but no new
     application connection may reach that server (before: every new connection rode the
     old tunnel until it rotated, an hour by default). Allowed again, it works."""
-    kme = await faults.start_kme()
-    backend, backend_port = await faults.recording_backend()
-    server = await start(
-        faults, "server", [faults.server_tunnel("t", backend_port, **MUX)],
-        {"local": faults.kme_table(kme.urls["kme-b"], "b")},
-    )  # fmt: skip
+    kme, backend, server, _, _ = await mux_server(faults)
     kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
     tunnel = faults.client_tunnel("c", server.ports["t"], **MUX)
     client = await start(faults, "client", [tunnel], kmes)
@@ -384,12 +385,7 @@ async def test_a_pooled_tunnel_established_across_a_reload_meets_the_new_allow_l
     """A multiplexing client's pool is establishing a tunnel when a reload drops its server
     from the allow-list (the handshake was checked under the old list). The tunnel must not
     join the pool and carry new connections (until rotation, an hour by default)."""
-    kme = await faults.start_kme()
-    backend, backend_port = await faults.recording_backend()
-    server = await start(
-        faults, "server", [faults.server_tunnel("t", backend_port, **MUX)],
-        {"local": faults.kme_table(kme.urls["kme-b"], "b")},
-    )  # fmt: skip
+    kme, backend, server, _, _ = await mux_server(faults)
     port = await relay(relays, server.ports["t"], "replies")
     [held] = relays
     kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
