@@ -40,7 +40,7 @@ from qkdproxy.keys.sources import KeySources, KmeCallObserver, no_observer
 from qkdproxy.keys.sslctx import client_context
 
 STATUS_POLL_S = 10.0
-log = logging.getLogger("qkdproxy.sim")
+log = logging.getLogger("qkdproxy.kme")
 # Most ETSI 004 streams opened ahead, whatever the demand.
 STREAMS_AHEAD = 32
 # The supply key of a server tunnel's master: offered to whichever client connects.

@@ -267,9 +267,9 @@ async def test_the_status_poll_logs_a_key_size_mismatch(
         connection = KmeConnection.open(config)
         logged = asyncio.Event()
         signal = EventHandler(logged)
-        logger = logging.getLogger("qkdproxy.sim")
+        logger = logging.getLogger("qkdproxy.kme")
         logger.addHandler(signal)
-        with caplog.at_level(logging.ERROR, logger="qkdproxy.sim"):
+        with caplog.at_level(logging.ERROR, logger="qkdproxy.kme"):
             connection.start()
             try:
                 await asyncio.wait_for(logged.wait(), DEADLINE)

@@ -113,7 +113,7 @@ def test_kme_and_breaker_transitions_are_logged_once_each(
     kme = KmeConnection(config, KeySources(), cast(Any, None))
     breaker = CircuitBreaker(threshold=2, base_backoff_s=1.0)
     kme.client014 = cast(Any, SimpleNamespace(breaker=breaker))
-    caplog.set_level(logging.INFO, "qkdproxy.sim")
+    caplog.set_level(logging.INFO, "qkdproxy.kme")
 
     def lines() -> list[tuple[int, str]]:
         return [(r.levelno, r.getMessage()) for r in caplog.records]
