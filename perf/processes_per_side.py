@@ -25,7 +25,8 @@ import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
-from qkdproxy.tools.bench.loadgen import ConnBatch, Generator, Load, Purpose, choose, start_load
+from qkdproxy.tools.bench.loadgen import ConnBatch, Load, Purpose, choose, start_load
+from qkdproxy.tools.bench.names import Generator
 from qkdproxy.tools.bench.processes import scratch, start_daemon_pair
 from qkdproxy.tools.bench.proctime import ProcessGroup
 from qkdproxy.tools.bench.tunnels import start_stunnel

@@ -12,11 +12,11 @@ import pytest
 
 from qkdproxy.tools.bench import native
 from qkdproxy.tools.bench.loadgen import (
-    Generator,
     LoadChoice,
     Purpose,
     start_load,
 )
+from qkdproxy.tools.bench.names import Generator
 from qkdproxy.tools.bench.proctime import ProcessGroup
 
 requires_cc = pytest.mark.skipif(

@@ -12,7 +12,8 @@ import pytest
 
 from qkdproxy.cli.main import main
 from qkdproxy.tools.bench import loadgen, native, tunnels
-from qkdproxy.tools.bench.loadgen import Generator, LoadUnavailableError, Purpose, choose
+from qkdproxy.tools.bench.loadgen import LoadUnavailableError, Purpose, choose
+from qkdproxy.tools.bench.names import Generator
 from qkdproxy.tools.bench.output import TABLE_WIDTH, OutputFormat
 from qkdproxy.tools.bench.pathstats import (
     ConnrateResult,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from qkdproxy.cli.bench import _in_process_charts
+from qkdproxy.cli.bench_run import _in_process_charts
 from qkdproxy.cli.main import format_groups
 from qkdproxy.core.groups import DEFAULT_GROUPS
 from qkdproxy.tools.bench import tunnel_handshake

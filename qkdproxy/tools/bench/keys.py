@@ -26,6 +26,7 @@ from qkdproxy.sim.faults import FaultScript
 from qkdproxy.sim.link import LinkSettings
 from qkdproxy.sim.simulator import KmePair, SimulatorSettings
 from qkdproxy.tools.bench.kme_setup import SAE_CLIENT, SAE_SERVER
+from qkdproxy.tools.bench.names import KEY_MODES
 from qkdproxy.tools.bench.processes import BENCH_ADMISSION
 from qkdproxy.tools.bench.soak import SoakSettings, _kme_table, _tunnel_table, _write
 from qkdproxy.tools.certs import KMES, TRUST_DOMAIN, TUNNEL_SERVER_NAME, write_dev_pki
@@ -35,9 +36,6 @@ LINKS = {
     "realistic": LinkSettings(rate_bps=10 * KEY_BITS, pool_bits=500 * KEY_BITS),
     "fast": LinkSettings(),
 }
-PATTERNS = ("1/s", "10/s", "50/s", "max", "burst", "idle")
-# One handshake and key per connection, or connections as streams of pooled tunnels.
-MODES = ("per-connection", "mux")
 BURST = 40
 MAX_CONCURRENCY = 4
 
@@ -89,7 +87,7 @@ def scenarios(
     latencies: Sequence[float],
     patterns: Sequence[str],
     seconds: float,
-    modes: Sequence[str] = MODES[:1],
+    modes: Sequence[str] = KEY_MODES[:1],
 ) -> list[KeyScenario]:
     """Every combination, in a stable order."""
     return [

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from qkdproxy.tools.bench.names import Generator
 from qkdproxy.tools.bench.native import NativeTools, NativeUnavailableError, build
 from qkdproxy.tools.bench.processes import (
     BackendHandler,
@@ -40,15 +41,6 @@ from qkdproxy.tools.bench.proctime import ProcessGroup
 
 CHUNK = 256 * 1024
 IPERF3_STARTUP_MARKER = b"Server listening"
-
-
-class Generator(Enum):
-    """Which load generator (``auto`` picks the best available)."""
-
-    AUTO = "auto"
-    IPERF3 = "iperf3"
-    C = "c"
-    PYTHON = "python"
 
 
 class Purpose(Enum):

@@ -32,13 +32,13 @@ from qkdproxy.tools.bench.interpreter import interpreter_note
 from qkdproxy.tools.bench.loadgen import (
     DESCRIPTIONS,
     PYTHON_LIMITED,
-    Generator,
     Load,
     LoadUnavailableError,
     Purpose,
     choose,
     start_load,
 )
+from qkdproxy.tools.bench.names import Generator
 from qkdproxy.tools.bench.pathstats import (
     DIRECT,
     GB,
