@@ -396,15 +396,16 @@ class Daemon:
     def _keys_after_reload(self, tunnel: Tunnel, config: TunnelConfig) -> KeyContext:
         """The key context of a reloaded tunnel's new handshakes. A client's keys belong to
         the peer it dials (``KmeConnection.sources_for``): one that now dials another
-        draws from that peer's supply, with the same ledger. The old supply keeps the ids
-        it announced to the old peer (held and counted; used again if the tunnel dials that
-        peer again), and connections still open to it keep theirs."""
+        draws from that peer's supply (ETSI 014 keys or ETSI 004 streams), with the same
+        ledger. The old supply keeps the ids it announced to the old peer (held and counted;
+        used again if the tunnel dials that peer again), and connections still open to it
+        keep theirs."""
         kme = self.kmes.get(config.kme) if config.kme else None
         if kme is None or config.role != "client":
             return tunnel.keys
         sources = kme.sources_for(config)
         old = tunnel.keys
-        if sources.master is old.sources.master:
+        if sources.master is old.sources.master and sources.stream is old.sources.stream:
             return old
         return KeyContext(sources, old.options, old.ledger, old.guard)
 
