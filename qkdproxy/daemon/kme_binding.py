@@ -17,7 +17,6 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,7 +75,7 @@ class KmeConnection:
     pool_trend: float | None = None
     _closers: list[_Closable] = field(default_factory=list)
     # ETSI 004: makes a supply of streams over the section's one KME connection pool.
-    _new_streams: Callable[[], PrefetchingStreams] | None = None
+    _new_streams: functools.partial[PrefetchingStreams] | None = None
     _poller: asyncio.Task[None] | None = None
     # What was last logged: one line per transition, however many calls see the state.
     _logged_up: bool = True
@@ -128,9 +127,10 @@ class KmeConnection:
             PrefetchingStreams, pool, pool=STREAMS_AHEAD if config.prefetch else 0,
             max_age_s=config.supply.max_age_s, supply=config.supply, account=account,
         )  # fmt: skip
-        # The server tunnels' responder: never refilled, so it opens (and announces) no
-        # stream of its own, which no client of the client-initiated flow would use.
-        responder = connection._new_streams()
+        # The server tunnels' responder opens (and announces) no stream of its own: no client
+        # of the client-initiated flow would use it, and one announced to a client and then
+        # used with another (a server's Extended Key Update) would be refused by that one.
+        responder = connection._new_streams(opens_ahead=False)
         connection._closers = [responder, pool]
         connection.sources = KeySources(stream=responder)
         return connection

@@ -63,9 +63,14 @@ class PrefetchingStreams:
         *,
         supply: SupplySettings | None = None,
         account: KeyAccount | None = None,
+        opens_ahead: bool = True,
     ) -> None:
         self._inner = inner
         self._pool_max = pool
+        # False: a responder only (a server's): it joins the streams peers announce, opens
+        # on demand what it initiates (an Extended Key Update), and never opens or announces
+        # streams of its own, which it could offer to one client and then use with another.
+        self._opens_ahead = opens_ahead
         self._supply = SupplySizer(supply) if supply is not None else None
         self._account = account or KeyAccount()
         self._concurrency = concurrency
@@ -91,6 +96,8 @@ class PrefetchingStreams:
 
     @property
     def _pool_size(self) -> int:
+        if not self._opens_ahead:
+            return 0
         if self._supply is None:
             return self._pool_max
         return min(self._pool_max, self._supply.target(self._clock()))

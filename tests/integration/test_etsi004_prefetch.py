@@ -166,6 +166,12 @@ async def test_a_kme_section_opens_streams_ahead_per_client_peer_and_none_for_it
             assert responder.counters.opened_ahead == 0
             ksids = x.announce(8) + y.announce(8)
             assert len(set(ksids)) == 4
+            # A server's Extended Key Update opens its stream on demand, and no more.
+            update = await responder.open(None)
+            await asyncio.wait_for(responder.wait_idle(), 10)
+            assert (responder.counters.opened_ahead, responder.depth) == (0, 0)
+            assert responder.announce(8) == []
+            await responder.close(update)
         finally:
             await kme.aclose()
         assert kme.depth == 0
