@@ -37,6 +37,7 @@ from qkdproxy.daemon.tunnel import ConnectionRecord, Tunnel
 from qkdproxy.io.tls_stream import EndpointSettings, TlsEndpoint
 from qkdproxy.keys.announce import AnnouncedSlave
 from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi004_supply import PrefetchingStreams
 from qkdproxy.keys.preauth import SpendGate
 from qkdproxy.keys.sources import KeySources
 
@@ -148,6 +149,20 @@ def kme_state(kme: KmeConnection) -> KmeState:
             out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
                     "announced_expired": a.expired, "served_after_wait": a.served_after_wait,
                     "fetched_unannounced": a.fetched_unannounced}  # fmt: skip
+        if kme.streams:
+            # ETSI 004: a stream is the unit a handshake takes (one key each), so streams
+            # opened ahead count under the outcomes ETSI 014 keys do.
+            ss = [s.counters for s in kme.streams.values()]
+            out |= {
+                "prefetched": sum(c.opened_ahead for c in ss),
+                "served_from_buffer": sum(c.served_open for c in ss),
+                "fetched_on_demand": sum(c.opened_on_demand for c in ss),
+                "expired": sum(c.expired for c in ss),
+                "flushed": sum(c.flushed for c in ss),
+            }
+        if isinstance(responder := kme.sources.stream, PrefetchingStreams):
+            r = responder.counters
+            out |= {"announced": r.keys_ahead, "served_from_cache": r.keys_served_from_cache}
         return out
 
     return KmeState(

@@ -197,8 +197,8 @@ class KmeConnection:
         return [*self.masters.values(), *self.streams.values()]
 
     def consumption_per_s(self) -> float:
-        """Keys taken from every master supply per second (last minute)."""
-        return sum(m.consumption_per_s() for m in self.masters.values())
+        """Keys (ETSI 004: streams) taken from every supply per second (last minute)."""
+        return sum(supply.consumption_per_s() for supply in self._supplies())
 
     def _watch(self, observer: KmeCallObserver) -> KmeCallObserver:
         def watched(call: str, seconds: float, error: str | None) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from qkdproxy.core.keys import KeyNotFoundError
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.daemon.app import kme_state
 from qkdproxy.daemon.config import load_config
 from qkdproxy.daemon.kme_binding import KmeConnection
 from qkdproxy.io.peer_channel import open_peer_channel
@@ -166,6 +167,16 @@ async def test_a_kme_section_opens_streams_ahead_per_client_peer_and_none_for_it
             assert responder.counters.opened_ahead == 0
             ksids = x.announce(8) + y.announce(8)
             assert len(set(ksids)) == 4
+            # What /metrics reads: streams count as keys, and the take rate is measured.
+            state = kme_state(kme)
+            assert state.consumption_per_s() == 0
+            taken = await x.open(None)
+            assert state.consumption_per_s() > 0
+            assert state.buffer_depth() == 3
+            counted = state.counters()
+            assert (counted["prefetched"], counted["served_from_buffer"]) == (4, 1)
+            assert counted["fetched_on_demand"] == counted["announced"] == 0
+            await x.close(taken)
             # A server's Extended Key Update opens its stream on demand, and no more.
             update = await responder.open(None)
             await asyncio.wait_for(responder.wait_idle(), 10)
