@@ -333,6 +333,12 @@ class FaultHarness(Harness):
         del table["url"]
         return table
 
+    def kme_side(self, kme: Kme, side: str, api: str = "014", **overrides: Any) -> dict[str, Any]:
+        """The ``[kme.NAME]`` table of side "a" or "b" of simulator ``kme`` over ``api``."""
+        if api == "004":
+            return self.kme004_table(kme.etsi004[f"kme-{side}"], side, **overrides)
+        return self.kme_table(kme.urls[f"kme-{side}"], side, **overrides)
+
     def server_tunnel(self, name: str, backend_port: int, **overrides: Any) -> dict[str, Any]:
         return {
             "name": name, "role": "server", "listen": "127.0.0.1:0",

@@ -37,6 +37,7 @@ from qkdproxy.daemon.tunnel import ConnectionRecord, Tunnel
 from qkdproxy.io.tls_stream import EndpointSettings, TlsEndpoint
 from qkdproxy.keys.announce import AnnouncedSlave
 from qkdproxy.keys.context import KeyContext
+from qkdproxy.keys.etsi004_supply import PrefetchingStreams
 from qkdproxy.keys.preauth import SpendGate
 from qkdproxy.keys.sources import KeySources
 
@@ -148,6 +149,20 @@ def kme_state(kme: KmeConnection) -> KmeState:
             out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
                     "announced_expired": a.expired, "served_after_wait": a.served_after_wait,
                     "fetched_unannounced": a.fetched_unannounced}  # fmt: skip
+        if kme.streams:
+            # ETSI 004: a stream is the unit a handshake takes (one key each), so streams
+            # opened ahead count under the outcomes ETSI 014 keys do.
+            ss = [s.counters for s in kme.streams.values()]
+            out |= {
+                "prefetched": sum(c.opened_ahead for c in ss),
+                "served_from_buffer": sum(c.served_open for c in ss),
+                "fetched_on_demand": sum(c.opened_on_demand for c in ss),
+                "expired": sum(c.expired for c in ss),
+                "flushed": sum(c.flushed for c in ss),
+            }
+        if isinstance(responder := kme.sources.stream, PrefetchingStreams):
+            r = responder.counters
+            out |= {"announced": r.keys_ahead, "served_from_cache": r.keys_served_from_cache}
         return out
 
     return KmeState(
@@ -396,15 +411,16 @@ class Daemon:
     def _keys_after_reload(self, tunnel: Tunnel, config: TunnelConfig) -> KeyContext:
         """The key context of a reloaded tunnel's new handshakes. A client's keys belong to
         the peer it dials (``KmeConnection.sources_for``): one that now dials another
-        draws from that peer's supply, with the same ledger. The old supply keeps the ids
-        it announced to the old peer (held and counted; used again if the tunnel dials that
-        peer again), and connections still open to it keep theirs."""
+        draws from that peer's supply (ETSI 014 keys or ETSI 004 streams), with the same
+        ledger. The old supply keeps the ids it announced to the old peer (held and counted;
+        used again if the tunnel dials that peer again), and connections still open to it
+        keep theirs."""
         kme = self.kmes.get(config.kme) if config.kme else None
         if kme is None or config.role != "client":
             return tunnel.keys
         sources = kme.sources_for(config)
         old = tunnel.keys
-        if sources.master is old.sources.master:
+        if sources.master is old.sources.master and sources.stream is old.sources.stream:
             return old
         return KeyContext(sources, old.options, old.ledger, old.guard)
 

@@ -1,10 +1,12 @@
 """Key sources for a ``[kme.NAME]`` section: ETSI 014 or 004 clients with demand-sized
 supplies, plus the health the daemon reports (last call outcome, breaker, pool level).
 
-Keys belong to one peer: every client tunnel gets its own master supply, keyed by the peer it
-dials (a KME section shared by tunnels to different servers keeps one supply per (slave SAE,
-peer)), so ids announced to one server are never offered to another. A server tunnel gets a
-master supply only if it serves the server-initiated flow, and that supply never announces.
+Keys belong to one peer: every client tunnel gets its own master supply (ETSI 014) or its own
+streams opened ahead (ETSI 004), keyed by the peer it dials (a KME section shared by tunnels
+to different servers keeps one supply per (slave SAE, peer)), so ids and KSIDs announced to
+one server are never offered to another. A server tunnel gets a master supply only if it
+serves the server-initiated flow, and that supply never announces; over ETSI 004 the server
+tunnels share one responder, which joins the streams clients announce and opens none ahead.
 """
 
 from __future__ import annotations
@@ -65,11 +67,15 @@ class KmeConnection:
     account: KeyAccount = field(default_factory=KeyAccount)
     # One master supply per peer (ETSI 014), created as tunnels ask for them.
     masters: dict[str, Etsi014Master] = field(default_factory=dict)
+    # One initiator supply of streams opened ahead per peer (ETSI 004), likewise.
+    streams: dict[str, PrefetchingStreams] = field(default_factory=dict)
     # Pre-authentication budget of the whole link (server-initiated fresh keys).
     link_budget: TokenBucket | None = None
     # Net change of the KME pool per second between the last two status polls.
     pool_trend: float | None = None
     _closers: list[_Closable] = field(default_factory=list)
+    # ETSI 004: makes a supply of streams over the section's one KME connection pool.
+    _new_streams: functools.partial[PrefetchingStreams] | None = None
     _poller: asyncio.Task[None] | None = None
     # What was last logged: one line per transition, however many calls see the state.
     _logged_up: bool = True
@@ -117,12 +123,16 @@ class KmeConnection:
         )
         pool = GuardedStreams(Etsi004ClientPool(factory), limits)
         # Without prefetch no stream is opened ahead (pool 0), but the keys are still counted.
-        stream = PrefetchingStreams(
-            pool, pool=STREAMS_AHEAD if config.prefetch else 0,
+        connection._new_streams = functools.partial(
+            PrefetchingStreams, pool, pool=STREAMS_AHEAD if config.prefetch else 0,
             max_age_s=config.supply.max_age_s, supply=config.supply, account=account,
         )  # fmt: skip
-        connection._closers = [stream, pool]
-        connection.sources = KeySources(stream=stream)
+        # The server tunnels' responder opens (and announces) no stream of its own: no client
+        # of the client-initiated flow would use it, and one announced to a client and then
+        # used with another (a server's Extended Key Update) would be refused by that one.
+        responder = connection._new_streams(opens_ahead=False)
+        connection._closers = [responder, pool]
+        connection.sources = KeySources(stream=responder)
         return connection
 
     def master_for(self, peer: str, announces: bool = True) -> Etsi014Master | None:
@@ -140,13 +150,26 @@ class KmeConnection:
             self._closers.insert(0, master)
         return master
 
+    def streams_for(self, peer: str) -> PrefetchingStreams | None:
+        """The ETSI 004 streams opened ahead for ``peer`` (None for ETSI 014)."""
+        if self._new_streams is None:
+            return None
+        streams = self.streams.get(peer)
+        if streams is None:
+            streams = self.streams[peer] = self._new_streams()
+            # Closed before the pool their CLOSE calls go through.
+            self._closers.insert(0, streams)
+        return streams
+
     def sources_for(self, tunnel: TunnelConfig) -> KeySources:
-        """The key sources of one tunnel: a master only where it originates keys."""
+        """The key sources of one tunnel: a master (ETSI 014) or streams opened ahead (ETSI
+        004) of its own peer only where it originates keys; the section's slave and ETSI 004
+        responder otherwise."""
         if tunnel.role == "client":
-            master = None
-            if tunnel.flow is Flow.CLIENT_INITIATED:
-                master = self.master_for(f"{tunnel.server_name}@{tunnel.connect}")
-            return KeySources(master, self.sources.slave, self.sources.stream)
+            if tunnel.flow is not Flow.CLIENT_INITIATED:
+                return KeySources(None, self.sources.slave, self.sources.stream)
+            peer = f"{tunnel.server_name}@{tunnel.connect}"
+            return KeySources(self.master_for(peer), self.sources.slave, self.streams_for(peer))
         served = SERVER_INITIATED in tunnel.preauth.flows
         master = self.master_for(SERVER_SUPPLY, announces=False) if served else None
         return KeySources(master, self.sources.slave, self.sources.stream)
@@ -165,16 +188,17 @@ class KmeConnection:
     @property
     def depth(self) -> int | None:
         """Keys (or streams) held ahead, over every supply."""
-        stream = self.sources.stream
-        if isinstance(stream, PrefetchingStreams):
-            return stream.depth
-        if self.client014 is None:
+        if self.client014 is None and self._new_streams is None:
             return None
-        return sum(m.depth for m in self.masters.values())
+        return sum(supply.depth for supply in self._supplies())
+
+    def _supplies(self) -> list[Etsi014Master | PrefetchingStreams]:
+        """Every supply a peer's keys or streams are held ahead in."""
+        return [*self.masters.values(), *self.streams.values()]
 
     def consumption_per_s(self) -> float:
-        """Keys taken from every master supply per second (last minute)."""
-        return sum(m.consumption_per_s() for m in self.masters.values())
+        """Keys (ETSI 004: streams) taken from every supply per second (last minute)."""
+        return sum(supply.consumption_per_s() for supply in self._supplies())
 
     def _watch(self, observer: KmeCallObserver) -> KmeCallObserver:
         def watched(call: str, seconds: float, error: str | None) -> None:
@@ -224,10 +248,8 @@ class KmeConnection:
 
     def start(self) -> None:
         """Fill every supply to its floor; for ETSI 014, start status polling."""
-        for source in (*self.masters.values(), self.sources.stream):
-            refill = getattr(source, "ensure_refill", None)
-            if refill is not None:
-                refill()
+        for supply in self._supplies():
+            supply.ensure_refill()
         if self.client014 is not None:
             self._poller = asyncio.create_task(self._poll_status(self.client014))
 

@@ -40,6 +40,8 @@ class StreamPrefetchCounters:
     failures: int = 0
     # Closed unused after the peer refused one (see PrefetchingStreams.flush_after_refusal).
     flushed: int = 0
+    # Closed unused for age (max_age_s) before a handshake took them.
+    expired: int = 0
 
 
 class PrefetchingStreams:
@@ -63,9 +65,14 @@ class PrefetchingStreams:
         *,
         supply: SupplySettings | None = None,
         account: KeyAccount | None = None,
+        opens_ahead: bool = True,
     ) -> None:
         self._inner = inner
         self._pool_max = pool
+        # False: a responder only (a server's): it joins the streams peers announce, opens
+        # on demand what it initiates (an Extended Key Update), and never opens or announces
+        # streams of its own, which it could offer to one client and then use with another.
+        self._opens_ahead = opens_ahead
         self._supply = SupplySizer(supply) if supply is not None else None
         self._account = account or KeyAccount()
         self._concurrency = concurrency
@@ -83,14 +90,23 @@ class PrefetchingStreams:
         # Bumped by each flush: a handshake that began before it used a suspect stream.
         self.buffer_epoch = 0
         self._streak = RefusalStreak()
+        # Streams this end's handshakes and updates took (one key each): the take rate the
+        # exhaustion gauge divides by, measured with or without a demand-sized supply.
+        self._rate = SupplySizer(SupplySettings())
 
     @property
     def depth(self) -> int:
         """Streams open ahead, ready for a handshake."""
         return len(self._ready)
 
+    def consumption_per_s(self) -> float:
+        """Streams taken for handshakes and updates per second over the last minute."""
+        return self._rate.rate(self._clock())
+
     @property
     def _pool_size(self) -> int:
+        if not self._opens_ahead:
+            return 0
         if self._supply is None:
             return self._pool_max
         return min(self._pool_max, self._supply.target(self._clock()))
@@ -177,8 +193,10 @@ class PrefetchingStreams:
     async def open(self, ksid: bytes | None) -> bytes:
         """An open stream: from the pool (initiator) or opened ahead (responder) if possible."""
         if ksid is None:
+            now = self._clock()
+            self._rate.took(now)
             if self._supply is not None:
-                self._supply.took(self._clock())
+                self._supply.took(now)
             self._drop_stale()
             if self._ready:
                 ksid, _ = self._ready.popleft()
@@ -258,6 +276,7 @@ class PrefetchingStreams:
             self._announced = max(0, self._announced - 1)
             self._mine.discard(ksid)
             self._forget_key(ksid, "expired")
+            self.counters.expired += 1
             self._start(ksid, self._inner.close(ksid))
 
     async def wait_idle(self) -> None:

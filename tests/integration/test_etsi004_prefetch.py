@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from qkdproxy.core.keys import KeyNotFoundError
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
+from qkdproxy.daemon.app import kme_state
+from qkdproxy.daemon.config import load_config
+from qkdproxy.daemon.kme_binding import KmeConnection
 from qkdproxy.io.peer_channel import open_peer_channel
 from qkdproxy.keys.etsi004_supply import PrefetchingStreams
 from qkdproxy.sim.inprocess import InProcessQkdLink
 from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
+from qkdproxy.tools.certs import DevPki
 from qkdproxy.tools.loopback import loopback_pair
 from tests.conftest import groups
+from tests.kme_helpers import quirky_pair
 
 
 def ends(pool: int = 4) -> tuple[PrefetchingStreams, PrefetchingStreams]:
@@ -107,3 +113,77 @@ async def test_handshakes_over_real_004_use_streams_opened_ahead(latency_ms: flo
     assert server_streams.counters.keys_served_from_cache >= 2
     for ledger in (pair.client_keys.ledger, pair.server_keys.ledger):
         assert ledger.consumed == 3 and ledger.outstanding == 0
+
+
+def _client_tunnel(name: str, connect: str) -> str:
+    return (
+        f'[[tunnel]]\nname = "{name}"\nrole = "client"\nlisten = "127.0.0.1:1"\n'
+        f'connect = "{connect}"\nserver_name = "server.test"\ncert = "tunnel-client.pem"\n'
+        'key = "tunnel-client-key.pem"\nca = "ca.pem"\nkme = "k"\n'
+    )
+
+
+async def test_a_kme_section_opens_streams_ahead_per_client_peer_and_none_for_its_servers(
+    tmp_path: Path,
+) -> None:
+    """One [kme] section, three client tunnels to two peers and two server tunnels: each peer
+    gets its own streams opened ahead (ids announced to one server are never offered to
+    another), tunnels to the same peer share them, the server tunnels share one responder
+    that opens none, the section's depth is the sum, and closing the section closes them
+    all."""
+    pki = DevPki.create()
+    pki.write(tmp_path)
+    async with quirky_pair(pki, frozenset()) as kmes:
+        address = f"{kmes.settings.host}:{kmes.ports_004[0]}"
+        server = (
+            '[[tunnel]]\nrole = "server"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:2"\n'
+            'cert = "tunnel-server.pem"\nkey = "tunnel-server-key.pem"\nca = "ca.pem"\n'
+            'allow_any_peer = true\nkme = "k"\nname = "s{port}"\n'
+        )
+        path = tmp_path / "q.toml"
+        path.write_text(
+            f'[kme.k]\napi = "004"\naddress = "{address}"\nsae_id = "sae-a"\n'
+            'peer_sae_id = "sae-b"\ncert = "sae-a.pem"\nkey = "sae-a-key.pem"\n'
+            'ca = "ca.pem"\nsupply_floor = 2\nsupply_ceiling = 2\n'
+            + _client_tunnel("x", "127.0.0.1:10")
+            + _client_tunnel("y", "127.0.0.1:11")
+            + _client_tunnel("x-again", "127.0.0.1:10")
+            + server.format(port=3)
+            + server.format(port=4)
+        )
+        config = load_config(path)
+        kme = KmeConnection.open(config.kmes["k"])
+        try:
+            supply = {t.name: kme.sources_for(t).stream for t in config.tunnels}
+            x, y, responder = supply["x"], supply["y"], kme.sources.stream
+            assert isinstance(x, PrefetchingStreams) and isinstance(y, PrefetchingStreams)
+            assert isinstance(responder, PrefetchingStreams)
+            assert x is supply["x-again"] and x is not y
+            assert supply["s3"] is supply["s4"] is responder not in (x, y)
+            kme.start()
+            for each in (x, y, responder):
+                await asyncio.wait_for(each.wait_idle(), 10)
+            assert (x.depth, y.depth, kme.depth) == (2, 2, 4)
+            assert responder.counters.opened_ahead == 0
+            ksids = x.announce(8) + y.announce(8)
+            assert len(set(ksids)) == 4
+            # What /metrics reads: streams count as keys, and the take rate is measured.
+            state = kme_state(kme)
+            assert state.consumption_per_s() == 0
+            taken = await x.open(None)
+            assert state.consumption_per_s() > 0
+            assert state.buffer_depth() == 3
+            counted = state.counters()
+            assert (counted["prefetched"], counted["served_from_buffer"]) == (4, 1)
+            assert counted["fetched_on_demand"] == counted["announced"] == 0
+            await x.close(taken)
+            # A server's Extended Key Update opens its stream on demand, and no more.
+            update = await responder.open(None)
+            await asyncio.wait_for(responder.wait_idle(), 10)
+            assert (responder.counters.opened_ahead, responder.depth) == (0, 0)
+            assert responder.announce(8) == []
+            await responder.close(update)
+        finally:
+            await kme.aclose()
+        assert kme.depth == 0
+        assert [kmes.link.stream(ksid) for ksid in ksids] == [None] * 4  # closed at the KME

@@ -6,8 +6,9 @@ Each test is written from the attack's description and bounded to a few seconds 
 - flush amplification: a zero-id hello, then a forged plaintext illegal_parameter (and an
   on-path forger refusing a client's keys);
 - keys offered to the wrong peer: two client tunnels on one [kme] section, two servers on
-  the same slave SAE;
-- waste by design: what a daemon draws at start, idle and under steady traffic.
+  the same slave SAE (ETSI 014 keys and ETSI 004 streams);
+- waste by design: what a daemon draws at start, idle and under steady traffic (and what
+  an ETSI 004 server opens ahead).
 Key counts come from the daemons' /metrics (qkdproxy_qkd_keys_drawn, qkdproxy_qkd_key_fates).
 """
 
@@ -15,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
+
+import pytest
 
 from qkdproxy.core.tls.keyexchange import Flow, QkdOptions
 from qkdproxy.core.tls.wire import Alert, plaintext_alert
@@ -36,7 +40,10 @@ FLOOD_S = 2.0
 BOTH = ["client", "server"]
 # Admission control (issue 14) would reset part of a flood from one loopback address before
 # any TLS work: set it out of the way, so that what is measured is the key budget alone.
-OPEN_ADMISSION = {"handshake_rate_per_source": 1e6, "handshake_burst_per_source": 1e6}
+OPEN_ADMISSION: dict[str, Any] = {
+    "handshake_rate_per_source": 1e6,
+    "handshake_burst_per_source": 1e6,
+}
 
 
 async def zero_id_hello(faults: FaultHarness) -> bytes:
@@ -82,17 +89,18 @@ async def fates(node: Node, kme: str = "local") -> dict[str, float]:
 
 
 async def pair(
-    faults: FaultHarness, server_flows: list[str], *kme_args: str, **client: object
-) -> tuple[Node, Node]:
+    faults: FaultHarness, server_flows: list[str], *kme_args: str, api: str = "014",
+    **client: object,
+) -> tuple[Node, Node]:  # fmt: skip
     kme = await faults.start_kme(*kme_args)
     _, backend_port = await faults.recording_backend()
     server = await faults.node(faults.config(
         "server.toml", [faults.server_tunnel("t", backend_port, flows=server_flows, **OPEN_ADMISSION)],
-        {"local": faults.kme_table(kme.urls["kme-b"], "b")},
+        {"local": faults.kme_side(kme, "b", api)},
     ))  # fmt: skip
     node = await faults.node(faults.config(
         "client.toml", [faults.client_tunnel("c", server.ports["t"], **client)],
-        {"local": faults.kme_table(kme.urls["kme-a"], "a")},
+        {"local": faults.kme_side(kme, "a", api)},
     ))  # fmt: skip
     return server, node
 
@@ -225,24 +233,29 @@ def faults_kme_url(node: Node) -> str:
     raise AssertionError("no url in the configuration")
 
 
+@pytest.mark.parametrize("api", ["014", "004"])
 async def test_keys_announced_to_one_peer_are_never_offered_to_another(
-    faults: FaultHarness,
+    faults: FaultHarness, api: str
 ) -> None:
     """Two client tunnels share one [kme] section and dial two server daemons that use the
-    same slave SAE. Every request works: no refusal, no flush."""
+    same slave SAE (an HA pair). Every request works: no refusal, no flush; each key id
+    (ETSI 004: KSID) is used with the server it was announced to, and each server sees
+    exactly the ids of the tunnel that dials it. Over ETSI 004 a stream announced to one
+    server is opened by it at once: offered to the other, that one's OPEN_CONNECT fails
+    (KSID in use by its application) and the connection with it."""
     kme = await faults.start_kme()
     _, backend_port = await faults.recording_backend()
     servers = []
     for i in range(2):
         config = faults.config(
             f"server{i}.toml", [faults.server_tunnel("t", backend_port)],
-            {"local": faults.kme_table(kme.urls["kme-b"], "b")},
+            {"local": faults.kme_side(kme, "b", api)},
         )  # fmt: skip
         servers.append(await faults.node(config))
     client = await faults.node(faults.config(
         "client.toml",
         [faults.client_tunnel(f"c{i}", s.ports["t"]) for i, s in enumerate(servers)],
-        {"local": faults.kme_table(kme.urls["kme-a"], "a")},
+        {"local": faults.kme_side(kme, "a", api)},
     ))  # fmt: skip
     outcomes = [await works(client.ports[f"c{i % 2}"], 2000) for i in range(12)]
     assert all(outcomes), client.proc.records()
@@ -251,6 +264,11 @@ async def test_keys_announced_to_one_peer_are_never_offered_to_another(
     assert account["refused"] == account["flushed"] == account["failed_handshake"] == 0
     used = {r["qkd_key_id"] for r in client.proc.records()}
     assert len(used) == 12
+    for i, server in enumerate(servers):
+        await server.settled()
+        assert (await fates(server))["failed_handshake"] == 0
+        seen = {r["qkd_key_id"] for r in server.proc.records()}
+        assert seen == {r["qkd_key_id"] for r in client.proc.records() if r["tunnel"] == f"c{i}"}
 
 
 async def test_waste_by_design_start_idle_and_steady_traffic(faults: FaultHarness) -> None:
@@ -274,3 +292,34 @@ async def test_waste_by_design_start_idle_and_steady_traffic(faults: FaultHarnes
     assert account["drawn"] - account["consumed"] == account["held"] <= 12, account
     text = await client.metrics()
     assert metric(text, "qkdproxy_qkd_key_yield", kme="local") == 1.0
+
+
+async def test_waste_by_design_an_etsi004_server_opens_no_stream_of_its_own(
+    faults: FaultHarness,
+) -> None:
+    """Over ETSI 004 only the client originates streams (the client-initiated flow): a
+    server daemon joins the streams announced to it and opens none ahead. Every key it
+    holds is key 0 of a stream its client holds ahead for it. Before: the server's supply
+    opened its floor of streams at start and announced them to its clients, which opened
+    them and fetched key 0, as the server then did: keys drawn at both ends for streams
+    nobody would use."""
+    server, client = await pair(faults, ["client"], api="004")
+
+    async def client_ahead() -> bool:
+        return bool((await client.status())["kmes"][0]["buffer_depth"] >= 4)
+
+    await eventually(client_ahead, "the client opened its floor of streams")
+    for _ in range(6):
+        assert await works(client.ports["c"], 1000)
+    await client.settled()
+    await server.settled()
+
+    async def joined_ahead() -> bool:
+        return (await fates(server))["held"] > 0
+
+    await eventually(joined_ahead, "the server fetched key 0 of streams announced to it")
+    ahead = (await client.status())["kmes"][0]["buffer_depth"]
+    assert (await server.status())["kmes"][0]["buffer_depth"] == 0
+    account = await fates(server)
+    assert account["consumed"] == 6
+    assert account["held"] <= ahead, (account, ahead)

@@ -115,25 +115,27 @@ async def mux_server_and_another_ca(
     return await mux_server(faults)
 
 
-async def two_servers(faults: FaultHarness) -> tuple[Any, list[Node]]:
-    """The KME simulator and two server daemons on its slave SAE (an HA pair), one
-    recording backend behind both."""
+async def two_servers(faults: FaultHarness, api: str = "014") -> tuple[Any, list[Node]]:
+    """The KME simulator and two server daemons on its slave SAE (an HA pair) over ``api``,
+    one recording backend behind both."""
     kme = await faults.start_kme()
     _, backend_port = await faults.recording_backend()
     tunnels = [faults.server_tunnel("t", backend_port)]
-    kmes = {"local": faults.kme_table(kme.urls["kme-b"], "b")}
+    kmes = {"local": faults.kme_side(kme, "b", api)}
     return kme, [await start(faults, f"server{i}", tunnels, kmes) for i in range(2)]
 
 
+@pytest.mark.parametrize("api", ["014", "004"])
 async def test_a_client_repointed_at_another_server_never_offers_it_the_first_ones_keys(
-    faults: FaultHarness,
+    faults: FaultHarness, api: str
 ) -> None:
     """A client tunnel's `connect` moves from server 0 to server 1 (both on the same slave
-    SAE, as an HA pair would be). The keys its supply announced to server 0 (and server 0
-    fetched) must not be offered to server 1: every connection after the reload works, no
-    key is refused or flushed; moved back, the keys held for server 0 serve it again."""
-    kme, servers = await two_servers(faults)
-    kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a")}
+    SAE, as an HA pair would be). The keys (ETSI 004: streams) its supply announced to
+    server 0 (and server 0 fetched) must not be offered to server 1: every connection after
+    the reload works, no key is refused or flushed; moved back, the keys held for server 0
+    serve it again."""
+    kme, servers = await two_servers(faults, api)
+    kmes = {"local": faults.kme_side(kme, "a", api)}
     client = await start(faults, "client", [faults.client_tunnel("c", servers[0].ports["t"])], kmes)
     for _ in range(4):
         assert await works(client.ports["c"], 2000)
@@ -346,18 +348,19 @@ async def depth(node: Node, keys: int) -> bool:
     return bool((await node.status())["kmes"][0]["buffer_depth"] >= keys)
 
 
+@pytest.mark.parametrize("api", ["014", "004"])
 async def test_a_handshake_in_flight_across_a_repointing_reload_announces_its_own_peers_keys(
-    faults: FaultHarness, relays: list[HeldRelay]
+    faults: FaultHarness, relays: list[HeldRelay], api: str
 ) -> None:
     """A client's handshake with server 0 is under way when a reload repoints the tunnel at
     server 1 (whose supply holds keys not yet announced). Once it completes, its channel
-    must announce server 0's next keys, not server 1's: server 0 would fetch them (gone
-    from the KME) and server 1 refuse them when offered. Before: the channel announced
-    from the tunnel's current supply."""
-    kme, servers = await two_servers(faults)
+    must announce server 0's next keys (ETSI 004: streams), not server 1's: server 0 would
+    fetch them (gone from the KME; ETSI 004: open them) and server 1 refuse them when
+    offered. Before: the channel announced from the tunnel's current supply."""
+    kme, servers = await two_servers(faults, api)
     ports = [await relay(relays, s.ports["t"], "replies") for s in servers]
     held = relays
-    kmes = {"local": faults.kme_table(kme.urls["kme-a"], "a", supply_floor=2, supply_ceiling=2)}
+    kmes = {"local": faults.kme_side(kme, "a", api, supply_floor=2, supply_ceiling=2)}
     client = await start(faults, "client", [faults.client_tunnel("c", ports[0])], kmes)
     await eventually(lambda: depth(client, 2), "server 0's supply filled to its floor")
     first = asyncio.create_task(works(client.ports["c"], 2000))  # to server 0: held
