@@ -26,6 +26,10 @@ from qkdproxy.keys.sources import RefusalStreak, StreamKeySource
 from qkdproxy.keys.supply import SupplySettings, SupplySizer
 
 KEY_INDEX = 0
+# A stream a peer announced and we joined is closed unused once this many of our max_age_s
+# old: the peer never uses a stream past its own max_age_s after opening it (before it
+# announced it), so a peer configured with up to twice ours never names one we closed.
+JOINED_AGE_FACTOR = 2
 
 
 @dataclass(slots=True)
@@ -81,8 +85,12 @@ class PrefetchingStreams:
         self._ready: deque[tuple[bytes, float]] = deque()
         self._announced = 0
         self._mine: set[bytes] = set()
-        self._acks: deque[bytes] = deque()
-        self._responder_open: set[bytes] = set()
+        # Bounded as the streams we join are: an acknowledgement is sent on the next
+        # connection's announcement, and a peer that keeps announcing on one connection
+        # would otherwise grow it for as long as it stays.
+        self._acks: deque[bytes] = deque(maxlen=4 * pool)
+        # Streams the peer announced that we joined, not taken by a handshake yet: when.
+        self._joined: dict[bytes, float] = {}
         self._keys: dict[bytes, bytes] = {}
         self._tasks: dict[bytes, asyncio.Task[None]] = {}
         self._refill: asyncio.Task[None] | None = None
@@ -155,21 +163,34 @@ class PrefetchingStreams:
 
     def announced(self, ksids: Sequence[bytes]) -> None:
         """From the peer: acknowledgements of our streams (fetch key 0 now that both ends
-        are open), or its own streams (open them, fetch key 0, acknowledge)."""
+        are open), or, for a responder only, its own streams (open them, fetch key 0,
+        acknowledge).
+
+        A supply that opens streams ahead (a client's) joins none its peer names: its peer
+        opens none ahead, so such a KSID is an acknowledgement that came after a handshake
+        took the stream (joining it would open it again at the KME) or a made-up one."""
+        self._drop_stale()
         for ksid in map(bytes, ksids):
-            if ksid in self._tasks or ksid in self._keys or ksid in self._responder_open:
+            if ksid in self._tasks or ksid in self._keys or ksid in self._joined:
                 continue
             if len(self._tasks) + len(self._keys) >= 4 * self._pool_max:
                 return
             if ksid in self._mine:
                 self._start(ksid, self._fetch_key(ksid))
-            else:
+            elif not self._opens_ahead:
                 self._start(ksid, self._open_and_fetch(ksid))
 
     async def _open_and_fetch(self, ksid: bytes) -> None:
         await self._inner.open(ksid)
-        self._responder_open.add(ksid)
-        await self._fetch_key(ksid)
+        self._joined[ksid] = self._clock()
+        try:
+            await self._fetch_key(ksid)
+        except QkdKeyError:
+            # No key 0 (a KSID the peer made up, or closed): leave the stream at the KME.
+            if self._joined.pop(ksid, None) is not None:
+                with contextlib.suppress(QkdKeyError):
+                    await self._inner.close(ksid)
+            raise
         self._acks.append(ksid)
 
     # ------------------------------------------------------------- both sides
@@ -212,8 +233,7 @@ class PrefetchingStreams:
         task = self._tasks.get(ksid)
         if task is not None:
             await asyncio.shield(task)
-        if ksid in self._responder_open:
-            self._responder_open.discard(ksid)
+        if self._joined.pop(ksid, None) is not None:
             self.counters.served_open += 1
             return ksid
         return await self._inner.open(ksid)
@@ -270,13 +290,28 @@ class PrefetchingStreams:
             self._account.settle(fate)
 
     def _drop_stale(self) -> None:
-        horizon = self._clock() - self._max_age_s
+        now = self._clock()
+        horizon = now - self._max_age_s
         while self._ready and self._ready[0][1] < horizon:
             ksid, _ = self._ready.popleft()
             self._announced = max(0, self._announced - 1)
             self._mine.discard(ksid)
             self._forget_key(ksid, "expired")
             self.counters.expired += 1
+            self._start(ksid, self._inner.close(ksid))
+        # The peer's streams we joined: it closed them unused (aged out, flushed, or its
+        # tunnel dials another peer now); without this their keys 0 were held until we
+        # stopped, and filled the bound on what we join (4 x pool) for good.
+        horizon = now - JOINED_AGE_FACTOR * self._max_age_s
+        aged = {
+            k for k, joined in self._joined.items() if joined < horizon and k not in self._tasks
+        }
+        if not aged:
+            return
+        self._acks = deque((k for k in self._acks if k not in aged), self._acks.maxlen)
+        for ksid in aged:
+            del self._joined[ksid]
+            self._forget_key(ksid, "expired")
             self._start(ksid, self._inner.close(ksid))
 
     async def wait_idle(self) -> None:
@@ -290,15 +325,17 @@ class PrefetchingStreams:
             await asyncio.gather(*map(asyncio.shield, pending), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Stop background work and close the streams opened ahead (best effort)."""
+        """Stop background work and close the streams opened ahead or joined (best
+        effort)."""
         for task in [*self._tasks.values(), *([self._refill] if self._refill else [])]:
             task.cancel()
         try:
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-            for ksid, _ in self._ready:
+            for ksid in [*(k for k, _ in self._ready), *self._joined]:
                 with contextlib.suppress(QkdKeyError):
                     await self._inner.close(ksid)
         finally:  # cut while closing (the daemon stops now): the keys held are still settled
             self._ready.clear()
+            self._joined.clear()
             self._account.settle("stranded", len(self._keys))
             self._keys.clear()

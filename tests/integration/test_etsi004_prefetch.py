@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
 
+from qkdproxy.core.accounting import KeyAccount
 from qkdproxy.core.keys import KeyNotFoundError
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
 from qkdproxy.daemon.app import kme_state
-from qkdproxy.daemon.config import load_config
+from qkdproxy.daemon.config import Config, load_config
 from qkdproxy.daemon.kme_binding import KmeConnection
 from qkdproxy.io.peer_channel import open_peer_channel
 from qkdproxy.keys.etsi004_supply import PrefetchingStreams
 from qkdproxy.sim.inprocess import InProcessQkdLink
+from qkdproxy.sim.simulator import KmePair
 from qkdproxy.tools.bench.kme_setup import simulated_kme_sources
 from qkdproxy.tools.certs import DevPki
 from qkdproxy.tools.loopback import loopback_pair
@@ -26,7 +29,7 @@ def ends(pool: int = 4) -> tuple[PrefetchingStreams, PrefetchingStreams]:
     link = InProcessQkdLink()
     a, b = link.sources("a").stream, link.sources("b").stream
     assert a and b
-    return PrefetchingStreams(a, pool=pool), PrefetchingStreams(b, pool=pool)
+    return PrefetchingStreams(a, pool=pool), PrefetchingStreams(b, pool=pool, opens_ahead=False)
 
 
 async def test_streams_opened_ahead_and_keys_fetched_at_both_ends() -> None:
@@ -83,6 +86,42 @@ async def test_stale_streams_are_closed_not_used() -> None:
     assert link.open_streams == 3  # the fresh one, plus the refill; the stale two closed
 
 
+async def test_a_responder_lets_go_of_joined_streams_twice_its_max_age_old() -> None:
+    """Streams the peer announced and never used (it let them age out, flushed them, or
+    dials another server now) are closed at the responder's KME once twice its max_age_s
+    old, key 0 settled expired and no acknowledgement sent: the room they took (at most
+    4 x pool) is the next announcement's. Before: held until the daemon stopped, and once
+    the room was full no announced stream was joined again."""
+    link = InProcessQkdLink()
+    a, b = link.sources("a").stream, link.sources("b").stream
+    assert a and b
+    now = [0.0]
+    account = KeyAccount()
+    initiator = PrefetchingStreams(a, pool=4, max_age_s=10, clock=lambda: now[0])
+    responder = PrefetchingStreams(
+        b, pool=1, max_age_s=10, clock=lambda: now[0], account=account, opens_ahead=False
+    )
+    initiator.ensure_refill()
+    await asyncio.wait_for(initiator.wait_idle(), 5)
+    responder.announced(initiator.announce(4))
+    await asyncio.wait_for(responder.wait_idle(), 5)
+    assert account.held == 4  # the room of a pool of 1: full
+    now[0] = 20.5
+    # A server announces at each connection's start: no acknowledgement of what it let go.
+    assert responder.announce(8) == []
+    await asyncio.wait_for(responder.wait_idle(), 5)
+    assert (account.fates["expired"], account.held) == (4, 0)
+    taken = await initiator.open(None)  # the initiator closes its aged streams and refills
+    await asyncio.wait_for(initiator.wait_idle(), 5)
+    second = initiator.announce(4)
+    responder.announced(second)
+    await asyncio.wait_for(responder.wait_idle(), 5)
+    assert account.held == 4
+    assert responder.announce(8) == second
+    assert link.open_streams == 5  # the second four at both ends, and the one taken
+    await initiator.close(taken)
+
+
 @pytest.mark.parametrize("latency_ms", [0.0])
 async def test_handshakes_over_real_004_use_streams_opened_ahead(latency_ms: float) -> None:
     hybrids = groups("qkd_mlkem768")
@@ -123,6 +162,27 @@ def _client_tunnel(name: str, connect: str) -> str:
     )
 
 
+def _server_tunnel(port: int) -> str:
+    return (
+        f'[[tunnel]]\nrole = "server"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:2"\n'
+        'cert = "tunnel-server.pem"\nkey = "tunnel-server-key.pem"\nca = "ca.pem"\n'
+        f'allow_any_peer = true\nkme = "k"\nname = "s{port}"\n'
+    )
+
+
+def _section(tmp_path: Path, kmes: KmePair, side: str, tunnels: str) -> Config:
+    """A configuration with ``[kme.k]`` on side "a" (sae-a) or "b" of ``kmes`` (ETSI 004,
+    two streams ahead) and ``tunnels``."""
+    sae, peer, port = ("sae-a", "sae-b", 0) if side == "a" else ("sae-b", "sae-a", 1)
+    path = tmp_path / f"{side}.toml"
+    path.write_text(
+        f'[kme.k]\napi = "004"\naddress = "{kmes.settings.host}:{kmes.ports_004[port]}"\n'
+        f'sae_id = "{sae}"\npeer_sae_id = "{peer}"\ncert = "{sae}.pem"\n'
+        f'key = "{sae}-key.pem"\nca = "ca.pem"\nsupply_floor = 2\nsupply_ceiling = 2\n' + tunnels
+    )
+    return load_config(path)
+
+
 async def test_a_kme_section_opens_streams_ahead_per_client_peer_and_none_for_its_servers(
     tmp_path: Path,
 ) -> None:
@@ -134,24 +194,11 @@ async def test_a_kme_section_opens_streams_ahead_per_client_peer_and_none_for_it
     pki = DevPki.create()
     pki.write(tmp_path)
     async with quirky_pair(pki, frozenset()) as kmes:
-        address = f"{kmes.settings.host}:{kmes.ports_004[0]}"
-        server = (
-            '[[tunnel]]\nrole = "server"\nlisten = "127.0.0.1:{port}"\nconnect = "127.0.0.1:2"\n'
-            'cert = "tunnel-server.pem"\nkey = "tunnel-server-key.pem"\nca = "ca.pem"\n'
-            'allow_any_peer = true\nkme = "k"\nname = "s{port}"\n'
-        )
-        path = tmp_path / "q.toml"
-        path.write_text(
-            f'[kme.k]\napi = "004"\naddress = "{address}"\nsae_id = "sae-a"\n'
-            'peer_sae_id = "sae-b"\ncert = "sae-a.pem"\nkey = "sae-a-key.pem"\n'
-            'ca = "ca.pem"\nsupply_floor = 2\nsupply_ceiling = 2\n'
-            + _client_tunnel("x", "127.0.0.1:10")
-            + _client_tunnel("y", "127.0.0.1:11")
-            + _client_tunnel("x-again", "127.0.0.1:10")
-            + server.format(port=3)
-            + server.format(port=4)
-        )
-        config = load_config(path)
+        config = _section(
+            tmp_path, kmes, "a",
+            _client_tunnel("x", "127.0.0.1:10") + _client_tunnel("y", "127.0.0.1:11")
+            + _client_tunnel("x-again", "127.0.0.1:10") + _server_tunnel(3) + _server_tunnel(4),
+        )  # fmt: skip
         kme = KmeConnection.open(config.kmes["k"])
         try:
             supply = {t.name: kme.sources_for(t).stream for t in config.tunnels}
@@ -187,3 +234,40 @@ async def test_a_kme_section_opens_streams_ahead_per_client_peer_and_none_for_it
             await kme.aclose()
         assert kme.depth == 0
         assert [kmes.link.stream(ksid) for ksid in ksids] == [None] * 4  # closed at the KME
+
+
+async def test_a_responder_closes_the_streams_it_joined_once_it_has_no_use_for_them(
+    tmp_path: Path,
+) -> None:
+    """A server's responder joins what its authenticated clients announce. A KSID that no
+    stream of the client's has (made up, or closed already) gives no key 0: the responder
+    closes its end at once. The streams it joined are closed at its KME when the section
+    closes. Before: both stayed open at the KME (until the KME's TTL) and in the
+    responder's memory until the daemon stopped, so a client naming made-up KSIDs had the
+    server's KME open as many streams as it liked."""
+    pki = DevPki.create()
+    pki.write(tmp_path)
+    async with quirky_pair(pki, frozenset()) as kmes:
+        client = KmeConnection.open(
+            _section(tmp_path, kmes, "a", _client_tunnel("x", "127.0.0.1:10")).kmes["k"]
+        )
+        server = KmeConnection.open(_section(tmp_path, kmes, "b", _server_tunnel(3)).kmes["k"])
+        responder = server.sources.stream
+        assert isinstance(responder, PrefetchingStreams)
+        try:
+            ours = client.streams_for("server.test@127.0.0.1:10")
+            assert ours is not None
+            client.start()
+            await asyncio.wait_for(ours.wait_idle(), 10)
+            real = ours.announce(8)
+            made_up = [uuid.uuid4().bytes for _ in range(2)]
+            responder.announced(real + made_up)
+            await asyncio.wait_for(responder.wait_idle(), 10)
+            assert (responder.counters.keys_ahead, responder.counters.failures) == (2, 2)
+            assert [kmes.link.stream(ksid) for ksid in made_up] == [None, None]
+            assert responder.announce(8) == real  # acknowledged
+        finally:
+            await server.aclose()
+            await client.aclose()
+        assert server.account.fates["stranded"] == 2
+        assert [kmes.link.stream(ksid) for ksid in real] == [None, None]  # closed at both ends

@@ -8,7 +8,9 @@ Each test is written from the attack's description and bounded to a few seconds 
 - keys offered to the wrong peer: two client tunnels on one [kme] section, two servers on
   the same slave SAE (ETSI 014 keys and ETSI 004 streams);
 - waste by design: what a daemon draws at start, idle and under steady traffic (and what
-  an ETSI 004 server opens ahead).
+  an ETSI 004 server opens ahead);
+- ETSI 004 streams named by the peer: late acknowledgements at the client, streams the
+  client let go of at the server.
 Key counts come from the daemons' /metrics (qkdproxy_qkd_keys_drawn, qkdproxy_qkd_key_fates).
 """
 
@@ -90,17 +92,20 @@ async def fates(node: Node, kme: str = "local") -> dict[str, float]:
 
 async def pair(
     faults: FaultHarness, server_flows: list[str], *kme_args: str, api: str = "014",
-    **client: object,
+    kme_options: dict[str, Any] | None = None, **client: object,
 ) -> tuple[Node, Node]:  # fmt: skip
+    """A server daemon and a client daemon, each with a [kme.local] section (``kme_options``
+    in both) on one simulator."""
     kme = await faults.start_kme(*kme_args)
     _, backend_port = await faults.recording_backend()
+    options = kme_options or {}
     server = await faults.node(faults.config(
         "server.toml", [faults.server_tunnel("t", backend_port, flows=server_flows, **OPEN_ADMISSION)],
-        {"local": faults.kme_side(kme, "b", api)},
+        {"local": faults.kme_side(kme, "b", api, **options)},
     ))  # fmt: skip
     node = await faults.node(faults.config(
         "client.toml", [faults.client_tunnel("c", server.ports["t"], **client)],
-        {"local": faults.kme_side(kme, "a", api)},
+        {"local": faults.kme_side(kme, "a", api, **options)},
     ))  # fmt: skip
     return server, node
 
@@ -323,3 +328,72 @@ async def test_waste_by_design_an_etsi004_server_opens_no_stream_of_its_own(
     account = await fates(server)
     assert account["consumed"] == 6
     assert account["held"] <= ahead, (account, ahead)
+
+
+async def test_an_etsi004_client_joins_no_stream_its_server_names(faults: FaultHarness) -> None:
+    """One stream ahead (floor = ceiling = 1): the stream a connection announces is taken by
+    the next one, whose server acknowledges it only after that handshake. The client's
+    every OPEN_CONNECT is a stream of its own and every KME call it makes succeeds. Before:
+    it took such a late acknowledgement (a KSID no longer among its streams ahead) for a
+    stream of the server's and joined it: an OPEN_CONNECT refused (KSID in use) or, once
+    both ends had closed the stream, a new stream at its KME under that KSID, a GET_KEY
+    that waited for a peer that never came, and the stream never closed. (A hostile server
+    naming KSIDs made the client open as many.)"""
+    single = {"supply_floor": 1, "supply_ceiling": 1}
+    server, client = await pair(faults, ["client"], api="004", kme_options=single)
+    for _ in range(8):
+        assert await works(client.ports["c"], 1000)
+    await client.settled()
+    await server.settled()
+    # The acknowledgements of the last connection's announcement: handled by now.
+    assert await works(client.ports["c"], 1000)
+    await client.settled()
+    text = await client.metrics()
+
+    def count(name: str, **labels: str) -> float:
+        return metric(text, f"qkdproxy_{name}", kme="local", **labels)
+
+    opened = count("qkd_prefetch_keys_total", outcome="prefetched") + count(
+        "qkd_prefetch_keys_total", outcome="fetched_on_demand"
+    )
+    calls = count("kme_request_duration_seconds_count", call="open_connect")
+    assert calls == opened, (calls, opened)
+    errors = [line for line in text.splitlines() if line.startswith("qkdproxy_kme_errors_total")]
+    assert errors == [], errors
+    assert (await fates(client))["consumed"] == 9
+
+
+async def test_an_etsi004_server_lets_go_of_streams_its_client_no_longer_holds(
+    faults: FaultHarness,
+) -> None:
+    """The client announces its streams ahead, the server joins them and fetches key 0;
+    the client then lets them age out unused (max_key_age_s) and closes them. The server
+    lets go of them too (fate expired, closed at its KME) once they are twice its own
+    max_key_age_s old: what it holds is again at most key 0 of the streams its client
+    holds ahead. Before: it held those keys until it stopped, at most 4 x 32 per section
+    (responder and KME streams alike), and once that many had piled up (32 idle spells of
+    a client with the default floor of 4) it joined no announced stream again."""
+    max_age_s = 0.5
+    server, client = await pair(
+        faults, ["client"], api="004", kme_options={"max_key_age_s": max_age_s}
+    )
+    assert await works(client.ports["c"], 1000)
+    await client.settled()
+
+    async def joined() -> bool:
+        return (await fates(server))["held"] > 0
+
+    await eventually(joined, "the server fetched key 0 of the streams announced to it")
+    # Time for the announced streams to age, at both ends (no event marks it).
+    await asyncio.sleep(2 * max_age_s + 0.2)
+    assert await works(client.ports["c"], 1000)
+    await client.settled()
+    await server.settled()
+
+    async def let_go() -> bool:
+        account = await fates(server)
+        ahead = (await client.status())["kmes"][0]["buffer_depth"]
+        return account["expired"] > 0 and account["held"] <= ahead
+
+    await eventually(let_go, "the server let go of the streams that aged out")
+    assert (await fates(server))["consumed"] == 2

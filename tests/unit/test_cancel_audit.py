@@ -249,7 +249,8 @@ async def test_streams_cut_while_closing_still_settle_the_keys_they_hold() -> No
     inner = StreamsClosingUntilCut()
     streams = PrefetchingStreams(inner, pool=1, account=account)
     streams.ensure_refill()  # one stream of ours open ahead (closed at the end)
-    streams.announced([b"p" * 16])  # one of the peer's, its key 0 fetched ahead
+    await streams.wait_idle()
+    streams.announced(streams.announce(1))  # acknowledged by the peer: key 0 fetched ahead
     await streams.wait_idle()
     assert account.held == 1
     await cut_when(streams.aclose(), inner.closing)

@@ -76,9 +76,11 @@ async def simulated_kme_sources(
                 stack.push_async_callback(pool.aclose)
                 stream = pool
                 if prefetch:
+                    # As in the daemon: only the client opens streams ahead.
                     streams = PrefetchingStreams(
-                        pool, pool=STREAMS_AHEAD, concurrency=STREAM_CONNECTIONS
-                    )
+                        pool, pool=STREAMS_AHEAD, concurrency=STREAM_CONNECTIONS,
+                        opens_ahead=sae == SAE_CLIENT,
+                    )  # fmt: skip
                     stack.push_async_callback(streams.aclose)
                     streams.ensure_refill()
                     warm.append(streams.wait_idle())
