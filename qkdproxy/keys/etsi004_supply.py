@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qkdproxy.core.accounting import KeyAccount
-from qkdproxy.core.keys import QkdKeyError
+from qkdproxy.core.keys import KeyNotFoundError, PeerNotConnectedError, QkdKeyError
 from qkdproxy.keys.sources import RefusalStreak, StreamKeySource
 from qkdproxy.keys.supply import SupplySettings, SupplySizer
 
@@ -170,10 +170,12 @@ class PrefetchingStreams:
         opens none ahead, so such a KSID is an acknowledgement that came after a handshake
         took the stream (joining it would open it again at the KME) or a made-up one."""
         self._drop_stale()
+        # Joined streams whose key 0 did not come (yet) take room too, until they age out.
+        held = len(self._keys.keys() | self._joined.keys())
         for ksid in map(bytes, ksids):
             if ksid in self._tasks or ksid in self._keys or ksid in self._joined:
                 continue
-            if len(self._tasks) + len(self._keys) >= 4 * self._pool_max:
+            if len(self._tasks) + held >= 4 * self._pool_max:
                 return
             if ksid in self._mine:
                 self._start(ksid, self._fetch_key(ksid))
@@ -185,8 +187,10 @@ class PrefetchingStreams:
         self._joined[ksid] = self._clock()
         try:
             await self._fetch_key(ksid)
-        except QkdKeyError:
-            # No key 0 (a KSID the peer made up, or closed): leave the stream at the KME.
+        except (PeerNotConnectedError, KeyNotFoundError):
+            # The peer has no such stream (made up, or closed already): close our end, which
+            # would otherwise stay open at the KME until its TTL. After any other failure (a
+            # KME short of key, unreachable) a handshake may still fetch key 0 on demand.
             if self._joined.pop(ksid, None) is not None:
                 with contextlib.suppress(QkdKeyError):
                     await self._inner.close(ksid)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qkdproxy.core.accounting import KeyAccount
-from qkdproxy.core.keys import KeyNotFoundError
+from qkdproxy.core.keys import KeyExhaustedError, KeyNotFoundError
 from qkdproxy.core.tls.keyexchange import Flow, KeyApi, QkdOptions
 from qkdproxy.daemon.app import kme_state
 from qkdproxy.daemon.config import Config, load_config
@@ -120,6 +120,41 @@ async def test_a_responder_lets_go_of_joined_streams_twice_its_max_age_old() -> 
     assert responder.announce(8) == second
     assert link.open_streams == 5  # the second four at both ends, and the one taken
     await initiator.close(taken)
+
+
+class ShortOfKeyOnce:
+    """An ETSI 004 application whose KME has no key for the first GET_KEY, then has."""
+
+    def __init__(self) -> None:
+        self.short = True
+        self.closed: list[bytes] = []
+
+    async def open(self, ksid: bytes | None) -> bytes:
+        return ksid or uuid.uuid4().bytes
+
+    async def get_key(self, ksid: bytes, index: int) -> bytes:
+        if self.short:
+            self.short = False
+            raise KeyExhaustedError("no key in the pool")
+        return bytes(32)
+
+    async def close(self, ksid: bytes) -> None:
+        self.closed.append(ksid)
+
+
+async def test_a_responder_keeps_a_joined_stream_whose_key_0_the_kme_was_short_of() -> None:
+    """Key 0 of an announced stream could not be fetched ahead because the KME was short of
+    key: the stream stays joined, and the handshake that uses it fetches key 0 then."""
+    inner = ShortOfKeyOnce()
+    responder = PrefetchingStreams(inner, pool=1, opens_ahead=False)
+    ksid = uuid.uuid4().bytes
+    responder.announced([ksid])
+    await asyncio.wait_for(responder.wait_idle(), 5)
+    assert responder.counters.failures == 1
+    assert await responder.open(ksid) == ksid
+    assert responder.counters.served_open == 1
+    assert await responder.get_key(ksid, 0) == bytes(32)
+    assert inner.closed == []
 
 
 @pytest.mark.parametrize("latency_ms", [0.0])
