@@ -5,8 +5,11 @@ key 0, before the client has proved who it is. A KSID the KME does not know make
 wait for a peer that never comes, holding one of the few pooled KME connections. So while a
 handshake is served for a source (:data:`HELLO_SOURCE`, set by the tunnel runtime until the
 peer is authenticated), calls for peer-supplied KSIDs are limited: a few at a time per
-source, a share of the pool in total, and a short wait for the key. Work for streams we
-opened, or that an authenticated peer announced, is not limited here.
+source, a share of the pool in total, and a short wait for the key. A hello beyond those
+bounds waits briefly for a slot if only a few others wait (a legitimate client's first burst
+of connections, before it has announced any stream, is several hellos from one source at
+once); the rest are refused at once, without a KME call. Work for streams we opened, or that
+an authenticated peer announced, is not limited here.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class ResponderLimits:
     per_source: int = 2
     total: int = 4
     key_wait_s: float = 0.5
+    # How long a hello beyond the bounds may wait for a slot; at most ``per_source`` such
+    # hellos wait per source and ``total`` overall. Waiting holds no KME connection.
+    slot_wait_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -50,6 +56,10 @@ class GuardedStreams:
     timed_out: int = 0
     _busy: dict[str, int] = field(default_factory=dict)
     _total: int = 0
+    _waiting: dict[str, int] = field(default_factory=dict)
+    _waiting_total: int = 0
+    # Set (and replaced) whenever a slot is given back: wakes the hellos waiting for one.
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def open(self, ksid: bytes | None) -> bytes:
         """OPEN_CONNECT; bounded when ``ksid`` came in a hello."""
@@ -87,9 +97,7 @@ class GuardedStreams:
 
     @contextlib.asynccontextmanager
     async def _slot(self, source: str, call: Awaitable[object]) -> AsyncIterator[None]:
-        if self._busy.get(source, 0) >= self.limits.per_source or (
-            self._total >= self.limits.total
-        ):
+        if self._full(source) and not await self._waited_for_slot(source):
             self.refused += 1
             if asyncio.iscoroutine(call):
                 call.close()  # never started: no KME call is made
@@ -100,7 +108,39 @@ class GuardedStreams:
             yield
         finally:
             self._total -= 1
-            if (left := self._busy[source] - 1) > 0:
-                self._busy[source] = left
-            else:
-                del self._busy[source]
+            _decrement(self._busy, source)
+            self._released.set()
+            self._released = asyncio.Event()
+
+    def _full(self, source: str) -> bool:
+        return (
+            self._busy.get(source, 0) >= self.limits.per_source or self._total >= self.limits.total
+        )
+
+    async def _waited_for_slot(self, source: str) -> bool:
+        """Wait up to ``slot_wait_s`` for a slot, if few enough others wait; True once one
+        is free (not taken yet: the caller takes it before it yields to the loop)."""
+        limits = self.limits
+        if self._waiting.get(source, 0) >= limits.per_source or (
+            self._waiting_total >= limits.total
+        ):
+            return False
+        self._waiting[source] = self._waiting.get(source, 0) + 1
+        self._waiting_total += 1
+        try:
+            async with asyncio.timeout(limits.slot_wait_s):
+                while self._full(source):
+                    await self._released.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting_total -= 1
+            _decrement(self._waiting, source)
+
+
+def _decrement(counts: dict[str, int], source: str) -> None:
+    if (left := counts[source] - 1) > 0:
+        counts[source] = left
+    else:
+        del counts[source]

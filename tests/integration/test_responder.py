@@ -73,14 +73,14 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_one_source_gets_at_most_its_share_and_the_rest_fail_at_once() -> None:
+async def test_one_source_gets_at_most_its_share_two_wait_and_the_rest_fail_at_once() -> None:
     pool = StallingPool()
     guarded = GuardedStreams(pool, ResponderLimits(per_source=2, total=4, key_wait_s=60))
     attack = [as_hello_from("192.0.2.66", bogus(guarded, i)) for i in range(32)]
     await settle()
-    assert pool.in_flight == 2 and guarded.refused == 30
+    assert pool.in_flight == 2 and guarded.refused == 28
     refused = [t for t in attack if t.done()]
-    assert len(refused) == 30
+    assert len(refused) == 28
     assert all(isinstance(t.exception(), KeySourceUnavailableError) for t in refused)
     # Another source still gets its share, and our own streams are not bounded at all.
     other = as_hello_from("198.51.100.7", lambda: guarded.get_key(b"bogus-b", 0))
@@ -90,7 +90,7 @@ async def test_one_source_gets_at_most_its_share_and_the_rest_fail_at_once() -> 
     assert pool.in_flight == 3 and not other.done()
     pool.release.set()
     await asyncio.gather(*attack, other, return_exceptions=True)
-    assert pool.calls == 2 + 1 + 1  # the refused 30 never reached the KME
+    assert pool.calls == 2 + 2 + 1 + 1  # the refused 28 never reached the KME
 
 
 async def test_the_total_share_holds_across_many_sources() -> None:
@@ -98,9 +98,24 @@ async def test_the_total_share_holds_across_many_sources() -> None:
     guarded = GuardedStreams(pool, ResponderLimits(per_source=2, total=4, key_wait_s=60))
     tasks = [as_hello_from(f"203.0.113.{i}", bogus(guarded, i)) for i in range(20)]
     await settle()
-    assert pool.most == 4 and guarded.refused == 16
+    assert pool.most == 4 and guarded.refused == 12  # and 4 wait
     pool.release.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+    assert pool.most == 4 and pool.calls == 8
+
+
+async def test_a_first_burst_from_one_client_waits_for_slots_instead_of_failing() -> None:
+    """A client's first connections come before it has announced any stream: four hellos
+    from one source at once, with two slots per source. Two go, two wait (holding no KME
+    connection) and go as slots come back; none fails."""
+    pool = StallingPool()
+    guarded = GuardedStreams(pool, ResponderLimits(per_source=2, total=4, key_wait_s=60))
+    burst = [as_hello_from("192.0.2.8", bogus(guarded, i)) for i in range(4)]
+    await settle()
+    assert pool.in_flight == 2 and guarded.refused == 0 and not any(t.done() for t in burst)
+    pool.release.set()
+    assert [len(k) for k in await asyncio.gather(*burst)] == [32] * 4
+    assert pool.most == 2 and guarded.refused == 0
 
 
 async def test_an_unknown_ksid_waits_only_briefly() -> None:
@@ -117,11 +132,12 @@ async def test_an_unknown_ksid_waits_only_briefly() -> None:
 
 async def test_open_for_a_peer_ksid_is_bounded_but_our_own_opens_are_not() -> None:
     pool = StallingPool()
-    guarded = GuardedStreams(pool, ResponderLimits(per_source=1, total=1))
+    guarded = GuardedStreams(pool, ResponderLimits(per_source=1, total=1, slot_wait_s=0.05))
     stuck = as_hello_from("192.0.2.1", lambda: guarded.get_key(b"bogus", 0))
     await settle()
-    with pytest.raises(KeySourceUnavailableError):
+    with pytest.raises(KeySourceUnavailableError):  # after waiting for a slot that stays taken
         await as_hello_from("192.0.2.2", lambda: guarded.open(b"peer-ksid"))
+    assert pool.calls == 1
     assert await as_hello_from("192.0.2.2", lambda: guarded.open(None)) == b"k" * 16
     await guarded.aclose()
     await stuck

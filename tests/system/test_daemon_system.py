@@ -1134,15 +1134,19 @@ async def test_probe_reports_the_negotiated_handshake_and_fails_without_a_peer(
 async def test_demo_runs_end_to_end_and_rejects_server_flow_over_004(
     harness: Harness,
 ) -> None:
-    code, stdout, stderr = await harness.cli("demo", "--json", within=40.0)
-    assert code == 0, stderr
-    summary = json.loads(stdout)
-    assert summary["ok"] is True, summary
-    assert summary["connections"] > 0
-    assert summary["bytes_verified"] > 0
-    assert summary["qkd_keys_consumed"] > 0
-    assert summary["handshake_median_ms"] > 0
-    assert summary["errors"] == []
+    # Over ETSI 004 the demo's first burst of four connections comes before the client has
+    # announced any stream, so the server opens each one for a hello: until December 2026
+    # two of them were refused ("too many streams opened for hellos") and the demo failed.
+    for api in ("014", "004"):
+        code, stdout, stderr = await harness.cli("demo", "--json", "--api", api, within=40.0)
+        assert code == 0, stderr
+        summary = json.loads(stdout)
+        assert summary["ok"] is True, summary
+        assert summary["connections"] > 0
+        assert summary["bytes_verified"] > 0
+        assert summary["qkd_keys_consumed"] > 0
+        assert summary["handshake_median_ms"] > 0
+        assert summary["errors"] == []
 
     code, stdout, stderr = await harness.cli("demo", "--api", "004", "--flow", "server")
     assert code == 2
