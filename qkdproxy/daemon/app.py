@@ -13,7 +13,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from qkdproxy import __version__
@@ -130,36 +130,41 @@ def tunnel_keys(
     return KeyContext(kme.gated(sources, gate), options, ledger, gate=gate), gate
 
 
+# qkd_prefetch_keys_total outcomes of a client's supplies: the counter each sums. Over ETSI
+# 004 a stream is the unit a handshake takes (one key each), so streams opened ahead count
+# under the outcomes ETSI 014 keys do.
+MASTER_OUTCOMES = {
+    "prefetched": "prefetched", "served_from_buffer": "served_from_buffer",
+    "fetched_on_demand": "fetched_on_demand", "expired": "expired", "flushed": "flushed",
+}  # fmt: skip
+STREAM_OUTCOMES = MASTER_OUTCOMES | {
+    "prefetched": "opened_ahead", "served_from_buffer": "served_open",
+    "fetched_on_demand": "opened_on_demand",
+}  # fmt: skip
+
+
+def _summed(counters: Sequence[object], outcomes: Mapping[str, str]) -> dict[str, int]:
+    """Each outcome's counter summed over ``counters`` (one set per supply)."""
+    return {
+        outcome: sum(int(getattr(c, field)) for c in counters)
+        for outcome, field in outcomes.items()
+    }
+
+
 def kme_state(kme: KmeConnection) -> KmeState:
     """How the metrics collector reads a KME connection."""
 
     def counters() -> dict[str, int]:
         out: dict[str, int] = {}
         if kme.masters:
-            cs = [m.counters for m in kme.masters.values()]
-            out |= {
-                "prefetched": sum(c.prefetched for c in cs),
-                "served_from_buffer": sum(c.served_from_buffer for c in cs),
-                "fetched_on_demand": sum(c.fetched_on_demand for c in cs),
-                "expired": sum(c.expired for c in cs),
-                "flushed": sum(c.flushed for c in cs),
-            }
+            out |= _summed([m.counters for m in kme.masters.values()], MASTER_OUTCOMES)
         if isinstance(kme.sources.slave, AnnouncedSlave):
             a = kme.sources.slave.counters
             out |= {"announced": a.announced, "served_from_cache": a.served_from_cache,
                     "announced_expired": a.expired, "served_after_wait": a.served_after_wait,
                     "fetched_unannounced": a.fetched_unannounced}  # fmt: skip
         if kme.streams:
-            # ETSI 004: a stream is the unit a handshake takes (one key each), so streams
-            # opened ahead count under the outcomes ETSI 014 keys do.
-            ss = [s.counters for s in kme.streams.values()]
-            out |= {
-                "prefetched": sum(c.opened_ahead for c in ss),
-                "served_from_buffer": sum(c.served_open for c in ss),
-                "fetched_on_demand": sum(c.opened_on_demand for c in ss),
-                "expired": sum(c.expired for c in ss),
-                "flushed": sum(c.flushed for c in ss),
-            }
+            out |= _summed([s.counters for s in kme.streams.values()], STREAM_OUTCOMES)
         if isinstance(responder := kme.sources.stream, PrefetchingStreams):
             r = responder.counters
             out |= {"announced": r.keys_ahead, "served_from_cache": r.keys_served_from_cache}
